@@ -1,0 +1,140 @@
+"""Initial sync of N identity ID keys from one etcd to another: kvmesh against
+`etcdctl make-mirror`, in the same run, on the same machine.
+
+    python benchmarks/initial_sync.py [--keys 50000] [--concurrency 2]
+
+Each contender gets a fresh, empty target etcd. kvmesh's worker is started and ready
+before the clock starts (as in a running mesh); the clock then covers the watcher's start,
+its listing, the diff, the publishing and the workers applying every key. make-mirror's clock
+covers the copy of every key. Both end when the target holds N keys under the cache prefix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.cilium_state import identity_id, identity_labels, write_items
+from pipeline.etcd import Etcd
+from pipeline.servers import EtcdServer, RedisServer, find_binary
+
+SOURCE = "cluster-a"
+ID_PREFIX = b"cilium/state/identities/v1/id/"
+CACHE_PREFIX = f"cilium/cache/identities/v1/{SOURCE}/id/".encode()
+
+
+def wait_count(etcd: Etcd, n: int, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if etcd.count(CACHE_PREFIX) >= n:
+            return time.monotonic()
+        time.sleep(0.02)  # poll interval
+    raise SystemExit(f"timed out waiting for {n} keys (have {etcd.count(CACHE_PREFIX)})")
+
+
+def worker_ready(log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and "ready." in log.read_text(errors="replace"):
+            return
+        time.sleep(0.05)  # poll interval
+    raise SystemExit(f"worker not ready:\n{log.read_text(errors='replace')[-2000:]}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--keys", type=int, default=50_000)
+    ap.add_argument("--concurrency", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=300)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))
+    servers = []
+    try:
+        src = EtcdServer(tmp / "source")
+        dst_k = EtcdServer(tmp / "target-kvmesh")
+        dst_m = EtcdServer(tmp / "target-mirror")
+        broker = RedisServer(tmp / "redis")
+        for s in (src, dst_k, dst_m, broker):
+            s.start()
+            servers.append(s)
+        source = Etcd(src.cluster())
+        items = (
+            (ID_PREFIX + str(identity_id(1, i)).encode(), identity_labels(SOURCE, i).encode())
+            for i in range(args.keys)
+        )
+        write_items(source, items)
+        print(f"source: {source.count(ID_PREFIX)} identity ID keys")
+
+        # -- kvmesh -----------------------------------------------------------------------
+        cfg = tmp / "mesh.toml"
+        cfg.write_text(
+            f'[broker]\nurl = "{broker.url}"\n\n'
+            f'[[clusters]]\nname = "{SOURCE}"\nid = 1\nendpoints = ["{src.url}"]\n'
+            "target = false\n\n"
+            f'[[clusters]]\nname = "cluster-b"\nid = 2\nendpoints = ["{dst_k.url}"]\n'
+            "source = false\n"
+        )
+        kvmesh = [sys.executable, "-m", "pipeline"]
+        wlog = tmp / "worker.log"
+        with open(wlog, "w") as fh:
+            worker = subprocess.Popen(
+                [*kvmesh, "worker", "--config", str(cfg), "--concurrency", str(args.concurrency)],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+            )
+        # Celery logs "ready." once it consumes.
+        worker_ready(wlog, 60)
+        target_k = Etcd(dst_k.cluster())
+        t0 = time.monotonic()
+        with open(tmp / "watch.log", "w") as fh:
+            watcher = subprocess.Popen(
+                [*kvmesh, "watch", "--config", str(cfg)], stdout=fh, stderr=subprocess.STDOUT
+            )
+        t_kvmesh = wait_count(target_k, args.keys, args.timeout) - t0
+        watcher.terminate()
+        worker.terminate()
+        watcher.wait(30)
+        worker.wait(30)
+        print(f"kvmesh:      {t_kvmesh:7.2f} s  ({args.keys / t_kvmesh:9.0f} keys/s)")
+
+        # -- make-mirror ------------------------------------------------------------------
+        target_m = Etcd(dst_m.cluster())
+        env = dict(os.environ, ETCDCTL_API="3")
+        t0 = time.monotonic()
+        mirror = subprocess.Popen(
+            [
+                find_binary("etcdctl"),
+                "--endpoints",
+                src.url,
+                "make-mirror",
+                "--prefix",
+                ID_PREFIX.decode(),
+                "--dest-prefix",
+                CACHE_PREFIX.decode(),
+                dst_m.url,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        t_mirror = wait_count(target_m, args.keys, args.timeout) - t0
+        mirror.terminate()
+        mirror.wait(30)
+        print(f"make-mirror: {t_mirror:7.2f} s  ({args.keys / t_mirror:9.0f} keys/s)")
+        print(
+            f"ratio kvmesh/make-mirror: {t_kvmesh / t_mirror:.3f}  "
+            f"(kvmesh is {t_mirror / t_kvmesh:.1f}x faster; the bar is <= 0.25)"
+        )
+        return 0
+    finally:
+        for s in servers:
+            s.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""Coalescing and cutting changes into batches that etcd accepts in one transaction.
+
+Pure code. A batch names no key twice (etcd rejects that), holds at most `max_ops` operations
+(one more is reserved for the fence) and at most `max_bytes` of keys and values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .errors import ValueTooLargeError
+from .fence import Position
+from .layout import Op
+from .wire import Batch, Operation
+
+
+@dataclass(frozen=True)
+class Change:
+    """One rewritten change to a target key, at its position in the source's history."""
+
+    key: bytes
+    op: Op
+    value: bytes | None
+    pos: Position
+
+    def operation(self) -> Operation:
+        return Operation(self.op, self.key, self.value)
+
+
+class ShardBuffer:
+    """Pending changes per shard, in position order; a newer change to a key replaces the
+    older one (the target only needs the latest state)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, dict[bytes, Change]] = {}
+        self._count = 0
+
+    def add(self, shard: str, change: Change) -> None:
+        bucket = self._pending.setdefault(shard, {})
+        if bucket.pop(change.key, None) is None:
+            self._count += 1
+        bucket[change.key] = change  # re-inserted last: dicts keep position order
+
+    def __len__(self) -> int:
+        return self._count
+
+    def drain(self) -> dict[str, list[Change]]:
+        out = {shard: list(b.values()) for shard, b in self._pending.items() if b}
+        self._pending = {}
+        self._count = 0
+        return out
+
+
+def check_size(change: Change, max_bytes: int) -> None:
+    """Raise ValueTooLargeError if one change alone cannot fit in a request."""
+    size = change.operation().size
+    if size > max_bytes:
+        raise ValueTooLargeError(
+            change.key, f"{size} bytes exceed the batch limit of {max_bytes} bytes"
+        )
+
+
+def cut(changes: Sequence[Change], max_ops: int, max_bytes: int) -> list[list[Change]]:
+    """Split position-ordered, key-unique changes into consecutive groups within both limits.
+
+    Every change must already fit alone (see check_size)."""
+    groups: list[list[Change]] = []
+    current: list[Change] = []
+    size = 0
+    for ch in changes:
+        ch_size = ch.operation().size
+        if current and (len(current) >= max_ops or size + ch_size > max_bytes):
+            groups.append(current)
+            current, size = [], 0
+        current.append(ch)
+        size += ch_size
+    if current:
+        groups.append(current)
+    return groups
+
+
+def make_batches(
+    *,
+    source: str,
+    target: str,
+    shard: str,
+    gen: int,
+    prev: Position,
+    changes: Iterable[Change],
+    max_ops: int,
+    max_bytes: int,
+    snapshot: bool = False,
+) -> list[Batch]:
+    """Chain batches for one shard: each batch's prev is the pos of the one before it.
+
+    For a snapshot (a resync's diff) every batch but the last is marked not done, so that a
+    fence left in the middle of a snapshot is never taken as a resume point."""
+    ordered = list(changes)
+    batches: list[Batch] = []
+    groups = cut(ordered, max_ops, max_bytes)
+    for i, group in enumerate(groups):
+        pos = group[-1].pos
+        batches.append(
+            Batch(
+                source=source,
+                target=target,
+                shard=shard,
+                gen=gen,
+                prev=prev,
+                pos=pos,
+                ops=tuple(c.operation() for c in group),
+                done=not snapshot or i == len(groups) - 1,
+            )
+        )
+        prev = pos
+    return batches

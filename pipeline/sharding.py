@@ -1,0 +1,30 @@
+"""Shard assignment. A shard is (resource, n): each resource is its own etcd watch, and etcd
+orders events only within one watch, so a shard never mixes two watches.
+
+The hash is stable across processes and restarts (Python's hash() is salted; this is not).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from .layout import RESOURCES, Resource
+
+
+def shard_count(resource: Resource, shards: int) -> int:
+    return 1 if resource.single_key else shards
+
+
+def shard_of(resource: Resource, key: bytes, shards: int) -> str:
+    """The shard name of a source key, e.g. `identities-3`."""
+    n = shard_count(resource, shards)
+    index = 0 if n == 1 else zlib.crc32(key) % n
+    return f"{resource.name}-{index}"
+
+
+def all_shards(shards: int) -> list[str]:
+    return [f"{r.name}-{i}" for r in RESOURCES for i in range(shard_count(r, shards))]
+
+
+def shard_resource(shard: str) -> str:
+    return shard.rsplit("-", 1)[0]

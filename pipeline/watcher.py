@@ -1,0 +1,613 @@
+"""The watcher of one source cluster: list and watch its synced prefixes, filter and rewrite,
+coalesce per shard, cut batches, and publish them for every target under that target's
+current generation. It also owns each target's generations, resyncs and synced canaries.
+
+One thread (run()) owns all state. Watch streams run on threads of their own and only hand
+responses over through a queue, tagged with the stream epoch so that responses of a replaced
+stream are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from etcd3 import transactions
+
+from .batching import Change, ShardBuffer, make_batches
+from .config import ClusterConfig, Settings
+from .errors import BadInputError, CompactedError, RetryableError
+from .etcd import Etcd, Event, WatchStream
+from .fence import FenceRecord, GenRecord, Position
+from .layout import (
+    RESOURCE_BY_NAME,
+    RESOURCES,
+    Layout,
+    Op,
+    Resource,
+    canary_key,
+    fence_key,
+    gen_key,
+    progress_key,
+    resync_key,
+    state_prefix,
+)
+from .metrics import WatcherMetrics
+from .publisher import Publisher
+from .sharding import all_shards, shard_of, shard_resource
+from .snapshot import convert, diff, read_source, read_target, resource_of_target_key
+
+log = logging.getLogger("kvmesh.watcher")
+
+END = 1 << 31  # an index past every event of a revision: (rev, END) covers all of rev
+_FLUSH_AT = 8192  # pending changes that force a flush before the linger ends
+
+
+@dataclass
+class Target:
+    """What the watcher knows about one target of its source."""
+
+    cluster: ClusterConfig
+    etcd: Etcd
+    gen: int = 0
+    gen_rev: int = 0
+    chain: dict[str, Position] = field(default_factory=dict)  # last pos published per shard
+    skip: dict[str, Position] = field(default_factory=dict)  # events at/below are covered
+    need_resync: str | None = "start"  # reason, while a resync is owed
+    resumable: bool = False
+    snapshot_rev: int = 0
+    canaried: set[str] = field(default_factory=set)
+    fence_pos: dict[str, Position] = field(default_factory=dict)
+    last_moved: float = 0.0  # when any fence of this pair last moved
+    progress_rev: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.cluster.name
+
+
+class Watcher:
+    def __init__(
+        self,
+        settings: Settings,
+        source: ClusterConfig,
+        publisher: Publisher,
+        metrics: WatcherMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.sync = settings.sync
+        self.source = source
+        self.layout = Layout(source.name, source.id, settings.sync.identities)
+        self.publisher = publisher
+        self.metrics = metrics or WatcherMetrics()
+        self.clock = clock
+        self.shards = all_shards(settings.sync.shards)
+        self.etcd = Etcd(source, settings.sync.etcd_timeout)
+        self.targets = [
+            Target(c, Etcd(c, settings.sync.etcd_timeout)) for c in settings.targets_of(source.name)
+        ]
+        self.buffer = ShardBuffer()
+        self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.streams: dict[str, WatchStream] = {}
+        self.epoch = 0
+        self.delivered: dict[str, int] = {}  # per resource: every event up to here was seen
+        self.source_cluster_id = 0
+        self.stop_event = threading.Event()
+        self._flush_deadline: float | None = None
+        self._next_tick = 0.0
+        self._next_antientropy = 0.0
+        self._labels = {"source_cluster": source.name}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.inbox.put(("wake",))
+
+    def close(self) -> None:
+        self._stop_streams()
+        self.etcd.close()
+        for t in self.targets:
+            t.etcd.close()
+
+    def run(self) -> None:
+        """Run until stop() is called. Unreachable stores are retried with backoff."""
+        backoff = 0.2
+        while not self.stop_event.is_set():
+            try:
+                self.start()
+                break
+            except RetryableError as exc:
+                log.warning(
+                    "%s: start failed: %s; retrying in %.1fs", self.source.name, exc, backoff
+                )
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+        while not self.stop_event.is_set():
+            self.step()
+        self.close()
+
+    def start(self) -> None:
+        """Open a generation in every target, resuming from fences where possible, then
+        start the watches."""
+        rev, self.source_cluster_id = self.etcd.header()
+        starts: list[int] = []
+        for t in self.targets:
+            try:
+                start = self._open_generation(t, allow_resume=True, source_rev=rev)
+            except RetryableError as exc:
+                log.warning("%s→%s: target unavailable: %s", self.source.name, t.name, exc)
+                t.need_resync = "target unavailable at start"
+                continue
+            if start is not None:
+                starts.append(start)
+        pending = [t for t in self.targets if t.need_resync]
+        snapshot_rev = self._resync(pending) if pending else None
+        if snapshot_rev is not None:
+            starts.append(snapshot_rev + 1)
+        if not starts:  # no target reachable yet: watch from now; they will be resynced
+            starts.append(rev + 1)
+        self._start_streams(min(starts))
+
+    # -- main loop ---------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One pass of the main loop: take what the streams delivered, flush when due, tick."""
+        now = self.clock()
+        wait = max(0.0, self._next_tick - now)
+        if self._flush_deadline is not None:
+            wait = min(wait, max(0.0, self._flush_deadline - now))
+        try:
+            item = self.inbox.get(timeout=wait)
+            self._handle(item)
+            while len(self.buffer) < _FLUSH_AT:
+                self._handle(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        now = self.clock()
+        if self._flush_deadline is not None and (
+            now >= self._flush_deadline or len(self.buffer) >= _FLUSH_AT
+        ):
+            self.flush()
+        if now >= self._next_tick:
+            self._next_tick = now + self.sync.fence_poll_interval
+            self.tick()
+
+    def _handle(self, item: tuple[Any, ...]) -> None:
+        kind = item[0]
+        if kind == "wake":
+            return
+        epoch = item[1]
+        if epoch != self.epoch:
+            return  # from a stream that was replaced
+        if kind == "events":
+            _, _, res_name, events, header_rev = item
+            self.ingest(RESOURCE_BY_NAME[res_name], events, header_rev)
+        elif kind == "error":
+            _, _, res_name, exc = item
+            self._stream_failed(res_name, exc)
+
+    def ingest(self, resource: Resource, events: list[Event], header_rev: int) -> None:
+        """Filter, rewrite and buffer one watch response."""
+        name = resource.name
+        if events:
+            self.metrics.events.labels(self.source.name, name).inc(len(events))
+            self.delivered[name] = max(self.delivered.get(name, 0), events[-1].revision)
+        else:  # a progress notification: everything up to header_rev was delivered
+            self.delivered[name] = max(self.delivered.get(name, 0), header_rev)
+        for ev in events:
+            try:
+                tkey, tvalue = convert(
+                    self.layout, resource, ev.key, ev.value, self.sync.max_batch_bytes
+                )
+            except BadInputError as exc:
+                self._reject(exc)
+                if ev.value is None:
+                    continue
+                # A key that became too large must not leave its old value cached.
+                try:
+                    tkey = self.layout.rewrite(resource, ev.key)
+                except BadInputError:
+                    continue
+                tvalue = None
+            op = Op.PUT if tvalue is not None else Op.DELETE
+            shard = shard_of(resource, tkey, self.sync.shards)
+            self.buffer.add(shard, Change(tkey, op, tvalue, (ev.revision, ev.index)))
+        if len(self.buffer) and self._flush_deadline is None:
+            self._flush_deadline = self.clock() + self.sync.linger
+        if self.delivered:
+            self.metrics.source_revision.labels(self.source.name).set(max(self.delivered.values()))
+
+    def _reject(self, exc: BadInputError) -> None:
+        self.metrics.rejected.labels(self.source.name, exc.kind).inc()
+        log.warning("%s: not synced: %s", self.source.name, exc)
+
+    def flush(self) -> None:
+        """Cut and publish the buffered changes for every target."""
+        self._flush_deadline = None
+        drained = self.buffer.drain()
+        if not drained:
+            return
+        for t in self.targets:
+            if t.need_resync:
+                continue  # its coming snapshot covers these changes
+            try:
+                self._publish_changes(t, drained)
+            except RetryableError as exc:
+                log.warning("%s→%s: publish failed: %s", self.source.name, t.name, exc)
+                t.need_resync = "publish failed"
+
+    def _publish_changes(self, t: Target, drained: dict[str, list[Change]]) -> None:
+        for shard, changes in drained.items():
+            floor = t.skip[shard]
+            fresh = [c for c in changes if c.pos > floor]
+            if not fresh:
+                continue
+            batches = make_batches(
+                source=self.source.name,
+                target=t.name,
+                shard=shard,
+                gen=t.gen,
+                prev=t.chain[shard],
+                changes=fresh,
+                max_ops=self.sync.max_batch_ops,
+                max_bytes=self.sync.max_batch_bytes,
+            )
+            self.publisher.publish(batches)
+            t.chain[shard] = batches[-1].pos
+            self.metrics.batches.labels(self.source.name, t.name).inc(len(batches))
+            self.metrics.ops.labels(self.source.name, t.name).inc(len(fresh))
+
+    # -- periodic work -----------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Fence poll: canaries, progress, stall detection, resync requests, anti-entropy."""
+        for stream in self.streams.values():
+            stream.request_progress()
+        now = self.clock()
+        if self.sync.resync_interval > 0:
+            if self._next_antientropy == 0.0:
+                self._next_antientropy = now + self.sync.resync_interval
+            elif now >= self._next_antientropy:
+                self._next_antientropy = now + self.sync.resync_interval
+                for t in self.targets:
+                    t.need_resync = t.need_resync or "anti-entropy"
+        for t in self.targets:
+            if t.need_resync:
+                continue
+            try:
+                self._check_target(t, now)
+            except RetryableError as exc:
+                log.warning("%s→%s: fence poll failed: %s", self.source.name, t.name, exc)
+        pending = [t for t in self.targets if t.need_resync]
+        if pending:
+            self.flush()  # what is buffered goes to the healthy targets first
+            try:
+                self._resync(pending)
+            except RetryableError as exc:
+                log.warning("%s: resync failed, will retry: %s", self.source.name, exc)
+
+    def _check_target(self, t: Target, now: float) -> None:
+        records = {kv.key: kv for kv in t.etcd.scan(state_prefix(self.source.name))[1]}
+        gen_kv = records.get(gen_key(self.source.name))
+        gen = GenRecord.decode(gen_kv.value).gen if gen_kv else None
+        if gen != t.gen:
+            t.need_resync = (
+                "target lost its kvmesh records"
+                if gen is None
+                else f"generation moved to {gen} under generation {t.gen}"
+            )
+            return
+        req = records.get(resync_key(self.source.name))
+        if req is not None:
+            t.etcd.delete(resync_key(self.source.name))
+            t.need_resync = "requested by a worker"
+            return
+        fences: dict[str, FenceRecord] = {}
+        for shard in self.shards:
+            kv = records.get(fence_key(self.source.name, shard))
+            if kv is not None:
+                fences[shard] = FenceRecord.decode(kv.value)
+        behind = []
+        for shard in self.shards:
+            f = fences.get(shard)
+            pos = f.pos if f is not None and f.gen == t.gen else (0, 0)
+            if pos != t.fence_pos.get(shard):
+                t.fence_pos[shard] = pos
+                t.last_moved = now
+            if pos < t.chain[shard]:
+                behind.append(shard)
+        # A lost batch shows as fences that stop moving while work is owed and nothing is
+        # left in the queue to deliver it (a slow backlog keeps fences moving; a stopped
+        # worker pool leaves the queue full: neither is a loss).
+        stalled = behind and now - t.last_moved > self.sync.stall_timeout
+        if stalled and self.publisher.backlog() == 0:
+            t.need_resync = f"shards {', '.join(behind[:3])} stalled"
+            return
+        caught_up = not behind
+        for res in RESOURCES:
+            if res.canary is None or res.name in t.canaried:
+                continue
+            shards = [s for s in self.shards if shard_resource(s) == res.name]
+            if all((f := fences.get(s)) is not None and f.gen == t.gen and f.done for s in shards):
+                stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ").encode()
+                t.etcd.put(canary_key(self.source.name, res), stamp)
+                t.canaried.add(res.name)
+                log.info("%s→%s: %s synced (canary written)", self.source.name, t.name, res.name)
+        all_canaried = all(r.name in t.canaried for r in RESOURCES if r.canary is not None)
+        self.metrics.initial_sync.labels(self.source.name, t.name).set(int(all_canaried))
+        if caught_up and not len(self.buffer) and self.delivered:
+            through = max(min(self.delivered.values()), t.snapshot_rev)
+            if through > t.progress_rev:
+                self._write_progress(t, through)
+
+    def _write_progress(self, t: Target, through: int) -> None:
+        value = json.dumps({"gen": t.gen, "rev": through, "ts": time.time()}).encode()
+        ok, _ = t.etcd.txn(
+            [transactions.Mod(gen_key(self.source.name)) == t.gen_rev],
+            [transactions.Put(progress_key(self.source.name), value)],
+        )
+        if ok:
+            t.progress_rev = through
+            self.metrics.applied_revision.labels(self.source.name, t.name).set(through)
+
+    # -- generations -------------------------------------------------------------------------
+
+    def _open_generation(self, t: Target, *, allow_resume: bool, source_rev: int) -> int | None:
+        """Bump the target's generation. If its fences allow, resume: returns the revision the
+        watch must start from. Otherwise marks the target for a resync and returns None."""
+        src = self.source.name
+        records = {kv.key: kv for kv in t.etcd.scan(state_prefix(src))[1]}
+        gen_kv = records.get(gen_key(src))
+        old = GenRecord.decode(gen_kv.value) if gen_kv else None
+        fences: dict[str, FenceRecord] = {}
+        for shard in self.shards:
+            kv = records.get(fence_key(src, shard))
+            if kv is not None:
+                fences[shard] = FenceRecord.decode(kv.value)
+        new_gen = max([old.gen if old else 0] + [f.gen for f in fences.values()]) + 1
+        record = GenRecord(new_gen, self.sync.shards, self.sync.identities, self.source_cluster_id)
+        ok, _ = t.etcd.txn(
+            [transactions.Mod(gen_key(src)) == (gen_kv.mod_revision if gen_kv else 0)],
+            [transactions.Put(gen_key(src), record.encode())],
+        )
+        if not ok:
+            raise RetryableError(f"target {t.name}: generation record changed while opening one")
+        written = t.etcd.get(gen_key(src))
+        assert written is not None
+        t.gen, t.gen_rev = new_gen, written.mod_revision
+        t.canaried = set()
+        self.metrics.generation.labels(src, t.name).set(new_gen)
+        progress = None
+        pkv = records.get(progress_key(src))
+        if pkv is not None:
+            try:
+                progress = json.loads(pkv.value)
+            except ValueError:
+                progress = None
+        reason = None
+        if not allow_resume:
+            reason = "forced"
+        elif old is None:
+            reason = "no generation in target"
+        elif (old.shards, old.identities) != (self.sync.shards, self.sync.identities):
+            reason = "sync settings changed"
+        elif old.source_cluster_id != self.source_cluster_id:
+            reason = "source etcd is a different cluster"
+        elif len(fences) != len(self.shards) or any(
+            f.gen != old.gen or not f.done for f in fences.values()
+        ):
+            reason = "fences incomplete"
+        elif max(f.pos[0] for f in fences.values()) > source_rev:
+            reason = "fences ahead of the source"
+        if reason is not None:
+            t.need_resync = reason
+            return None
+        through = 0
+        if isinstance(progress, dict) and progress.get("gen") == old.gen:  # type: ignore[union-attr]
+            through = int(progress.get("rev", 0))
+        t.chain = {s: fences[s].pos for s in self.shards}
+        t.skip = {s: max(fences[s].pos, (through, END)) for s in self.shards}
+        self._write_fences(t, {s: FenceRecord(new_gen, fences[s].pos, True) for s in self.shards})
+        t.need_resync = None
+        t.resumable = True
+        t.snapshot_rev = 0
+        t.progress_rev = through
+        self._reset_stall(t)
+        self.metrics.resumes.labels(src, t.name).inc()
+        log.info("%s→%s: generation %d resumes from the fences", src, t.name, new_gen)
+        return min(p[0] + 1 if p[1] == END else p[0] for p in t.skip.values())
+
+    def _write_fences(self, t: Target, fences: dict[str, FenceRecord]) -> None:
+        src = self.source.name
+        items = list(fences.items())
+        for i in range(0, len(items), 100):
+            ok, _ = t.etcd.txn(
+                [transactions.Mod(gen_key(src)) == t.gen_rev],
+                [transactions.Put(fence_key(src, s), f.encode()) for s, f in items[i : i + 100]],
+            )
+            if not ok:
+                raise RetryableError(f"target {t.name}: generation moved while writing fences")
+
+    def _reset_stall(self, t: Target) -> None:
+        t.fence_pos = {}
+        t.last_moved = self.clock()
+
+    def _resync(self, targets: list[Target]) -> int:
+        """Open a new generation in each target, list the source at one revision R, diff with
+        each target and publish only the differences. Returns R."""
+        src = self.source.name
+        rev = self.etcd.revision()
+        opened: list[Target] = []
+        for t in targets:
+            reason = t.need_resync or "resync"
+            try:
+                self._open_generation(t, allow_resume=False, source_rev=rev)
+            except RetryableError as exc:
+                log.warning("%s→%s: cannot open a generation: %s", src, t.name, exc)
+                continue
+            t.need_resync = reason  # _open_generation marks it "forced"; keep the real reason
+            opened.append(t)
+        if not opened:
+            raise RetryableError("no target reachable for the resync")
+        state = read_source(
+            self.etcd,
+            self.layout,
+            page=self.sync.page_size,
+            max_bytes=self.sync.max_batch_bytes,
+            on_reject=self._reject,
+        )
+        R = state.revision
+        for t in opened:
+            reason = t.need_resync or "resync"
+            try:
+                self._publish_snapshot(t, state.items, R)
+            except RetryableError as exc:
+                log.warning("%s→%s: resync failed: %s", src, t.name, exc)
+                continue
+            t.need_resync = None
+            self.metrics.resyncs.labels(src, t.name, reason.split(" ")[0]).inc()
+            log.info(
+                "%s→%s: generation %d resynced at revision %d (%s)", src, t.name, t.gen, R, reason
+            )
+        return R
+
+    def _publish_snapshot(self, t: Target, desired: dict[bytes, bytes], R: int) -> None:
+        src = self.source.name
+        actual = read_target(t.etcd, src, page=self.sync.page_size)
+        d = diff(desired, actual)
+        per_shard: dict[str, list[Change]] = {s: [] for s in self.shards}
+        changes: list[tuple[bytes, Op, bytes | None]] = [
+            (k, Op.PUT, v) for k, v in {**d.missing, **d.different}.items()
+        ]
+        changes += [(k, Op.DELETE, None) for k in d.extra]
+        for key, op, value in changes:
+            res = _resource_for(src, key)
+            shard = shard_of(res, key, self.sync.shards)
+            per_shard[shard].append(Change(key, op, value, (R, len(per_shard[shard]) + 1)))
+        base = {s: FenceRecord(t.gen, (R, 0), done=not per_shard[s]) for s in self.shards}
+        self._write_fences(t, base)
+        t.chain = {s: (R, 0) for s in self.shards}
+        t.skip = {s: (R, END) for s in self.shards}
+        t.snapshot_rev = R
+        t.progress_rev = 0
+        self._reset_stall(t)
+        published = 0
+        for shard, shard_changes in per_shard.items():
+            if not shard_changes:
+                continue
+            batches = make_batches(
+                source=src,
+                target=t.name,
+                shard=shard,
+                gen=t.gen,
+                prev=(R, 0),
+                changes=shard_changes,
+                max_ops=self.sync.max_batch_ops,
+                max_bytes=self.sync.max_batch_bytes,
+                snapshot=True,
+            )
+            self.publisher.publish(batches)
+            t.chain[shard] = batches[-1].pos
+            published += len(batches)
+            self.metrics.batches.labels(src, t.name).inc(len(batches))
+            self.metrics.ops.labels(src, t.name).inc(len(shard_changes))
+        log.info(
+            "%s→%s: snapshot at %d: %d missing, %d different, %d extra, %d batches",
+            src,
+            t.name,
+            R,
+            len(d.missing),
+            len(d.different),
+            len(d.extra),
+            published,
+        )
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def _start_streams(self, start_rev: int) -> None:
+        self._stop_streams()
+        self.epoch += 1
+        epoch = self.epoch
+        self.delivered = {r.name: start_rev - 1 for r in RESOURCES}
+        for res in RESOURCES:
+            self._start_stream(res, start_rev, epoch)
+
+    def _start_stream(self, res: Resource, start_rev: int, epoch: int) -> None:
+        name = res.name
+
+        def on_events(events: list[Event], header_rev: int) -> None:
+            self.inbox.put(("events", epoch, name, events, header_rev))
+
+        def on_error(exc: BaseException) -> None:
+            self.inbox.put(("error", epoch, name, exc))
+
+        self.streams[name] = self.etcd.watch(
+            res.source_prefix(self.source.name, self.sync.identities),
+            start_rev,
+            on_events,
+            on_error,
+            exact=res.single_key,
+        )
+
+    def _stop_streams(self) -> None:
+        for stream in self.streams.values():
+            stream.stop()
+        self.streams = {}
+
+    def _stream_failed(self, res_name: str, exc: BaseException) -> None:
+        src = self.source.name
+        if isinstance(exc, CompactedError):
+            log.warning(
+                "%s: watch of %s compacted (%s): resyncing every target", src, res_name, exc
+            )
+            self._restart_all("source compacted")
+            return
+        log.warning("%s: watch of %s failed: %s; reconnecting", src, res_name, exc)
+        try:
+            _, cluster_id = self.etcd.header()
+        except RetryableError as err:
+            log.warning("%s: source unreachable: %s", src, err)
+            self.stop_event.wait(1.0)
+            self.inbox.put(("error", self.epoch, res_name, err))
+            return
+        if cluster_id != self.source_cluster_id:
+            self._restart_all("source etcd replaced")
+            return
+        old = self.streams.pop(res_name, None)
+        if old is not None:
+            old.stop()
+        # A fresh epoch for just this stream would drop the others' responses, so the
+        # replacement keeps the epoch; the failed stream reports nothing more after its error.
+        self._start_stream(RESOURCE_BY_NAME[res_name], self.delivered[res_name] + 1, self.epoch)
+
+    def _restart_all(self, reason: str) -> None:
+        self._stop_streams()
+        self.epoch += 1
+        self.buffer.drain()
+        self._flush_deadline = None
+        while not self.stop_event.is_set():
+            try:
+                self.source_cluster_id = self.etcd.header()[1]
+                for t in self.targets:
+                    t.need_resync = reason
+                rev = self._resync(list(self.targets))
+                self._start_streams(rev + 1)
+                return
+            except RetryableError as exc:
+                log.warning("%s: resync after %s failed: %s", self.source.name, reason, exc)
+                self.stop_event.wait(1.0)
+
+
+def _resource_for(source: str, key: bytes) -> Resource:
+    res = resource_of_target_key(source, key)
+    assert res is not None, key
+    return res

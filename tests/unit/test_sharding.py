@@ -1,0 +1,48 @@
+"""Shard assignment."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+
+from pipeline.layout import RESOURCE_BY_NAME
+from pipeline.sharding import all_shards, shard_of, shard_resource
+
+IDS = RESOURCE_BY_NAME["identities"]
+
+
+def test_shard_is_stable_across_processes() -> None:
+    """The shard of a key does not depend on the process (Python's hash is salted)."""
+    keys = [f"cilium/cache/identities/v1/a/id/{i}".encode() for i in range(50)]
+    here = [shard_of(IDS, k, 8) for k in keys]
+    code = (
+        "import sys; from pipeline.sharding import shard_of; "
+        "from pipeline.layout import RESOURCE_BY_NAME as R; "
+        f"print(','.join(shard_of(R['identities'], k, 8) for k in {keys!r}))"
+    )
+    for seed in ("1", "2"):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            check=True,
+            env={"PYTHONHASHSEED": seed},
+            text=True,
+        ).stdout.strip()
+        assert out.split(",") == here
+
+
+def test_shards_spread_keys_and_stay_within_their_resource() -> None:
+    """Keys spread over every shard of their resource, and a shard names its resource."""
+    counts = Counter(shard_of(IDS, f"k/{i}".encode(), 8) for i in range(8000))
+    assert set(counts) == {f"identities-{i}" for i in range(8)}
+    assert min(counts.values()) > 700
+    assert all(shard_resource(s) == "identities" for s in counts)
+
+
+def test_single_key_resource_has_one_shard() -> None:
+    """The cluster config is one key, so it has one shard."""
+    assert shard_of(RESOURCE_BY_NAME["config"], b"anything", 8) == "config-0"
+    shards = all_shards(4)
+    assert shards.count("config-0") == 1
+    assert len(shards) == 5 * 4 + 1

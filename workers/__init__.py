@@ -1,0 +1,1 @@
+"""kvmesh write side: Celery tasks that apply fenced batches to target etcds."""
