@@ -50,9 +50,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--keys", type=int, default=50_000)
     ap.add_argument("--concurrency", type=int, default=2)
+    ap.add_argument("--pool", default="prefork", choices=["prefork", "threads", "solo"])
+    ap.add_argument("--skip-mirror", action="store_true", help="measure kvmesh only")
     ap.add_argument("--timeout", type=float, default=300)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))
+    print(f"logs in {tmp}")
     servers = []
     try:
         src = EtcdServer(tmp / "source")
@@ -83,7 +86,16 @@ def main() -> int:
         wlog = tmp / "worker.log"
         with open(wlog, "w") as fh:
             worker = subprocess.Popen(
-                [*kvmesh, "worker", "--config", str(cfg), "--concurrency", str(args.concurrency)],
+                [
+                    *kvmesh,
+                    "worker",
+                    "--config",
+                    str(cfg),
+                    "--concurrency",
+                    str(args.concurrency),
+                    "--pool",
+                    args.pool,
+                ],
                 stdout=fh,
                 stderr=subprocess.STDOUT,
             )
@@ -102,6 +114,8 @@ def main() -> int:
         worker.wait(30)
         print(f"kvmesh:      {t_kvmesh:7.2f} s  ({args.keys / t_kvmesh:9.0f} keys/s)")
 
+        if args.skip_mirror:
+            return 0
         # -- make-mirror ------------------------------------------------------------------
         target_m = Etcd(dst_m.cluster())
         env = dict(os.environ, ETCDCTL_API="3")

@@ -297,51 +297,61 @@ def collect_status(settings: Settings) -> list[dict[str, Any]]:
             depth = None
         source = Etcd(src, settings.sync.etcd_timeout)
         try:
-            source_rev = source.revision()
             layout = Layout(src.name, src.id, settings.sync.identities)
-            source_keys = sum(
-                source.count(res.source_prefix(src.name, layout.identities))
-                for res in RESOURCES
-                if not res.single_key
-            )
-        finally:
-            source.close()
-        for tgt in settings.targets_of(src.name):
-            row: dict[str, Any] = {
+            base = {
                 "source": src.name,
-                "target": tgt.name,
                 "queue": depth,
-                "source_revision": source_rev,
-                "source_keys": source_keys,
-            }
-            target = Etcd(tgt, settings.sync.etcd_timeout)
-            try:
-                pkv = target.get(progress_key(src.name))
-                progress = json.loads(pkv.value) if pkv else {}
-                applied = int(progress.get("rev", 0))
-                row["applied_revision"] = applied
-                row["lag_revisions"] = max(0, source_rev - applied) if pkv else None
-                age = round(time.time() - float(progress["ts"]), 1) if pkv else None
-                row["progress_age_s"] = age
-                row["canaries"] = sum(
-                    1
-                    for res in RESOURCES
-                    if res.canary and target.get(canary_key(src.name, res)) is not None
-                )
-                row["cached_keys"] = sum(
-                    target.count(res.cache_scan_prefix(src.name))
+                "source_revision": source.revision(),
+                "source_keys": sum(
+                    source.count(res.source_prefix(src.name, layout.identities))
                     for res in RESOURCES
                     if not res.single_key
-                )
-            finally:
-                target.close()
-            try:
-                stats = r.hgetall(f"kvmesh:stats:{src.name}:{tgt.name}")
-                row["workers"] = {_text(k): int(v) for k, v in stats.items()}
-            except redis.RedisError:
-                row["workers"] = {}
-            rows.append(row)
+                ),
+            }
+            for tgt in settings.targets_of(src.name):
+                target = Etcd(tgt, settings.sync.etcd_timeout)
+                try:
+                    row = {**base, "target": tgt.name, **_target_status(source, layout, target)}
+                finally:
+                    target.close()
+                try:
+                    stats = r.hgetall(f"kvmesh:stats:{src.name}:{tgt.name}")
+                    row["workers"] = {_text(k): int(v) for k, v in stats.items()}
+                except redis.RedisError:
+                    row["workers"] = {}
+                rows.append(row)
+        finally:
+            source.close()
     return rows
+
+
+def _target_status(source: Etcd, layout: Layout, target: Etcd) -> dict[str, Any]:
+    src = layout.source
+    pkv = target.get(progress_key(src))
+    progress = json.loads(pkv.value) if pkv else {}
+    applied = int(progress.get("rev", 0))
+    lag = None
+    if pkv:
+        # Only revisions that put a synced key count: in a mesh the source etcd is also a
+        # target, and kvmesh's own writes there move its revision without anything to sync.
+        newest = max(
+            source.latest_change(
+                res.source_prefix(src, layout.identities), applied, exact=res.single_key
+            )
+            for res in RESOURCES
+        )
+        lag = max(0, newest - applied)
+    return {
+        "applied_revision": applied,
+        "lag_revisions": lag,
+        "progress_age_s": round(time.time() - float(progress["ts"]), 1) if pkv else None,
+        "canaries": sum(
+            1 for res in RESOURCES if res.canary and target.get(canary_key(src, res)) is not None
+        ),
+        "cached_keys": sum(
+            target.count(res.cache_scan_prefix(src)) for res in RESOURCES if not res.single_key
+        ),
+    }
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:

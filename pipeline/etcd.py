@@ -140,6 +140,24 @@ class Etcd:
         )
         return int(resp.count)
 
+    def latest_change(self, prefix: bytes, after: int, exact: bool = False) -> int:
+        """The highest mod revision above *after* among keys under *prefix*, or 0. Deletes
+        leave no key behind, so they are not seen here."""
+        end = None if exact else prefix_end(prefix)
+        resp = self._call(
+            "range",
+            lambda: self._client.get_range_response(
+                prefix,
+                end,
+                sort_order="descend",
+                sort_target="mod",
+                limit=1,
+                keys_only=True,
+                min_mod_revision=after + 1,
+            ),
+        )
+        return int(resp.kvs[0].mod_revision) if resp.kvs else 0
+
     def scan(
         self, prefix: bytes, revision: int | None = None, page: int = 2000, exact: bool = False
     ) -> tuple[int, Iterator[KV]]:

@@ -9,6 +9,7 @@ stream are ignored.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import queue
@@ -42,12 +43,14 @@ from .layout import (
 from .metrics import WatcherMetrics
 from .publisher import Publisher
 from .sharding import all_shards, shard_of, shard_resource
-from .snapshot import convert, diff, read_source, read_target, resource_of_target_key
+from .snapshot import SnapshotCutter, convert, iter_source, read_target, resource_of_target_key
+from .wire import Batch
 
 log = logging.getLogger("kvmesh.watcher")
 
 END = 1 << 31  # an index past every event of a revision: (rev, END) covers all of rev
 _FLUSH_AT = 8192  # pending changes that force a flush before the linger ends
+_PROGRESS_HEARTBEAT = 30.0  # seconds between progress writes when nothing synced changed
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Target:
     fence_pos: dict[str, Position] = field(default_factory=dict)
     last_moved: float = 0.0  # when any fence of this pair last moved
     progress_rev: int = 0
+    progress_at: float = 0.0  # when the progress record was last written
 
     @property
     def name(self) -> str:
@@ -99,6 +103,7 @@ class Watcher:
         self.streams: dict[str, WatchStream] = {}
         self.epoch = 0
         self.delivered: dict[str, int] = {}  # per resource: every event up to here was seen
+        self._last_event_rev = 0  # newest revision of any event of the watched prefixes
         self.source_cluster_id = 0
         self.stop_event = threading.Event()
         self._flush_deadline: float | None = None
@@ -201,6 +206,7 @@ class Watcher:
         if events:
             self.metrics.events.labels(self.source.name, name).inc(len(events))
             self.delivered[name] = max(self.delivered.get(name, 0), events[-1].revision)
+            self._last_event_rev = max(self._last_event_rev, events[-1].revision)
         else:  # a progress notification: everything up to header_rev was delivered
             self.delivered[name] = max(self.delivered.get(name, 0), header_rev)
         for ev in events:
@@ -246,25 +252,41 @@ class Watcher:
                 t.need_resync = "publish failed"
 
     def _publish_changes(self, t: Target, drained: dict[str, list[Change]]) -> None:
-        for shard, changes in drained.items():
-            floor = t.skip[shard]
-            fresh = [c for c in changes if c.pos > floor]
-            if not fresh:
-                continue
-            batches = make_batches(
-                source=self.source.name,
-                target=t.name,
-                shard=shard,
-                gen=t.gen,
-                prev=t.chain[shard],
-                changes=fresh,
-                max_ops=self.sync.max_batch_ops,
-                max_bytes=self.sync.max_batch_bytes,
-            )
-            self.publisher.publish(batches)
-            t.chain[shard] = batches[-1].pos
-            self.metrics.batches.labels(self.source.name, t.name).inc(len(batches))
-            self.metrics.ops.labels(self.source.name, t.name).inc(len(fresh))
+        fresh = {
+            shard: [c for c in changes if c.pos > t.skip[shard]]
+            for shard, changes in drained.items()
+        }
+        self._publish_chains(t, fresh, snapshot=False)
+
+    def _publish_chains(self, t: Target, per_shard: dict[str, list[Change]], snapshot: bool) -> int:
+        """Cut each shard's changes into batches chained after the shard's last one, and
+        publish them interleaved across shards: consecutive tasks then belong to different
+        shards, so parallel workers rarely wait on a predecessor."""
+        chains: list[list[Batch]] = []
+        for shard, changes in per_shard.items():
+            if changes:
+                chains.append(
+                    make_batches(
+                        source=self.source.name,
+                        target=t.name,
+                        shard=shard,
+                        gen=t.gen,
+                        prev=t.chain[shard],
+                        changes=changes,
+                        max_ops=self.sync.max_batch_ops,
+                        max_bytes=self.sync.max_batch_bytes,
+                        snapshot=snapshot,
+                    )
+                )
+        if not chains:
+            return 0
+        ordered = [b for row in itertools.zip_longest(*chains) for b in row if b is not None]
+        self.publisher.publish(ordered)
+        for chain in chains:
+            t.chain[chain[-1].shard] = chain[-1].pos
+        self.metrics.batches.labels(self.source.name, t.name).inc(len(ordered))
+        self.metrics.ops.labels(self.source.name, t.name).inc(sum(len(b.ops) for b in ordered))
+        return len(ordered)
 
     # -- periodic work -----------------------------------------------------------------------
 
@@ -308,9 +330,13 @@ class Watcher:
             return
         req = records.get(resync_key(self.source.name))
         if req is not None:
-            t.etcd.delete(resync_key(self.source.name))
-            t.need_resync = "requested by a worker"
-            return
+            t.etcd.txn(  # only the request we read: a newer one must survive
+                [transactions.Mod(resync_key(self.source.name)) == req.mod_revision],
+                [transactions.Delete(resync_key(self.source.name))],
+            )
+            if _request_gen(req.value) >= t.gen:  # older requests were answered already
+                t.need_resync = "requested by a worker"
+                return
         fences: dict[str, FenceRecord] = {}
         for shard in self.shards:
             kv = records.get(fence_key(self.source.name, shard))
@@ -346,10 +372,13 @@ class Watcher:
         self.metrics.initial_sync.labels(self.source.name, t.name).set(int(all_canaried))
         if caught_up and not len(self.buffer) and self.delivered:
             through = max(min(self.delivered.values()), t.snapshot_rev)
-            if through > t.progress_rev:
-                self._write_progress(t, through)
+            # Write when something synced moved, or as a slow heartbeat: every write bumps the
+            # target's revision, and in a full mesh that target is another watcher's source.
+            due = t.progress_at == 0.0 or now - t.progress_at >= _PROGRESS_HEARTBEAT
+            if through > t.progress_rev and (self._last_event_rev > t.progress_rev or due):
+                self._write_progress(t, through, now)
 
-    def _write_progress(self, t: Target, through: int) -> None:
+    def _write_progress(self, t: Target, through: int, now: float) -> None:
         value = json.dumps({"gen": t.gen, "rev": through, "ts": time.time()}).encode()
         ok, _ = t.etcd.txn(
             [transactions.Mod(gen_key(self.source.name)) == t.gen_rev],
@@ -357,6 +386,7 @@ class Watcher:
         )
         if ok:
             t.progress_rev = through
+            t.progress_at = now
             self.metrics.applied_revision.labels(self.source.name, t.name).set(through)
 
     # -- generations -------------------------------------------------------------------------
@@ -442,94 +472,104 @@ class Watcher:
         t.last_moved = self.clock()
 
     def _resync(self, targets: list[Target]) -> int:
-        """Open a new generation in each target, list the source at one revision R, diff with
-        each target and publish only the differences. Returns R."""
+        """Open a new generation in each target, list the source at one revision R, and
+        publish, while listing, only what differs from each target. Returns R."""
         src = self.source.name
         rev = self.etcd.revision()
-        opened: list[Target] = []
+        cutters: list[tuple[Target, str, SnapshotCutter]] = []
         for t in targets:
             reason = t.need_resync or "resync"
             try:
                 self._open_generation(t, allow_resume=False, source_rev=rev)
+                actual = read_target(t.etcd, src, page=self.sync.page_size)
+                self._write_fences(t, {s: FenceRecord(t.gen, (rev, 0), False) for s in self.shards})
             except RetryableError as exc:
-                log.warning("%s→%s: cannot open a generation: %s", src, t.name, exc)
+                log.warning("%s→%s: cannot start a resync: %s", src, t.name, exc)
+                t.need_resync = reason
                 continue
-            t.need_resync = reason  # _open_generation marks it "forced"; keep the real reason
-            opened.append(t)
-        if not opened:
+            t.need_resync = reason  # set until the whole snapshot is published
+            t.chain = {s: (rev, 0) for s in self.shards}
+            t.skip = {s: (rev, END) for s in self.shards}
+            t.snapshot_rev = rev
+            t.progress_rev, t.progress_at = 0, 0.0
+            self._reset_stall(t)
+            cutters.append(
+                (
+                    t,
+                    reason,
+                    SnapshotCutter(
+                        source=src,
+                        target=t.name,
+                        gen=t.gen,
+                        revision=rev,
+                        actual=actual,
+                        shard_of=lambda key: shard_of(
+                            _resource_for(src, key), key, self.sync.shards
+                        ),
+                        max_ops=self.sync.max_batch_ops,
+                        max_bytes=self.sync.max_batch_bytes,
+                    ),
+                )
+            )
+        if not cutters:
             raise RetryableError("no target reachable for the resync")
-        state = read_source(
+        started = self.clock()
+        outbox: dict[str, list[Batch]] = {t.name: [] for t, _, _ in cutters}
+        failed: set[str] = set()
+
+        def send(t: Target, batches: list[Batch], force: bool = False) -> None:
+            box = outbox[t.name]
+            box.extend(batches)
+            if t.name in failed or not box or (len(box) < 32 and not force):
+                return
+            try:
+                self.publisher.publish(box)
+                self.metrics.batches.labels(src, t.name).inc(len(box))
+                self.metrics.ops.labels(src, t.name).inc(sum(len(b.ops) for b in box))
+            except RetryableError as exc:
+                log.warning("%s→%s: publishing the snapshot failed: %s", src, t.name, exc)
+                failed.add(t.name)
+            box.clear()
+
+        for _res, key, value in iter_source(
             self.etcd,
             self.layout,
+            rev,
             page=self.sync.page_size,
             max_bytes=self.sync.max_batch_bytes,
             on_reject=self._reject,
-        )
-        R = state.revision
-        for t in opened:
-            reason = t.need_resync or "resync"
-            try:
-                self._publish_snapshot(t, state.items, R)
+        ):
+            for t, _, cutter in cutters:
+                send(t, cutter.want(key, value))
+        for t, reason, cutter in cutters:
+            send(t, cutter.finish(), force=True)
+            if t.name in failed:
+                continue
+            last = cutter.last_positions()
+            try:  # shards the snapshot did not touch are complete already
+                self._write_fences(
+                    t, {s: FenceRecord(t.gen, (rev, 0), True) for s in self.shards if s not in last}
+                )
             except RetryableError as exc:
                 log.warning("%s→%s: resync failed: %s", src, t.name, exc)
                 continue
+            t.chain.update(last)
             t.need_resync = None
             self.metrics.resyncs.labels(src, t.name, reason.split(" ")[0]).inc()
             log.info(
-                "%s→%s: generation %d resynced at revision %d (%s)", src, t.name, t.gen, R, reason
+                "%s→%s: generation %d resynced at revision %d (%s): %d missing, %d different, "
+                "%d extra, in %.2fs",
+                src,
+                t.name,
+                t.gen,
+                rev,
+                reason,
+                cutter.missing,
+                cutter.different,
+                cutter.extra,
+                self.clock() - started,
             )
-        return R
-
-    def _publish_snapshot(self, t: Target, desired: dict[bytes, bytes], R: int) -> None:
-        src = self.source.name
-        actual = read_target(t.etcd, src, page=self.sync.page_size)
-        d = diff(desired, actual)
-        per_shard: dict[str, list[Change]] = {s: [] for s in self.shards}
-        changes: list[tuple[bytes, Op, bytes | None]] = [
-            (k, Op.PUT, v) for k, v in {**d.missing, **d.different}.items()
-        ]
-        changes += [(k, Op.DELETE, None) for k in d.extra]
-        for key, op, value in changes:
-            res = _resource_for(src, key)
-            shard = shard_of(res, key, self.sync.shards)
-            per_shard[shard].append(Change(key, op, value, (R, len(per_shard[shard]) + 1)))
-        base = {s: FenceRecord(t.gen, (R, 0), done=not per_shard[s]) for s in self.shards}
-        self._write_fences(t, base)
-        t.chain = {s: (R, 0) for s in self.shards}
-        t.skip = {s: (R, END) for s in self.shards}
-        t.snapshot_rev = R
-        t.progress_rev = 0
-        self._reset_stall(t)
-        published = 0
-        for shard, shard_changes in per_shard.items():
-            if not shard_changes:
-                continue
-            batches = make_batches(
-                source=src,
-                target=t.name,
-                shard=shard,
-                gen=t.gen,
-                prev=(R, 0),
-                changes=shard_changes,
-                max_ops=self.sync.max_batch_ops,
-                max_bytes=self.sync.max_batch_bytes,
-                snapshot=True,
-            )
-            self.publisher.publish(batches)
-            t.chain[shard] = batches[-1].pos
-            published += len(batches)
-            self.metrics.batches.labels(src, t.name).inc(len(batches))
-            self.metrics.ops.labels(src, t.name).inc(len(shard_changes))
-        log.info(
-            "%s→%s: snapshot at %d: %d missing, %d different, %d extra, %d batches",
-            src,
-            t.name,
-            R,
-            len(d.missing),
-            len(d.different),
-            len(d.extra),
-            published,
-        )
+        return rev
 
     # -- streams -----------------------------------------------------------------------------
 
@@ -611,3 +651,10 @@ def _resource_for(source: str, key: bytes) -> Resource:
     res = resource_of_target_key(source, key)
     assert res is not None, key
     return res
+
+
+def _request_gen(raw: bytes) -> int:
+    try:
+        return int(json.loads(raw)["gen"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # unreadable: honour it

@@ -1,0 +1,134 @@
+"""The kvmesh CLI end to end: real processes against a config file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cilium_state import make_state, write_items
+
+from ..conftest import Servers
+from ..harness import Mesh, Proc, eventually
+
+pytestmark = pytest.mark.e2e
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_config_errors_name_the_field_and_exit_2(tmp_path: Path) -> None:
+    """A broken config is reported with its field, with exit code 2 and no traceback."""
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(
+        '[sync]\nshards = -1\n[[clusters]]\nname = "a"\nid = 1\n'
+        'endpoints = ["http://127.0.0.1:1"]\n'
+    )
+    for cmd in ("watch", "worker", "verify", "status"):
+        res = run(cmd, "--config", str(cfg))
+        assert res.returncode == 2, (cmd, res.stderr)
+        assert "sync.shards" in res.stderr and "Traceback" not in res.stderr
+    res = run("watch", "--config", str(tmp_path / "missing.toml"))
+    assert res.returncode == 2 and "cannot read" in res.stderr
+
+
+def test_check_mode_validates_without_connecting(mesh: Mesh) -> None:
+    """--check validates config and arguments and exits without touching a store."""
+    res = mesh.cli("watch", "--check", "--source", "cluster-b")
+    assert res.returncode == 0 and "cluster-b" in res.stdout
+    res = mesh.cli("worker", "--check", "--concurrency", "3")
+    assert res.returncode == 0 and "kvmesh.cluster-a,kvmesh.cluster-b" in res.stdout
+    res = mesh.cli("watch", "--check", "--source", "nope")
+    assert res.returncode == 2 and "nope" in res.stderr
+
+
+def test_watch_worker_count_and_status(mesh: Mesh) -> None:
+    """watch and worker as subprocesses sync a mesh; count and status report it."""
+    for i, name in enumerate(mesh.names):
+        write_items(
+            mesh.client(i),
+            make_state(name, i + 1, identities=120, nodes=4, services=6, endpoints=40, seed=i),
+        )
+    mesh.worker()
+    mesh.watcher()
+    res = mesh.verify(60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = mesh.cli("count", "--cluster", "cluster-b", "cilium/cache/identities/v1/cluster-a/")
+    assert res.returncode == 0 and int(res.stdout) == 120
+    res = mesh.cli("count", "--cluster", "cluster-a", "cilium/state/identities/v1/")
+    assert int(res.stdout) > 120  # id and value keys in the source
+
+    def settled() -> list[dict[str, object]] | None:
+        out = mesh.cli("status", "--json")
+        assert out.returncode == 0, out.stderr
+        rows = json.loads(out.stdout)
+        ok = all(r["lag_revisions"] == 0 and r["canaries"] == 5 and r["queue"] == 0 for r in rows)
+        return rows if ok else None
+
+    rows = eventually(settled, timeout=30, what="status lag 0 with every canary")
+    assert {(r["source"], r["target"]) for r in rows} == {
+        ("cluster-a", "cluster-b"),
+        ("cluster-b", "cluster-a"),
+    }
+    for r in rows:
+        assert r["cached_keys"] == r["source_keys"]
+        assert r["workers"]["applied"] > 0
+    table = mesh.cli("status")
+    assert table.returncode == 0 and "cluster-a" in table.stdout and "lag" in table.stdout
+
+
+def test_celery_cli_runs_the_worker_app(mesh: Mesh) -> None:
+    """`celery -A workers.app worker` with $KVMESH_CONFIG consumes and applies batches."""
+    write_items(mesh.client(0), make_state("cluster-a", 1, identities=40, endpoints=10))
+    celery = Path(sys.executable).parent / "celery"
+    log = mesh.root / "celery.log"
+    with open(log, "wb") as fh:
+        p = subprocess.Popen(
+            [
+                str(celery),
+                "-A",
+                "workers.app",
+                "worker",
+                "-Q",
+                "kvmesh.cluster-a,kvmesh.cluster-b",
+                "-c",
+                "1",
+                "-P",
+                "solo",
+                "-n",
+                "c1@%h",
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=mesh.env,
+            start_new_session=True,
+        )
+    mesh.procs.append(Proc.__new__(Proc))
+    mesh.procs[-1].popen, mesh.procs[-1].log = p, log
+    mesh.watcher()
+    res = mesh.verify(60)
+    assert res.returncode == 0, res.stdout + log.read_text()
+
+
+def test_identities_all_mode_copies_value_keys(servers: Servers) -> None:
+    """identities = "all" caches value keys too (the pre-fix behaviour, for comparison)."""
+    mesh = Mesh(servers, identities="all")
+    try:
+        state = make_state("cluster-a", 1, identities=100, nodes=6, endpoints=10)
+        write_items(mesh.client(0), state)
+        mesh.worker()
+        mesh.watcher()
+        res = mesh.verify(60)
+        assert res.returncode == 0, res.stdout
+        values = sum(1 for k in state if k.startswith(b"cilium/state/identities/v1/value/"))
+        b = mesh.client(1)
+        assert b.count(b"cilium/cache/identities/v1/cluster-a/value/") == values
+        assert b.count(b"cilium/cache/identities/v1/cluster-a/id/") == 100
+    finally:
+        mesh.stop()

@@ -1,0 +1,217 @@
+"""The pipeline against real etcd and Redis: initial sync, changes, canaries, failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.cilium_state import identity_id, make_state, write_items
+from pipeline.etcd import Etcd
+
+from ..harness import Mesh, eventually
+
+pytestmark = pytest.mark.integration
+
+VALUE = b"cilium/state/identities/v1/value/"
+
+
+def seed(mesh: Mesh, identities: int = 300, endpoints: int = 200) -> list[dict[bytes, bytes]]:
+    states = []
+    for i, name in enumerate(mesh.names):
+        state = make_state(
+            name, i + 1, identities=identities, nodes=8, services=20, endpoints=endpoints, seed=i
+        )
+        write_items(mesh.client(i), state)
+        states.append(state)
+    return states
+
+
+def assert_equal(mesh: Mesh, wait: float = 60) -> str:
+    res = mesh.verify(wait)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "DIFFERENT" not in res.stdout
+    return res.stdout
+
+
+def test_initial_sync_in_both_directions(mesh: Mesh) -> None:
+    """Cilium-shaped state of each cluster lands in the other's cache, by identity ID only."""
+    states = seed(mesh)
+    mesh.worker()
+    mesh.watcher()
+    out = assert_equal(mesh)
+    assert out.count("EQUAL") == 2
+    for src, dst in ((0, 1), (1, 0)):
+        target = mesh.client(dst)
+        name = mesh.names[src]
+        ids = sum(1 for k in states[src] if k.startswith(b"cilium/state/identities/v1/id/"))
+        values = sum(1 for k in states[src] if k.startswith(VALUE))
+        assert values > 0
+        assert target.count(f"cilium/cache/identities/v1/{name}/id/".encode()) == ids
+        assert target.count(f"cilium/cache/identities/v1/{name}/value/".encode()) == 0
+        assert target.count(f"cilium/cache/identities/v1/{name}/".encode()) == ids
+        assert target.count(f"cilium/cache/nodes/v1/{name}/".encode()) == 8
+        assert target.count(f"cilium/cache/ip/v1/{name}/".encode()) == 200
+
+
+def test_changes_propagate_byte_exactly(mesh: Mesh) -> None:
+    """Puts, updates and deletes reach the target, with non-UTF-8 keys and empty values."""
+    seed(mesh, identities=50, endpoints=50)
+    mesh.worker()
+    mesh.watcher()
+    assert_equal(mesh)
+    a, b = mesh.client(0), mesh.client(1)
+    node = b"cilium/state/nodes/v1/cluster-a/\xffodd\x00node"
+    a.put(node, b"\x80\x81 not utf-8")
+    a.put(b"cilium/state/ip/v1/default/10.1.9.9", b"")
+    a.put(b"cilium/state/services/v1/cluster-a/ns-1/svc-1", b'{"updated":true}')
+    a.delete(b"cilium/state/nodes/v1/cluster-a/node-3")
+    a.delete(f"cilium/state/identities/v1/id/{identity_id(1, 7)}".encode())
+    want = {
+        b"cilium/cache/nodes/v1/cluster-a/\xffodd\x00node": b"\x80\x81 not utf-8",
+        b"cilium/cache/ip/v1/cluster-a/10.1.9.9": b"",
+        b"cilium/cache/services/v1/cluster-a/ns-1/svc-1": b'{"updated":true}',
+    }
+
+    def landed() -> bool:
+        got = {k: (kv.value if (kv := b.get(k)) else None) for k in want}
+        gone = (
+            b.get(b"cilium/cache/nodes/v1/cluster-a/node-3") is None
+            and b.get(f"cilium/cache/identities/v1/cluster-a/id/{identity_id(1, 7)}".encode())
+            is None
+        )
+        return got == want and gone
+
+    eventually(landed, what="changes in cluster-b")
+    assert_equal(mesh)
+
+
+def test_value_keys_never_reach_a_target(mesh: Mesh) -> None:
+    """Identity value keys written and rewritten in a source never appear in any target."""
+    seed(mesh, identities=100)
+    mesh.worker()
+    mesh.watcher()
+    a = mesh.client(0)
+    for i in range(200):
+        a.put(VALUE + f"k8s:app=churn-{i};/172.16.0.{i % 250}".encode(), str(70000 + i).encode())
+    a.put(b"cilium/state/identities/v1/id/" + str(identity_id(1, 999)).encode(), b"k8s:x=y;")
+    assert_equal(mesh)
+    for dst in (0, 1):
+        target = mesh.client(dst)
+        for name in mesh.names:
+            assert target.count(f"cilium/cache/identities/v1/{name}/value/".encode()) == 0
+
+
+def test_canaries_follow_the_initial_sync_and_config_is_cached(mesh: Mesh) -> None:
+    """A resource's canary appears only once its whole snapshot landed; the cluster config
+    is copied with capabilities.cached = true."""
+    states = seed(mesh, identities=2000, endpoints=1000)
+    watcher = mesh.watcher()
+    b = mesh.client(1)
+    canary = b"cilium/synced/cluster-a/cilium/cache/identities/v1"
+    eventually(lambda: "resynced at revision" in watcher.output(), what="the watcher's snapshot")
+    assert b.get(canary) is None  # no worker yet: nothing landed, so no canary
+    mesh.worker()
+    eventually(lambda: b.get(canary) is not None, what="the identities canary")
+    ids = sum(1 for k in states[0] if k.startswith(b"cilium/state/identities/v1/id/"))
+    assert b.count(b"cilium/cache/identities/v1/cluster-a/id/") == ids
+    for res in ("nodes", "services", "serviceexports", "ip", "identities"):
+        key = f"cilium/synced/cluster-a/cilium/cache/{res}/v1".encode()
+        kv = eventually(lambda key=key: b.get(key), what=f"canary {res}")
+        assert kv.value.decode().endswith("Z")
+    cfg = b.get(b"cilium/cluster-config/cluster-a")
+    assert cfg is not None
+    parsed = json.loads(cfg.value)
+    assert parsed["id"] == 1 and parsed["capabilities"]["cached"] is True
+    assert_equal(mesh)
+
+
+def test_worker_killed_mid_stream(mesh: Mesh) -> None:
+    """A worker SIGKILLed while batches stream loses nothing: the cache converges exactly."""
+    seed(mesh, identities=50, endpoints=50)
+    first = mesh.worker("worker1")
+    mesh.watcher()
+    assert_equal(mesh)
+    a = mesh.client(0)
+    items = {
+        f"cilium/state/ip/v1/default/10.9.{i // 250}.{i % 250}".encode(): b"x" * 200
+        for i in range(15000)
+    }
+    write_items(a, items)
+    b = mesh.client(1)
+    eventually(lambda: b.count(b"cilium/cache/ip/v1/cluster-a/") > 3000, what="some progress")
+    first.kill()
+    have = b.count(b"cilium/cache/ip/v1/cluster-a/")
+    assert have < 15050, "the kill came too late to test anything"
+    for i in range(0, 300, 3):  # churn while no worker runs: updates and deletes
+        key = f"cilium/state/ip/v1/default/10.9.{i // 250}.{i % 250}".encode()
+        if i % 2:
+            a.delete(key)
+        else:
+            a.put(key, b"updated")
+    mesh.worker("worker2")
+    assert_equal(mesh, wait=90)
+
+
+def test_watcher_restart_resumes_from_fences(mesh: Mesh) -> None:
+    """A restarted watcher resumes from the fences without listing again, and picks up what
+    changed while it was down."""
+    seed(mesh, identities=100)
+    mesh.worker()
+    w1 = mesh.watcher("watch1")
+    assert_equal(mesh)
+    eventually(
+        lambda: "canary written" in w1.output() and "identities synced" in w1.output(),
+        what="canaries",
+    )
+    w1.kill()
+    a = mesh.client(0)
+    a.put(b"cilium/state/nodes/v1/cluster-a/late-node", b"{}")
+    a.delete(b"cilium/state/nodes/v1/cluster-a/node-1")
+    w2 = mesh.watcher("watch2")
+    assert_equal(mesh)
+    out = w2.output()
+    assert out.count("resumes from the fences") == 2, out
+    assert "resynced at revision" not in out, out
+
+
+def test_compaction_while_watcher_down_forces_a_diff_resync(mesh: Mesh) -> None:
+    """With the source's history compacted, the watcher lists at one revision and diffs,
+    deletes included, instead of replaying."""
+    seed(mesh, identities=100)
+    mesh.worker()
+    w1 = mesh.watcher("watch1")
+    assert_equal(mesh)
+    w1.kill()
+    a = mesh.client(0)
+    for i in range(20):
+        a.delete(f"cilium/state/identities/v1/id/{identity_id(1, i)}".encode())
+        a.put(f"cilium/state/nodes/v1/cluster-a/new-{i}".encode(), b"{}")
+    a.compact(a.revision())
+    w2 = mesh.watcher("watch2")
+    assert_equal(mesh)
+    out = w2.output()
+    assert "compacted" in out, out
+    assert "20 extra" in out, out  # the 20 deleted identities, found by the diff
+    b = mesh.client(1)
+    assert b.get(f"cilium/cache/identities/v1/cluster-a/id/{identity_id(1, 3)}".encode()) is None
+
+
+def test_verify_detects_an_injected_difference(mesh: Mesh) -> None:
+    """verify exits non-zero and names missing, extra and different keys."""
+    seed(mesh, identities=30, endpoints=20)
+    mesh.worker()
+    watcher = mesh.watcher()
+    assert_equal(mesh)
+    watcher.stop()
+    b: Etcd = mesh.client(1)
+    b.delete(f"cilium/cache/identities/v1/cluster-a/id/{identity_id(1, 2)}".encode())
+    b.put(b"cilium/cache/nodes/v1/cluster-a/ghost", b"{}")
+    b.put(b"cilium/cache/services/v1/cluster-a/ns-1/svc-1", b"tampered")
+    res = mesh.verify(wait=0)
+    assert res.returncode == 1
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("cluster-a -> cluster-b"))
+    assert "DIFFERENT" in line and "missing 1, extra 1, different 1" in line
+    assert "missing: cilium/cache/identities/v1/cluster-a/id/" in res.stdout
+    assert "extra: cilium/cache/nodes/v1/cluster-a/ghost" in res.stdout
+    assert "cluster-b -> cluster-a: EQUAL" in res.stdout
