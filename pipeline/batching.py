@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .errors import ValueTooLargeError
 from .fence import Position
 from .layout import Op
-from .wire import Batch, Operation
+from .wire import Batch, Operation, op_size
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,11 @@ class ShardBuffer:
         return out
 
 
-def check_size(change: Change, max_bytes: int) -> None:
+def check_size(key: bytes, value: bytes | None, max_bytes: int) -> None:
     """Raise ValueTooLargeError if one change alone cannot fit in a request."""
-    size = change.operation().size
+    size = op_size(key, value)
     if size > max_bytes:
-        raise ValueTooLargeError(
-            change.key, f"{size} bytes exceed the batch limit of {max_bytes} bytes"
-        )
+        raise ValueTooLargeError(key, f"{size} bytes exceed the batch limit of {max_bytes} bytes")
 
 
 def cut(changes: Sequence[Change], max_ops: int, max_bytes: int) -> list[list[Change]]:
@@ -69,7 +67,7 @@ def cut(changes: Sequence[Change], max_ops: int, max_bytes: int) -> list[list[Ch
     current: list[Change] = []
     size = 0
     for ch in changes:
-        ch_size = ch.operation().size
+        ch_size = op_size(ch.key, ch.value)
         if current and (len(current) >= max_ops or size + ch_size > max_bytes):
             groups.append(current)
             current, size = [], 0

@@ -134,7 +134,14 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
     if settings.metrics.watcher_port:
         metrics.serve(settings.metrics.watcher_port, settings.metrics.bind)
     watchers = [
-        Watcher(settings, c, CeleryPublisher(app, queue_name(c.name), settings.broker.url), metrics)
+        Watcher(
+            settings,
+            c,
+            CeleryPublisher(
+                app, queue_name(c.name), settings.broker.url, settings.sync.batches_per_task
+            ),
+            metrics,
+        )
         for c in sources
     ]
     threads = [

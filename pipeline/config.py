@@ -74,6 +74,7 @@ class SyncConfig:
     identities: str = "id"  # "id" (default, the fix) or "all" (pre-fix behaviour, for comparison)
     max_batch_ops: int = MAX_TXN_OPS - 1  # one op is reserved for the fence
     max_batch_bytes: int = 1_000_000  # etcd's default request limit is 1.5 MiB
+    batches_per_task: int = 8  # batches carried by one Celery task, each its own transaction
     linger: float = 0.02  # seconds the watcher waits for more events before cutting a batch
     page_size: int = 2000  # keys per range request; keeps responses under gRPC's 4 MiB
     stall_timeout: float = 20.0  # a fence that does not move for this long means lost batches
@@ -275,6 +276,8 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Se
         raise ConfigError("sync.identities", f'must be "id" or "all", got {sync.identities!r}')
     if not 1 <= sync.max_batch_ops <= MAX_TXN_OPS - 1:
         raise ConfigError("sync.max_batch_ops", f"must be from 1 to {MAX_TXN_OPS - 1}")
+    if not 1 <= sync.batches_per_task <= 64:
+        raise ConfigError("sync.batches_per_task", "must be from 1 to 64")
     if sync.max_batch_bytes < 1024:
         raise ConfigError("sync.max_batch_bytes", "must be at least 1024")
     if sync.page_size < 1:

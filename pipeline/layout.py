@@ -9,6 +9,7 @@ cluster config value (JSON by definition) and identity IDs (decimal by definitio
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from enum import StrEnum
@@ -30,19 +31,27 @@ class Resource:
     single_key: bool = False  # the cluster config is one key, not a prefix
 
     def source_prefix(self, cluster: str, identities: str = "id") -> bytes:
-        if self.name == "identities" and identities == "all":
-            return b"cilium/state/identities/v1/"
-        return _SOURCE[self.name].format(c=cluster).encode()
+        return _prefix("source", self.name, cluster, identities)
 
     def cache_prefix(self, cluster: str, identities: str = "id") -> bytes:
-        if self.name == "identities" and identities == "id":
-            return f"cilium/cache/identities/v1/{cluster}/id/".encode()
-        return _CACHE[self.name].format(c=cluster).encode()
+        return _prefix("cache", self.name, cluster, identities)
 
     def cache_scan_prefix(self, cluster: str) -> bytes:
         """What the target may hold for this resource: for identities the whole per-cluster
         subtree, so that value keys left by an older `identities = "all"` run are cleaned."""
-        return _CACHE[self.name].format(c=cluster).encode()
+        return _prefix("scan", self.name, cluster, "all")
+
+
+@functools.cache
+def _prefix(kind: str, resource: str, cluster: str, identities: str) -> bytes:
+    """Prefixes are built once per (kind, resource, cluster, mode): they sit on hot paths."""
+    if kind == "source":
+        if resource == "identities" and identities == "all":
+            return b"cilium/state/identities/v1/"
+        return _SOURCE[resource].format(c=cluster).encode()
+    if kind == "cache" and resource == "identities" and identities == "id":
+        return f"cilium/cache/identities/v1/{cluster}/id/".encode()
+    return _CACHE[resource].format(c=cluster).encode()
 
 
 _SOURCE = {

@@ -9,7 +9,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from .errors import RetryableError
-from .wire import TASK_NAME, Batch
+from .wire import TASK_NAME, Batch, encode_task
 
 
 class Publisher(Protocol):
@@ -29,10 +29,22 @@ def queue_depth(client: redis.Redis, queue: str) -> int:
     return int(sum(pipe.execute()))
 
 
+def group_batches(batches: Sequence[Batch], per_task: int) -> list[list[Batch]]:
+    """Consecutive batches for the same target, up to *per_task* in a group."""
+    groups: list[list[Batch]] = []
+    for b in batches:
+        if groups and len(groups[-1]) < per_task and groups[-1][0].target == b.target:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
 class CeleryPublisher:
-    def __init__(self, app: Any, queue: str, broker_url: str) -> None:
+    def __init__(self, app: Any, queue: str, broker_url: str, batches_per_task: int = 8) -> None:
         self._app = app
         self._queue = queue
+        self._per_task = batches_per_task
         self._redis = redis.Redis.from_url(broker_url, socket_timeout=5)
 
     def backlog(self) -> int:
@@ -46,10 +58,15 @@ class CeleryPublisher:
             return
         try:
             with self._app.producer_or_acquire() as producer:
-                for b in batches:
+                for group in group_batches(batches, self._per_task):
+                    first = group[0]
                     self._app.send_task(
                         TASK_NAME,
-                        args=[b.encode()],
+                        args=[encode_task(group)],
+                        # Celery would repr() the whole payload for Flower; say what it is.
+                        argsrepr=f"[{first.source}->{first.target} {len(group)} batches "
+                        f"{sum(len(b.ops) for b in group)} ops gen={first.gen}]",
+                        kwargsrepr="{}",
                         queue=self._queue,
                         routing_key=self._queue,
                         producer=producer,

@@ -12,7 +12,8 @@ from .errors import BadInputError
 from .etcd import Etcd
 from .fence import Position
 from .layout import RESOURCES, Layout, Op, Resource
-from .wire import Batch
+from .sharding import shard_of
+from .wire import Batch, op_size
 
 
 @dataclass
@@ -31,7 +32,7 @@ def convert(
     if value is None:
         return target_key, None
     target_value = layout.transform_value(resource, key, value)
-    check_size(Change(target_key, Op.PUT, target_value, (0, 0)), max_bytes)
+    check_size(target_key, target_value, max_bytes)
     return target_key, target_value
 
 
@@ -105,6 +106,13 @@ def resource_of_target_key(source: str, key: bytes) -> Resource | None:
     return None
 
 
+def target_shard(source: str, key: bytes, shards: int) -> str:
+    """The shard of a target key (for keys that only the target holds)."""
+    res = resource_of_target_key(source, key)
+    assert res is not None, key
+    return shard_of(res, key, shards)
+
+
 @dataclass
 class Diff:
     missing: dict[bytes, bytes]  # in the source, not in the target
@@ -163,13 +171,12 @@ class SnapshotCutter:
         self._index: dict[str, int] = {}
         self.missing = self.different = self.extra = 0
 
-    def _add(self, key: bytes, op: Op, value: bytes | None) -> list[Batch]:
-        shard = self._shard_of(key)
+    def _add(self, key: bytes, op: Op, value: bytes | None, shard: str) -> list[Batch]:
         index = self._index.get(shard, 0) + 1
         self._index[shard] = index
         change = Change(key, op, value, (self._rev, index))
         pending = self._pending.setdefault(shard, [])
-        size = change.operation().size
+        size = op_size(key, value)
         out: list[Batch] = []
         if pending and (
             len(pending) >= self._max_ops
@@ -209,7 +216,7 @@ class SnapshotCutter:
             out[-1] = replace(held, done=True)
         return out
 
-    def want(self, key: bytes, value: bytes) -> list[Batch]:
+    def want(self, key: bytes, value: bytes, shard: str) -> list[Batch]:
         self._seen.add(key)
         have = self._actual.get(key)
         if have == value:
@@ -218,14 +225,14 @@ class SnapshotCutter:
             self.missing += 1
         else:
             self.different += 1
-        return self._add(key, Op.PUT, value)
+        return self._add(key, Op.PUT, value, shard)
 
     def finish(self) -> list[Batch]:
         out: list[Batch] = []
         for key in sorted(self._actual):
             if key not in self._seen:
                 self.extra += 1
-                out += self._add(key, Op.DELETE, None)
+                out += self._add(key, Op.DELETE, None, self._shard_of(key))
         for shard in sorted(set(self._pending) | set(self._held)):
             out += self._cut(shard, done=True)
         return out

@@ -43,7 +43,7 @@ from .layout import (
 from .metrics import WatcherMetrics
 from .publisher import Publisher
 from .sharding import all_shards, shard_of, shard_resource
-from .snapshot import SnapshotCutter, convert, iter_source, read_target, resource_of_target_key
+from .snapshot import SnapshotCutter, convert, iter_source, read_target, target_shard
 from .wire import Batch
 
 log = logging.getLogger("kvmesh.watcher")
@@ -503,9 +503,7 @@ class Watcher:
                         gen=t.gen,
                         revision=rev,
                         actual=actual,
-                        shard_of=lambda key: shard_of(
-                            _resource_for(src, key), key, self.sync.shards
-                        ),
+                        shard_of=lambda key: target_shard(src, key, self.sync.shards),
                         max_ops=self.sync.max_batch_ops,
                         max_bytes=self.sync.max_batch_bytes,
                     ),
@@ -531,7 +529,8 @@ class Watcher:
                 failed.add(t.name)
             box.clear()
 
-        for _res, key, value in iter_source(
+        shards = self.sync.shards
+        for res, key, value in iter_source(
             self.etcd,
             self.layout,
             rev,
@@ -539,8 +538,9 @@ class Watcher:
             max_bytes=self.sync.max_batch_bytes,
             on_reject=self._reject,
         ):
+            shard = shard_of(res, key, shards)
             for t, _, cutter in cutters:
-                send(t, cutter.want(key, value))
+                send(t, cutter.want(key, value, shard))
         for t, reason, cutter in cutters:
             send(t, cutter.finish(), force=True)
             if t.name in failed:
@@ -645,12 +645,6 @@ class Watcher:
             except RetryableError as exc:
                 log.warning("%s: resync after %s failed: %s", self.source.name, reason, exc)
                 self.stop_event.wait(1.0)
-
-
-def _resource_for(source: str, key: bytes) -> Resource:
-    res = resource_of_target_key(source, key)
-    assert res is not None, key
-    return res
 
 
 def _request_gen(raw: bytes) -> int:

@@ -1,12 +1,18 @@
-"""The task payload: one batch of operations for one (source, target, shard).
+"""The task payload: a few batches of operations for one target, each batch for one
+(source, target, shard) and applied in its own transaction.
 
 WARNING - STABLE API: watchers and workers of different versions share queues. The payload is
 plain JSON (Celery's JSON serializer; pickle is never accepted) with a schema version `v`.
 Keys and values are base64, so bytes that are not UTF-8 travel exactly.
 
-    {"v": 1, "source": "cluster-a", "target": "cluster-b", "shard": "identities-3",
-     "gen": 4, "prev": [1200, 0], "pos": [1310, 2], "done": true,
-     "ops": [["p", "<b64 key>", "<b64 value>"], ["d", "<b64 key>", null]]}
+    {"v": 1, "batches": [
+        {"source": "cluster-a", "target": "cluster-b", "shard": "identities-3",
+         "gen": 4, "prev": [1200, 0], "pos": [1310, 2], "done": true,
+         "ops": [["p", "<b64 key>", "<b64 value>"], ["d", "<b64 key>", null]]},
+        ...]}
+
+Several batches travel in one task because Celery's per-task cost, not etcd, bounds a
+worker's throughput; each batch still has its own fence decision.
 """
 
 from __future__ import annotations
@@ -32,8 +38,12 @@ class Operation:
 
     @property
     def size(self) -> int:
-        """Bytes this operation adds to an etcd request (key, value and framing)."""
-        return len(self.key) + (len(self.value) if self.value is not None else 0) + 16
+        return op_size(self.key, self.value)
+
+
+def op_size(key: bytes, value: bytes | None) -> int:
+    """Bytes one operation adds to an etcd request (key, value and framing)."""
+    return len(key) + (len(value) if value is not None else 0) + 16
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,6 @@ class Batch:
 
     def encode(self) -> dict[str, Any]:
         return {
-            "v": SCHEMA_VERSION,
             "source": self.source,
             "target": self.target,
             "shard": self.shard,
@@ -95,13 +104,35 @@ def _b64(raw: Any, what: str) -> bytes:
         raise MalformedBatchError(f"{what} is not valid base64") from None
 
 
-def decode_batch(payload: Any) -> Batch:
+MAX_BATCHES_PER_TASK = 64
+
+
+def encode_task(batches: list[Batch]) -> dict[str, Any]:
+    return {"v": SCHEMA_VERSION, "batches": [b.encode() for b in batches]}
+
+
+def decode_task(payload: Any) -> list[Batch]:
     """Decode and validate a task payload, or raise MalformedBatchError with the reason."""
     if not isinstance(payload, dict):
         raise MalformedBatchError(f"payload must be a JSON object, got {type(payload).__name__}")
     version = payload.get("v")
     if version != SCHEMA_VERSION:
         raise MalformedBatchError(f"unsupported schema version {version!r}")
+    raw = payload.get("batches")
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_BATCHES_PER_TASK:
+        raise MalformedBatchError(
+            f"field 'batches' must be a list of 1 to {MAX_BATCHES_PER_TASK} batches"
+        )
+    batches = [decode_batch(b) for b in raw]
+    if len({(b.source, b.target) for b in batches}) != 1:
+        raise MalformedBatchError("batches of one task must share source and target")
+    return batches
+
+
+def decode_batch(payload: Any) -> Batch:
+    """Decode and validate one batch of a task payload."""
+    if not isinstance(payload, dict):
+        raise MalformedBatchError(f"a batch must be a JSON object, got {type(payload).__name__}")
     gen = payload.get("gen")
     if not isinstance(gen, int) or isinstance(gen, bool) or gen < 1:
         raise MalformedBatchError(f"field 'gen' must be a positive integer, got {gen!r}")

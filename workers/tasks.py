@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from typing import Any
 
 import redis
@@ -18,8 +19,8 @@ from pipeline.config import Settings
 from pipeline.errors import MalformedBatchError, RetryableError
 from pipeline.etcd import Etcd
 from pipeline.fence import Decision
-from pipeline.store import EtcdTargetStore
-from pipeline.wire import TASK_NAME, Batch, decode_batch
+from pipeline.store import EtcdTargetStore, TargetStore
+from pipeline.wire import TASK_NAME, Batch, decode_task, encode_task
 
 from .applier import apply_batch
 
@@ -53,19 +54,22 @@ class _PerProcess:
             self._stores[target] = store
         return store
 
-    def count(self, source: str, target: str, outcome: str, ops: int = 0) -> None:
+    def count(self, source: str, target: str, outcome: str) -> None:
+        self.record(source, target, Counter({outcome: 1}))
+
+    def record(self, source: str, target: str, outcomes: Counter[str]) -> None:
         self._check_pid()
         try:
             if self._redis is None:
                 self._redis = redis.Redis.from_url(self._settings.broker.url)
             pipe = self._redis.pipeline(transaction=False)
             key = STATS_KEY.format(source=source, target=target)
-            pipe.hincrby(key, outcome, 1)
-            if ops:
-                pipe.hincrby(key, "ops_applied", ops)
+            for outcome, n in outcomes.items():
+                if n:
+                    pipe.hincrby(key, outcome, n)
             pipe.execute()
         except redis.RedisError as exc:  # counters must never fail a batch
-            log.warning("cannot record outcome %s: %s", outcome, exc)
+            log.warning("cannot record outcomes %s: %s", dict(outcomes), exc)
             self._redis = None
 
 
@@ -85,53 +89,91 @@ def register_tasks(app: Any, settings: Settings) -> Any:
     )
     def apply_task(self: Any, payload: Any, gap_since: float | None = None) -> str:
         try:
-            batch = decode_batch(payload)
-            if batch.target not in targets:
-                raise MalformedBatchError(f"unknown target cluster {batch.target!r}")
+            batches = decode_task(payload)
+            if batches[0].target not in targets:
+                raise MalformedBatchError(f"unknown target cluster {batches[0].target!r}")
         except MalformedBatchError as exc:
             log.error("rejected task %s: %s", self.request.id, exc.reason)
             conns.count("-", "-", "malformed")
             return "malformed"
+        first = batches[0]
+        outcomes: Counter[str] = Counter()
         try:
-            decision = apply_batch(conns.store(batch.target), batch, gap_wait=worker.gap_wait)
-        except RetryableError as exc:
+            waiting = apply_all(conns.store(first.target), batches, outcomes, worker.gap_wait)
+        except _Unavailable as exc:
             delay = min(worker.max_retry_delay, 0.2 * 2 ** min(self.request.retries, 10))
             log.warning(
-                "%s→%s %s: %s; retrying in %.1fs",
-                batch.source,
-                batch.target,
-                batch.shard,
-                exc,
+                "%s→%s: %s; retrying %d batches in %.1fs",
+                first.source,
+                first.target,
+                exc.cause,
+                len(exc.remaining),
                 delay,
             )
-            conns.count(batch.source, batch.target, "retry_unavailable")
-            raise self.retry(exc=exc, countdown=delay) from None
-        if decision is Decision.GAP:
+            conns.record(first.source, first.target, outcomes | Counter(retry_unavailable=1))
+            raise self.retry(
+                args=(encode_task(exc.remaining),), kwargs={}, countdown=delay
+            ) from None
+        if waiting:
             now = time.time()
             since = gap_since or now
             if now - since < settings.sync.stall_timeout:
-                conns.count(batch.source, batch.target, "gap_wait")
+                outcomes["gap_wait"] += len(waiting)
+                conns.record(first.source, first.target, outcomes)
                 raise self.retry(
-                    args=(payload,),
+                    args=(encode_task(waiting),),
                     kwargs={"gap_since": since},
                     countdown=worker.gap_retry_delay,
                 )
-            _resync(conns, batch, f"shard {batch.shard} stalled before {batch.prev}")
-            decision_name = "stalled"
-        elif decision is Decision.RESYNC:
-            _resync(conns, batch, f"shard {batch.shard}: target lost its generation or fence")
-            decision_name = decision.value
-        else:
-            decision_name = decision.value
-        conns.count(
-            batch.source,
-            batch.target,
-            decision_name,
-            len(batch.ops) if decision is Decision.APPLY else 0,
-        )
-        return decision_name
+            _resync(conns, waiting[0], f"shard {waiting[0].shard} stalled before {waiting[0].prev}")
+            outcomes["stalled"] += len(waiting)
+        if outcomes[Decision.RESYNC.value]:
+            _resync(conns, first, "target lost its generation or fence")
+        conns.record(first.source, first.target, outcomes)
+        return " ".join(f"{k}={v}" for k, v in sorted(outcomes.items()) if k != "ops_applied")
 
     return apply_task
+
+
+class _Unavailable(Exception):
+    def __init__(self, cause: RetryableError, remaining: list[Batch]) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.remaining = remaining
+
+
+def apply_all(
+    store: TargetStore, batches: list[Batch], outcomes: Counter[str], gap_wait: float
+) -> list[Batch]:
+    """Apply every batch it can, in passes: a batch whose predecessor is missing is tried
+    again after the others, since another worker is usually applying that predecessor right
+    now. Returns the batches still waiting after *gap_wait* seconds without progress."""
+    pending = list(batches)
+    deadline = time.monotonic() + gap_wait
+    delay = 0.002
+    while pending:
+        waiting: list[Batch] = []
+        for i, batch in enumerate(pending):
+            try:
+                decision = apply_batch(store, batch)
+            except RetryableError as exc:
+                raise _Unavailable(exc, waiting + pending[i:]) from None
+            if decision is Decision.GAP:
+                waiting.append(batch)
+                continue
+            outcomes[decision.value] += 1
+            if decision is Decision.APPLY:
+                outcomes["ops_applied"] += len(batch.ops)
+        if len(waiting) < len(pending):
+            deadline = time.monotonic() + gap_wait  # progress: wait afresh
+            delay = 0.002
+        elif time.monotonic() >= deadline:
+            return waiting
+        else:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        pending = waiting
+    return []
 
 
 def _resync(conns: _PerProcess, batch: Batch, reason: str) -> None:

@@ -42,7 +42,7 @@ def test_cut_respects_op_and_byte_limits() -> None:
 def test_oversized_change_is_bad_input() -> None:
     """A single value over the request limit is reported with its key."""
     with pytest.raises(ValueTooLargeError) as err:
-        check_size(ch("big", 1, b"x" * 5000), 4096)
+        check_size(b"big", b"x" * 5000, 4096)
     assert err.value.key == b"big"
 
 

@@ -30,7 +30,7 @@ def run(
     )
     out: list[Batch] = []
     for k, v in desired.items():
-        out += cutter.want(k, v)
+        out += cutter.want(k, v, shard(k))
     out += cutter.finish()
     return cutter, out
 
