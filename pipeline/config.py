@@ -77,7 +77,7 @@ class SyncConfig:
     batches_per_task: int = 8  # batches carried by one Celery task, each its own transaction
     linger: float = 0.02  # seconds the watcher waits for more events before cutting a batch
     page_size: int = 2000  # keys per range request; keeps responses under gRPC's 4 MiB
-    stall_timeout: float = 20.0  # a fence that does not move for this long means lost batches
+    stall_timeout: float = 10.0  # a fence that does not move for this long means lost batches
     fence_poll_interval: float = 1.0
     resync_interval: float = 0.0  # periodic anti-entropy; 0 disables it
     etcd_timeout: float = 10.0
