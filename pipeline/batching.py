@@ -45,6 +45,11 @@ class ShardBuffer:
     def __len__(self) -> int:
         return self._count
 
+    def min_position(self) -> Position | None:
+        """The earliest position still buffered (None when empty)."""
+        firsts = [next(iter(b.values())).pos for b in self._pending.values() if b]
+        return min(firsts) if firsts else None
+
     def drain(self) -> dict[str, list[Change]]:
         out = {shard: list(b.values()) for shard, b in self._pending.items() if b}
         self._pending = {}

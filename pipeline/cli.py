@@ -16,8 +16,8 @@ from typing import Any
 from .config import Settings, load_settings, queue_name
 from .errors import ConfigError, KvmeshError, RetryableError
 from .etcd import Etcd
-from .layout import RESOURCES, Layout, canary_key, progress_key
-from .snapshot import diff, read_source, read_target
+from .layout import RESOURCES
+from .report import collect_status, verify_once
 
 # Exit codes
 EXIT_OK = 0
@@ -28,6 +28,8 @@ EXIT_UNAVAILABLE = 3  # a store could not be reached
 log = logging.getLogger("kvmesh")
 
 EPILOG = """examples:
+  kvmesh lab                                        # a 3-cluster mesh on this machine, 60 s
+  kvmesh lab --clusters 2 --duration 0              # run until Ctrl-C
   kvmesh watch  --config mesh.toml                  # one watcher per source cluster
   kvmesh watch  --config mesh.toml --source cluster-a
   kvmesh worker --config mesh.toml --concurrency 4  # consume every source queue
@@ -78,6 +80,39 @@ def _parser() -> argparse.ArgumentParser:
     c = with_config(sub.add_parser("count", help="count keys under a prefix in one cluster"))
     c.add_argument("--cluster", required=True)
     c.add_argument("prefix")
+    m = with_config(sub.add_parser("simulate", help="play one cluster's Cilium agents"))
+    m.add_argument("--cluster", required=True)
+    m.add_argument("--identities", type=int, default=1100)
+    m.add_argument("--nodes", type=int, default=20)
+    m.add_argument("--services", type=int, default=50)
+    m.add_argument("--endpoints", type=int, default=1700, help="pods (ipcache entries)")
+    m.add_argument("--churn", type=float, default=0.0, help="operations per second")
+    m.add_argument("--duration", type=float, default=0.0, help="seconds; 0 runs until stopped")
+    m.add_argument("--lease-ttl", type=int, default=60)
+    m.add_argument("--seed", type=int, default=None)
+    m.add_argument("--no-populate", action="store_true", help="churn only, write no state")
+    lab = sub.add_parser(
+        "lab",
+        help="run a whole mesh on this machine (no Docker)",
+        description="Start N etcd clusters, Redis, watchers, workers, Flower "
+        "and a simulator per cluster; show a live view; on Ctrl-C or after "
+        "--duration stop the churn, wait for convergence and report.",
+    )
+    lab.add_argument("--clusters", type=int, default=3)
+    lab.add_argument("--identities", type=int, default=1100, help="per cluster")
+    lab.add_argument("--churn", type=float, default=20.0, help="operations/s per cluster")
+    lab.add_argument("--workers", type=int, default=2, help="worker processes")
+    lab.add_argument("--duration", type=float, default=60.0, help="seconds; 0: until Ctrl-C")
+    lab.add_argument("--flower-port", type=int, default=0, help="default: a free port")
+    lab.add_argument("--flower-auth", default="", help="USER:PASS (default: admin, random)")
+    lab.add_argument(
+        "--sync-identities",
+        choices=["id", "all"],
+        default="id",
+        help='"all" also copies identity value keys (the pre-fix behaviour)',
+    )
+    lab.add_argument("--converge-timeout", type=float, default=120.0)
+    lab.add_argument("--keep", action="store_true", help="keep the lab's data directory")
     s = with_config(sub.add_parser("status", help="per-pair queue depth, lag and counts"))
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
@@ -90,12 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command == "lab":
+            return cmd_lab(args)
         settings = load_settings(args.config)
         handler = {
             "watch": cmd_watch,
             "worker": cmd_worker,
             "verify": cmd_verify,
             "count": cmd_count,
+            "simulate": cmd_simulate,
             "status": cmd_status,
         }[args.command]
         return handler(settings, args)
@@ -204,53 +242,6 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 # -- verify ---------------------------------------------------------------------------------
 
 
-def _show(key: bytes) -> str:
-    return key.decode("utf-8", errors="backslashreplace")
-
-
-def verify_once(settings: Settings, examples: int) -> tuple[bool, list[str]]:
-    lines: list[str] = []
-    all_equal = True
-    for src in settings.sources:
-        targets = settings.targets_of(src.name)
-        if not targets:
-            continue
-        source = Etcd(src, settings.sync.etcd_timeout)
-        try:
-            state = read_source(
-                source,
-                Layout(src.name, src.id, settings.sync.identities),
-                page=settings.sync.page_size,
-                max_bytes=settings.sync.max_batch_bytes,
-            )
-        finally:
-            source.close()
-        for tgt in targets:
-            target = Etcd(tgt, settings.sync.etcd_timeout)
-            try:
-                d = diff(state.items, read_target(target, src.name, page=settings.sync.page_size))
-            finally:
-                target.close()
-            head = f"{src.name} -> {tgt.name}:"
-            summary = (
-                f"{len(state.items)} keys, missing {len(d.missing)}, "
-                f"extra {len(d.extra)}, different {len(d.different)}, "
-                f"rejected {len(state.rejected)}"
-            )
-            lines.append(f"{head} {'EQUAL' if d.equal else 'DIFFERENT'}: {summary}")
-            for kind, keys in (
-                ("missing", sorted(d.missing)),
-                ("extra", d.extra),
-                ("different", sorted(d.different)),
-            ):
-                for key in keys[:examples]:
-                    lines.append(f"    {kind}: {_show(key)}")
-            for _key, reason in sorted(state.rejected.items())[:examples]:
-                lines.append(f"    rejected: {reason}")
-            all_equal = all_equal and d.equal
-    return all_equal, lines
-
-
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     if args.check:
         print("ok")
@@ -287,78 +278,73 @@ def cmd_count(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- status ---------------------------------------------------------------------------------
+# -- lab ------------------------------------------------------------------------------------
 
 
-def collect_status(settings: Settings) -> list[dict[str, Any]]:
-    import redis
+def cmd_lab(args: argparse.Namespace) -> int:
+    from .lab import LabOptions, run_lab
 
-    from .publisher import queue_depth
-
-    rows: list[dict[str, Any]] = []
-    r = redis.Redis.from_url(settings.broker.url, socket_timeout=5)
-    for src in settings.sources:
-        try:
-            depth: int | None = queue_depth(r, queue_name(src.name))
-        except redis.RedisError:
-            depth = None
-        source = Etcd(src, settings.sync.etcd_timeout)
-        try:
-            layout = Layout(src.name, src.id, settings.sync.identities)
-            base = {
-                "source": src.name,
-                "queue": depth,
-                "source_revision": source.revision(),
-                "source_keys": sum(
-                    source.count(res.source_prefix(src.name, layout.identities))
-                    for res in RESOURCES
-                    if not res.single_key
-                ),
-            }
-            for tgt in settings.targets_of(src.name):
-                target = Etcd(tgt, settings.sync.etcd_timeout)
-                try:
-                    row = {**base, "target": tgt.name, **_target_status(source, layout, target)}
-                finally:
-                    target.close()
-                try:
-                    stats = r.hgetall(f"kvmesh:stats:{src.name}:{tgt.name}")
-                    row["workers"] = {_text(k): int(v) for k, v in stats.items()}
-                except redis.RedisError:
-                    row["workers"] = {}
-                rows.append(row)
-        finally:
-            source.close()
-    return rows
-
-
-def _target_status(source: Etcd, layout: Layout, target: Etcd) -> dict[str, Any]:
-    src = layout.source
-    pkv = target.get(progress_key(src))
-    progress = json.loads(pkv.value) if pkv else {}
-    applied = int(progress.get("rev", 0))
-    lag = None
-    if pkv:
-        # Only revisions that put a synced key count: in a mesh the source etcd is also a
-        # target, and kvmesh's own writes there move its revision without anything to sync.
-        newest = max(
-            source.latest_change(
-                res.source_prefix(src, layout.identities), applied, exact=res.single_key
-            )
-            for res in RESOURCES
+    if not 2 <= args.clusters <= 16:
+        raise ConfigError("--clusters", "must be from 2 to 16")
+    if args.workers < 1 or args.identities < 1 or args.churn < 0 or args.duration < 0:
+        raise ConfigError(
+            "--workers",
+            "--workers and --identities must be positive, --churn and --duration not negative",
         )
-        lag = max(0, newest - applied)
-    return {
-        "applied_revision": applied,
-        "lag_revisions": lag,
-        "progress_age_s": round(time.time() - float(progress["ts"]), 1) if pkv else None,
-        "canaries": sum(
-            1 for res in RESOURCES if res.canary and target.get(canary_key(src, res)) is not None
-        ),
-        "cached_keys": sum(
-            target.count(res.cache_scan_prefix(src)) for res in RESOURCES if not res.single_key
-        ),
-    }
+    return run_lab(
+        LabOptions(
+            clusters=args.clusters,
+            identities=args.identities,
+            churn=args.churn,
+            workers=args.workers,
+            duration=args.duration,
+            flower_port=args.flower_port,
+            flower_auth=args.flower_auth,
+            identities_mode=args.sync_identities,
+            converge_timeout=args.converge_timeout,
+            keep=args.keep,
+        )
+    )
+
+
+# -- simulate -------------------------------------------------------------------------------
+
+
+def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from .simulate import Simulator
+
+    cluster = settings.cluster(args.cluster)
+    for name in ("identities", "nodes", "services", "endpoints", "lease_ttl"):
+        if getattr(args, name) < (1 if name in ("nodes", "lease_ttl") else 0):
+            raise ConfigError(f"--{name.replace('_', '-')}", "is out of range")
+    if args.churn < 0 or args.duration < 0:
+        raise ConfigError("--churn", "and --duration must not be negative")
+    if args.check:
+        print(
+            f"ok: would simulate {cluster.name} ({args.identities} identities, {args.churn} ops/s)"
+        )
+        return EXIT_OK
+    sim = Simulator(
+        cluster,
+        identities=args.identities,
+        nodes=args.nodes,
+        services=args.services,
+        endpoints=args.endpoints,
+        lease_ttl=args.lease_ttl,
+        seed=args.seed,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: sim.stop())
+    signal.signal(signal.SIGINT, lambda *_: sim.stop())
+    signal.signal(signal.SIGUSR1, lambda *_: sim.pause())  # stop churning, keep the leases
+    if not args.no_populate:
+        sim.populate()
+    print(f"simulate: {cluster.name} populated", flush=True)
+    sim.run(args.churn, args.duration)
+    print(f"simulate: {cluster.name} stopped after {sim.ops} operations", flush=True)
+    return EXIT_OK
+
+
+# -- status ---------------------------------------------------------------------------------
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
@@ -388,7 +374,3 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 def _n(v: Any) -> str:
     return "-" if v is None else str(v)
-
-
-def _text(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v

@@ -216,6 +216,16 @@ class Etcd:
     def delete_prefix(self, prefix: bytes) -> None:
         self._call("delete", lambda: self._client.delete_prefix(prefix))
 
+    def grant_lease(self, ttl: int) -> int:
+        lease = self._call("lease grant", lambda: self._client.lease(ttl))
+        return int(lease.id)
+
+    def keepalive(self, lease_id: int) -> None:
+        self._call("lease keepalive", lambda: list(self._client.refresh_lease(lease_id)))
+
+    def revoke_lease(self, lease_id: int) -> None:
+        self._call("lease revoke", lambda: self._client.revoke_lease(lease_id))
+
     def compact(self, revision: int) -> None:
         self._call("compact", lambda: self._client.compact(revision, physical=True))
 

@@ -108,6 +108,7 @@ class Watcher:
         self.stop_event = threading.Event()
         self._flush_deadline: float | None = None
         self._next_tick = 0.0
+        self._next_progress = 0.0
         self._next_antientropy = 0.0
         self._labels = {"source_cluster": source.name}
 
@@ -167,7 +168,7 @@ class Watcher:
     def step(self) -> None:
         """One pass of the main loop: take what the streams delivered, flush when due, tick."""
         now = self.clock()
-        wait = max(0.0, self._next_tick - now)
+        wait = max(0.0, min(self._next_tick, self._next_progress) - now)
         if self._flush_deadline is not None:
             wait = min(wait, max(0.0, self._flush_deadline - now))
         try:
@@ -182,6 +183,11 @@ class Watcher:
             now >= self._flush_deadline or len(self.buffer) >= _FLUSH_AT
         ):
             self.flush()
+        if now >= self._next_progress:
+            # Half a poll before each tick, so the tick sees fresh watch progress.
+            self._next_progress = now + self.sync.fence_poll_interval
+            for stream in self.streams.values():
+                stream.request_progress()
         if now >= self._next_tick:
             self._next_tick = now + self.sync.fence_poll_interval
             self.tick()
@@ -292,8 +298,6 @@ class Watcher:
 
     def tick(self) -> None:
         """Fence poll: canaries, progress, stall detection, resync requests, anti-entropy."""
-        for stream in self.streams.values():
-            stream.request_progress()
         now = self.clock()
         if self.sync.resync_interval > 0:
             if self._next_antientropy == 0.0:
@@ -358,7 +362,6 @@ class Watcher:
         if stalled and self.publisher.backlog() == 0:
             t.need_resync = f"shards {', '.join(behind[:3])} stalled"
             return
-        caught_up = not behind
         for res in RESOURCES:
             if res.canary is None or res.name in t.canaried:
                 continue
@@ -370,13 +373,30 @@ class Watcher:
                 log.info("%s→%s: %s synced (canary written)", self.source.name, t.name, res.name)
         all_canaried = all(r.name in t.canaried for r in RESOURCES if r.canary is not None)
         self.metrics.initial_sync.labels(self.source.name, t.name).set(int(all_canaried))
-        if caught_up and not len(self.buffer) and self.delivered:
-            through = max(min(self.delivered.values()), t.snapshot_rev)
-            # Write when something synced moved, or as a slow heartbeat: every write bumps the
-            # target's revision, and in a full mesh that target is another watcher's source.
-            due = t.progress_at == 0.0 or now - t.progress_at >= _PROGRESS_HEARTBEAT
-            if through > t.progress_rev and (self._last_event_rev > t.progress_rev or due):
-                self._write_progress(t, through, now)
+        through = self._applied_through(t, fences)
+        # Write when something synced moved, or as a slow heartbeat: every write bumps the
+        # target's revision, and in a full mesh that target is another watcher's source.
+        due = t.progress_at == 0.0 or now - t.progress_at >= _PROGRESS_HEARTBEAT
+        if through > t.progress_rev and (self._last_event_rev > t.progress_rev or due):
+            self._write_progress(t, through, now)
+
+    def _applied_through(self, t: Target, fences: dict[str, FenceRecord]) -> int:
+        """The highest revision R such that every synced source event up to R has landed in
+        the target (0 while a snapshot is still landing). It is also a safe resume point."""
+        if not self.delivered:
+            return 0
+        through = min(self.delivered.values())
+        pending = self.buffer.min_position()
+        if pending is not None:
+            through = min(through, pending[0] - 1)
+        for shard in self.shards:
+            f = fences.get(shard)
+            if f is None or f.gen != t.gen or not f.done:
+                return 0
+            if f.pos < t.chain[shard]:
+                # everything of this shard before the fence landed; what follows may not have
+                through = min(through, f.pos[0] - 1)
+        return max(through, t.snapshot_rev)
 
     def _write_progress(self, t: Target, through: int, now: float) -> None:
         value = json.dumps({"gen": t.gen, "rev": through, "ts": time.time()}).encode()
@@ -574,6 +594,9 @@ class Watcher:
     # -- streams -----------------------------------------------------------------------------
 
     def _start_streams(self, start_rev: int) -> None:
+        now = self.clock()
+        self._next_progress = now + self.sync.fence_poll_interval / 2
+        self._next_tick = now + self.sync.fence_poll_interval
         self._stop_streams()
         self.epoch += 1
         epoch = self.epoch

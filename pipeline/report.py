@@ -1,0 +1,134 @@
+"""Read-only views of a mesh: the per-pair comparison behind `kvmesh verify` and the
+per-pair figures behind `kvmesh status` and the lab's live view."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from .config import Settings, queue_name
+from .etcd import Etcd
+from .layout import RESOURCES, Layout, canary_key, progress_key
+from .publisher import queue_depth
+from .snapshot import diff, read_source, read_target
+
+
+def _show(key: bytes) -> str:
+    return key.decode("utf-8", errors="backslashreplace")
+
+
+def verify_once(settings: Settings, examples: int) -> tuple[bool, list[str]]:
+    lines: list[str] = []
+    all_equal = True
+    for src in settings.sources:
+        targets = settings.targets_of(src.name)
+        if not targets:
+            continue
+        source = Etcd(src, settings.sync.etcd_timeout)
+        try:
+            state = read_source(
+                source,
+                Layout(src.name, src.id, settings.sync.identities),
+                page=settings.sync.page_size,
+                max_bytes=settings.sync.max_batch_bytes,
+            )
+        finally:
+            source.close()
+        for tgt in targets:
+            target = Etcd(tgt, settings.sync.etcd_timeout)
+            try:
+                d = diff(state.items, read_target(target, src.name, page=settings.sync.page_size))
+            finally:
+                target.close()
+            head = f"{src.name} -> {tgt.name}:"
+            summary = (
+                f"{len(state.items)} keys, missing {len(d.missing)}, "
+                f"extra {len(d.extra)}, different {len(d.different)}, "
+                f"rejected {len(state.rejected)}"
+            )
+            lines.append(f"{head} {'EQUAL' if d.equal else 'DIFFERENT'}: {summary}")
+            for kind, keys in (
+                ("missing", sorted(d.missing)),
+                ("extra", d.extra),
+                ("different", sorted(d.different)),
+            ):
+                for key in keys[:examples]:
+                    lines.append(f"    {kind}: {_show(key)}")
+            for _key, reason in sorted(state.rejected.items())[:examples]:
+                lines.append(f"    rejected: {reason}")
+            all_equal = all_equal and d.equal
+    return all_equal, lines
+
+
+def collect_status(settings: Settings) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    r = redis.Redis.from_url(settings.broker.url, socket_timeout=5)
+    for src in settings.sources:
+        try:
+            depth: int | None = queue_depth(r, queue_name(src.name))
+        except redis.RedisError:
+            depth = None
+        source = Etcd(src, settings.sync.etcd_timeout)
+        try:
+            layout = Layout(src.name, src.id, settings.sync.identities)
+            base = {
+                "source": src.name,
+                "queue": depth,
+                "source_revision": source.revision(),
+                "source_keys": sum(
+                    source.count(res.source_prefix(src.name, layout.identities))
+                    for res in RESOURCES
+                    if not res.single_key
+                ),
+            }
+            for tgt in settings.targets_of(src.name):
+                target = Etcd(tgt, settings.sync.etcd_timeout)
+                try:
+                    row = {**base, "target": tgt.name, **_target_status(source, layout, target)}
+                finally:
+                    target.close()
+                try:
+                    stats = r.hgetall(f"kvmesh:stats:{src.name}:{tgt.name}")
+                    row["workers"] = {_text(k): int(v) for k, v in stats.items()}
+                except redis.RedisError:
+                    row["workers"] = {}
+                rows.append(row)
+        finally:
+            source.close()
+    return rows
+
+
+def _target_status(source: Etcd, layout: Layout, target: Etcd) -> dict[str, Any]:
+    src = layout.source
+    pkv = target.get(progress_key(src))
+    progress = json.loads(pkv.value) if pkv else {}
+    applied = int(progress.get("rev", 0))
+    lag = None
+    if pkv:
+        # Only revisions that put a synced key count: in a mesh the source etcd is also a
+        # target, and kvmesh's own writes there move its revision without anything to sync.
+        newest = max(
+            source.latest_change(
+                res.source_prefix(src, layout.identities), applied, exact=res.single_key
+            )
+            for res in RESOURCES
+        )
+        lag = max(0, newest - applied)
+    return {
+        "applied_revision": applied,
+        "lag_revisions": lag,
+        "progress_age_s": round(time.time() - float(progress["ts"]), 1) if pkv else None,
+        "canaries": sum(
+            1 for res in RESOURCES if res.canary and target.get(canary_key(src, res)) is not None
+        ),
+        "cached_keys": sum(
+            target.count(res.cache_scan_prefix(src)) for res in RESOURCES if not res.single_key
+        ),
+    }
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v

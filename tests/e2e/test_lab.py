@@ -1,0 +1,129 @@
+"""`kvmesh lab` end to end: a whole mesh, Flower polled while it runs, the final report, and
+no process left behind."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.servers import free_port
+
+from ..conftest import require_binary
+from ..harness import eventually
+
+pytestmark = pytest.mark.e2e
+
+
+def leftovers(root: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", root], capture_output=True, text=True).stdout
+    return [ln for ln in out.splitlines() if "pgrep" not in ln]
+
+
+def start_lab(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path]:
+    require_binary("etcd")
+    require_binary("redis-server")
+    log = tmp_path / "lab.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "lab", *args],
+        stdout=open(log, "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return proc, log
+
+
+def lab_root(log: Path) -> str:
+    m = eventually(
+        lambda: re.search(r"data under (\S+)", log.read_text()),
+        timeout=30,
+        what="the lab's data directory",
+    )
+    return m.group(1)
+
+
+def test_lab_runs_a_mesh_reports_and_cleans_up(tmp_path: Path) -> None:
+    """The lab converges, Flower lists every source queue while it runs, the report shows
+    identities cached by ID only, and every child is gone afterwards."""
+    port = free_port()
+    proc, log = start_lab(
+        tmp_path,
+        "--clusters",
+        "2",
+        "--identities",
+        "150",
+        "--churn",
+        "10",
+        "--duration",
+        "12",
+        "--workers",
+        "1",
+        "--flower-port",
+        str(port),
+        "--flower-auth",
+        "lab:pw",
+    )
+    root = lab_root(log)
+    auth = "Basic " + base64.b64encode(b"lab:pw").decode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/queues/length", headers={"Authorization": auth}
+    )
+
+    def queues() -> set[str] | None:
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return {q["name"] for q in json.loads(r.read())["active_queues"]}
+        except OSError:
+            return None
+
+    assert eventually(queues, timeout=60, what="flower") == {"kvmesh.cluster-1", "kvmesh.cluster-2"}
+    assert proc.wait(240) == 0, log.read_text()[-3000:]
+    out = log.read_text()
+    assert "lab: converged" in out
+    assert "cluster-1 -> cluster-2: EQUAL" in out and "cluster-2 -> cluster-1: EQUAL" in out
+    rows = re.findall(r"^(cluster-\d)\s+(cluster-\d)\s+(\d+)\s+(\d+)\s*$", out, re.M)
+    assert len(rows) == 2
+    for _target, _source, ids, values in rows:
+        assert int(ids) > 100 and int(values) == 0
+    src = re.findall(r"^(cluster-\d)\s+(\d+)\s+(\d+)\s+(\d+)\s*$", out, re.M)
+    assert len(src) == 2 and all(int(v) > 0 for *_, v in src)  # sources do hold value keys
+    deadline = time.monotonic() + 10
+    while leftovers(root) and time.monotonic() < deadline:
+        time.sleep(0.2)  # children may take a moment to exit
+    assert leftovers(root) == []
+
+
+def test_a_dead_child_is_reported_and_everything_stops(tmp_path: Path) -> None:
+    """When a child dies the lab names it, shows its log tail, exits non-zero and leaves
+    no process behind."""
+    proc, log = start_lab(
+        tmp_path,
+        "--clusters",
+        "2",
+        "--identities",
+        "50",
+        "--churn",
+        "5",
+        "--duration",
+        "120",
+        "--workers",
+        "1",
+    )
+    root = lab_root(log)
+    eventually(lambda: "lab: flower on" in log.read_text(), timeout=60, what="lab started")
+    pids = subprocess.run(
+        ["pgrep", "-f", f"watch --source cluster-1 --config {root}"], capture_output=True, text=True
+    ).stdout.split()
+    assert pids
+    subprocess.run(["kill", "-9", *pids], check=True)
+    assert proc.wait(120) == 1
+    out = log.read_text()
+    assert "watch-cluster-1 exited with code -9" in out
+    eventually(lambda: leftovers(root) == [], timeout=20, what="no process left")
