@@ -85,7 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--identities", type=int, default=1100)
     m.add_argument("--nodes", type=int, default=20)
     m.add_argument("--services", type=int, default=50)
-    m.add_argument("--endpoints", type=int, default=1700, help="pods (ipcache entries)")
+    m.add_argument(
+        "--endpoints",
+        type=int,
+        default=None,
+        help="pods, one ipcache entry each (default: 1.55 per identity, which "
+        "gives about 1.5 value keys per identity as in the field report)",
+    )
     m.add_argument("--churn", type=float, default=0.0, help="operations per second")
     m.add_argument("--duration", type=float, default=0.0, help="seconds; 0 runs until stopped")
     m.add_argument("--lease-ttl", type=int, default=60)
@@ -314,6 +320,8 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     from .simulate import Simulator
 
     cluster = settings.cluster(args.cluster)
+    if args.endpoints is None:
+        args.endpoints = round(args.identities * 1.55)
     for name in ("identities", "nodes", "services", "endpoints", "lease_ttl"):
         if getattr(args, name) < (1 if name in ("nodes", "lease_ttl") else 0):
             raise ConfigError(f"--{name.replace('_', '-')}", "is out of range")

@@ -220,7 +220,10 @@ class Lab:
                 stdin=subprocess.DEVNULL,
                 env=full_env,
                 cwd=self.root,
-                preexec_fn=die_with_parent,  # noqa: PLW1509
+                # Its own session: a terminal's Ctrl-C reaches the lab alone, which then stops
+                # the children in order. The kernel still stops them if the lab dies.
+                start_new_session=True,
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - one pre-resolved libc call
             )
         child = Child(name, popen, log)
         self.children.append(child)
@@ -349,8 +352,16 @@ class Lab:
             except RetryableError as exc:
                 equal, lines = False, [str(exc)]
             if equal or time.monotonic() > deadline:
-                return equal, lines
+                break
             time.sleep(1.0)  # poll interval while the mesh converges
+        if equal:  # let the watchers record their progress, for a final view without lag
+            settle = time.monotonic() + 5
+            while time.monotonic() < settle:
+                self.refresh()
+                if all(v.lag_revisions == 0 for v in self.views.values()):
+                    break
+                time.sleep(0.5)  # poll interval while progress records catch up
+        return equal, lines
 
     def report(self) -> str:
         base = b"cilium/state/identities/v1/"
@@ -481,7 +492,6 @@ def run_lab(opts: LabOptions) -> int:
             console.print("lab: churn stopped; waiting for the mesh to converge")
             lab.pause_churn()
             converged, lines = lab.converge()
-            lab.refresh()
             console.print(lab.render())
             console.print("\n".join(lines))
             console.print(lab.report())

