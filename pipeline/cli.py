@@ -159,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
     from .celery_app import create_app
+    from .leader import RedisLease
     from .metrics import WatcherMetrics
     from .publisher import CeleryPublisher
     from .watcher import Watcher
@@ -185,6 +186,7 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
                 app, queue_name(c.name), settings.broker.url, settings.sync.batches_per_task
             ),
             metrics,
+            lease=RedisLease(settings.broker.url, c.name, settings.sync.leader_ttl),
         )
         for c in sources
     ]

@@ -80,6 +80,7 @@ class SyncConfig:
     stall_timeout: float = 10.0  # a fence that does not move for this long means lost batches
     fence_poll_interval: float = 1.0
     resync_interval: float = 0.0  # periodic anti-entropy; 0 disables it
+    leader_ttl: float = 10.0  # seconds a dead active watcher holds its lease before a standby
     etcd_timeout: float = 10.0
 
 
@@ -282,6 +283,8 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Se
         raise ConfigError("sync.max_batch_bytes", "must be at least 1024")
     if sync.page_size < 1:
         raise ConfigError("sync.page_size", "must be positive")
+    if sync.leader_ttl < 1:
+        raise ConfigError("sync.leader_ttl", "must be at least 1 second")
     if sync.stall_timeout <= 0:
         raise ConfigError("sync.stall_timeout", "must be positive")
     worker: WorkerConfig = _section(WorkerConfig, "worker", data.get("worker", {}), env)

@@ -40,6 +40,7 @@ from .layout import (
     resync_key,
     state_prefix,
 )
+from .leader import AlwaysLeader, Lease
 from .metrics import WatcherMetrics
 from .publisher import Publisher
 from .sharding import all_shards, shard_of, shard_resource
@@ -85,6 +86,7 @@ class Watcher:
         publisher: Publisher,
         metrics: WatcherMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        lease: Lease | None = None,
     ) -> None:
         self.settings = settings
         self.sync = settings.sync
@@ -111,6 +113,9 @@ class Watcher:
         self._next_progress = 0.0
         self._next_antientropy = 0.0
         self._labels = {"source_cluster": source.name}
+        self.lease: Lease = lease or AlwaysLeader()
+        self._renewed_at = 0.0
+        self._standby_logged = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -125,9 +130,31 @@ class Watcher:
             t.etcd.close()
 
     def run(self) -> None:
-        """Run until stop() is called. Unreachable stores are retried with backoff."""
+        """Run until stop() is called: wait as a standby until this watcher holds the
+        source's lease, then sync; step down when the lease cannot be renewed."""
+        src = self.source.name
+        try:
+            while not self.stop_event.is_set():
+                if not self.lease.acquire():
+                    if not self._standby_logged:
+                        log.info("%s: standby; %s is active", src, self.lease.holder() or "nobody")
+                        self._standby_logged = True
+                    self.stop_event.wait(min(1.0, self.sync.leader_ttl / 4))
+                    continue
+                self._standby_logged = False
+                log.info("%s: active (lease %s)", src, getattr(self.lease, "owner", "-"))
+                self._serve()
+        finally:
+            self.lease.release()
+            self.close()
+
+    def _serve(self) -> None:
+        """One term as the active watcher."""
         backoff = 0.2
+        self._renewed_at = self.clock()
         while not self.stop_event.is_set():
+            if not self._keep_lease():
+                return
             try:
                 self.start()
                 break
@@ -137,9 +164,25 @@ class Watcher:
                 )
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
-        while not self.stop_event.is_set():
+        while not self.stop_event.is_set() and self._keep_lease():
             self.step()
-        self.close()
+
+    def _keep_lease(self) -> bool:
+        """Renew the lease every third of its TTL; on failure step down to standby."""
+        now = self.clock()
+        if now - self._renewed_at < self.sync.leader_ttl / 3:
+            return True
+        if self.lease.renew():
+            self._renewed_at = now
+            return True
+        log.warning("%s: lost the lease; stepping down to standby", self.source.name)
+        self._stop_streams()
+        self.epoch += 1
+        self.buffer.drain()
+        self._flush_deadline = None
+        for t in self.targets:
+            t.need_resync = "start"
+        return False
 
     def start(self) -> None:
         """Open a generation in every target, resuming from fences where possible, then
@@ -550,17 +593,21 @@ class Watcher:
             box.clear()
 
         shards = self.sync.shards
-        for res, key, value in iter_source(
-            self.etcd,
-            self.layout,
-            rev,
-            page=self.sync.page_size,
-            max_bytes=self.sync.max_batch_bytes,
-            on_reject=self._reject,
+        for listed, (res, key, value) in enumerate(
+            iter_source(
+                self.etcd,
+                self.layout,
+                rev,
+                page=self.sync.page_size,
+                max_bytes=self.sync.max_batch_bytes,
+                on_reject=self._reject,
+            )
         ):
             shard = shard_of(res, key, shards)
             for t, _, cutter in cutters:
                 send(t, cutter.want(key, value, shard))
+            if listed % 5000 == 4999 and not self._keep_lease():  # a long listing keeps the lease
+                raise RetryableError("lost the lease during a resync")
         for t, reason, cutter in cutters:
             send(t, cutter.finish(), force=True)
             if t.name in failed:
