@@ -7,6 +7,7 @@
     │   ├── LayoutError         a key does not fit the Cilium layout, or is another cluster's
     │   ├── ValueTooLargeError  a single operation is over the request limit
     │   └── MalformedBatchError a task message does not decode
+    ├── RequestTooLargeError    the target etcd refused a request as too large
     └── RetryableError          a store is unreachable or timed out; try again later
         └── CompactedError      the requested revision was compacted away (carries it)
 
@@ -65,6 +66,10 @@ class MalformedBatchError(BadInputError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(b"<message>", reason)
+
+
+class RequestTooLargeError(KvmeshError):
+    """etcd refused a request for its size (its --max-request-bytes, or gRPC's limit)."""
 
 
 class RetryableError(KvmeshError):

@@ -17,7 +17,7 @@ import grpc
 from etcd3 import etcdrpc
 
 from .config import ClusterConfig
-from .errors import CompactedError, RetryableError
+from .errors import CompactedError, RequestTooLargeError, RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,14 @@ class Etcd:
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
-        except (grpc.RpcError, etcd3.Etcd3Exception, ValueError) as exc:
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED or (
+                code == grpc.StatusCode.INVALID_ARGUMENT and "too large" in details
+            ):
+                raise RequestTooLargeError(f"etcd {self.name}: {details}") from None
+            raise _retryable(exc, what, self.name) from None
+        except (etcd3.Etcd3Exception, ValueError) as exc:
             raise _retryable(exc, what, self.name) from None
 
     # -- reads -------------------------------------------------------------------------------

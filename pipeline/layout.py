@@ -9,6 +9,7 @@ cluster config value (JSON by definition) and identity IDs (decimal by definitio
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 from dataclasses import dataclass
@@ -111,6 +112,15 @@ def fence_prefix(source: str) -> bytes:
 
 def progress_key(source: str) -> bytes:
     return f"kvmesh/{source}/progress".encode()
+
+
+def rejected_prefix(source: str) -> bytes:
+    """Records of keys a target refused (too large), read by `kvmesh verify`."""
+    return f"kvmesh/{source}/rejected/".encode()
+
+
+def rejected_key(source: str, key: bytes) -> bytes:
+    return rejected_prefix(source) + base64.urlsafe_b64encode(key)
 
 
 def resync_key(source: str) -> bytes:

@@ -3,6 +3,9 @@ per-pair figures behind `kvmesh status` and the lab's live view."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import json
 import time
 from typing import Any
@@ -11,7 +14,7 @@ import redis
 
 from .config import Settings, queue_name
 from .etcd import Etcd
-from .layout import RESOURCES, Layout, canary_key, progress_key
+from .layout import RESOURCES, Layout, canary_key, progress_key, rejected_prefix
 from .publisher import queue_depth
 from .snapshot import diff, read_source, read_target
 
@@ -41,13 +44,18 @@ def verify_once(settings: Settings, examples: int) -> tuple[bool, list[str]]:
             target = Etcd(tgt, settings.sync.etcd_timeout)
             try:
                 d = diff(state.items, read_target(target, src.name, page=settings.sync.page_size))
+                refused = refused_by_target(target, src.name, d.missing)
             finally:
                 target.close()
+            for key in refused:  # the target refused them (too large): not missing
+                del d.missing[key]
+            rejected = [reason for _k, reason in sorted(state.rejected.items())]
+            rejected += [f"{_show(k)}: {reason}" for k, reason in sorted(refused.items())]
             head = f"{src.name} -> {tgt.name}:"
             summary = (
                 f"{len(state.items)} keys, missing {len(d.missing)}, "
                 f"extra {len(d.extra)}, different {len(d.different)}, "
-                f"rejected {len(state.rejected)}"
+                f"rejected {len(rejected)}"
             )
             lines.append(f"{head} {'EQUAL' if d.equal else 'DIFFERENT'}: {summary}")
             for kind, keys in (
@@ -57,10 +65,27 @@ def verify_once(settings: Settings, examples: int) -> tuple[bool, list[str]]:
             ):
                 for key in keys[:examples]:
                     lines.append(f"    {kind}: {_show(key)}")
-            for _key, reason in sorted(state.rejected.items())[:examples]:
+            for reason in rejected[:examples]:
                 lines.append(f"    rejected: {reason}")
             all_equal = all_equal and d.equal
     return all_equal, lines
+
+
+def refused_by_target(target: Etcd, source: str, missing: dict[bytes, bytes]) -> dict[bytes, str]:
+    """Missing keys that the target refused as too large, with the reason: those a worker
+    recorded, whose recorded value is still the source's value."""
+    out: dict[bytes, str] = {}
+    prefix = rejected_prefix(source)
+    for key, raw in target.items(prefix).items():
+        try:
+            name = base64.urlsafe_b64decode(key[len(prefix) :])
+            record = json.loads(raw)
+        except (ValueError, binascii.Error):
+            continue
+        value = missing.get(name)
+        if value is not None and hashlib.sha256(value).hexdigest() == record.get("sha256"):
+            out[name] = str(record.get("reason", "refused by the target"))
+    return out
 
 
 def collect_status(settings: Settings) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from etcd3 import transactions
 
+from .errors import RequestTooLargeError
 from .etcd import Etcd
 from .fence import FenceRecord, GenRecord
 from .layout import Op, fence_key, gen_key, resync_key
@@ -37,10 +38,11 @@ class TargetStore(Protocol):
         shard: str,
         seen: FenceView,
         ops: Sequence[Operation],
-        fence: FenceRecord,
+        fence: FenceRecord | None,
     ) -> bool:
-        """Apply *ops* and move the fence in one transaction, if neither the generation nor
-        the fence changed since *seen*. False if they did."""
+        """Apply *ops* and move the fence (unless *fence* is None) in one transaction, if
+        neither the generation nor the fence changed since *seen*. False if they did.
+        Raises RequestTooLargeError if the target refuses the request for its size."""
         ...
 
     def request_resync(self, source: str, gen: int, reason: str) -> None: ...
@@ -77,7 +79,7 @@ class EtcdTargetStore:
         shard: str,
         seen: FenceView,
         ops: Sequence[Operation],
-        fence: FenceRecord,
+        fence: FenceRecord | None,
     ) -> bool:
         tx = self.etcd.tx
         compare = [
@@ -88,7 +90,8 @@ class EtcdTargetStore:
             transactions.Put(o.key, o.value) if o.op is Op.PUT else transactions.Delete(o.key)
             for o in ops
         ]
-        success.append(transactions.Put(fence_key(source, shard), fence.encode()))
+        if fence is not None:
+            success.append(transactions.Put(fence_key(source, shard), fence.encode()))
         ok, _ = self.etcd.txn(compare, success)
         return ok
 
@@ -99,7 +102,8 @@ class EtcdTargetStore:
 class MemoryTargetStore:
     """An in-memory target with etcd's mod-revision semantics, for tests of pure logic."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_request_bytes: int = 0) -> None:
+        self.max_request_bytes = max_request_bytes  # 0: no limit
         self.data: dict[bytes, tuple[bytes, int]] = {}
         self.revision = 0
         self.resync_requests: list[tuple[str, int, str]] = []
@@ -128,8 +132,10 @@ class MemoryTargetStore:
         shard: str,
         seen: FenceView,
         ops: Sequence[Operation],
-        fence: FenceRecord,
+        fence: FenceRecord | None,
     ) -> bool:
+        if self.max_request_bytes and sum(o.size for o in ops) > self.max_request_bytes:
+            raise RequestTooLargeError("request is too large")
         if self._rev(gen_key(source)) != seen.gen_rev:
             return False
         if self._rev(fence_key(source, shard)) != seen.fence_rev:
@@ -141,7 +147,8 @@ class MemoryTargetStore:
                 self.data[o.key] = (o.value, self.revision)
             else:
                 self.data.pop(o.key, None)
-        self.data[fence_key(source, shard)] = (fence.encode(), self.revision)
+        if fence is not None:
+            self.data[fence_key(source, shard)] = (fence.encode(), self.revision)
         return True
 
     def request_resync(self, source: str, gen: int, reason: str) -> None:

@@ -37,6 +37,7 @@ from .layout import (
     fence_key,
     gen_key,
     progress_key,
+    rejected_prefix,
     resync_key,
     state_prefix,
 )
@@ -544,6 +545,7 @@ class Watcher:
             reason = t.need_resync or "resync"
             try:
                 self._open_generation(t, allow_resume=False, source_rev=rev)
+                t.etcd.delete_prefix(rejected_prefix(src))  # this snapshot decides anew
                 actual = read_target(t.etcd, src, page=self.sync.page_size)
                 self._write_fences(t, {s: FenceRecord(t.gen, (rev, 0), False) for s in self.shards})
             except RetryableError as exc:

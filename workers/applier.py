@@ -3,12 +3,16 @@ the Celery task only decodes the message and owns the retry policy."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 
+from pipeline.errors import RequestTooLargeError
 from pipeline.fence import Decision, FenceRecord, decide
-from pipeline.store import TargetStore
-from pipeline.wire import Batch
+from pipeline.layout import Op, rejected_key
+from pipeline.store import FenceView, TargetStore
+from pipeline.wire import Batch, Operation
 
 # A compare that fails means another writer moved the fence or the generation between our
 # read and our write; decide again. Bounded so a livelock cannot pin a worker.
@@ -22,6 +26,7 @@ def apply_batch(
     gap_wait: float = 0.0,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    on_reject: Callable[[Operation, str], None] | None = None,
 ) -> Decision:
     """Apply *batch* if the fence admits it. Returns the decision taken.
 
@@ -36,7 +41,11 @@ def apply_batch(
         decision = decide(batch.gen, batch.prev, batch.pos, seen.gen, seen.fence)
         if decision is Decision.APPLY:
             fence = FenceRecord(batch.gen, batch.pos, batch.done)
-            if store.commit(batch.source, batch.shard, seen, batch.ops, fence):
+            try:
+                ok = store.commit(batch.source, batch.shard, seen, batch.ops, fence)
+            except RequestTooLargeError:
+                ok = _commit_split(store, batch, seen, fence, on_reject)
+            if ok:
                 return Decision.APPLY
             races += 1
             if races >= _MAX_RACES:
@@ -47,3 +56,47 @@ def apply_batch(
             delay = min(delay * 2, 0.05)
             continue
         return decision
+
+
+def _commit_split(
+    store: TargetStore,
+    batch: Batch,
+    seen: FenceView,
+    fence: FenceRecord,
+    on_reject: Callable[[Operation, str], None] | None,
+) -> bool:
+    """The target refused the batch for its size: apply it in smaller parts, each guarded by
+    the same compare but leaving the fence alone, then move the fence on its own. A part
+    that lands early is harmless: the fence still admits nobody but this batch, and a
+    redelivery writes the same values again. A single operation still too large is skipped,
+    its key deleted (no stale value stays cached) and recorded for `kvmesh verify`."""
+    rejected: list[tuple[Operation, str]] = []
+
+    def apply(ops: list[Operation]) -> bool:
+        try:
+            return store.commit(batch.source, batch.shard, seen, ops, None)
+        except RequestTooLargeError as exc:
+            if len(ops) > 1:
+                mid = len(ops) // 2
+                return apply(ops[:mid]) and apply(ops[mid:])
+            op = ops[0]
+            rejected.append((op, f"the target refused {op.size} bytes: {exc}"))
+            return store.commit(
+                batch.source, batch.shard, seen, [Operation(Op.DELETE, op.key)], None
+            )
+
+    if not apply(list(batch.ops)):
+        return False
+    records = []
+    for op, reason in rejected:
+        if on_reject is not None:
+            on_reject(op, reason)
+        digest = hashlib.sha256(op.value or b"").hexdigest()
+        records.append(
+            Operation(
+                Op.PUT,
+                rejected_key(batch.source, op.key),
+                json.dumps({"reason": reason, "sha256": digest}).encode(),
+            )
+        )
+    return store.commit(batch.source, batch.shard, seen, records, fence)

@@ -20,7 +20,7 @@ from pipeline.errors import MalformedBatchError, RetryableError
 from pipeline.etcd import Etcd
 from pipeline.fence import Decision
 from pipeline.store import EtcdTargetStore, TargetStore
-from pipeline.wire import TASK_NAME, Batch, decode_task, encode_task
+from pipeline.wire import TASK_NAME, Batch, Operation, decode_task, encode_task
 
 from .applier import apply_batch
 
@@ -150,12 +150,23 @@ def apply_all(
     now. Returns the batches still waiting after *gap_wait* seconds without progress."""
     pending = list(batches)
     deadline = time.monotonic() + gap_wait
+
+    def reject(op: Operation, reason: str) -> None:
+        outcomes["rejected_too_large"] += 1
+        log.error(
+            "%s→%s: not synced: key %s: %s",
+            pending[0].source,
+            pending[0].target,
+            op.key.decode("utf-8", errors="backslashreplace"),
+            reason,
+        )
+
     delay = 0.002
     while pending:
         waiting: list[Batch] = []
         for i, batch in enumerate(pending):
             try:
-                decision = apply_batch(store, batch)
+                decision = apply_batch(store, batch, on_reject=reject)
             except RetryableError as exc:
                 raise _Unavailable(exc, waiting + pending[i:]) from None
             if decision is Decision.GAP:

@@ -57,3 +57,30 @@ def test_a_missing_predecessor_leaves_the_batch_waiting() -> None:
     again: Counter[str] = Counter()
     assert apply_all(store, batches, again, gap_wait=0.0) == []
     assert again == Counter(duplicate=len(batches))
+
+
+def test_a_batch_the_target_refuses_is_split_and_the_oversized_key_recorded() -> None:
+    """Over the target's request limit, the batch lands in parts; a single value the target
+    cannot take is skipped, its stale copy deleted, and the refusal recorded."""
+    from pipeline.fence import Decision
+    from pipeline.layout import rejected_prefix
+    from pipeline.wire import Operation
+    from workers.applier import apply_batch
+
+    store = MemoryTargetStore(max_request_bytes=4000)
+    store.put(gen_key("a"), GenRecord(1, 1, "id", 7).encode())
+    store.put(fence_key("a", "nodes-0"), FenceRecord(1, (10, 0)).encode())
+    store.put(b"big", b"old small value")
+    ops = tuple(Operation(Op.PUT, f"k{i}".encode(), b"x" * 100) for i in range(60))
+    batch = Batch(
+        "a", "b", "nodes-0", 1, (10, 0), (11, 0), (*ops, Operation(Op.PUT, b"big", b"y" * 5000))
+    )
+    refused: list[bytes] = []
+    decision = apply_batch(store, batch, on_reject=lambda op, _r: refused.append(op.key))
+    assert decision is Decision.APPLY
+    assert refused == [b"big"]
+    assert all(f"k{i}".encode() in store.data for i in range(60))
+    assert b"big" not in store.data
+    assert store.read_fence("a", "nodes-0").fence == FenceRecord(1, (11, 0))
+    records = [k for k in store.data if k.startswith(rejected_prefix("a"))]
+    assert len(records) == 1
