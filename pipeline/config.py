@@ -80,6 +80,8 @@ class SyncConfig:
     stall_timeout: float = 10.0  # a fence that does not move for this long means lost batches
     fence_poll_interval: float = 1.0
     resync_interval: float = 0.0  # periodic anti-entropy; 0 disables it
+    drain_grace: float = 30.0  # seconds between a removed source's config and the rest going
+    drain_check_interval: float = 10.0  # how often watchers look for sources to drain
     leader_ttl: float = 10.0  # seconds a dead active watcher holds its lease before a standby
     etcd_timeout: float = 10.0
 

@@ -123,6 +123,11 @@ def rejected_key(source: str, key: bytes) -> bytes:
     return rejected_prefix(source) + base64.urlsafe_b64encode(key)
 
 
+def draining_key(source: str) -> bytes:
+    """Set in a target while a source that left the config is being drained from it."""
+    return f"kvmesh/{source}/draining".encode()
+
+
 def resync_key(source: str) -> bytes:
     return f"kvmesh/{source}/resync".encode()
 

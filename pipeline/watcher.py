@@ -24,6 +24,7 @@ from etcd3 import transactions
 
 from .batching import Change, ShardBuffer, make_batches
 from .config import ClusterConfig, Settings
+from .drain import drain_removed
 from .errors import BadInputError, CompactedError, RetryableError
 from .etcd import Etcd, Event, WatchStream
 from .fence import FenceRecord, GenRecord, Position
@@ -34,6 +35,7 @@ from .layout import (
     Op,
     Resource,
     canary_key,
+    draining_key,
     fence_key,
     gen_key,
     progress_key,
@@ -113,6 +115,7 @@ class Watcher:
         self._next_tick = 0.0
         self._next_progress = 0.0
         self._next_antientropy = 0.0
+        self._next_drain = 0.0
         self._labels = {"source_cluster": source.name}
         self.lease: Lease = lease or AlwaysLeader()
         self._renewed_at = 0.0
@@ -357,6 +360,14 @@ class Watcher:
                 self._check_target(t, now)
             except RetryableError as exc:
                 log.warning("%s→%s: fence poll failed: %s", self.source.name, t.name, exc)
+        if now >= self._next_drain:
+            self._next_drain = now + self.sync.drain_check_interval
+            configured = [c.name for c in self.settings.sources]
+            for t in self.targets:
+                try:
+                    drain_removed(t.etcd, t.name, configured, self.sync.drain_grace)
+                except RetryableError as exc:
+                    log.warning("%s: drain check failed: %s", t.name, exc)
         pending = [t for t in self.targets if t.need_resync]
         if pending:
             self.flush()  # what is buffered goes to the healthy targets first
@@ -475,6 +486,7 @@ class Watcher:
         )
         if not ok:
             raise RetryableError(f"target {t.name}: generation record changed while opening one")
+        t.etcd.delete(draining_key(src))  # back in the config: stop any drain of it
         written = t.etcd.get(gen_key(src))
         assert written is not None
         t.gen, t.gen_rev = new_gen, written.mod_revision
