@@ -84,6 +84,9 @@ class SyncConfig:
     drain_check_interval: float = 10.0  # how often watchers look for sources to drain
     leader_ttl: float = 10.0  # seconds a dead active watcher holds its lease before a standby
     etcd_timeout: float = 10.0
+    watch_timeout: float = (
+        15.0  # a watch that answers no progress request for this long is replaced
+    )
 
 
 @dataclass(frozen=True)

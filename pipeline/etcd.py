@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ _GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 0),  # etcd refuses pings with no stream open
+    ("grpc.http2.min_time_between_pings_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
@@ -286,6 +288,7 @@ class WatchStream:
         self._requests: queue.Queue[Any] = queue.Queue()
         self._call: Any = None
         self._last_rev, self._index = -1, 0  # a revision's events may span responses
+        self.last_response = time.monotonic()  # for the owner's silence check
         self._stopped = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"watch:{etcd.name}:{key!r}", daemon=True
@@ -322,6 +325,7 @@ class WatchStream:
         try:
             self._call = self._etcd._watch_call(self._request_iter())
             for resp in self._call:
+                self.last_response = time.monotonic()
                 if self._stopped.is_set():
                     return
                 if resp.compact_revision:

@@ -109,6 +109,7 @@ class Watcher:
         self.epoch = 0
         self.delivered: dict[str, int] = {}  # per resource: every event up to here was seen
         self._last_event_rev = 0  # newest revision of any event of the watched prefixes
+        self._config_rev = 0  # mod revision of the source's cluster config, as last seen
         self.source_cluster_id = 0
         self.stop_event = threading.Event()
         self._flush_deadline: float | None = None
@@ -116,6 +117,7 @@ class Watcher:
         self._next_progress = 0.0
         self._next_antientropy = 0.0
         self._next_drain = 0.0
+        self._extra_clients: dict[str, Etcd] = {}
         self._labels = {"source_cluster": source.name}
         self.lease: Lease = lease or AlwaysLeader()
         self._renewed_at = 0.0
@@ -132,6 +134,8 @@ class Watcher:
         self.etcd.close()
         for t in self.targets:
             t.etcd.close()
+        for etcd in self._extra_clients.values():
+            etcd.close()
 
     def run(self) -> None:
         """Run until stop() is called: wait as a standby until this watcher holds the
@@ -233,8 +237,17 @@ class Watcher:
         if now >= self._next_progress:
             # Half a poll before each tick, so the tick sees fresh watch progress.
             self._next_progress = now + self.sync.fence_poll_interval
-            for stream in self.streams.values():
-                stream.request_progress()
+            for name, stream in list(self.streams.items()):
+                silent = time.monotonic() - stream.last_response
+                if silent > self.sync.watch_timeout:
+                    # every progress request gets an answer from a live etcd: a stream this
+                    # quiet is cut off (a partition), so replace it rather than hang
+                    stream.stop()
+                    self._stream_failed(
+                        name, RetryableError(f"watch of {name} silent for {silent:.0f}s")
+                    )
+                else:
+                    stream.request_progress()
         if now >= self._next_tick:
             self._next_tick = now + self.sync.fence_poll_interval
             self.tick()
@@ -250,8 +263,10 @@ class Watcher:
             _, _, res_name, events, header_rev = item
             self.ingest(RESOURCE_BY_NAME[res_name], events, header_rev)
         elif kind == "error":
-            _, _, res_name, exc = item
-            self._stream_failed(res_name, exc)
+            _, _, res_name, exc, stream = item
+            if stream is not None and self.streams.get(res_name) is not stream:
+                return  # a stream already replaced
+            self._stream_failed(res_name, exc, stream)
 
     def ingest(self, resource: Resource, events: list[Event], header_rev: int) -> None:
         """Filter, rewrite and buffer one watch response."""
@@ -278,6 +293,8 @@ class Watcher:
                     continue
                 tvalue = None
             op = Op.PUT if tvalue is not None else Op.DELETE
+            if resource.single_key:
+                self._config_rev = ev.revision if ev.value is not None else 0
             shard = shard_of(resource, tkey, self.sync.shards)
             self.buffer.add(shard, Change(tkey, op, tvalue, (ev.revision, ev.index)))
         if len(self.buffer) and self._flush_deadline is None:
@@ -363,11 +380,13 @@ class Watcher:
         if now >= self._next_drain:
             self._next_drain = now + self.sync.drain_check_interval
             configured = [c.name for c in self.settings.sources]
-            for t in self.targets:
+            # every configured target, not only this source's: a target that is no other
+            # source's target (its own cluster) must be drained too
+            for name, etcd in self._drain_targets().items():
                 try:
-                    drain_removed(t.etcd, t.name, configured, self.sync.drain_grace)
+                    drain_removed(etcd, name, configured, self.sync.drain_grace)
                 except RetryableError as exc:
-                    log.warning("%s: drain check failed: %s", t.name, exc)
+                    log.warning("%s: drain check failed: %s", name, exc)
         pending = [t for t in self.targets if t.need_resync]
         if pending:
             self.flush()  # what is buffered goes to the healthy targets first
@@ -375,6 +394,15 @@ class Watcher:
                 self._resync(pending)
             except RetryableError as exc:
                 log.warning("%s: resync failed, will retry: %s", self.source.name, exc)
+
+    def _drain_targets(self) -> dict[str, Etcd]:
+        clients = {t.name: t.etcd for t in self.targets}
+        for c in self.settings.targets:
+            if c.name not in clients:
+                if c.name not in self._extra_clients:
+                    self._extra_clients[c.name] = Etcd(c, self.sync.etcd_timeout)
+                clients[c.name] = self._extra_clients[c.name]
+        return clients
 
     def _check_target(self, t: Target, now: float) -> None:
         records = {kv.key: kv for kv in t.etcd.scan(state_prefix(self.source.name))[1]}
@@ -622,6 +650,8 @@ class Watcher:
                 send(t, cutter.want(key, value, shard))
             if listed % 5000 == 4999 and not self._keep_lease():  # a long listing keeps the lease
                 raise RetryableError("lost the lease during a resync")
+        _, config = self.etcd.scan(RESOURCE_BY_NAME["config"].source_prefix(src), rev, exact=True)
+        self._config_rev = next((kv.mod_revision for kv in config), 0)
         for t, reason, cutter in cutters:
             send(t, cutter.finish(), force=True)
             if t.name in failed:
@@ -671,23 +701,29 @@ class Watcher:
         def on_events(events: list[Event], header_rev: int) -> None:
             self.inbox.put(("events", epoch, name, events, header_rev))
 
-        def on_error(exc: BaseException) -> None:
-            self.inbox.put(("error", epoch, name, exc))
+        me: list[WatchStream] = []
 
-        self.streams[name] = self.etcd.watch(
+        def on_error(exc: BaseException) -> None:
+            self.inbox.put(("error", epoch, name, exc, me[0] if me else None))
+
+        stream = self.etcd.watch(
             res.source_prefix(self.source.name, self.sync.identities),
             start_rev,
             on_events,
             on_error,
             exact=res.single_key,
         )
+        me.append(stream)
+        self.streams[name] = stream
 
     def _stop_streams(self) -> None:
         for stream in self.streams.values():
             stream.stop()
         self.streams = {}
 
-    def _stream_failed(self, res_name: str, exc: BaseException) -> None:
+    def _stream_failed(
+        self, res_name: str, exc: BaseException, stream: WatchStream | None = None
+    ) -> None:
         src = self.source.name
         if isinstance(exc, CompactedError):
             log.warning(
@@ -697,13 +733,16 @@ class Watcher:
             return
         log.warning("%s: watch of %s failed: %s; reconnecting", src, res_name, exc)
         try:
-            _, cluster_id = self.etcd.header()
+            replaced = self._source_replaced()
         except RetryableError as err:
             log.warning("%s: source unreachable: %s", src, err)
             self.stop_event.wait(1.0)
-            self.inbox.put(("error", self.epoch, res_name, err))
+            self.inbox.put(("error", self.epoch, res_name, err, stream))
             return
-        if cluster_id != self.source_cluster_id:
+        if replaced:
+            log.warning(
+                "%s: the source etcd lost its history (%s): resyncing every target", src, replaced
+            )
             self._restart_all("source etcd replaced")
             return
         old = self.streams.pop(res_name, None)
@@ -712,6 +751,26 @@ class Watcher:
         # A fresh epoch for just this stream would drop the others' responses, so the
         # replacement keeps the epoch; the failed stream reports nothing more after its error.
         self._start_stream(RESOURCE_BY_NAME[res_name], self.delivered[res_name] + 1, self.epoch)
+
+    def _source_replaced(self) -> str | None:
+        """Why the source etcd is not the one we watched (restored or wiped), or None. An etcd
+        started afresh with the same member names keeps its cluster ID, so its revision and
+        the cluster config's revision are compared with what was already seen."""
+        rev, cluster_id = self.etcd.header()
+        if cluster_id != self.source_cluster_id:
+            return "another cluster ID"
+        seen = max(self.delivered.values(), default=0)
+        if rev < seen:
+            return f"revision {rev} is below {seen}, already seen"
+        config = self.etcd.get(RESOURCE_BY_NAME["config"].source_prefix(self.source.name))
+        if (
+            config is not None
+            and self._config_rev
+            and config.mod_revision <= seen
+            and config.mod_revision != self._config_rev
+        ):
+            return "the cluster config changed without an event"
+        return None
 
     def _restart_all(self, reason: str) -> None:
         self._stop_streams()

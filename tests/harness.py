@@ -139,7 +139,7 @@ class Mesh:
         )
 
     def verify(self, wait: float = 60) -> subprocess.CompletedProcess[str]:
-        return self.cli("verify", "--wait", str(wait))
+        return self.cli("verify", "--wait", str(wait), timeout=wait + 60)
 
     def stop(self) -> None:
         for p in self.procs:
