@@ -215,8 +215,6 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from workers.tasks import create_worker_app
-
     queues = args.queues or ",".join(queue_name(c.name) for c in settings.sources)
     concurrency = args.concurrency or settings.worker.concurrency
     pool = args.pool or settings.worker.pool
@@ -225,26 +223,60 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if args.check:
         print(f"ok: would consume {queues} with {concurrency} {pool} processes")
         return EXIT_OK
-    app = create_worker_app(settings)
     hostname = args.hostname or f"kvmesh@{socket.gethostname()}"
-    app.worker_main(
-        argv=[
-            "worker",
-            "--queues",
-            queues,
-            "--concurrency",
-            str(concurrency),
-            "--pool",
-            pool,
-            "--hostname",
-            hostname,
-            "--loglevel",
-            args.log_level,
-            "--without-mingle",
-            "--without-gossip",
-        ]
-    )
-    return EXIT_OK
+    argv = [
+        "worker",
+        "--queues",
+        queues,
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        pool,
+        "--hostname",
+        hostname,
+        "--loglevel",
+        args.log_level,
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    return supervise_worker(argv, args.config)
+
+
+def supervise_worker(argv: list[str], config: str | None) -> int:
+    """Run the Celery worker as a child and start it again if it dies on its own: Celery
+    gives up on some broker reconnections ("Unrecoverable error") and the pool must outlive
+    a Redis restart. SIGTERM and SIGINT are passed on, and then the child is not restarted."""
+    import os
+    import subprocess
+
+    from .servers import die_with_parent
+
+    env = dict(os.environ)
+    if config:
+        env["KVMESH_CONFIG"] = os.path.abspath(config)
+    cmd = [sys.executable, "-m", "celery", "-A", "workers.app", *argv]
+    stopping = threading.Event()
+    child: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        stopping.set()
+        if child and child[0].poll() is None:
+            child[0].send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    backoff = 1.0
+    while True:
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)  # noqa: PLW1509
+        child[:] = [proc]
+        code = proc.wait()
+        if stopping.is_set() or code == 0:
+            return EXIT_OK if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
+        backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
+        log.error("celery worker exited with code %s; starting it again in %.0fs", code, backoff)
+        if stopping.wait(backoff):
+            return EXIT_OK
 
 
 # -- verify ---------------------------------------------------------------------------------

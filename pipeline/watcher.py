@@ -118,7 +118,6 @@ class Watcher:
         self._next_antientropy = 0.0
         self._next_drain = 0.0
         self._extra_clients: dict[str, Etcd] = {}
-        self._labels = {"source_cluster": source.name}
         self.lease: Lease = lease or AlwaysLeader()
         self._renewed_at = 0.0
         self._standby_logged = False
@@ -506,7 +505,13 @@ class Watcher:
             kv = records.get(fence_key(src, shard))
             if kv is not None:
                 fences[shard] = FenceRecord.decode(kv.value)
-        new_gen = max([old.gen if old else 0] + [f.gen for f in fences.values()]) + 1
+        # Never reuse a generation, even when the target forgot its records (wiped): batches
+        # of the forgotten generation may still be in flight. The clock gives a floor that
+        # survives both a wiped target and a restarted watcher.
+        new_gen = max(
+            [old.gen + 1 if old else 1, t.gen + 1, int(time.time() * 1000)]
+            + [f.gen + 1 for f in fences.values()]
+        )
         record = GenRecord(new_gen, self.sync.shards, self.sync.identities, self.source_cluster_id)
         ok, _ = t.etcd.txn(
             [transactions.Mod(gen_key(src)) == (gen_kv.mod_revision if gen_kv else 0)],

@@ -67,12 +67,17 @@ class Proc:
 
 class Mesh:
     def __init__(
-        self, servers: Servers, n: int = 2, sync: str = "", identities: str = "id"
+        self,
+        servers: Servers,
+        n: int = 2,
+        sync: str = "",
+        identities: str = "id",
+        etcd_args: dict[int, list[str]] | None = None,
     ) -> None:
         self.servers = servers
         self.root = servers.root
         self.redis: RedisServer = servers.redis()
-        self.etcds: list[EtcdServer] = [servers.etcd() for _ in range(n)]
+        self.etcds: list[EtcdServer] = [servers.etcd((etcd_args or {}).get(i)) for i in range(n)]
         self.names = [f"cluster-{chr(ord('a') + i)}" for i in range(n)]
         self.procs: list[Proc] = []
         self.sync_extra = sync

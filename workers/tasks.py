@@ -87,8 +87,13 @@ def register_tasks(app: Any, settings: Settings) -> Any:
         max_retries=None,
         ignore_result=True,
     )
-    def apply_task(self: Any, payload: Any, gap_since: float | None = None) -> str:
+    def apply_task(self: Any, *args: Any, gap_since: float | None = None, **extra: Any) -> str:
         try:
+            if len(args) != 1 or extra:
+                raise MalformedBatchError(
+                    f"expected one payload argument, got {len(args)} and {sorted(extra)}"
+                )
+            payload = args[0]
             batches = decode_task(payload)
             if batches[0].target not in targets:
                 raise MalformedBatchError(f"unknown target cluster {batches[0].target!r}")

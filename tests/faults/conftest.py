@@ -58,8 +58,13 @@ class Churn:
 
 
 class FaultMesh(Mesh):
-    def __init__(self, servers: Servers) -> None:
-        super().__init__(servers, sync=FAULT_SYNC)
+    def __init__(
+        self,
+        servers: Servers,
+        sync: str = FAULT_SYNC,
+        etcd_args: dict[int, list[str]] | None = None,
+    ) -> None:
+        super().__init__(servers, sync=sync, etcd_args=etcd_args)
         self.churn: Churn | None = None
 
     def start_churn(self, rate: float = 15.0) -> Churn:

@@ -3,7 +3,6 @@ while a simulated control plane churns in every cluster throughout."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -13,6 +12,7 @@ import pytest
 from pipeline.fence import GenRecord
 from pipeline.layout import gen_key
 
+from ..conftest import Servers
 from ..harness import eventually
 from .conftest import FaultMesh
 from .proxy import Proxy
@@ -88,7 +88,9 @@ def test_two_watchers_one_active_standby_takes_over(mesh: FaultMesh) -> None:
         what="takeover within the lease TTL",
     )
     gen_after = GenRecord.decode(mesh.client(1).get(gen_key("cluster-a")).value).gen  # type: ignore[union-attr]
-    assert gen_after == gen_before + 1  # one takeover, one generation
+    assert gen_after > gen_before
+    # one takeover opened exactly one generation per pair: no ping-pong
+    assert standby.output().count("cluster-a→cluster-b: generation") == 1, standby.output()
     mesh.settle()
     assert GenRecord.decode(mesh.client(1).get(gen_key("cluster-a")).value).gen == gen_after  # type: ignore[union-attr]
 
@@ -248,13 +250,9 @@ def test_source_removed_from_the_config_is_drained(mesh: FaultMesh) -> None:
     assert "cluster-b -> cluster-a: EQUAL" in out and "cluster-a -> cluster-b" not in out
 
 
-def test_anti_entropy_repairs_unreported_drift(servers) -> None:  # type: ignore[no-untyped-def]
+def test_anti_entropy_repairs_unreported_drift(servers: Servers) -> None:
     """A cache key deleted by hand in a target is restored by the periodic resync."""
-    mesh = FaultMesh.__new__(FaultMesh)
-    from ..harness import Mesh
-
-    Mesh.__init__(mesh, servers, sync="resync_interval = 3\nleader_ttl = 3")
-    mesh.churn = None
+    mesh = FaultMesh(servers, sync="resync_interval = 3\nleader_ttl = 3")
     try:
         running(mesh)
         assert mesh.churn is not None
@@ -266,7 +264,6 @@ def test_anti_entropy_repairs_unreported_drift(servers) -> None:  # type: ignore
         assert mesh.verify(0).returncode == 1
         eventually(lambda: b.get(key) is not None, timeout=3 + 5, what="drift repaired")
         assert mesh.verify(10).returncode == 0
-        out = mesh.procs[1].output()
-        assert "anti-entropy" in out and json is not None
+        assert "(anti-entropy)" in mesh.procs[1].output()
     finally:
         mesh.stop()

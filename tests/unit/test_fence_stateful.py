@@ -1,11 +1,15 @@
-"""The fence protocol under Celery's delivery: batches duplicated, reordered, lost and late.
+"""The fence protocol under Celery's delivery: batches duplicated, reordered, lost and late,
+generation bumps racing in-flight batches, two watchers, a wiped target and resync requests.
 
-A model watcher (built from the same pure pieces as the real one: the shard buffer, the batch
-cutter, the fence records and the snapshot diff) publishes into an unordered "network"; the
-real batch applier takes messages out in any order against an in-memory target.
+Model watchers (built from the same pure pieces as the real one: the shard buffer, the batch
+cutter, the fence and generation records and the snapshot diff) publish into an unordered
+"network"; the real batch applier takes messages out in any order against an in-memory
+target.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -25,6 +29,18 @@ RES = RESOURCE_BY_NAME["identities"]
 SHARDS = 3
 PREFIX = b"cilium/cache/identities/v1/a/id/"
 KEYS = [PREFIX + str(i).encode() for i in range(12)]
+SHARD_NAMES = [f"identities-{i}" for i in range(SHARDS)]
+
+
+def shard(key: bytes) -> str:
+    return shard_of(RES, key, SHARDS)
+
+
+@dataclass
+class ModelWatcher:
+    buffer: ShardBuffer = field(default_factory=ShardBuffer)
+    gen: int = 0
+    chain: dict[str, Position] = field(default_factory=dict)
 
 
 class FenceMachine(RuleBasedStateMachine):
@@ -33,20 +49,15 @@ class FenceMachine(RuleBasedStateMachine):
         self.store = MemoryTargetStore()
         self.source: dict[bytes, bytes] = {}
         self.rev = 1
-        self.buffer = ShardBuffer()
         self.network: list[Batch] = []
-        self.gen = 0
-        self.chain: dict[str, Position] = {}
-        self.shards = [f"identities-{i}" for i in range(SHARDS)]
+        self.watchers = [ModelWatcher(), ModelWatcher()]
         self.applied_rev: dict[bytes, int] = {}  # key -> source revision of what landed
         self.fence_seen: dict[str, tuple[int, Position]] = {}
-        self.lost = False
-        self.resync()
+        self.lost = False  # a message vanished, or the target was wiped, since the last resync
+        self.clock = 0
+        self.resync(0)
 
-    # -- the model watcher ------------------------------------------------------------------
-
-    def _shard(self, key: bytes) -> str:
-        return shard_of(RES, key, SHARDS)
+    # -- the model watchers -----------------------------------------------------------------
 
     @rule(k=st.sampled_from(KEYS), delete=st.booleans())
     def source_change(self, k: bytes, delete: bool) -> None:
@@ -57,50 +68,57 @@ class FenceMachine(RuleBasedStateMachine):
         else:
             self.source[k] = f"v{self.rev}".encode()
             change = Change(k, Op.PUT, self.source[k], (self.rev, 0))
-        self.buffer.add(self._shard(k), change)
+        for w in self.watchers:  # both watch the same source
+            w.buffer.add(shard(k), change)
 
-    @rule(max_ops=st.integers(1, 4))
-    def flush(self, max_ops: int) -> None:
-        for shard, changes in self.buffer.drain().items():
+    @rule(w=st.integers(0, 1), max_ops=st.integers(1, 4))
+    def flush(self, w: int, max_ops: int) -> None:
+        watcher = self.watchers[w]
+        if not watcher.gen:
+            watcher.buffer.drain()
+            return
+        for shard_name, changes in watcher.buffer.drain().items():
             batches = make_batches(
                 source=SRC,
                 target="t",
-                shard=shard,
-                gen=self.gen,
-                prev=self.chain[shard],
+                shard=shard_name,
+                gen=watcher.gen,
+                prev=watcher.chain[shard_name],
                 changes=changes,
                 max_ops=max_ops,
                 max_bytes=10**6,
             )
             self.network.extend(batches)
-            self.chain[shard] = batches[-1].pos
+            watcher.chain[shard_name] = batches[-1].pos
 
-    @rule()
-    def resync(self) -> None:
-        """Bump the generation, diff the target against the source at R, publish the diff."""
+    @rule(w=st.integers(0, 1))
+    def resync(self, w: int) -> None:
+        """Watcher w opens a generation (a takeover, a resync, anti-entropy): bump, diff the
+        target against the source at R, publish the diff. Old batches stay in flight."""
+        watcher = self.watchers[w]
+        view = self.store.read_fence(SRC, SHARD_NAMES[0])
+        self.clock += 1  # generations never repeat, even after the target forgot them
+        watcher.gen = max((view.gen or 0) + 1, watcher.gen + 1, self.clock)
+        self.store.put(gen_key(SRC), GenRecord(watcher.gen, SHARDS, "id", 1).encode())
         self.lost = False
-        self.gen += 1
-        self.store.put(gen_key(SRC), GenRecord(self.gen, SHARDS, "id", 1).encode())
         R = self.rev
-        self.buffer.drain()  # covered by the snapshot
+        watcher.buffer.drain()  # covered by the snapshot
         actual = {k: v for k, (v, _) in self.store.data.items() if k.startswith(PREFIX)}
         d = diff(dict(self.source), actual)
-        per: dict[str, list[Change]] = {s: [] for s in self.shards}
-        for k, v in {**d.missing, **d.different}.items():
-            per[self._shard(k)].append(Change(k, Op.PUT, v, (R, len(per[self._shard(k)]) + 1)))
-        for k in d.extra:
-            per[self._shard(k)].append(
-                Change(k, Op.DELETE, None, (R, len(per[self._shard(k)]) + 1))
-            )
-        for s in self.shards:
-            self.store.put(fence_key(SRC, s), FenceRecord(self.gen, (R, 0), not per[s]).encode())
-            self.chain[s] = (R, 0)
+        per: dict[str, list[Change]] = {s: [] for s in SHARD_NAMES}
+        todo = [(k, Op.PUT, v) for k, v in {**d.missing, **d.different}.items()]
+        todo += [(k, Op.DELETE, None) for k in d.extra]
+        for k, op, v in todo:
+            per[shard(k)].append(Change(k, op, v, (R, len(per[shard(k)]) + 1)))
+        for s in SHARD_NAMES:
+            self.store.put(fence_key(SRC, s), FenceRecord(watcher.gen, (R, 0), not per[s]).encode())
+            watcher.chain[s] = (R, 0)
             if per[s]:
                 batches = make_batches(
                     source=SRC,
                     target="t",
                     shard=s,
-                    gen=self.gen,
+                    gen=watcher.gen,
                     prev=(R, 0),
                     changes=per[s],
                     max_ops=2,
@@ -108,7 +126,22 @@ class FenceMachine(RuleBasedStateMachine):
                     snapshot=True,
                 )
                 self.network.extend(batches)
-                self.chain[s] = batches[-1].pos
+                watcher.chain[s] = batches[-1].pos
+
+    @precondition(lambda self: self.store.resync_requests)
+    @rule(w=st.integers(0, 1))
+    def answer_resync_request(self, w: int) -> None:
+        """A worker asked for a resync (the target lost its records): a watcher answers."""
+        self.store.resync_requests.clear()
+        self.resync(w)
+
+    @rule()
+    def wipe_target(self) -> None:
+        """The target etcd comes back empty: its cache and kvmesh records are gone."""
+        self.store.data.clear()
+        self.applied_rev.clear()
+        self.fence_seen.clear()
+        self.lost = True
 
     # -- the network --------------------------------------------------------------------------
 
@@ -130,6 +163,8 @@ class FenceMachine(RuleBasedStateMachine):
                 self.applied_rev[op.key] = batch.pos[0]
         elif decision is Decision.GAP and not keep:
             self.network.append(batch)  # Celery's retry puts it back
+        elif decision is Decision.RESYNC:
+            self.store.request_resync(SRC, batch.gen, "target lost its records")
 
     @precondition(lambda self: self.network)
     @rule(i=st.integers(0, 10**6))
@@ -140,15 +175,19 @@ class FenceMachine(RuleBasedStateMachine):
 
     @invariant()
     def fences_never_move_backwards(self) -> None:
-        for s in self.shards:
+        for s in SHARD_NAMES:
             view = self.store.read_fence(SRC, s)
             if view.fence is None:
                 continue
             key = (view.fence.gen, view.fence.pos)
             prev = self.fence_seen.get(s)
-            if prev is not None and prev[0] == key[0]:
-                assert key[1] >= prev[1]
+            if prev is not None:
+                assert key[0] >= prev[0], "a generation went backwards"
+                if prev[0] == key[0]:
+                    assert key[1] >= prev[1]
             self.fence_seen[s] = key
+
+    # -- convergence --------------------------------------------------------------------------
 
     def _drain(self) -> None:
         progress = True
@@ -156,8 +195,7 @@ class FenceMachine(RuleBasedStateMachine):
             progress = False
             for batch in list(self.network):
                 self.network.remove(batch)
-                d = apply_batch(self.store, batch)
-                if d is Decision.GAP:
+                if apply_batch(self.store, batch) is Decision.GAP:
                     self.network.append(batch)
                 else:
                     progress = True
@@ -166,16 +204,24 @@ class FenceMachine(RuleBasedStateMachine):
         return {k: v for k, (v, _) in self.store.data.items() if k.startswith(PREFIX)}
 
     def teardown(self) -> None:
-        """With nothing lost, delivery alone converges; after a resync, it always does."""
-        self.flush(4)
-        if not self.lost:
+        """With nothing lost, the current watcher's delivery alone converges; after a resync
+        it always does, whatever the other watcher still has in flight."""
+        current = max(range(2), key=lambda i: self.watchers[i].gen)
+        assert self.watchers[0].gen != self.watchers[1].gen
+        self.flush(current, 4)
+        if (
+            not self.lost
+            and self.watchers[current].gen == self.store.read_fence(SRC, SHARD_NAMES[0]).gen
+        ):
             self._drain()
             assert self._cache() == self.source
-        self.resync()
+        self.resync(0)
+        self.flush(1, 4)  # the superseded watcher's late batches must change nothing
+        self.flush(0, 4)
         self._drain()
         assert self._cache() == self.source
-        assert not self.network
+        assert all(b.gen < self.watchers[0].gen for b in self.network)
 
 
 TestFenceProtocol = FenceMachine.TestCase
-TestFenceProtocol.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestFenceProtocol.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)

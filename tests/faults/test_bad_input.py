@@ -1,0 +1,148 @@
+"""Bad input is reported with the key and the reason, counted, and never stops the pipeline
+for everything else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kombu import Connection, Exchange, Producer, Queue
+
+from pipeline.cilium_state import identity_id
+from pipeline.lab import scrape
+from pipeline.servers import free_port
+
+from ..conftest import Servers
+from ..harness import eventually
+from .conftest import FaultMesh
+
+pytestmark = pytest.mark.faults
+
+
+def start(mesh: FaultMesh, watcher_env: dict[str, str] | None = None) -> None:
+    mesh.start_churn()
+    mesh.worker()
+    env, mesh.env = mesh.env, dict(mesh.env, **(watcher_env or {}))
+    mesh.watcher()
+    mesh.env = env
+
+
+def test_non_utf8_keys_values_and_empty_values_are_copied_exactly(mesh: FaultMesh) -> None:
+    """Bytes that are not UTF-8, and empty values, land byte for byte."""
+    start(mesh)
+    a, b = mesh.client(0), mesh.client(1)
+    a.put(b"cilium/state/nodes/v1/cluster-a/\xc3\x28\xff", b"\xfe\xff\x00\x01")
+    a.put(b"cilium/state/services/v1/cluster-a/\x80ns/\x81svc", b"")
+    a.put(b"cilium/state/ip/v1/default/\xf0\x28\x8c\x28", b"\xed\xa0\x80")
+    mesh.settle()
+    assert b.get(b"cilium/cache/nodes/v1/cluster-a/\xc3\x28\xff").value == b"\xfe\xff\x00\x01"  # type: ignore[union-attr]
+    assert b.get(b"cilium/cache/services/v1/cluster-a/\x80ns/\x81svc").value == b""  # type: ignore[union-attr]
+    assert b.get(b"cilium/cache/ip/v1/cluster-a/\xf0\x28\x8c\x28").value == b"\xed\xa0\x80"  # type: ignore[union-attr]
+
+
+def test_value_larger_than_the_target_accepts(servers: Servers) -> None:
+    """A value over the target's request limit is reported with its key, counted and
+    skipped; everything else syncs; verify lists it as rejected, not missing."""
+    mesh = FaultMesh(servers, etcd_args={1: ["--max-request-bytes", "200000"]})
+    try:
+        start(mesh)
+        a = mesh.client(0)
+        big = b"cilium/state/services/v1/cluster-a/ns-1/huge"
+        a.put(big, b"x" * 300_000)
+        a.put(b"cilium/state/services/v1/cluster-a/ns-1/after", b"fine")
+        out = mesh.settle()
+        line = next(ln for ln in out.splitlines() if ln.startswith("cluster-a -> cluster-b"))
+        assert "missing 0" in line and "rejected 1" in line, out
+        assert "rejected: cilium/cache/services/v1/cluster-a/ns-1/huge" in out
+        b = mesh.client(1)
+        assert b.get(b"cilium/cache/services/v1/cluster-a/ns-1/after") is not None
+        assert b.get(b"cilium/cache/services/v1/cluster-a/ns-1/huge") is None
+        worker = mesh.procs[0].output()
+        assert "not synced: key cilium/cache/services/v1/cluster-a/ns-1/huge" in worker
+        status = json.loads(mesh.cli("status", "--json").stdout)
+        row = next(r for r in status if r["source"] == "cluster-a")
+        assert row["workers"]["rejected_too_large"] >= 1
+    finally:
+        mesh.stop()
+
+
+def test_keys_that_do_not_fit_the_layout_are_ignored_reported_and_counted(mesh: FaultMesh) -> None:
+    """A malformed identity and another cluster's identity are not synced; the watcher logs
+    each with its key and counts it; the rest of the mesh stays exact."""
+    port = free_port()
+    start(mesh, {"KVMESH_METRICS_WATCHER_PORT": str(port)})
+    a = mesh.client(0)
+    a.put(b"cilium/state/identities/v1/id/not-a-number", b"k8s:x=y;")
+    foreign = identity_id(5, 77)
+    a.put(f"cilium/state/identities/v1/id/{foreign}".encode(), b"k8s:x=y;")
+    out = mesh.settle()
+    assert "rejected 2" in next(
+        ln for ln in out.splitlines() if ln.startswith("cluster-a -> cluster-b")
+    )
+    b = mesh.client(1)
+    assert b.get(f"cilium/cache/identities/v1/cluster-a/id/{foreign}".encode()) is None
+    log = mesh.procs[1].output()
+    assert "not synced: layout: key cilium/state/identities/v1/id/not-a-number" in log
+    assert "belongs to cluster ID 5" in log
+    metrics = eventually(lambda: scrape(port), what="watcher metrics")
+    rejected = sum(
+        v
+        for k, v in metrics.items()
+        if k.startswith('kvmesh_watcher_rejected_total{reason="layout",source_cluster="cluster-a"}')
+    )
+    assert rejected >= 2
+
+
+def test_malformed_task_messages_are_rejected_and_the_worker_goes_on(mesh: FaultMesh) -> None:
+    """A task whose payload does not decode, and a pickled message, are refused with a log
+    line; the worker keeps applying everything else."""
+    start(mesh)
+    queue = Queue(
+        "kvmesh.cluster-a",
+        Exchange("kvmesh.cluster-a", type="direct"),
+        routing_key="kvmesh.cluster-a",
+    )
+    with Connection(mesh.redis.url) as conn:
+        producer = Producer(conn)
+        headers = {
+            "lang": "py",
+            "task": "kvmesh.apply_batch",
+            "id": "bad-1",
+            "retries": 0,
+            "root_id": "bad-1",
+            "parent_id": None,
+            "group": None,
+        }
+        producer.publish(
+            [["not", "a", "batch"], {}, {}],
+            serializer="json",
+            headers=headers,
+            exchange=queue.exchange,
+            routing_key=queue.routing_key,
+            declare=[queue],
+        )
+        producer.publish(
+            [[{"v": 1, "batches": [{"gen": "x"}]}], {}, {}],
+            serializer="json",
+            headers=dict(headers, id="bad-2", root_id="bad-2"),
+            exchange=queue.exchange,
+            routing_key=queue.routing_key,
+        )
+        producer.publish(
+            {"evil": True},
+            serializer="pickle",
+            headers=dict(headers, id="bad-3", root_id="bad-3"),
+            exchange=queue.exchange,
+            routing_key=queue.routing_key,
+        )
+    worker = mesh.procs[0]
+    eventually(
+        lambda: worker.output().count("rejected task") >= 2,
+        timeout=30,
+        what="the malformed tasks rejected",
+    )
+    eventually(lambda: "pickle" in worker.output(), timeout=30, what="the pickle refused")
+    mesh.client(0).put(b"cilium/state/nodes/v1/cluster-a/after-garbage", b"{}")
+    mesh.settle()
+    assert worker.popen.poll() is None
+    assert mesh.client(1).get(b"cilium/cache/nodes/v1/cluster-a/after-garbage") is not None
