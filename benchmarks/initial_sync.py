@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.cilium_state import identity_id, identity_labels, write_items
 from pipeline.etcd import Etcd
-from pipeline.servers import EtcdServer, RedisServer, find_binary
+from pipeline.servers import EtcdServer, RedisServer, die_with_parent, find_binary
 
 SOURCE = "cluster-a"
 ID_PREFIX = b"cilium/state/identities/v1/id/"
@@ -57,6 +57,18 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))
     print(f"logs in {tmp}")
     servers = []
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(
+        cmd: list[str], log: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
+            )
+        procs.append(proc)
+        return proc
+
     try:
         src = EtcdServer(tmp / "source")
         dst_k = EtcdServer(tmp / "target-kvmesh")
@@ -84,29 +96,24 @@ def main() -> int:
         )
         kvmesh = [sys.executable, "-m", "pipeline"]
         wlog = tmp / "worker.log"
-        with open(wlog, "w") as fh:
-            worker = subprocess.Popen(
-                [
-                    *kvmesh,
-                    "worker",
-                    "--config",
-                    str(cfg),
-                    "--concurrency",
-                    str(args.concurrency),
-                    "--pool",
-                    args.pool,
-                ],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-            )
+        worker = spawn(
+            [
+                *kvmesh,
+                "worker",
+                "--config",
+                str(cfg),
+                "--concurrency",
+                str(args.concurrency),
+                "--pool",
+                args.pool,
+            ],
+            wlog,
+        )
         # Celery logs "ready." once it consumes.
         worker_ready(wlog, 60)
         target_k = Etcd(dst_k.cluster())
         t0 = time.monotonic()
-        with open(tmp / "watch.log", "w") as fh:
-            watcher = subprocess.Popen(
-                [*kvmesh, "watch", "--config", str(cfg)], stdout=fh, stderr=subprocess.STDOUT
-            )
+        watcher = spawn([*kvmesh, "watch", "--config", str(cfg)], tmp / "watch.log")
         t_kvmesh = wait_count(target_k, args.keys, args.timeout) - t0
         watcher.terminate()
         worker.terminate()
@@ -120,7 +127,7 @@ def main() -> int:
         target_m = Etcd(dst_m.cluster())
         env = dict(os.environ, ETCDCTL_API="3")
         t0 = time.monotonic()
-        mirror = subprocess.Popen(
+        mirror = spawn(
             [
                 find_binary("etcdctl"),
                 "--endpoints",
@@ -132,9 +139,8 @@ def main() -> int:
                 CACHE_PREFIX.decode(),
                 dst_m.url,
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
+            tmp / "mirror.log",
+            env,
         )
         t_mirror = wait_count(target_m, args.keys, args.timeout) - t0
         mirror.terminate()
@@ -146,6 +152,14 @@ def main() -> int:
         )
         return 0
     finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
         for s in servers:
             s.stop()
 

@@ -268,7 +268,7 @@ def supervise_worker(argv: list[str], config: str | None) -> int:
     backoff = 1.0
     while True:
         started = time.monotonic()
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)  # noqa: PLW1509
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
         child[:] = [proc]
         code = proc.wait()
         if stopping.is_set() or code == 0:

@@ -223,7 +223,7 @@ class Lab:
                 # Its own session: a terminal's Ctrl-C reaches the lab alone, which then stops
                 # the children in order. The kernel still stops them if the lab dies.
                 start_new_session=True,
-                preexec_fn=die_with_parent,  # noqa: PLW1509 - one pre-resolved libc call
+                preexec_fn=die_with_parent,
             )
         child = Child(name, popen, log)
         self.children.append(child)

@@ -105,7 +105,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=die_with_parent,  # noqa: PLW1509 - calls one pre-resolved libc function
+            preexec_fn=die_with_parent,
         )
         log.close()
         _wait(self.ready, timeout, f"{self.name} on port {self.port}", self.proc, self.log_path)

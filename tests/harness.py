@@ -12,11 +12,56 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pipeline.config import Settings, load_settings
 from pipeline.etcd import Etcd
-from pipeline.servers import EtcdServer, RedisServer
+from pipeline.servers import (
+    EtcdServer,
+    MissingBinaryError,
+    RedisServer,
+    ServerProcess,
+    die_with_parent,
+    find_binary,
+)
 
-from .conftest import Servers
+
+def require_binary(name: str) -> str:
+    try:
+        return find_binary(name)
+    except MissingBinaryError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI needs {name}: {exc}")
+        pytest.skip(str(exc))
+
+
+class Servers:
+    """Starts servers for one test and stops every one of them afterwards."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: list[ServerProcess] = []
+        self._n = 0
+
+    def etcd(self, extra_args: list[str] | None = None) -> EtcdServer:
+        require_binary("etcd")
+        self._n += 1
+        server = EtcdServer(self.root / f"etcd{self._n}", extra_args=extra_args)
+        server.start()
+        self.started.append(server)
+        return server
+
+    def redis(self) -> RedisServer:
+        require_binary("redis-server")
+        self._n += 1
+        server = RedisServer(self.root / f"redis{self._n}")
+        server.start()
+        self.started.append(server)
+        return server
+
+    def stop_all(self) -> None:
+        for s in self.started:
+            s.stop()
 
 
 def eventually(
@@ -45,6 +90,7 @@ class Proc:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=die_with_parent,  # an interrupted test run leaves nothing behind
             )
 
     def output(self) -> str:

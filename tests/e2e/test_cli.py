@@ -11,8 +11,7 @@ import pytest
 
 from pipeline.cilium_state import make_state, write_items
 
-from ..conftest import Servers
-from ..harness import Mesh, Proc, eventually
+from ..harness import Mesh, Proc, Servers, eventually
 
 pytestmark = pytest.mark.e2e
 

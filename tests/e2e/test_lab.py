@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.servers import free_port
+from pipeline.servers import die_with_parent, free_port
 
-from ..conftest import require_binary
-from ..harness import eventually
+from ..harness import eventually, require_binary
 
 pytestmark = pytest.mark.e2e
 
@@ -36,6 +35,7 @@ def start_lab(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path]:
         stdout=open(log, "w"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=die_with_parent,
     )
     return proc, log
 

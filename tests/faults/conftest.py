@@ -10,8 +10,7 @@ import pytest
 
 from pipeline.simulate import Simulator
 
-from ..conftest import Servers
-from ..harness import Mesh
+from ..harness import Mesh, Servers
 
 FAULT_SYNC = "\n".join(
     [

@@ -79,7 +79,7 @@ class Proxy:
                     if self.mode == "delay":
                         time.sleep(self.delay)
                     peers[s].sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # a socket closed under us by heal() or close()
             return
         finally:
             a.close()

@@ -12,8 +12,7 @@ from pipeline.cilium_state import identity_id
 from pipeline.lab import scrape
 from pipeline.servers import free_port
 
-from ..conftest import Servers
-from ..harness import eventually
+from ..harness import Servers, eventually
 from .conftest import FaultMesh
 
 pytestmark = pytest.mark.faults

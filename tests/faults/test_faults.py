@@ -12,8 +12,7 @@ import pytest
 from pipeline.fence import GenRecord
 from pipeline.layout import gen_key
 
-from ..conftest import Servers
-from ..harness import eventually
+from ..harness import Servers, eventually
 from .conftest import FaultMesh
 from .proxy import Proxy
 

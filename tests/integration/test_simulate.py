@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.simulate import Simulator
 
-from ..conftest import Servers
+from ..harness import Servers
 
 pytestmark = pytest.mark.integration
 
