@@ -21,7 +21,8 @@ from pathlib import Path
 
 from pipeline.cilium_state import identity_id, identity_labels, write_items
 from pipeline.etcd import Etcd
-from pipeline.servers import EtcdServer, RedisServer, die_with_parent, find_binary
+from pipeline.orphan import wrap
+from pipeline.servers import EtcdServer, RedisServer, find_binary
 
 SOURCE = "cluster-a"
 ID_PREFIX = b"cilium/state/identities/v1/id/"
@@ -63,9 +64,7 @@ def main() -> int:
         cmd: list[str], log: Path, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(
-                cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
-            )
+            proc = subprocess.Popen(wrap(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env)
         procs.append(proc)
         return proc
 

@@ -249,7 +249,7 @@ def supervise_worker(argv: list[str], config: str | None) -> int:
     import os
     import subprocess
 
-    from .servers import die_with_parent
+    from .orphan import wrap
 
     env = dict(os.environ)
     if config:
@@ -268,7 +268,7 @@ def supervise_worker(argv: list[str], config: str | None) -> int:
     backoff = 1.0
     while True:
         started = time.monotonic()
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
+        proc = subprocess.Popen(wrap(cmd), env=env)
         child[:] = [proc]
         code = proc.wait()
         if stopping.is_set() or code == 0:

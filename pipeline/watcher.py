@@ -782,7 +782,7 @@ class Watcher:
         self.epoch += 1
         self.buffer.drain()
         self._flush_deadline = None
-        while not self.stop_event.is_set():
+        while not self.stop_event.is_set() and self._keep_lease():
             try:
                 self.source_cluster_id = self.etcd.header()[1]
                 for t in self.targets:

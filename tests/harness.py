@@ -16,12 +16,12 @@ import pytest
 
 from pipeline.config import Settings, load_settings
 from pipeline.etcd import Etcd
+from pipeline.orphan import wrap
 from pipeline.servers import (
     EtcdServer,
     MissingBinaryError,
     RedisServer,
     ServerProcess,
-    die_with_parent,
     find_binary,
 )
 
@@ -85,12 +85,12 @@ class Proc:
         self.log = log
         with open(log, "ab") as fh:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "pipeline", *args],
+                # wrap(): an interrupted test run leaves nothing behind
+                wrap([sys.executable, "-m", "pipeline", *args]),
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=die_with_parent,  # an interrupted test run leaves nothing behind
             )
 
     def output(self) -> str:

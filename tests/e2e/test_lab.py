@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.servers import die_with_parent, free_port
+from pipeline.orphan import wrap
+from pipeline.servers import free_port
 
 from ..harness import eventually, require_binary
 
@@ -31,11 +32,10 @@ def start_lab(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path]:
     require_binary("redis-server")
     log = tmp_path / "lab.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "lab", *args],
+        wrap([sys.executable, "-m", "pipeline", "lab", *args]),
         stdout=open(log, "w"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=die_with_parent,
     )
     return proc, log
 
