@@ -106,10 +106,6 @@ def fence_key(source: str, shard: str) -> bytes:
     return f"kvmesh/{source}/fence/{shard}".encode()
 
 
-def fence_prefix(source: str) -> bytes:
-    return f"kvmesh/{source}/fence/".encode()
-
-
 def progress_key(source: str) -> bytes:
     return f"kvmesh/{source}/progress".encode()
 

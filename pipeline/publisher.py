@@ -80,16 +80,3 @@ class CeleryPublisher:
                     )
         except (OperationalError, OSError) as exc:
             raise RetryableError(f"publishing to {self._queue} failed: {exc}") from None
-
-
-class ListPublisher:
-    """Collects batches in memory (tests of the watcher logic)."""
-
-    def __init__(self) -> None:
-        self.published: list[Batch] = []
-
-    def publish(self, batches: Sequence[Batch]) -> None:
-        self.published.extend(batches)
-
-    def backlog(self) -> int:
-        return 0

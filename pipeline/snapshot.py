@@ -20,7 +20,6 @@ from .wire import Batch, op_size
 class SourceState:
     revision: int
     items: dict[bytes, bytes]  # target key -> target value
-    resource_of: dict[bytes, Resource]
     rejected: dict[bytes, str] = field(default_factory=dict)  # source key -> reason
 
 
@@ -73,18 +72,17 @@ def read_source(
     on_reject: Callable[[BadInputError], None] | None = None,
 ) -> SourceState:
     """Every synced key of the source, listed at one revision."""
-    state = SourceState(etcd.revision(), {}, {})
+    state = SourceState(etcd.revision(), {})
 
     def reject(exc: BadInputError) -> None:
         state.rejected[exc.key] = str(exc)
         if on_reject:
             on_reject(exc)
 
-    for res, tkey, tvalue in iter_source(
+    for _res, tkey, tvalue in iter_source(
         etcd, layout, state.revision, page=page, max_bytes=max_bytes, on_reject=reject
     ):
         state.items[tkey] = tvalue
-        state.resource_of[tkey] = res
     return state
 
 

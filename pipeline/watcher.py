@@ -68,7 +68,6 @@ class Target:
     chain: dict[str, Position] = field(default_factory=dict)  # last pos published per shard
     skip: dict[str, Position] = field(default_factory=dict)  # events at/below are covered
     need_resync: str | None = "start"  # reason, while a resync is owed
-    resumable: bool = False
     snapshot_rev: int = 0
     canaried: set[str] = field(default_factory=set)
     fence_pos: dict[str, Position] = field(default_factory=dict)
@@ -557,7 +556,6 @@ class Watcher:
         t.skip = {s: max(fences[s].pos, (through, END)) for s in self.shards}
         self._write_fences(t, {s: FenceRecord(new_gen, fences[s].pos, True) for s in self.shards})
         t.need_resync = None
-        t.resumable = True
         t.snapshot_rev = 0
         t.progress_rev = through
         self._reset_stall(t)
