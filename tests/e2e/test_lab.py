@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -94,10 +93,7 @@ def test_lab_runs_a_mesh_reports_and_cleans_up(tmp_path: Path) -> None:
         assert int(ids) > 100 and int(values) == 0
     src = re.findall(r"^(cluster-\d)\s+(\d+)\s+(\d+)\s+(\d+)\s*$", out, re.M)
     assert len(src) == 2 and all(int(v) > 0 for *_, v in src)  # sources do hold value keys
-    deadline = time.monotonic() + 10
-    while leftovers(root) and time.monotonic() < deadline:
-        time.sleep(0.2)  # children may take a moment to exit
-    assert leftovers(root) == []
+    eventually(lambda: leftovers(root) == [], timeout=10, what="no process left")
 
 
 def test_a_dead_child_is_reported_and_everything_stops(tmp_path: Path) -> None:

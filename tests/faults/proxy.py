@@ -1,5 +1,5 @@
-"""A small TCP proxy for partition tests: pass traffic, delay it, or blackhole it (accept
-and hold connections, forward nothing), as a network partition looks to both ends."""
+"""A small TCP proxy for partition tests: pass traffic, or blackhole it (accept and hold
+connections, forward nothing), as a network partition looks to both ends."""
 
 from __future__ import annotations
 
@@ -7,14 +7,12 @@ import contextlib
 import select
 import socket
 import threading
-import time
 
 
 class Proxy:
     def __init__(self, upstream_port: int) -> None:
         self.upstream = ("127.0.0.1", upstream_port)
-        self.mode = "pass"  # "pass", "blackhole" or "delay"
-        self.delay = 0.0
+        self.mode = "pass"  # "pass" or "blackhole"
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -76,8 +74,6 @@ class Proxy:
                         return
                     if self.mode == "blackhole":
                         continue  # dropped on the floor
-                    if self.mode == "delay":
-                        time.sleep(self.delay)
                     peers[s].sendall(data)
         except (OSError, ValueError):  # a socket closed under us by heal() or close()
             return
