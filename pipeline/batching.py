@@ -64,6 +64,12 @@ def check_size(key: bytes, value: bytes | None, max_bytes: int) -> None:
         raise ValueTooLargeError(key, f"{size} bytes exceed the batch limit of {max_bytes} bytes")
 
 
+def overflows(count: int, size: int, add: int, max_ops: int, max_bytes: int) -> bool:
+    """Whether adding an operation of *add* bytes to a group of *count* operations and
+    *size* bytes would break either limit (an empty group always takes one)."""
+    return count > 0 and (count >= max_ops or size + add > max_bytes)
+
+
 def cut(changes: Sequence[Change], max_ops: int, max_bytes: int) -> list[list[Change]]:
     """Split position-ordered, key-unique changes into consecutive groups within both limits.
 
@@ -73,7 +79,7 @@ def cut(changes: Sequence[Change], max_ops: int, max_bytes: int) -> list[list[Ch
     size = 0
     for ch in changes:
         ch_size = op_size(ch.key, ch.value)
-        if current and (len(current) >= max_ops or size + ch_size > max_bytes):
+        if overflows(len(current), size, ch_size, max_ops, max_bytes):
             groups.append(current)
             current, size = [], 0
         current.append(ch)

@@ -143,9 +143,6 @@ class Layout:
     cluster_id: int
     identities: str = "id"
 
-    def resources(self) -> tuple[Resource, ...]:
-        return RESOURCES
-
     def rewrite(self, resource: Resource, key: bytes) -> bytes:
         """Map a source key to its target key, or raise LayoutError naming the reason.
 

@@ -96,10 +96,6 @@ class ServerProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
         if self.proc is not None and self.proc.poll() is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
-from .batching import Change, check_size
+from .batching import Change, check_size, overflows
 from .errors import BadInputError
 from .etcd import Etcd
 from .fence import Position
@@ -176,9 +176,8 @@ class SnapshotCutter:
         pending = self._pending.setdefault(shard, [])
         size = op_size(key, value)
         out: list[Batch] = []
-        if pending and (
-            len(pending) >= self._max_ops
-            or self._pending_bytes.get(shard, 0) + size > self._max_bytes
+        if overflows(
+            len(pending), self._pending_bytes.get(shard, 0), size, self._max_ops, self._max_bytes
         ):
             out = self._cut(shard, done=False)
         self._pending.setdefault(shard, []).append(change)

@@ -79,14 +79,16 @@ def eventually(
 
 
 class Proc:
-    """A kvmesh CLI process with its log file."""
+    """A kvmesh CLI process (or, with *command*, any command) with its log file."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, args: list[str], log: Path, env: dict[str, str], command: list[str] | None = None
+    ) -> None:
         self.log = log
         with open(log, "ab") as fh:
             self.popen = subprocess.Popen(
                 # wrap(): an interrupted test run leaves nothing behind
-                wrap([sys.executable, "-m", "pipeline", *args]),
+                wrap([*(command or [sys.executable, "-m", "pipeline"]), *args]),
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 env=env,

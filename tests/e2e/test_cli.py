@@ -86,33 +86,28 @@ def test_celery_cli_runs_the_worker_app(mesh: Mesh) -> None:
     """`celery -A workers.app worker` with $KVMESH_CONFIG consumes and applies batches."""
     write_items(mesh.client(0), make_state("cluster-a", 1, identities=40, endpoints=10))
     celery = Path(sys.executable).parent / "celery"
-    log = mesh.root / "celery.log"
-    with open(log, "wb") as fh:
-        p = subprocess.Popen(
-            [
-                str(celery),
-                "-A",
-                "workers.app",
-                "worker",
-                "-Q",
-                "kvmesh.cluster-a,kvmesh.cluster-b",
-                "-c",
-                "1",
-                "-P",
-                "solo",
-                "-n",
-                "c1@%h",
-            ],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=mesh.env,
-            start_new_session=True,
-        )
-    mesh.procs.append(Proc.__new__(Proc))
-    mesh.procs[-1].popen, mesh.procs[-1].log = p, log
+    worker = Proc(
+        [
+            "-A",
+            "workers.app",
+            "worker",
+            "-Q",
+            "kvmesh.cluster-a,kvmesh.cluster-b",
+            "-c",
+            "1",
+            "-P",
+            "solo",
+            "-n",
+            "c1@%h",
+        ],
+        mesh.root / "celery.log",
+        mesh.env,
+        command=[str(celery)],
+    )
+    mesh.procs.append(worker)
     mesh.watcher()
     res = mesh.verify(60)
-    assert res.returncode == 0, res.stdout + log.read_text()
+    assert res.returncode == 0, res.stdout + worker.output()
 
 
 def test_identities_all_mode_copies_value_keys(servers: Servers) -> None:
