@@ -93,7 +93,10 @@ class SyncConfig:
 class WorkerConfig:
     concurrency: int = 2
     pool: str = "prefork"
-    gap_wait: float = 1.0  # seconds a task waits in place for its predecessor
+    # Seconds a task waits in place for its predecessor before handing the batch back to the
+    # queue. A predecessor that another worker holds lands within milliseconds; a longer wait
+    # only blocks a pool slot while the predecessor is lost or stuck.
+    gap_wait: float = 0.1
     gap_retry_delay: float = 0.2  # then it is re-queued with this delay
     max_retry_delay: float = 10.0  # backoff cap for an unreachable target
 

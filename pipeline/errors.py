@@ -73,7 +73,12 @@ class RequestTooLargeError(KvmeshError):
 
 
 class RetryableError(KvmeshError):
-    """A transient failure talking to etcd or Redis."""
+    """A transient failure talking to etcd or Redis. `cluster` names the etcd cluster that
+    failed, when it was one."""
+
+    def __init__(self, message: str, cluster: str | None = None) -> None:
+        super().__init__(message)
+        self.cluster = cluster
 
 
 class CompactedError(RetryableError):

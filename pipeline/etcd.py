@@ -67,8 +67,8 @@ def _retryable(exc: BaseException, what: str, cluster: str) -> RetryableError:
         details = exc.details() if hasattr(exc, "details") else str(exc)
         if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in (details or ""):
             return CompactedError(0)
-        return RetryableError(f"etcd {cluster}: {what} failed: {code}: {details}")
-    return RetryableError(f"etcd {cluster}: {what} failed: {type(exc).__name__}: {exc}")
+        return RetryableError(f"etcd {cluster}: {what} failed: {code}: {details}", cluster)
+    return RetryableError(f"etcd {cluster}: {what} failed: {type(exc).__name__}: {exc}", cluster)
 
 
 class Etcd:
@@ -332,7 +332,8 @@ class WatchStream:
                     raise CompactedError(int(resp.compact_revision))
                 if resp.canceled:
                     raise RetryableError(
-                        f"etcd {self._etcd.name}: watch canceled: {resp.cancel_reason}"
+                        f"etcd {self._etcd.name}: watch canceled: {resp.cancel_reason}",
+                        self._etcd.name,
                     )
                 if resp.created and not resp.events:
                     continue
@@ -346,7 +347,7 @@ class WatchStream:
                     )
                 self._on_events(events, int(resp.header.revision))
             if not self._stopped.is_set():
-                raise RetryableError(f"etcd {self._etcd.name}: watch stream ended")
+                raise RetryableError(f"etcd {self._etcd.name}: watch stream ended", self._etcd.name)
         except BaseException as exc:
             if self._stopped.is_set():
                 return

@@ -29,6 +29,8 @@ _RELEASE = (
 
 
 class Lease(Protocol):
+    owner: str  # who this lease would name as the holder (for logs)
+
     def acquire(self) -> bool: ...
     def renew(self) -> bool: ...
     def release(self) -> None: ...
@@ -71,6 +73,8 @@ class RedisLease:
 
 class AlwaysLeader:
     """No election (tests of the watcher logic, or a deliberately single watcher)."""
+
+    owner = "-"
 
     def acquire(self) -> bool:
         return True

@@ -38,8 +38,14 @@ class WatcherMetrics:
         )
         self.resyncs = Counter(
             "kvmesh_watcher_resyncs_total",
-            "Generations opened with a full list-and-diff",
+            "Generations opened with a full list-and-diff, by cause (see docs/metrics.md)",
             ["source_cluster", "target_cluster", "reason"],
+            registry=r,
+        )
+        self.resync_keys = Counter(
+            "kvmesh_watcher_resync_keys_total",
+            "Keys a resync found to differ (kind: missing, different, extra)",
+            ["source_cluster", "target_cluster", "kind"],
             registry=r,
         )
         self.resumes = Counter(
@@ -69,6 +75,25 @@ class WatcherMetrics:
         self.initial_sync = Gauge(
             "kvmesh_watcher_initial_sync_completed",
             "1 once every resource's snapshot landed in the target in this generation",
+            ["source_cluster", "target_cluster"],
+            registry=r,
+        )
+
+        self.active = Gauge(
+            "kvmesh_watcher_active",
+            "1 while this watcher holds the source's lease and syncs, 0 while it is a standby",
+            ["source_cluster"],
+            registry=r,
+        )
+        self.source_failures = Counter(
+            "kvmesh_watcher_source_failures_total",
+            "Failed calls to the source etcd, and watch streams that broke or went silent",
+            ["source_cluster"],
+            registry=r,
+        )
+        self.stalls = Counter(
+            "kvmesh_watcher_stalls_total",
+            "Shards found behind with a fence that did not move for sync.stall_timeout",
             ["source_cluster", "target_cluster"],
             registry=r,
         )

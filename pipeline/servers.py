@@ -80,6 +80,11 @@ class ServerProcess:
         raise NotImplementedError
 
     def start(self, timeout: float = 30.0) -> None:
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to serve (see wait_ready)."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             wrap(self.command()),
@@ -89,6 +94,9 @@ class ServerProcess:
             start_new_session=True,
         )
         log.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        assert self.proc is not None
         _wait(self.ready, timeout, f"{self.name} on port {self.port}", self.proc, self.log_path)
 
     @property
@@ -103,13 +111,30 @@ class ServerProcess:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGTERM)
+        stop_all([self])
+
+
+def start_all(servers: list[ServerProcess], timeout: float = 30.0) -> None:
+    """Start several servers at once and wait until each serves."""
+    for s in servers:
+        s.launch()
+    for s in servers:
+        s.wait_ready(timeout)
+
+
+def stop_all(servers: list[ServerProcess], timeout: float = 10.0) -> None:
+    """SIGTERM every server at once; SIGKILL those still running after *timeout*."""
+    running = [s for s in servers if s.proc is not None and s.proc.poll() is None]
+    for s in running:
+        assert s.proc is not None
+        os.kill(s.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for s in running:
+        assert s.proc is not None
         try:
-            self.proc.wait(10)
+            s.proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            self.kill()
+            s.kill()
 
 
 class EtcdServer(ServerProcess):

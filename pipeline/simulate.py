@@ -279,5 +279,9 @@ class Simulator:
         """Stop churning but keep the leases (the value keys) alive."""
         self.churning.clear()
 
+    def resume(self) -> None:
+        """Churn again after pause()."""
+        self.churning.set()
+
     def stop(self) -> None:
         self.stop_event.set()

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from etcd3 import transactions
@@ -57,6 +58,26 @@ _FLUSH_AT = 8192  # pending changes that force a flush before the linger ends
 _PROGRESS_HEARTBEAT = 30.0  # seconds between progress writes when nothing synced changed
 
 
+class Cause(StrEnum):
+    """Why a target is owed a resync. STABLE API: the `reason` label of
+    kvmesh_watcher_resyncs_total, which operators alert on."""
+
+    START = "start"  # a term begins and the target has not been assessed yet
+    NO_GENERATION = "no_generation"  # the target holds no generation record of this source
+    SETTINGS_CHANGED = "settings_changed"  # shards or identities mode differ from the record
+    SOURCE_REPLACED = "source_replaced"  # the source etcd is another cluster, or lost history
+    FENCES_INCOMPLETE = "fences_incomplete"  # a fence is missing, older, or inside a snapshot
+    FENCES_AHEAD = "fences_ahead"  # a fence is past the source's revision
+    TARGET_UNAVAILABLE = "target_unavailable"  # the target could not be reached at start
+    TARGET_WIPED = "target_wiped"  # the target lost its kvmesh records while synced
+    GENERATION_MOVED = "generation_moved"  # another watcher opened a newer generation
+    REQUESTED = "requested"  # a worker asked for it (a stalled chain or a lost record)
+    STALLED = "stalled"  # a shard behind, its fence still, the queue empty: lost tasks
+    PUBLISH_FAILED = "publish_failed"  # the broker refused a publish
+    ANTI_ENTROPY = "anti_entropy"  # the periodic resync (sync.resync_interval)
+    COMPACTED = "compacted"  # the source's history was compacted past the watch
+
+
 @dataclass
 class Target:
     """What the watcher knows about one target of its source."""
@@ -67,17 +88,23 @@ class Target:
     gen_rev: int = 0
     chain: dict[str, Position] = field(default_factory=dict)  # last pos published per shard
     skip: dict[str, Position] = field(default_factory=dict)  # events at/below are covered
-    need_resync: str | None = "start"  # reason, while a resync is owed
+    need_resync: Cause | None = Cause.START  # set while a resync is owed
+    resync_detail: str = ""  # what the log says about the cause
     snapshot_rev: int = 0
     canaried: set[str] = field(default_factory=set)
     fence_pos: dict[str, Position] = field(default_factory=dict)
-    last_moved: float = 0.0  # when any fence of this pair last moved
+    behind_since: dict[str, float] = field(default_factory=dict)  # shard -> since when behind
     progress_rev: int = 0
     progress_at: float = 0.0  # when the progress record was last written
 
     @property
     def name(self) -> str:
         return self.cluster.name
+
+    def owe(self, cause: Cause, detail: str = "") -> None:
+        """Mark the target for a resync (a cause already owed is kept)."""
+        if self.need_resync is None:
+            self.need_resync, self.resync_detail = cause, detail
 
 
 class Watcher:
@@ -118,8 +145,15 @@ class Watcher:
         self._next_drain = 0.0
         self._extra_clients: dict[str, Etcd] = {}
         self.lease: Lease = lease or AlwaysLeader()
-        self._renewed_at = 0.0
         self._standby_logged = False
+        # The lease is renewed on a thread of its own, so that one slow etcd call of the main
+        # loop (up to sync.etcd_timeout; a partitioned target makes several in a row) does
+        # not cost the lease. The main loop beats a heart; a loop that has not beaten for
+        # _stuck_after seconds is hung, and then the lease is left to expire.
+        self._in_term = threading.Event()
+        self._lease_lost = threading.Event()
+        self._beat = 0.0
+        self._stuck_after = 3 * settings.sync.etcd_timeout + settings.sync.leader_ttl
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -139,25 +173,54 @@ class Watcher:
         """Run until stop() is called: wait as a standby until this watcher holds the
         source's lease, then sync; step down when the lease cannot be renewed."""
         src = self.source.name
+        keeper = threading.Thread(target=self._renew_loop, name=f"lease:{src}", daemon=True)
+        keeper.start()
         try:
             while not self.stop_event.is_set():
                 if not self.lease.acquire():
+                    self.metrics.active.labels(src).set(0)
                     if not self._standby_logged:
                         log.info("%s: standby; %s is active", src, self.lease.holder() or "nobody")
                         self._standby_logged = True
                     self.stop_event.wait(min(1.0, self.sync.leader_ttl / 4))
                     continue
                 self._standby_logged = False
-                log.info("%s: active (lease %s)", src, getattr(self.lease, "owner", "-"))
-                self._serve()
+                log.info("%s: active (lease %s)", src, self.lease.owner)
+                self.metrics.active.labels(src).set(1)
+                self._beat = self.clock()
+                self._lease_lost.clear()
+                self._in_term.set()
+                try:
+                    self._serve()
+                finally:
+                    self._in_term.clear()
+                self.metrics.active.labels(src).set(0)
         finally:
+            self.metrics.active.labels(src).set(0)
+            keeper.join(timeout=self.sync.leader_ttl)
             self.lease.release()
             self.close()
+
+    def _renew_loop(self) -> None:
+        """Renew the lease every third of its TTL while a term runs and the main loop is
+        not hung; otherwise tell the main loop to step down."""
+        while not self.stop_event.wait(self.sync.leader_ttl / 3):
+            if not self._in_term.is_set():
+                continue
+            hung = self.clock() - self._beat > self._stuck_after
+            if hung:
+                log.error(
+                    "%s: the sync loop has not moved for %.0fs; letting the lease go",
+                    self.source.name,
+                    self.clock() - self._beat,
+                )
+            if hung or not self.lease.renew():
+                self._in_term.clear()
+                self._lease_lost.set()
 
     def _serve(self) -> None:
         """One term as the active watcher."""
         backoff = 0.2
-        self._renewed_at = self.clock()
         while not self.stop_event.is_set():
             if not self._keep_lease():
                 return
@@ -165,6 +228,8 @@ class Watcher:
                 self.start()
                 break
             except RetryableError as exc:
+                if exc.cluster == self.source.name:
+                    self.metrics.source_failures.labels(self.source.name).inc()
                 log.warning(
                     "%s: start failed: %s; retrying in %.1fs", self.source.name, exc, backoff
                 )
@@ -174,12 +239,9 @@ class Watcher:
             self.step()
 
     def _keep_lease(self) -> bool:
-        """Renew the lease every third of its TTL; on failure step down to standby."""
-        now = self.clock()
-        if now - self._renewed_at < self.sync.leader_ttl / 3:
-            return True
-        if self.lease.renew():
-            self._renewed_at = now
+        """Beat the heart; if the lease was lost, step down to standby."""
+        self._beat = self.clock()
+        if not self._lease_lost.is_set():
             return True
         log.warning("%s: lost the lease; stepping down to standby", self.source.name)
         self._stop_streams()
@@ -187,7 +249,7 @@ class Watcher:
         self.buffer.drain()
         self._flush_deadline = None
         for t in self.targets:
-            t.need_resync = "start"
+            t.need_resync, t.resync_detail = Cause.START, ""
         return False
 
     def start(self) -> None:
@@ -200,7 +262,7 @@ class Watcher:
                 start = self._open_generation(t, allow_resume=True, source_rev=rev)
             except RetryableError as exc:
                 log.warning("%s→%s: target unavailable: %s", self.source.name, t.name, exc)
-                t.need_resync = "target unavailable at start"
+                t.owe(Cause.TARGET_UNAVAILABLE, str(exc))
                 continue
             if start is not None:
                 starts.append(start)
@@ -317,7 +379,7 @@ class Watcher:
                 self._publish_changes(t, drained)
             except RetryableError as exc:
                 log.warning("%s→%s: publish failed: %s", self.source.name, t.name, exc)
-                t.need_resync = "publish failed"
+                t.owe(Cause.PUBLISH_FAILED, str(exc))
 
     def _publish_changes(self, t: Target, drained: dict[str, list[Change]]) -> None:
         fresh = {
@@ -367,7 +429,7 @@ class Watcher:
             elif now >= self._next_antientropy:
                 self._next_antientropy = now + self.sync.resync_interval
                 for t in self.targets:
-                    t.need_resync = t.need_resync or "anti-entropy"
+                    t.owe(Cause.ANTI_ENTROPY)
         for t in self.targets:
             if t.need_resync:
                 continue
@@ -407,11 +469,10 @@ class Watcher:
         gen_kv = records.get(gen_key(self.source.name))
         gen = GenRecord.decode(gen_kv.value).gen if gen_kv else None
         if gen != t.gen:
-            t.need_resync = (
-                "target lost its kvmesh records"
-                if gen is None
-                else f"generation moved to {gen} under generation {t.gen}"
-            )
+            if gen is None:
+                t.owe(Cause.TARGET_WIPED, "the target lost its kvmesh records")
+            else:
+                t.owe(Cause.GENERATION_MOVED, f"generation moved to {gen} under {t.gen}")
             return
         req = records.get(resync_key(self.source.name))
         if req is not None:
@@ -420,28 +481,33 @@ class Watcher:
                 [transactions.Delete(resync_key(self.source.name))],
             )
             if _request_gen(req.value) >= t.gen:  # older requests were answered already
-                t.need_resync = "requested by a worker"
+                t.owe(Cause.REQUESTED, "requested by a worker")
                 return
         fences: dict[str, FenceRecord] = {}
         for shard in self.shards:
             kv = records.get(fence_key(self.source.name, shard))
             if kv is not None:
                 fences[shard] = FenceRecord.decode(kv.value)
-        behind = []
+        stalled = []
         for shard in self.shards:
             f = fences.get(shard)
             pos = f.pos if f is not None and f.gen == t.gen else (0, 0)
-            if pos != t.fence_pos.get(shard):
-                t.fence_pos[shard] = pos
-                t.last_moved = now
-            if pos < t.chain[shard]:
-                behind.append(shard)
-        # A lost batch shows as fences that stop moving while work is owed and nothing is
-        # left in the queue to deliver it (a slow backlog keeps fences moving; a stopped
-        # worker pool leaves the queue full: neither is a loss).
-        stalled = behind and now - t.last_moved > self.sync.stall_timeout
+            moved = pos != t.fence_pos.get(shard)
+            t.fence_pos[shard] = pos
+            if pos >= t.chain[shard]:
+                t.behind_since.pop(shard, None)
+                continue
+            if moved or shard not in t.behind_since:
+                t.behind_since[shard] = now
+            elif now - t.behind_since[shard] > self.sync.stall_timeout:
+                stalled.append(shard)
+        # A lost batch shows as a shard that is behind what was published while its fence
+        # stands still and nothing is left in the queue to deliver it. A slow backlog keeps
+        # fences moving, and a stopped worker pool leaves the queue full: neither is a loss.
+        # Each shard is judged alone: under churn the other shards keep moving.
         if stalled and self.publisher.backlog() == 0:
-            t.need_resync = f"shards {', '.join(behind[:3])} stalled"
+            self.metrics.stalls.labels(self.source.name, t.name).inc()
+            t.owe(Cause.STALLED, f"shards {', '.join(stalled[:3])} stalled")
             return
         for res in RESOURCES:
             if res.canary is None or res.name in t.canaried:
@@ -531,23 +597,23 @@ class Watcher:
                 progress = json.loads(pkv.value)
             except ValueError:
                 progress = None
-        reason = None
+        reason: Cause | None = None
         if not allow_resume:
-            reason = "forced"
-        elif old is None:
-            reason = "no generation in target"
+            return None
+        if old is None:
+            reason = Cause.NO_GENERATION
         elif (old.shards, old.identities) != (self.sync.shards, self.sync.identities):
-            reason = "sync settings changed"
+            reason = Cause.SETTINGS_CHANGED
         elif old.source_cluster_id != self.source_cluster_id:
-            reason = "source etcd is a different cluster"
+            reason = Cause.SOURCE_REPLACED
         elif len(fences) != len(self.shards) or any(
             f.gen != old.gen or not f.done for f in fences.values()
         ):
-            reason = "fences incomplete"
+            reason = Cause.FENCES_INCOMPLETE
         elif max(f.pos[0] for f in fences.values()) > source_rev:
-            reason = "fences ahead of the source"
+            reason = Cause.FENCES_AHEAD
         if reason is not None:
-            t.need_resync = reason
+            t.need_resync, t.resync_detail = reason, ""
             return None
         through = 0
         if isinstance(progress, dict) and progress.get("gen") == old.gen:  # type: ignore[union-attr]
@@ -576,16 +642,16 @@ class Watcher:
 
     def _reset_stall(self, t: Target) -> None:
         t.fence_pos = {}
-        t.last_moved = self.clock()
+        t.behind_since = {}
 
     def _resync(self, targets: list[Target]) -> int:
         """Open a new generation in each target, list the source at one revision R, and
         publish, while listing, only what differs from each target. Returns R."""
         src = self.source.name
         rev = self.etcd.revision()
-        cutters: list[tuple[Target, str, SnapshotCutter]] = []
+        cutters: list[tuple[Target, Cause, SnapshotCutter]] = []
         for t in targets:
-            reason = t.need_resync or "resync"
+            reason = t.need_resync or Cause.START
             try:
                 self._open_generation(t, allow_resume=False, source_rev=rev)
                 t.etcd.delete_prefix(rejected_prefix(src))  # this snapshot decides anew
@@ -669,15 +735,22 @@ class Watcher:
                 continue
             t.chain.update(last)
             t.need_resync = None
-            self.metrics.resyncs.labels(src, t.name, reason.split(" ")[0]).inc()
+            self.metrics.resyncs.labels(src, t.name, reason.value).inc()
+            for kind, n in (
+                ("missing", cutter.missing),
+                ("different", cutter.different),
+                ("extra", cutter.extra),
+            ):
+                self.metrics.resync_keys.labels(src, t.name, kind).inc(n)
             log.info(
-                "%s→%s: generation %d resynced at revision %d (%s): %d missing, %d different, "
-                "%d extra, in %.2fs",
+                "%s→%s: generation %d resynced at revision %d (%s%s): %d missing, "
+                "%d different, %d extra, in %.2fs",
                 src,
                 t.name,
                 t.gen,
                 rev,
-                reason,
+                reason.value,
+                f": {t.resync_detail}" if t.resync_detail else "",
                 cutter.missing,
                 cutter.different,
                 cutter.extra,
@@ -732,12 +805,14 @@ class Watcher:
             log.warning(
                 "%s: watch of %s compacted (%s): resyncing every target", src, res_name, exc
             )
-            self._restart_all("source compacted")
+            self._restart_all(Cause.COMPACTED, str(exc))
             return
+        self.metrics.source_failures.labels(src).inc()
         log.warning("%s: watch of %s failed: %s; reconnecting", src, res_name, exc)
         try:
             replaced = self._source_replaced()
         except RetryableError as err:
+            self.metrics.source_failures.labels(src).inc()
             log.warning("%s: source unreachable: %s", src, err)
             self.stop_event.wait(1.0)
             self.inbox.put(("error", self.epoch, res_name, err, stream))
@@ -746,7 +821,7 @@ class Watcher:
             log.warning(
                 "%s: the source etcd lost its history (%s): resyncing every target", src, replaced
             )
-            self._restart_all("source etcd replaced")
+            self._restart_all(Cause.SOURCE_REPLACED, replaced)
             return
         old = self.streams.pop(res_name, None)
         if old is not None:
@@ -775,7 +850,7 @@ class Watcher:
             return "the cluster config changed without an event"
         return None
 
-    def _restart_all(self, reason: str) -> None:
+    def _restart_all(self, reason: Cause, detail: str) -> None:
         self._stop_streams()
         self.epoch += 1
         self.buffer.drain()
@@ -784,7 +859,7 @@ class Watcher:
             try:
                 self.source_cluster_id = self.etcd.header()[1]
                 for t in self.targets:
-                    t.need_resync = reason
+                    t.need_resync, t.resync_detail = reason, detail
                 rev = self._resync(list(self.targets))
                 self._start_streams(rev + 1)
                 return

@@ -28,3 +28,12 @@ def mesh(servers: Servers) -> Iterator[Mesh]:
         yield m
     finally:
         m.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test directory is a tier, marked as such: `-m "not faults and not e2e"` is the
+    quick loop of scripts/test --quick."""
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in ("unit", "integration", "faults", "e2e"):
+            item.add_marker(tier)

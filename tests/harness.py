@@ -1,10 +1,17 @@
 """A small mesh for integration and end-to-end tests: etcd per cluster, Redis, a config file,
-and kvmesh watcher and worker processes started through the real CLI."""
+and kvmesh watcher and worker processes started through the real CLI.
+
+Tests wait on state, never on log lines: the target's records, Redis (queue depth, the
+messages workers hold unacknowledged, the workers' outcome counters), the watchers' Prometheus
+metrics, and an in-process `verify`.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,16 +20,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
-from pipeline.config import Settings, load_settings
+from pipeline.celery_app import create_app
+from pipeline.config import Settings, load_settings, queue_name
+from pipeline.errors import KvmeshError
 from pipeline.etcd import Etcd
+from pipeline.fence import FenceRecord, GenRecord
+from pipeline.lab import scrape
+from pipeline.layout import fence_key, gen_key
 from pipeline.orphan import wrap
+from pipeline.publisher import queue_depth
+from pipeline.report import verify_once
 from pipeline.servers import (
     EtcdServer,
     MissingBinaryError,
     RedisServer,
     ServerProcess,
     find_binary,
+    free_port,
+    start_all,
+    stop_all,
 )
 
 
@@ -43,25 +61,26 @@ class Servers:
         self.started: list[ServerProcess] = []
         self._n = 0
 
-    def etcd(self, extra_args: list[str] | None = None) -> EtcdServer:
+    def etcd(self, extra_args: list[str] | None = None, start: bool = True) -> EtcdServer:
         require_binary("etcd")
         self._n += 1
         server = EtcdServer(self.root / f"etcd{self._n}", extra_args=extra_args)
-        server.start()
+        if start:
+            server.start()
         self.started.append(server)
         return server
 
-    def redis(self) -> RedisServer:
+    def redis(self, start: bool = True) -> RedisServer:
         require_binary("redis-server")
         self._n += 1
         server = RedisServer(self.root / f"redis{self._n}")
-        server.start()
+        if start:
+            server.start()
         self.started.append(server)
         return server
 
     def stop_all(self) -> None:
-        for s in self.started:
-            s.stop()
+        stop_all(self.started)
 
 
 def eventually(
@@ -78,13 +97,40 @@ def eventually(
     raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r})")
 
 
+_SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def metric_values(samples: dict[str, float], name: str, **labels: str) -> list[float]:
+    """Every sample of *name* whose labels include *labels*."""
+    out = []
+    for series, value in samples.items():
+        m = _SERIES.match(series)
+        if m is None or m.group(1) != name:
+            continue
+        have = dict(_LABEL.findall(m.group(2) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            out.append(value)
+    return out
+
+
 class Proc:
-    """A kvmesh CLI process (or, with *command*, any command) with its log file."""
+    """A kvmesh CLI process (or, with *command*, any command) with its log file. Watchers get
+    a Prometheus port of their own, which is how tests read their state."""
 
     def __init__(
-        self, args: list[str], log: Path, env: dict[str, str], command: list[str] | None = None
+        self,
+        args: list[str],
+        log: Path,
+        env: dict[str, str],
+        command: list[str] | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         self.log = log
+        self.metrics_port = metrics_port
+        self.node = ""  # a Celery worker's node name
+        if metrics_port:
+            env = dict(env, KVMESH_METRICS_WATCHER_PORT=str(metrics_port))
         with open(log, "ab") as fh:
             self.popen = subprocess.Popen(
                 # wrap(): an interrupted test run leaves nothing behind
@@ -98,6 +144,22 @@ class Proc:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def metrics(self) -> dict[str, float]:
+        assert self.metrics_port, "this process serves no metrics"
+        return scrape(self.metrics_port)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A metric of this watcher (summed over the other labels); 0 while unreachable."""
+        return sum(metric_values(self.metrics(), name, **labels))
+
+    def gauge(self, name: str, **labels: str) -> float | None:
+        """A gauge of this watcher, or None while it is not served (yet)."""
+        values = metric_values(self.metrics(), name, **labels)
+        return sum(values) if values else None
+
     def kill(self) -> None:
         """SIGKILL the whole process group, as a crashed host would."""
         if self.popen.poll() is None:
@@ -105,12 +167,60 @@ class Proc:
             self.popen.wait(10)
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_procs([self])
+
+
+def stop_procs(procs: list[Proc], timeout: float = 20) -> None:
+    """SIGTERM every process group at once; SIGKILL what still runs after *timeout*."""
+    running = [p for p in procs if p.alive()]
+    for p in running:
+        os.killpg(p.popen.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in running:
+        try:
+            p.popen.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def _children() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        out.setdefault(ppid, []).append(int(entry))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def pool_children(worker: Proc) -> list[int]:
+    """The pids of the Celery pool processes of a `kvmesh worker` process: the children of
+    the Celery main process, itself the first process of the tree running celery."""
+    tree = _children()
+    todo = [worker.popen.pid]
+    while todo:
+        pid = todo.pop()
+        if "celery" in _cmdline(pid) and "worker" in _cmdline(pid):
+            return sorted(tree.get(pid, []))
+        todo += tree.get(pid, [])
+    return []
+
+
+def with_sigcont(p: Proc) -> None:
+    """Thaw a process group that a test may have frozen."""
+    if p.alive():
+        os.killpg(p.popen.pid, signal.SIGCONT)
 
 
 class Mesh:
@@ -121,15 +231,23 @@ class Mesh:
         sync: str = "",
         identities: str = "id",
         etcd_args: dict[int, list[str]] | None = None,
+        visibility_timeout: float = 5,
+        worker: str = "",
     ) -> None:
         self.servers = servers
         self.root = servers.root
-        self.redis: RedisServer = servers.redis()
-        self.etcds: list[EtcdServer] = [servers.etcd((etcd_args or {}).get(i)) for i in range(n)]
+        self.redis: RedisServer = servers.redis(start=False)
+        self.etcds: list[EtcdServer] = [
+            servers.etcd((etcd_args or {}).get(i), start=False) for i in range(n)
+        ]
+        start_all([self.redis, *self.etcds])
         self.names = [f"cluster-{chr(ord('a') + i)}" for i in range(n)]
         self.procs: list[Proc] = []
+        self._app: Any = None
         self.sync_extra = sync
         self.identities = identities
+        self.visibility_timeout = visibility_timeout
+        self.worker_extra = worker
         self.config = self.root / "mesh.toml"
         self.write_config()
         self.env = dict(os.environ, KVMESH_CONFIG=str(self.config))
@@ -139,17 +257,18 @@ class Mesh:
         lines = [
             "[broker]",
             f'url = "{self.redis.url}"',
-            "visibility_timeout = 5",
+            f"visibility_timeout = {self.visibility_timeout}",
             "",
             "[sync]",
             f'identities = "{self.identities}"',
             "shards = 4",
             "stall_timeout = 4",
             "fence_poll_interval = 0.3",
+            "leader_ttl = 3",
             self.sync_extra,
             "",
             "[worker]",
-            "gap_wait = 0.5",
+            self.worker_extra,
             "",
         ]
         for i, (name, etcd) in enumerate(zip(self.names, self.etcds, strict=True)):
@@ -169,18 +288,34 @@ class Mesh:
     def client(self, i: int) -> Etcd:
         return Etcd(self.etcds[i].cluster(self.names[i], i + 1), timeout=5)
 
-    def start(self, *args: str, log: str) -> Proc:
-        p = Proc([*args, "--config", str(self.config)], self.root / f"{log}.log", self.env)
+    def start(
+        self,
+        *args: str,
+        log: str,
+        config: Path | None = None,
+        env: dict[str, str] | None = None,
+        metrics: bool = False,
+    ) -> Proc:
+        p = Proc(
+            [*args, "--config", str(config or self.config)],
+            self.root / f"{log}.log",
+            dict(self.env, **(env or {})),
+            metrics_port=free_port() if metrics else None,
+        )
         self.procs.append(p)
         return p
 
-    def watcher(self, name: str = "watch") -> Proc:
-        return self.start("watch", log=name)
+    def watcher(
+        self, name: str = "watch", config: Path | None = None, env: dict[str, str] | None = None
+    ) -> Proc:
+        return self.start("watch", log=name, config=config, env=env, metrics=True)
 
     def worker(self, name: str = "worker", concurrency: int = 2) -> Proc:
-        return self.start(
+        p = self.start(
             "worker", "--concurrency", str(concurrency), "--hostname", f"{name}@%h", log=name
         )
+        p.node = f"{name}@{socket.gethostname()}"
+        return p
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -192,8 +327,134 @@ class Mesh:
         )
 
     def verify(self, wait: float = 60) -> subprocess.CompletedProcess[str]:
+        """`kvmesh verify` as a subprocess: for tests of the CLI itself."""
         return self.cli("verify", "--wait", str(wait), timeout=wait + 60)
 
+    def verify_now(self) -> tuple[bool, list[str]]:
+        """One in-process comparison of every target with its source (what `verify` does)."""
+        return verify_once(self.settings, examples=3)
+
+    def wait_equal(self, timeout: float = 90) -> list[str]:
+        """Wait until every target equals its source; returns verify's lines."""
+        deadline = time.monotonic() + timeout
+        lines: list[str] = []
+        while True:
+            try:
+                equal, lines = self.verify_now()
+            except KvmeshError as exc:  # a store restarting: poll again
+                equal, lines = False, [f"{type(exc).__name__}: {exc}"]
+            if equal:
+                return lines
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"caches not equal within {timeout}s:\n" + "\n".join(lines))
+            time.sleep(0.25)  # poll interval of wait_equal()
+
+    # -- state the tests wait on ----------------------------------------------------------
+
+    def redis_client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis.url, socket_timeout=5)
+
+    def queue_depth(self, source: str) -> int:
+        return queue_depth(self.redis_client(), queue_name(source))
+
+    def held_by(self, worker: Proc) -> dict[str, list[dict[str, Any]]]:
+        """The batches of every task *worker* holds (reserved, running or waiting for its
+        ETA) by task ID, as the worker itself reports through Celery's remote control."""
+        if self._app is None:
+            self._app = create_app(self.settings)
+        assert worker.node, "not a worker"
+        inspect = self._app.control.inspect(destination=[worker.node], timeout=2)
+        out: dict[str, list[dict[str, Any]]] = {}
+        for call in (inspect.reserved, inspect.active, inspect.scheduled):
+            for info in (call() or {}).get(worker.node, []):
+                request = info.get("request", info)  # scheduled() wraps the request
+                args = request.get("args")
+                if isinstance(args, list) and args and isinstance(args[0], dict):
+                    out[request["id"]] = list(args[0].get("batches", []))
+        return out
+
+    def landed(self, batch: dict[str, Any]) -> bool:
+        """Whether a batch can no longer land: its fence is at or past it, or in a newer
+        generation."""
+        client = self.client(self.names.index(batch["target"]))
+        try:
+            kv = client.get(fence_key(batch["source"], batch["shard"]))
+        finally:
+            client.close()
+        if kv is None:
+            return False
+        fence = FenceRecord.decode(kv.value)
+        return fence.gen > batch["gen"] or (
+            fence.gen == batch["gen"] and fence.pos >= tuple(batch["pos"])
+        )
+
+    def stats(self, source: str, target: str) -> dict[str, int]:
+        """The workers' outcome counters of one pair."""
+        raw = self.redis_client().hgetall(f"kvmesh:stats:{source}:{target}")
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def gen(self, source: str, target: str) -> int | None:
+        """The generation of (source, target) in the target etcd, or None."""
+        client = self.client(self.names.index(target))
+        try:
+            kv = client.get(gen_key(source))
+        finally:
+            client.close()
+        return None if kv is None else GenRecord.decode(kv.value).gen
+
+    # -- conditions tests build -----------------------------------------------------------
+
+    def backlog(self, tasks: int = 5, sources: list[str] | None = None) -> None:
+        """With no worker consuming, wait until each source queue holds *tasks* tasks."""
+        eventually(
+            lambda: all(self.queue_depth(n) >= tasks for n in sources or self.names),
+            timeout=60,
+            what=f"a backlog of {tasks} tasks per source",
+        )
+
+    def catch_in_hand(self, worker: Proc, concurrency: int) -> set[tuple[str, str]]:
+        """Make *worker* (the only consumer, with a backlog waiting) hold batches that have
+        not landed, for as long as the test likes: its pool processes are frozen, so the
+        tasks its main process takes stay in hand, unacknowledged and unapplied. The caller
+        then kills or freezes the whole worker. Returns the pairs of what it holds."""
+        pool = eventually(
+            lambda: c if len(c := pool_children(worker)) == concurrency else None,
+            timeout=60,
+            what="the worker's pool processes",
+        )
+        for pid in pool:
+            os.kill(pid, signal.SIGSTOP)
+        for _ in range(50):
+            held = eventually(
+                lambda: self.held_by(worker), timeout=60, what="the worker holding tasks"
+            )
+            pending = {
+                (b["source"], b["target"])
+                for batches in held.values()
+                for b in batches
+                if not self.landed(b)
+            }
+            if pending:
+                return pending
+            # It holds only what already landed (a redelivered duplicate, say): let its pool
+            # finish those, then freeze it again before it takes the next ones.
+            for pid in pool:
+                os.kill(pid, signal.SIGCONT)
+            eventually(
+                lambda held=held: not set(held) & set(self.held_by(worker)),
+                timeout=60,
+                what="the stale tasks done",
+            )
+            for pid in pool:
+                os.kill(pid, signal.SIGSTOP)
+        raise AssertionError("the worker never held a batch that had not landed")
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(s, t) for s in self.names for t in self.names if s != t]
+
     def stop(self) -> None:
+        """End of a test: kill every process it started (shutdown is not under test here;
+        the lab's and the CLI's own tests cover it)."""
         for p in self.procs:
-            p.stop()
+            with_sigcont(p)
+            p.kill()

@@ -70,7 +70,7 @@ def test_watch_worker_count_and_status(mesh: Mesh) -> None:
         ok = all(r["lag_revisions"] == 0 and r["canaries"] == 5 and r["queue"] == 0 for r in rows)
         return rows if ok else None
 
-    rows = eventually(settled, timeout=30, what="status lag 0 with every canary")
+    rows = eventually(settled, timeout=90, what="status lag 0 with every canary")
     assert {(r["source"], r["target"]) for r in rows} == {
         ("cluster-a", "cluster-b"),
         ("cluster-b", "cluster-a"),

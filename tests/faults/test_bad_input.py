@@ -4,31 +4,21 @@ for everything else."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 from kombu import Connection, Exchange, Producer, Queue
 
 from pipeline.cilium_state import identity_id
-from pipeline.lab import scrape
-from pipeline.servers import free_port
 
-from ..harness import Servers, eventually
+from ..harness import eventually
 from .conftest import FaultMesh
 
 pytestmark = pytest.mark.faults
 
 
-def start(mesh: FaultMesh, watcher_env: dict[str, str] | None = None) -> None:
-    mesh.start_churn()
-    mesh.worker()
-    env, mesh.env = mesh.env, dict(mesh.env, **(watcher_env or {}))
-    mesh.watcher()
-    mesh.env = env
-
-
 def test_non_utf8_keys_values_and_empty_values_are_copied_exactly(mesh: FaultMesh) -> None:
     """Bytes that are not UTF-8, and empty values, land byte for byte."""
-    start(mesh)
     a, b = mesh.client(0), mesh.client(1)
     a.put(b"cilium/state/nodes/v1/cluster-a/\xc3\x28\xff", b"\xfe\xff\x00\x01")
     a.put(b"cilium/state/services/v1/cluster-a/\x80ns/\x81svc", b"")
@@ -39,63 +29,69 @@ def test_non_utf8_keys_values_and_empty_values_are_copied_exactly(mesh: FaultMes
     assert b.get(b"cilium/cache/ip/v1/cluster-a/\xf0\x28\x8c\x28").value == b"\xed\xa0\x80"  # type: ignore[union-attr]
 
 
-def test_value_larger_than_the_target_accepts(servers: Servers) -> None:
+def test_value_larger_than_the_target_accepts(own_mesh: Callable[..., FaultMesh]) -> None:
     """A value over the target's request limit is reported with its key, counted and
     skipped; everything else syncs; verify lists it as rejected, not missing."""
-    mesh = FaultMesh(servers, etcd_args={1: ["--max-request-bytes", "200000"]})
-    try:
-        start(mesh)
-        a = mesh.client(0)
-        big = b"cilium/state/services/v1/cluster-a/ns-1/huge"
-        a.put(big, b"x" * 300_000)
-        a.put(b"cilium/state/services/v1/cluster-a/ns-1/after", b"fine")
-        out = mesh.settle()
-        line = next(ln for ln in out.splitlines() if ln.startswith("cluster-a -> cluster-b"))
-        assert "missing 0" in line and "rejected 1" in line, out
-        assert "rejected: cilium/cache/services/v1/cluster-a/ns-1/huge" in out
-        b = mesh.client(1)
-        assert b.get(b"cilium/cache/services/v1/cluster-a/ns-1/after") is not None
-        assert b.get(b"cilium/cache/services/v1/cluster-a/ns-1/huge") is None
-        worker = mesh.procs[0].output()
-        assert "not synced: key cilium/cache/services/v1/cluster-a/ns-1/huge" in worker
-        status = json.loads(mesh.cli("status", "--json").stdout)
-        row = next(r for r in status if r["source"] == "cluster-a")
-        assert row["workers"]["rejected_too_large"] >= 1
-    finally:
-        mesh.stop()
+    mesh = own_mesh(etcd_args={1: ["--max-request-bytes", "200000"]})
+    a = mesh.client(0)
+    big = b"cilium/state/services/v1/cluster-a/ns-1/huge"
+    a.put(big, b"x" * 300_000)
+    a.put(b"cilium/state/services/v1/cluster-a/ns-1/after", b"fine")
+    lines = mesh.settle()
+    out = "\n".join(lines)
+    line = next(ln for ln in lines if ln.startswith("cluster-a -> cluster-b"))
+    assert "missing 0" in line and "rejected 1" in line, out
+    assert "rejected: cilium/cache/services/v1/cluster-a/ns-1/huge" in out
+    b = mesh.client(1)
+    assert b.get(b"cilium/cache/services/v1/cluster-a/ns-1/after") is not None
+    assert b.get(b"cilium/cache/services/v1/cluster-a/ns-1/huge") is None
+    assert mesh.base_worker is not None
+    # the one-line error naming the key is the feature here
+    worker = mesh.base_worker.output()
+    assert "not synced: key cilium/cache/services/v1/cluster-a/ns-1/huge" in worker
+    status = json.loads(mesh.cli("status", "--json").stdout)
+    row = next(r for r in status if r["source"] == "cluster-a")
+    assert row["workers"]["rejected_too_large"] >= 1
 
 
 def test_keys_that_do_not_fit_the_layout_are_ignored_reported_and_counted(mesh: FaultMesh) -> None:
     """A malformed identity and another cluster's identity are not synced; the watcher logs
     each with its key and counts it; the rest of the mesh stays exact."""
-    port = free_port()
-    start(mesh, {"KVMESH_METRICS_WATCHER_PORT": str(port)})
+    rejected = mesh.watch.metric(
+        "kvmesh_watcher_rejected_total", source_cluster="cluster-a", reason="layout"
+    )
     a = mesh.client(0)
-    a.put(b"cilium/state/identities/v1/id/not-a-number", b"k8s:x=y;")
-    foreign = identity_id(5, 77)
-    a.put(f"cilium/state/identities/v1/id/{foreign}".encode(), b"k8s:x=y;")
-    out = mesh.settle()
-    assert "rejected 2" in next(
-        ln for ln in out.splitlines() if ln.startswith("cluster-a -> cluster-b")
-    )
-    b = mesh.client(1)
-    assert b.get(f"cilium/cache/identities/v1/cluster-a/id/{foreign}".encode()) is None
-    log = mesh.procs[1].output()
-    assert "not synced: layout: key cilium/state/identities/v1/id/not-a-number" in log
-    assert "belongs to cluster ID 5" in log
-    metrics = eventually(lambda: scrape(port), what="watcher metrics")
-    rejected = sum(
-        v
-        for k, v in metrics.items()
-        if k.startswith('kvmesh_watcher_rejected_total{reason="layout",source_cluster="cluster-a"}')
-    )
-    assert rejected >= 2
+    bad = b"cilium/state/identities/v1/id/not-a-number"
+    foreign = f"cilium/state/identities/v1/id/{identity_id(5, 77)}".encode()
+    a.put(bad, b"k8s:x=y;")
+    a.put(foreign, b"k8s:x=y;")
+    try:
+        lines = mesh.settle()
+        assert "rejected 2" in next(ln for ln in lines if ln.startswith("cluster-a -> cluster-b"))
+        b = mesh.client(1)
+        assert b.get(b"cilium/cache/identities/v1/cluster-a/id/" + foreign.split(b"/")[-1]) is None
+        eventually(
+            lambda: (
+                mesh.watch.metric(
+                    "kvmesh_watcher_rejected_total", source_cluster="cluster-a", reason="layout"
+                )
+                >= rejected + 2
+            ),
+            what="both keys counted",
+        )
+        # the one-line error naming the key is the feature here
+        log = mesh.watch.output()
+        assert "not synced: layout: key cilium/state/identities/v1/id/not-a-number" in log
+        assert "belongs to cluster ID 5" in log
+    finally:
+        a.delete(bad)
+        a.delete(foreign)
 
 
 def test_malformed_task_messages_are_rejected_and_the_worker_goes_on(mesh: FaultMesh) -> None:
     """A task whose payload does not decode, and a pickled message, are refused with a log
     line; the worker keeps applying everything else."""
-    start(mesh)
+    malformed = mesh.stats("-", "-").get("malformed", 0)
     queue = Queue(
         "kvmesh.cluster-a",
         Exchange("kvmesh.cluster-a", type="direct"),
@@ -134,14 +130,16 @@ def test_malformed_task_messages_are_rejected_and_the_worker_goes_on(mesh: Fault
             exchange=queue.exchange,
             routing_key=queue.routing_key,
         )
-    worker = mesh.procs[0]
+    worker = mesh.base_worker
+    assert worker is not None
     eventually(
-        lambda: worker.output().count("rejected task") >= 2,
-        timeout=30,
+        lambda: mesh.stats("-", "-").get("malformed", 0) >= malformed + 2,
+        timeout=60,
         what="the malformed tasks rejected",
     )
-    eventually(lambda: "pickle" in worker.output(), timeout=30, what="the pickle refused")
+    # Celery's one-line refusal of the pickled message is the feature here
+    eventually(lambda: "pickle" in worker.output(), timeout=60, what="the pickle refused")
     mesh.client(0).put(b"cilium/state/nodes/v1/cluster-a/after-garbage", b"{}")
     mesh.settle()
-    assert worker.popen.poll() is None
+    assert worker.alive()
     assert mesh.client(1).get(b"cilium/cache/nodes/v1/cluster-a/after-garbage") is not None

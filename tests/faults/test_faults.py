@@ -1,126 +1,165 @@
 """Every fault ends with each target exactly equal to its filtered source, byte for byte,
-while a simulated control plane churns in every cluster throughout."""
+while a simulated control plane churns in every cluster.
+
+Each test builds the condition its fault needs (a backlog, a task known to be in a worker's
+hands, a change made while a process is down) and waits on state: Redis, the target's
+records, the watchers' metrics and an in-process verify. No test waits on a log line.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+from collections.abc import Callable
 
 import pytest
 
-from pipeline.fence import GenRecord
-from pipeline.layout import gen_key
-
-from ..harness import Servers, eventually
-from .conftest import FaultMesh
+from ..harness import eventually
+from .conftest import FaultMesh, with_sigcont
 from .proxy import Proxy
 
 pytestmark = pytest.mark.faults
 
+A, B = "cluster-a", "cluster-b"
+RESYNCS = "kvmesh_watcher_resyncs_total"
+RESUMES = "kvmesh_watcher_resumes_total"
 
-def running(mesh: FaultMesh) -> None:
-    """Start the churn and a pipeline, and wait for the first full sync under churn."""
-    mesh.start_churn()
-    mesh.worker("worker1")
-    mesh.watcher("watch1")
+
+def generations(mesh: FaultMesh) -> dict[tuple[str, str], int | None]:
+    return {pair: mesh.gen(*pair) for pair in mesh.pairs()}
+
+
+def put_and_wait(mesh: FaultMesh, name: bytes, value: bytes = b"{}") -> None:
+    """Write a node into cluster-a and wait until cluster-b caches it."""
+    a, b = mesh.client(0), mesh.client(1)
+    a.put(b"cilium/state/nodes/v1/cluster-a/" + name, value)
     eventually(
-        lambda: mesh.verify(0).returncode == 0 or None,
-        timeout=90,
-        interval=1,
-        what="a first full sync",
+        lambda: (kv := b.get(b"cilium/cache/nodes/v1/cluster-a/" + name)) and kv.value == value,
+        timeout=60,
+        what=f"node {name!r} cached in cluster-b",
     )
 
 
-def test_worker_sigkilled_mid_batch(mesh: FaultMesh) -> None:
-    """A worker killed with tasks in hand loses nothing; a new worker finishes the job."""
-    running(mesh)
-    for _ in range(3):
-        w = mesh.worker("victim", concurrency=2)
-        eventually(lambda w=w: "ready." in w.output(), what="victim ready")
-        w.kill()
+def test_worker_sigkilled_with_tasks_in_hand(mesh: FaultMesh) -> None:
+    """A worker killed while it holds batches that have not landed loses nothing: the shards
+    it left behind are found stalled and resynced, and the caches end exact."""
+    assert mesh.base_worker is not None
+    mesh.base_worker.stop()
+    for i in range(2):
+        mesh.backlog()
+        victim = mesh.worker(f"victim{i}", concurrency=2)
+        assert mesh.catch_in_hand(victim, concurrency=2)
+        victim.kill()
+    mesh.start_worker()
     mesh.settle()
 
 
-def test_worker_stopped_past_the_stall_timeout(mesh: FaultMesh) -> None:
-    """A worker frozen (SIGSTOP) with batches in hand for longer than the stall timeout is
-    superseded by a resync; when it resumes, its batches are obsolete and change nothing."""
-    running(mesh)
+def test_worker_frozen_past_the_stall_timeout_is_superseded(mesh: FaultMesh) -> None:
+    """A worker frozen (SIGSTOP) with a batch in hand for longer than the stall timeout is
+    superseded by a new generation of the pair; when it thaws, its batches are obsolete and
+    change nothing."""
+    assert mesh.base_worker is not None
+    mesh.base_worker.stop()
+    mesh.backlog()
     frozen = mesh.worker("frozen", concurrency=1)
-    eventually(lambda: "ready." in frozen.output(), what="frozen worker ready")
-    eventually(lambda: "succeeded" in frozen.output(), what="the frozen worker working")
+    held = mesh.catch_in_hand(frozen, concurrency=1)
     os.killpg(frozen.popen.pid, signal.SIGSTOP)
-    watch = mesh.procs[1]
+    before = generations(mesh)
+    obsolete = {pair: mesh.stats(*pair).get("obsolete", 0) for pair in held}
+    mesh.start_worker()
     eventually(
-        lambda: "stalled" in watch.output() or "requested by a worker" in watch.output(),
+        lambda: all((mesh.gen(*pair) or 0) > (before[pair] or 0) for pair in held),
         timeout=60,
-        what="the stall detected",
+        what=f"a new generation of {sorted(held)}",
     )
-    os.killpg(frozen.popen.pid, signal.SIGCONT)
+    with_sigcont(frozen)
+    eventually(
+        lambda: all(mesh.stats(*pair).get("obsolete", 0) > obsolete[pair] for pair in held),
+        timeout=60,
+        what="the thawed worker's batches dropped as obsolete",
+    )
     mesh.settle()
 
 
 def test_watcher_sigkilled_and_restarted_resumes(mesh: FaultMesh) -> None:
-    """A watcher killed and restarted resumes from its fences: no listing, nothing lost."""
-    running(mesh)
-    mesh.procs[1].kill()
-    w2 = mesh.watcher("watch2")
-    eventually(lambda: w2.output().count("resumes from the fences") == 2, timeout=30, what="resume")
-    out = mesh.settle()
-    assert "resynced at revision" not in w2.output(), w2.output()
-    assert out
+    """A watcher killed and restarted resumes from its fences: no listing, nothing lost,
+    including a change made while no watcher ran."""
+    mesh.watch.kill()
+    mesh.client(0).put(b"cilium/state/nodes/v1/cluster-a/while-down", b"{}")
+    w2 = mesh.start_watcher()
+    eventually(lambda: w2.metric(RESUMES) == 2, timeout=60, what="both pairs resumed")
+    mesh.settle()
+    assert w2.metric(RESYNCS) == 0, w2.metrics()
+    assert mesh.client(1).get(b"cilium/cache/nodes/v1/cluster-a/while-down") is not None
 
 
 def test_two_watchers_one_active_standby_takes_over(mesh: FaultMesh) -> None:
-    """Of two watchers for the same sources one is active, the other waits; when the active
-    one dies the standby takes over within the lease TTL, and generations never ping-pong."""
-    running(mesh)
+    """Of two watchers for the same sources one is active and the other waits; when the
+    active one dies the standby takes over, opening exactly one generation per pair."""
     standby = mesh.watcher("watch2")
-    eventually(lambda: standby.output().count("standby;") == 2, timeout=20, what="standby")
-    gen_before = GenRecord.decode(mesh.client(1).get(gen_key("cluster-a")).value).gen  # type: ignore[union-attr]
-    active = mesh.procs[1]
-    assert "active" in active.output()
-    active.kill()
     eventually(
-        lambda: standby.output().count(": active (lease") == 2,
-        timeout=3 + 5,
-        what="takeover within the lease TTL",
+        lambda: all(standby.gauge("kvmesh_watcher_active", source_cluster=n) == 0 for n in (A, B)),
+        timeout=60,
+        what="the second watcher standing by",
     )
-    gen_after = GenRecord.decode(mesh.client(1).get(gen_key("cluster-a")).value).gen  # type: ignore[union-attr]
-    assert gen_after > gen_before
-    # one takeover opened exactly one generation per pair: no ping-pong
-    assert standby.output().count("cluster-a→cluster-b: generation") == 1, standby.output()
+    before = generations(mesh)
+    mesh.watch.kill()
+    mesh.base_watcher = standby
+
+    def took_over() -> bool:
+        return all(
+            standby.gauge("kvmesh_watcher_active", source_cluster=n) == 1 for n in (A, B)
+        ) and all(
+            standby.metric(RESUMES, source_cluster=s, target_cluster=t)
+            + standby.metric(RESYNCS, source_cluster=s, target_cluster=t)
+            == 1
+            for s, t in mesh.pairs()
+        )
+
+    eventually(took_over, timeout=60, what="the standby active with one generation per pair")
+    after = generations(mesh)
+    assert all((after[p] or 0) > (before[p] or 0) for p in mesh.pairs()), (before, after)
     mesh.settle()
-    assert GenRecord.decode(mesh.client(1).get(gen_key("cluster-a")).value).gen == gen_after  # type: ignore[union-attr]
+    assert generations(mesh) == after, "a generation changed after the takeover"
+    assert standby.metric(RESUMES) + standby.metric(RESYNCS) == 2
 
 
-def test_redis_lost_and_restarted_empty(mesh: FaultMesh) -> None:
-    """All queued tasks lost with Redis: the stalled fences are noticed and a resync (or the
-    new term's replay from the fences) repairs them, with no operator action."""
-    running(mesh)
+def test_redis_lost_with_a_backlog(mesh: FaultMesh) -> None:
+    """Every queued task is lost with Redis: the watcher's new term resumes from the fences,
+    or the stalled shards are resynced, with no operator action."""
+    assert mesh.base_worker is not None
+    mesh.base_worker.stop()
+    mesh.backlog()
+    mesh.redis_client().set("test:sentinel", b"1")
     mesh.redis.kill()
     mesh.redis.start()
+    assert mesh.redis_client().get("test:sentinel") is None, "Redis kept its data"
+    mesh.start_worker()
     mesh.settle()
 
 
 def test_target_etcd_sigkilled_and_restarted(mesh: FaultMesh) -> None:
     """Workers retry with backoff while the target is down; the backlog drains after."""
-    running(mesh)
+    before = mesh.stats(A, B).get("retry_unavailable", 0)
     mesh.etcds[1].kill()
+    mesh.client(0).put(b"cilium/state/nodes/v1/cluster-a/while-b-down", b"{}")
     eventually(
-        lambda: "retry" in mesh.procs[0].output().lower(), timeout=30, what="workers retrying"
+        lambda: mesh.stats(A, B).get("retry_unavailable", 0) > before,
+        timeout=60,
+        what="a worker retrying against the dead target",
     )
     mesh.etcds[1].start()
     mesh.settle()
+    assert mesh.client(1).get(b"cilium/cache/nodes/v1/cluster-a/while-b-down") is not None
 
 
 def test_target_etcd_wiped(mesh: FaultMesh) -> None:
-    """A target restarted on an empty data dir is noticed and fully resynced (its own
-    cluster's simulated state is written again, as agents would)."""
-    running(mesh)
-    assert mesh.churn is not None
+    """A target restarted on an empty data dir is noticed and fully resynced, while its own
+    cluster's state is written again, as its agents would."""
+    resyncs = mesh.watch.metric(RESYNCS, source_cluster=A, target_cluster=B)
     sim_b = mesh.churn.sims[1]
-    sim_b.stop()
+    sim_b.pause()
     mesh.etcds[1].kill()
     shutil.rmtree(mesh.etcds[1].data_dir)
     mesh.etcds[1].data_dir.mkdir()
@@ -129,44 +168,49 @@ def test_target_etcd_wiped(mesh: FaultMesh) -> None:
     sim_b.model.pods.clear()
     sim_b.model.refs.clear()
     sim_b.populate()
-    eventually(
-        lambda: (
-            "lost its kvmesh records" in mesh.procs[1].output()
-            or "no generation in target" in mesh.procs[1].output()
-        ),
-        timeout=30,
-        what="the wipe noticed",
-    )
+    sim_b.resume()
     mesh.settle()
+    assert mesh.watch.metric(RESYNCS, source_cluster=A, target_cluster=B) > resyncs
 
 
 def test_source_etcd_restarted(mesh: FaultMesh) -> None:
     """The watch breaks when the source restarts and reconnects where it left off."""
-    running(mesh)
+    failures = mesh.watch.metric("kvmesh_watcher_source_failures_total", source_cluster=A)
     mesh.etcds[0].kill()
     mesh.etcds[0].start()
     eventually(
-        lambda: "reconnecting" in mesh.procs[1].output(), timeout=30, what="the watch reconnecting"
+        lambda: (
+            mesh.watch.metric("kvmesh_watcher_source_failures_total", source_cluster=A) > failures
+        ),
+        timeout=60,
+        what="the broken watch noticed",
     )
+    put_and_wait(mesh, b"after-restart")
     mesh.settle()
 
 
 def test_source_compacted_while_the_watcher_is_down(mesh: FaultMesh) -> None:
     """History compacted away during the watcher's absence: list at one revision and diff."""
-    running(mesh)
-    mesh.procs[1].kill()
+    mesh.watch.kill()
     a = mesh.client(0)
-    eventually(lambda: mesh.churn is not None and mesh.churn.ops > 50, what="churn")
+    a.put(b"cilium/state/nodes/v1/cluster-a/compacted-1", b"{}")  # history the fences lack
+    a.delete(b"cilium/state/nodes/v1/cluster-a/compacted-1")
     a.compact(a.revision())
-    w2 = mesh.watcher("watch2")
-    eventually(lambda: "compacted" in w2.output(), timeout=30, what="compaction seen")
+    w2 = mesh.start_watcher()
+    eventually(
+        lambda: w2.metric(RESYNCS, source_cluster=A, reason="compacted") >= 1,
+        timeout=60,
+        what="a resync for the compacted history",
+    )
     mesh.settle()
 
 
 def test_partitions_between_workers_and_target_and_watcher_and_source(mesh: FaultMesh) -> None:
     """Blackholed connections end in errors, not silent hangs, and everything converges once
     the network heals."""
-    mesh.start_churn()
+    assert mesh.base_worker is not None
+    mesh.base_worker.stop()
+    mesh.watch.stop()
     to_target = Proxy(mesh.etcds[1].port)
     to_source = Proxy(mesh.etcds[0].port)
     try:
@@ -175,34 +219,27 @@ def test_partitions_between_workers_and_target_and_watcher_and_source(mesh: Faul
         worker_cfg.write_text(text.replace(mesh.etcds[1].url, to_target.url))
         watch_cfg = mesh.root / "watch.toml"
         watch_cfg.write_text(text.replace(mesh.etcds[0].url, to_source.url))
-        from ..harness import Proc
-
-        worker = Proc(
-            ["worker", "--config", str(worker_cfg), "--hostname", "pw@%h"],
-            mesh.root / "pworker.log",
-            mesh.env,
-        )
-        watcher = Proc(["watch", "--config", str(watch_cfg)], mesh.root / "pwatch.log", mesh.env)
-        mesh.procs += [worker, watcher]
-        eventually(
-            lambda: mesh.verify(0).returncode == 0 or None,
-            timeout=90,
-            interval=1,
-            what="a first full sync",
-        )
-        before_w, before_k = len(watcher.output()), len(worker.output())
+        mesh.start("worker", "--hostname", "pw@%h", log="pworker", config=worker_cfg)
+        watcher = mesh.watcher("pwatch", config=watch_cfg)
+        mesh.wait_equal()
+        # worker -> target: a change that must go there finds the link dead, and is retried
+        retries = mesh.stats(A, B).get("retry_unavailable", 0)
         to_target.blackhole()
-        to_source.blackhole()
-        # neither side hangs silently: each reports the partition within a bounded time
+        mesh.client(0).put(b"cilium/state/nodes/v1/cluster-a/partitioned", b"{}")
         eventually(
-            lambda: "failed" in watcher.output()[before_w:],
-            timeout=45,
-            what="the watcher reporting the partition",
+            lambda: mesh.stats(A, B).get("retry_unavailable", 0) > retries,
+            timeout=90,
+            what="the worker reporting the partition",
         )
+        # watcher -> source: the silent watch is noticed and replaced
+        failures = watcher.metric("kvmesh_watcher_source_failures_total", source_cluster=A)
+        to_source.blackhole()
         eventually(
-            lambda: "retrying" in worker.output()[before_k:],
-            timeout=45,
-            what="the workers reporting the partition",
+            lambda: (
+                watcher.metric("kvmesh_watcher_source_failures_total", source_cluster=A) > failures
+            ),
+            timeout=90,
+            what="the watcher reporting the partition",
         )
         to_target.heal()
         to_source.heal()
@@ -212,21 +249,20 @@ def test_partitions_between_workers_and_target_and_watcher_and_source(mesh: Faul
         to_source.close()
 
 
-def test_source_removed_from_the_config_is_drained(mesh: FaultMesh) -> None:
+def test_source_removed_from_the_config_is_drained(own_mesh: Callable[..., FaultMesh]) -> None:
     """A source taken out of the config loses its cluster config in every target at once,
     and its cache, canaries and fences after the grace period."""
-    running(mesh)
+    mesh = own_mesh()
     b = mesh.client(1)
     assert b.count(b"cilium/cache/ip/v1/cluster-a/") > 0
-    mesh.procs[1].stop()
+    mesh.watch.stop()
     mesh.config.write_text(
         mesh.config.read_text().replace(
             'name = "cluster-a"\n', 'name = "cluster-a"\nsource = false\n'
         )
     )
-    assert mesh.churn is not None
-    mesh.churn.sims[0].stop()
-    mesh.watcher("watch2")
+    mesh.churn.sims[0].pause()
+    mesh.start_watcher()
 
     def drained() -> bool:
         return (
@@ -244,25 +280,21 @@ def test_source_removed_from_the_config_is_drained(mesh: FaultMesh) -> None:
             and b.get(b"cilium/cluster-config/cluster-a") is None
         )
 
-    eventually(drained, timeout=30, what="cluster-a drained from cluster-b")
-    out = mesh.settle()
-    assert "cluster-b -> cluster-a: EQUAL" in out and "cluster-a -> cluster-b" not in out
+    eventually(drained, timeout=60, what="cluster-a drained from cluster-b")
+    lines = mesh.settle()
+    assert any(ln.startswith("cluster-b -> cluster-a: EQUAL") for ln in lines), lines
+    assert not any(ln.startswith("cluster-a -> cluster-b") for ln in lines), lines
 
 
-def test_anti_entropy_repairs_unreported_drift(servers: Servers) -> None:
+def test_anti_entropy_repairs_unreported_drift(mesh: FaultMesh) -> None:
     """A cache key deleted by hand in a target is restored by the periodic resync."""
-    mesh = FaultMesh(servers, sync="resync_interval = 3\nleader_ttl = 3")
-    try:
-        running(mesh)
-        assert mesh.churn is not None
-        mesh.churn.stop()
-        assert mesh.verify(30).returncode == 0
-        b = mesh.client(1)
-        key = next(iter(b.items(b"cilium/cache/nodes/v1/cluster-a/")))
-        b.delete(key)
-        assert mesh.verify(0).returncode == 1
-        eventually(lambda: b.get(key) is not None, timeout=3 + 5, what="drift repaired")
-        assert mesh.verify(10).returncode == 0
-        assert "(anti-entropy)" in mesh.procs[1].output()
-    finally:
-        mesh.stop()
+    mesh.watch.stop()
+    ae = mesh.watcher("ae-watch", env={"KVMESH_SYNC_RESYNC_INTERVAL": "2"})
+    mesh.settle()
+    b = mesh.client(1)
+    key = next(iter(b.items(b"cilium/cache/nodes/v1/cluster-a/")))
+    b.delete(key)
+    assert not mesh.verify_now()[0]
+    eventually(lambda: b.get(key) is not None, timeout=60, what="drift repaired")
+    mesh.wait_equal()
+    assert ae.metric(RESYNCS, source_cluster=A, reason="anti_entropy") >= 1

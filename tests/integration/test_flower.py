@@ -80,7 +80,7 @@ def test_flower_lists_every_source_queue_behind_basic_auth(mesh: Mesh) -> None:
                 "kvmesh.cluster-a", 0
             )
 
-        assert eventually(depth, timeout=10, what="queue depth 1") == 1
+        assert eventually(depth, timeout=60, what="queue depth 1") == 1
     finally:
         proc.terminate()
         proc.wait(20)
