@@ -43,6 +43,8 @@ from pipeline.servers import (
     stop_all,
 )
 
+from .proxy import Proxy
+
 
 def require_binary(name: str) -> str:
     try:
@@ -183,40 +185,6 @@ def stop_procs(procs: list[Proc], timeout: float = 20) -> None:
             p.kill()
 
 
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        out.setdefault(ppid, []).append(int(entry))
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def pool_children(worker: Proc) -> list[int]:
-    """The pids of the Celery pool processes of a `kvmesh worker` process: the children of
-    the Celery main process, itself the first process of the tree running celery."""
-    tree = _children()
-    todo = [worker.popen.pid]
-    while todo:
-        pid = todo.pop()
-        if "celery" in _cmdline(pid) and "worker" in _cmdline(pid):
-            return sorted(tree.get(pid, []))
-        todo += tree.get(pid, [])
-    return []
-
-
 def with_sigcont(p: Proc) -> None:
     """Thaw a process group that a test may have frozen."""
     if p.alive():
@@ -243,6 +211,7 @@ class Mesh:
         start_all([self.redis, *self.etcds])
         self.names = [f"cluster-{chr(ord('a') + i)}" for i in range(n)]
         self.procs: list[Proc] = []
+        self.proxies: list[Proxy] = []
         self._app: Any = None
         self.sync_extra = sync
         self.identities = identities
@@ -412,42 +381,47 @@ class Mesh:
             what=f"a backlog of {tasks} tasks per source",
         )
 
-    def catch_in_hand(self, worker: Proc, concurrency: int) -> set[tuple[str, str]]:
-        """Make *worker* (the only consumer, with a backlog waiting) hold batches that have
-        not landed, for as long as the test likes: its pool processes are frozen, so the
-        tasks its main process takes stay in hand, unacknowledged and unapplied. The caller
-        then kills or freezes the whole worker. Returns the pairs of what it holds."""
-        pool = eventually(
-            lambda: c if len(c := pool_children(worker)) == concurrency else None,
-            timeout=60,
-            what="the worker's pool processes",
+    def worker_cut_off(self, name: str, concurrency: int = 2) -> tuple[Proc, list[Proxy]]:
+        """A worker whose every connection to a target etcd goes through a proxy that
+        forwards nothing: whatever it takes from the queue stays in its hands, unapplied,
+        until the proxies heal. Returns the worker and its proxies (closed at the end)."""
+        proxies = [Proxy(e.port) for e in self.etcds]
+        for p in proxies:
+            p.blackhole()
+        self.proxies += proxies
+        text = self.config.read_text()
+        for e, p in zip(self.etcds, proxies, strict=True):
+            text = text.replace(e.url, p.url)
+        config = self.root / f"{name}.toml"
+        config.write_text(text)
+        w = self.start(
+            "worker",
+            "--concurrency",
+            str(concurrency),
+            "--hostname",
+            f"{name}@%h",
+            log=name,
+            config=config,
         )
-        for pid in pool:
-            os.kill(pid, signal.SIGSTOP)
-        for _ in range(50):
-            held = eventually(
-                lambda: self.held_by(worker), timeout=60, what="the worker holding tasks"
-            )
-            pending = {
+        w.node = f"{name}@{socket.gethostname()}"
+        return w, proxies
+
+    def catch_in_hand(self, worker: Proc) -> set[tuple[str, str]]:
+        """Wait until *worker* holds batches that have not landed (a worker from
+        worker_cut_off() holds what it takes); returns their pairs."""
+
+        def pending() -> set[tuple[str, str]]:
+            return {
                 (b["source"], b["target"])
-                for batches in held.values()
+                for batches in self.held_by(worker).values()
                 for b in batches
                 if not self.landed(b)
             }
-            if pending:
-                return pending
-            # It holds only what already landed (a redelivered duplicate, say): let its pool
-            # finish those, then freeze it again before it takes the next ones.
-            for pid in pool:
-                os.kill(pid, signal.SIGCONT)
-            eventually(
-                lambda held=held: not set(held) & set(self.held_by(worker)),
-                timeout=60,
-                what="the stale tasks done",
-            )
-            for pid in pool:
-                os.kill(pid, signal.SIGSTOP)
-        raise AssertionError("the worker never held a batch that had not landed")
+
+        found: set[tuple[str, str]] = eventually(
+            pending, timeout=60, what="the worker holding batches that have not landed"
+        )
+        return found
 
     def pairs(self) -> list[tuple[str, str]]:
         return [(s, t) for s in self.names for t in self.names if s != t]
@@ -458,3 +432,5 @@ class Mesh:
         for p in self.procs:
             with_sigcont(p)
             p.kill()
+        for proxy in self.proxies:
+            proxy.close()

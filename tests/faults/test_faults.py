@@ -16,8 +16,8 @@ from collections.abc import Callable
 import pytest
 
 from ..harness import eventually
+from ..proxy import Proxy
 from .conftest import FaultMesh, with_sigcont
-from .proxy import Proxy
 
 pytestmark = pytest.mark.faults
 
@@ -48,8 +48,8 @@ def test_worker_sigkilled_with_tasks_in_hand(mesh: FaultMesh) -> None:
     mesh.base_worker.stop()
     for i in range(2):
         mesh.backlog()
-        victim = mesh.worker(f"victim{i}", concurrency=2)
-        assert mesh.catch_in_hand(victim, concurrency=2)
+        victim, _ = mesh.worker_cut_off(f"victim{i}")
+        assert mesh.catch_in_hand(victim)
         victim.kill()
     mesh.start_worker()
     mesh.settle()
@@ -62,9 +62,11 @@ def test_worker_frozen_past_the_stall_timeout_is_superseded(mesh: FaultMesh) -> 
     assert mesh.base_worker is not None
     mesh.base_worker.stop()
     mesh.backlog()
-    frozen = mesh.worker("frozen", concurrency=1)
-    held = mesh.catch_in_hand(frozen, concurrency=1)
+    frozen, proxies = mesh.worker_cut_off("frozen", concurrency=1)
+    held = mesh.catch_in_hand(frozen)
     os.killpg(frozen.popen.pid, signal.SIGSTOP)
+    for p in proxies:  # when it thaws, it reaches the target at once
+        p.heal()
     before = generations(mesh)
     obsolete = {pair: mesh.stats(*pair).get("obsolete", 0) for pair in held}
     mesh.start_worker()
