@@ -406,22 +406,29 @@ class Mesh:
         w.node = f"{name}@{socket.gethostname()}"
         return w, proxies
 
-    def catch_in_hand(self, worker: Proc) -> set[tuple[str, str]]:
-        """Wait until *worker* holds batches that have not landed (a worker from
-        worker_cut_off() holds what it takes); returns their pairs."""
-
-        def pending() -> set[tuple[str, str]]:
-            return {
+    def catch_in_hand(
+        self, name: str, concurrency: int = 2
+    ) -> tuple[Proc, list[Proxy], set[tuple[str, str]]]:
+        """Start a worker cut off from its targets (see worker_cut_off) while a backlog waits,
+        and wait until it holds batches that have not landed; returns it, its proxies and
+        the pairs of those batches. A worker that took only tasks that can no longer land
+        (a duplicate, an older generation's) is killed and another one takes the next
+        tasks in the queue."""
+        for attempt in range(10):
+            worker, proxies = self.worker_cut_off(f"{name}-{attempt}", concurrency)
+            held = eventually(
+                lambda worker=worker: self.held_by(worker), timeout=60, what="a task in hand"
+            )
+            pending = {
                 (b["source"], b["target"])
-                for batches in self.held_by(worker).values()
+                for batches in held.values()
                 for b in batches
                 if not self.landed(b)
             }
-
-        found: set[tuple[str, str]] = eventually(
-            pending, timeout=60, what="the worker holding batches that have not landed"
-        )
-        return found
+            if pending:
+                return worker, proxies, pending
+            worker.kill()
+        raise AssertionError("no worker took a task that had not landed")
 
     def pairs(self) -> list[tuple[str, str]]:
         return [(s, t) for s in self.names for t in self.names if s != t]

@@ -120,6 +120,13 @@ class FaultMesh(Mesh):
         if self.base_watcher is None or not self.base_watcher.alive():
             self.start_watcher()
         self.wait_equal(120)
+        # quiet: no task left over from before (one of an older generation, a duplicate), so
+        # whatever a test finds in a queue was published during the test
+        eventually(
+            lambda: all(self.queue_depth(n) == 0 for n in self.names),
+            timeout=120,
+            what="empty queues",
+        )
         ops = self.churn.ops
         self.churn.resume()
         eventually(lambda: self.churn.ops >= ops + 5, timeout=60, what="the churn running")

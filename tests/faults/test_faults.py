@@ -48,8 +48,8 @@ def test_worker_sigkilled_with_tasks_in_hand(mesh: FaultMesh) -> None:
     mesh.base_worker.stop()
     for i in range(2):
         mesh.backlog()
-        victim, _ = mesh.worker_cut_off(f"victim{i}")
-        assert mesh.catch_in_hand(victim)
+        victim, _, held = mesh.catch_in_hand(f"victim{i}")
+        assert held
         victim.kill()
     mesh.start_worker()
     mesh.settle()
@@ -62,8 +62,7 @@ def test_worker_frozen_past_the_stall_timeout_is_superseded(mesh: FaultMesh) -> 
     assert mesh.base_worker is not None
     mesh.base_worker.stop()
     mesh.backlog()
-    frozen, proxies = mesh.worker_cut_off("frozen", concurrency=1)
-    held = mesh.catch_in_hand(frozen)
+    frozen, proxies, held = mesh.catch_in_hand("frozen", concurrency=1)
     os.killpg(frozen.popen.pid, signal.SIGSTOP)
     for p in proxies:  # when it thaws, it reaches the target at once
         p.heal()

@@ -145,8 +145,7 @@ def test_worker_killed_mid_stream(mesh: Mesh) -> None:
     write_items(a, items)
     mesh.watcher()
     mesh.backlog(tasks=3, sources=["cluster-a"])  # the snapshot waits in the queue
-    victim, _ = mesh.worker_cut_off("victim")
-    mesh.catch_in_hand(victim)
+    victim, _, _ = mesh.catch_in_hand("victim")
     victim.kill()
     for i in range(0, 300, 3):  # churn while no worker runs: updates and deletes
         key = f"cilium/state/ip/v1/default/10.9.{i // 250}.{i % 250}".encode()
