@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline.cilium_state import identity_id, identity_labels, write_items
 from pipeline.etcd import Etcd
+from pipeline.meshconfig import mesh_config, new_signing_key, write_secret
 from pipeline.orphan import wrap
 from pipeline.servers import EtcdServer, RedisServer, find_binary
 
@@ -87,11 +88,14 @@ def main() -> int:
         # -- kvmesh -----------------------------------------------------------------------
         cfg = tmp / "mesh.toml"
         cfg.write_text(
-            f'[broker]\nurl = "{broker.url}"\n\n'
-            f'[[clusters]]\nname = "{SOURCE}"\nid = 1\nendpoints = ["{src.url}"]\n'
-            "target = false\n\n"
-            f'[[clusters]]\nname = "cluster-b"\nid = 2\nendpoints = ["{dst_k.url}"]\n'
-            "source = false\n"
+            mesh_config(
+                broker_url=broker.url,
+                signing_key_file=write_secret(tmp / "signing.key", new_signing_key()),
+                clusters=[
+                    {"name": SOURCE, "id": 1, "endpoints": [src.url], "target": False},
+                    {"name": "cluster-b", "id": 2, "endpoints": [dst_k.url], "source": False},
+                ],
+            )
         )
         kvmesh = [sys.executable, "-m", "pipeline"]
         wlog = tmp / "worker.log"

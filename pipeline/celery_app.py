@@ -5,16 +5,41 @@ Built from settings by a factory; nothing is read from the environment here.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
+import redis
 from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]  # re-exported lazily
 
 from .config import Settings, queue_name
 
 
+def redis_client(settings: Settings, timeout: float = 5.0) -> redis.Redis:
+    """A client of the broker's Redis (for queue depth, the leader lease, counters), with the
+    broker URL's user and password and, for rediss://, the broker's TLS files."""
+    tls = settings.broker.tls
+    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if settings.broker.url.startswith("rediss://"):
+        kwargs.update(
+            ssl_cert_reqs="required",
+            ssl_ca_certs=tls.ca_file,
+            ssl_certfile=tls.cert_file,
+            ssl_keyfile=tls.key_file,
+        )
+    return redis.Redis.from_url(settings.broker.url, **kwargs)
+
+
 def create_app(settings: Settings, name: str = "kvmesh") -> Any:
     app = Celery(name, broker=settings.broker.url, set_as_current=False)
+    if settings.broker.url.startswith("rediss://"):
+        tls = settings.broker.tls
+        app.conf.broker_use_ssl = {
+            "ssl_cert_reqs": ssl.CERT_REQUIRED,
+            "ssl_ca_certs": tls.ca_file,
+            "ssl_certfile": tls.cert_file,
+            "ssl_keyfile": tls.key_file,
+        }
     queues = [
         Queue(queue_name(c.name), routing_key=queue_name(c.name))  # type: ignore[no-untyped-call]
         for c in settings.sources

@@ -11,12 +11,13 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from .config import Settings, load_settings, queue_name
+from .config import READ, WRITE, Settings, load_settings, queue_name
 from .errors import ConfigError, KvmeshError, RetryableError
 from .etcd import Etcd
 from .layout import RESOURCES
+from .logs import configure as configure_logging
 from .report import collect_status, verify_once
 
 # Exit codes
@@ -24,6 +25,7 @@ EXIT_OK = 0
 EXIT_NOT_EQUAL = 1  # verify found differences (or status found a pair not in sync)
 EXIT_CONFIG = 2  # bad configuration or usage
 EXIT_UNAVAILABLE = 3  # a store could not be reached
+EXIT_FAILED = 4  # a watcher thread died: a bug; the supervisor should restart the process
 
 log = logging.getLogger("kvmesh")
 
@@ -36,6 +38,7 @@ EPILOG = """examples:
   kvmesh verify --config mesh.toml --wait 60        # exit 0 once every cache is exact
   kvmesh count  --config mesh.toml --cluster cluster-b cilium/cache/identities/v1/
   kvmesh status --config mesh.toml
+  kvmesh keygen > /etc/kvmesh/signing.key          # then [broker] signing_key_file
 """
 
 
@@ -79,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--examples", type=int, default=3, help="example keys shown per kind")
     c = with_config(sub.add_parser("count", help="count keys under a prefix in one cluster"))
     c.add_argument("--cluster", required=True)
+    c.add_argument(
+        "--role",
+        choices=["auto", "read", "write"],
+        default="auto",
+        help="credentials to use: read (source side) or write (target side); auto takes "
+        "read for cilium/state/ and cilium/synced/, write otherwise",
+    )
     c.add_argument("prefix")
     m = with_config(sub.add_parser("simulate", help="play one cluster's Cilium agents"))
     m.add_argument("--cluster", required=True)
@@ -119,6 +129,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     lab.add_argument("--converge-timeout", type=float, default=120.0)
     lab.add_argument("--keep", action="store_true", help="keep the lab's data directory")
+    f = with_config(
+        sub.add_parser(
+            "flower",
+            help="run Flower (the Celery monitor) behind basic auth",
+            description="Run `celery -A workers.app flower` for this mesh, but only behind "
+            "basic auth: FLOWER_BASIC_AUTH (USER:PASSWORD, a password of 12 characters or "
+            "more, not the example one) must be set in the environment. Whoever can log into "
+            "Flower can send tasks; workers drop any that are not signed.",
+        )
+    )
+    f.add_argument("--address", default="127.0.0.1", help="address to listen on")
+    f.add_argument("--port", type=int, default=5555, help="port to listen on")
+    sub.add_parser(
+        "keygen",
+        help="print a new task signing key",
+        description="Print a new random key for [broker] signing_key_file. Put the new key "
+        "on the first line to sign with it, and keep the old one below it until every queued "
+        "task signed with it is gone.",
+    )
     s = with_config(sub.add_parser("status", help="per-pair queue depth, lag and counts"))
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
@@ -126,14 +155,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(str(args.log_level))
     try:
         if args.command == "lab":
             return cmd_lab(args)
-        settings = load_settings(args.config)
+        if args.command == "keygen":
+            from .meshconfig import new_signing_key
+
+            print(new_signing_key())
+            return EXIT_OK
+        # only the processes that sign or verify tasks read the signing keys
+        settings = load_settings(args.config, keys=args.command in ("watch", "worker"))
         handler = {
             "watch": cmd_watch,
             "worker": cmd_worker,
@@ -141,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "count": cmd_count,
             "simulate": cmd_simulate,
             "status": cmd_status,
+            "flower": cmd_flower,
         }[args.command]
         return handler(settings, args)
     except ConfigError as exc:
@@ -158,11 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
-    from .celery_app import create_app
+    from .celery_app import create_app, redis_client
     from .leader import RedisLease
     from .metrics import WatcherMetrics
     from .publisher import CeleryPublisher
     from .watcher import Watcher
+    from .wire import Signer
 
     names = args.source or [c.name for c in settings.sources]
     sources = [settings.cluster(n) for n in names]
@@ -171,28 +205,38 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
             raise ConfigError(f"clusters[{c.name}].source", "is false; it cannot be watched")
         if not settings.targets_of(c.name):
             raise ConfigError("clusters", f"source {c.name} has no target cluster")
+    settings.require_signing("kvmesh watch")
     if args.check:
         print(f"ok: would watch {', '.join(names)}")
         return EXIT_OK
     app = create_app(settings)
+    signer = Signer(settings.signing) if settings.signing else None
     metrics = WatcherMetrics()
     if settings.metrics.watcher_port:
-        metrics.serve(settings.metrics.watcher_port, settings.metrics.bind)
+        try:
+            metrics.serve(settings.metrics.watcher_port, settings.metrics.bind)
+        except OSError as exc:
+            raise ConfigError(
+                "metrics.watcher_port",
+                f"cannot listen on {settings.metrics.bind}:{settings.metrics.watcher_port}: "
+                f"{exc.strerror}",
+            ) from None
     watchers = [
         Watcher(
             settings,
             c,
             CeleryPublisher(
-                app, queue_name(c.name), settings.broker.url, settings.sync.batches_per_task
+                app,
+                queue_name(c.name),
+                redis_client(settings),
+                signer,
+                settings.sync.batches_per_task,
             ),
             metrics,
-            lease=RedisLease(settings.broker.url, c.name, settings.sync.leader_ttl),
+            lease=RedisLease(redis_client(settings), c.name, settings.sync.leader_ttl),
+            signer=signer,
         )
         for c in sources
-    ]
-    threads = [
-        threading.Thread(target=w.run, name=f"watcher:{w.source.name}", daemon=True)
-        for w in watchers
     ]
 
     def stop(signum: int, _frame: Any) -> None:
@@ -202,13 +246,49 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    log.info("watching %s", ", ".join(names))
+    failed = run_watchers(watchers)
+    if failed:
+        print(f"kvmesh: the watcher of {', '.join(failed)} failed; see the log", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+class Runnable(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def run_watchers(watchers: Sequence[Runnable]) -> list[str]:
+    """Run each watcher on a thread until all have returned. If one fails, the others are
+    stopped and its name returned: nothing that comes from input gets that far, so it is a
+    bug, and the process must end for its supervisor to restart it, rather than run on
+    without that source."""
+    failed: list[str] = []
+
+    def run(w: Runnable) -> None:
+        try:
+            w.run()
+        except BaseException:
+            log.exception("%s: the watcher failed", w.name)
+            failed.append(w.name)
+            for other in watchers:
+                other.stop()
+
+    threads = [
+        threading.Thread(target=run, args=(w,), name=f"watcher:{w.name}", daemon=True)
+        for w in watchers
+    ]
     for t in threads:
         t.start()
-    log.info("watching %s", ", ".join(names))
     while any(t.is_alive() for t in threads):
         for t in threads:
             t.join(timeout=0.5)
-    return EXIT_OK
+    return failed
 
 
 # -- worker ---------------------------------------------------------------------------------
@@ -220,6 +300,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     pool = args.pool or settings.worker.pool
     if concurrency < 1:
         raise ConfigError("--concurrency", "must be at least 1")
+    settings.require_signing("kvmesh worker")
     if args.check:
         print(f"ok: would consume {queues} with {concurrency} {pool} processes")
         return EXIT_OK
@@ -243,9 +324,10 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def supervise_worker(argv: list[str], config: str | None) -> int:
-    """Run the Celery worker as a child and start it again if it dies on its own: Celery
-    gives up on some broker reconnections ("Unrecoverable error") and the pool must outlive
-    a Redis restart. SIGTERM and SIGINT are passed on, and then the child is not restarted."""
+    """Run the Celery worker as a child and start it again whenever it ends, unless this
+    process stopped it: Celery gives up on some broker reconnections ("Unrecoverable
+    error"), and anyone who can write to Redis can send it a remote `shutdown`, which ends it
+    with code 0. SIGTERM and SIGINT are passed on, and then the child is not restarted."""
     import os
     import subprocess
 
@@ -271,7 +353,7 @@ def supervise_worker(argv: list[str], config: str | None) -> int:
         proc = subprocess.Popen(wrap(cmd), env=env)
         child[:] = [proc]
         code = proc.wait()
-        if stopping.is_set() or code == 0:
+        if stopping.is_set():
             return EXIT_OK if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
         backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
         log.error("celery worker exited with code %s; starting it again in %.0fs", code, backoff)
@@ -310,7 +392,10 @@ def cmd_count(settings: Settings, args: argparse.Namespace) -> int:
     if args.check:
         print("ok")
         return EXIT_OK
-    etcd = Etcd(cluster, settings.sync.etcd_timeout)
+    role = args.role
+    if role == "auto":  # a source's own state with the read credentials, the rest with write
+        role = READ if args.prefix.startswith(("cilium/state/", "cilium/synced/")) else WRITE
+    etcd = Etcd(cluster, settings.sync.etcd_timeout, role)
     try:
         print(etcd.count(args.prefix.encode()))
     finally:
@@ -384,6 +469,46 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     sim.run(args.churn, args.duration)
     print(f"simulate: {cluster.name} stopped after {sim.ops} operations", flush=True)
     return EXIT_OK
+
+
+# -- flower ---------------------------------------------------------------------------------
+
+EXAMPLE_FLOWER_PASSWORDS = {"change-me", "changeme", "admin", "password", "flower"}
+
+
+def cmd_flower(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+
+    auth = os.environ.get("FLOWER_BASIC_AUTH", "")
+    for pair in auth.split(","):
+        user, sep, password = pair.partition(":")
+        if not auth or not sep or not user:
+            raise ConfigError("FLOWER_BASIC_AUTH", "must be set to USER:PASSWORD")
+        if password in EXAMPLE_FLOWER_PASSWORDS or len(password) < 12:
+            raise ConfigError(
+                "FLOWER_BASIC_AUTH",
+                f"the password of {user} is an example or shorter than 12 characters; "
+                "generate one (python3 scripts/compose-secrets does)",
+            )
+    if not 1 <= args.port <= 65535:
+        raise ConfigError("--port", f"{args.port} is not a TCP port")
+    if args.check:
+        print(f"ok: would run Flower on {args.address}:{args.port} behind basic auth")
+        return EXIT_OK
+    env = dict(os.environ)
+    if args.config:
+        env["KVMESH_CONFIG"] = os.path.abspath(args.config)
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "pipeline.flowerapp",
+        "flower",
+        f"--address={args.address}",
+        f"--port={args.port}",
+    ]
+    os.execvpe(cmd[0], cmd, env)  # noqa: S606 - our own command line, no shell
 
 
 # -- status ---------------------------------------------------------------------------------

@@ -4,16 +4,23 @@ overridden by environment variables. Nothing here reads the environment at impor
 Environment overrides (all optional):
     KVMESH_CONFIG                    path of the TOML file (when --config is not given)
     KVMESH_BROKER_URL                broker URL (may carry a password: never logged)
+    KVMESH_BROKER_SIGNING_KEYS       task signing keys, comma-separated (first one signs)
     KVMESH_<SECTION>_<FIELD>         any scalar of [broker], [sync], [worker], [metrics],
                                      e.g. KVMESH_SYNC_SHARDS=16, KVMESH_WORKER_GAP_WAIT=0.5
     KVMESH_CLUSTER_<NAME>_ENDPOINTS  comma-separated endpoints of cluster NAME
                                      (NAME upper-cased, '-' written as '_')
-    KVMESH_CLUSTER_<NAME>_PASSWORD   etcd password of cluster NAME
+    KVMESH_CLUSTER_<NAME>_PASSWORD   etcd password of cluster NAME (read and write)
+    KVMESH_CLUSTER_<NAME>_READ_PASSWORD, KVMESH_CLUSTER_<NAME>_WRITE_PASSWORD
+                                     the password of one role only
+
+Secrets (etcd passwords, the broker URL's password, signing keys) come from files or the
+environment, and no repr() of a settings object shows them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import tomllib
@@ -24,9 +31,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .layout import Layout
 
 # Cilium's own rule for cluster names: lowercase DNS label, at most 32 characters.
-_CLUSTER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")
+CLUSTER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 
 
@@ -44,8 +52,27 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class Credentials:
+    """How kvmesh authenticates to one etcd in one role: a user with a password, a client
+    certificate (etcd maps its CN to a user with --client-cert-auth), both, or neither."""
+
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __repr__(self) -> str:  # never show the password, even by accident
+        return f"Credentials(username={self.username!r}, cert_file={self.cert_file!r})"
+
+
+READ, WRITE = "read", "write"  # the two roles kvmesh takes on an etcd
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
-    """One Cilium cluster's etcd."""
+    """One Cilium cluster's etcd. `read` is what a watcher uses on it as a source (Cilium's
+    read-only `remote` user is enough); `write` is what workers and the watchers' target-side
+    writes use on it as a target."""
 
     name: str
     id: int
@@ -53,11 +80,45 @@ class ClusterConfig:
     source: bool = True
     target: bool = True
     tls: TLSConfig = field(default_factory=TLSConfig)
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)  # from password_file or env only
+    read: Credentials = field(default_factory=Credentials)
+    write: Credentials = field(default_factory=Credentials)
 
-    def __repr__(self) -> str:  # never show the password, even by accident
+    def credentials(self, role: str) -> Credentials:
+        return self.read if role == READ else self.write
+
+    def __repr__(self) -> str:  # never show a password, even by accident
         return f"ClusterConfig(name={self.name!r}, id={self.id}, endpoints={self.endpoints!r})"
+
+
+@dataclass(frozen=True)
+class BrokerTLS:
+    """TLS files for a rediss:// broker."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
+class SigningKeys:
+    """The HMAC keys of task payloads: the first signs, any verifies (rotation)."""
+
+    keys: tuple[bytes, ...] = field(default=(), repr=False)
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def __repr__(self) -> str:
+        return f"SigningKeys({len(self.keys)} keys)"
+
+
+def key_id(key: bytes) -> str:
+    """A short public name for a signing key (in each signature, so a verifier picks the
+    key at once and can tell an unknown key from a wrong signature)."""
+    return hashlib.sha256(b"kvmesh-key-id:" + key).hexdigest()[:16]
+
+
+MIN_SIGNING_KEY = 32  # characters; `openssl rand -hex 32` gives 64
 
 
 @dataclass(frozen=True)
@@ -66,6 +127,9 @@ class BrokerConfig:
     # Seconds before Redis hands an unacknowledged task to another worker. Tasks take well
     # under a second; this only matters when a whole worker host dies with tasks in hand.
     visibility_timeout: float = 60.0
+    signing_key_file: str = ""
+    insecure_unsigned: bool = False  # run without task signatures: for experiments only
+    tls: BrokerTLS = field(default_factory=BrokerTLS)
 
 
 @dataclass(frozen=True)
@@ -82,6 +146,10 @@ class SyncConfig:
     resync_interval: float = 0.0  # periodic anti-entropy; 0 disables it
     drain_grace: float = 30.0  # seconds between a removed source's config and the rest going
     drain_check_interval: float = 10.0  # how often watchers look for sources to drain
+    max_queue_depth: int = 50_000  # above this many queued tasks a watcher stops publishing
+    # Cilium's --max-connected-clusters of the whole mesh: 255, or 511 (cluster IDs then take
+    # 9 bits of an identity, shifted by 15 instead of 16)
+    max_connected_clusters: int = 255
     leader_ttl: float = 10.0  # seconds a dead active watcher holds its lease before a standby
     etcd_timeout: float = 10.0
     watch_timeout: float = (
@@ -114,6 +182,16 @@ class Settings:
     sync: SyncConfig = field(default_factory=SyncConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    signing: SigningKeys = field(default_factory=SigningKeys)
+
+    def require_signing(self, command: str) -> None:
+        """Watchers and workers run only with signing keys, or when told not to."""
+        if not self.signing and not self.broker.insecure_unsigned:
+            raise ConfigError(
+                "broker.signing_key_file",
+                f"{command} needs task signing keys (generate one with `kvmesh keygen > FILE`),"
+                " or set broker.insecure_unsigned = true to run without signatures",
+            )
 
     def cluster(self, name: str) -> ClusterConfig:
         for c in self.clusters:
@@ -128,6 +206,12 @@ class Settings:
     @property
     def targets(self) -> tuple[ClusterConfig, ...]:
         return tuple(c for c in self.clusters if c.target)
+
+    def layout_of(self, cluster: ClusterConfig) -> Layout:
+        """The rewrite rules for *cluster* as a source."""
+        return Layout(
+            cluster.name, cluster.id, self.sync.identities, self.sync.max_connected_clusters
+        )
 
     def targets_of(self, source: str) -> tuple[ClusterConfig, ...]:
         """Every target except the source itself: a cluster never caches its own state."""
@@ -172,16 +256,28 @@ def _coerce(section: str, name: str, default: Any, raw: Any) -> Any:
     raise ConfigError(where, "unsupported setting type")  # pragma: no cover
 
 
-def _section(cls: type[Any], section: str, data: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+def _section(
+    cls: type[Any],
+    section: str,
+    data: Mapping[str, Any],
+    env: Mapping[str, str],
+    extra: tuple[str, ...] = (),
+) -> Any:
+    """A table of scalars; names in *extra* are allowed in the file and handled by the
+    caller."""
     if not isinstance(data, Mapping):
         raise ConfigError(section, "expected a table")
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    known = {
+        f.name: f
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING and not dataclasses.is_dataclass(f.default)
+    }
     for key in data:
-        if key not in known and not (section == "broker" and key == "url_file"):
+        if key not in known and key not in extra:
             raise ConfigError(f"{section}.{key}", "unknown setting")
     values: dict[str, Any] = {}
     for name, f in known.items():
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = f.default
         raw = data.get(name, default)
         env_name = f"KVMESH_{section.upper()}_{name.upper()}"
         if env_name in env:
@@ -195,22 +291,107 @@ def _read_secret_file(where: str, path: str) -> str:
         return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(where, f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(where, f"{path} is not UTF-8 text") from None
+
+
+def _readable_file(where: str, path: Any) -> str:
+    """A file that must exist and be readable (TLS material): checked at load time, so a
+    typo is a config error, not a traceback on the first connection."""
+    if not isinstance(path, str) or not path:
+        raise ConfigError(where, f"expected a file path, got {path!r}")
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        raise ConfigError(where, f"cannot read {path}: {exc.strerror}") from None
+    return path
+
+
+def _tls_files(where: str, data: Any, allowed: tuple[str, ...]) -> dict[str, str]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(where, "expected a table")
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}", "unknown setting")
+        out[key] = _readable_file(f"{where}.{key}", value)
+    return out
+
+
+def _signing_keys(broker: BrokerConfig, env: Mapping[str, str]) -> SigningKeys:
+    raw: list[str] = []
+    if env.get("KVMESH_BROKER_SIGNING_KEYS"):
+        raw = env["KVMESH_BROKER_SIGNING_KEYS"].split(",")
+        where = "KVMESH_BROKER_SIGNING_KEYS"
+    elif broker.signing_key_file:
+        raw = _read_secret_file("broker.signing_key_file", broker.signing_key_file).splitlines()
+        where = "broker.signing_key_file"
+    keys = tuple(k.strip().encode() for k in raw if k.strip() and not k.strip().startswith("#"))
+    for i, k in enumerate(keys):
+        if len(k) < MIN_SIGNING_KEY:
+            raise ConfigError(
+                where, f"key {i + 1} has {len(k)} characters; at least {MIN_SIGNING_KEY} needed"
+            )
+    if raw and not keys:
+        raise ConfigError(where, "holds no key")
+    return SigningKeys(keys)
 
 
 def _env_cluster(name: str) -> str:
     return "KVMESH_CLUSTER_" + name.upper().replace("-", "_")
 
 
+def _credentials(
+    where: str,
+    data: Mapping[str, Any],
+    default: Credentials,
+    env_password: str | None,
+) -> Credentials:
+    for name in data:
+        if name not in ("username", "password_file", "cert_file", "key_file"):
+            raise ConfigError(f"{where}.{name}", "unknown setting")
+    username = data.get("username", default.username)
+    if username is not None and (not isinstance(username, str) or not username):
+        raise ConfigError(f"{where}.username", f"expected a user name, got {username!r}")
+    password = default.password
+    if env_password is not None:
+        password = env_password
+    elif "password_file" in data:
+        password = _read_secret_file(f"{where}.password_file", str(data["password_file"]))
+    if (username is None) != (password is None):
+        raise ConfigError(f"{where}.username", "a user name and a password go together")
+    cert: str | None = default.cert_file
+    key: str | None = default.key_file
+    if "cert_file" in data or "key_file" in data:
+        if ("cert_file" in data) != ("key_file" in data):
+            raise ConfigError(where, "cert_file and key_file must be given together")
+        cert = _readable_file(f"{where}.cert_file", data["cert_file"])
+        key = _readable_file(f"{where}.key_file", data["key_file"])
+    return Credentials(username, password, cert, key)
+
+
 def _cluster(index: int, data: Any, env: Mapping[str, str]) -> ClusterConfig:
     where = f"clusters[{index}]"
     if not isinstance(data, Mapping):
         raise ConfigError(where, "expected a table")
-    allowed = {"name", "id", "endpoints", "source", "target", "tls", "username", "password_file"}
+    allowed = {
+        "name",
+        "id",
+        "endpoints",
+        "source",
+        "target",
+        "tls",
+        "username",
+        "password_file",
+        "read",
+        "write",
+    }
     for key in data:
         if key not in allowed:
             raise ConfigError(f"{where}.{key}", "unknown setting")
     name = data.get("name")
-    if not isinstance(name, str) or not _CLUSTER_NAME.match(name):
+    if not isinstance(name, str) or not CLUSTER_NAME.match(name):
         raise ConfigError(
             f"{where}.name", f"must be a lowercase DNS label of at most 32 characters, got {name!r}"
         )
@@ -234,23 +415,42 @@ def _cluster(index: int, data: Any, env: Mapping[str, str]) -> ClusterConfig:
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError:
             raise ConfigError(f"{where}.endpoints", f"{ep!r} has an invalid port") from None
-    tls_data = data.get("tls", {})
-    if not isinstance(tls_data, Mapping):
-        raise ConfigError(f"{where}.tls", "expected a table")
-    for key in tls_data:
-        if key not in ("ca_file", "cert_file", "key_file"):
-            raise ConfigError(f"{where}.tls.{key}", "unknown setting")
-    tls = TLSConfig(**{k: str(v) for k, v in tls_data.items()})
+    tls = TLSConfig(
+        **_tls_files(f"{where}.tls", data.get("tls", {}), ("ca_file", "cert_file", "key_file"))
+    )
     if (tls.cert_file is None) != (tls.key_file is None):
         raise ConfigError(f"{where}.tls", "cert_file and key_file must be given together")
-    if any(str(e).startswith("https://") for e in endpoints) and not tls.enabled:
+    secure = all(str(e).startswith("https://") for e in endpoints)
+    if any(str(e).startswith("https://") for e in endpoints) and not secure:
+        raise ConfigError(f"{where}.endpoints", "mixes http:// and https:// endpoints")
+    if secure and not tls.enabled:
         raise ConfigError(f"{where}.tls.ca_file", "https endpoints need a CA file")
-    username = data.get("username")
-    password = env.get(_env_cluster(name) + "_PASSWORD")
-    if password is None and "password_file" in data:
-        password = _read_secret_file(f"{where}.password_file", str(data["password_file"]))
-    if (username is None) != (password is None):
-        raise ConfigError(f"{where}.username", "username and a password must be given together")
+    env_base = _env_cluster(name)
+    both = _credentials(
+        where,
+        {k: data[k] for k in ("username", "password_file") if k in data},
+        Credentials(cert_file=tls.cert_file, key_file=tls.key_file),
+        env.get(env_base + "_PASSWORD"),
+    )
+    roles = {}
+    for role in (READ, WRITE):
+        sub = data.get(role, {})
+        if not isinstance(sub, Mapping):
+            raise ConfigError(f"{where}.{role}", "expected a table")
+        creds = _credentials(
+            f"{where}.{role}", sub, both, env.get(f"{env_base}_{role.upper()}_PASSWORD")
+        )
+        if creds.username is not None and not secure:
+            # etcd hands out a token that gRPC refuses to send over plain http: every call
+            # after the login would fail
+            raise ConfigError(
+                f"{where}.{role}.username" if "username" in sub else f"{where}.username",
+                "an etcd user with a password needs https:// endpoints (tokens are not sent "
+                "over plain http); use TLS, or client certificates alone",
+            )
+        if creds.cert_file is not None and not tls.enabled:
+            raise ConfigError(f"{where}.tls.ca_file", "client certificates need a CA file")
+        roles[role] = creds
     for flag in ("source", "target"):
         if flag in data and not isinstance(data[flag], bool):
             raise ConfigError(f"{where}.{flag}", "expected a boolean")
@@ -261,23 +461,40 @@ def _cluster(index: int, data: Any, env: Mapping[str, str]) -> ClusterConfig:
         source=bool(data.get("source", True)),
         target=bool(data.get("target", True)),
         tls=tls,
-        username=None if username is None else str(username),
-        password=password,
+        read=roles[READ],
+        write=roles[WRITE],
     )
 
 
-def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
-    """Build and validate settings from parsed TOML plus environment overrides."""
+def settings_from_mapping(
+    data: Mapping[str, Any], env: Mapping[str, str], keys: bool = True
+) -> Settings:
+    """Build and validate settings from parsed TOML plus environment overrides. With
+    keys=False the signing keys are not read (for commands that neither sign nor verify)."""
     for key in data:
         if key not in ("broker", "sync", "worker", "metrics", "clusters"):
             raise ConfigError(key, "unknown section")
-    broker_data = dict(data.get("broker", {}))
+    raw_broker = data.get("broker", {})
+    if not isinstance(raw_broker, Mapping):
+        raise ConfigError("broker", "expected a table")
+    broker_data = dict(raw_broker)
     url_file = broker_data.pop("url_file", None)
     if url_file is not None and "KVMESH_BROKER_URL" not in env:
         broker_data["url"] = _read_secret_file("broker.url_file", str(url_file))
+    tls_data = broker_data.pop("tls", {})
     broker: BrokerConfig = _section(BrokerConfig, "broker", broker_data, env)
-    if urlsplit(broker.url).scheme not in ("redis", "rediss"):
+    broker_tls = BrokerTLS(
+        **_tls_files("broker.tls", tls_data, ("ca_file", "cert_file", "key_file"))
+    )
+    if (broker_tls.cert_file is None) != (broker_tls.key_file is None):
+        raise ConfigError("broker.tls", "cert_file and key_file must be given together")
+    broker = dataclasses.replace(broker, tls=broker_tls)
+    scheme = urlsplit(broker.url).scheme
+    if scheme not in ("redis", "rediss"):
         raise ConfigError("broker.url", "must be a redis:// or rediss:// URL")
+    if (broker_tls.ca_file or broker_tls.cert_file) and scheme != "rediss":
+        raise ConfigError("broker.tls", "TLS files need a rediss:// URL")
+    signing = _signing_keys(broker, env) if keys else SigningKeys()
     sync: SyncConfig = _section(SyncConfig, "sync", data.get("sync", {}), env)
     if not 1 <= sync.shards <= 64:
         raise ConfigError("sync.shards", f"must be from 1 to 64, got {sync.shards}")
@@ -295,12 +512,21 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Se
         raise ConfigError("sync.leader_ttl", "must be at least 1 second")
     if sync.stall_timeout <= 0:
         raise ConfigError("sync.stall_timeout", "must be positive")
+    if sync.max_queue_depth < 1:
+        raise ConfigError("sync.max_queue_depth", "must be at least 1")
+    if sync.max_connected_clusters not in (255, 511):
+        raise ConfigError("sync.max_connected_clusters", "must be 255 or 511, as in Cilium")
+    for name in ("etcd_timeout", "watch_timeout", "fence_poll_interval", "linger"):
+        if getattr(sync, name) < 0 or (name != "linger" and getattr(sync, name) == 0):
+            raise ConfigError(f"sync.{name}", "must be positive")
     worker: WorkerConfig = _section(WorkerConfig, "worker", data.get("worker", {}), env)
     if worker.pool not in ("prefork", "threads", "solo"):
         raise ConfigError("worker.pool", 'must be "prefork", "threads" or "solo"')
     if worker.concurrency < 1:
         raise ConfigError("worker.concurrency", "must be at least 1")
     metrics: MetricsConfig = _section(MetricsConfig, "metrics", data.get("metrics", {}), env)
+    if not 0 <= metrics.watcher_port <= 65535:
+        raise ConfigError("metrics.watcher_port", f"{metrics.watcher_port} is not a TCP port")
     raw_clusters = data.get("clusters")
     if not isinstance(raw_clusters, list) or not raw_clusters:
         raise ConfigError("clusters", "at least one [[clusters]] table is required")
@@ -314,11 +540,41 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Se
             raise ConfigError(f"clusters[{c.name}].id", f"cluster id {c.id} is used twice")
         seen_names.add(c.name)
         seen_ids.add(c.id)
-    return Settings(clusters=clusters, broker=broker, sync=sync, worker=worker, metrics=metrics)
+        if c.id > sync.max_connected_clusters:
+            raise ConfigError(
+                f"clusters[{c.name}].id",
+                f"{c.id} is above sync.max_connected_clusters ({sync.max_connected_clusters})",
+            )
+    known_env = {_env_cluster(c.name) for c in clusters}
+    for name in env:
+        if name.startswith("KVMESH_CLUSTER_"):
+            base = next(
+                (
+                    k
+                    for k in known_env
+                    if name.startswith(k + "_")
+                    and name[len(k) + 1 :]
+                    in ("ENDPOINTS", "PASSWORD", "READ_PASSWORD", "WRITE_PASSWORD")
+                ),
+                None,
+            )
+            if base is None:
+                raise ConfigError(name, "names no configured cluster, or no known setting")
+    return Settings(
+        clusters=clusters,
+        broker=broker,
+        sync=sync,
+        worker=worker,
+        metrics=metrics,
+        signing=signing,
+    )
 
 
-def load_settings(path: str | None, env: Mapping[str, str] | None = None) -> Settings:
-    """Load the TOML file at *path* (or $KVMESH_CONFIG) and apply environment overrides."""
+def load_settings(
+    path: str | None, env: Mapping[str, str] | None = None, keys: bool = True
+) -> Settings:
+    """Load the TOML file at *path* (or $KVMESH_CONFIG) and apply environment overrides;
+    keys=False leaves the signing keys unread."""
     env = os.environ if env is None else env
     path = path or env.get("KVMESH_CONFIG")
     if not path:
@@ -330,4 +586,4 @@ def load_settings(path: str | None, env: Mapping[str, str] | None = None) -> Set
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
-    return settings_from_mapping(data, env)
+    return settings_from_mapping(data, env, keys)

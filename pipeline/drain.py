@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Collection
 
+from .config import CLUSTER_NAME
 from .etcd import Etcd
 from .layout import RESOURCES, canary_prefix, draining_key, state_prefix
 
@@ -22,11 +24,24 @@ log = logging.getLogger("kvmesh.drain")
 def managed_sources(target: Etcd) -> set[str]:
     """Sources that kvmesh has synced into this target (they have a generation record)."""
     names = set()
-    for key in target.items(b"kvmesh/"):
+    for key in target.keys(b"kvmesh/"):
         parts = key.split(b"/")
         if len(parts) == 3 and parts[2] in (b"gen", b"draining"):
-            names.add(parts[1].decode("utf-8", errors="replace"))
+            name = parts[1].decode("ascii", errors="replace")
+            if CLUSTER_NAME.match(name):  # anything else is no cluster kvmesh ever synced
+                names.add(name)
     return names
+
+
+def _since(raw: bytes) -> float:
+    """When a drain began, from its record; 0 (drain now) for one that does not decode."""
+    try:
+        since = json.loads(raw)["since"] if len(raw) <= 4096 else 0.0
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+        return 0.0
+    if isinstance(since, bool) or not isinstance(since, int | float) or not math.isfinite(since):
+        return 0.0
+    return float(since)
 
 
 def drain_removed(
@@ -52,10 +67,7 @@ def drain_removed(
                 grace,
             )
             continue
-        try:
-            since = float(json.loads(record.value)["since"])
-        except (ValueError, KeyError, TypeError):
-            since = 0.0
+        since = _since(record.value)
         if now - since < grace:
             continue
         target.delete_prefix(canary_prefix(source))

@@ -7,8 +7,14 @@
     │   ├── LayoutError         a key does not fit the Cilium layout, or is another cluster's
     │   ├── ValueTooLargeError  a single operation is over the request limit
     │   └── MalformedBatchError a task message does not decode
+    │       ├── UnsignedTaskError   it carries no signature
+    │       ├── UnknownKeyError     it is signed with a key this worker does not hold
+    │       ├── BadSignatureError   its signature does not match its content (tampered)
+    │       └── ForbiddenBatchError it touches keys its source may not write
+    ├── CorruptRecordError      a kvmesh record in a target does not decode (taken as absent)
     ├── RequestTooLargeError    the target etcd refused a request as too large
     └── RetryableError          a store is unreachable or timed out; try again later
+        ├── PublishError        the broker refused a publish (carries how much went out)
         └── CompactedError      the requested revision was compacted away (carries it)
 
 This module imports nothing of the package.
@@ -30,10 +36,30 @@ class ConfigError(KvmeshError):
         self.reason = reason
 
 
-def _show(key: bytes) -> str:
-    """Render a key for a log line without assuming it is UTF-8."""
-    text = key.decode("utf-8", errors="backslashreplace")
-    return text if len(text) <= 200 else text[:200] + "..."
+def show_key(key: bytes, limit: int = 200) -> str:
+    """Render a key for a log line: never assumes UTF-8, and escapes every byte that is not
+    valid UTF-8 (`\\xff`), every character that is not printable (newlines, escapes, bidi
+    controls) and the backslash itself, so a key can neither forge a log line nor pass for
+    another key."""
+    out = []
+    for c in key.decode("utf-8", errors="surrogateescape"):
+        if 0xDC80 <= ord(c) <= 0xDCFF:  # a byte that is not UTF-8
+            out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        elif c == "\\":
+            out.append("\\\\")
+        elif c.isprintable():
+            out.append(c)
+        elif ord(c) < 0x100:
+            out.append(f"\\x{ord(c):02x}")
+        else:
+            out.append(f"\\u{ord(c):04x}")
+    text = "".join(out)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def show(text: str, limit: int = 200) -> str:
+    """show_key for text that came from outside (a task ID, a stored reason)."""
+    return show_key(text.encode("utf-8", errors="surrogateescape"), limit)
 
 
 class BadInputError(KvmeshError):
@@ -42,7 +68,7 @@ class BadInputError(KvmeshError):
     kind = "bad_input"
 
     def __init__(self, key: bytes, reason: str) -> None:
-        super().__init__(f"{self.kind}: key {_show(key)!s}: {reason}")
+        super().__init__(f"{self.kind}: key {show_key(key)}: {reason}")
         self.key = key
         self.reason = reason
 
@@ -62,10 +88,39 @@ class ValueTooLargeError(BadInputError):
 class MalformedBatchError(BadInputError):
     """A task message could not be decoded."""
 
-    kind = "malformed_batch"
+    kind = "malformed"
 
     def __init__(self, reason: str) -> None:
         super().__init__(b"<message>", reason)
+
+
+class UnsignedTaskError(MalformedBatchError):
+    """A task without a signature, where signatures are required."""
+
+    kind = "unsigned"
+
+
+class UnknownKeyError(MalformedBatchError):
+    """A task signed with a key the worker does not hold."""
+
+    kind = "unknown_key"
+
+
+class BadSignatureError(MalformedBatchError):
+    """A task whose signature does not match its content: it was changed on the way."""
+
+    kind = "bad_signature"
+
+
+class ForbiddenBatchError(MalformedBatchError):
+    """A task that touches keys outside what its source may write in a target."""
+
+    kind = "forbidden"
+
+
+class CorruptRecordError(KvmeshError):
+    """A kvmesh record in a target etcd (generation, fence, progress, resync request) does
+    not decode. Whoever reads it takes it as absent: a resync rewrites it."""
 
 
 class RequestTooLargeError(KvmeshError):
@@ -79,6 +134,15 @@ class RetryableError(KvmeshError):
     def __init__(self, message: str, cluster: str | None = None) -> None:
         super().__init__(message)
         self.cluster = cluster
+
+
+class PublishError(RetryableError):
+    """The broker refused a publish (unreachable, or out of memory). `published` batches of
+    the list went out before it did; the caller keeps the rest."""
+
+    def __init__(self, message: str, published: int) -> None:
+        super().__init__(message)
+        self.published = published
 
 
 class CompactedError(RetryableError):

@@ -16,8 +16,9 @@ from urllib.parse import urlsplit
 import etcd3
 import grpc
 from etcd3 import etcdrpc
+from etcd3.client import EtcdTokenCallCredentials
 
-from .config import ClusterConfig
+from .config import READ, ClusterConfig
 from .errors import CompactedError, RequestTooLargeError, RetryableError
 
 log = logging.getLogger(__name__)
@@ -71,16 +72,37 @@ def _retryable(exc: BaseException, what: str, cluster: str) -> RetryableError:
     return RetryableError(f"etcd {cluster}: {what} failed: {type(exc).__name__}: {exc}", cluster)
 
 
-class Etcd:
-    """A connection to one etcd cluster."""
+_RANGE_BUDGET = 16 * 1024 * 1024  # bytes a range page aims at, far below the receive cap
 
-    def __init__(self, cluster: ClusterConfig, timeout: float = 10.0) -> None:
+
+class Etcd:
+    """A connection to one etcd cluster, in one role: `read` (a watcher on its source) or
+    `write` (workers and watchers on a target). Each role has its own credentials, so a
+    source can be read by a user that may only read (Cilium's `remote` user).
+
+    A user with a password logs in lazily, and again whenever etcd says its token is no
+    longer valid (tokens expire after --auth-token-ttl of idleness, or on a JWT's schedule).
+    """
+
+    def __init__(self, cluster: ClusterConfig, timeout: float = 10.0, role: str = READ) -> None:
         self.name = cluster.name
+        self.role = role
         self._timeout = timeout
+        who = cluster.credentials(role)
+        self._user, self._password = who.username, who.password
+        self._token_lock = threading.Lock()
+        self._logged_in = False
+        # A key this role may read, for requests that only want the response header: the
+        # read role reads the cluster config of its own cluster, the write role kvmesh/.
+        self._probe = (
+            (f"cilium/cluster-config/{cluster.name}".encode(), None)
+            if role == READ
+            else (b"kvmesh/", prefix_end(b"kvmesh/"))
+        )
         creds = None
         if cluster.tls.enabled:
             creds = etcd3.MultiEndpointEtcd3Client.get_secure_creds(
-                cluster.tls.ca_file, cluster.tls.key_file, cluster.tls.cert_file
+                cluster.tls.ca_file, who.key_file, who.cert_file
             )
         endpoints = []
         for url in cluster.endpoints:
@@ -96,12 +118,10 @@ class Etcd:
                 )
             )
         try:
+            # no user here: the library would log in at once, over the network; we log in
+            # lazily and again when the token expires (see _login)
             self._client = etcd3.MultiEndpointEtcd3Client(
-                endpoints=endpoints,
-                timeout=timeout,
-                user=cluster.username,
-                password=cluster.password,
-                failover=True,
+                endpoints=endpoints, timeout=timeout, failover=True
             )
         except (grpc.RpcError, etcd3.Etcd3Exception, ValueError) as exc:
             raise _retryable(exc, "connect", self.name) from None
@@ -110,25 +130,56 @@ class Etcd:
     def close(self) -> None:
         self._client.close()
 
+    def _login(self) -> None:
+        """Get a fresh token for the configured user (no-op without one)."""
+        if self._user is None:
+            return
+        with self._token_lock:
+            try:
+                resp = self._client.authstub.Authenticate(
+                    etcdrpc.AuthenticateRequest(name=self._user, password=self._password),
+                    self._timeout,
+                )
+            except grpc.RpcError as exc:
+                raise _retryable(exc, "login", self.name) from None
+            self._client.metadata = (("token", resp.token),)
+            self._client.call_credentials = grpc.metadata_call_credentials(
+                EtcdTokenCallCredentials(resp.token)
+            )
+            self._logged_in = True
+
+    def token_expired(self) -> None:
+        """A watch was refused for its token: log in again before the next call."""
+        self._logged_in = False
+
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except grpc.RpcError as exc:
-            code, details = exc.code(), exc.details() or ""
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED or (
-                code == grpc.StatusCode.INVALID_ARGUMENT and "too large" in details
-            ):
-                raise RequestTooLargeError(f"etcd {self.name}: {details}") from None
-            raise _retryable(exc, what, self.name) from None
-        except (etcd3.Etcd3Exception, ValueError) as exc:
-            raise _retryable(exc, what, self.name) from None
+        for attempt in (1, 2):
+            try:
+                if self._user is not None and not self._logged_in:
+                    self._login()
+                return fn()
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details() or ""
+                if code == grpc.StatusCode.UNAUTHENTICATED and self._user and attempt == 1:
+                    self._logged_in = False  # the token expired: log in once more
+                    continue
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED or (
+                    code == grpc.StatusCode.INVALID_ARGUMENT and "too large" in details
+                ):
+                    raise RequestTooLargeError(f"etcd {self.name}: {details}") from None
+                raise _retryable(exc, what, self.name) from None
+            except (etcd3.Etcd3Exception, ValueError) as exc:
+                raise _retryable(exc, what, self.name) from None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- reads -------------------------------------------------------------------------------
 
     def header(self) -> tuple[int, int]:
-        """(current revision, etcd cluster ID)."""
+        """(current revision, etcd cluster ID), from a count-only range over a key this role
+        may read: a range over the whole keyspace needs permission on all of it."""
+        key, end = self._probe
         resp = self._call(
-            "range", lambda: self._client.get_range_response(b"\0", b"\0", count_only=True)
+            "range", lambda: self._client.get_range_response(key, end, count_only=True)
         )
         return int(resp.header.revision), int(resp.header.cluster_id)
 
@@ -173,20 +224,39 @@ class Etcd:
         """All keys under *prefix* (or the one key, with exact=True) at one revision, read in
         pages. Returns (revision, iterator); the first page is read before returning."""
         end = None if exact else prefix_end(prefix)
+        limit = page
 
         def fetch(start: bytes, rev: int | None) -> Any:
-            kwargs: dict[str, Any] = {"limit": page}
-            if rev:
-                kwargs["revision"] = rev
-            try:
-                return self._client.get_range_response(start, end, **kwargs)
-            except grpc.RpcError as exc:
-                err = _retryable(exc, "range", self.name)
-                if isinstance(err, CompactedError):
+            """One page: the limit shrinks when etcd's answer would exceed what gRPC
+            accepts, and is set from the bytes per key seen so far to stay near
+            _RANGE_BUDGET, so a source with large values slows down instead of failing."""
+            nonlocal limit
+            while True:
+                kwargs: dict[str, Any] = {"limit": limit}
+                if rev:
+                    kwargs["revision"] = rev
+
+                def page_call(kw: dict[str, Any] = kwargs) -> Any:
+                    return self._client.get_range_response(start, end, **kw)
+
+                try:
+                    resp = self._call("range", page_call)
+                except CompactedError:
                     raise CompactedError(rev or 0) from None
-                raise err from None
-            except (etcd3.Etcd3Exception, ValueError) as exc:
-                raise _retryable(exc, "range", self.name) from None
+                except RequestTooLargeError as exc:
+                    if limit == 1:
+                        raise RetryableError(
+                            f"etcd {self.name}: one key under {prefix!r} is too large to read: "
+                            f"{exc}",
+                            self.name,
+                        ) from None
+                    limit = max(1, limit // 2)
+                    continue
+                if resp.kvs:
+                    size = sum(len(kv.key) + len(kv.value) for kv in resp.kvs)
+                    per_key = max(1, size // len(resp.kvs))
+                    limit = max(1, min(page, _RANGE_BUDGET // per_key))
+                return resp
 
         first = fetch(prefix, revision)
         rev = revision or int(first.header.revision)
@@ -215,6 +285,41 @@ class Etcd:
             "txn", lambda: self._client.transaction(list(compare), list(success), [])
         )
         return bool(ok), list(responses)
+
+    def txn_revision(self, compare: Sequence[Any], success: Sequence[Any]) -> tuple[bool, int]:
+        """A transaction that returns whether it succeeded and the revision it committed at:
+        every key it wrote has that mod revision, with no read afterwards to race with."""
+
+        def call() -> Any:
+            request = etcdrpc.TxnRequest(
+                compare=[c.build_message() for c in compare],
+                success=self._client._ops_to_requests(list(success)),
+                failure=[],
+            )
+            return self._client.kvstub.Txn(
+                request,
+                self._timeout,
+                credentials=self._client.call_credentials,
+                metadata=self._client.metadata,
+            )
+
+        resp = self._call("txn", call)
+        return bool(resp.succeeded), int(resp.header.revision)
+
+    def keys(self, prefix: bytes, page: int = 2000) -> list[bytes]:
+        """The keys under *prefix*, without their values, read in pages."""
+        out: list[bytes] = []
+        start, end = prefix, prefix_end(prefix)
+        while True:
+
+            def page_call(first: bytes = start) -> Any:
+                return self._client.get_range_response(first, end, limit=page, keys_only=True)
+
+            resp = self._call("range", page_call)
+            out += [kv.key for kv in resp.kvs]
+            if not resp.more or not resp.kvs:
+                return out
+            start = resp.kvs[-1].key + b"\0"
 
     def put(self, key: bytes, value: bytes) -> None:
         self._call("put", lambda: self._client.put(key, value))
@@ -258,12 +363,76 @@ class Etcd:
         return stream
 
     def _watch_call(self, requests: Iterator[Any]) -> Any:
-        stub = etcdrpc.WatchStub(self._client.channel)
-        return stub.Watch(
+        if self._user is not None and not self._logged_in:
+            self._login()
+        call = self._client.channel.stream_stream(
+            "/etcdserverpb.Watch/Watch",
+            request_serializer=_watch_request_bytes,
+            response_deserializer=_watch_response,
+        )
+        return call(
             requests,
             credentials=self._client.call_credentials,
             metadata=self._client.metadata,
         )
+
+
+# The client library's compiled protobuf predates etcd's watch fragments, so the two fields
+# are spelled out on the wire here. With `fragment` set, etcd splits a watch response larger
+# than its request limit (many large values in a few revisions) into several messages, each
+# under gRPC's receive cap, instead of one that the client would refuse for ever.
+_FRAGMENT_REQUEST = b"\x40\x01"  # WatchCreateRequest.fragment (field 8, varint) = true
+_FRAGMENT_RESPONSE = 7  # WatchResponse.fragment (field 7, varint)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(raw: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        byte = raw[i]
+        i += 1
+        n |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return n, i
+
+
+def _watch_request_bytes(req: Any) -> bytes:
+    if req.HasField("create_request"):
+        inner = bytes(req.create_request.SerializeToString()) + _FRAGMENT_REQUEST
+        return b"\x0a" + _varint(len(inner)) + inner  # WatchRequest.create_request (field 1)
+    return bytes(req.SerializeToString())
+
+
+def _watch_response(raw: bytes) -> tuple[Any, bool]:
+    """(the decoded response, whether more fragments of it follow)."""
+    fragment = False
+    i = 0
+    while i < len(raw):
+        tag, i = _read_varint(raw, i)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, i = _read_varint(raw, i)
+            if field == _FRAGMENT_RESPONSE:
+                fragment = bool(value)
+        elif wire == 2:
+            length, i = _read_varint(raw, i)
+            i += length
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        else:
+            break  # not a field etcd sends; the decoder below judges the message
+    return etcdrpc.WatchResponse.FromString(raw), fragment
 
 
 class WatchStream:
@@ -324,20 +493,24 @@ class WatchStream:
     def _run(self) -> None:
         try:
             self._call = self._etcd._watch_call(self._request_iter())
-            for resp in self._call:
+            events: list[Event] = []
+            for resp, fragment in self._call:
                 self.last_response = time.monotonic()
                 if self._stopped.is_set():
                     return
                 if resp.compact_revision:
                     raise CompactedError(int(resp.compact_revision))
                 if resp.canceled:
+                    reason = str(resp.cancel_reason)
+                    if "permission denied" in reason or "auth" in reason:
+                        # etcd refuses a watch whose token expired with "permission denied"
+                        self._etcd.token_expired()
                     raise RetryableError(
                         f"etcd {self._etcd.name}: watch canceled: {resp.cancel_reason}",
                         self._etcd.name,
                     )
                 if resp.created and not resp.events:
                     continue
-                events: list[Event] = []
                 for ev in resp.events:
                     rev = int(ev.kv.mod_revision)
                     self._index = self._index + 1 if rev == self._last_rev else 0
@@ -345,7 +518,10 @@ class WatchStream:
                     events.append(
                         Event(rev, self._index, ev.kv.key, None if ev.type == 1 else ev.kv.value)
                     )
+                if fragment:
+                    continue  # more of this response follows
                 self._on_events(events, int(resp.header.revision))
+                events = []
             if not self._stopped.is_set():
                 raise RetryableError(f"etcd {self._etcd.name}: watch stream ended", self._etcd.name)
         except BaseException as exc:

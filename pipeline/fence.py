@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from .errors import CorruptRecordError
+
 Position = tuple[int, int]  # (source revision, index of the event within that revision)
 ZERO: Position = (0, 0)
 
@@ -35,6 +37,8 @@ class Decision(StrEnum):
     OBSOLETE = "obsolete"  # an older generation
     GAP = "gap_wait"  # its predecessor has not landed yet
     RESYNC = "resync"  # the target lost its kvmesh records, or the chain is broken
+    FORBIDDEN = "forbidden"  # its shard does not exist in this generation, or a key is not
+    # in its shard: a batch no watcher of this generation made
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,16 @@ class GenRecord:
 
     @classmethod
     def decode(cls, raw: bytes) -> GenRecord:
+        """Raises CorruptRecordError unless *raw* is a well-formed record."""
         d = _load(raw)
+        identities = d.get("identities", "id")
+        if identities not in ("id", "all"):
+            raise CorruptRecordError(f"generation record: identities {identities!r}")
         return cls(
-            gen=int(d["gen"]),
-            shards=int(d.get("shards", 0)),
-            identities=str(d.get("identities", "id")),
-            source_cluster_id=int(d.get("source_cluster_id", 0)),
+            gen=_int(d, "gen", 1),
+            shards=_int(d, "shards", 1),
+            identities=identities,
+            source_cluster_id=_int(d, "source_cluster_id", 0, 1 << 64),
         )
 
 
@@ -79,19 +87,41 @@ class FenceRecord:
 
     @classmethod
     def decode(cls, raw: bytes) -> FenceRecord:
+        """Raises CorruptRecordError unless *raw* is a well-formed record."""
         d = _load(raw)
-        pos = d["pos"]
-        return cls(gen=int(d["gen"]), pos=(int(pos[0]), int(pos[1])), done=bool(d["done"]))
+        pos = d.get("pos")
+        if not isinstance(pos, list) or len(pos) != 2:
+            raise CorruptRecordError(f"fence record: pos {pos!r}")
+        done = d.get("done")
+        if not isinstance(done, bool):
+            raise CorruptRecordError(f"fence record: done {done!r}")
+        return cls(
+            gen=_int(d, "gen", 1),
+            pos=(_int({"r": pos[0]}, "r", 0), _int({"i": pos[1]}, "i", 0)),
+            done=done,
+        )
+
+
+_MAX_RECORD = 4096  # bytes: kvmesh's records are a few dozen
 
 
 def _load(raw: bytes) -> dict[str, Any]:
+    if len(raw) > _MAX_RECORD:
+        raise CorruptRecordError(f"kvmesh record of {len(raw)} bytes")
     try:
         d = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"corrupt kvmesh record: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptRecordError(f"kvmesh record is not JSON: {exc}") from None
     if not isinstance(d, dict):
-        raise ValueError("corrupt kvmesh record: not an object")
+        raise CorruptRecordError("kvmesh record is not an object")
     return d
+
+
+def _int(d: dict[str, Any], name: str, low: int, high: int = 1 << 63) -> int:
+    v = d.get(name)
+    if not isinstance(v, int) or isinstance(v, bool) or not low <= v < high:
+        raise CorruptRecordError(f"kvmesh record: {name} {str(v)[:40]!r}")
+    return v
 
 
 def decide(

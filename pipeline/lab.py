@@ -28,12 +28,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from .config import Settings, load_settings, queue_name
+from .config import WRITE, Settings, load_settings, queue_name
 from .errors import KvmeshError, RetryableError
 from .etcd import Etcd
+from .meshconfig import mesh_config, new_signing_key, write_secret
 from .orphan import wrap
 from .report import collect_status, verify_once
-from .servers import EtcdServer, RedisServer, ServerProcess, free_port
+from .servers import EtcdServer, RedisServer, ServerProcess, free_port, start_all
 
 
 class LabError(KvmeshError):
@@ -106,36 +107,32 @@ class Lab:
         o = self.opts
         self.names = [f"cluster-{i + 1}" for i in range(o.clusters)]
         say(f"lab: data under {self.root}")
-        redis = RedisServer(self.root / "redis", aof=True)
+        # Redis with a password, and tasks signed with a key of the lab's own, as in any
+        # real deployment: both live in files readable by the lab's user only
+        redis = RedisServer(self.root / "redis", aof=True, password=secrets.token_urlsafe(16))
         etcds = [EtcdServer(self.root / name) for name in self.names]
-        for s in (redis, *etcds):
-            s.start()
-            self.servers.append(s)
+        start_all([redis, *etcds])
+        self.servers += [redis, *etcds]
         say(
-            f"lab: redis on {redis.url}, etcd on "
+            f"lab: redis on redis://127.0.0.1:{redis.port}/0 (password in {self.root}), etcd on "
             + ", ".join(f"{n}={e.url}" for n, e in zip(self.names, etcds, strict=True))
         )
+        key = write_secret(self.root / "signing.key", new_signing_key())
+        url = write_secret(self.root / "broker.url", redis.url)
         self.config = self.root / "mesh.toml"
-        lines = [
-            "[broker]",
-            f'url = "{redis.url}"',
-            "",
-            "[sync]",
-            f'identities = "{o.identities_mode}"',
-            "",
-            "[worker]",
-            f"concurrency = {o.workers}",
-            "",
-        ]
-        for i, (name, e) in enumerate(zip(self.names, etcds, strict=True)):
-            lines += [
-                "[[clusters]]",
-                f'name = "{name}"',
-                f"id = {i + 1}",
-                f'endpoints = ["{e.url}"]',
-                "",
-            ]
-        self.config.write_text("\n".join(lines))
+        self.config.write_text(
+            mesh_config(
+                broker_url="",
+                broker={"url_file": url},
+                clusters=[
+                    {"name": name, "id": i + 1, "endpoints": [e.url]}
+                    for i, (name, e) in enumerate(zip(self.names, etcds, strict=True))
+                ],
+                signing_key_file=key,
+                sync={"identities": o.identities_mode},
+                worker={"concurrency": o.workers},
+            )
+        )
         self.settings = load_settings(str(self.config), env={})
         for i, name in enumerate(self.names):
             self.spawn(
@@ -186,7 +183,7 @@ class Lab:
         cmd = [
             str(celery) if celery.exists() else "celery",
             "-A",
-            "workers.app",
+            "pipeline.flowerapp",
             "flower",
             "--address=127.0.0.1",
             f"--port={port}",
@@ -398,7 +395,7 @@ class Lab:
 
     def _client(self, name: str) -> Etcd:
         assert self.settings is not None
-        return Etcd(self.settings.cluster(name), timeout=10)
+        return Etcd(self.settings.cluster(name), timeout=10, role=WRITE)
 
     def stop(self) -> None:
         """Stop every child and server; SIGKILL whatever does not stop in time."""

@@ -12,8 +12,10 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import math
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from .errors import LayoutError
 
@@ -128,11 +130,45 @@ def resync_key(source: str) -> bytes:
     return f"kvmesh/{source}/resync".encode()
 
 
+def parse_shard(shard: str) -> tuple[Resource, int] | None:
+    """`<resource>-<n>` to (resource, n), or None if the name is not one kvmesh makes."""
+    name, sep, index = shard.rpartition("-")
+    res = RESOURCE_BY_NAME.get(name)
+    if (
+        not sep
+        or res is None
+        or not (index.isascii() and index.isdigit())
+        or (index[0] == "0" and index != "0")
+    ):
+        return None
+    n = int(index)
+    if res.single_key and n != 0:
+        return None
+    return res, n
+
+
+def may_write(source: str, resource: Resource, key: bytes) -> bool:
+    """Whether a batch of *source*, in a shard of *resource*, may touch *key* in a target:
+    only that source's cache of that resource (for identities the whole per-cluster subtree,
+    so that value keys of an older `identities = "all"` run can be deleted), or its cluster
+    config. Never another source's keys, the target's own state, or kvmesh's records."""
+    prefix = resource.cache_scan_prefix(source)
+    if resource.single_key:
+        return key == prefix
+    return key.startswith(prefix) and len(key) > len(prefix)
+
+
 # ---------------------------------------------------------------------------------------------
 # filtering and rewriting
 
 
 CLUSTER_ID_SHIFT = 16  # identity IDs are scoped as (cluster ID << 16) | local ID
+
+
+def cluster_id_shift(max_connected_clusters: int) -> int:
+    """Identity IDs have 24 bits: the cluster ID takes the top 8 (255 clusters, the
+    default) or 9 (maxConnectedClusters = 511), so it is shifted by 16 or by 15."""
+    return 15 if max_connected_clusters == 511 else 16
 
 
 @dataclass(frozen=True)
@@ -142,6 +178,11 @@ class Layout:
     source: str
     cluster_id: int
     identities: str = "id"
+    max_connected_clusters: int = 255  # the mesh's setting: 255, or 511 (Cilium's extended)
+
+    @property
+    def id_shift(self) -> int:
+        return cluster_id_shift(self.max_connected_clusters)
 
     def rewrite(self, resource: Resource, key: bytes) -> bytes:
         """Map a source key to its target key, or raise LayoutError naming the reason.
@@ -169,37 +210,99 @@ class Layout:
             if not suffix.startswith(b"id/"):
                 raise LayoutError(key, "identity key neither under id/ nor value/")
             suffix = suffix[3:]
-        if not suffix.isdigit() or len(suffix) > 10:
-            raise LayoutError(key, "identity ID is not a decimal number")
-        scope = int(suffix) >> CLUSTER_ID_SHIFT
-        # Scope 0 means the ID carries no cluster scope (a cluster without an ID); any other
-        # scope must be this source's own cluster ID, or the key is another cluster's.
-        if scope not in (0, self.cluster_id):
+        # canonical decimal: one spelling per ID, so `0000065537` and `65537` cannot both
+        # be cached under two keys
+        if not suffix.isdigit() or len(suffix) > 10 or (suffix[:1] == b"0" and suffix != b"0"):
+            raise LayoutError(key, "identity ID is not a canonical decimal number")
+        scope = int(suffix) >> self.id_shift
+        # The cluster bits must be this source's own cluster ID, or the key is another
+        # cluster's (or carries no cluster scope at all).
+        if scope != self.cluster_id:
             raise LayoutError(key, f"identity belongs to cluster ID {scope}, not {self.cluster_id}")
 
     def transform_value(self, resource: Resource, key: bytes, value: bytes) -> bytes:
         """The value written to the target; only the cluster config is changed."""
         if resource.name != "config":
             return value
-        return cached_cluster_config(key, value)
+        return cached_cluster_config(key, value, self.cluster_id, self.max_connected_clusters)
 
 
-def cached_cluster_config(key: bytes, value: bytes) -> bytes:
-    """Copy a cluster config and mark it as cached, as Cilium's KVStoreMesh does: the
-    capabilities gain `"syncedCanaries": true` (kvmesh writes canaries) and `"cached": true`."""
+MAX_CLUSTER_CONFIG = 64 * 1024  # bytes; Cilium's is about 100
+_MAX_DIGITS = 20  # any number in a cluster config fits a uint64
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_DIGITS:
+        raise ValueError(f"a number of {len(text)} digits")
+    return int(text)
+
+
+def parse_cluster_config(
+    key: bytes, value: bytes, cluster_id: int, max_connected: int = 255
+) -> dict[str, Any]:
+    """A source's cluster config, parsed as untrusted input: a JSON object of bounded size,
+    with no NaN or Infinity, no number longer than a uint64, nesting Python can parse, an
+    `id` equal to the configured cluster ID, and the mesh's maxConnectedClusters (Cilium's
+    agents refuse a remote cluster that disagrees). Raises LayoutError with the reason."""
+    if len(value) > MAX_CLUSTER_CONFIG:
+        raise LayoutError(key, f"cluster config of {len(value)} bytes (limit {MAX_CLUSTER_CONFIG})")
     try:
-        cfg = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        cfg = json.loads(
+            value,
+            parse_constant=_no_constant,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+        )
+    except RecursionError:
+        raise LayoutError(key, "cluster config is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:
         raise LayoutError(key, f"cluster config is not JSON: {exc}") from None
     if not isinstance(cfg, dict):
         raise LayoutError(key, "cluster config is not a JSON object")
+    cid = cfg.get("id")
+    if type(cid) is not int or cid != cluster_id:
+        shown = repr(cid)[:40]
+        raise LayoutError(key, f"cluster config id is {shown}, not the configured {cluster_id}")
     caps = cfg.get("capabilities")
-    if caps is None:
-        caps = {}
-    if not isinstance(caps, dict):
+    if caps is not None and not isinstance(caps, dict):
         raise LayoutError(key, "cluster config capabilities is not a JSON object")
-    caps = dict(caps)
+    advertised = max_connected_clusters(cfg)
+    if advertised != max_connected:
+        raise LayoutError(
+            key,
+            f"cluster config says maxConnectedClusters {advertised}, the mesh {max_connected}",
+        )
+    return cfg
+
+
+def max_connected_clusters(cfg: dict[str, Any]) -> int:
+    """What a cluster config advertises; absent or 0 means Cilium's default, 255."""
+    caps = cfg.get("capabilities") or {}
+    value = caps.get("maxConnectedClusters")
+    if type(value) is not int or value == 0:
+        return 255
+    return value
+
+
+def cached_cluster_config(
+    key: bytes, value: bytes, cluster_id: int, max_connected: int = 255
+) -> bytes:
+    """Copy a cluster config and mark it as cached, as Cilium's KVStoreMesh does: the
+    capabilities gain `"syncedCanaries": true` (kvmesh writes canaries) and `"cached": true`."""
+    cfg = parse_cluster_config(key, value, cluster_id, max_connected)
+    caps = dict(cfg.get("capabilities") or {})
     caps["syncedCanaries"] = True
     caps["cached"] = True
     cfg["capabilities"] = caps
-    return json.dumps(cfg, separators=(",", ":")).encode()
+    return json.dumps(cfg, separators=(",", ":"), allow_nan=False).encode()

@@ -3,8 +3,12 @@ standby watcher takes over once it expires.
 
 Safety does not rest on the lease: generations in the targets already make a superseded
 watcher's batches obsolete. The lease keeps two watchers from superseding each other over and
-over. A watcher that cannot renew (it was paused, Redis lost the key, or Redis is down) steps
-down at once and waits as a standby.
+over. A watcher that cannot reach Redis steps down at once and waits as a standby.
+
+Anyone who can write to Redis can write the lease key, so a value that is not ours is not
+believed at once: a value that no live watcher renews (its TTL never goes up) is given a TTL
+if it has none and left to expire, and the active watcher keeps its term meanwhile; it steps
+down only when it sees the other value renewed, which only a live watcher does.
 """
 
 from __future__ import annotations
@@ -17,11 +21,25 @@ from typing import Any, Protocol
 
 import redis
 
-# Renew or delete only if we still own the key.
-_RENEW = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then "
-    "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
-)
+# Renew if we own the key; take it again if it is gone. Otherwise return the other value's
+# TTL in ms; a value without a TTL (-1), or with one longer than any watcher sets, gets the
+# lease's TTL, so a value nobody renews is gone within one TTL.
+_RENEW = """
+local v = redis.call('get', KEYS[1])
+if v == ARGV[1] then
+  redis.call('pexpire', KEYS[1], ARGV[2])
+  return 'ours'
+end
+if not v then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 'ours'
+end
+local ttl = redis.call('pttl', KEYS[1])
+if ttl < 0 or ttl > tonumber(ARGV[2]) then
+  redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return tostring(ttl)
+"""
 _RELEASE = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then "
     "return redis.call('del', KEYS[1]) else return 0 end"
@@ -38,26 +56,49 @@ class Lease(Protocol):
 
 
 class RedisLease:
-    def __init__(self, url: str, source: str, ttl: float) -> None:
+    def __init__(self, client: redis.Redis, source: str, ttl: float) -> None:
         self.key = f"kvmesh:leader:{source}"  # STABLE API: operators may read it
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.ttl_ms = int(ttl * 1000)
-        self._redis: Any = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._redis: Any = client
+        self._foreign_ttl: int | None = None  # the other value's TTL when last seen
 
     def acquire(self) -> bool:
-        """Take the lease if nobody holds it (or we already do)."""
+        """Take the lease if nobody holds it (or we already do). A value nobody renews is
+        given a TTL, so a standby gets its turn once it expires."""
         try:
             if self._redis.set(self.key, self.owner, nx=True, px=self.ttl_ms):
+                self._foreign_ttl = None
                 return True
-            return self.renew()
+            result = self._eval()
         except redis.RedisError:
             return False
+        if result == "ours":
+            self._foreign_ttl = None
+            return True
+        return False
 
     def renew(self) -> bool:
+        """Keep the lease. False only if Redis is unreachable or another live watcher holds
+        the key (its TTL went up since we last looked); a value that just sits there, as one
+        written by hand would, does not make us step down."""
         try:
-            return bool(self._redis.eval(_RENEW, 1, self.key, self.owner, self.ttl_ms))
+            result = self._eval()
         except redis.RedisError:
             return False
+        if result == "ours":
+            self._foreign_ttl = None
+            return True
+        ttl = int(result)
+        if ttl < 0 or ttl > self.ttl_ms:
+            ttl = self.ttl_ms  # the script just set it to that
+        renewed = self._foreign_ttl is not None and ttl > self._foreign_ttl
+        self._foreign_ttl = ttl
+        return not renewed
+
+    def _eval(self) -> str:
+        raw = self._redis.eval(_RENEW, 1, self.key, self.owner, self.ttl_ms)
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     def release(self) -> None:
         with contextlib.suppress(redis.RedisError):

@@ -98,5 +98,29 @@ class WatcherMetrics:
             registry=r,
         )
 
+        self.publish_paused = Counter(
+            "kvmesh_watcher_publish_paused_total",
+            "Times publishing paused (reason: queue_full, the source queue held "
+            "sync.max_queue_depth tasks; broker_error, the broker refused a publish: out of "
+            "memory, unreachable)",
+            ["source_cluster", "reason"],
+            registry=r,
+        )
+        self.resync_requests = Counter(
+            "kvmesh_watcher_resync_requests_total",
+            "Resync requests found in a target (outcome: honoured, stale: for a generation "
+            "already replaced, ignored: unreadable or for a generation nobody opened)",
+            ["source_cluster", "target_cluster", "outcome"],
+            registry=r,
+        )
+
+        self.errors = Counter(
+            "kvmesh_watcher_errors_total",
+            "Unexpected errors the watcher survived (where: fence_poll, drain); each is "
+            "logged with its traceback and its target resynced",
+            ["source_cluster", "where"],
+            registry=r,
+        )
+
     def serve(self, port: int, bind: str) -> None:
         start_http_server(port, addr=bind, registry=self.registry)

@@ -8,8 +8,8 @@ from typing import Any, Protocol
 import redis
 from kombu.exceptions import OperationalError
 
-from .errors import RetryableError
-from .wire import TASK_NAME, Batch, encode_task
+from .errors import PublishError, RetryableError
+from .wire import TASK_NAME, Batch, Signer, encode_task
 
 
 class Publisher(Protocol):
@@ -41,11 +41,19 @@ def group_batches(batches: Sequence[Batch], per_task: int) -> list[list[Batch]]:
 
 
 class CeleryPublisher:
-    def __init__(self, app: Any, queue: str, broker_url: str, batches_per_task: int = 8) -> None:
+    def __init__(
+        self,
+        app: Any,
+        queue: str,
+        client: redis.Redis,
+        signer: Signer | None,
+        batches_per_task: int = 8,
+    ) -> None:
         self._app = app
         self._queue = queue
         self._per_task = batches_per_task
-        self._redis = redis.Redis.from_url(broker_url, socket_timeout=5)
+        self._redis = client
+        self._signer = signer
 
     def backlog(self) -> int:
         try:
@@ -54,15 +62,17 @@ class CeleryPublisher:
             raise RetryableError(f"reading the depth of {self._queue} failed: {exc}") from None
 
     def publish(self, batches: Sequence[Batch]) -> None:
+        """Publish every batch, or raise PublishError saying how many went out first."""
         if not batches:
             return
+        sent = 0
         try:
             with self._app.producer_or_acquire() as producer:
                 for group in group_batches(batches, self._per_task):
                     first = group[0]
                     self._app.send_task(
                         TASK_NAME,
-                        args=[encode_task(group)],
+                        args=[encode_task(group, self._signer)],
                         # Celery would repr() the whole payload for Flower; say what it is.
                         argsrepr=f"[{first.source}->{first.target} {len(group)} batches "
                         f"{sum(len(b.ops) for b in group)} ops gen={first.gen}]",
@@ -70,13 +80,11 @@ class CeleryPublisher:
                         queue=self._queue,
                         routing_key=self._queue,
                         producer=producer,
+                        # one quick retry rides over a dropped connection; anything longer
+                        # is the watcher's to handle (it pauses and keeps the changes)
                         retry=True,
-                        retry_policy={
-                            "max_retries": 3,
-                            "interval_start": 0.2,
-                            "interval_step": 0.5,
-                            "interval_max": 2,
-                        },
+                        retry_policy={"max_retries": 1, "interval_start": 0.1},
                     )
-        except (OperationalError, OSError) as exc:
-            raise RetryableError(f"publishing to {self._queue} failed: {exc}") from None
+                    sent += len(group)
+        except (OperationalError, OSError, redis.RedisError) as exc:
+            raise PublishError(f"publishing to {self._queue} failed: {exc}", sent) from None

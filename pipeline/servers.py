@@ -11,11 +11,12 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
-from .config import ClusterConfig
+from .config import ClusterConfig, Credentials, TLSConfig
 from .errors import KvmeshError, RetryableError
 from .etcd import Etcd
 from .orphan import wrap
@@ -137,19 +138,37 @@ def stop_all(servers: list[ServerProcess], timeout: float = 10.0) -> None:
             s.kill()
 
 
+@dataclass(frozen=True)
+class EtcdTLS:
+    """Serve clients over TLS; with client_cert_auth, etcd takes a client certificate's CN as
+    its user. `admin_*` is a client certificate of a root user, for the readiness probe."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+    admin_cert_file: str
+    admin_key_file: str
+    client_cert_auth: bool = True
+
+
 class EtcdServer(ServerProcess):
     name = "etcd"
 
     def __init__(
-        self, data_dir: Path, port: int | None = None, extra_args: list[str] | None = None
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        extra_args: list[str] | None = None,
+        tls: EtcdTLS | None = None,
     ) -> None:
         super().__init__(data_dir, port)
         self.peer_port = free_port()
         self.extra_args = extra_args or []
+        self.tls = tls
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         peer = f"http://127.0.0.1:{self.peer_port}"
@@ -171,11 +190,36 @@ class EtcdServer(ServerProcess):
             f"default={peer}",
             "--log-level",
             "warn",
+            *self._tls_args(),
             *self.extra_args,
         ]
 
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        args = [
+            "--cert-file",
+            self.tls.cert_file,
+            "--key-file",
+            self.tls.key_file,
+            "--trusted-ca-file",
+            self.tls.ca_file,
+        ]
+        return [*args, "--client-cert-auth"] if self.tls.client_cert_auth else args
+
     def cluster(self, name: str = "probe", cluster_id: int = 1) -> ClusterConfig:
-        return ClusterConfig(name=name, id=cluster_id, endpoints=(self.url,))
+        """A config for this etcd as its administrator (the root certificate, with TLS)."""
+        if self.tls is None:
+            return ClusterConfig(name=name, id=cluster_id, endpoints=(self.url,))
+        admin = Credentials(cert_file=self.tls.admin_cert_file, key_file=self.tls.admin_key_file)
+        return ClusterConfig(
+            name=name,
+            id=cluster_id,
+            endpoints=(self.url,),
+            tls=TLSConfig(self.tls.ca_file, admin.cert_file, admin.key_file),
+            read=admin,
+            write=admin,
+        )
 
     def ready(self) -> None:
         etcd = Etcd(self.cluster(), timeout=2)
@@ -185,22 +229,84 @@ class EtcdServer(ServerProcess):
             etcd.close()
 
 
+@dataclass(frozen=True)
+class RedisTLS:
+    """Serve TLS only, and require a client certificate signed by the CA."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+    client_cert_file: str
+    client_key_file: str
+
+
 class RedisServer(ServerProcess):
     name = "redis"
 
-    def __init__(self, data_dir: Path, port: int | None = None, aof: bool = False) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        aof: bool = False,
+        password: str | None = None,
+        extra_args: list[str] | None = None,
+        user: str | None = None,
+        tls: RedisTLS | None = None,
+        binary: str | None = None,
+    ) -> None:
         super().__init__(data_dir, port)
         self.aof = aof
+        self.password = password
+        self.user = user  # with a password: an ACL user (the default user is then off)
+        self.extra_args = extra_args or []
+        self.tls = tls
+        self.binary = binary
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f"{self.user or ''}:{self.password}@" if self.password else ""
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
+
+    def _auth_args(self) -> list[str]:
+        if not self.password:
+            return []
+        if self.user:
+            return [
+                "--user",
+                "default",
+                "off",
+                "--user",
+                self.user,
+                "on",
+                f">{self.password}",
+                "~*",
+                "&*",
+                "+@all",
+            ]
+        return ["--requirepass", self.password]
+
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            self.tls.cert_file,
+            "--tls-key-file",
+            self.tls.key_file,
+            "--tls-ca-cert-file",
+            self.tls.ca_file,
+            "--tls-auth-clients",
+            "yes",
+        ]
 
     def command(self) -> list[str]:
         return [
-            find_binary("redis-server"),
-            "--port",
-            str(self.port),
+            self.binary or find_binary("redis-server"),
+            *self._tls_args(),
             "--bind",
             "127.0.0.1",
             "--dir",
@@ -213,7 +319,19 @@ class RedisServer(ServerProcess):
             "noeviction",
             "--protected-mode",
             "yes",
+            *self._auth_args(),
+            *self.extra_args,
         ]
 
+    def client(self, timeout: float = 5.0) -> redis.Redis:
+        kwargs: dict[str, object] = {"socket_timeout": timeout}
+        if self.tls is not None:
+            kwargs.update(
+                ssl_ca_certs=self.tls.ca_file,
+                ssl_certfile=self.tls.client_cert_file,
+                ssl_keyfile=self.tls.client_key_file,
+            )
+        return redis.Redis.from_url(self.url, **kwargs)
+
     def ready(self) -> None:
-        redis.Redis.from_url(self.url, socket_timeout=1).ping()
+        self.client(timeout=1).ping()

@@ -33,7 +33,7 @@ from .cilium_state import (
     node_value,
     service_value,
 )
-from .config import ClusterConfig
+from .config import WRITE, ClusterConfig
 from .errors import RetryableError
 from .etcd import Etcd
 
@@ -92,7 +92,7 @@ class Simulator:
         seed: int | None = None,
         etcd: Etcd | None = None,
     ) -> None:
-        self.etcd = etcd or Etcd(cluster)
+        self.etcd = etcd or Etcd(cluster, role=WRITE)
         self.model = ClusterModel(cluster.name, cluster.id, max(1, nodes))
         self.rng = random.Random(seed)  # noqa: S311 - simulated workload, not secrets
         self.identities, self.services, self.endpoints = identities, services, endpoints

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from .batching import Change, check_size, overflows
-from .errors import BadInputError
+from .errors import BadInputError, LayoutError
 from .etcd import Etcd
 from .fence import Position
 from .layout import RESOURCES, Layout, Op, Resource
@@ -26,12 +26,20 @@ class SourceState:
 def convert(
     layout: Layout, resource: Resource, key: bytes, value: bytes | None, max_bytes: int
 ) -> tuple[bytes, bytes | None]:
-    """Rewrite one source change to (target key, target value); raises BadInputError."""
-    target_key = layout.rewrite(resource, key)
-    if value is None:
-        return target_key, None
-    target_value = layout.transform_value(resource, key, value)
-    check_size(target_key, target_value, max_bytes)
+    """Rewrite one source change to (target key, target value). A source's data is
+    untrusted: whatever goes wrong with one key (the layout, its size, a value that does not
+    parse, an exception nobody foresaw) is a BadInputError naming that key, so the caller
+    rejects it and goes on with the others."""
+    try:
+        target_key = layout.rewrite(resource, key)
+        if value is None:
+            return target_key, None
+        target_value = layout.transform_value(resource, key, value)
+        check_size(target_key, target_value, max_bytes)
+    except BadInputError:
+        raise
+    except Exception as exc:  # untrusted input must never escape as a crash
+        raise LayoutError(key, f"cannot be synced: {type(exc).__name__}") from None
     return target_key, target_value
 
 

@@ -11,22 +11,52 @@ from typing import Protocol
 
 from etcd3 import transactions
 
-from .errors import RequestTooLargeError
+from .errors import CorruptRecordError, RequestTooLargeError
 from .etcd import Etcd
 from .fence import FenceRecord, GenRecord
 from .layout import Op, fence_key, gen_key, resync_key
-from .wire import Operation
+from .wire import Operation, Signer
 
 
 @dataclass(frozen=True)
 class FenceView:
     """What a worker read: the generation, the shard's fence, and their mod revisions (0 when
-    absent) for the compare of the apply transaction."""
+    absent) for the compare of the apply transaction. A record that does not decode is taken
+    as absent (a corrupt generation record reads as none: the target needs a resync); a
+    corrupt fence is flagged, and the worker asks for a resync."""
 
     gen: int | None
     gen_rev: int
     fence: FenceRecord | None
     fence_rev: int
+    shards: int = 0  # of the generation record: the shard count of this generation
+    fence_corrupt: bool = False
+
+
+def _view(
+    gen_raw: bytes | None, gen_rev: int, fence_raw: bytes | None, fence_rev: int
+) -> FenceView:
+    gen: GenRecord | None = None
+    if gen_raw is not None:
+        try:
+            gen = GenRecord.decode(gen_raw)
+        except CorruptRecordError:
+            gen = None
+    fence: FenceRecord | None = None
+    corrupt = False
+    if fence_raw is not None:
+        try:
+            fence = FenceRecord.decode(fence_raw)
+        except CorruptRecordError:
+            corrupt = True
+    return FenceView(
+        None if gen is None else gen.gen,
+        gen_rev,
+        fence,
+        fence_rev,
+        0 if gen is None else gen.shards,
+        corrupt,
+    )
 
 
 class TargetStore(Protocol):
@@ -48,30 +78,33 @@ class TargetStore(Protocol):
     def request_resync(self, source: str, gen: int, reason: str) -> None: ...
 
 
-def _resync_request(gen: int, reason: str) -> bytes:
-    return json.dumps({"gen": gen, "reason": reason, "ts": time.time()}).encode()
+def _resync_request(gen: int, reason: str, signer: Signer | None) -> bytes:
+    """A worker's request, signed like a task: a watcher resyncs only for a request a worker
+    of this mesh wrote, for the generation it runs."""
+    request: dict[str, object] = {"gen": gen, "reason": reason, "ts": int(time.time() * 1000)}
+    return json.dumps(signer.sign(request) if signer else request).encode()
 
 
 class EtcdTargetStore:
     """A target etcd."""
 
-    def __init__(self, etcd: Etcd) -> None:
+    def __init__(self, etcd: Etcd, signer: Signer | None = None) -> None:
         self.etcd = etcd
+        self.signer = signer
 
     def read_fence(self, source: str, shard: str) -> FenceView:
         _, responses = self.etcd.txn(
             [], [transactions.Get(gen_key(source)), transactions.Get(fence_key(source, shard))]
         )
         gen_kvs, fence_kvs = responses
-        gen, gen_rev = None, 0
+        gen_raw, gen_rev, fence_raw, fence_rev = None, 0, None, 0
         if gen_kvs:
-            value, meta = gen_kvs[0]
-            gen, gen_rev = GenRecord.decode(value).gen, meta.mod_revision
-        fence, fence_rev = None, 0
+            gen_raw, meta = gen_kvs[0]
+            gen_rev = meta.mod_revision
         if fence_kvs:
-            value, meta = fence_kvs[0]
-            fence, fence_rev = FenceRecord.decode(value), meta.mod_revision
-        return FenceView(gen, gen_rev, fence, fence_rev)
+            fence_raw, meta = fence_kvs[0]
+            fence_rev = meta.mod_revision
+        return _view(gen_raw, gen_rev, fence_raw, fence_rev)
 
     def commit(
         self,
@@ -96,7 +129,7 @@ class EtcdTargetStore:
         return ok
 
     def request_resync(self, source: str, gen: int, reason: str) -> None:
-        self.etcd.put(resync_key(source), _resync_request(gen, reason))
+        self.etcd.put(resync_key(source), _resync_request(gen, reason, self.signer))
 
 
 class MemoryTargetStore:
@@ -119,12 +152,7 @@ class MemoryTargetStore:
     def read_fence(self, source: str, shard: str) -> FenceView:
         g = self.data.get(gen_key(source))
         f = self.data.get(fence_key(source, shard))
-        return FenceView(
-            GenRecord.decode(g[0]).gen if g else None,
-            g[1] if g else 0,
-            FenceRecord.decode(f[0]) if f else None,
-            f[1] if f else 0,
-        )
+        return _view(g[0] if g else None, g[1] if g else 0, f[0] if f else None, f[1] if f else 0)
 
     def commit(
         self,

@@ -19,20 +19,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from etcd3 import transactions
 
 from .batching import Change, ShardBuffer, make_batches
-from .config import ClusterConfig, Settings
+from .config import READ, WRITE, ClusterConfig, Settings
 from .drain import drain_removed
-from .errors import BadInputError, CompactedError, RetryableError
+from .errors import (
+    BadInputError,
+    CompactedError,
+    CorruptRecordError,
+    MalformedBatchError,
+    PublishError,
+    RetryableError,
+)
 from .etcd import Etcd, Event, WatchStream
 from .fence import FenceRecord, GenRecord, Position
 from .layout import (
     RESOURCE_BY_NAME,
     RESOURCES,
-    Layout,
     Op,
     Resource,
     canary_key,
@@ -49,7 +55,7 @@ from .metrics import WatcherMetrics
 from .publisher import Publisher
 from .sharding import all_shards, shard_of, shard_resource
 from .snapshot import SnapshotCutter, convert, iter_source, read_target, target_shard
-from .wire import Batch
+from .wire import Batch, Signer
 
 log = logging.getLogger("kvmesh.watcher")
 
@@ -73,9 +79,9 @@ class Cause(StrEnum):
     GENERATION_MOVED = "generation_moved"  # another watcher opened a newer generation
     REQUESTED = "requested"  # a worker asked for it (a stalled chain or a lost record)
     STALLED = "stalled"  # a shard behind, its fence still, the queue empty: lost tasks
-    PUBLISH_FAILED = "publish_failed"  # the broker refused a publish
     ANTI_ENTROPY = "anti_entropy"  # the periodic resync (sync.resync_interval)
     COMPACTED = "compacted"  # the source's history was compacted past the watch
+    CORRUPT_RECORD = "corrupt_record"  # a kvmesh record in the target does not decode
 
 
 @dataclass
@@ -96,6 +102,15 @@ class Target:
     behind_since: dict[str, float] = field(default_factory=dict)  # shard -> since when behind
     progress_rev: int = 0
     progress_at: float = 0.0  # when the progress record was last written
+    # changes owed to this target and not cut into batches yet (its queue is full, or the
+    # broker failing); coalesced per key, so bounded by the keyspace, never by time
+    outbox: ShardBuffer = field(default_factory=ShardBuffer)
+    # batches cut and chained but not known to be published: sent again as they are, so a
+    # publish that did land after all is only a duplicate
+    unsent: list[Batch] = field(default_factory=list)
+    last_resync_at: float = -1e9
+    resync_spacing: float = 0.0
+    resync_after: float = 0.0  # resyncs of this target wait until then (see _space_resyncs)
 
     @property
     def name(self) -> str:
@@ -116,18 +131,21 @@ class Watcher:
         metrics: WatcherMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         lease: Lease | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.settings = settings
         self.sync = settings.sync
         self.source = source
-        self.layout = Layout(source.name, source.id, settings.sync.identities)
+        self.layout = settings.layout_of(source)
         self.publisher = publisher
+        self.signer = signer  # verifies the workers' resync requests (None: insecure mode)
         self.metrics = metrics or WatcherMetrics()
         self.clock = clock
         self.shards = all_shards(settings.sync.shards)
-        self.etcd = Etcd(source, settings.sync.etcd_timeout)
+        self.etcd = Etcd(source, settings.sync.etcd_timeout, READ)  # never writes a source
         self.targets = [
-            Target(c, Etcd(c, settings.sync.etcd_timeout)) for c in settings.targets_of(source.name)
+            Target(c, Etcd(c, settings.sync.etcd_timeout, WRITE))
+            for c in settings.targets_of(source.name)
         ]
         self.buffer = ShardBuffer()
         self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
@@ -135,6 +153,11 @@ class Watcher:
         self.epoch = 0
         self.delivered: dict[str, int] = {}  # per resource: every event up to here was seen
         self._last_event_rev = 0  # newest revision of any event of the watched prefixes
+        self._publish_after = 0.0  # publishing paused until then (broker full or failing)
+        self._publish_backoff = 0.0
+        self._queue_sample = (0.0, 0)  # (when, depth) of the last look at the queue
+        self._resync_after = 0.0  # failed resyncs back off until then
+        self._resync_backoff = 0.0
         self._config_rev = 0  # mod revision of the source's cluster config, as last seen
         self.source_cluster_id = 0
         self.stop_event = threading.Event()
@@ -154,6 +177,10 @@ class Watcher:
         self._lease_lost = threading.Event()
         self._beat = 0.0
         self._stuck_after = 3 * settings.sync.etcd_timeout + settings.sync.leader_ttl
+
+    @property
+    def name(self) -> str:
+        return self.source.name
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -367,26 +394,64 @@ class Watcher:
         log.warning("%s: not synced: %s", self.source.name, exc)
 
     def flush(self) -> None:
-        """Cut and publish the buffered changes for every target."""
+        """Hand the buffered changes to every target's outbox, cut them into batches and
+        publish them, unless the broker is full or failing: then publishing pauses, with a
+        growing delay, the outboxes keep coalescing what comes meanwhile, and batches already
+        cut wait in `unsent` to go out as they are. Nothing is dropped, and no resync is
+        started for it."""
         self._flush_deadline = None
         drained = self.buffer.drain()
-        if not drained:
-            return
         for t in self.targets:
             if t.need_resync:
-                continue  # its coming snapshot covers these changes
+                t.outbox.drain()  # its coming snapshot covers these changes
+                t.unsent = []
+                continue
+            for shard, changes in drained.items():
+                for c in changes:
+                    if c.pos > t.skip[shard]:
+                        t.outbox.add(shard, c)
+        pending = [t for t in self.targets if t.unsent or len(t.outbox)]
+        if not pending:
+            return
+        now = self.clock()
+        if now < self._publish_after or self._queue_full(now):
+            self._flush_deadline = max(self._publish_after, now + 0.5)
+            return
+        for t in pending:
             try:
-                self._publish_changes(t, drained)
-            except RetryableError as exc:
-                log.warning("%s→%s: publish failed: %s", self.source.name, t.name, exc)
-                t.owe(Cause.PUBLISH_FAILED, str(exc))
+                if t.unsent:
+                    batches, t.unsent = t.unsent, []
+                    self._send(t, batches)
+                if len(t.outbox):
+                    self._publish_chains(t, t.outbox.drain(), snapshot=False)
+            except PublishError as exc:
+                self._pause_publishing("broker_error", f"publishing to {t.name} failed: {exc}")
+                self._flush_deadline = self._publish_after
+                return
+        self._publish_backoff = 0.0
 
-    def _publish_changes(self, t: Target, drained: dict[str, list[Change]]) -> None:
-        fresh = {
-            shard: [c for c in changes if c.pos > t.skip[shard]]
-            for shard, changes in drained.items()
-        }
-        self._publish_chains(t, fresh, snapshot=False)
+    def _queue_full(self, now: float) -> bool:
+        """Whether the source queue holds sync.max_queue_depth tasks or more (looked at no
+        more than twice a second)."""
+        when, depth = self._queue_sample
+        if now - when >= 0.5:
+            try:
+                depth = self.publisher.backlog()
+            except RetryableError:
+                depth = 0  # the publish itself will tell
+            self._queue_sample = (now, depth)
+        if depth >= self.sync.max_queue_depth:
+            self._pause_publishing("queue_full", f"its queue holds {depth} tasks")
+            return True
+        return False
+
+    def _pause_publishing(self, reason: str, why: str) -> None:
+        self._publish_backoff = min(max(0.5, self._publish_backoff * 2), 10.0)
+        self._publish_after = self.clock() + self._publish_backoff
+        self.metrics.publish_paused.labels(self.source.name, reason).inc()
+        log.warning(
+            "%s: publishing paused for %.1fs: %s", self.source.name, self._publish_backoff, why
+        )
 
     def _publish_chains(self, t: Target, per_shard: dict[str, list[Change]], snapshot: bool) -> int:
         """Cut each shard's changes into batches chained after the shard's last one, and
@@ -395,28 +460,41 @@ class Watcher:
         chains: list[list[Batch]] = []
         for shard, changes in per_shard.items():
             if changes:
-                chains.append(
-                    make_batches(
-                        source=self.source.name,
-                        target=t.name,
-                        shard=shard,
-                        gen=t.gen,
-                        prev=t.chain[shard],
-                        changes=changes,
-                        max_ops=self.sync.max_batch_ops,
-                        max_bytes=self.sync.max_batch_bytes,
-                        snapshot=snapshot,
-                    )
+                chain = make_batches(
+                    source=self.source.name,
+                    target=t.name,
+                    shard=shard,
+                    gen=t.gen,
+                    prev=t.chain[shard],
+                    changes=changes,
+                    max_ops=self.sync.max_batch_ops,
+                    max_bytes=self.sync.max_batch_bytes,
+                    snapshot=snapshot,
                 )
+                t.chain[shard] = chain[-1].pos  # the next batch follows these, sent or not
+                chains.append(chain)
         if not chains:
             return 0
         ordered = [b for row in itertools.zip_longest(*chains) for b in row if b is not None]
-        self.publisher.publish(ordered)
-        for chain in chains:
-            t.chain[chain[-1].shard] = chain[-1].pos
-        self.metrics.batches.labels(self.source.name, t.name).inc(len(ordered))
-        self.metrics.ops.labels(self.source.name, t.name).inc(sum(len(b.ops) for b in ordered))
+        self._send(t, ordered)
         return len(ordered)
+
+    def _send(self, t: Target, batches: list[Batch]) -> None:
+        """Publish batches already chained; on a failure keep the rest in t.unsent, in
+        order. A publish the broker took although it reported an error is then sent twice,
+        which the fence makes a duplicate: the batch is the same, never re-cut."""
+        published = batches
+        try:
+            self.publisher.publish(batches)
+        except PublishError as exc:
+            published = batches[: exc.published]
+            t.unsent = batches[exc.published :]
+            raise
+        finally:
+            self.metrics.batches.labels(self.source.name, t.name).inc(len(published))
+            self.metrics.ops.labels(self.source.name, t.name).inc(
+                sum(len(b.ops) for b in published)
+            )
 
     # -- periodic work -----------------------------------------------------------------------
 
@@ -437,6 +515,12 @@ class Watcher:
                 self._check_target(t, now)
             except RetryableError as exc:
                 log.warning("%s→%s: fence poll failed: %s", self.source.name, t.name, exc)
+            except Exception:
+                # A target's records are input too: whatever they make fail, this target
+                # is resynced (which rewrites them) and the others go on.
+                log.exception("%s→%s: fence poll failed", self.source.name, t.name)
+                self.metrics.errors.labels(self.source.name, "fence_poll").inc()
+                t.owe(Cause.CORRUPT_RECORD, "the fence poll failed")
         if now >= self._next_drain:
             self._next_drain = now + self.sync.drain_check_interval
             configured = [c.name for c in self.settings.sources]
@@ -447,47 +531,102 @@ class Watcher:
                     drain_removed(etcd, name, configured, self.sync.drain_grace)
                 except RetryableError as exc:
                     log.warning("%s: drain check failed: %s", name, exc)
-        pending = [t for t in self.targets if t.need_resync]
-        if pending:
+                except Exception:
+                    log.exception("%s: drain check failed", name)
+                    self.metrics.errors.labels(self.source.name, "drain").inc()
+        pending = [t for t in self.targets if t.need_resync and now >= t.resync_after]
+        if pending and now >= self._resync_after:
             self.flush()  # what is buffered goes to the healthy targets first
+            if self._queue_full(now):
+                return  # a snapshot into a full queue would only fill it more
             try:
                 self._resync(pending)
             except RetryableError as exc:
-                log.warning("%s: resync failed, will retry: %s", self.source.name, exc)
+                log.warning("%s: resync failed: %s", self.source.name, exc)
+            for t in pending:
+                if not t.need_resync:
+                    self._space_resyncs(t, now)
+            if any(t.need_resync for t in pending):
+                # failed resyncs back off: each opens a generation and lists the source
+                self._resync_backoff = min(max(1.0, self._resync_backoff * 2), 60.0)
+                self._resync_after = now + self._resync_backoff
+                log.warning(
+                    "%s: resync of %s not done; next try in %.0fs",
+                    self.source.name,
+                    ", ".join(t.name for t in pending if t.need_resync),
+                    self._resync_backoff,
+                )
+            else:
+                self._resync_backoff = 0.0
+
+    def _space_resyncs(self, t: Target, now: float) -> None:
+        """Resyncs of one target that follow each other closely come ever further apart
+        (up to 5 min): whatever keeps causing them (a worker that keeps asking, records
+        someone keeps breaking) must not turn into a listing of the source every second."""
+        if now - t.last_resync_at < 60.0:
+            t.resync_spacing = min(max(1.0, t.resync_spacing * 2), 300.0)
+        else:
+            t.resync_spacing = 0.0
+        t.last_resync_at = now
+        t.resync_after = now + t.resync_spacing
 
     def _drain_targets(self) -> dict[str, Etcd]:
         clients = {t.name: t.etcd for t in self.targets}
         for c in self.settings.targets:
             if c.name not in clients:
                 if c.name not in self._extra_clients:
-                    self._extra_clients[c.name] = Etcd(c, self.sync.etcd_timeout)
+                    self._extra_clients[c.name] = Etcd(c, self.sync.etcd_timeout, WRITE)
                 clients[c.name] = self._extra_clients[c.name]
         return clients
 
     def _check_target(self, t: Target, now: float) -> None:
-        records = {kv.key: kv for kv in t.etcd.scan(state_prefix(self.source.name))[1]}
-        gen_kv = records.get(gen_key(self.source.name))
-        gen = GenRecord.decode(gen_kv.value).gen if gen_kv else None
-        if gen != t.gen:
-            if gen is None:
-                t.owe(Cause.TARGET_WIPED, "the target lost its kvmesh records")
-            else:
-                t.owe(Cause.GENERATION_MOVED, f"generation moved to {gen} under {t.gen}")
+        src = self.source.name
+        records = {kv.key: kv for kv in t.etcd.scan(state_prefix(src))[1]}
+        gen_kv = records.get(gen_key(src))
+        if gen_kv is None:
+            t.owe(Cause.TARGET_WIPED, "the target lost its kvmesh records")
             return
-        req = records.get(resync_key(self.source.name))
+        try:
+            gen = _plausible(GenRecord.decode(gen_kv.value)).gen
+        except CorruptRecordError as exc:
+            t.owe(Cause.CORRUPT_RECORD, f"generation record: {exc}")
+            return
+        if gen != t.gen:
+            t.owe(Cause.GENERATION_MOVED, f"generation moved to {gen} under {t.gen}")
+            return
+        req = records.get(resync_key(src))
         if req is not None:
             t.etcd.txn(  # only the request we read: a newer one must survive
-                [transactions.Mod(resync_key(self.source.name)) == req.mod_revision],
-                [transactions.Delete(resync_key(self.source.name))],
+                [transactions.Mod(resync_key(src)) == req.mod_revision],
+                [transactions.Delete(resync_key(src))],
             )
-            if _request_gen(req.value) >= t.gen:  # older requests were answered already
+            asked = _request_gen(req.value, self.signer)
+            if asked == t.gen:
+                self.metrics.resync_requests.labels(src, t.name, "honoured").inc()
                 t.owe(Cause.REQUESTED, "requested by a worker")
                 return
+            if asked is not None and asked < t.gen:
+                # made for a generation that a resync already replaced
+                self.metrics.resync_requests.labels(src, t.name, "stale").inc()
+            else:
+                # unreadable, or for a generation nobody opened: not from a worker of ours
+                self.metrics.resync_requests.labels(src, t.name, "ignored").inc()
+                log.warning(
+                    "%s→%s: ignored a resync request for generation %s (current %d)",
+                    src,
+                    t.name,
+                    asked if asked is not None else "?",
+                    t.gen,
+                )
         fences: dict[str, FenceRecord] = {}
         for shard in self.shards:
-            kv = records.get(fence_key(self.source.name, shard))
+            kv = records.get(fence_key(src, shard))
             if kv is not None:
-                fences[shard] = FenceRecord.decode(kv.value)
+                try:
+                    fences[shard] = _plausible(FenceRecord.decode(kv.value))
+                except CorruptRecordError as exc:
+                    t.owe(Cause.CORRUPT_RECORD, f"fence of {shard}: {exc}")
+                    return
         stalled = []
         for shard in self.shards:
             f = fences.get(shard)
@@ -533,9 +672,9 @@ class Watcher:
         if not self.delivered:
             return 0
         through = min(self.delivered.values())
-        pending = self.buffer.min_position()
-        if pending is not None:
-            through = min(through, pending[0] - 1)
+        for pending in (self.buffer.min_position(), t.outbox.min_position()):
+            if pending is not None:
+                through = min(through, pending[0] - 1)
         for shard in self.shards:
             f = fences.get(shard)
             if f is None or f.gen != t.gen or not f.done:
@@ -564,12 +703,21 @@ class Watcher:
         src = self.source.name
         records = {kv.key: kv for kv in t.etcd.scan(state_prefix(src))[1]}
         gen_kv = records.get(gen_key(src))
-        old = GenRecord.decode(gen_kv.value) if gen_kv else None
+        old: GenRecord | None = None
+        corrupt = ""
+        if gen_kv is not None:
+            try:
+                old = _plausible(GenRecord.decode(gen_kv.value))
+            except CorruptRecordError as exc:
+                corrupt = f"generation record: {exc}"
         fences: dict[str, FenceRecord] = {}
         for shard in self.shards:
             kv = records.get(fence_key(src, shard))
             if kv is not None:
-                fences[shard] = FenceRecord.decode(kv.value)
+                try:
+                    fences[shard] = _plausible(FenceRecord.decode(kv.value))
+                except CorruptRecordError as exc:
+                    corrupt = corrupt or f"fence of {shard}: {exc}"
         # Never reuse a generation, even when the target forgot its records (wiped): batches
         # of the forgotten generation may still be in flight. The clock gives a floor that
         # survives both a wiped target and a restarted watcher.
@@ -578,27 +726,24 @@ class Watcher:
             + [f.gen + 1 for f in fences.values()]
         )
         record = GenRecord(new_gen, self.sync.shards, self.sync.identities, self.source_cluster_id)
-        ok, _ = t.etcd.txn(
+        ok, written_rev = t.etcd.txn_revision(
             [transactions.Mod(gen_key(src)) == (gen_kv.mod_revision if gen_kv else 0)],
             [transactions.Put(gen_key(src), record.encode())],
         )
         if not ok:
             raise RetryableError(f"target {t.name}: generation record changed while opening one")
         t.etcd.delete(draining_key(src))  # back in the config: stop any drain of it
-        written = t.etcd.get(gen_key(src))
-        assert written is not None
-        t.gen, t.gen_rev = new_gen, written.mod_revision
+        t.gen, t.gen_rev = new_gen, written_rev
+        t.outbox.drain()  # owed to the old generation: the new one starts from its fences
+        t.unsent = []
         t.canaried = set()
         self.metrics.generation.labels(src, t.name).set(new_gen)
-        progress = None
         pkv = records.get(progress_key(src))
-        if pkv is not None:
-            try:
-                progress = json.loads(pkv.value)
-            except ValueError:
-                progress = None
         reason: Cause | None = None
         if not allow_resume:
+            return None
+        if corrupt:
+            t.need_resync, t.resync_detail = Cause.CORRUPT_RECORD, corrupt
             return None
         if old is None:
             reason = Cause.NO_GENERATION
@@ -615,9 +760,8 @@ class Watcher:
         if reason is not None:
             t.need_resync, t.resync_detail = reason, ""
             return None
-        through = 0
-        if isinstance(progress, dict) and progress.get("gen") == old.gen:  # type: ignore[union-attr]
-            through = int(progress.get("rev", 0))
+        assert old is not None
+        through = _progress_rev(None if pkv is None else pkv.value, old.gen, source_rev)
         t.chain = {s: fences[s].pos for s in self.shards}
         t.skip = {s: max(fences[s].pos, (through, END)) for s in self.shards}
         self._write_fences(t, {s: FenceRecord(new_gen, fences[s].pos, True) for s in self.shards})
@@ -868,8 +1012,45 @@ class Watcher:
                 self.stop_event.wait(1.0)
 
 
-def _request_gen(raw: bytes) -> int:
+_R = TypeVar("_R", GenRecord, FenceRecord)
+
+
+def _plausible(record: _R) -> _R:
+    """A record whose generation is more than a day ahead of the clock was not opened by a
+    watcher (each is at least the time in ms, plus one per bump): taking it would make every
+    new generation follow it, up to where the wire format ends."""
+    if record.gen > int(time.time() * 1000) + 86_400_000:
+        raise CorruptRecordError(f"generation {record.gen} is ahead of the clock")
+    return record
+
+
+def _progress_rev(raw: bytes | None, gen: int, source_rev: int) -> int:
+    """The revision a progress record of generation *gen* vouches for, or 0 when there is
+    none that can be believed (corrupt, of another generation, or past the source)."""
+    if raw is None or len(raw) > 4096:
+        return 0
     try:
-        return int(json.loads(raw)["gen"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62  # unreadable: honour it
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return 0
+    if not isinstance(record, dict) or record.get("gen") != gen:
+        return 0
+    rev = record.get("rev")
+    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 <= rev <= source_rev:
+        return 0
+    return rev
+
+
+def _request_gen(raw: bytes, signer: Signer | None) -> int | None:
+    """The generation a resync request names, or None if it is not a request a worker of
+    this mesh wrote (workers sign their requests as watchers sign tasks)."""
+    try:
+        request = json.loads(raw) if len(raw) <= 4096 else None
+        if not isinstance(request, dict):
+            return None
+        if signer is not None:
+            signer.verify(request)
+        gen = request["gen"]
+    except (MalformedBatchError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return gen if isinstance(gen, int) and not isinstance(gen, bool) and gen > 0 else None

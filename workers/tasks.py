@@ -13,14 +13,16 @@ from collections import Counter
 from typing import Any
 
 import redis
+from celery.worker.control import Panel
 
-from pipeline.celery_app import create_app
-from pipeline.config import Settings
-from pipeline.errors import MalformedBatchError, RetryableError
+from pipeline.celery_app import create_app, redis_client
+from pipeline.config import WRITE, Settings
+from pipeline.errors import ForbiddenBatchError, MalformedBatchError, RetryableError, show_key
 from pipeline.etcd import Etcd
 from pipeline.fence import Decision
-from pipeline.store import EtcdTargetStore, TargetStore
-from pipeline.wire import TASK_NAME, Batch, Operation, decode_task, encode_task
+from pipeline.layout import may_write, parse_shard
+from pipeline.store import EtcdTargetStore, FenceView, TargetStore
+from pipeline.wire import TASK_NAME, Batch, Operation, Signer, Task, decode_task, encode_task
 
 from .applier import apply_batch
 
@@ -33,8 +35,10 @@ class _PerProcess:
     """Connections made lazily in the process that uses them: gRPC channels and sockets do
     not survive a fork, and prefork workers fork after the app is built."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, signer: Signer | None) -> None:
         self._settings = settings
+        self._signer = signer
+        self.gaps = GapClock()
         self._pid = -1
         self._stores: dict[str, EtcdTargetStore] = {}
         self._redis: redis.Redis | None = None
@@ -50,7 +54,9 @@ class _PerProcess:
         store = self._stores.get(target)
         if store is None:
             cluster = self._settings.cluster(target)
-            store = EtcdTargetStore(Etcd(cluster, self._settings.sync.etcd_timeout))
+            store = EtcdTargetStore(
+                Etcd(cluster, self._settings.sync.etcd_timeout, WRITE), self._signer
+            )
             self._stores[target] = store
         return store
 
@@ -61,7 +67,7 @@ class _PerProcess:
         self._check_pid()
         try:
             if self._redis is None:
-                self._redis = redis.Redis.from_url(self._settings.broker.url)
+                self._redis = redis_client(self._settings)
             pipe = self._redis.pipeline(transaction=False)
             key = STATS_KEY.format(source=source, target=target)
             for outcome, n in outcomes.items():
@@ -73,9 +79,34 @@ class _PerProcess:
             self._redis = None
 
 
+def check_task(task: Task, sources: set[str], targets: set[str]) -> None:
+    """What a task may touch, whatever its signature says: raise ForbiddenBatchError unless
+    its target is a configured target, its source a configured source other than the
+    target, and every key of every batch inside that source's cache of its shard's resource
+    (or that source's cluster config)."""
+    first = task.batches[0]
+    if first.target not in targets:
+        raise ForbiddenBatchError(f"target {first.target[:64]!r} is not a configured target")
+    if first.source not in sources or first.source == first.target:
+        raise ForbiddenBatchError(f"source {first.source[:64]!r} may not write {first.target}")
+    for b in task.batches:
+        parsed = parse_shard(b.shard)
+        if parsed is None:
+            raise ForbiddenBatchError(f"shard {b.shard[:64]!r} is not a kvmesh shard")
+        resource, _ = parsed
+        for op in b.ops:
+            if not may_write(b.source, resource, op.key):
+                raise ForbiddenBatchError(
+                    f"key {show_key(op.key)} is outside {b.source}'s {resource.name} cache"
+                )
+
+
 def register_tasks(app: Any, settings: Settings) -> Any:
     """Register the apply task on *app*; returns the task."""
-    conns = _PerProcess(settings)
+    settings.require_signing("the worker")
+    signer = Signer(settings.signing) if settings.signing else None
+    conns = _PerProcess(settings, signer)
+    sources = {c.name for c in settings.sources}
     targets = {c.name for c in settings.targets}
     worker = settings.worker
 
@@ -87,24 +118,38 @@ def register_tasks(app: Any, settings: Settings) -> Any:
         max_retries=None,
         ignore_result=True,
     )
-    def apply_task(self: Any, *args: Any, gap_since: float | None = None, **extra: Any) -> str:
+    def apply_task(self: Any, *args: Any, **extra: Any) -> str:
+        task_id = show_key(str(self.request.id).encode(), 64)
         try:
             if len(args) != 1 or extra:
                 raise MalformedBatchError(
-                    f"expected one payload argument, got {len(args)} and {sorted(extra)}"
+                    f"expected one payload argument, got {len(args)} and {len(extra)} more"
                 )
-            payload = args[0]
-            batches = decode_task(payload)
-            if batches[0].target not in targets:
-                raise MalformedBatchError(f"unknown target cluster {batches[0].target!r}")
+            task = decode_task(args[0], signer)  # verifies the signature first
         except MalformedBatchError as exc:
-            log.error("rejected task %s: %s", self.request.id, exc.reason)
-            conns.count("-", "-", "malformed")
-            return "malformed"
-        first = batches[0]
-        outcomes: Counter[str] = Counter()
+            log.error("rejected task %s: %s: %s", task_id, exc.kind, exc.reason)
+            conns.count("-", "-", exc.kind)
+            return exc.kind
+        first = task.batches[0]
         try:
-            waiting = apply_all(conns.store(first.target), batches, outcomes, worker.gap_wait)
+            check_task(task, sources, targets)
+        except ForbiddenBatchError as exc:
+            # signed, so the pair it names is who signed it: count it there
+            log.error(
+                "rejected task %s of %s→%s: %s: %s",
+                task_id,
+                show_key(first.source.encode(), 64),
+                show_key(first.target.encode(), 64),
+                exc.kind,
+                exc.reason,
+            )
+            conns.count(first.source, first.target, exc.kind)
+            return exc.kind
+        batches = task.batches
+        outcomes: Counter[str] = Counter()
+        gaps: dict[tuple[str, str, str], object] = {}
+        try:
+            waiting = apply_all(conns.store(first.target), batches, outcomes, worker.gap_wait, gaps)
         except _Unavailable as exc:
             delay = min(worker.max_retry_delay, 0.2 * 2 ** min(self.request.retries, 10))
             log.warning(
@@ -117,18 +162,29 @@ def register_tasks(app: Any, settings: Settings) -> Any:
             )
             conns.record(first.source, first.target, outcomes | Counter(retry_unavailable=1))
             raise self.retry(
-                args=(encode_task(exc.remaining),), kwargs={}, countdown=delay
+                args=(encode_task(exc.remaining, signer, task.gap_since_ms),),
+                kwargs={},
+                countdown=delay,
             ) from None
         if waiting:
-            now = time.time()
-            since = gap_since or now
-            if now - since < settings.sync.stall_timeout:
+            now_ms = int(time.time() * 1000)
+            since_ms = task.gap_since_ms or now_ms
+            mono = time.monotonic()
+            stuck = max(
+                conns.gaps.stuck_for(k, gaps.get(k), mono)
+                for k in {(b.source, b.target, b.shard) for b in waiting}
+            )
+            waited = max((now_ms - since_ms) / 1000, stuck)
+            if waited < settings.sync.stall_timeout:
                 outcomes["gap_wait"] += len(waiting)
                 conns.record(first.source, first.target, outcomes)
+                # the longer a gap lasts, the less often each waiting task comes back: many
+                # of them behind one lost batch must not keep the pool busy
+                delay = min(max(worker.gap_retry_delay, waited / 4), 2.0)
                 raise self.retry(
-                    args=(encode_task(waiting),),
-                    kwargs={"gap_since": since},
-                    countdown=worker.gap_retry_delay,
+                    args=(encode_task(waiting, signer, since_ms),),
+                    kwargs={},
+                    countdown=delay,
                 )
             _resync(conns, waiting[0], f"shard {waiting[0].shard} stalled before {waiting[0].prev}")
             outcomes["stalled"] += len(waiting)
@@ -147,12 +203,38 @@ class _Unavailable(Exception):
         self.remaining = remaining
 
 
+class GapClock:
+    """How long each shard's fence has stood still, as this process saw it while batches
+    waited on it. A task that waits is handed back to the queue; when many wait behind one
+    lost batch they take turns, and a clock kept by each task alone would only run while
+    that task is in hand. Counted per fence state, this one sees a stuck fence after
+    sync.stall_timeout however long the queue."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._first: dict[tuple[str, str, str], tuple[object, float]] = {}
+        self._limit = limit
+
+    def stuck_for(self, key: tuple[str, str, str], state: object, now: float) -> float:
+        first = self._first.get(key)
+        if first is None or first[0] != state:
+            if len(self._first) >= self._limit:
+                self._first.clear()  # old entries only: a stuck fence is seen again at once
+            self._first[key] = (state, now)
+            return 0.0
+        return now - first[1]
+
+
 def apply_all(
-    store: TargetStore, batches: list[Batch], outcomes: Counter[str], gap_wait: float
+    store: TargetStore,
+    batches: list[Batch],
+    outcomes: Counter[str],
+    gap_wait: float,
+    gaps: dict[tuple[str, str, str], object] | None = None,
 ) -> list[Batch]:
     """Apply every batch it can, in passes: a batch whose predecessor is missing is tried
     again after the others, since another worker is usually applying that predecessor right
-    now. Returns the batches still waiting after *gap_wait* seconds without progress."""
+    now. Returns the batches still waiting after *gap_wait* seconds without progress; for
+    each, *gaps* gets the fence it waited on."""
     pending = list(batches)
     deadline = time.monotonic() + gap_wait
 
@@ -162,7 +244,7 @@ def apply_all(
             "%s→%s: not synced: key %s: %s",
             pending[0].source,
             pending[0].target,
-            op.key.decode("utf-8", errors="backslashreplace"),
+            show_key(op.key),
             reason,
         )
 
@@ -170,8 +252,13 @@ def apply_all(
     while pending:
         waiting: list[Batch] = []
         for i, batch in enumerate(pending):
+
+            def on_gap(seen: FenceView, b: Batch = batch) -> None:
+                if gaps is not None:
+                    gaps[(b.source, b.target, b.shard)] = seen.fence
+
             try:
-                decision = apply_batch(store, batch, on_reject=reject)
+                decision = apply_batch(store, batch, on_reject=reject, on_gap=on_gap)
             except RetryableError as exc:
                 raise _Unavailable(exc, waiting + pending[i:]) from None
             if decision is Decision.GAP:
@@ -200,8 +287,47 @@ def _resync(conns: _PerProcess, batch: Batch, reason: str) -> None:
         log.warning("cannot write the resync request: %s", exc)
 
 
+# Remote-control commands a worker answers. Whoever can write to Redis can send any of
+# Celery's commands; those that change what a worker does (shutdown, revoke, rate and time
+# limits, pool size, consumers) would let them stop syncing quietly, so a kvmesh worker only
+# answers the ones that read its state (Flower's views and `celery inspect` keep working).
+READ_ONLY_CONTROL = frozenset(
+    {
+        "active",
+        "active_queues",
+        "clock",
+        "dump_active",
+        "dump_reserved",
+        "dump_revoked",
+        "dump_schedule",
+        "dump_tasks",
+        "hello",
+        "ping",
+        "query_task",
+        "registered",
+        "report",
+        "reserved",
+        "revoked",
+        "scheduled",
+        "stats",
+        "heartbeat",
+        "enable_events",
+        "disable_events",
+    }
+)
+
+
+def restrict_remote_control() -> None:
+    """Drop every remote-control command but the read-only ones, in this process."""
+    for name in list(Panel.data):
+        if name not in READ_ONLY_CONTROL:
+            del Panel.data[name]
+            Panel.meta.pop(name, None)
+
+
 def create_worker_app(settings: Settings) -> Any:
     """The Celery app with the apply task registered: what a worker process runs."""
     app = create_app(settings)
     register_tasks(app, settings)
+    restrict_remote_control()
     return app

@@ -126,3 +126,45 @@ def test_identities_all_mode_copies_value_keys(servers: Servers) -> None:
         assert b.count(b"cilium/cache/identities/v1/cluster-a/id/") == 100
     finally:
         mesh.stop()
+
+
+def test_credential_and_port_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    """A password user over plain http, TLS files that do not exist, a watcher with no
+    signing key, and a metrics port already taken: each is one line naming the field, exit
+    2, no traceback, and `--check` reports the first three without connecting."""
+    key = tmp_path / "signing.key"
+    key.write_text(run("keygen").stdout)
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    base = (
+        f'[broker]\nsigning_key_file = "{key}"\n'
+        '[[clusters]]\nname = "a"\nid = 1\nendpoints = ["http://127.0.0.1:1"]\n{extra}\n'
+        '[[clusters]]\nname = "b"\nid = 2\nendpoints = ["http://127.0.0.1:2"]\n'
+    )
+    cases = {
+        f'username = "u"\npassword_file = "{pw}"': "clusters[a].username",
+        'tls.ca_file = "/nonexistent/ca.pem"': "clusters[a].tls.ca_file",
+    }
+    for extra, field in cases.items():
+        cfg = tmp_path / "bad.toml"
+        cfg.write_text(base.replace("{extra}", extra))
+        for cmd in ("watch", "worker"):
+            res = run(cmd, "--config", str(cfg), "--check")
+            assert res.returncode == 2, (cmd, res.stdout, res.stderr)
+            assert field in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    cfg = tmp_path / "nokey.toml"
+    cfg.write_text(base.replace("{extra}", "").replace(f'signing_key_file = "{key}"\n', ""))
+    res = run("watch", "--config", str(cfg), "--check")
+    assert res.returncode == 2 and "broker.signing_key_file" in res.stderr, res.stderr
+    assert "kvmesh keygen" in res.stderr
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "port.toml"
+        cfg.write_text(base.replace("{extra}", "") + f"[metrics]\nwatcher_port = {port}\n")
+        res = run("watch", "--config", str(cfg))
+        assert res.returncode == 2 and "metrics.watcher_port" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr

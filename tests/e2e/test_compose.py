@@ -50,45 +50,110 @@ def test_upstream_images_are_pinned_and_stores_have_healthchecks(compose: dict[s
         tag = image.rpartition(":")[2]
         assert tag and tag != "latest" and any(c.isdigit() for c in tag), (name, image)
         assert "healthcheck" in svc or name.startswith("sim-"), name
-    redis = compose["services"]["redis"]["command"]
-    assert "--appendonly" in redis and redis[redis.index("--appendonly") + 1] == "yes"
-    assert redis[redis.index("--maxmemory-policy") + 1] == "noeviction"
+    redis = " ".join(compose["services"]["redis"]["command"])
+    assert "--appendonly yes" in redis and "--maxmemory-policy noeviction" in redis
+    assert '--requirepass "$$(cat /run/secrets/redis_password)"' in redis
 
 
 def test_worker_scales_and_flower_uses_an_env_file(compose: dict[str, Any]) -> None:
-    """The worker has no fixed name or host port; Flower's credentials come from a file."""
+    """The worker has no fixed name or host port; Flower's credentials come from a secret
+    file that scripts/compose-secrets makes (git ignores it), through `kvmesh flower`."""
     worker = compose["services"]["worker"]
     assert "container_name" not in worker and "ports" not in worker
     flower = compose["services"]["flower"]
-    env_files = flower["env_file"]
-    text = "".join((ROOT / f).read_text() for f in env_files)
-    assert "FLOWER_BASIC_AUTH=" in text
+    assert flower["env_file"] == ["deploy/secrets/flower.env"]
+    assert "deploy/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
     assert all(p.startswith("127.0.0.1:") for p in flower["ports"])
-    assert flower["command"][:4] == ["celery", "-A", "workers.app", "flower"]
+    assert flower["command"][:2] == ["kvmesh", "flower"]
 
 
-def test_every_kvmesh_command_is_valid_against_the_mounted_config(compose: dict[str, Any]) -> None:
+def test_secrets_come_from_files_never_from_the_compose_file(compose: dict[str, Any]) -> None:
+    """The broker URL (Redis's password) and the signing key are compose secrets; every kvmesh
+    service gets them; nothing in the compose file or the mounted config holds a secret."""
+    assert set(compose["secrets"]) == {"broker_url", "signing_key", "redis_password"}
+    for name, spec in compose["secrets"].items():
+        assert spec["file"].startswith("./deploy/secrets/"), name
+    config = tomllib.loads(mounted_config(compose["services"]["worker"]).read_text())
+    assert config["broker"] == {
+        "url_file": "/run/secrets/broker_url",
+        "signing_key_file": "/run/secrets/signing_key",
+    }
+    for name, svc in compose["services"].items():
+        if name == "flower":
+            assert svc["secrets"] == ["broker_url"], "Flower holds no signing key"
+        elif svc.get("image", "").startswith("kvmesh"):
+            assert {"broker_url", "signing_key"} <= set(svc["secrets"]), name
+
+
+def test_flower_refuses_the_example_password(compose: dict[str, Any], tmp_path: Path) -> None:
+    """Started with the committed example credentials, Flower does not start: exit 2, one
+    line naming FLOWER_BASIC_AUTH. With generated ones it would."""
+    config = secret_config(compose, tmp_path)
+    flower = compose["services"]["flower"]["command"]
+    args = [str(config) if a == MOUNT else a for a in flower[1:]]
+    example = (ROOT / "deploy" / "flower.env.example").read_text()
+    auth = next(ln for ln in example.splitlines() if ln.startswith("FLOWER_BASIC_AUTH="))
+    env = dict(os.environ, FLOWER_BASIC_AUTH=auth.partition("=")[2])
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args, "--check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode == 2 and "FLOWER_BASIC_AUTH" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    env["FLOWER_BASIC_AUTH"] = "admin:" + "x" * 24
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args, "--check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+
+
+def secret_config(compose: dict[str, Any], tmp_path: Path) -> Path:
+    """The mounted config with its /run/secrets/ paths pointing at generated files, as
+    scripts/compose-secrets would make them."""
+    text = mounted_config(compose["services"]["worker"]).read_text()
+    files = {
+        "broker_url": "redis://:pw@redis:6379/0",
+        "signing_key": "k" * 64,
+    }
+    for name, value in files.items():
+        (tmp_path / name).write_text(value + "\n")
+        text = text.replace(f"/run/secrets/{name}", str(tmp_path / name))
+    config = tmp_path / "mesh.toml"
+    config.write_text(text)
+    return config
+
+
+def test_every_kvmesh_command_is_valid_against_the_mounted_config(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
     """Each kvmesh service's command passes `--check` with the file it would mount."""
+    config = secret_config(compose, tmp_path)
     checked = 0
     for name, svc in compose["services"].items():
         cmd = svc.get("command")
         if not cmd or cmd[0] != "kvmesh":
             continue
-        config = mounted_config(svc)
         args = [str(config) if a == MOUNT else a for a in cmd[1:]]
         res = subprocess.run(
             [sys.executable, "-m", "pipeline", *args, "--check"],
             capture_output=True,
             text=True,
+            env=dict(os.environ, FLOWER_BASIC_AUTH="admin:" + "x" * 24),
             timeout=60,
         )
         assert res.returncode == 0, (name, res.stdout, res.stderr)
         assert res.stdout.startswith("ok"), (name, res.stdout)
         checked += 1
-    assert checked == 7  # three simulators, three watchers, the worker
-    # Flower (and `celery -A workers.app`) loads the app from $KVMESH_CONFIG
-    flower = compose["services"]["flower"]
-    env = dict(os.environ, KVMESH_CONFIG=str(mounted_config(flower)))
+    assert checked == 8  # three simulators, three watchers, the worker, Flower
+    # `celery -A workers.app` loads the app from $KVMESH_CONFIG
+    env = dict(os.environ, KVMESH_CONFIG=str(config))
     res = subprocess.run(
         [
             sys.executable,
@@ -109,7 +174,8 @@ def test_mounted_config_names_the_services(compose: dict[str, Any]) -> None:
     config = mounted_config(compose["services"]["worker"])
     data = tomllib.loads(config.read_text())
     services = set(compose["services"])
-    assert urlsplit(data["broker"]["url"]).hostname in services
+    script = (ROOT / "scripts" / "compose-secrets").read_text()
+    assert "@redis:6379/0" in script  # the broker URL it writes names the redis service
     for cluster in data["clusters"]:
         for ep in cluster["endpoints"]:
             assert urlsplit(ep).hostname in services

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,15 +22,13 @@ from pipeline.simulate import Simulator
 
 from ..harness import Mesh, Proc, Servers, eventually, stop_procs, with_sigcont
 
-FAULT_SYNC = "\n".join(
-    [
-        "drain_grace = 2",
-        "drain_check_interval = 1",
-        "watch_timeout = 5",
-        "etcd_timeout = 4",
-    ]
-)
-FAULT_WORKER = "max_retry_delay = 2"
+FAULT_SYNC = {
+    "drain_grace": 2,
+    "drain_check_interval": 1,
+    "watch_timeout": 5,
+    "etcd_timeout": 4,
+}
+FAULT_WORKER = {"max_retry_delay": 2}
 
 
 class Churn:
@@ -87,7 +86,7 @@ class FaultMesh(Mesh):
     def __init__(
         self,
         servers: Servers,
-        sync: str = FAULT_SYNC,
+        sync: dict[str, Any] = FAULT_SYNC,
         etcd_args: dict[int, list[str]] | None = None,
     ) -> None:
         super().__init__(

@@ -37,7 +37,7 @@ def test_flower_lists_every_source_queue_behind_basic_auth(mesh: Mesh) -> None:
     celery = os.path.join(os.path.dirname(sys.executable), "celery")
     log = open(mesh.root / "flower.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [celery, "-A", "workers.app", "flower", "--address=127.0.0.1", f"--port={port}"],
+        [celery, "-A", "pipeline.flowerapp", "flower", "--address=127.0.0.1", f"--port={port}"],
         env=dict(mesh.env, FLOWER_BASIC_AUTH="ops:s3cret"),
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -59,7 +59,9 @@ def test_flower_lists_every_source_queue_behind_basic_auth(mesh: Mesh) -> None:
         from pipeline.publisher import CeleryPublisher
         from pipeline.wire import Batch, Operation
 
-        pub = CeleryPublisher(create_app(mesh.settings), "kvmesh.cluster-a", mesh.redis.url)
+        pub = CeleryPublisher(
+            create_app(mesh.settings), "kvmesh.cluster-a", mesh.redis_client(), None
+        )
         pub.publish(
             [
                 Batch(

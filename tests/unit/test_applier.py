@@ -5,11 +5,29 @@ from __future__ import annotations
 from collections import Counter
 
 from pipeline.batching import Change, make_batches
-from pipeline.fence import FenceRecord, GenRecord
-from pipeline.layout import Op, fence_key, gen_key
+from pipeline.config import SigningKeys
+from pipeline.errors import ForbiddenBatchError
+from pipeline.fence import Decision, FenceRecord, GenRecord
+from pipeline.layout import RESOURCE_BY_NAME, Op, fence_key, gen_key
+from pipeline.sharding import shard_of
 from pipeline.store import MemoryTargetStore
-from pipeline.wire import Batch
-from workers.tasks import apply_all
+from pipeline.wire import Batch, Operation, Signer, decode_task, encode_task
+from workers.applier import apply_batch
+from workers.tasks import apply_all, check_task
+
+NODES = RESOURCE_BY_NAME["nodes"]
+
+
+def node_keys(shard: str, shards: int, n: int) -> list[bytes]:
+    """*n* cache keys of source a's nodes that fall in *shard*."""
+    out: list[bytes] = []
+    i = 0
+    while len(out) < n:
+        key = f"cilium/cache/nodes/v1/a/node-{i}".encode()
+        if shard_of(NODES, key, shards) == shard:
+            out.append(key)
+        i += 1
+    return out
 
 
 def setup(n_shards: int = 2, per_shard: int = 300) -> tuple[MemoryTargetStore, list[Batch]]:
@@ -20,7 +38,8 @@ def setup(n_shards: int = 2, per_shard: int = 300) -> tuple[MemoryTargetStore, l
         shard = f"nodes-{s}"
         store.put(fence_key("a", shard), FenceRecord(1, (10, 0)).encode())
         changes = [
-            Change(f"{shard}/{i}".encode(), Op.PUT, b"v", (11 + i, 0)) for i in range(per_shard)
+            Change(key, Op.PUT, b"v", (11 + i, 0))
+            for i, key in enumerate(node_keys(shard, n_shards, per_shard))
         ]
         batches += make_batches(
             source="a",
@@ -42,7 +61,7 @@ def test_a_task_applies_its_batches_in_any_order() -> None:
     assert apply_all(store, list(reversed(batches)), outcomes, gap_wait=0.0) == []
     assert outcomes["applied"] == len(batches)
     assert outcomes["ops_applied"] == 600
-    assert sum(1 for k in store.data if k.startswith(b"nodes-")) == 600
+    assert sum(1 for k in store.data if k.startswith(b"cilium/cache/nodes/v1/a/")) == 600
 
 
 def test_a_missing_predecessor_leaves_the_batch_waiting() -> None:
@@ -70,17 +89,76 @@ def test_a_batch_the_target_refuses_is_split_and_the_oversized_key_recorded() ->
     store = MemoryTargetStore(max_request_bytes=4000)
     store.put(gen_key("a"), GenRecord(1, 1, "id", 7).encode())
     store.put(fence_key("a", "nodes-0"), FenceRecord(1, (10, 0)).encode())
-    store.put(b"big", b"old small value")
-    ops = tuple(Operation(Op.PUT, f"k{i}".encode(), b"x" * 100) for i in range(60))
+    keys = node_keys("nodes-0", 1, 61)
+    big = keys.pop()
+    store.put(big, b"old small value")
+    ops = tuple(Operation(Op.PUT, k, b"x" * 100) for k in keys)
     batch = Batch(
-        "a", "b", "nodes-0", 1, (10, 0), (11, 0), (*ops, Operation(Op.PUT, b"big", b"y" * 5000))
+        "a", "b", "nodes-0", 1, (10, 0), (11, 0), (*ops, Operation(Op.PUT, big, b"y" * 5000))
     )
     refused: list[bytes] = []
     decision = apply_batch(store, batch, on_reject=lambda op, _r: refused.append(op.key))
     assert decision is Decision.APPLY
-    assert refused == [b"big"]
-    assert all(f"k{i}".encode() in store.data for i in range(60))
-    assert b"big" not in store.data
+    assert refused == [big]
+    assert all(k in store.data for k in keys)
+    assert big not in store.data
     assert store.read_fence("a", "nodes-0").fence == FenceRecord(1, (11, 0))
     records = [k for k in store.data if k.startswith(rejected_prefix("a"))]
     assert len(records) == 1
+
+
+def test_the_layout_is_enforced_whatever_the_signature_says() -> None:
+    """A task, even signed, may touch only its source's cache of its shard's resource and
+    its source's cluster config, for a configured source other than the target."""
+    signer = Signer(SigningKeys((b"s" * 64,)))
+
+    def task(source: str, target: str, shard: str, key: bytes) -> None:
+        batch = Batch(source, target, shard, 1, (1, 0), (2, 0), (Operation(Op.PUT, key, b"v"),))
+        check_task(decode_task(encode_task([batch], signer), signer), {"a", "b"}, {"a", "b"})
+
+    task("a", "b", "nodes-0", b"cilium/cache/nodes/v1/a/n1")
+    task("a", "b", "config-0", b"cilium/cluster-config/a")
+    task("a", "b", "identities-1", b"cilium/cache/identities/v1/a/value/old")
+    for source, target, shard, key in [
+        ("a", "b", "nodes-0", b"cilium/state/nodes/v1/b/evil"),  # the target's own state
+        ("a", "b", "nodes-0", b"cilium/cache/nodes/v1/c/n1"),  # another source's cache
+        ("a", "b", "nodes-0", b"cilium/cache/ip/v1/a/10.0.0.1"),  # another resource
+        ("a", "b", "nodes-0", b"cilium/cluster-config/b"),  # the target's config
+        ("a", "b", "config-0", b"cilium/cluster-config/b"),
+        ("a", "b", "nodes-0", b"kvmesh/a/gen"),  # kvmesh's own records
+        ("a", "b", "nodes-0", b"cilium/cache/nodes/v1/a/"),  # the prefix itself
+        ("a", "b", "bogus-0", b"cilium/cache/nodes/v1/a/n1"),
+        ("a", "b", "nodes-01", b"cilium/cache/nodes/v1/a/n1"),
+        ("a", "a", "nodes-0", b"cilium/cache/nodes/v1/a/n1"),  # a source into itself
+        ("z", "b", "nodes-0", b"cilium/cache/nodes/v1/z/n1"),  # not a configured source
+        ("a", "z", "nodes-0", b"cilium/cache/nodes/v1/a/n1"),  # not a configured target
+    ]:
+        try:
+            task(source, target, shard, key)
+        except ForbiddenBatchError:
+            continue
+        raise AssertionError(f"accepted {source}->{target} {shard} {key!r}")
+
+
+def test_a_batch_outside_its_generations_shards_is_forbidden() -> None:
+    """A shard the generation does not have, or a key that hashes to another shard, is
+    refused at the fence: per-shard order would mean nothing otherwise."""
+    store, batches = setup(n_shards=2, per_shard=3)
+    wrong = next(b for b in batches if b.shard == "nodes-0")
+    moved = Batch(
+        wrong.source, wrong.target, "nodes-1", 1, (10, 0), wrong.pos, wrong.ops, wrong.done
+    )
+    assert apply_batch(store, moved) is Decision.FORBIDDEN
+    beyond = Batch(
+        wrong.source, wrong.target, "nodes-5", 1, (10, 0), wrong.pos, wrong.ops, wrong.done
+    )
+    store.put(fence_key("a", "nodes-5"), FenceRecord(1, (10, 0)).encode())
+    assert apply_batch(store, beyond) is Decision.FORBIDDEN
+    assert apply_batch(store, wrong) is Decision.APPLY
+
+
+def test_a_corrupt_fence_asks_for_a_resync() -> None:
+    """A fence that does not decode is not guessed at: the worker asks for a resync."""
+    store, batches = setup(n_shards=1, per_shard=3)
+    store.put(fence_key("a", "nodes-0"), b"\xff garbage")
+    assert apply_batch(store, batches[0]) is Decision.RESYNC

@@ -67,10 +67,99 @@ def test_password_file_is_read_and_never_shown(tmp_path: Path) -> None:
     """Credentials come from a file and stay out of repr()."""
     pw = tmp_path / "pw"
     pw.write_text("hunter2\n")
-    text = MINIMAL.replace("id = 1\n", f'id = 1\nusername = "kvmesh"\npassword_file = "{pw}"\n')
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    text = MINIMAL.replace(
+        'id = 1\nendpoints = ["http://127.0.0.1:2379"]',
+        f'id = 1\nendpoints = ["https://127.0.0.1:2379"]\nusername = "kvmesh"\n'
+        f'password_file = "{pw}"\ntls.ca_file = "{ca}"',
+    )
     s = load_settings(write(tmp_path, text), env={})
-    assert s.cluster("cluster-a").password == "hunter2"
-    assert "hunter2" not in repr(s)
+    a = s.cluster("cluster-a")
+    assert a.read.password == a.write.password == "hunter2"
+    assert "hunter2" not in repr(s) and "hunter2" not in repr(a.read)
+
+
+def test_read_and_write_credentials_default_to_the_cluster_ones(tmp_path: Path) -> None:
+    """[clusters.read] and [clusters.write] override the cluster-wide user or certificate
+    per role; what they leave out comes from the cluster-wide settings."""
+    files = {}
+    for name in ("ca", "cert", "key", "rcert", "rkey", "wpw", "pw"):
+        files[name] = tmp_path / name
+        files[name].write_text(name)
+    text = MINIMAL.replace(
+        'id = 1\nendpoints = ["http://127.0.0.1:2379"]',
+        f"""id = 1
+endpoints = ["https://127.0.0.1:2379"]
+username = "both"
+password_file = "{files["pw"]}"
+tls = {{ ca_file = "{files["ca"]}", cert_file = "{files["cert"]}", key_file = "{files["key"]}" }}
+read = {{ cert_file = "{files["rcert"]}", key_file = "{files["rkey"]}" }}
+write = {{ username = "writer", password_file = "{files["wpw"]}" }}""",
+    )
+    a = load_settings(write(tmp_path, text), env={"KVMESH_CLUSTER_CLUSTER_A_READ_PASSWORD": "r"})
+    cluster = a.cluster("cluster-a")
+    assert (cluster.read.username, cluster.read.password) == ("both", "r")
+    assert cluster.read.cert_file == str(files["rcert"])
+    assert (cluster.write.username, cluster.write.password) == ("writer", "wpw")
+    assert cluster.write.cert_file == str(files["cert"])
+
+
+def test_signing_keys_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    """The signing key file holds one key per line (the first signs); the environment can
+    give them instead; short keys are refused."""
+    keys = tmp_path / "keys"
+    keys.write_text("# current first\n" + "a" * 64 + "\n" + "b" * 40 + "\n")
+    text = MINIMAL.replace("[broker]\n", f'[broker]\nsigning_key_file = "{keys}"\n')
+    s = load_settings(write(tmp_path, text), env={})
+    assert s.signing.keys == (b"a" * 64, b"b" * 40)
+    assert "aaaa" not in repr(s)
+    s = load_settings(write(tmp_path, MINIMAL), env={"KVMESH_BROKER_SIGNING_KEYS": "c" * 32})
+    assert s.signing.keys == (b"c" * 32,)
+    with pytest.raises(ConfigError, match="at least 32"):
+        load_settings(write(tmp_path, MINIMAL), env={"KVMESH_BROKER_SIGNING_KEYS": "short"})
+    unsigned = load_settings(write(tmp_path, MINIMAL), env={})
+    with pytest.raises(ConfigError, match="insecure_unsigned"):
+        unsigned.require_signing("kvmesh watch")
+    insecure = MINIMAL.replace("[broker]\n", "[broker]\ninsecure_unsigned = true\n")
+    load_settings(write(tmp_path, insecure), env={}).require_signing("kvmesh watch")
+
+
+def test_a_password_over_plain_http_is_refused(tmp_path: Path) -> None:
+    """etcd tokens are never sent over plain http, so a user there would fail on every
+    call: it is a config error, naming the field."""
+    pw = tmp_path / "pw"
+    pw.write_text("x")
+    text = MINIMAL.replace("id = 1\n", f'id = 1\nusername = "u"\npassword_file = "{pw}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text), env={})
+    assert err.value.field == "clusters[cluster-a].username" and "https" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("table", "field"),
+    [
+        ('tls = { ca_file = "/nonexistent/ca.pem" }', "clusters[cluster-a].tls.ca_file"),
+        (
+            'read = { cert_file = "/nonexistent/c.pem", key_file = "/nonexistent/k.pem" }',
+            "clusters[cluster-a].read.cert_file",
+        ),
+    ],
+)
+def test_missing_tls_files_are_config_errors(tmp_path: Path, table: str, field: str) -> None:
+    """TLS files that do not exist are reported at load time with their field."""
+    text = MINIMAL.replace("id = 1\n", f"id = 1\n{table}\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text), env={})
+    assert err.value.field == field and "cannot read" in str(err.value)
+
+
+def test_environment_for_an_unknown_cluster_is_an_error(tmp_path: Path) -> None:
+    """An override that names no configured cluster is a mistake, not something to ignore."""
+    with pytest.raises(ConfigError, match="KVMESH_CLUSTER_CLUSTER_Z_ENDPOINTS"):
+        load_settings(
+            write(tmp_path, MINIMAL), env={"KVMESH_CLUSTER_CLUSTER_Z_ENDPOINTS": "http://h:1"}
+        )
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.errors import CorruptRecordError
 from pipeline.fence import Decision, FenceRecord, GenRecord, decide
 
 F = FenceRecord(gen=3, pos=(100, 2))
@@ -44,7 +45,26 @@ def test_records_round_trip() -> None:
     assert GenRecord.decode(g.encode()) == g
 
 
-def test_corrupt_record_is_an_error() -> None:
-    """A record that is not a JSON object is reported, not misread."""
-    with pytest.raises(ValueError, match="corrupt"):
-        FenceRecord.decode(b"\xff")
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xff",
+        b"[]",
+        b"{}",
+        b'{"gen": "1", "pos": [1, 0], "done": true}',
+        b'{"gen": 1, "pos": [1], "done": true}',
+        b'{"gen": 1, "pos": [1, 0], "done": 1}',
+        b'{"gen": true, "pos": [1, 0], "done": true}',
+        b'{"gen": 1, "pos": [-1, 0], "done": true}',
+        b'{"gen": 1e999, "pos": [1, 0], "done": true}',
+        b'{"gen": ' + b"9" * 5000 + b', "pos": [1, 0], "done": true}',
+        b"[" * 3000 + b"]" * 3000,
+    ],
+)
+def test_corrupt_records_are_errors_of_one_kind(raw: bytes) -> None:
+    """A record that is not exactly what kvmesh writes raises CorruptRecordError, which
+    every reader takes as "no record", never another exception that could kill a thread."""
+    with pytest.raises(CorruptRecordError):
+        FenceRecord.decode(raw)
+    with pytest.raises(CorruptRecordError):
+        GenRecord.decode(raw.replace(b'"pos"', b'"shards"'))

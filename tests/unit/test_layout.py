@@ -74,19 +74,31 @@ def test_identities_all_mode_copies_value_keys() -> None:
 
 
 def test_identity_of_another_cluster_is_rejected() -> None:
-    """An identity scoped to another cluster ID is another cluster's key and is not synced."""
+    """An identity scoped to another cluster ID, or to none, is not this cluster's key."""
     res = RESOURCE_BY_NAME["identities"]
     other = str((2 << 16) | 300).encode()
     with pytest.raises(LayoutError, match="cluster ID 2"):
         A.rewrite(res, b"cilium/state/identities/v1/id/" + other)
-    # unscoped IDs (cluster bits 0) and our own are fine
-    assert A.rewrite(res, b"cilium/state/identities/v1/id/300").endswith(b"/id/300")
+    with pytest.raises(LayoutError, match="cluster ID 0"):
+        A.rewrite(res, b"cilium/state/identities/v1/id/300")
     assert A.rewrite(res, b"cilium/state/identities/v1/id/" + str((1 << 16) | 5).encode())
 
 
-@pytest.mark.parametrize("suffix", [b"abc", b"12x", b"", b"\xff\xfe", b"99999999999"])
+def test_identity_scope_follows_max_connected_clusters() -> None:
+    """With maxConnectedClusters 511 the cluster ID takes 9 bits, shifted by 15."""
+    res = RESOURCE_BY_NAME["identities"]
+    wide = Layout("cluster-a", 300, max_connected_clusters=511)
+    assert wide.rewrite(res, b"cilium/state/identities/v1/id/" + str(300 << 15).encode())
+    with pytest.raises(LayoutError):
+        wide.rewrite(res, b"cilium/state/identities/v1/id/" + str(300 << 16).encode())
+
+
+@pytest.mark.parametrize(
+    "suffix", [b"abc", b"12x", b"", b"\xff\xfe", b"99999999999", b"0000065537", b"+65537"]
+)
 def test_malformed_identity_ids_are_rejected(suffix: bytes) -> None:
-    """An identity key whose ID is not a decimal number is bad input, named in the error."""
+    """An identity key whose ID is not a canonical decimal number is bad input, named in the
+    error: `0000065537` and `65537` would otherwise be two keys for one identity."""
     key = b"cilium/state/identities/v1/id/" + suffix
     with pytest.raises(LayoutError) as err:
         A.rewrite(RESOURCE_BY_NAME["identities"], key)
@@ -111,9 +123,9 @@ def test_other_clusters_prefixes_do_not_match() -> None:
 
 def test_cluster_config_is_marked_cached() -> None:
     """The cluster config is copied with capabilities.cached = true, as KVStoreMesh does."""
-    src = json.dumps({"id": 3, "capabilities": {"maxConnectedClusters": 255}}).encode()
+    src = json.dumps({"id": 1, "capabilities": {"maxConnectedClusters": 255}}).encode()
     out = json.loads(A.transform_value(RESOURCE_BY_NAME["config"], b"k", src))
-    assert out["id"] == 3
+    assert out["id"] == 1
     assert out["capabilities"] == {
         "maxConnectedClusters": 255,
         "syncedCanaries": True,
@@ -121,11 +133,32 @@ def test_cluster_config_is_marked_cached() -> None:
     }
 
 
-@pytest.mark.parametrize("value", [b"not json", b"[1,2]", b"\xff", b'{"capabilities": 3}'])
-def test_bad_cluster_config_is_rejected(value: bytes) -> None:
-    """A cluster config that is not a JSON object is reported with its key."""
-    with pytest.raises(LayoutError, match="cluster-config"):
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1,2]", "not a JSON object"),
+        (b"\xff", "not JSON"),
+        (b'{"id": 1, "capabilities": 3}', "capabilities"),
+        (b'{"id": 2}', "not the configured 1"),
+        (b'{"id": true}', "not the configured 1"),
+        (b'{"capabilities": {}}', "not the configured 1"),
+        (b"[" * 30_000 + b"]" * 30_000, "nested too deeply"),
+        (b'{"id": 1, "x": ' + b"9" * 5000 + b"}", "digits"),
+        (b'{"id": 1, "x": NaN}', "NaN"),
+        (b'{"id": 1, "x": -Infinity}', "Infinity"),
+        (b'{"id": 1, "x": "' + b"y" * 70_000 + b'"}', "limit"),
+        (b'{"id": 1e0}', "not the configured 1"),
+        (b'{"id": 1, "x": 1e999}', "finite"),
+        (b'{"id": 1, "capabilities": {"maxConnectedClusters": 511}}', "maxConnectedClusters"),
+    ],
+)
+def test_hostile_cluster_config_is_rejected(value: bytes, reason: str) -> None:
+    """A cluster config that is not a bounded JSON object with the configured ID is bad
+    input, reported with its key and the reason, never an exception of another kind."""
+    with pytest.raises(LayoutError, match=reason) as err:
         A.transform_value(RESOURCE_BY_NAME["config"], b"cilium/cluster-config/cluster-a", value)
+    assert err.value.key == b"cilium/cluster-config/cluster-a"
 
 
 def test_other_values_pass_through_untouched() -> None:

@@ -6,9 +6,18 @@ import json
 
 import pytest
 
-from pipeline.errors import MalformedBatchError
+from pipeline.config import SigningKeys, key_id
+from pipeline.errors import (
+    BadSignatureError,
+    MalformedBatchError,
+    UnknownKeyError,
+    UnsignedTaskError,
+)
 from pipeline.layout import Op
-from pipeline.wire import Batch, Operation, decode_task, encode_task
+from pipeline.wire import Batch, Operation, Signer, decode_task, encode_task
+
+KEY = b"k" * 64
+SIGNER = Signer(SigningKeys((KEY,)))
 
 
 def _batch(**kw: object) -> Batch:
@@ -33,8 +42,9 @@ def test_round_trip_is_byte_exact_through_json() -> None:
     """Keys and values that are not UTF-8, and empty values, survive JSON exactly."""
     b = _batch()
     other = _batch(shard="ipcache-0", ops=(Operation(Op.DELETE, b"x"),))
-    wire = json.loads(json.dumps(encode_task([b, other])))
-    assert decode_task(wire) == [b, other]
+    wire = json.loads(json.dumps(encode_task([b, other], SIGNER, gap_since_ms=1234)))
+    task = decode_task(wire, SIGNER)
+    assert task.batches == [b, other] and task.gap_since_ms == 1234
 
 
 @pytest.mark.parametrize(
@@ -54,13 +64,66 @@ def test_round_trip_is_byte_exact_through_json() -> None:
 )
 def test_malformed_payloads_are_rejected_with_a_reason(mutate, reason: str) -> None:  # type: ignore[no-untyped-def]
     """A payload that does not fit the schema raises MalformedBatchError naming the problem."""
-    payload = encode_task([_batch()])
+    payload = encode_task([_batch()], None)
     mutate(payload)
     with pytest.raises(MalformedBatchError, match=reason):
-        decode_task(payload)
+        decode_task(SIGNER.sign(payload), SIGNER)
 
 
 def test_non_object_payload_is_rejected() -> None:
     """A message that is not even an object is rejected."""
     with pytest.raises(MalformedBatchError):
-        decode_task(["not", "a", "batch"])
+        decode_task(["not", "a", "batch"], SIGNER)
+
+
+def test_every_change_on_the_way_breaks_the_signature() -> None:
+    """Whoever can write to Redis cannot change a signed task: not an op, not a key, not the
+    target, not a position, not a field added beside the batches."""
+    signed = encode_task([_batch()], SIGNER)
+    decode_task(json.loads(json.dumps(signed)), SIGNER)
+    changes = [
+        lambda p: p["batches"][0]["ops"].append(["p", "a2V5", "dmFs"]),
+        lambda p: p["batches"][0]["ops"][0].__setitem__(1, "b3RoZXI="),
+        lambda p: p["batches"][0].update(target="c"),
+        lambda p: p["batches"][0].update(gen=10**12),
+        lambda p: p["batches"][0].update(pos=[13, 0]),
+        lambda p: p.update(gap_since=1),
+    ]
+    for change in changes:
+        payload = json.loads(json.dumps(signed))
+        change(payload)
+        with pytest.raises(BadSignatureError):
+            decode_task(payload, SIGNER)
+
+
+def test_unsigned_and_foreign_tasks_are_refused() -> None:
+    """A task without a signature, or signed with a key this worker does not hold, is
+    refused, each with its own reason; the insecure mode (no signer) takes unsigned ones."""
+    with pytest.raises(UnsignedTaskError):
+        decode_task(encode_task([_batch()], None), SIGNER)
+    other = Signer(SigningKeys((b"o" * 64,)))
+    with pytest.raises(UnknownKeyError):
+        decode_task(encode_task([_batch()], other), SIGNER)
+    assert decode_task(encode_task([_batch()], None), None).batches == [_batch()]
+
+
+def test_rotation_signs_with_the_first_key_and_accepts_any() -> None:
+    """During a key rotation a worker accepts tasks signed with the old key and the new."""
+    old, new = b"o" * 64, b"n" * 64
+    rotating = Signer(SigningKeys((new, old)))
+    assert decode_task(encode_task([_batch()], Signer(SigningKeys((old,)))), rotating)
+    assert decode_task(encode_task([_batch()], rotating), Signer(SigningKeys((new,))))
+
+
+def test_crafted_payloads_stay_malformed_tasks() -> None:
+    """Deep nesting or odd types inside a signed-looking payload are a malformed task, never
+    another exception (which would kill nothing, but would hide the reason)."""
+    deep: object = []
+    for _ in range(5000):
+        deep = [deep]
+    for payload in (
+        {"v": 2, "batches": deep, "sig": {"kid": key_id(KEY), "hmac": "y"}},
+        {"v": 2, "batches": [{"gen": 1e300}], "sig": None},
+    ):
+        with pytest.raises(MalformedBatchError):
+            decode_task(payload, SIGNER)

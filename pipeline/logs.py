@@ -1,0 +1,41 @@
+"""Log lines kvmesh writes: one line per event, whatever the event carries.
+
+Keys, task IDs and reasons that come from outside can hold newlines or terminal escapes;
+the message of every record is escaped before it is written (tracebacks, which kvmesh
+itself produces, keep their lines). Celery's own lines (a task ID "received") go through
+the same formatter in a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+
+FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+
+
+def one_line(text: str) -> str:
+    """Escape what is not printable (the parts kvmesh puts in a message are escaped by
+    errors.show_key already; this catches what Celery and libraries put there)."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        for c in text
+    )
+
+
+class OneLineFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+
+def configure(level: str | int = "INFO") -> None:
+    """Log to stderr, one line per record, at *level* (a name or a number)."""
+    if isinstance(level, str):
+        level = getattr(logging, level.upper(), logging.INFO)
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter(FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -1,0 +1,386 @@
+"""The trust boundary, tried as an attacker or an unlucky operator would: whoever can write
+to Redis or log into Flower cannot write through the pipeline, cannot steer it, and a
+source's hostile data never stops its sync."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from pipeline.celery_app import create_app
+from pipeline.cilium_state import cluster_config_value, identity_id
+from pipeline.layout import fence_key, gen_key, resync_key
+from pipeline.servers import free_port
+
+from ..harness import eventually
+from .conftest import FaultMesh
+
+pytestmark = pytest.mark.faults
+
+A, B = "cluster-a", "cluster-b"
+RESYNCS = "kvmesh_watcher_resyncs_total"
+FORGED = {
+    b"cilium/state/nodes/v1/cluster-b/injected": b'{"Name":"evil"}',  # the target's own state
+    b"cilium/cluster-config/cluster-b": b'{"id":2,"evil":true}',  # the target's config
+    b"kvmesh/cluster-a/gen": b'{"gen":1}',  # kvmesh's own records
+}
+
+
+def untouched(mesh: FaultMesh) -> bool:
+    b = mesh.client(1)
+    return (
+        all((kv := b.get(k)) is None or kv.value != v for k, v in FORGED.items())
+        and b.get(b"cilium/state/nodes/v1/cluster-b/injected") is None
+    )
+
+
+def forge(payload: dict[str, object]) -> dict[str, object]:
+    """A copy of a genuine payload with forged operations added to its first batch."""
+    forged = json.loads(json.dumps(payload))
+    batch = forged["batches"][0]  # type: ignore[index]
+    for key, value in FORGED.items():
+        batch["ops"].append(  # type: ignore[index]
+            ["p", base64.b64encode(key).decode(), base64.b64encode(value).decode()]
+        )
+    return forged
+
+
+def test_a_task_rewritten_in_the_queue_is_refused(mesh: FaultMesh) -> None:
+    """A genuine task changed in place in Redis (LSET), keeping its generation and positions
+    but carrying puts into the target's own state, its config and kvmesh's records, is
+    refused for its signature; nothing of it lands and the mesh stays exact."""
+    assert mesh.base_worker is not None
+    mesh.base_worker.stop()
+    mesh.backlog(tasks=1, sources=[A])
+    r = mesh.redis_client()
+    raw = r.lindex("kvmesh.cluster-a", -1)  # the next one a worker takes
+    message = json.loads(raw)
+    body = json.loads(base64.b64decode(message["body"]))
+    body[0][0] = forge(body[0][0])
+    message["body"] = base64.b64encode(json.dumps(body).encode()).decode()
+    r.lset("kvmesh.cluster-a", -1, json.dumps(message))
+    before = mesh.stats("-", "-").get("bad_signature", 0)
+    mesh.start_worker()
+    eventually(
+        lambda: mesh.stats("-", "-").get("bad_signature", 0) > before,
+        timeout=60,
+        what="the rewritten task refused",
+    )
+    mesh.settle()
+    assert untouched(mesh)
+
+
+def test_tasks_sent_through_flower_or_straight_to_redis_are_refused(mesh: FaultMesh) -> None:
+    """Flower's task API (send-task: Flower holds no task and no key) and a raw publish
+    reach the workers, and the workers drop what is not signed by the mesh's key (unsigned,
+    or signed with another key)."""
+    port = free_port()
+    auth = "ops:" + "f" * 20
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "flower", "--port", str(port)],
+        env=dict(mesh.env, FLOWER_BASIC_AUTH=auth),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        payload = {"v": 2, "batches": [], "sig": {"kid": "0" * 16, "hmac": "0" * 64}}
+        sample = forge(
+            {
+                "v": 2,
+                "batches": [
+                    {
+                        "source": A,
+                        "target": B,
+                        "shard": "nodes-0",
+                        "gen": 1 << 60,
+                        "prev": [1, 0],
+                        "pos": [2, 0],
+                        "done": True,
+                        "ops": [],
+                    }
+                ],
+            }
+        )
+        before = mesh.stats("-", "-")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/task/send-task/kvmesh.apply_batch",
+            data=json.dumps({"args": [sample]}).encode(),
+            headers={
+                "Authorization": "Basic " + base64.b64encode(auth.encode()).decode(),
+                "Content-Type": "application/json",
+            },
+            method="POST",
+        )
+
+        def posted() -> bool:
+            try:
+                with urllib.request.urlopen(request, timeout=3) as resp:
+                    return resp.status == 200
+            except OSError:
+                return False
+
+        eventually(posted, timeout=60, what="Flower accepting the forged task")
+        payload["batches"] = sample["batches"]
+        create_app(mesh.settings).send_task(
+            "kvmesh.apply_batch", args=[payload], queue="kvmesh.cluster-a"
+        )
+        eventually(
+            lambda: (
+                mesh.stats("-", "-").get("unsigned", 0) > before.get("unsigned", 0)
+                and mesh.stats("-", "-").get("unknown_key", 0) > before.get("unknown_key", 0)
+            ),
+            timeout=60,
+            what="both forged tasks refused",
+        )
+    finally:
+        flower.terminate()
+        flower.wait(20)
+    mesh.settle()
+    assert untouched(mesh)
+
+
+def test_a_signed_task_outside_the_layout_is_refused(mesh: FaultMesh) -> None:
+    """The layout holds whatever the signature says: a task signed with the mesh's own key
+    that writes beyond its source's cache is refused whole and counted for its pair."""
+    from pipeline.wire import Signer
+
+    signer = Signer(mesh.settings.signing)
+    gen = mesh.gen(A, B)
+    assert gen is not None
+    task = signer.sign(
+        forge(
+            {
+                "v": 2,
+                "batches": [
+                    {
+                        "source": A,
+                        "target": B,
+                        "shard": "nodes-0",
+                        "gen": gen,
+                        "prev": [1, 0],
+                        "pos": [2, 0],
+                        "done": True,
+                        "ops": [],
+                    }
+                ],
+            }
+        )
+    )
+    before = mesh.stats(A, B).get("forbidden", 0)
+    create_app(mesh.settings).send_task("kvmesh.apply_batch", args=[task], queue="kvmesh.cluster-a")
+    eventually(
+        lambda: mesh.stats(A, B).get("forbidden", 0) > before,
+        timeout=60,
+        what="the signed task refused for its keys",
+    )
+    mesh.settle()
+    assert untouched(mesh)
+
+
+def test_a_lease_key_written_by_hand_neither_stops_nor_blocks_the_watcher(mesh: FaultMesh) -> None:
+    """`SET kvmesh:leader:<source> x` does not make the active watcher step down: nobody
+    renews that value, so it gets a TTL, expires, and the watcher holds the lease again,
+    active throughout, in the same generation."""
+    r = mesh.redis_client()
+    before = mesh.gen(A, B)
+    r.set("kvmesh:leader:cluster-a", "x")
+    eventually(
+        lambda: r.get("kvmesh:leader:cluster-a") not in (None, b"x"),
+        timeout=60,
+        what="the lease back with the watcher",
+    )
+    assert mesh.watch.gauge("kvmesh_watcher_active", source_cluster=A) == 1
+    assert mesh.gen(A, B) == before
+    mesh.settle()
+
+
+def test_remote_control_cannot_stop_the_worker(mesh: FaultMesh) -> None:
+    """Anyone who can write to Redis can send Celery's remote-control commands; a kvmesh
+    worker answers only those that read its state, so `shutdown` and `rate_limit` change
+    nothing. And a Celery worker that dies all the same is started again by `kvmesh
+    worker`: the mesh keeps syncing either way."""
+    worker = mesh.base_worker
+    assert worker is not None
+    app = create_app(mesh.settings)
+
+    def stats() -> dict[str, object] | None:
+        reply = app.control.inspect(destination=[worker.node], timeout=2).stats() or {}
+        return reply.get(worker.node)
+
+    before = eventually(stats, timeout=60, what="the worker answering")
+    app.control.shutdown(destination=[worker.node])
+    app.control.rate_limit("kvmesh.apply_batch", "1/h", destination=[worker.node])
+    put_and_wait(mesh, b"after-shutdown")
+    after = eventually(stats, timeout=60, what="the worker answering")
+    assert after["pid"] == before["pid"], "the worker obeyed a remote shutdown"
+    os.kill(int(after["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+    put_and_wait(mesh, b"after-kill")
+    assert eventually(stats, timeout=60, what="a new Celery worker")["pid"] != after["pid"]
+    assert worker.alive()
+    mesh.settle()
+
+
+def put_and_wait(mesh: FaultMesh, name: bytes) -> None:
+    """Write a node into cluster-a and wait until cluster-b caches it."""
+    mesh.client(0).put(b"cilium/state/nodes/v1/cluster-a/" + name, b"{}")
+    eventually(
+        lambda: mesh.client(1).get(b"cilium/cache/nodes/v1/cluster-a/" + name),
+        timeout=90,
+        what=f"node {name!r} cached",
+    )
+
+
+def test_corrupt_kvmesh_records_mean_a_resync_never_a_crash(mesh: FaultMesh) -> None:
+    """Garbage in a fence or the generation record is taken as "no record": the pair is
+    resynced, the watcher and workers live on, and the caches end exact."""
+    b = mesh.client(1)
+    for key in (fence_key(A, "nodes-0"), gen_key(A)):
+        resyncs = mesh.watch.metric(RESYNCS, source_cluster=A, reason="corrupt_record")
+        b.put(key, b"[" * 3000 + b"\xff")
+        eventually(
+            lambda resyncs=resyncs: (
+                mesh.watch.metric(RESYNCS, source_cluster=A, reason="corrupt_record") > resyncs
+            ),
+            timeout=60,
+            what=f"a resync for the corrupt {key!r}",
+        )
+    mesh.settle()
+    assert mesh.watch.alive()
+
+
+def test_a_resync_request_for_a_generation_nobody_opened_is_ignored(mesh: FaultMesh) -> None:
+    """Only a worker of the current generation can make the watcher resync; a request for a
+    higher generation, or one that does not decode, is ignored and counted."""
+    gen = mesh.gen(A, B)
+    assert gen is not None
+    b = mesh.client(1)
+    for forged in (json.dumps({"gen": gen + 10**9}).encode(), b"\xff not json"):
+        ignored = mesh.watch.metric(
+            "kvmesh_watcher_resync_requests_total", source_cluster=A, outcome="ignored"
+        )
+        b.put(resync_key(A), forged)
+        eventually(
+            lambda ignored=ignored: (
+                mesh.watch.metric(
+                    "kvmesh_watcher_resync_requests_total", source_cluster=A, outcome="ignored"
+                )
+                > ignored
+            ),
+            timeout=60,
+            what="the forged request ignored",
+        )
+    assert mesh.gen(A, B) == gen
+    mesh.settle()
+
+
+def test_hostile_source_values_never_stop_the_sync(mesh: FaultMesh) -> None:
+    """A cluster config nested 30,000 deep, one with a 5,000-digit number, one of another
+    cluster ID, a non-canonical identity ID and a key with a newline: each is reported on
+    one line with its key escaped, counted, and everything else keeps syncing, also after
+    the watcher restarts and meets them again."""
+    a = mesh.client(0)
+    config = b"cilium/cluster-config/cluster-a"
+    good = a.get(config)
+    assert good is not None
+    rejected = mesh.watch.metric("kvmesh_watcher_rejected_total", source_cluster=A)
+    hostile = [
+        b"[" * 30_000 + b"]" * 30_000,
+        b'{"id": 1, "n": ' + b"9" * 5000 + b"}",
+        cluster_config_value(7),
+    ]
+    bad_id = f"cilium/state/identities/v1/id/000{identity_id(1, 9)}".encode()
+    bad_line = b"cilium/state/identities/v1/id/1\nforged: line"
+    try:
+        for value in hostile:
+            a.put(config, value)
+        a.put(bad_id, b"k8s:x=y;")
+        a.put(bad_line, b"k8s:x=y;")
+        eventually(
+            lambda: (
+                mesh.watch.metric("kvmesh_watcher_rejected_total", source_cluster=A) >= rejected + 4
+            ),
+            timeout=60,
+            what="the hostile keys counted",
+        )
+        # the escaped key on one line is the feature here
+        assert "id/1\\x0aforged: line" in mesh.watch.output()
+        put_node = b"cilium/state/nodes/v1/cluster-a/still-syncing"
+        a.put(put_node, b"{}")
+        eventually(
+            lambda: mesh.client(1).get(b"cilium/cache/nodes/v1/cluster-a/still-syncing"),
+            timeout=60,
+            what="the rest still syncing",
+        )
+        # a restarted watcher that has to list the source meets every one of them again
+        mesh.watch.kill()
+        mesh.client(1).delete(gen_key(A))
+        w2 = mesh.start_watcher()
+        eventually(
+            lambda: w2.metric(RESYNCS, source_cluster=A, reason="no_generation") == 1,
+            timeout=60,
+            what="the restarted watcher listing the source",
+        )
+        a.put(b"cilium/state/nodes/v1/cluster-a/after-restart", b"{}")
+        eventually(
+            lambda: mesh.client(1).get(b"cilium/cache/nodes/v1/cluster-a/after-restart"),
+            timeout=60,
+            what="the restarted watcher syncing",
+        )
+        assert w2.alive()
+    finally:
+        a.put(config, good.value)
+        a.delete(bad_id)
+        a.delete(bad_line)
+    mesh.settle()
+
+
+def test_a_full_broker_pauses_publishing_without_a_resync_loop(mesh: FaultMesh) -> None:
+    """When Redis refuses writes (out of memory), and when the queue holds
+    sync.max_queue_depth tasks, the watcher pauses publishing and keeps the changes; no
+    resync is started for it; everything lands once there is room again."""
+    assert mesh.base_worker is not None
+    mesh.base_worker.stop()
+    mesh.watch.stop()
+    w = mesh.watcher("oom-watch")
+    eventually(
+        lambda: w.gauge("kvmesh_watcher_active", source_cluster=A) == 1,
+        timeout=60,
+        what="the watcher active (taking its lease needs a write)",
+    )
+    r = mesh.redis_client()
+    r.config_set("maxmemory", str(int(r.info("memory")["used_memory"]) + 16 * 1024))
+    try:
+        eventually(
+            lambda: (
+                w.metric(
+                    "kvmesh_watcher_publish_paused_total", source_cluster=A, reason="broker_error"
+                )
+                > 0
+            ),
+            timeout=60,
+            what="publishing paused on an out-of-memory reply",
+        )
+    finally:
+        r.config_set("maxmemory", "0")
+    eventually(lambda: mesh.queue_depth(A) >= 3, timeout=60, what="publishing again")
+    assert w.metric(RESYNCS) == 0, "a full broker started a resync"
+    w.stop()
+    w2 = mesh.watcher("depth-watch", env={"KVMESH_SYNC_MAX_QUEUE_DEPTH": "3"})
+    eventually(
+        lambda: (
+            w2.metric("kvmesh_watcher_publish_paused_total", source_cluster=A, reason="queue_full")
+            > 0
+        ),
+        timeout=60,
+        what="publishing paused at the queue limit",
+    )
+    mesh.worker("bp-worker")
+    mesh.settle()
+    assert w2.metric(RESYNCS) == 0, "a full queue started a resync"
