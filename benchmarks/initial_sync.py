@@ -19,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.cilium_state import identity_id, identity_labels, write_items
-from pipeline.etcd import Etcd
-from pipeline.meshconfig import mesh_config, new_signing_key, write_secret
-from pipeline.orphan import wrap
-from pipeline.servers import EtcdServer, RedisServer, find_binary
+from pipeline.clients.etcd import Etcd
+from pipeline.tools.cilium_state import identity_id, identity_labels, write_items
+from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
+from pipeline.tools.orphan import wrap
+from pipeline.tools.servers import EtcdServer, RedisServer, find_binary
 
 SOURCE = "cluster-a"
 ID_PREFIX = b"cilium/state/identities/v1/id/"

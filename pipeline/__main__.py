@@ -1,5 +1,5 @@
 """`python -m pipeline` runs the kvmesh CLI."""
 
-from .cli import main
+from pipeline.tools.cli import main
 
 raise SystemExit(main())

@@ -20,7 +20,6 @@ environment, and no repr() of a settings object shows them.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 import tomllib
@@ -30,8 +29,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
-from .layout import Layout
+from pipeline.protocol.errors import ConfigError
+from pipeline.protocol.layout import Layout
+from pipeline.protocol.wire import SigningKeys
 
 # Cilium's own rule for cluster names: lowercase DNS label, at most 32 characters.
 CLUSTER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")
@@ -97,25 +97,6 @@ class BrokerTLS:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
-
-
-@dataclass(frozen=True)
-class SigningKeys:
-    """The HMAC keys of task payloads: the first signs, any verifies (rotation)."""
-
-    keys: tuple[bytes, ...] = field(default=(), repr=False)
-
-    def __bool__(self) -> bool:
-        return bool(self.keys)
-
-    def __repr__(self) -> str:
-        return f"SigningKeys({len(self.keys)} keys)"
-
-
-def key_id(key: bytes) -> str:
-    """A short public name for a signing key (in each signature, so a verifier picks the
-    key at once and can tell an unknown key from a wrong signature)."""
-    return hashlib.sha256(b"kvmesh-key-id:" + key).hexdigest()[:16]
 
 
 MIN_SIGNING_KEY = 32  # characters; `openssl rand -hex 32` gives 64
@@ -216,11 +197,6 @@ class Settings:
     def targets_of(self, source: str) -> tuple[ClusterConfig, ...]:
         """Every target except the source itself: a cluster never caches its own state."""
         return tuple(c for c in self.targets if c.name != source)
-
-
-def queue_name(source: str) -> str:
-    """The Celery queue of one source cluster. STABLE API: operators alert on it."""
-    return f"kvmesh.{source}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,18 +23,18 @@ from typing import Any
 import pytest
 import redis
 
-from pipeline.celery_app import create_app, redis_client
-from pipeline.config import Settings, load_settings, queue_name
-from pipeline.errors import KvmeshError
-from pipeline.etcd import Etcd
-from pipeline.fence import FenceRecord, GenRecord
-from pipeline.lab import scrape
-from pipeline.layout import fence_key, gen_key
-from pipeline.meshconfig import mesh_config, new_signing_key, write_secret
-from pipeline.orphan import wrap
-from pipeline.publisher import queue_depth
-from pipeline.report import verify_once
-from pipeline.servers import (
+from pipeline.clients.broker import create_app, redis_client
+from pipeline.clients.etcd import Etcd
+from pipeline.clients.publisher import queue_depth
+from pipeline.config import Settings, load_settings
+from pipeline.protocol.errors import KvmeshError
+from pipeline.protocol.fence import FenceRecord, GenRecord
+from pipeline.protocol.names import fence_key, gen_key, queue_name, stats_key
+from pipeline.tools.lab import scrape
+from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
+from pipeline.tools.orphan import wrap
+from pipeline.tools.report import verify_once
+from pipeline.tools.servers import (
     EtcdServer,
     EtcdTLS,
     MissingBinaryError,
@@ -405,7 +405,7 @@ class Mesh:
 
     def stats(self, source: str, target: str) -> dict[str, int]:
         """The workers' outcome counters of one pair."""
-        raw = self.redis_client().hgetall(f"kvmesh:stats:{source}:{target}")
+        raw = self.redis_client().hgetall(stats_key(source, target))
         return {k.decode(): int(v) for k, v in raw.items()}
 
     def gen(self, source: str, target: str) -> int | None:

@@ -7,20 +7,11 @@ builds the same app explicitly instead.
 
 from __future__ import annotations
 
-from typing import Any
-
-from celery import signals
-
+from pipeline.clients.broker import on_worker_logging
 from pipeline.config import load_settings
-from pipeline.logs import configure
+from pipeline.protocol.logs import configure
 
 from .tasks import create_worker_app
 
-
-@signals.setup_logging.connect  # type: ignore[untyped-decorator]
-def _logging(loglevel: Any = None, **_: Any) -> None:
-    """kvmesh's one-line format for the worker and Celery's own lines alike."""
-    configure(loglevel or "INFO")
-
-
+on_worker_logging(configure)  # kvmesh's one-line format, Celery's own lines included
 app = create_worker_app(load_settings(None))

@@ -9,12 +9,13 @@ import logging
 import time
 from collections.abc import Callable
 
-from pipeline.errors import RequestTooLargeError, show_key
-from pipeline.fence import Decision, FenceRecord, decide
-from pipeline.layout import Op, parse_shard, rejected_key
-from pipeline.sharding import shard_of
-from pipeline.store import FenceView, TargetStore
-from pipeline.wire import Batch, Operation
+from pipeline.protocol.errors import RequestTooLargeError, show_key
+from pipeline.protocol.fence import Decision, FenceRecord, decide
+from pipeline.protocol.layout import Op, parse_shard
+from pipeline.protocol.names import rejected_key
+from pipeline.protocol.sharding import shard_of
+from pipeline.protocol.wire import Batch, Operation
+from workers.store import FenceView, TargetStore
 
 log = logging.getLogger("kvmesh.worker")
 

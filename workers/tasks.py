@@ -12,23 +12,31 @@ import time
 from collections import Counter
 from typing import Any
 
-import redis
-from celery.worker.control import Panel
-
-from pipeline.celery_app import create_app, redis_client
+from pipeline.clients.broker import Broker, create_app, restrict_remote_control
+from pipeline.clients.etcd import Etcd
 from pipeline.config import WRITE, Settings
-from pipeline.errors import ForbiddenBatchError, MalformedBatchError, RetryableError, show_key
-from pipeline.etcd import Etcd
-from pipeline.fence import Decision
-from pipeline.layout import may_write, parse_shard
-from pipeline.store import EtcdTargetStore, FenceView, TargetStore
-from pipeline.wire import TASK_NAME, Batch, Operation, Signer, Task, decode_task, encode_task
+from pipeline.protocol.errors import (
+    ForbiddenBatchError,
+    MalformedBatchError,
+    RetryableError,
+    show_key,
+)
+from pipeline.protocol.fence import Decision
+from pipeline.protocol.layout import may_write, parse_shard
+from pipeline.protocol.names import TASK_NAME
+from pipeline.protocol.wire import (
+    Batch,
+    Operation,
+    Signer,
+    Task,
+    decode_task,
+    encode_task,
+)
+from workers.store import EtcdTargetStore, FenceView, TargetStore
 
 from .applier import apply_batch
 
 log = logging.getLogger("kvmesh.worker")
-
-STATS_KEY = "kvmesh:stats:{source}:{target}"  # STABLE API: read by `kvmesh status`
 
 
 class _PerProcess:
@@ -41,13 +49,13 @@ class _PerProcess:
         self.gaps = GapClock()
         self._pid = -1
         self._stores: dict[str, EtcdTargetStore] = {}
-        self._redis: redis.Redis | None = None
+        self._broker: Broker | None = None
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._stores = {}
-            self._redis = None
+            self._broker = None
 
     def store(self, target: str) -> EtcdTargetStore:
         self._check_pid()
@@ -66,17 +74,12 @@ class _PerProcess:
     def record(self, source: str, target: str, outcomes: Counter[str]) -> None:
         self._check_pid()
         try:
-            if self._redis is None:
-                self._redis = redis_client(self._settings)
-            pipe = self._redis.pipeline(transaction=False)
-            key = STATS_KEY.format(source=source, target=target)
-            for outcome, n in outcomes.items():
-                if n:
-                    pipe.hincrby(key, outcome, n)
-            pipe.execute()
-        except redis.RedisError as exc:  # counters must never fail a batch
+            if self._broker is None:
+                self._broker = Broker.of(self._settings)
+            self._broker.add_stats(source, target, outcomes)
+        except RetryableError as exc:  # counters must never fail a batch
             log.warning("cannot record outcomes %s: %s", dict(outcomes), exc)
-            self._redis = None
+            self._broker = None
 
 
 def check_task(task: Task, sources: set[str], targets: set[str]) -> None:
@@ -317,17 +320,9 @@ READ_ONLY_CONTROL = frozenset(
 )
 
 
-def restrict_remote_control() -> None:
-    """Drop every remote-control command but the read-only ones, in this process."""
-    for name in list(Panel.data):
-        if name not in READ_ONLY_CONTROL:
-            del Panel.data[name]
-            Panel.meta.pop(name, None)
-
-
 def create_worker_app(settings: Settings) -> Any:
     """The Celery app with the apply task registered: what a worker process runs."""
     app = create_app(settings)
     register_tasks(app, settings)
-    restrict_remote_control()
+    restrict_remote_control(READ_ONLY_CONTROL)
     return app

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cilium_state import make_state, write_items
+from pipeline.tools.cilium_state import make_state, write_items
 
 from ..harness import Mesh, Proc, Servers, eventually
 

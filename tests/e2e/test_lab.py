@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.orphan import wrap
-from pipeline.servers import free_port
+from pipeline.tools.orphan import wrap
+from pipeline.tools.servers import free_port
 
 from ..harness import eventually, require_binary
 
@@ -24,6 +24,11 @@ pytestmark = pytest.mark.e2e
 def leftovers(root: str) -> list[str]:
     out = subprocess.run(["pgrep", "-af", root], capture_output=True, text=True).stdout
     return [ln for ln in out.splitlines() if "pgrep" not in ln]
+
+
+def pgrep(pattern: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return out.split()
 
 
 def start_lab(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path]:
@@ -114,10 +119,12 @@ def test_a_dead_child_is_reported_and_everything_stops(tmp_path: Path) -> None:
     )
     root = lab_root(log)
     eventually(lambda: "lab: flower on" in log.read_text(), timeout=60, what="lab started")
-    pids = subprocess.run(
-        ["pgrep", "-f", f"watch --source cluster-1 --config {root}"], capture_output=True, text=True
-    ).stdout.split()
-    assert pids
+    # the watcher may still be passing from its launcher to itself (an exec): wait for it
+    pids = eventually(
+        lambda: pgrep(f"pipeline watch --source cluster-1 --config {root}"),
+        timeout=30,
+        what="the watcher of cluster-1 running",
+    )
     subprocess.run(["kill", "-9", *pids], check=True)
     assert proc.wait(120) == 1
     out = log.read_text()

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.simulate import Simulator
+from pipeline.tools.simulate import Simulator
 
 from ..harness import Mesh, Proc, Servers, eventually, stop_procs, with_sigcont
 

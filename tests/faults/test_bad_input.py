@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 from kombu import Connection, Exchange, Producer, Queue
 
-from pipeline.cilium_state import identity_id
+from pipeline.tools.cilium_state import identity_id
 
 from ..harness import eventually
 from .conftest import FaultMesh
@@ -165,7 +165,7 @@ def test_megabytes_of_values_are_listed_and_watched_in_parts(
         a.put(key, value)
     mesh.settle(wait=300)
     # a watcher that must list the source meets them all in one range
-    from pipeline.layout import gen_key
+    from pipeline.protocol.names import gen_key
 
     mesh.watch.kill()
     mesh.client(1).delete(gen_key("cluster-a"))

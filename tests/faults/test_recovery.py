@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.cilium_state import identity_id, write_items
+from pipeline.tools.cilium_state import identity_id, write_items
 
 from ..harness import Mesh, Servers, eventually
 from ..integration.test_sync import assert_equal, seed

@@ -14,10 +14,10 @@ import urllib.request
 
 import pytest
 
-from pipeline.celery_app import create_app
-from pipeline.cilium_state import cluster_config_value, identity_id
-from pipeline.layout import fence_key, gen_key, resync_key
-from pipeline.servers import free_port
+from pipeline.clients.broker import create_app
+from pipeline.protocol.names import fence_key, gen_key, resync_key
+from pipeline.tools.cilium_state import cluster_config_value, identity_id
+from pipeline.tools.servers import free_port
 
 from ..harness import eventually
 from .conftest import FaultMesh
@@ -149,7 +149,7 @@ def test_tasks_sent_through_flower_or_straight_to_redis_are_refused(mesh: FaultM
 def test_a_signed_task_outside_the_layout_is_refused(mesh: FaultMesh) -> None:
     """The layout holds whatever the signature says: a task signed with the mesh's own key
     that writes beyond its source's cache is refused whole and counted for its pair."""
-    from pipeline.wire import Signer
+    from pipeline.protocol.wire import Signer
 
     signer = Signer(mesh.settings.signing)
     gen = mesh.gen(A, B)

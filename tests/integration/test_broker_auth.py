@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import trustme
 
-from pipeline.cilium_state import make_state, write_items
-from pipeline.servers import RedisServer, RedisTLS
+from pipeline.tools.cilium_state import make_state, write_items
+from pipeline.tools.servers import RedisServer, RedisTLS
 
 from ..harness import Mesh, Servers, require_tls_redis
 

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from pipeline.servers import free_port
+from pipeline.tools.servers import free_port
 
 from ..harness import Mesh, eventually
 
@@ -37,7 +37,14 @@ def test_flower_lists_every_source_queue_behind_basic_auth(mesh: Mesh) -> None:
     celery = os.path.join(os.path.dirname(sys.executable), "celery")
     log = open(mesh.root / "flower.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [celery, "-A", "pipeline.flowerapp", "flower", "--address=127.0.0.1", f"--port={port}"],
+        [
+            celery,
+            "-A",
+            "pipeline.tools.flowerapp",
+            "flower",
+            "--address=127.0.0.1",
+            f"--port={port}",
+        ],
         env=dict(mesh.env, FLOWER_BASIC_AUTH="ops:s3cret"),
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -54,10 +61,10 @@ def test_flower_lists_every_source_queue_behind_basic_auth(mesh: Mesh) -> None:
         assert get(url, None)[0] == 401
         assert get(url, "ops:wrong")[0] == 401
         # a published batch shows up as depth
-        from pipeline.celery_app import create_app
-        from pipeline.layout import Op
-        from pipeline.publisher import CeleryPublisher
-        from pipeline.wire import Batch, Operation
+        from pipeline.clients.broker import create_app
+        from pipeline.clients.publisher import CeleryPublisher
+        from pipeline.protocol.layout import Op
+        from pipeline.protocol.wire import Batch, Operation
 
         pub = CeleryPublisher(
             create_app(mesh.settings), "kvmesh.cluster-a", mesh.redis_client(), None

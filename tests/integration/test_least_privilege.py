@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import trustme
 
-from pipeline.cilium_state import make_state, write_items
-from pipeline.servers import EtcdTLS, find_binary
+from pipeline.tools.cilium_state import make_state, write_items
+from pipeline.tools.servers import EtcdTLS, find_binary
 
 from ..harness import Mesh, Servers, eventually
 
@@ -175,9 +175,9 @@ def test_the_read_user_cannot_write_and_the_write_user_cannot_touch_state(
 ) -> None:
     """The roles are what they claim: `remote` cannot write anything, `kvmesh` cannot write
     a cluster's own state or its own cluster config."""
+    from pipeline.clients.etcd import Etcd
     from pipeline.config import WRITE, load_settings
-    from pipeline.errors import RetryableError
-    from pipeline.etcd import Etcd
+    from pipeline.protocol.errors import RetryableError
 
     mesh = RbacMesh(servers, n=2)
     try:

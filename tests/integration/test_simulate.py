@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.simulate import Simulator
+from pipeline.tools.simulate import Simulator
 
 from ..harness import Servers
 

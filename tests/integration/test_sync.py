@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.cilium_state import identity_id, make_state, write_items
-from pipeline.etcd import Etcd
+from pipeline.clients.etcd import Etcd
+from pipeline.tools.cilium_state import identity_id, make_state, write_items
 
 from ..harness import Mesh, eventually
 

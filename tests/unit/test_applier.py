@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pipeline.batching import Change, make_batches
-from pipeline.config import SigningKeys
-from pipeline.errors import ForbiddenBatchError
-from pipeline.fence import Decision, FenceRecord, GenRecord
-from pipeline.layout import RESOURCE_BY_NAME, Op, fence_key, gen_key
-from pipeline.sharding import shard_of
-from pipeline.store import MemoryTargetStore
-from pipeline.wire import Batch, Operation, Signer, decode_task, encode_task
+from pipeline.protocol.batching import Change, make_batches
+from pipeline.protocol.errors import ForbiddenBatchError
+from pipeline.protocol.fence import Decision, FenceRecord, GenRecord
+from pipeline.protocol.layout import RESOURCE_BY_NAME, Op
+from pipeline.protocol.names import fence_key, gen_key
+from pipeline.protocol.sharding import shard_of
+from pipeline.protocol.wire import Batch, Operation, Signer, SigningKeys, decode_task, encode_task
+from tests.memory_etcd import MemoryEtcd
 from workers.applier import apply_batch
+from workers.store import EtcdTargetStore
 from workers.tasks import apply_all, check_task
 
 NODES = RESOURCE_BY_NAME["nodes"]
@@ -30,8 +31,23 @@ def node_keys(shard: str, shards: int, n: int) -> list[bytes]:
     return out
 
 
-def setup(n_shards: int = 2, per_shard: int = 300) -> tuple[MemoryTargetStore, list[Batch]]:
-    store = MemoryTargetStore()
+class Store(EtcdTargetStore):
+    """A worker's view of an in-memory target, with the target's own calls at hand."""
+
+    def __init__(self, max_request_bytes: int = 0) -> None:
+        super().__init__(MemoryEtcd("b"))
+        self.etcd.space.max_request_bytes = max_request_bytes
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.etcd.put(key, value)
+
+    @property
+    def data(self) -> dict[bytes, bytes]:
+        return self.etcd.items(b"")
+
+
+def setup(n_shards: int = 2, per_shard: int = 300) -> tuple[Store, list[Batch]]:
+    store = Store()
     store.put(gen_key("a"), GenRecord(1, n_shards, "id", 7).encode())
     batches: list[Batch] = []
     for s in range(n_shards):
@@ -81,12 +97,12 @@ def test_a_missing_predecessor_leaves_the_batch_waiting() -> None:
 def test_a_batch_the_target_refuses_is_split_and_the_oversized_key_recorded() -> None:
     """Over the target's request limit, the batch lands in parts; a single value the target
     cannot take is skipped, its stale copy deleted, and the refusal recorded."""
-    from pipeline.fence import Decision
-    from pipeline.layout import rejected_prefix
-    from pipeline.wire import Operation
+    from pipeline.protocol.fence import Decision
+    from pipeline.protocol.names import rejected_prefix
+    from pipeline.protocol.wire import Operation
     from workers.applier import apply_batch
 
-    store = MemoryTargetStore(max_request_bytes=4000)
+    store = Store(max_request_bytes=4000)
     store.put(gen_key("a"), GenRecord(1, 1, "id", 7).encode())
     store.put(fence_key("a", "nodes-0"), FenceRecord(1, (10, 0)).encode())
     keys = node_keys("nodes-0", 1, 61)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.batching import Change, ShardBuffer, check_size, cut, make_batches
-from pipeline.errors import ValueTooLargeError
-from pipeline.layout import Op
+from pipeline.protocol.batching import Change, ShardBuffer, check_size, cut, make_batches
+from pipeline.protocol.errors import ValueTooLargeError
+from pipeline.protocol.layout import Op
 
 
 def ch(key: str, rev: int, value: bytes | None = b"v", idx: int = 0) -> Change:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from pipeline.cli import run_watchers
+from pipeline.tools.cli import run_watchers
 
 
 class Fake:

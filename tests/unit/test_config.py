@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_settings, settings_from_mapping
-from pipeline.errors import ConfigError
+from pipeline.protocol.errors import ConfigError
 
 MINIMAL = """
 [broker]

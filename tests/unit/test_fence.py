@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import CorruptRecordError
-from pipeline.fence import Decision, FenceRecord, GenRecord, decide
+from pipeline.protocol.errors import CorruptRecordError
+from pipeline.protocol.fence import Decision, FenceRecord, GenRecord, decide
 
 F = FenceRecord(gen=3, pos=(100, 2))
 

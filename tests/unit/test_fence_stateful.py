@@ -1,227 +1,178 @@
-"""The fence protocol under Celery's delivery: batches duplicated, reordered, lost and late,
-generation bumps racing in-flight batches, two watchers, a wiped target and resync requests.
+"""The fence protocol under Celery's delivery, with the real watcher and the real applier:
+tasks duplicated, reordered, lost and late, watchers taking over from each other while the
+superseded ones still publish, a wiped target, a compacted source and resync requests.
 
-Model watchers (built from the same pure pieces as the real one: the shard buffer, the batch
-cutter, the fence and generation records and the snapshot diff) publish into an unordered
-"network"; the real batch applier takes messages out in any order against an in-memory
-target.
+Hypothesis drives the rig of tests/rig.py (real Watcher objects and the real batch applier,
+on in-memory etcds): it picks the source's changes, which watcher moves, which task is
+delivered, duplicated or lost, and when time passes. Invariants hold after every step; at
+the end, the newest watcher alone (the one a lease would leave running) must bring the
+target to the source's exact state through its own recovery paths (stall detection, the
+workers' resync requests), and the superseded watchers' late tasks must change nothing.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pipeline.batching import Change, ShardBuffer, make_batches
-from pipeline.fence import Decision, FenceRecord, GenRecord, Position
-from pipeline.layout import RESOURCE_BY_NAME, Op, fence_key, gen_key
-from pipeline.sharding import shard_of
-from pipeline.snapshot import diff
-from pipeline.store import MemoryTargetStore
-from pipeline.wire import Batch
-from workers.applier import apply_batch
+from pipeline.protocol.fence import Decision, FenceRecord
+from pipeline.protocol.sharding import all_shards
+from pipeline.source.feed import Lost
+from pipeline.source.watcher import Watcher
+from tests.memory_etcd import MemoryEtcd
+from tests.rig import Rig
+from workers.store import EtcdTargetStore
 
-SRC = "a"
-RES = RESOURCE_BY_NAME["identities"]
-SHARDS = 3
-PREFIX = b"cilium/cache/identities/v1/a/id/"
-KEYS = [PREFIX + str(i).encode() for i in range(12)]
-SHARD_NAMES = [f"identities-{i}" for i in range(SHARDS)]
+SRC, TGT = "a", "t"
+NODES = b"cilium/state/nodes/v1/a/"
+KEYS = [NODES + b"n%d" % i for i in range(10)]
+STALL = 5.0
 
 
-def shard(key: bytes) -> str:
-    return shard_of(RES, key, SHARDS)
-
-
-@dataclass
-class ModelWatcher:
-    buffer: ShardBuffer = field(default_factory=ShardBuffer)
-    gen: int = 0
-    chain: dict[str, Position] = field(default_factory=dict)
-
-
-class FenceMachine(RuleBasedStateMachine):
+class WatcherMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.store = MemoryTargetStore()
-        self.source: dict[bytes, bytes] = {}
-        self.rev = 1
-        self.network: list[Batch] = []
-        self.watchers = [ModelWatcher(), ModelWatcher()]
-        self.applied_rev: dict[bytes, int] = {}  # key -> source revision of what landed
-        self.fence_seen: dict[str, tuple[int, Position]] = {}
-        self.lost = False  # a message vanished, or the target was wiped, since the last resync
-        self.clock = 0
-        self.resync(0)
+        self.rig = Rig(
+            clusters=(SRC, TGT), source=SRC, shards=3, max_batch_ops=3, stall_timeout=STALL
+        )
+        self.shards = all_shards(3)
+        self.watchers: list[Watcher] = [self.rig.watcher]
+        self.rig.start()
+        self.fence_seen: dict[str, tuple[int, tuple[int, int]]] = {}
+        self.applied: dict[bytes, int] = {}  # cache key -> source revision of what landed
 
-    # -- the model watchers -----------------------------------------------------------------
+    @property
+    def store(self) -> EtcdTargetStore:
+        return EtcdTargetStore(MemoryEtcd(self.rig.mesh[TGT].space))
 
-    @rule(k=st.sampled_from(KEYS), delete=st.booleans())
-    def source_change(self, k: bytes, delete: bool) -> None:
-        self.rev += 1
+    # -- the source ----------------------------------------------------------------------------
+
+    @rule(k=st.sampled_from(KEYS), delete=st.booleans(), value=st.binary(max_size=8))
+    def source_change(self, k: bytes, delete: bool, value: bytes) -> None:
         if delete:
-            self.source.pop(k, None)
-            change = Change(k, Op.DELETE, None, (self.rev, 0))
+            self.rig.source.delete(k)
         else:
-            self.source[k] = f"v{self.rev}".encode()
-            change = Change(k, Op.PUT, self.source[k], (self.rev, 0))
-        for w in self.watchers:  # both watch the same source
-            w.buffer.add(shard(k), change)
-
-    @rule(w=st.integers(0, 1), max_ops=st.integers(1, 4))
-    def flush(self, w: int, max_ops: int) -> None:
-        watcher = self.watchers[w]
-        if not watcher.gen:
-            watcher.buffer.drain()
-            return
-        for shard_name, changes in watcher.buffer.drain().items():
-            batches = make_batches(
-                source=SRC,
-                target="t",
-                shard=shard_name,
-                gen=watcher.gen,
-                prev=watcher.chain[shard_name],
-                changes=changes,
-                max_ops=max_ops,
-                max_bytes=10**6,
-            )
-            self.network.extend(batches)
-            watcher.chain[shard_name] = batches[-1].pos
-
-    @rule(w=st.integers(0, 1))
-    def resync(self, w: int) -> None:
-        """Watcher w opens a generation (a takeover, a resync, anti-entropy): bump, diff the
-        target against the source at R, publish the diff. Old batches stay in flight."""
-        watcher = self.watchers[w]
-        view = self.store.read_fence(SRC, SHARD_NAMES[0])
-        self.clock += 1  # generations never repeat, even after the target forgot them
-        watcher.gen = max((view.gen or 0) + 1, watcher.gen + 1, self.clock)
-        self.store.put(gen_key(SRC), GenRecord(watcher.gen, SHARDS, "id", 1).encode())
-        self.lost = False
-        R = self.rev
-        watcher.buffer.drain()  # covered by the snapshot
-        actual = {k: v for k, (v, _) in self.store.data.items() if k.startswith(PREFIX)}
-        d = diff(dict(self.source), actual)
-        per: dict[str, list[Change]] = {s: [] for s in SHARD_NAMES}
-        todo = [(k, Op.PUT, v) for k, v in {**d.missing, **d.different}.items()]
-        todo += [(k, Op.DELETE, None) for k in d.extra]
-        for k, op, v in todo:
-            per[shard(k)].append(Change(k, op, v, (R, len(per[shard(k)]) + 1)))
-        for s in SHARD_NAMES:
-            self.store.put(fence_key(SRC, s), FenceRecord(watcher.gen, (R, 0), not per[s]).encode())
-            watcher.chain[s] = (R, 0)
-            if per[s]:
-                batches = make_batches(
-                    source=SRC,
-                    target="t",
-                    shard=s,
-                    gen=watcher.gen,
-                    prev=(R, 0),
-                    changes=per[s],
-                    max_ops=2,
-                    max_bytes=10**6,
-                    snapshot=True,
-                )
-                self.network.extend(batches)
-                watcher.chain[s] = batches[-1].pos
-
-    @precondition(lambda self: self.store.resync_requests)
-    @rule(w=st.integers(0, 1))
-    def answer_resync_request(self, w: int) -> None:
-        """A worker asked for a resync (the target lost its records): a watcher answers."""
-        self.store.resync_requests.clear()
-        self.resync(w)
+            self.rig.source.put(k, value)
 
     @rule()
-    def wipe_target(self) -> None:
-        """The target etcd comes back empty: its cache and kvmesh records are gone."""
-        self.store.data.clear()
-        self.applied_rev.clear()
-        self.fence_seen.clear()
-        self.lost = True
+    def compact_source(self) -> None:
+        self.rig.source.compact()
 
-    # -- the network --------------------------------------------------------------------------
+    # -- the watchers ------------------------------------------------------------------------
 
-    @precondition(lambda self: self.network)
+    @rule(w=st.integers(0, 2))
+    def publish(self, w: int) -> None:
+        """A watcher takes what its watches delivered and publishes it, nothing else (a
+        superseded one, about to learn it lost its lease, does just that)."""
+        watcher = self.watchers[w % len(self.watchers)]
+        self.rig.mesh.pump()
+        for item in watcher.feed.next(0, 512):
+            if isinstance(item, Lost):  # the source compacted past its watch
+                watcher._restart_all(item.cause, item.detail)
+                return
+            watcher.ingest(item)
+        watcher.flush()
+
+    @rule(w=st.integers(0, 2), seconds=st.sampled_from([0.5, 1.0, STALL + 1]))
+    def tick(self, w: int, seconds: float) -> None:
+        """Time passes and a watcher runs its loop and fence poll: it may resync, answer a
+        request, or take the generation back from a newer watcher."""
+        self.rig.tick(seconds, watcher=self.watchers[w % len(self.watchers)])
+
+    @precondition(lambda self: len(self.watchers) < 3)
+    @rule()
+    def takeover(self) -> None:
+        """A new watcher starts (a lease taken over); the old ones keep running for a while."""
+        watcher = self.rig.new_watcher()
+        self.watchers.append(watcher)
+        self.rig.start(watcher)
+
+    # -- the queue ---------------------------------------------------------------------------
+
+    @precondition(lambda self: self.rig.queue.batches)
     @rule(i=st.integers(0, 10**6), keep=st.booleans())
     def deliver(self, i: int, keep: bool) -> None:
-        """Deliver any in-flight message; keep=True leaves a copy behind (a redelivery)."""
-        batch = self.network[i % len(self.network)]
+        """A worker takes any queued task; keep=True leaves a copy behind (a redelivery)."""
+        queue = self.rig.queue.batches
+        batch = queue[i % len(queue)]
         if not keep:
-            self.network.remove(batch)
+            queue.remove(batch)
         before = self.store.read_fence(SRC, batch.shard)
-        decision = apply_batch(self.store, batch)
+        decision = self.rig.apply(batch)
         if decision is Decision.APPLY:
             assert batch.gen == before.gen, "a batch of another generation landed"
             assert before.fence is not None and batch.prev == before.fence.pos, "out of order"
             for op in batch.ops:
-                # the target never moves backwards: what lands is never older than what was there
-                assert batch.pos[0] >= self.applied_rev.get(op.key, 0)
-                self.applied_rev[op.key] = batch.pos[0]
+                # the cache never moves backwards: what lands is never older than what was there
+                assert batch.pos[0] >= self.applied.get(op.key, 0)
+                self.applied[op.key] = batch.pos[0]
         elif decision is Decision.GAP and not keep:
-            self.network.append(batch)  # Celery's retry puts it back
-        elif decision is Decision.RESYNC:
-            self.store.request_resync(SRC, batch.gen, "target lost its records")
+            self.rig.held.append(batch)  # the worker holds it and tries again
 
-    @precondition(lambda self: self.network)
+    @rule()
+    def work(self) -> None:
+        """The pool drains the queue (and what it holds), as far as the fences admit."""
+        self.rig.work()
+
+    @precondition(lambda self: self.rig.queue.batches)
     @rule(i=st.integers(0, 10**6))
     def lose(self, i: int) -> None:
-        """A message vanishes (a Redis restart)."""
-        self.network.pop(i % len(self.network))
-        self.lost = True
+        """A task vanishes (a Redis restart)."""
+        self.rig.queue.batches.pop(i % len(self.rig.queue.batches))
+
+    @rule()
+    def wipe_target(self) -> None:
+        """The target etcd comes back empty: its cache and kvmesh records are gone."""
+        self.rig.mesh[TGT].wipe()
+        self.fence_seen.clear()
+        self.applied.clear()
+
+    # -- invariants --------------------------------------------------------------------------
 
     @invariant()
     def fences_never_move_backwards(self) -> None:
-        for s in SHARD_NAMES:
+        for s in self.shards:
             view = self.store.read_fence(SRC, s)
-            if view.fence is None:
+            fence: FenceRecord | None = view.fence
+            if fence is None:
                 continue
-            key = (view.fence.gen, view.fence.pos)
+            key = (fence.gen, fence.pos)
             prev = self.fence_seen.get(s)
             if prev is not None:
                 assert key[0] >= prev[0], "a generation went backwards"
                 if prev[0] == key[0]:
-                    assert key[1] >= prev[1]
+                    assert key[1] >= prev[1], "a fence went backwards"
             self.fence_seen[s] = key
 
-    # -- convergence --------------------------------------------------------------------------
-
-    def _drain(self) -> None:
-        progress = True
-        while self.network and progress:
-            progress = False
-            for batch in list(self.network):
-                self.network.remove(batch)
-                if apply_batch(self.store, batch) is Decision.GAP:
-                    self.network.append(batch)
-                else:
-                    progress = True
-
-    def _cache(self) -> dict[bytes, bytes]:
-        return {k: v for k, (v, _) in self.store.data.items() if k.startswith(PREFIX)}
+    # -- convergence -------------------------------------------------------------------------
 
     def teardown(self) -> None:
-        """With nothing lost, the current watcher's delivery alone converges; after a resync
-        it always does, whatever the other watcher still has in flight."""
-        current = max(range(2), key=lambda i: self.watchers[i].gen)
-        assert self.watchers[0].gen != self.watchers[1].gen
-        self.flush(current, 4)
-        if (
-            not self.lost
-            and self.watchers[current].gen == self.store.read_fence(SRC, SHARD_NAMES[0]).gen
-        ):
-            self._drain()
-            assert self._cache() == self.source
-        self.resync(0)
-        self.flush(1, 4)  # the superseded watcher's late batches must change nothing
-        self.flush(0, 4)
-        self._drain()
-        assert self._cache() == self.source
-        assert not self.network  # the superseded watcher's batches were all dropped
+        """The newest watcher is left alone (the others lost the lease): through its own
+        recovery it converges on the source's exact state, and whatever the others still
+        publish afterwards changes nothing."""
+        survivor = self.watchers[-1]
+        self.rig.watcher = survivor
+        for _ in range(40):
+            self.rig.step(survivor)
+            self.rig.work()
+            self.rig.tick(STALL / 2, watcher=survivor)
+            self.rig.work()
+            if (
+                not self.rig.queue.batches
+                and not self.rig.held
+                and self.rig.cache(TGT) == self.rig.expected()
+                and all(not t.need_resync for t in survivor.targets)
+            ):
+                break
+        assert self.rig.cache(TGT) == self.rig.expected()
+        for old in self.watchers[:-1]:
+            self.publish(self.watchers.index(old))
+        self.rig.work()
+        assert self.rig.cache(TGT) == self.rig.expected()
+        for w in self.watchers:
+            w.feed.stop()
 
 
-TestFenceProtocol = FenceMachine.TestCase
-TestFenceProtocol.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+TestFenceProtocol = WatcherMachine.TestCase
+TestFenceProtocol.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

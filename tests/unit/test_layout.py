@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.errors import LayoutError
-from pipeline.layout import RESOURCE_BY_NAME, RESOURCES, Layout, canary_key
+from pipeline.protocol.errors import LayoutError
+from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES, Layout, canary_key
 
 A = Layout("cluster-a", 1)
 

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from collections import Counter
 
-from pipeline.layout import RESOURCE_BY_NAME
-from pipeline.sharding import all_shards, shard_of, shard_resource
+from pipeline.protocol.layout import RESOURCE_BY_NAME
+from pipeline.protocol.sharding import all_shards, shard_of, shard_resource
 
 IDS = RESOURCE_BY_NAME["identities"]
 
@@ -17,8 +17,8 @@ def test_shard_is_stable_across_processes() -> None:
     keys = [f"cilium/cache/identities/v1/a/id/{i}".encode() for i in range(50)]
     here = [shard_of(IDS, k, 8) for k in keys]
     code = (
-        "import sys; from pipeline.sharding import shard_of; "
-        "from pipeline.layout import RESOURCE_BY_NAME as R; "
+        "import sys; from pipeline.protocol.sharding import shard_of; "
+        "from pipeline.protocol.layout import RESOURCE_BY_NAME as R; "
         f"print(','.join(shard_of(R['identities'], k, 8) for k in {keys!r}))"
     )
     for seed in ("1", "2"):

@@ -1,14 +1,16 @@
-"""The snapshot cutter: a listing turned into chained batches while it is being read."""
+"""The streaming merge and the snapshot cutter: a listing and a target's cache, both in key
+order, turned into chained batches while they are being read."""
 
 from __future__ import annotations
 
 import itertools
 import zlib
 from collections import defaultdict
+from collections.abc import Iterator
 
-from pipeline.layout import Op
-from pipeline.snapshot import SnapshotCutter, diff
-from pipeline.wire import Batch
+from pipeline.protocol.layout import Op
+from pipeline.protocol.snapshot import Merger, SnapshotCutter, diff
+from pipeline.protocol.wire import Batch
 
 
 def shard(key: bytes) -> str:
@@ -19,18 +21,21 @@ def run(
     desired: dict[bytes, bytes], actual: dict[bytes, bytes], max_ops: int = 4
 ) -> tuple[SnapshotCutter, list[Batch]]:
     cutter = SnapshotCutter(
-        source="a",
-        target="b",
-        gen=5,
-        revision=100,
-        actual=actual,
-        shard_of=shard,
-        max_ops=max_ops,
-        max_bytes=10**6,
+        source="a", target="b", gen=5, revision=100, max_ops=max_ops, max_bytes=10**6
     )
+    merger = Merger(iter(sorted(actual.items())))
     out: list[Batch] = []
-    for k, v in desired.items():
-        out += cutter.want(k, v, shard(k))
+
+    def feed(differences: Iterator[tuple[bytes, bytes | None, bool]]) -> None:
+        for key, value, missing in differences:
+            if value is None:
+                out.extend(cutter.delete(key, shard(key)))
+            else:
+                out.extend(cutter.put(key, value, shard(key), missing))
+
+    for k, v in sorted(desired.items()):
+        feed(merger.push(k, v))
+    feed(merger.rest())
     out += cutter.finish()
     return cutter, out
 
@@ -79,3 +84,24 @@ def test_in_sync_target_receives_nothing() -> None:
     cutter, batches = run(desired, dict(desired))
     assert batches == []
     assert cutter.last_positions() == {}
+
+
+def test_the_merge_holds_one_item_of_the_target() -> None:
+    """The merge reads the target's cache as the source's keys go by, one item at a time."""
+    read: list[bytes] = []
+
+    def actual() -> Iterator[tuple[bytes, bytes]]:
+        for i in range(10):
+            key = f"k{i}".encode()
+            read.append(key)
+            yield key, b"v"
+
+    merger = Merger(actual())
+    assert list(merger.push(b"k3", b"v")) == [
+        (b"k0", None, False),
+        (b"k1", None, False),
+        (b"k2", None, False),
+    ]
+    assert read == [f"k{i}".encode() for i in range(5)]  # up to one past the pushed key
+    assert list(merger.push(b"k35", b"w")) == [(b"k35", b"w", True)]
+    assert len(list(merger.rest())) == 6

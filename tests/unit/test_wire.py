@@ -6,15 +6,22 @@ import json
 
 import pytest
 
-from pipeline.config import SigningKeys, key_id
-from pipeline.errors import (
+from pipeline.protocol.errors import (
     BadSignatureError,
     MalformedBatchError,
     UnknownKeyError,
     UnsignedTaskError,
 )
-from pipeline.layout import Op
-from pipeline.wire import Batch, Operation, Signer, decode_task, encode_task
+from pipeline.protocol.layout import Op
+from pipeline.protocol.wire import (
+    Batch,
+    Operation,
+    Signer,
+    SigningKeys,
+    decode_task,
+    encode_task,
+    key_id,
+)
 
 KEY = b"k" * 64
 SIGNER = Signer(SigningKeys((KEY,)))

@@ -8,8 +8,10 @@ from typing import Any, Protocol
 import redis
 from kombu.exceptions import OperationalError
 
-from .errors import PublishError, RetryableError
-from .wire import TASK_NAME, Batch, Signer, encode_task
+from pipeline.clients.broker import queue_depth
+from pipeline.protocol.errors import PublishError, RetryableError
+from pipeline.protocol.names import TASK_NAME
+from pipeline.protocol.wire import Batch, Signer, encode_task
 
 
 class Publisher(Protocol):
@@ -18,15 +20,6 @@ class Publisher(Protocol):
     def backlog(self) -> int:
         """Tasks waiting in the queue (not counting those a worker holds)."""
         ...
-
-
-def queue_depth(client: redis.Redis, queue: str) -> int:
-    """Messages waiting in a Celery queue on Redis, over its priority sub-queues."""
-    names = [queue] + [f"{queue}\x06\x16{p}" for p in range(1, 10)]
-    pipe = client.pipeline(transaction=False)
-    for name in names:
-        pipe.llen(name)
-    return int(sum(pipe.execute()))
 
 
 def group_batches(batches: Sequence[Batch], per_task: int) -> list[list[Batch]]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from .errors import CorruptRecordError
+from pipeline.protocol.errors import CorruptRecordError
 
 Position = tuple[int, int]  # (source revision, index of the event within that revision)
 ZERO: Position = (0, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -13,12 +14,13 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from .config import READ, WRITE, Settings, load_settings, queue_name
-from .errors import ConfigError, KvmeshError, RetryableError
-from .etcd import Etcd
-from .layout import RESOURCES
-from .logs import configure as configure_logging
-from .report import collect_status, verify_once
+from pipeline.clients.etcd import Etcd
+from pipeline.config import READ, WRITE, Settings, load_settings
+from pipeline.protocol.errors import ConfigError, KvmeshError, RetryableError
+from pipeline.protocol.layout import RESOURCES
+from pipeline.protocol.logs import configure as configure_logging
+from pipeline.protocol.names import queue_name
+from pipeline.tools.report import collect_status, verify_once
 
 # Exit codes
 EXIT_OK = 0
@@ -160,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "lab":
             return cmd_lab(args)
         if args.command == "keygen":
-            from .meshconfig import new_signing_key
+            from pipeline.tools.meshconfig import new_signing_key
 
             print(new_signing_key())
             return EXIT_OK
@@ -191,12 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
-    from .celery_app import create_app, redis_client
-    from .leader import RedisLease
-    from .metrics import WatcherMetrics
-    from .publisher import CeleryPublisher
-    from .watcher import Watcher
-    from .wire import Signer
+    from pipeline.clients.broker import create_app, redis_client
+    from pipeline.clients.lease import RedisLease
+    from pipeline.clients.publisher import CeleryPublisher
+    from pipeline.protocol.wire import Signer
+    from pipeline.source.metrics import WatcherMetrics
+    from pipeline.source.watcher import Watcher
 
     names = args.source or [c.name for c in settings.sources]
     sources = [settings.cluster(n) for n in names]
@@ -331,7 +333,7 @@ def supervise_worker(argv: list[str], config: str | None) -> int:
     import os
     import subprocess
 
-    from .orphan import wrap
+    from pipeline.tools.orphan import wrap
 
     env = dict(os.environ)
     if config:
@@ -407,7 +409,7 @@ def cmd_count(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from .lab import LabOptions, run_lab
+    from pipeline.tools.lab import LabOptions, run_lab
 
     if not 2 <= args.clusters <= 16:
         raise ConfigError("--clusters", "must be from 2 to 16")
@@ -436,7 +438,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from .simulate import Simulator
+    from pipeline.tools.simulate import Simulator
 
     cluster = settings.cluster(args.cluster)
     if args.endpoints is None:
@@ -503,7 +505,7 @@ def cmd_flower(settings: Settings, args: argparse.Namespace) -> int:
         "-m",
         "celery",
         "-A",
-        "pipeline.flowerapp",
+        "pipeline.tools.flowerapp",
         "flower",
         f"--address={args.address}",
         f"--port={args.port}",
@@ -520,7 +522,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = collect_status(settings)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
         return EXIT_OK
     canaries = sum(1 for r in RESOURCES if r.canary)
     header = (
@@ -529,11 +531,11 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     )
     print(header)
     for r in rows:
-        outcomes = " ".join(f"{k}={v}" for k, v in sorted(r["workers"].items()))
+        outcomes = " ".join(f"{k}={v}" for k, v in sorted(r.workers.items()))
         print(
-            f"{r['source']:<14} {r['target']:<14} {_n(r['queue']):>6} "
-            f"{r['source_revision']:>9} {r['applied_revision']:>9} {_n(r['lag_revisions']):>6} "
-            f"{r['canaries']:>6}/{canaries} {r['source_keys']:>9} {r['cached_keys']:>9}  "
+            f"{r.source:<14} {r.target:<14} {_n(r.queue):>6} "
+            f"{r.source_revision:>9} {r.applied_revision:>9} {_n(r.lag_revisions):>6} "
+            f"{r.canaries:>6}/{canaries} {r.source_keys:>9} {r.cached_keys:>9}  "
             f"{outcomes}"
         )
     return EXIT_OK

@@ -14,11 +14,9 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,17 +26,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from .config import WRITE, Settings, load_settings, queue_name
-from .errors import KvmeshError, RetryableError
-from .etcd import Etcd
-from .meshconfig import mesh_config, new_signing_key, write_secret
-from .orphan import wrap
-from .report import collect_status, verify_once
-from .servers import EtcdServer, RedisServer, ServerProcess, free_port, start_all
+from pipeline.config import Settings, load_settings
+from pipeline.protocol.errors import RetryableError
+from pipeline.protocol.names import queue_name
+from pipeline.tools.lab.supervisor import LabError, Supervisor
+from pipeline.tools.lab.view import SourceView, line, render, scrape
+from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
+from pipeline.tools.report import MeshView
+from pipeline.tools.servers import EtcdServer, RedisServer, free_port
 
-
-class LabError(KvmeshError):
-    pass
+__all__ = ["Lab", "LabError", "LabOptions", "run_lab", "scrape"]
 
 
 @dataclass
@@ -56,42 +53,12 @@ class LabOptions:
 
 
 @dataclass
-class Child:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-@dataclass
-class SourceView:
-    """One row of the live view."""
-
-    source: str
-    queue: int | None = None
-    peak_queue: int = 0
-    lag_revisions: int | None = None
-    lag_seconds: float | None = None
-    synced_keys: int = 0
-    ops_applied: int = 0
-    rejected: int = 0
-    events: int = 0
-    targets_synced: int = 0
-    targets: int = 0
-
-
-@dataclass
 class Lab:
+    """A mesh on this machine: the supervisor's processes, one config written by
+    tools.meshconfig, and a MeshView kept open behind the live view."""
+
     opts: LabOptions
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvmesh-lab-")))
-    children: list[Child] = field(default_factory=list)
-    servers: list[ServerProcess] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     metrics_ports: dict[str, int] = field(default_factory=dict)
     views: dict[str, SourceView] = field(default_factory=dict)
@@ -100,6 +67,11 @@ class Lab:
     flower_password: str = ""
     config: Path = Path()
     settings: Settings | None = None
+    supervisor: Supervisor = field(init=False)
+    mesh_view: MeshView | None = None
+
+    def __post_init__(self) -> None:
+        self.supervisor = Supervisor(self.root)
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -111,8 +83,7 @@ class Lab:
         # real deployment: both live in files readable by the lab's user only
         redis = RedisServer(self.root / "redis", aof=True, password=secrets.token_urlsafe(16))
         etcds = [EtcdServer(self.root / name) for name in self.names]
-        start_all([redis, *etcds])
-        self.servers += [redis, *etcds]
+        self.supervisor.start_servers([redis, *etcds])
         say(
             f"lab: redis on redis://127.0.0.1:{redis.port}/0 (password in {self.root}), etcd on "
             + ", ".join(f"{n}={e.url}" for n, e in zip(self.names, etcds, strict=True))
@@ -133,7 +104,8 @@ class Lab:
                 worker={"concurrency": o.workers},
             )
         )
-        self.settings = load_settings(str(self.config), env={})
+        self.settings = load_settings(str(self.config), env={}, keys=False)
+        self.mesh_view = MeshView(self.settings)
         for i, name in enumerate(self.names):
             self.spawn(
                 f"simulate-{name}",
@@ -149,7 +121,8 @@ class Lab:
                     str(i),
                 ],
             )
-        self._wait_logs([f"simulate-{n}" for n in self.names], "populated", 120)
+        # "populated" is the line `kvmesh simulate` prints once its cluster holds its state
+        self.supervisor.wait_logs([f"simulate-{n}" for n in self.names], "populated", 120)
         say(f"lab: {o.clusters} simulated clusters populated ({o.identities} identities each)")
         self.spawn(
             "worker", ["worker", "--concurrency", str(o.workers), "--hostname", "lab-worker@%h"]
@@ -183,7 +156,7 @@ class Lab:
         cmd = [
             str(celery) if celery.exists() else "celery",
             "-A",
-            "pipeline.flowerapp",
+            "pipeline.tools.flowerapp",
             "flower",
             "--address=127.0.0.1",
             f"--port={port}",
@@ -201,8 +174,7 @@ class Lab:
 
     def spawn(
         self, name: str, args: list[str], env: dict[str, str] | None = None, kvmesh: bool = True
-    ) -> Child:
-        log = self.root / f"{name}.log"
+    ) -> None:
         full_env = dict(os.environ, KVMESH_CONFIG=str(self.config), **(env or {}))
         full_env.pop("KVMESH_BROKER_URL", None)
         cmd = (
@@ -210,133 +182,39 @@ class Lab:
             if kvmesh
             else args
         )
-        with open(log, "wb") as fh:
-            popen = subprocess.Popen(
-                wrap(cmd),
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=full_env,
-                cwd=self.root,
-                # Its own session: a terminal's Ctrl-C reaches the lab alone, which then stops
-                # the children in order. The kernel still stops them if the lab dies.
-                start_new_session=True,
-            )
-        child = Child(name, popen, log)
-        self.children.append(child)
-        return child
-
-    def _wait_logs(self, names: list[str], text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        pending = set(names)
-        while pending:
-            self.check_children()
-            for child in self.children:
-                if child.name in pending and text in child.tail(200):
-                    pending.discard(child.name)
-            if time.monotonic() > deadline:
-                raise LabError(f"timed out waiting for {', '.join(sorted(pending))}")
-            time.sleep(0.2)  # poll interval while children start
+        self.supervisor.spawn(name, cmd, full_env)
 
     # -- watching ---------------------------------------------------------------------------
 
     def check_children(self) -> None:
-        """Raise LabError naming the first child that died, with the tail of its log."""
-        for child in self.children:
-            rc = child.popen.poll()
-            if rc is not None:
-                raise LabError(
-                    f"{child.name} exited with code {rc}; last lines of "
-                    f"{child.log}:\n{child.tail()}"
-                )
-        for s in self.servers:
-            if s.proc is not None and s.proc.poll() is not None:
-                raise LabError(
-                    f"{s.name} on port {s.port} exited with code "
-                    f"{s.proc.returncode}; see {s.log_path}"
-                )
+        self.supervisor.check()
 
     def refresh(self) -> None:
-        """Update the per-source views from Redis, the targets and the watchers' metrics."""
-        assert self.settings is not None
+        """Update the per-source rows from the pair status and the watchers' metrics."""
+        assert self.mesh_view is not None
         try:
-            rows = collect_status(self.settings)
+            rows = self.mesh_view.status()
         except RetryableError:
             return
-        per: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            per.setdefault(r["source"], []).append(r)
         for name, view in self.views.items():
-            pairs = per.get(name, [])
-            if not pairs:
-                continue
-            view.queue = pairs[0]["queue"]
-            view.peak_queue = max(view.peak_queue, view.queue or 0)
-            lags = [p["lag_revisions"] for p in pairs]
-            view.lag_revisions = None if None in lags else max(lags)
-            seconds = [
-                0.0 if p["lag_revisions"] == 0 else (p["progress_age_s"] or 0.0)
-                for p in pairs
-                if p["lag_revisions"] is not None
-            ]
-            view.lag_seconds = max(seconds) if seconds else None
-            view.synced_keys = sum(p["cached_keys"] for p in pairs)
-            view.ops_applied = sum(p["workers"].get("ops_applied", 0) for p in pairs)
-            view.targets = len(pairs)
-            view.targets_synced = sum(1 for p in pairs if p["canaries"] == 5)
-            metrics = scrape(self.metrics_ports.get(name, 0))
-            view.rejected = int(
-                sum(v for k, v in metrics.items() if k.startswith("kvmesh_watcher_rejected_total"))
-            )
-            view.events = int(
-                sum(v for k, v in metrics.items() if k.startswith("kvmesh_watcher_events_total"))
+            view.update(
+                [r for r in rows if r.source == name], scrape(self.metrics_ports.get(name, 0))
             )
 
     def render(self) -> Table:
-        table = Table(
-            title=f"kvmesh lab: {len(self.names)} clusters, flower {self.flower_url} "
-            f"({self.flower_user} / {self.flower_password})"
+        return render(
+            list(self.views.values()),
+            f"kvmesh lab: {len(self.names)} clusters, flower {self.flower_url} "
+            f"({self.flower_user} / {self.flower_password})",
         )
-        for col in (
-            "source",
-            "queue",
-            "peak",
-            "lag rev",
-            "lag s",
-            "synced keys",
-            "ops applied",
-            "events",
-            "filtered",
-            "targets synced",
-        ):
-            table.add_column(col, justify="left" if col == "source" else "right")
-        for v in self.views.values():
-            table.add_row(
-                v.source,
-                _n(v.queue),
-                str(v.peak_queue),
-                _n(v.lag_revisions),
-                _n(v.lag_seconds),
-                str(v.synced_keys),
-                str(v.ops_applied),
-                str(v.events),
-                str(v.rejected),
-                f"{v.targets_synced}/{v.targets}",
-            )
-        return table
 
     def line(self) -> str:
-        return "  ".join(
-            f"{v.source}: queue={_n(v.queue)} lag={_n(v.lag_revisions)} synced={v.synced_keys}"
-            for v in self.views.values()
-        )
+        return line(list(self.views.values()))
 
     # -- stopping ---------------------------------------------------------------------------
 
     def pause_churn(self) -> None:
-        for child in self.children:
-            if child.name.startswith("simulate-") and child.popen.poll() is None:
-                child.popen.send_signal(signal.SIGUSR1)
+        self.supervisor.signal("simulate-", signal.SIGUSR1)
 
     def converge(self) -> tuple[bool, list[str]]:
         assert self.settings is not None
@@ -344,8 +222,9 @@ class Lab:
         lines: list[str] = []
         while True:
             self.check_children()
+            assert self.mesh_view is not None
             try:
-                equal, lines = verify_once(self.settings, 3)
+                equal, lines = self.mesh_view.verify(3)
             except RetryableError as exc:
                 equal, lines = False, [str(exc)]
             if equal or time.monotonic() > deadline:
@@ -361,31 +240,28 @@ class Lab:
         return equal, lines
 
     def report(self) -> str:
+        """The field report's table: identity keys per cluster, and what each target caches
+        of each source, by ID and by value key."""
+        assert self.mesh_view is not None and self.settings is not None
+        clients = {n: self.mesh_view.etcd(self.settings.cluster(n), "write") for n in self.names}
         base = b"cilium/state/identities/v1/"
         out = [f"{'cluster':<12} {'state/identities/v1':>20} {'.../id':>8} {'.../value':>10}"]
-        clients = {n: self._client(n) for n in self.names}
-        try:
-            for n, c in clients.items():
-                out.append(
-                    f"{n:<12} {c.count(base):>20} {c.count(base + b'id/'):>8} "
-                    f"{c.count(base + b'value/'):>10}"
-                )
-            out.append("")
+        for n, c in clients.items():
             out.append(
-                f"{'target':<12} {'source':<12} {'cached .../id':>14} {'cached .../value':>17}"
+                f"{n:<12} {c.count(base):>20} {c.count(base + b'id/'):>8} "
+                f"{c.count(base + b'value/'):>10}"
             )
-            for target, c in clients.items():
-                for source in self.names:
-                    if source == target:
-                        continue
-                    cache = f"cilium/cache/identities/v1/{source}/".encode()
-                    out.append(
-                        f"{target:<12} {source:<12} {c.count(cache + b'id/'):>14} "
-                        f"{c.count(cache + b'value/'):>17}"
-                    )
-        finally:
-            for c in clients.values():
-                c.close()
+        out.append("")
+        out.append(f"{'target':<12} {'source':<12} {'cached .../id':>14} {'cached .../value':>17}")
+        for target, c in clients.items():
+            for source in self.names:
+                if source == target:
+                    continue
+                cache = f"cilium/cache/identities/v1/{source}/".encode()
+                out.append(
+                    f"{target:<12} {source:<12} {c.count(cache + b'id/'):>14} "
+                    f"{c.count(cache + b'value/'):>17}"
+                )
         out.append("")
         out.append(
             "peak queue depth per source: "
@@ -393,50 +269,13 @@ class Lab:
         )
         return "\n".join(out)
 
-    def _client(self, name: str) -> Etcd:
-        assert self.settings is not None
-        return Etcd(self.settings.cluster(name), timeout=10, role=WRITE)
-
     def stop(self) -> None:
         """Stop every child and server; SIGKILL whatever does not stop in time."""
-        for child in self.children:
-            if child.popen.poll() is None:
-                child.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for child in self.children:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.popen.wait(max(0.1, deadline - time.monotonic()))
-            if child.popen.poll() is None:
-                child.popen.kill()
-                child.popen.wait(5)
-        for s in self.servers:
-            s.stop()
+        if self.mesh_view is not None:
+            self.mesh_view.close()
+        self.supervisor.stop()
         if not self.opts.keep:
             shutil.rmtree(self.root, ignore_errors=True)
-
-
-def scrape(port: int) -> dict[str, float]:
-    """Read a Prometheus text endpoint into {series: value} (empty when unreachable)."""
-    if not port:
-        return {}
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            series, _, value = line.rpartition(" ")
-            with contextlib.suppress(ValueError):
-                out[series] = float(value)
-    return out
-
-
-def _n(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.1f}" if isinstance(v, float) else str(v)
 
 
 @contextlib.contextmanager

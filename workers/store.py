@@ -9,13 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from etcd3 import transactions
-
-from .errors import CorruptRecordError, RequestTooLargeError
-from .etcd import Etcd
-from .fence import FenceRecord, GenRecord
-from .layout import Op, fence_key, gen_key, resync_key
-from .wire import Operation, Signer
+from pipeline.clients.etcd import Delete, EtcdClient, Get, ModIs, Put, TxnOp
+from pipeline.protocol.errors import CorruptRecordError
+from pipeline.protocol.fence import FenceRecord, GenRecord
+from pipeline.protocol.layout import Op
+from pipeline.protocol.names import fence_key, gen_key, resync_key
+from pipeline.protocol.wire import Operation, Signer
 
 
 @dataclass(frozen=True)
@@ -88,23 +87,18 @@ def _resync_request(gen: int, reason: str, signer: Signer | None) -> bytes:
 class EtcdTargetStore:
     """A target etcd."""
 
-    def __init__(self, etcd: Etcd, signer: Signer | None = None) -> None:
+    def __init__(self, etcd: EtcdClient, signer: Signer | None = None) -> None:
         self.etcd = etcd
         self.signer = signer
 
     def read_fence(self, source: str, shard: str) -> FenceView:
-        _, responses = self.etcd.txn(
-            [], [transactions.Get(gen_key(source)), transactions.Get(fence_key(source, shard))]
+        gen, fence = self.etcd.txn([], [Get(gen_key(source)), Get(fence_key(source, shard))]).reads
+        return _view(
+            gen.value if gen else None,
+            gen.mod_revision if gen else 0,
+            fence.value if fence else None,
+            fence.mod_revision if fence else 0,
         )
-        gen_kvs, fence_kvs = responses
-        gen_raw, gen_rev, fence_raw, fence_rev = None, 0, None, 0
-        if gen_kvs:
-            gen_raw, meta = gen_kvs[0]
-            gen_rev = meta.mod_revision
-        if fence_kvs:
-            fence_raw, meta = fence_kvs[0]
-            fence_rev = meta.mod_revision
-        return _view(gen_raw, gen_rev, fence_raw, fence_rev)
 
     def commit(
         self,
@@ -114,70 +108,16 @@ class EtcdTargetStore:
         ops: Sequence[Operation],
         fence: FenceRecord | None,
     ) -> bool:
-        tx = self.etcd.tx
         compare = [
-            tx.mod(gen_key(source)) == seen.gen_rev,
-            tx.mod(fence_key(source, shard)) == seen.fence_rev,
+            ModIs(gen_key(source), seen.gen_rev),
+            ModIs(fence_key(source, shard), seen.fence_rev),
         ]
-        success = [
-            transactions.Put(o.key, o.value) if o.op is Op.PUT else transactions.Delete(o.key)
-            for o in ops
+        success: list[TxnOp] = [
+            Put(o.key, o.value or b"") if o.op is Op.PUT else Delete(o.key) for o in ops
         ]
         if fence is not None:
-            success.append(transactions.Put(fence_key(source, shard), fence.encode()))
-        ok, _ = self.etcd.txn(compare, success)
-        return ok
+            success.append(Put(fence_key(source, shard), fence.encode()))
+        return self.etcd.txn(compare, success).succeeded
 
     def request_resync(self, source: str, gen: int, reason: str) -> None:
         self.etcd.put(resync_key(source), _resync_request(gen, reason, self.signer))
-
-
-class MemoryTargetStore:
-    """An in-memory target with etcd's mod-revision semantics, for tests of pure logic."""
-
-    def __init__(self, max_request_bytes: int = 0) -> None:
-        self.max_request_bytes = max_request_bytes  # 0: no limit
-        self.data: dict[bytes, tuple[bytes, int]] = {}
-        self.revision = 0
-        self.resync_requests: list[tuple[str, int, str]] = []
-
-    def _rev(self, key: bytes) -> int:
-        entry = self.data.get(key)
-        return entry[1] if entry else 0
-
-    def put(self, key: bytes, value: bytes) -> None:
-        self.revision += 1
-        self.data[key] = (value, self.revision)
-
-    def read_fence(self, source: str, shard: str) -> FenceView:
-        g = self.data.get(gen_key(source))
-        f = self.data.get(fence_key(source, shard))
-        return _view(g[0] if g else None, g[1] if g else 0, f[0] if f else None, f[1] if f else 0)
-
-    def commit(
-        self,
-        source: str,
-        shard: str,
-        seen: FenceView,
-        ops: Sequence[Operation],
-        fence: FenceRecord | None,
-    ) -> bool:
-        if self.max_request_bytes and sum(o.size for o in ops) > self.max_request_bytes:
-            raise RequestTooLargeError("request is too large")
-        if self._rev(gen_key(source)) != seen.gen_rev:
-            return False
-        if self._rev(fence_key(source, shard)) != seen.fence_rev:
-            return False
-        self.revision += 1
-        for o in ops:
-            if o.op is Op.PUT:
-                assert o.value is not None
-                self.data[o.key] = (o.value, self.revision)
-            else:
-                self.data.pop(o.key, None)
-        if fence is not None:
-            self.data[fence_key(source, shard)] = (fence.encode(), self.revision)
-        return True
-
-    def request_resync(self, source: str, gen: int, reason: str) -> None:
-        self.resync_requests.append((source, gen, reason))

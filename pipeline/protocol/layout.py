@@ -9,7 +9,6 @@ cluster config value (JSON by definition) and identity IDs (decimal by definitio
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import math
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from .errors import LayoutError
+from pipeline.protocol.errors import LayoutError
 
 
 class Op(StrEnum):
@@ -93,41 +92,6 @@ def canary_key(source: str, resource: Resource) -> bytes:
 
 def canary_prefix(source: str) -> bytes:
     return f"cilium/synced/{source}/".encode()
-
-
-# kvmesh's own bookkeeping in each target etcd, outside `cilium/` so agents never see it.
-def state_prefix(source: str) -> bytes:
-    return f"kvmesh/{source}/".encode()
-
-
-def gen_key(source: str) -> bytes:
-    return f"kvmesh/{source}/gen".encode()
-
-
-def fence_key(source: str, shard: str) -> bytes:
-    return f"kvmesh/{source}/fence/{shard}".encode()
-
-
-def progress_key(source: str) -> bytes:
-    return f"kvmesh/{source}/progress".encode()
-
-
-def rejected_prefix(source: str) -> bytes:
-    """Records of keys a target refused (too large), read by `kvmesh verify`."""
-    return f"kvmesh/{source}/rejected/".encode()
-
-
-def rejected_key(source: str, key: bytes) -> bytes:
-    return rejected_prefix(source) + base64.urlsafe_b64encode(key)
-
-
-def draining_key(source: str) -> bytes:
-    """Set in a target while a source that left the config is being drained from it."""
-    return f"kvmesh/{source}/draining".encode()
-
-
-def resync_key(source: str) -> bytes:
-    return f"kvmesh/{source}/resync".encode()
 
 
 def parse_shard(shard: str) -> tuple[Resource, int] | None:

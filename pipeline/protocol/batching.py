@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .errors import ValueTooLargeError
-from .fence import Position
-from .layout import Op
-from .wire import Batch, Operation, op_size
+from pipeline.protocol.errors import ValueTooLargeError
+from pipeline.protocol.fence import Position
+from pipeline.protocol.layout import Op
+from pipeline.protocol.wire import Batch, Operation, op_size
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 import redis
 
+from pipeline.protocol.names import leader_key
+
 # Renew if we own the key; take it again if it is gone. Otherwise return the other value's
 # TTL in ms; a value without a TTL (-1), or with one longer than any watcher sets, gets the
 # lease's TTL, so a value nobody renews is gone within one TTL.
@@ -57,7 +59,7 @@ class Lease(Protocol):
 
 class RedisLease:
     def __init__(self, client: redis.Redis, source: str, ttl: float) -> None:
-        self.key = f"kvmesh:leader:{source}"  # STABLE API: operators may read it
+        self.key = leader_key(source)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.ttl_ms = int(ttl * 1000)
         self._redis: Any = client

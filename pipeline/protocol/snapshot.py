@@ -1,26 +1,20 @@
-"""Snapshots and diffs: the filtered, rewritten state of a source at one revision, what a
-target caches of it, and the difference. Shared by the watcher's resync and `kvmesh verify`,
-so the two can never disagree about what "in sync" means."""
+"""Snapshots and diffs, as pure code: the conversion of one source key to its target key and
+value, the difference between what a source holds and what a target caches, and the cutter
+that turns that difference into chained snapshot batches. Shared by the watcher's resync and
+`kvmesh verify` (through pipeline.source.listing), so the two can never disagree about what
+"in sync" means."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
-from .batching import Change, check_size, overflows
-from .errors import BadInputError, LayoutError
-from .etcd import Etcd
-from .fence import Position
-from .layout import RESOURCES, Layout, Op, Resource
-from .sharding import shard_of
-from .wire import Batch, op_size
-
-
-@dataclass
-class SourceState:
-    revision: int
-    items: dict[bytes, bytes]  # target key -> target value
-    rejected: dict[bytes, str] = field(default_factory=dict)  # source key -> reason
+from pipeline.protocol.batching import Change, check_size, overflows
+from pipeline.protocol.errors import BadInputError, LayoutError
+from pipeline.protocol.fence import Position
+from pipeline.protocol.layout import RESOURCES, Layout, Op, Resource
+from pipeline.protocol.sharding import shard_of
+from pipeline.protocol.wire import Batch, op_size
 
 
 def convert(
@@ -43,67 +37,6 @@ def convert(
     return target_key, target_value
 
 
-def iter_source(
-    etcd: Etcd,
-    layout: Layout,
-    revision: int,
-    *,
-    page: int,
-    max_bytes: int,
-    on_reject: Callable[[BadInputError], None],
-) -> Iterator[tuple[Resource, bytes, bytes]]:
-    """(resource, target key, target value) for every synced key of the source at
-    *revision*, read page by page. Bad input goes to *on_reject* and is skipped."""
-    for res in RESOURCES:
-        _, kvs = etcd.scan(
-            res.source_prefix(layout.source, layout.identities),
-            revision,
-            page,
-            exact=res.single_key,
-        )
-        for kv in kvs:
-            try:
-                tkey, tvalue = convert(layout, res, kv.key, kv.value, max_bytes)
-            except BadInputError as exc:
-                on_reject(exc)
-                continue
-            assert tvalue is not None
-            yield res, tkey, tvalue
-
-
-def read_source(
-    etcd: Etcd,
-    layout: Layout,
-    *,
-    page: int,
-    max_bytes: int,
-    on_reject: Callable[[BadInputError], None] | None = None,
-) -> SourceState:
-    """Every synced key of the source, listed at one revision."""
-    state = SourceState(etcd.revision(), {})
-
-    def reject(exc: BadInputError) -> None:
-        state.rejected[exc.key] = str(exc)
-        if on_reject:
-            on_reject(exc)
-
-    for _res, tkey, tvalue in iter_source(
-        etcd, layout, state.revision, page=page, max_bytes=max_bytes, on_reject=reject
-    ):
-        state.items[tkey] = tvalue
-    return state
-
-
-def read_target(etcd: Etcd, source: str, *, page: int) -> dict[bytes, bytes]:
-    """Everything the target caches of *source* (all cache prefixes, and its cluster config)."""
-    out: dict[bytes, bytes] = {}
-    for res in RESOURCES:
-        _, kvs = etcd.scan(res.cache_scan_prefix(source), None, page, exact=res.single_key)
-        for kv in kvs:
-            out[kv.key] = kv.value
-    return out
-
-
 def resource_of_target_key(source: str, key: bytes) -> Resource | None:
     for res in RESOURCES:
         scan = res.cache_scan_prefix(source)
@@ -117,6 +50,34 @@ def target_shard(source: str, key: bytes, shards: int) -> str:
     res = resource_of_target_key(source, key)
     assert res is not None, key
     return shard_of(res, key, shards)
+
+
+class Merger:
+    """One target's side of a streaming merge: its cache, in key order, against the source's
+    keys pushed in key order. Only the target's current item is held."""
+
+    def __init__(self, actual: Iterator[tuple[bytes, bytes]]) -> None:
+        self._actual = actual
+        self._head = next(actual, None)
+
+    def push(self, key: bytes, value: bytes) -> Iterator[tuple[bytes, bytes | None, bool]]:
+        """The differences up to *key*: (key, None, False) for each key only the target
+        holds, then (key, value, missing) if the target lacks *key* or holds another value."""
+        while self._head is not None and self._head[0] < key:
+            yield self._head[0], None, False
+            self._head = next(self._actual, None)
+        if self._head is not None and self._head[0] == key:
+            if self._head[1] != value:
+                yield key, value, False
+            self._head = next(self._actual, None)
+        else:
+            yield key, value, True
+
+    def rest(self) -> Iterator[tuple[bytes, bytes | None, bool]]:
+        """The keys only the target holds after the last pushed one."""
+        while self._head is not None:
+            yield self._head[0], None, False
+            self._head = next(self._actual, None)
 
 
 @dataclass
@@ -144,13 +105,15 @@ def diff(desired: dict[bytes, bytes], actual: dict[bytes, bytes]) -> Diff:
 
 
 class SnapshotCutter:
-    """Turns a source listing at revision R into chained snapshot batches for one target,
-    while the listing is still being read, so workers start applying at once.
+    """Turns the differences between a source listing at revision R and a target into
+    chained snapshot batches for that target, while they are being found, so workers start
+    applying at once and nothing of either side is held in memory.
 
-    Feed it every desired (key, value) with want(); it compares with what the target holds
-    and returns full batches as they fill up. finish() adds the deletes (keys the target has
-    and the source does not) and returns the rest. Per shard, the last batch is held back
-    until finish(), because only the final batch of a shard may be marked done.
+    Feed it every difference: put() for a key the target lacks or holds with another value,
+    delete() for a key only the target holds. It returns full batches as they fill up;
+    finish() returns the rest. Per shard, the last batch is held back until finish(),
+    because only the final batch of a shard may be marked done. Its memory is one batch
+    and one held batch per shard.
     """
 
     def __init__(
@@ -160,16 +123,11 @@ class SnapshotCutter:
         target: str,
         gen: int,
         revision: int,
-        actual: dict[bytes, bytes],
-        shard_of: Callable[[bytes], str],
         max_ops: int,
         max_bytes: int,
     ) -> None:
         self._source, self._target, self._gen, self._rev = source, target, gen, revision
-        self._actual = actual
-        self._shard_of = shard_of
         self._max_ops, self._max_bytes = max_ops, max_bytes
-        self._seen: set[bytes] = set()
         self._pending: dict[str, list[Change]] = {}
         self._pending_bytes: dict[str, int] = {}
         self._held: dict[str, Batch] = {}
@@ -221,23 +179,21 @@ class SnapshotCutter:
             out[-1] = replace(held, done=True)
         return out
 
-    def want(self, key: bytes, value: bytes, shard: str) -> list[Batch]:
-        self._seen.add(key)
-        have = self._actual.get(key)
-        if have == value:
-            return []
-        if have is None:
+    def put(self, key: bytes, value: bytes, shard: str, missing: bool) -> list[Batch]:
+        """The target lacks *key* (missing) or holds another value."""
+        if missing:
             self.missing += 1
         else:
             self.different += 1
         return self._add(key, Op.PUT, value, shard)
 
+    def delete(self, key: bytes, shard: str) -> list[Batch]:
+        """Only the target holds *key*."""
+        self.extra += 1
+        return self._add(key, Op.DELETE, None, shard)
+
     def finish(self) -> list[Batch]:
         out: list[Batch] = []
-        for key in sorted(self._actual):
-            if key not in self._seen:
-                self.extra += 1
-                out += self._add(key, Op.DELETE, None, self._shard_of(key))
         for shard in sorted(set(self._pending) | set(self._held)):
             out += self._cut(shard, done=True)
         return out

@@ -1,4 +1,4 @@
-"""`python -m pipeline.orphan PARENT_PID COMMAND...`: run COMMAND so that the kernel stops it
+"""`python -m pipeline.tools.orphan PARENT_PID COMMAND...`: run COMMAND so that the kernel stops it
 (SIGTERM) when its parent dies, which leaves no server or worker behind a killed lab, test
 run or benchmark.
 
@@ -22,7 +22,7 @@ def wrap(cmd: list[str]) -> list[str]:
     """COMMAND, prefixed so that it dies with the calling process (Linux; else unchanged)."""
     if not sys.platform.startswith("linux"):
         return cmd
-    return [sys.executable, "-m", "pipeline.orphan", str(os.getpid()), *cmd]
+    return [sys.executable, "-m", "pipeline.tools.orphan", str(os.getpid()), *cmd]
 
 
 def main(argv: list[str]) -> None:

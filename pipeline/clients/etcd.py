@@ -7,10 +7,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import etcd3
@@ -18,8 +17,8 @@ import grpc
 from etcd3 import etcdrpc
 from etcd3.client import EtcdTokenCallCredentials
 
-from .config import READ, ClusterConfig
-from .errors import CompactedError, RequestTooLargeError, RetryableError
+from pipeline.config import READ, ClusterConfig
+from pipeline.protocol.errors import CompactedError, RequestTooLargeError, RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +51,58 @@ class KV:
     mod_revision: int
 
 
+# kvmesh's own operations, so that no module past this one knows the client library's
+
+
+@dataclass(frozen=True)
+class Put:
+    key: bytes
+    value: bytes
+    lease: int = 0  # 0: no lease
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: bytes
+    prefix: bool = False  # every key under *key*
+
+
+@dataclass(frozen=True)
+class Get:
+    key: bytes
+
+
+TxnOp = Put | Delete | Get
+
+
+@dataclass(frozen=True)
+class ModIs:
+    """A compare: the key's mod revision is *revision* (0: the key does not exist)."""
+
+    key: bytes
+    revision: int
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    succeeded: bool
+    revision: int  # the store's revision after the transaction (its own, if it wrote)
+    reads: list[KV | None]  # one per Get, in order (empty when the compares failed)
+
+
+def _request_op(op: TxnOp) -> Any:
+    if isinstance(op, Put):
+        return etcdrpc.RequestOp(
+            request_put=etcdrpc.PutRequest(key=op.key, value=op.value, lease=op.lease)
+        )
+    if isinstance(op, Delete):
+        end = prefix_end(op.key) if op.prefix else b""
+        return etcdrpc.RequestOp(
+            request_delete_range=etcdrpc.DeleteRangeRequest(key=op.key, range_end=end)
+        )
+    return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=op.key))
+
+
 @dataclass(frozen=True)
 class Event:
     """One watch event. `index` is its position among the events of its revision in this watch."""
@@ -70,6 +121,56 @@ def _retryable(exc: BaseException, what: str, cluster: str) -> RetryableError:
             return CompactedError(0)
         return RetryableError(f"etcd {cluster}: {what} failed: {code}: {details}", cluster)
     return RetryableError(f"etcd {cluster}: {what} failed: {type(exc).__name__}: {exc}", cluster)
+
+
+class Stream(Protocol):
+    """A watch, as its owner sees it."""
+
+    def request_progress(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class EtcdClient(Protocol):
+    """The etcd operations kvmesh uses: what Etcd does over gRPC and MemoryEtcd (its
+    in-memory twin, for tests of the watcher and the workers) does in a dict."""
+
+    name: str
+
+    def close(self) -> None: ...
+
+    def header(self) -> tuple[int, int]: ...
+
+    def revision(self) -> int: ...
+
+    def get(self, key: bytes) -> KV | None: ...
+
+    def count(self, prefix: bytes) -> int: ...
+
+    def latest_change(self, prefix: bytes, after: int, exact: bool = False) -> int: ...
+
+    def scan(
+        self, prefix: bytes, revision: int | None = None, page: int = 2000, exact: bool = False
+    ) -> tuple[int, Iterator[KV]]: ...
+
+    def keys(self, prefix: bytes, page: int = 2000) -> list[bytes]: ...
+
+    def txn(self, compares: Sequence[ModIs], ops: Sequence[TxnOp]) -> TxnResult: ...
+
+    def put(self, key: bytes, value: bytes) -> None: ...
+
+    def delete(self, key: bytes) -> None: ...
+
+    def delete_prefix(self, prefix: bytes) -> None: ...
+
+    def watch(
+        self,
+        prefix: bytes,
+        start_revision: int,
+        on_events: Callable[[list[Event], int], None],
+        on_error: Callable[[BaseException], None],
+        exact: bool = False,
+    ) -> Stream: ...
 
 
 _RANGE_BUDGET = 16 * 1024 * 1024  # bytes a range page aims at, far below the receive cap
@@ -125,7 +226,6 @@ class Etcd:
             )
         except (grpc.RpcError, etcd3.Etcd3Exception, ValueError) as exc:
             raise _retryable(exc, "connect", self.name) from None
-        self.tx = self._client.transactions
 
     def close(self) -> None:
         self._client.close()
@@ -280,22 +380,25 @@ class Etcd:
 
     # -- writes ------------------------------------------------------------------------------
 
-    def txn(self, compare: Sequence[Any], success: Sequence[Any]) -> tuple[bool, list[Any]]:
-        ok, responses = self._call(
-            "txn", lambda: self._client.transaction(list(compare), list(success), [])
+    def txn(self, compares: Sequence[ModIs], ops: Sequence[TxnOp]) -> TxnResult:
+        """One transaction: if every compare holds, every op, in order. The result carries
+        the revision it committed at (the mod revision of every key it wrote, with no read
+        afterwards to race with) and what each Get read."""
+        request = etcdrpc.TxnRequest(
+            compare=[
+                etcdrpc.Compare(
+                    key=c.key,
+                    target=etcdrpc.Compare.MOD,
+                    result=etcdrpc.Compare.EQUAL,
+                    mod_revision=c.revision,
+                )
+                for c in compares
+            ],
+            success=[_request_op(op) for op in ops],
+            failure=[],
         )
-        return bool(ok), list(responses)
-
-    def txn_revision(self, compare: Sequence[Any], success: Sequence[Any]) -> tuple[bool, int]:
-        """A transaction that returns whether it succeeded and the revision it committed at:
-        every key it wrote has that mod revision, with no read afterwards to race with."""
 
         def call() -> Any:
-            request = etcdrpc.TxnRequest(
-                compare=[c.build_message() for c in compare],
-                success=self._client._ops_to_requests(list(success)),
-                failure=[],
-            )
             return self._client.kvstub.Txn(
                 request,
                 self._timeout,
@@ -304,7 +407,13 @@ class Etcd:
             )
 
         resp = self._call("txn", call)
-        return bool(resp.succeeded), int(resp.header.revision)
+        reads: list[KV | None] = []
+        if resp.succeeded:
+            for op, r in zip(ops, resp.responses, strict=True):
+                if isinstance(op, Get):
+                    kvs = r.response_range.kvs
+                    reads.append(KV(kvs[0].key, kvs[0].value, kvs[0].mod_revision) if kvs else None)
+        return TxnResult(bool(resp.succeeded), int(resp.header.revision), reads)
 
     def keys(self, prefix: bytes, page: int = 2000) -> list[bytes]:
         """The keys under *prefix*, without their values, read in pages."""
@@ -322,13 +431,13 @@ class Etcd:
             start = resp.kvs[-1].key + b"\0"
 
     def put(self, key: bytes, value: bytes) -> None:
-        self._call("put", lambda: self._client.put(key, value))
+        self.txn([], [Put(key, value)])
 
     def delete(self, key: bytes) -> None:
-        self._call("delete", lambda: self._client.delete(key))
+        self.txn([], [Delete(key)])
 
     def delete_prefix(self, prefix: bytes) -> None:
-        self._call("delete", lambda: self._client.delete_prefix(prefix))
+        self.txn([], [Delete(prefix, prefix=True)])
 
     def grant_lease(self, ttl: int) -> int:
         lease = self._call("lease grant", lambda: self._client.lease(ttl))
@@ -457,7 +566,6 @@ class WatchStream:
         self._requests: queue.Queue[Any] = queue.Queue()
         self._call: Any = None
         self._last_rev, self._index = -1, 0  # a revision's events may span responses
-        self.last_response = time.monotonic()  # for the owner's silence check
         self._stopped = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"watch:{etcd.name}:{key!r}", daemon=True
@@ -495,7 +603,6 @@ class WatchStream:
             self._call = self._etcd._watch_call(self._request_iter())
             events: list[Event] = []
             for resp, fragment in self._call:
-                self.last_response = time.monotonic()
                 if self._stopped.is_set():
                     return
                 if resp.compact_revision:

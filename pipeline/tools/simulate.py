@@ -22,9 +22,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from etcd3 import transactions
-
-from .cilium_state import (
+from pipeline.clients.etcd import Delete, Etcd, Put
+from pipeline.config import WRITE, ClusterConfig
+from pipeline.protocol.errors import RetryableError
+from pipeline.tools.cilium_state import (
     cluster_config_value,
     identity_id,
     identity_labels,
@@ -33,9 +34,6 @@ from .cilium_state import (
     node_value,
     service_value,
 )
-from .config import WRITE, ClusterConfig
-from .errors import RetryableError
-from .etcd import Etcd
 
 log = logging.getLogger("kvmesh.simulate")
 
@@ -138,7 +136,7 @@ class Simulator:
         for i in range(0, len(puts), 127):
             self.etcd.txn(
                 [],
-                [transactions.Put(k, v, lease=lease or None) for k, v, lease in puts[i : i + 127]],
+                [Put(k, v, lease or 0) for k, v, lease in puts[i : i + 127]],
             )
         log.info("%s: wrote %d keys", m.name, len(puts))
 
@@ -193,22 +191,22 @@ class Simulator:
         else:
             local = self.rng.choice(list(m.refs))
         puts = self._pod_puts(local, self.rng.randrange(m.nodes))
-        self.etcd.txn([], [transactions.Put(k, v, lease=lease or None) for k, v, lease in puts])
+        self.etcd.txn([], [Put(k, v, lease or 0) for k, v, lease in puts])
 
     def _remove_pod(self) -> None:
         m = self.model
         if not m.pods:
             return
         pod = m.pods.pop(self.rng.choice(list(m.pods)))
-        ops = [transactions.Delete(f"cilium/state/ip/v1/default/{pod.ip}".encode())]
+        ops = [Delete(f"cilium/state/ip/v1/default/{pod.ip}".encode())]
         on_node = m.refs[pod.local_id]
         on_node[pod.node] -= 1
         if on_node[pod.node] == 0:
             del on_node[pod.node]
-            ops.append(transactions.Delete(m.value_key(pod.local_id, pod.node)))
+            ops.append(Delete(m.value_key(pod.local_id, pod.node)))
         if not on_node:  # garbage collection: nothing refers to the identity any more
             del m.refs[pod.local_id]
-            ops.append(transactions.Delete(m.id_key(pod.local_id)))
+            ops.append(Delete(m.id_key(pod.local_id)))
         self.etcd.txn([], ops)
 
     def _restart_node(self, node: int) -> None:
@@ -220,14 +218,14 @@ class Simulator:
         value = node_value(m.name, m.cluster_id, node).replace(
             b'"BootID":"boot-', f'"BootID":"boot{m.boot[node]}-'.encode()
         )
-        ops = [transactions.Put(m.node_key(node), value)]
+        ops = [Put(m.node_key(node), value)]
         for local, on_node in m.refs.items():
             if node in on_node:
                 ops.append(
-                    transactions.Put(
+                    Put(
                         m.value_key(local, node),
                         str(identity_id(m.cluster_id, local)).encode(),
-                        lease=self.leases[node],
+                        self.leases[node],
                     )
                 )
         for i in range(0, len(ops), 127):

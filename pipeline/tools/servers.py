@@ -14,12 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis
-
-from .config import ClusterConfig, Credentials, TLSConfig
-from .errors import KvmeshError, RetryableError
-from .etcd import Etcd
-from .orphan import wrap
+from pipeline.clients.broker import Broker, redis_at
+from pipeline.clients.etcd import Etcd
+from pipeline.config import ClusterConfig, Credentials, TLSConfig
+from pipeline.protocol.errors import KvmeshError, RetryableError
+from pipeline.tools.orphan import wrap
 
 
 class MissingBinaryError(KvmeshError):
@@ -56,7 +55,7 @@ def _wait(
         try:
             check()  # type: ignore[operator]
             return
-        except (RetryableError, redis.RedisError, OSError) as exc:
+        except (RetryableError, OSError) as exc:
             last = exc
         time.sleep(0.05)  # poll interval while the server starts
     raise KvmeshError(f"{what} not ready after {timeout}s: {last}")
@@ -323,15 +322,16 @@ class RedisServer(ServerProcess):
             *self.extra_args,
         ]
 
-    def client(self, timeout: float = 5.0) -> redis.Redis:
-        kwargs: dict[str, object] = {"socket_timeout": timeout}
-        if self.tls is not None:
-            kwargs.update(
-                ssl_ca_certs=self.tls.ca_file,
-                ssl_certfile=self.tls.client_cert_file,
-                ssl_keyfile=self.tls.client_key_file,
-            )
-        return redis.Redis.from_url(self.url, **kwargs)
-
     def ready(self) -> None:
-        self.client(timeout=1).ping()
+        tls = self.tls
+        client = redis_at(
+            self.url,
+            tls.ca_file if tls else None,
+            tls.client_cert_file if tls else None,
+            tls.client_key_file if tls else None,
+            timeout=1,
+        )
+        try:
+            Broker(client).ping()
+        finally:
+            client.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zlib
 
-from .layout import RESOURCES, Resource
+from pipeline.protocol.layout import RESOURCES, Resource
 
 
 def shard_count(resource: Resource, shards: int) -> int:

@@ -8,10 +8,8 @@ import json
 import random
 from collections.abc import Iterable, Mapping
 
-from etcd3 import transactions
-
-from .etcd import Etcd
-from .layout import CLUSTER_ID_SHIFT
+from pipeline.clients.etcd import Etcd, Put
+from pipeline.protocol.layout import CLUSTER_ID_SHIFT
 
 ID_BASE = 256  # Cilium allocates cluster-local identities from 256 up
 
@@ -142,4 +140,4 @@ def write_items(
     """Write many keys quickly: transactions of up to 127 puts."""
     pairs = list(items.items() if isinstance(items, Mapping) else items)
     for i in range(0, len(pairs), per_txn):
-        etcd.txn([], [transactions.Put(k, v) for k, v in pairs[i : i + per_txn]])
+        etcd.txn([], [Put(k, v) for k, v in pairs[i : i + per_txn]])

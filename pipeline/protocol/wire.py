@@ -30,21 +30,19 @@ import binascii
 import hashlib
 import hmac
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .config import SigningKeys, key_id
-from .errors import (
+from pipeline.protocol.errors import (
     BadSignatureError,
     MalformedBatchError,
     UnknownKeyError,
     UnsignedTaskError,
 )
-from .fence import Position
-from .layout import Op
+from pipeline.protocol.fence import Position
+from pipeline.protocol.layout import Op
 
 SCHEMA_VERSION = 2
-TASK_NAME = "kvmesh.apply_batch"  # STABLE API: the watcher publishes by this name
 
 
 @dataclass(frozen=True)
@@ -122,6 +120,25 @@ def _b64(raw: Any, what: str) -> bytes:
 
 
 MAX_BATCHES_PER_TASK = 64
+
+
+@dataclass(frozen=True)
+class SigningKeys:
+    """The HMAC keys of task payloads: the first signs, any verifies (rotation)."""
+
+    keys: tuple[bytes, ...] = field(default=(), repr=False)
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def __repr__(self) -> str:
+        return f"SigningKeys({len(self.keys)} keys)"
+
+
+def key_id(key: bytes) -> str:
+    """A short public name for a signing key (in each signature, so a verifier picks the
+    key at once and can tell an unknown key from a wrong signature)."""
+    return hashlib.sha256(b"kvmesh-key-id:" + key).hexdigest()[:16]
 
 
 def canonical(payload: dict[str, Any]) -> bytes:

@@ -1,0 +1,168 @@
+"""Redis and Celery: the Celery application shared by watchers (which publish) and workers
+(which consume), and the few direct Redis reads and writes kvmesh makes beside the queues
+(queue depths, the workers' outcome counters), with Redis errors turned into RetryableError.
+
+Built from settings by factories; nothing is read from the environment here.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import redis
+from celery import Celery, signals
+from celery.worker.control import Panel
+from kombu import Queue  # type: ignore[attr-defined]  # re-exported lazily
+
+from pipeline.config import Settings
+from pipeline.protocol.errors import RetryableError
+from pipeline.protocol.names import queue_name, stats_key
+
+
+def redis_at(
+    url: str,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    timeout: float = 5.0,
+) -> redis.Redis:
+    """A Redis client for *url* (user and password in it), with TLS files for rediss://."""
+    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if url.startswith("rediss://"):
+        kwargs.update(
+            ssl_cert_reqs="required",
+            ssl_ca_certs=ca_file,
+            ssl_certfile=cert_file,
+            ssl_keyfile=key_file,
+        )
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def redis_client(settings: Settings, timeout: float = 5.0) -> redis.Redis:
+    """A client of the broker's Redis (the leader lease, and Broker below), with the broker
+    URL's user and password and, for rediss://, the broker's TLS files."""
+    tls = settings.broker.tls
+    return redis_at(settings.broker.url, tls.ca_file, tls.cert_file, tls.key_file, timeout)
+
+
+def queue_depth(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in a Celery queue on Redis, over its priority sub-queues."""
+    names = [queue] + [f"{queue}\x06\x16{p}" for p in range(1, 10)]
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.llen(name)
+    return int(sum(pipe.execute()))
+
+
+class Broker:
+    """kvmesh's own reads and writes in the broker's Redis; every Redis error is a
+    RetryableError."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    @classmethod
+    def of(cls, settings: Settings) -> Broker:
+        return cls(redis_client(settings))
+
+    def _do(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except redis.RedisError as exc:
+            raise RetryableError(f"redis: {what} failed: {exc}") from None
+
+    def ping(self) -> None:
+        self._do("ping", self.client.ping)
+
+    def depth(self, queue: str) -> int:
+        """Tasks waiting in *queue* (not those a worker holds)."""
+        return int(self._do("queue depth", lambda: queue_depth(self.client, queue)))
+
+    def stats(self, source: str, target: str) -> dict[str, int]:
+        """The workers' outcome counters of one pair; fields that are not counts (written by
+        someone else) are left out."""
+        raw = self._do("stats", lambda: self.client.hgetall(stats_key(source, target)))
+        return {
+            k.decode("ascii", "replace"): int(v)
+            for k, v in raw.items()
+            if v.isdigit() and len(v) < 19
+        }
+
+    def add_stats(self, source: str, target: str, outcomes: Mapping[str, int]) -> None:
+        def add() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for outcome, n in outcomes.items():
+                if n:
+                    pipe.hincrby(stats_key(source, target), outcome, n)
+            pipe.execute()
+
+        self._do("stats", add)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def restrict_remote_control(allowed: frozenset[str]) -> None:
+    """Drop every Celery remote-control command of this process but *allowed*."""
+    for name in list(Panel.data):
+        if name not in allowed:
+            del Panel.data[name]
+            Panel.meta.pop(name, None)
+
+
+def on_worker_logging(configure: Callable[[Any], None]) -> None:
+    """Let *configure(loglevel)* set up a Celery worker's logging instead of Celery."""
+
+    @signals.setup_logging.connect  # type: ignore[untyped-decorator]
+    def _setup(loglevel: Any = None, **_: Any) -> None:
+        configure(loglevel or "INFO")
+
+
+def create_app(settings: Settings, name: str = "kvmesh") -> Any:
+    app = Celery(name, broker=settings.broker.url, set_as_current=False)
+    if settings.broker.url.startswith("rediss://"):
+        tls = settings.broker.tls
+        app.conf.broker_use_ssl = {
+            "ssl_cert_reqs": ssl.CERT_REQUIRED,
+            "ssl_ca_certs": tls.ca_file,
+            "ssl_certfile": tls.cert_file,
+            "ssl_keyfile": tls.key_file,
+        }
+    queues = [
+        Queue(queue_name(c.name), routing_key=queue_name(c.name))  # type: ignore[no-untyped-call]
+        for c in settings.sources
+    ]
+    app.conf.update(
+        # JSON only on the wire: a worker never unpickles what a queue hands it.
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        # At-least-once: a task is acknowledged after it ran; a worker that dies mid-task
+        # gives it back. The fence makes the resulting redeliveries harmless.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={
+            "visibility_timeout": settings.broker.visibility_timeout,
+            "socket_keepalive": True,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+            "retry_on_timeout": True,
+        },
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        # Every source queue is declared so Flower and `kvmesh status` see it before any
+        # worker consumes it.
+        task_queues=queues,
+        task_default_queue=queues[0].name if queues else "kvmesh",
+        task_create_missing_queues=False,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+        enable_utc=True,
+    )
+    return app

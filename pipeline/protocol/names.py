@@ -1,0 +1,68 @@
+"""Every name kvmesh shares with other processes, other versions, or operators, in one place.
+
+WARNING - STABLE API. Watchers and workers of different versions meet through these names
+(queues, the task name, records in every target etcd), and operators alert on some of them
+(queues, counters, the lease). Change nothing here without a migration.
+"""
+
+from __future__ import annotations
+
+import base64
+
+# -- Redis ------------------------------------------------------------------------------------
+
+
+def queue_name(source: str) -> str:
+    """The Celery queue of one source cluster."""
+    return f"kvmesh.{source}"
+
+
+TASK_NAME = "kvmesh.apply_batch"  # the watcher publishes by this name
+
+
+def stats_key(source: str, target: str) -> str:
+    """The Redis hash of the workers' outcome counters of one pair (`kvmesh status`)."""
+    return f"kvmesh:stats:{source}:{target}"
+
+
+def leader_key(source: str) -> str:
+    """The Redis key of the lease held by the active watcher of a source."""
+    return f"kvmesh:leader:{source}"
+
+
+# -- records in each target etcd --------------------------------------------------------------
+
+
+# kvmesh's own bookkeeping in each target etcd, outside `cilium/` so agents never see it.
+def state_prefix(source: str) -> bytes:
+    return f"kvmesh/{source}/".encode()
+
+
+def gen_key(source: str) -> bytes:
+    return f"kvmesh/{source}/gen".encode()
+
+
+def fence_key(source: str, shard: str) -> bytes:
+    return f"kvmesh/{source}/fence/{shard}".encode()
+
+
+def progress_key(source: str) -> bytes:
+    return f"kvmesh/{source}/progress".encode()
+
+
+def rejected_prefix(source: str) -> bytes:
+    """Records of keys a target refused (too large), read by `kvmesh verify`."""
+    return f"kvmesh/{source}/rejected/".encode()
+
+
+def rejected_key(source: str, key: bytes) -> bytes:
+    return rejected_prefix(source) + base64.urlsafe_b64encode(key)
+
+
+def draining_key(source: str) -> bytes:
+    """Set in a target while a source that left the config is being drained from it."""
+    return f"kvmesh/{source}/draining".encode()
+
+
+def resync_key(source: str) -> bytes:
+    return f"kvmesh/{source}/resync".encode()

@@ -1,0 +1,254 @@
+"""The source feed: one etcd watch per synced resource of a source, handed to the watcher as
+typed items through a bounded inbox.
+
+Each watch runs on a thread of its own. Its responses carry the feed's epoch, so responses
+of a replaced stream are dropped; the inbox is bounded, so a watcher that falls behind slows
+the watch threads down (and etcd's stream with them) instead of growing without limit. The
+feed keeps what was delivered per resource, notices silent streams, reconnects a broken
+one where it left off, and tells the watcher when the source lost the history it watched
+(compacted, or an etcd restored or wiped), which only a resync of every target repairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.clients.etcd import EtcdClient, Event, Stream
+from pipeline.protocol.errors import CompactedError, RetryableError
+from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES, Resource
+from pipeline.source.planner import Cause
+
+log = logging.getLogger("kvmesh.feed")
+
+INBOX = 256  # watch responses waiting for the watcher, at most
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A watch response: events (possibly none: a progress notification saying everything
+    up to header_rev was delivered)."""
+
+    resource: Resource
+    events: list[Event]
+    header_rev: int
+
+
+@dataclass(frozen=True)
+class Lost:
+    """The source no longer holds the history the feed watched."""
+
+    cause: Cause
+    detail: str
+
+
+FeedItem = Delivered | Lost
+
+
+@dataclass(frozen=True)
+class _Broken:
+    resource: str
+    error: BaseException
+    stream: Stream | None
+
+
+class SourceFeed:
+    def __init__(
+        self,
+        etcd: EtcdClient,
+        source: str,
+        identities: str,
+        watch_timeout: float,
+        on_failure: Callable[[], None],
+        inbox: int = INBOX,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.etcd = etcd
+        self.source = source
+        self.identities = identities
+        self.watch_timeout = watch_timeout
+        self.on_failure = on_failure  # counts a failed source call or stream
+        self.inbox: queue.Queue[tuple[int, Delivered | _Broken | None]] = queue.Queue(inbox)
+        self.streams: dict[str, Stream] = {}
+        self.clock = clock
+        # when each stream was last heard from, as taken from the inbox: a watcher that is
+        # merely behind (its inbox full) is not mistaken for a silent stream
+        self.heard: dict[str, float] = {}
+        self.epoch = 0
+        self.delivered: dict[str, int] = {}  # per resource: every event up to here was seen
+        self.last_event_rev = 0  # newest revision of any event of the watched prefixes
+        self.config_rev = 0  # mod revision of the source's cluster config, as last seen
+        self.cluster_id = 0  # the source etcd's cluster ID when the feed started
+        self._config_key = RESOURCE_BY_NAME["config"].source_prefix(source)
+
+    # -- streams ----------------------------------------------------------------------------
+
+    def start(self, start_rev: int) -> None:
+        """Watch every resource from *start_rev* on, replacing any stream of before."""
+        self.stop()
+        epoch = self.epoch
+        self.delivered = {r.name: start_rev - 1 for r in RESOURCES}
+        for res in RESOURCES:
+            self._start_stream(res, start_rev, epoch)
+
+    def stop(self) -> None:
+        """Stop every stream; whatever they still deliver is dropped."""
+        self.epoch += 1
+        for stream in self.streams.values():
+            stream.stop()
+        self.streams = {}
+
+    def wake(self) -> None:
+        """Make a waiting next() return (the watcher is stopping)."""
+        with contextlib.suppress(queue.Full):  # a full inbox wakes it anyway
+            self.inbox.put_nowait((self.epoch, None))
+
+    def _put(self, epoch: int, item: Delivered | _Broken) -> None:
+        # blocks while the inbox is full (backpressure on the watch thread), but gives up
+        # once the stream was replaced: a replaced stream must not hold its thread
+        while epoch == self.epoch:
+            try:
+                self.inbox.put((epoch, item), timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _start_stream(self, res: Resource, start_rev: int, epoch: int) -> None:
+        me: list[Stream] = []
+
+        def on_events(events: list[Event], header_rev: int) -> None:
+            self._put(epoch, Delivered(res, events, header_rev))
+
+        def on_error(exc: BaseException) -> None:
+            self._put(epoch, _Broken(res.name, exc, me[0] if me else None))
+
+        stream = self.etcd.watch(
+            res.source_prefix(self.source, self.identities),
+            start_rev,
+            on_events,
+            on_error,
+            exact=res.single_key,
+        )
+        me.append(stream)
+        self.streams[res.name] = stream
+        self.heard[res.name] = self.clock()
+
+    # -- what the watcher takes -------------------------------------------------------------
+
+    def next(self, timeout: float, limit: int) -> list[FeedItem]:
+        """Wait up to *timeout* for something, then take what else is ready, up to *limit*
+        items. Broken streams are handled here: reconnected where they left off, or turned
+        into a Lost item when the source lost its history."""
+        out: list[FeedItem] = []
+        try:
+            epoch, item = self.inbox.get(timeout=timeout)
+            while True:
+                if epoch == self.epoch and item is not None:
+                    taken = self._take(item)
+                    if taken is not None:
+                        out.append(taken)
+                        if isinstance(taken, Lost):
+                            return out
+                if len(out) >= limit:
+                    return out
+                epoch, item = self.inbox.get_nowait()
+        except queue.Empty:
+            return out
+
+    def _take(self, item: Delivered | _Broken) -> FeedItem | None:
+        if isinstance(item, _Broken):
+            if item.stream is not None and self.streams.get(item.resource) is not item.stream:
+                return None  # a stream already replaced
+            return self._broken(item)
+        name = item.resource.name
+        self.heard[name] = self.clock()
+        if item.events:
+            self.delivered[name] = max(self.delivered.get(name, 0), item.events[-1].revision)
+            self.last_event_rev = max(self.last_event_rev, item.events[-1].revision)
+            if item.resource.single_key:
+                last = item.events[-1]
+                self.config_rev = last.revision if last.value is not None else 0
+        else:  # a progress notification: everything up to header_rev was delivered
+            self.delivered[name] = max(self.delivered.get(name, 0), item.header_rev)
+        return item
+
+    def _broken(self, item: _Broken) -> Lost | None:
+        exc = item.error
+        if isinstance(exc, CompactedError):
+            log.warning("%s: watch of %s compacted (%s)", self.source, item.resource, exc)
+            return Lost(Cause.COMPACTED, str(exc))
+        self.on_failure()
+        log.warning("%s: watch of %s failed: %s; reconnecting", self.source, item.resource, exc)
+        try:
+            replaced = self.replaced()
+        except RetryableError as err:
+            self.on_failure()
+            log.warning("%s: source unreachable: %s", self.source, err)
+            time.sleep(1.0)  # the source is down: look again in a second, not in a spin
+            self._requeue(item)
+            return None
+        if replaced:
+            log.warning("%s: the source etcd lost its history (%s)", self.source, replaced)
+            return Lost(Cause.SOURCE_REPLACED, replaced)
+        old = self.streams.pop(item.resource, None)
+        if old is not None:
+            old.stop()
+        # A fresh epoch for just this stream would drop the others' responses, so the
+        # replacement keeps the epoch; the failed stream reports nothing more after its error.
+        self._start_stream(
+            RESOURCE_BY_NAME[item.resource], self.delivered[item.resource] + 1, self.epoch
+        )
+        return None
+
+    def _requeue(self, item: _Broken) -> None:
+        def later() -> None:
+            self._put(epoch, item)
+
+        epoch = self.epoch
+        threading.Thread(target=later, daemon=True).start()
+
+    def replaced(self) -> str | None:
+        """Why the source etcd is not the one watched (restored or wiped), or None. An etcd
+        started afresh with the same member names keeps its cluster ID, so its revision and
+        the cluster config's revision are compared with what was already seen."""
+        rev, cluster_id = self.etcd.header()
+        if cluster_id != self.cluster_id:
+            return "another cluster ID"
+        seen = max(self.delivered.values(), default=0)
+        if rev < seen:
+            return f"revision {rev} is below {seen}, already seen"
+        config = self.etcd.get(self._config_key)
+        if (
+            config is not None
+            and self.config_rev
+            and config.mod_revision <= seen
+            and config.mod_revision != self.config_rev
+        ):
+            return "the cluster config changed without an event"
+        return None
+
+    def check_silence(self) -> list[Lost]:
+        """Ask every stream how far it delivered; replace one that answered nothing for
+        watch_timeout (a live etcd always answers: this one is cut off)."""
+        out: list[Lost] = []
+        for name, stream in list(self.streams.items()):
+            silent = self.clock() - self.heard.get(name, 0.0)
+            if silent <= self.watch_timeout:
+                stream.request_progress()
+                continue
+            stream.stop()
+            error = RetryableError(f"watch of {name} silent for {silent:.0f}s")
+            lost = self._broken(_Broken(name, error, stream))
+            if lost is not None:
+                out.append(lost)
+                break
+        return out
+
+    def delivered_through(self) -> int:
+        """Every event of every watched resource up to here was delivered."""
+        return min(self.delivered.values()) if self.delivered else 0

@@ -1,0 +1,323 @@
+"""What the watcher decides about one target, as pure functions of what it read there.
+
+    read_records(raw, ...)        the target's kvmesh records, decoded as untrusted input
+    plan_start(records, facts)    resume from the fences, or resync (and why)
+    assess(records, pair, now)    one fence poll: a resync owed, a resync request to answer,
+                                  stalled shards, canaries to write, progress to record
+
+No I/O and no clock read: the watcher feeds them and carries out what they return, and the
+stateful property test drives them directly (tests/unit/test_fence_stateful.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TypeVar
+
+from pipeline.protocol.errors import CorruptRecordError, MalformedBatchError
+from pipeline.protocol.fence import FenceRecord, GenRecord, Position
+from pipeline.protocol.layout import RESOURCES
+from pipeline.protocol.names import fence_key, gen_key, progress_key, resync_key
+from pipeline.protocol.sharding import shard_resource
+from pipeline.protocol.wire import Signer
+
+END = 1 << 31  # an index past every event of a revision: (rev, END) covers all of rev
+_DAY_MS = 86_400_000
+
+
+class Cause(StrEnum):
+    """Why a target is owed a resync. STABLE API: the `reason` label of
+    kvmesh_watcher_resyncs_total, which operators alert on."""
+
+    START = "start"  # a term begins and the target has not been assessed yet
+    NO_GENERATION = "no_generation"  # the target holds no generation record of this source
+    SETTINGS_CHANGED = "settings_changed"  # shards or identities mode differ from the record
+    SOURCE_REPLACED = "source_replaced"  # the source etcd is another cluster, or lost history
+    FENCES_INCOMPLETE = "fences_incomplete"  # a fence is missing, older, or inside a snapshot
+    FENCES_AHEAD = "fences_ahead"  # a fence is past the source's revision
+    TARGET_UNAVAILABLE = "target_unavailable"  # the target could not be reached at start
+    TARGET_WIPED = "target_wiped"  # the target lost its kvmesh records while synced
+    GENERATION_MOVED = "generation_moved"  # another watcher opened a newer generation
+    REQUESTED = "requested"  # a worker asked for it (a stalled chain or a lost record)
+    STALLED = "stalled"  # a shard behind, its fence still, the queue empty: lost tasks
+    ANTI_ENTROPY = "anti_entropy"  # the periodic resync (sync.resync_interval)
+    COMPACTED = "compacted"  # the source's history was compacted past the watch
+    CORRUPT_RECORD = "corrupt_record"  # a kvmesh record in the target does not decode
+
+
+@dataclass(frozen=True)
+class Request:
+    """A resync request found in the target: the generation it names (None: it is not one
+    a worker of this mesh wrote) and its mod revision (to delete exactly that one)."""
+
+    gen: int | None
+    mod_revision: int
+
+
+@dataclass(frozen=True)
+class TargetRecords:
+    """The kvmesh records of one source in one target. A record that does not decode, or
+    names a generation more than a day ahead of the clock, makes `corrupt` say which."""
+
+    gen: GenRecord | None
+    gen_rev: int  # its mod revision, 0 when absent (the compare of every write)
+    fences: dict[str, FenceRecord]
+    progress: bytes | None
+    request: Request | None
+    corrupt: str = ""
+
+
+def read_records(
+    raw: Mapping[bytes, tuple[bytes, int]],
+    source: str,
+    shards: list[str],
+    signer: Signer | None,
+    now_ms: int,
+) -> TargetRecords:
+    """Decode the records under `kvmesh/<source>/`, given as key -> (value, mod revision)."""
+    corrupt = ""
+    gen: GenRecord | None = None
+    gen_raw = raw.get(gen_key(source))
+    if gen_raw is not None:
+        try:
+            gen = _plausible(GenRecord.decode(gen_raw[0]), now_ms)
+        except CorruptRecordError as exc:
+            corrupt = f"generation record: {exc}"
+    fences: dict[str, FenceRecord] = {}
+    for shard in shards:
+        f = raw.get(fence_key(source, shard))
+        if f is not None:
+            try:
+                fences[shard] = _plausible(FenceRecord.decode(f[0]), now_ms)
+            except CorruptRecordError as exc:
+                corrupt = corrupt or f"fence of {shard}: {exc}"
+    req = raw.get(resync_key(source))
+    progress = raw.get(progress_key(source))
+    return TargetRecords(
+        gen=gen,
+        gen_rev=gen_raw[1] if gen_raw is not None else 0,
+        fences=fences,
+        progress=progress[0] if progress is not None else None,
+        request=Request(_request_gen(req[0], signer), req[1]) if req is not None else None,
+        corrupt=corrupt,
+    )
+
+
+_R = TypeVar("_R", GenRecord, FenceRecord)
+
+
+def _plausible(record: _R, now_ms: int) -> _R:
+    """A record whose generation is more than a day ahead of the clock was not opened by a
+    watcher (each is at least the time in ms, plus one per bump): taking it would make every
+    new generation follow it, up to where the wire format ends."""
+    if record.gen > now_ms + _DAY_MS:
+        raise CorruptRecordError(f"generation {record.gen} is ahead of the clock")
+    return record
+
+
+def _request_gen(raw: bytes, signer: Signer | None) -> int | None:
+    """The generation a resync request names, or None if it is not a request a worker of
+    this mesh wrote (workers sign their requests as watchers sign tasks)."""
+    try:
+        request = json.loads(raw) if len(raw) <= 4096 else None
+        if not isinstance(request, dict):
+            return None
+        if signer is not None:
+            signer.verify(request)
+        gen = request["gen"]
+    except (MalformedBatchError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return gen if isinstance(gen, int) and not isinstance(gen, bool) and gen > 0 else None
+
+
+def progress_rev(raw: bytes | None, gen: int, source_rev: int) -> int:
+    """The revision a progress record of generation *gen* vouches for, or 0 when there is
+    none that can be believed (corrupt, of another generation, or past the source)."""
+    if raw is None or len(raw) > 4096:
+        return 0
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return 0
+    if not isinstance(record, dict) or record.get("gen") != gen:
+        return 0
+    rev = record.get("rev")
+    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 <= rev <= source_rev:
+        return 0
+    return rev
+
+
+def new_generation(records: TargetRecords, current: int, now_ms: int) -> int:
+    """The next generation: above every one the target or this watcher has seen, and never
+    below the clock in milliseconds, which survives a target that forgot its records (batches
+    of the forgotten generation may still be in flight) and a restarted watcher."""
+    seen = [records.gen.gen if records.gen else 0, current]
+    seen += [f.gen for f in records.fences.values()]
+    return max([g + 1 for g in seen] + [now_ms])
+
+
+# -- start ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """What the watcher knows of its source and its settings when it plans a target."""
+
+    shards: list[str]
+    shard_count: int
+    identities: str
+    source_cluster_id: int  # the source etcd's cluster ID
+    source_rev: int  # the source's revision when the term began
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Carry on from the fences: each shard's chain continues after its fence, and events
+    at or below `skip` are already covered (by the fence, or by the progress record)."""
+
+    chain: dict[str, Position]
+    skip: dict[str, Position]
+    through: int  # the revision the progress record vouched for
+
+    @property
+    def watch_from(self) -> int:
+        """The revision the watch must start from so that nothing after `skip` is missed."""
+        return min(p[0] + 1 if p[1] == END else p[0] for p in self.skip.values())
+
+
+@dataclass(frozen=True)
+class Resync:
+    cause: Cause
+    detail: str = ""
+
+
+def plan_start(records: TargetRecords, facts: SourceFacts) -> Resume | Resync:
+    """Whether a new term may resume from the target's fences, or must list and diff."""
+    old = records.gen
+    if records.corrupt:
+        return Resync(Cause.CORRUPT_RECORD, records.corrupt)
+    if old is None:
+        return Resync(Cause.NO_GENERATION)
+    if (old.shards, old.identities) != (facts.shard_count, facts.identities):
+        return Resync(Cause.SETTINGS_CHANGED)
+    if old.source_cluster_id != facts.source_cluster_id:
+        return Resync(Cause.SOURCE_REPLACED, "the source etcd is another cluster")
+    fences = records.fences
+    if set(fences) != set(facts.shards) or any(
+        f.gen != old.gen or not f.done for f in fences.values()
+    ):
+        return Resync(Cause.FENCES_INCOMPLETE)
+    if max(f.pos[0] for f in fences.values()) > facts.source_rev:
+        return Resync(Cause.FENCES_AHEAD)
+    through = progress_rev(records.progress, old.gen, facts.source_rev)
+    return Resume(
+        chain={s: fences[s].pos for s in facts.shards},
+        skip={s: max(fences[s].pos, (through, END)) for s in facts.shards},
+        through=through,
+    )
+
+
+# -- the fence poll ---------------------------------------------------------------------------
+
+
+@dataclass
+class PairState:
+    """What the watcher keeps of one target between polls (besides its publishing)."""
+
+    gen: int
+    chain: dict[str, Position]  # the position of the last batch published, per shard
+    canaried: set[str] = field(default_factory=set)
+    fence_pos: dict[str, Position] = field(default_factory=dict)
+    behind_since: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Assessment:
+    resync: Resync | None = None
+    request: tuple[int, str] | None = None  # (mod revision to delete, honoured/stale/ignored)
+    stalled: list[str] = field(default_factory=list)  # shards stalled past stall_timeout
+    canaries: list[str] = field(default_factory=list)  # resources now complete
+    fences: dict[str, FenceRecord] = field(default_factory=dict)
+
+
+def assess(records: TargetRecords, pair: PairState, now: float, stall_timeout: float) -> Assessment:
+    """One fence poll of a target. Updates pair.fence_pos and pair.behind_since (the only
+    state it keeps) and says what is owed. Stalled shards are only candidates: the watcher
+    resyncs for them only while its queue is empty (a long backlog is not a loss)."""
+    if records.gen is None and not records.corrupt:
+        return Assessment(Resync(Cause.TARGET_WIPED, "the target lost its kvmesh records"))
+    if records.corrupt:
+        return Assessment(Resync(Cause.CORRUPT_RECORD, records.corrupt))
+    assert records.gen is not None
+    if records.gen.gen != pair.gen:
+        return Assessment(
+            Resync(
+                Cause.GENERATION_MOVED, f"generation moved to {records.gen.gen} under {pair.gen}"
+            )
+        )
+    request = None
+    if records.request is not None:
+        asked = records.request.gen
+        if asked == pair.gen:
+            return Assessment(
+                Resync(Cause.REQUESTED, "requested by a worker"),
+                request=(records.request.mod_revision, "honoured"),
+            )
+        # below: made for a generation a resync already replaced; otherwise unreadable, or
+        # for a generation nobody opened: not from a worker of ours
+        outcome = "stale" if asked is not None and asked < pair.gen else "ignored"
+        request = (records.request.mod_revision, outcome)
+    stalled = []
+    for shard, published in pair.chain.items():
+        f = records.fences.get(shard)
+        pos = f.pos if f is not None and f.gen == pair.gen else (0, 0)
+        moved = pos != pair.fence_pos.get(shard)
+        pair.fence_pos[shard] = pos
+        if pos >= published:
+            pair.behind_since.pop(shard, None)
+            continue
+        if moved or shard not in pair.behind_since:
+            pair.behind_since[shard] = now
+        elif now - pair.behind_since[shard] > stall_timeout:
+            stalled.append(shard)
+    canaries = []
+    for res in RESOURCES:
+        if res.canary is None or res.name in pair.canaried:
+            continue
+        shards = [s for s in pair.chain if shard_resource(s) == res.name]
+        if all(
+            (f := records.fences.get(s)) is not None and f.gen == pair.gen and f.done
+            for s in shards
+        ):
+            canaries.append(res.name)
+    return Assessment(
+        request=request, stalled=stalled, canaries=canaries, fences=dict(records.fences)
+    )
+
+
+def applied_through(
+    delivered: int,
+    pending: list[Position | None],
+    fences: Mapping[str, FenceRecord],
+    pair: PairState,
+    snapshot_rev: int,
+) -> int:
+    """The highest revision R such that every synced source event up to R has landed in
+    the target (0 while a snapshot is still landing); it is also a safe resume point.
+    *delivered* is what every watch has delivered; *pending* the earliest positions still
+    buffered or owed to this target."""
+    through = delivered
+    for p in pending:
+        if p is not None:
+            through = min(through, p[0] - 1)
+    for shard, published in pair.chain.items():
+        f = fences.get(shard)
+        if f is None or f.gen != pair.gen or not f.done:
+            return 0
+        if f.pos < published:
+            # everything of this shard before the fence landed; what follows may not have
+            through = min(through, f.pos[0] - 1)
+    return max(through, snapshot_rev)

@@ -1,0 +1,111 @@
+"""A resync: list the source at one revision R and publish, for each target, only what
+differs from what it caches, deletes included, while both are still being read.
+
+It is a merge of sorted range scans, one resource at a time: the source's listing (rewritten
+to target keys, which keeps the order) against each target's cache, page by page. Nothing of
+either side is kept beyond a page per scan and a batch per shard, so a resync's memory grows
+with the number of targets, not with the number of keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from pipeline.clients.etcd import EtcdClient
+from pipeline.protocol.errors import BadInputError, RetryableError
+from pipeline.protocol.layout import RESOURCES, Layout, Resource
+from pipeline.protocol.sharding import shard_of
+from pipeline.protocol.snapshot import Merger, SnapshotCutter
+from pipeline.protocol.wire import Batch
+from pipeline.source.listing import iter_resource
+from pipeline.source.targets import TargetControl
+
+log = logging.getLogger("kvmesh.resync")
+
+PUBLISH_EVERY = 32  # batches gathered per target before they are published
+
+
+@dataclass
+class Snapshot:
+    """One target's side of a resync."""
+
+    control: TargetControl
+    cutter: SnapshotCutter
+    publish: Callable[[list[Batch]], None]  # raises RetryableError when the broker refuses
+    failed: str = ""  # why this target's snapshot stopped (then it stays owed a resync)
+    outbox: list[Batch] = field(default_factory=list)
+
+    def send(self, batches: list[Batch], force: bool = False) -> None:
+        self.outbox.extend(batches)
+        if self.failed or not self.outbox or (len(self.outbox) < PUBLISH_EVERY and not force):
+            return
+        try:
+            self.publish(self.outbox)
+        except RetryableError as exc:
+            self.fail(f"publishing the snapshot failed: {exc}")
+        self.outbox = []
+
+    def fail(self, why: str) -> None:
+        if not self.failed:
+            self.failed = why
+            log.warning("%s→%s: %s", self.control.source, self.control.name, why)
+
+
+def _cache(snapshot: Snapshot, res: Resource) -> Iterator[tuple[bytes, bytes]]:
+    """The target's cache of one resource; a target that fails mid-way just stops (its
+    snapshot is marked failed and its remaining differences are not published)."""
+    try:
+        for kv in snapshot.control.cache(res):
+            yield kv.key, kv.value
+    except RetryableError as exc:
+        snapshot.fail(f"listing the target failed: {exc}")
+
+
+def run(
+    source: EtcdClient,
+    layout: Layout,
+    revision: int,
+    snapshots: list[Snapshot],
+    *,
+    shard_count: int,
+    page: int,
+    max_bytes: int,
+    on_reject: Callable[[BadInputError], None],
+    keep_going: Callable[[], bool],
+) -> None:
+    """Merge the source at *revision* into every snapshot, the targets' caches advancing in
+    step with one listing of the source. Raises RetryableError if the source cannot be
+    listed, or if *keep_going* (asked now and then) says stop: the lease was lost."""
+    listed = 0
+    for res in RESOURCES:
+        mergers = [Merger(_cache(snap, res)) for snap in snapshots]
+        for key, value in iter_resource(
+            source, layout, res, revision, page=page, max_bytes=max_bytes, on_reject=on_reject
+        ):
+            for snap, merger in zip(snapshots, mergers, strict=True):
+                if not snap.failed:
+                    _feed(snap, res, merger.push(key, value), shard_count)
+            listed += 1
+            if listed % 5000 == 0 and not keep_going():
+                raise RetryableError("lost the lease during a resync")
+        for snap, merger in zip(snapshots, mergers, strict=True):
+            if not snap.failed:
+                _feed(snap, res, merger.rest(), shard_count)
+    for snap in snapshots:
+        snap.send(snap.cutter.finish(), force=True)
+
+
+def _feed(
+    snap: Snapshot,
+    res: Resource,
+    differences: Iterator[tuple[bytes, bytes | None, bool]],
+    shard_count: int,
+) -> None:
+    for key, value, missing in differences:
+        shard = shard_of(res, key, shard_count)
+        if value is None:
+            snap.send(snap.cutter.delete(key, shard))
+        else:
+            snap.send(snap.cutter.put(key, value, shard, missing))

@@ -1,0 +1,112 @@
+"""The watcher's own reads and writes in one target etcd: its records of the source
+(generation, fences, progress, canaries, resync requests) and the cache it lists in a
+resync. Every write is guarded by the generation record's mod revision, so a watcher that
+was superseded writes nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+from pipeline.clients.etcd import KV, Delete, EtcdClient, ModIs, Put
+from pipeline.config import ClusterConfig
+from pipeline.protocol.errors import RetryableError
+from pipeline.protocol.fence import FenceRecord, GenRecord
+from pipeline.protocol.layout import Resource, canary_key
+from pipeline.protocol.names import (
+    draining_key,
+    fence_key,
+    gen_key,
+    progress_key,
+    rejected_prefix,
+    resync_key,
+    state_prefix,
+)
+from pipeline.protocol.wire import Signer
+from pipeline.source.planner import TargetRecords, read_records
+
+_FENCES_PER_TXN = 100  # etcd allows 128 operations per transaction; one is the compare
+
+
+class TargetControl:
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        etcd: EtcdClient,
+        source: str,
+        shards: list[str],
+        signer: Signer | None,
+        page: int,
+    ) -> None:
+        self.cluster = cluster
+        self.etcd = etcd
+        self.source = source
+        self.shards = shards
+        self.signer = signer
+        self.page = page
+
+    @property
+    def name(self) -> str:
+        return self.cluster.name
+
+    def close(self) -> None:
+        self.etcd.close()
+
+    def read(self) -> TargetRecords:
+        _, kvs = self.etcd.scan(state_prefix(self.source), page=self.page)
+        raw = {kv.key: (kv.value, kv.mod_revision) for kv in kvs}
+        return read_records(raw, self.source, self.shards, self.signer, int(time.time() * 1000))
+
+    def open_generation(self, records: TargetRecords, record: GenRecord) -> int:
+        """Compare-and-swap the generation record (against what *records* read); returns
+        the revision it was written at. A source back in the config stops being drained."""
+        opened = self.etcd.txn(
+            [ModIs(gen_key(self.source), records.gen_rev)],
+            [Put(gen_key(self.source), record.encode())],
+        )
+        if not opened.succeeded:
+            raise RetryableError(f"target {self.name}: generation record changed while opening one")
+        self.etcd.delete(draining_key(self.source))
+        return opened.revision
+
+    def write_fences(self, gen_rev: int, fences: dict[str, FenceRecord]) -> None:
+        items = list(fences.items())
+        for i in range(0, len(items), _FENCES_PER_TXN):
+            written = self.etcd.txn(
+                [ModIs(gen_key(self.source), gen_rev)],
+                [
+                    Put(fence_key(self.source, s), f.encode())
+                    for s, f in items[i : i + _FENCES_PER_TXN]
+                ],
+            )
+            if not written.succeeded:
+                raise RetryableError(f"target {self.name}: generation moved while writing fences")
+
+    def write_progress(self, gen_rev: int, gen: int, rev: int) -> bool:
+        value = json.dumps({"gen": gen, "rev": rev, "ts": time.time()}).encode()
+        return self.etcd.txn(
+            [ModIs(gen_key(self.source), gen_rev)], [Put(progress_key(self.source), value)]
+        ).succeeded
+
+    def write_canary(self, resource: Resource) -> None:
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ").encode()  # RFC 3339
+        self.etcd.put(canary_key(self.source, resource), stamp)
+
+    def take_request(self, mod_revision: int) -> None:
+        """Delete the resync request that was read, and only that one: a newer one stays."""
+        self.etcd.txn(
+            [ModIs(resync_key(self.source), mod_revision)], [Delete(resync_key(self.source))]
+        )
+
+    def clear_rejected(self) -> None:
+        self.etcd.delete_prefix(rejected_prefix(self.source))
+
+    def cache(self, resource: Resource) -> Iterator[KV]:
+        """What the target caches of this resource of the source, in key order, a page at a
+        time (the identities' whole per-cluster subtree, so old value keys are found)."""
+        _, kvs = self.etcd.scan(
+            resource.cache_scan_prefix(self.source), None, self.page, exact=resource.single_key
+        )
+        return kvs

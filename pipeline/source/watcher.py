@@ -1,0 +1,746 @@
+"""The watcher of one source cluster: the loop that joins its parts.
+
+    feed.SourceFeed        the source's watches, as typed items (one etcd read connection)
+    targets.TargetControl  its records in each target (one etcd write connection each)
+    planner                what to do about a target: resume or resync, what a poll owes
+    resync.run             list-and-diff, as a streaming merge
+    drain                  sources that left the config, drained from every target
+
+The watcher itself holds the term (a lease in Redis, renewed on a thread of its own), the
+loop and its timers, and publishing: changes are filtered, rewritten, coalesced per shard
+and cut into batches chained after each shard's last one, for every target under that
+target's current generation. One thread (run()) owns all of its state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pipeline.clients.etcd import Etcd, EtcdClient
+from pipeline.clients.lease import AlwaysLeader, Lease
+from pipeline.clients.publisher import Publisher
+from pipeline.config import READ, WRITE, ClusterConfig, Settings
+from pipeline.protocol.batching import Change, ShardBuffer, make_batches
+from pipeline.protocol.errors import BadInputError, PublishError, RetryableError
+from pipeline.protocol.fence import FenceRecord, GenRecord, Position
+from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES, Op
+from pipeline.protocol.sharding import all_shards, shard_of
+from pipeline.protocol.snapshot import SnapshotCutter, convert
+from pipeline.protocol.wire import Batch, Signer
+from pipeline.source import resync
+from pipeline.source.drain import drain_removed
+from pipeline.source.feed import INBOX, Delivered, Lost, SourceFeed
+from pipeline.source.metrics import WatcherMetrics
+from pipeline.source.planner import (
+    END,
+    Cause,
+    PairState,
+    Resume,
+    SourceFacts,
+    TargetRecords,
+    applied_through,
+    assess,
+    new_generation,
+    plan_start,
+)
+from pipeline.source.targets import TargetControl
+
+log = logging.getLogger("kvmesh.watcher")
+
+_FLUSH_AT = 8192  # pending changes that force a flush before the linger ends
+_PROGRESS_HEARTBEAT = 30.0  # seconds between progress writes when nothing synced changed
+_TAKE = 512  # feed items taken per pass of the loop, at most
+
+EtcdFactory = Callable[[ClusterConfig, float, str], EtcdClient]
+
+
+@dataclass
+class Target:
+    """What the watcher knows about one target of its source."""
+
+    control: TargetControl
+    pair: PairState = field(default_factory=lambda: PairState(gen=0, chain={}))
+    gen_rev: int = 0
+    skip: dict[str, Position] = field(default_factory=dict)  # events at/below are covered
+    need_resync: Cause | None = Cause.START  # set while a resync is owed
+    resync_detail: str = ""  # what the log says about the cause
+    snapshot_rev: int = 0
+    progress_rev: int = 0
+    progress_at: float = 0.0  # when the progress record was last written
+    # changes owed to this target and not cut into batches yet (its queue is full, or the
+    # broker failing); coalesced per key, so bounded by the keyspace, never by time
+    outbox: ShardBuffer = field(default_factory=ShardBuffer)
+    # batches cut and chained but not known to be published: sent again as they are, so a
+    # publish that did land after all is only a duplicate
+    unsent: list[Batch] = field(default_factory=list)
+    last_resync_at: float = -1e9
+    resync_spacing: float = 0.0
+    resync_after: float = 0.0  # resyncs of this target wait until then (see _space_resyncs)
+
+    @property
+    def name(self) -> str:
+        return self.control.name
+
+    def owe(self, cause: Cause, detail: str = "") -> None:
+        """Mark the target for a resync (a cause already owed is kept)."""
+        if self.need_resync is None:
+            self.need_resync, self.resync_detail = cause, detail
+
+
+class Watcher:
+    def __init__(
+        self,
+        settings: Settings,
+        source: ClusterConfig,
+        publisher: Publisher,
+        metrics: WatcherMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        lease: Lease | None = None,
+        signer: Signer | None = None,
+        etcd: EtcdFactory = Etcd,
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        inbox: int = INBOX,
+    ) -> None:
+        self.settings = settings
+        self.sync = settings.sync
+        self.source = source
+        self.layout = settings.layout_of(source)
+        self.publisher = publisher
+        self.signer = signer  # verifies the workers' resync requests (None: insecure mode)
+        self.metrics = metrics or WatcherMetrics()
+        self.clock = clock
+        self.wall_ms = wall_ms
+        self.shards = all_shards(settings.sync.shards)
+        self._etcd = etcd
+        src = source.name
+        self.feed = SourceFeed(
+            etcd(source, settings.sync.etcd_timeout, READ),  # never writes to its source
+            src,
+            settings.sync.identities,
+            settings.sync.watch_timeout,
+            on_failure=lambda: self.metrics.source_failures.labels(src).inc(),
+            inbox=inbox,
+            clock=clock,
+        )
+        self.targets = [
+            Target(
+                TargetControl(
+                    c,
+                    etcd(c, settings.sync.etcd_timeout, WRITE),
+                    src,
+                    self.shards,
+                    signer,
+                    settings.sync.page_size,
+                )
+            )
+            for c in settings.targets_of(src)
+        ]
+        self.buffer = ShardBuffer()
+        self.stop_event = threading.Event()
+        self._flush_deadline: float | None = None
+        self._next_tick = 0.0
+        self._next_progress = 0.0
+        self._next_antientropy = 0.0
+        self._next_drain = 0.0
+        self._publish_after = 0.0  # publishing paused until then (broker full or failing)
+        self._publish_backoff = 0.0
+        self._queue_sample = (0.0, 0)  # (when, depth) of the last look at the queue
+        self._resync_after = 0.0  # failed resyncs back off until then
+        self._resync_backoff = 0.0
+        self._drain_clients: dict[str, EtcdClient] = {}
+        self.lease: Lease = lease or AlwaysLeader()
+        self._standby_logged = False
+        # The lease is renewed on a thread of its own, so that one slow etcd call of the main
+        # loop (up to sync.etcd_timeout; a partitioned target makes several in a row) does
+        # not cost the lease. The main loop beats a heart; a loop that has not beaten for
+        # _stuck_after seconds is hung, and then the lease is left to expire.
+        self._in_term = threading.Event()
+        self._lease_lost = threading.Event()
+        self._beat = 0.0
+        self._stuck_after = 3 * settings.sync.etcd_timeout + settings.sync.leader_ttl
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    # -- the term ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.feed.wake()
+
+    def close(self) -> None:
+        self.feed.stop()
+        self.feed.etcd.close()
+        for t in self.targets:
+            t.control.close()
+        for client in self._drain_clients.values():
+            client.close()
+
+    def run(self) -> None:
+        """Run until stop() is called: wait as a standby until this watcher holds the
+        source's lease, then sync; step down when the lease cannot be renewed."""
+        src = self.source.name
+        keeper = threading.Thread(target=self._renew_loop, name=f"lease:{src}", daemon=True)
+        keeper.start()
+        try:
+            while not self.stop_event.is_set():
+                if not self.lease.acquire():
+                    self.metrics.active.labels(src).set(0)
+                    if not self._standby_logged:
+                        log.info("%s: standby; %s is active", src, self.lease.holder() or "nobody")
+                        self._standby_logged = True
+                    self.stop_event.wait(min(1.0, self.sync.leader_ttl / 4))
+                    continue
+                self._standby_logged = False
+                log.info("%s: active (lease %s)", src, self.lease.owner)
+                self.metrics.active.labels(src).set(1)
+                self._beat = self.clock()
+                self._lease_lost.clear()
+                self._in_term.set()
+                try:
+                    self._serve()
+                finally:
+                    self._in_term.clear()
+                self.metrics.active.labels(src).set(0)
+        finally:
+            self.metrics.active.labels(src).set(0)
+            keeper.join(timeout=self.sync.leader_ttl)
+            self.lease.release()
+            self.close()
+
+    def _renew_loop(self) -> None:
+        """Renew the lease every third of its TTL while a term runs and the main loop is
+        not hung; otherwise tell the main loop to step down."""
+        while not self.stop_event.wait(self.sync.leader_ttl / 3):
+            if not self._in_term.is_set():
+                continue
+            hung = self.clock() - self._beat > self._stuck_after
+            if hung:
+                log.error(
+                    "%s: the sync loop has not moved for %.0fs; letting the lease go",
+                    self.source.name,
+                    self.clock() - self._beat,
+                )
+            if hung or not self.lease.renew():
+                self._in_term.clear()
+                self._lease_lost.set()
+
+    def _serve(self) -> None:
+        """One term as the active watcher."""
+        backoff = 0.2
+        while not self.stop_event.is_set():
+            if not self._keep_lease():
+                return
+            try:
+                self.start()
+                break
+            except RetryableError as exc:
+                if exc.cluster == self.source.name:
+                    self.metrics.source_failures.labels(self.source.name).inc()
+                log.warning(
+                    "%s: start failed: %s; retrying in %.1fs", self.source.name, exc, backoff
+                )
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+        while not self.stop_event.is_set() and self._keep_lease():
+            self.step()
+
+    def _keep_lease(self) -> bool:
+        """Beat the heart; if the lease was lost, step down to standby."""
+        self._beat = self.clock()
+        if not self._lease_lost.is_set():
+            return True
+        log.warning("%s: lost the lease; stepping down to standby", self.source.name)
+        self.feed.stop()
+        self.buffer.drain()
+        self._flush_deadline = None
+        for t in self.targets:
+            t.need_resync, t.resync_detail = Cause.START, ""
+        return False
+
+    def start(self) -> None:
+        """Open a generation in every target, resuming from fences where possible, then
+        start the watches."""
+        rev, self.feed.cluster_id = self.feed.etcd.header()
+        starts: list[int] = []
+        for t in self.targets:
+            try:
+                start = self._open(t, allow_resume=True, source_rev=rev)
+            except RetryableError as exc:
+                log.warning("%s→%s: target unavailable: %s", self.source.name, t.name, exc)
+                t.owe(Cause.TARGET_UNAVAILABLE, str(exc))
+                continue
+            if start is not None:
+                starts.append(start)
+        pending = [t for t in self.targets if t.need_resync]
+        if pending:
+            starts.append(self._resync(pending) + 1)
+        if not starts:  # no target reachable yet: watch from now; they will be resynced
+            starts.append(rev + 1)
+        now = self.clock()
+        self._next_progress = now + self.sync.fence_poll_interval / 2
+        self._next_tick = now + self.sync.fence_poll_interval
+        self.feed.start(min(starts))
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def step(self, max_wait: float | None = None) -> None:
+        """One pass of the loop: take what the feed delivered, flush when due, tick. It
+        waits for the feed until the next timer is due, or *max_wait* seconds at most."""
+        now = self.clock()
+        wait = max(0.0, min(self._next_tick, self._next_progress) - now)
+        if self._flush_deadline is not None:
+            wait = min(wait, max(0.0, self._flush_deadline - now))
+        if max_wait is not None:
+            wait = min(wait, max_wait)
+        for item in self.feed.next(wait, _TAKE):
+            if isinstance(item, Lost):
+                self._restart_all(item.cause, item.detail)
+                return
+            self.ingest(item)
+        now = self.clock()
+        if self._flush_deadline is not None and (
+            now >= self._flush_deadline or len(self.buffer) >= _FLUSH_AT
+        ):
+            self.flush()
+        if now >= self._next_progress:
+            # Half a poll before each tick, so the tick sees fresh watch progress.
+            self._next_progress = now + self.sync.fence_poll_interval
+            for lost in self.feed.check_silence():
+                self._restart_all(lost.cause, lost.detail)
+                return
+        if now >= self._next_tick:
+            self._next_tick = now + self.sync.fence_poll_interval
+            self.tick()
+
+    def ingest(self, item: Delivered) -> None:
+        """Filter, rewrite and buffer one watch response."""
+        resource, src = item.resource, self.source.name
+        if item.events:
+            self.metrics.events.labels(src, resource.name).inc(len(item.events))
+        for ev in item.events:
+            try:
+                tkey, tvalue = convert(
+                    self.layout, resource, ev.key, ev.value, self.sync.max_batch_bytes
+                )
+            except BadInputError as exc:
+                self._reject(exc)
+                if ev.value is None:
+                    continue
+                # A key that became bad input must not leave its old value cached.
+                try:
+                    tkey = self.layout.rewrite(resource, ev.key)
+                except BadInputError:
+                    continue
+                tvalue = None
+            op = Op.PUT if tvalue is not None else Op.DELETE
+            shard = shard_of(resource, tkey, self.sync.shards)
+            self.buffer.add(shard, Change(tkey, op, tvalue, (ev.revision, ev.index)))
+        if len(self.buffer) and self._flush_deadline is None:
+            self._flush_deadline = self.clock() + self.sync.linger
+        self.metrics.source_revision.labels(src).set(max(self.feed.delivered.values()))
+
+    def _reject(self, exc: BadInputError) -> None:
+        self.metrics.rejected.labels(self.source.name, exc.kind).inc()
+        log.warning("%s: not synced: %s", self.source.name, exc)
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Hand the buffered changes to every target's outbox, cut them into batches and
+        publish them, unless the broker is full or failing: then publishing pauses, with a
+        growing delay, the outboxes keep coalescing what comes meanwhile, and batches already
+        cut wait in `unsent` to go out as they are. Nothing is dropped, and no resync is
+        started for it."""
+        self._flush_deadline = None
+        drained = self.buffer.drain()
+        for t in self.targets:
+            if t.need_resync:
+                t.outbox.drain()  # its coming snapshot covers these changes
+                t.unsent = []
+                continue
+            for shard, changes in drained.items():
+                for c in changes:
+                    if c.pos > t.skip[shard]:
+                        t.outbox.add(shard, c)
+        pending = [t for t in self.targets if t.unsent or len(t.outbox)]
+        if not pending:
+            return
+        now = self.clock()
+        if now < self._publish_after or self._queue_full(now):
+            self._flush_deadline = max(self._publish_after, now + 0.5)
+            return
+        for t in pending:
+            try:
+                if t.unsent:
+                    batches, t.unsent = t.unsent, []
+                    self._send(t, batches)
+                if len(t.outbox):
+                    self._publish_chains(t, t.outbox.drain())
+            except PublishError as exc:
+                self._pause_publishing("broker_error", f"publishing to {t.name} failed: {exc}")
+                self._flush_deadline = self._publish_after
+                return
+        self._publish_backoff = 0.0
+
+    def _queue_full(self, now: float) -> bool:
+        """Whether the source queue holds sync.max_queue_depth tasks or more (looked at no
+        more than twice a second)."""
+        when, depth = self._queue_sample
+        if now - when >= 0.5:
+            try:
+                depth = self.publisher.backlog()
+            except RetryableError:
+                depth = 0  # the publish itself will tell
+            self._queue_sample = (now, depth)
+        if depth >= self.sync.max_queue_depth:
+            self._pause_publishing("queue_full", f"its queue holds {depth} tasks")
+            return True
+        return False
+
+    def _pause_publishing(self, reason: str, why: str) -> None:
+        self._publish_backoff = min(max(0.5, self._publish_backoff * 2), 10.0)
+        self._publish_after = self.clock() + self._publish_backoff
+        self.metrics.publish_paused.labels(self.source.name, reason).inc()
+        log.warning(
+            "%s: publishing paused for %.1fs: %s", self.source.name, self._publish_backoff, why
+        )
+
+    def _publish_chains(self, t: Target, per_shard: dict[str, list[Change]]) -> None:
+        """Cut each shard's changes into batches chained after the shard's last one, and
+        publish them interleaved across shards: consecutive tasks then belong to different
+        shards, so parallel workers rarely wait on a predecessor."""
+        chains: list[list[Batch]] = []
+        for shard, changes in per_shard.items():
+            if changes:
+                chain = make_batches(
+                    source=self.source.name,
+                    target=t.name,
+                    shard=shard,
+                    gen=t.pair.gen,
+                    prev=t.pair.chain[shard],
+                    changes=changes,
+                    max_ops=self.sync.max_batch_ops,
+                    max_bytes=self.sync.max_batch_bytes,
+                )
+                t.pair.chain[shard] = chain[-1].pos  # the next batch follows these, sent or not
+                chains.append(chain)
+        if chains:
+            self._send(t, [b for row in itertools.zip_longest(*chains) for b in row if b])
+
+    def _send(self, t: Target, batches: list[Batch]) -> None:
+        """Publish batches already chained; on a failure keep the rest in t.unsent, in
+        order. A publish the broker took although it reported an error is then sent twice,
+        which the fence makes a duplicate: the batch is the same, never re-cut."""
+        published = batches
+        try:
+            self.publisher.publish(batches)
+        except PublishError as exc:
+            published = batches[: exc.published]
+            t.unsent = batches[exc.published :]
+            raise
+        finally:
+            self._count_published(t, published)
+
+    def _count_published(self, t: Target, batches: list[Batch]) -> None:
+        self.metrics.batches.labels(self.source.name, t.name).inc(len(batches))
+        self.metrics.ops.labels(self.source.name, t.name).inc(sum(len(b.ops) for b in batches))
+
+    # -- the fence poll ----------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Fence poll: canaries, progress, stalls, resync requests, anti-entropy, drains."""
+        now = self.clock()
+        if self.sync.resync_interval > 0:
+            if self._next_antientropy == 0.0:
+                self._next_antientropy = now + self.sync.resync_interval
+            elif now >= self._next_antientropy:
+                self._next_antientropy = now + self.sync.resync_interval
+                for t in self.targets:
+                    t.owe(Cause.ANTI_ENTROPY)
+        for t in self.targets:
+            if t.need_resync:
+                continue
+            try:
+                self._poll(t, now)
+            except RetryableError as exc:
+                log.warning("%s→%s: fence poll failed: %s", self.source.name, t.name, exc)
+            except Exception:
+                # A target's records are input too: whatever they make fail, this target
+                # is resynced (which rewrites them) and the others go on.
+                log.exception("%s→%s: fence poll failed", self.source.name, t.name)
+                self.metrics.errors.labels(self.source.name, "fence_poll").inc()
+                t.owe(Cause.CORRUPT_RECORD, "the fence poll failed")
+        if now >= self._next_drain:
+            self._next_drain = now + self.sync.drain_check_interval
+            self._drain()
+        pending = [t for t in self.targets if t.need_resync and now >= t.resync_after]
+        if pending and now >= self._resync_after:
+            self.flush()  # what is buffered goes to the healthy targets first
+            if self._queue_full(now):
+                return  # a snapshot into a full queue would only fill it more
+            try:
+                self._resync(pending)
+            except RetryableError as exc:
+                log.warning("%s: resync failed: %s", self.source.name, exc)
+            for t in pending:
+                if not t.need_resync:
+                    self._space_resyncs(t, now)
+            if any(t.need_resync for t in pending):
+                # failed resyncs back off: each opens a generation and lists the source
+                self._resync_backoff = min(max(1.0, self._resync_backoff * 2), 60.0)
+                self._resync_after = now + self._resync_backoff
+                log.warning(
+                    "%s: resync of %s not done; next try in %.0fs",
+                    self.source.name,
+                    ", ".join(t.name for t in pending if t.need_resync),
+                    self._resync_backoff,
+                )
+            else:
+                self._resync_backoff = 0.0
+
+    def _poll(self, t: Target, now: float) -> None:
+        src = self.source.name
+        records = t.control.read()
+        found = assess(records, t.pair, now, self.sync.stall_timeout)
+        if found.request is not None:
+            mod_revision, outcome = found.request
+            t.control.take_request(mod_revision)
+            self.metrics.resync_requests.labels(src, t.name, outcome).inc()
+            if outcome == "ignored":
+                log.warning(
+                    "%s→%s: ignored a resync request that no worker of generation %d wrote",
+                    src,
+                    t.name,
+                    t.pair.gen,
+                )
+        if found.resync is not None:
+            t.owe(found.resync.cause, found.resync.detail)
+            return
+        # A stalled shard is a loss only while nothing is left in the queue to deliver its
+        # next batch: a slow backlog keeps fences moving, a stopped pool keeps the queue full.
+        if found.stalled and self.publisher.backlog() == 0:
+            self.metrics.stalls.labels(src, t.name).inc()
+            t.owe(Cause.STALLED, f"shards {', '.join(found.stalled[:3])} stalled")
+            return
+        for name in found.canaries:
+            t.control.write_canary(RESOURCE_BY_NAME[name])
+            t.pair.canaried.add(name)
+            log.info("%s→%s: %s synced (canary written)", src, t.name, name)
+        done = all(r.name in t.pair.canaried for r in RESOURCES if r.canary is not None)
+        self.metrics.initial_sync.labels(src, t.name).set(int(done))
+        through = applied_through(
+            self.feed.delivered_through(),
+            [self.buffer.min_position(), t.outbox.min_position()],
+            found.fences,
+            t.pair,
+            t.snapshot_rev,
+        )
+        # Write when something synced moved, or as a slow heartbeat: every write bumps the
+        # target's revision, and in a full mesh that target is another watcher's source.
+        due = t.progress_at == 0.0 or now - t.progress_at >= _PROGRESS_HEARTBEAT
+        moved = through > t.progress_rev and (self.feed.last_event_rev > t.progress_rev or due)
+        if moved and t.control.write_progress(t.gen_rev, t.pair.gen, through):
+            t.progress_rev, t.progress_at = through, now
+            self.metrics.applied_revision.labels(src, t.name).set(through)
+
+    def _space_resyncs(self, t: Target, now: float) -> None:
+        """Resyncs of one target that follow each other closely come ever further apart
+        (up to 5 min): whatever keeps causing them (a worker that keeps asking, records
+        someone keeps breaking) must not turn into a listing of the source every second."""
+        if now - t.last_resync_at < 60.0:
+            t.resync_spacing = min(max(1.0, t.resync_spacing * 2), 300.0)
+        else:
+            t.resync_spacing = 0.0
+        t.last_resync_at = now
+        t.resync_after = now + t.resync_spacing
+
+    def _drain(self) -> None:
+        """Drain removed sources from every configured target: not only this source's (a
+        target that is no other source's target, its own cluster, must be drained too)."""
+        configured = [c.name for c in self.settings.sources]
+        clients = {t.name: t.control.etcd for t in self.targets}
+        for c in self.settings.targets:
+            if c.name not in clients:
+                if c.name not in self._drain_clients:
+                    self._drain_clients[c.name] = self._etcd(c, self.sync.etcd_timeout, WRITE)
+                clients[c.name] = self._drain_clients[c.name]
+        for name, client in clients.items():
+            try:
+                drain_removed(client, name, configured, self.sync.drain_grace)
+            except RetryableError as exc:
+                log.warning("%s: drain check failed: %s", name, exc)
+            except Exception:
+                log.exception("%s: drain check failed", name)
+                self.metrics.errors.labels(self.source.name, "drain").inc()
+
+    # -- generations -------------------------------------------------------------------------
+
+    def _open(self, t: Target, *, allow_resume: bool, source_rev: int) -> int | None:
+        """Open a new generation in the target. If its records allow (and allow_resume),
+        resume: returns the revision the watch must start from. Otherwise the target is owed
+        a resync (for the reason plan_start gives) and None is returned."""
+        src = self.source.name
+        records: TargetRecords = t.control.read()
+        gen = new_generation(records, t.pair.gen, self.wall_ms())
+        record = GenRecord(gen, self.sync.shards, self.sync.identities, self.feed.cluster_id)
+        t.gen_rev = t.control.open_generation(records, record)
+        t.pair = PairState(gen=gen, chain={s: (0, 0) for s in self.shards})
+        t.outbox.drain()  # owed to the old generation: the new one starts from its fences
+        t.unsent = []
+        self.metrics.generation.labels(src, t.name).set(gen)
+        if not allow_resume:
+            return None
+        plan = plan_start(
+            records,
+            SourceFacts(
+                self.shards,
+                self.sync.shards,
+                self.sync.identities,
+                self.feed.cluster_id,
+                source_rev,
+            ),
+        )
+        if not isinstance(plan, Resume):
+            t.need_resync, t.resync_detail = plan.cause, plan.detail
+            return None
+        t.pair.chain = dict(plan.chain)
+        t.skip = dict(plan.skip)
+        t.control.write_fences(
+            t.gen_rev, {s: FenceRecord(gen, plan.chain[s], True) for s in self.shards}
+        )
+        t.need_resync = None
+        t.snapshot_rev = 0
+        t.progress_rev = plan.through
+        self.metrics.resumes.labels(src, t.name).inc()
+        log.info("%s→%s: generation %d resumes from the fences", src, t.name, gen)
+        return plan.watch_from
+
+    def _resync(self, targets: list[Target]) -> int:
+        """Open a new generation in each target, list the source at one revision R and
+        publish, while listing, only what differs from each target. Returns R."""
+        src = self.source.name
+        rev = self.feed.etcd.revision()
+        snapshots: list[tuple[Target, Cause, resync.Snapshot]] = []
+        for t in targets:
+            reason = t.need_resync or Cause.START
+            try:
+                self._open(t, allow_resume=False, source_rev=rev)
+                t.control.clear_rejected()  # this snapshot decides anew
+                t.control.write_fences(
+                    t.gen_rev, {s: FenceRecord(t.pair.gen, (rev, 0), False) for s in self.shards}
+                )
+            except RetryableError as exc:
+                log.warning("%s→%s: cannot start a resync: %s", src, t.name, exc)
+                t.need_resync = reason
+                continue
+            t.need_resync = reason  # set until the whole snapshot is published
+            t.pair.chain = {s: (rev, 0) for s in self.shards}
+            t.skip = {s: (rev, END) for s in self.shards}
+            t.snapshot_rev = rev
+            t.progress_rev, t.progress_at = 0, 0.0
+            cutter = SnapshotCutter(
+                source=src,
+                target=t.name,
+                gen=t.pair.gen,
+                revision=rev,
+                max_ops=self.sync.max_batch_ops,
+                max_bytes=self.sync.max_batch_bytes,
+            )
+            snapshots.append(
+                (
+                    t,
+                    reason,
+                    resync.Snapshot(t.control, cutter, self._snapshot_publisher(t)),
+                )
+            )
+        if not snapshots:
+            raise RetryableError("no target reachable for the resync")
+        started = self.clock()
+        resync.run(
+            self.feed.etcd,
+            self.layout,
+            rev,
+            [snap for _, _, snap in snapshots],
+            shard_count=self.sync.shards,
+            page=self.sync.page_size,
+            max_bytes=self.sync.max_batch_bytes,
+            on_reject=self._reject,
+            keep_going=self._keep_lease,
+        )
+        _, config = self.feed.etcd.scan(
+            RESOURCE_BY_NAME["config"].source_prefix(src), rev, exact=True
+        )
+        self.feed.config_rev = next((kv.mod_revision for kv in config), 0)
+        for t, reason, snap in snapshots:
+            if snap.failed:
+                continue
+            last = snap.cutter.last_positions()
+            try:  # shards the snapshot did not touch are complete already
+                t.control.write_fences(
+                    t.gen_rev,
+                    {
+                        s: FenceRecord(t.pair.gen, (rev, 0), True)
+                        for s in self.shards
+                        if s not in last
+                    },
+                )
+            except RetryableError as exc:
+                log.warning("%s→%s: resync failed: %s", src, t.name, exc)
+                continue
+            t.pair.chain.update(last)
+            t.need_resync = None
+            cutter = snap.cutter
+            self.metrics.resyncs.labels(src, t.name, reason.value).inc()
+            for kind, n in (
+                ("missing", cutter.missing),
+                ("different", cutter.different),
+                ("extra", cutter.extra),
+            ):
+                self.metrics.resync_keys.labels(src, t.name, kind).inc(n)
+            log.info(
+                "%s→%s: generation %d resynced at revision %d (%s%s): %d missing, "
+                "%d different, %d extra, in %.2fs",
+                src,
+                t.name,
+                t.pair.gen,
+                rev,
+                reason.value,
+                f": {t.resync_detail}" if t.resync_detail else "",
+                cutter.missing,
+                cutter.different,
+                cutter.extra,
+                self.clock() - started,
+            )
+        return rev
+
+    def _snapshot_publisher(self, t: Target) -> Callable[[list[Batch]], None]:
+        def publish(batches: list[Batch]) -> None:
+            self.publisher.publish(batches)
+            self._count_published(t, batches)
+
+        return publish
+
+    def _restart_all(self, cause: Cause, detail: str) -> None:
+        """The source lost the history the feed watched: resync every target, watch anew."""
+        log.warning("%s: resyncing every target (%s: %s)", self.source.name, cause.value, detail)
+        self.feed.stop()
+        self.buffer.drain()
+        self._flush_deadline = None
+        while not self.stop_event.is_set() and self._keep_lease():
+            try:
+                self.feed.cluster_id = self.feed.etcd.header()[1]
+                for t in self.targets:
+                    t.need_resync, t.resync_detail = cause, detail
+                rev = self._resync(list(self.targets))
+                self.feed.start(rev + 1)
+                return
+            except RetryableError as exc:
+                log.warning("%s: resync after %s failed: %s", self.source.name, cause, exc)
+                self.stop_event.wait(1.0)

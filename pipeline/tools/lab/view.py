@@ -1,0 +1,122 @@
+"""The lab's live view: one row per source cluster, built from the typed pair status of
+every (source, target) pair and from the source's watcher metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import urllib.request
+from dataclasses import dataclass
+
+from rich.table import Table
+
+from pipeline.protocol.layout import RESOURCES
+from pipeline.tools.report import PairStatus
+
+CANARIES = sum(1 for r in RESOURCES if r.canary)
+
+
+@dataclass
+class SourceView:
+    """One row of the live view."""
+
+    source: str
+    queue: int | None = None
+    peak_queue: int = 0
+    lag_revisions: int | None = None
+    lag_seconds: float | None = None
+    synced_keys: int = 0
+    ops_applied: int = 0
+    rejected: int = 0
+    events: int = 0
+    targets_synced: int = 0
+    targets: int = 0
+
+    def update(self, pairs: list[PairStatus], metrics: dict[str, float]) -> None:
+        """Fold the status of this source's pairs and its watcher's metrics into the row."""
+        if pairs:
+            self.queue = pairs[0].queue
+            self.peak_queue = max(self.peak_queue, self.queue or 0)
+            lags = [p.lag_revisions for p in pairs]
+            self.lag_revisions = None if None in lags else max(lag or 0 for lag in lags)
+            seconds = [
+                0.0 if p.lag_revisions == 0 else (p.progress_age_s or 0.0)
+                for p in pairs
+                if p.lag_revisions is not None
+            ]
+            self.lag_seconds = max(seconds) if seconds else None
+            self.synced_keys = sum(p.cached_keys for p in pairs)
+            self.ops_applied = sum(p.workers.get("ops_applied", 0) for p in pairs)
+            self.targets = len(pairs)
+            self.targets_synced = sum(1 for p in pairs if p.canaries == CANARIES)
+        self.rejected = int(
+            sum(v for k, v in metrics.items() if k.startswith("kvmesh_watcher_rejected_total"))
+        )
+        self.events = int(
+            sum(v for k, v in metrics.items() if k.startswith("kvmesh_watcher_events_total"))
+        )
+
+
+COLUMNS = (
+    "source",
+    "queue",
+    "peak",
+    "lag rev",
+    "lag s",
+    "synced keys",
+    "ops applied",
+    "events",
+    "filtered",
+    "targets synced",
+)
+
+
+def render(views: list[SourceView], title: str) -> Table:
+    table = Table(title=title)
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for v in views:
+        table.add_row(
+            v.source,
+            _n(v.queue),
+            str(v.peak_queue),
+            _n(v.lag_revisions),
+            _n(v.lag_seconds),
+            str(v.synced_keys),
+            str(v.ops_applied),
+            str(v.events),
+            str(v.rejected),
+            f"{v.targets_synced}/{v.targets}",
+        )
+    return table
+
+
+def line(views: list[SourceView]) -> str:
+    """The view as one line, for logs and pipes."""
+    return "  ".join(
+        f"{v.source}: queue={_n(v.queue)} lag={_n(v.lag_revisions)} synced={v.synced_keys}"
+        for v in views
+    )
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Read a Prometheus text endpoint into {series: value} (empty when unreachable)."""
+    if not port:
+        return {}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for row in text.splitlines():
+        if row and not row.startswith("#"):
+            series, _, value = row.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[series] = float(value)
+    return out
+
+
+def _n(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if isinstance(v, float) else str(v)

@@ -1,0 +1,227 @@
+"""Read-only views of a mesh: the per-pair comparison behind `kvmesh verify` and the
+per-pair figures behind `kvmesh status` and the lab's live view. A MeshView keeps its etcd
+and Redis clients open between calls, so a view refreshed every second costs no new
+connections."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.clients.broker import Broker
+from pipeline.clients.etcd import Etcd
+from pipeline.config import READ, WRITE, ClusterConfig, Settings
+from pipeline.protocol.errors import RetryableError, show, show_key
+from pipeline.protocol.layout import RESOURCES, Layout, canary_key
+from pipeline.protocol.names import progress_key, queue_name, rejected_prefix
+from pipeline.protocol.snapshot import diff
+from pipeline.source.listing import read_source, read_target
+
+
+@dataclass(frozen=True)
+class PairStatus:
+    """What `kvmesh status` shows of one (source, target) pair. STABLE API: its fields are
+    the keys of `kvmesh status --json`."""
+
+    source: str
+    target: str
+    queue: int | None  # tasks waiting in the source's queue; None: the broker is unreachable
+    source_revision: int
+    applied_revision: int  # the target reflects every synced source event up to here
+    lag_revisions: int | None  # revisions after that which put a synced key; None: unknown
+    progress_age_s: float | None  # since the watcher last wrote the progress record
+    canaries: int  # synced canaries present in the target
+    source_keys: int
+    cached_keys: int
+    workers: dict[str, int] = field(default_factory=dict)  # the workers' outcome counters
+
+
+class MeshView:
+    """Read-only access to every cluster of a mesh and to its broker."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._etcd: dict[tuple[str, str], Etcd] = {}
+        self._broker: Broker | None = None
+
+    def __enter__(self) -> MeshView:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for client in self._etcd.values():
+            client.close()
+        self._etcd = {}
+        if self._broker is not None:
+            self._broker.close()
+            self._broker = None
+
+    def etcd(self, cluster: ClusterConfig, role: str) -> Etcd:
+        key = (cluster.name, role)
+        if key not in self._etcd:
+            self._etcd[key] = Etcd(cluster, self.settings.sync.etcd_timeout, role)
+        return self._etcd[key]
+
+    @property
+    def broker(self) -> Broker:
+        if self._broker is None:
+            self._broker = Broker.of(self.settings)
+        return self._broker
+
+    # -- verify ---------------------------------------------------------------------------
+
+    def verify(self, examples: int) -> tuple[bool, list[str]]:
+        """Compare every target with its source, key by key and byte by byte."""
+        settings = self.settings
+        lines: list[str] = []
+        all_equal = True
+        for src in settings.sources:
+            targets = settings.targets_of(src.name)
+            if not targets:
+                continue
+            state = read_source(
+                self.etcd(src, READ),
+                settings.layout_of(src),
+                page=settings.sync.page_size,
+                max_bytes=settings.sync.max_batch_bytes,
+            )
+            for tgt in targets:
+                target = self.etcd(tgt, WRITE)
+                d = diff(state.items, read_target(target, src.name, page=settings.sync.page_size))
+                refused = refused_by_target(target, src.name, d.missing)
+                for key in refused:  # the target refused them (too large): not missing
+                    del d.missing[key]
+                rejected = [reason for _k, reason in sorted(state.rejected.items())]
+                rejected += [f"{show_key(k)}: {reason}" for k, reason in sorted(refused.items())]
+                head = f"{src.name} -> {tgt.name}:"
+                summary = (
+                    f"{len(state.items)} keys, missing {len(d.missing)}, "
+                    f"extra {len(d.extra)}, different {len(d.different)}, "
+                    f"rejected {len(rejected)}"
+                )
+                lines.append(f"{head} {'EQUAL' if d.equal else 'DIFFERENT'}: {summary}")
+                for kind, keys in (
+                    ("missing", sorted(d.missing)),
+                    ("extra", d.extra),
+                    ("different", sorted(d.different)),
+                ):
+                    for key in keys[:examples]:
+                        lines.append(f"    {kind}: {show_key(key)}")
+                for reason in rejected[:examples]:
+                    lines.append(f"    rejected: {reason}")
+                all_equal = all_equal and d.equal
+        return all_equal, lines
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self) -> list[PairStatus]:
+        rows: list[PairStatus] = []
+        for src in self.settings.sources:
+            try:
+                depth: int | None = self.broker.depth(queue_name(src.name))
+            except RetryableError:
+                depth = None
+            source = self.etcd(src, READ)
+            layout = self.settings.layout_of(src)
+            revision = source.revision()
+            source_keys = sum(
+                source.count(res.source_prefix(src.name, layout.identities))
+                for res in RESOURCES
+                if not res.single_key
+            )
+            for tgt in self.settings.targets_of(src.name):
+                try:
+                    workers = self.broker.stats(src.name, tgt.name)
+                except RetryableError:
+                    workers = {}
+                rows.append(
+                    PairStatus(
+                        source=src.name,
+                        target=tgt.name,
+                        queue=depth,
+                        source_revision=revision,
+                        source_keys=source_keys,
+                        workers=workers,
+                        **_target_status(source, layout, self.etcd(tgt, WRITE)),
+                    )
+                )
+        return rows
+
+
+def verify_once(settings: Settings, examples: int) -> tuple[bool, list[str]]:
+    with MeshView(settings) as view:
+        return view.verify(examples)
+
+
+def collect_status(settings: Settings) -> list[PairStatus]:
+    with MeshView(settings) as view:
+        return view.status()
+
+
+def refused_by_target(target: Etcd, source: str, missing: dict[bytes, bytes]) -> dict[bytes, str]:
+    """Missing keys that the target refused as too large, with the reason: those a worker
+    recorded, whose recorded value is still the source's value."""
+    out: dict[bytes, str] = {}
+    prefix = rejected_prefix(source)
+    for key, raw in target.items(prefix).items():
+        try:
+            name = base64.urlsafe_b64decode(key[len(prefix) :])
+        except (ValueError, binascii.Error):
+            continue
+        record = _record(raw)
+        value = missing.get(name)
+        if value is not None and hashlib.sha256(value).hexdigest() == record.get("sha256"):
+            out[name] = show(str(record.get("reason", "refused by the target")))
+    return out
+
+
+def _target_status(source: Etcd, layout: Layout, target: Etcd) -> dict[str, Any]:
+    src = layout.source
+    pkv = target.get(progress_key(src))
+    progress = _record(pkv.value) if pkv else {}
+    applied = _number(progress.get("rev"), int) or 0
+    stamp = _number(progress.get("ts"), float)
+    lag = None
+    if pkv:
+        # Only revisions that put a synced key count: in a mesh the source etcd is also a
+        # target, and kvmesh's own writes there move its revision without anything to sync.
+        newest = max(
+            source.latest_change(
+                res.source_prefix(src, layout.identities), applied, exact=res.single_key
+            )
+            for res in RESOURCES
+        )
+        lag = max(0, newest - applied)
+    return {
+        "applied_revision": applied,
+        "lag_revisions": lag,
+        "progress_age_s": round(time.time() - stamp, 1) if stamp is not None else None,
+        "canaries": sum(
+            1 for res in RESOURCES if res.canary and target.get(canary_key(src, res)) is not None
+        ),
+        "cached_keys": sum(
+            target.count(res.cache_scan_prefix(src)) for res in RESOURCES if not res.single_key
+        ),
+    }
+
+
+def _record(raw: bytes) -> dict[str, Any]:
+    """A kvmesh record read for display: {} when it does not decode."""
+    try:
+        d = json.loads(raw) if len(raw) <= 4096 else {}
+    except (ValueError, RecursionError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _number(v: Any, kind: type[int] | type[float]) -> Any:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return kind(v) if abs(v) < 1e15 else None

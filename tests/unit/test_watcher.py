@@ -1,0 +1,350 @@
+"""The real watcher, its parts and the real applier on in-memory etcds (tests/rig.py): the
+paths that the integration and fault suites cover with processes, here one step at a time."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from pipeline.clients.etcd import ModIs, Put
+from pipeline.protocol.errors import RetryableError
+from pipeline.protocol.fence import Decision, GenRecord
+from pipeline.protocol.layout import RESOURCE_BY_NAME
+from pipeline.protocol.names import draining_key, gen_key
+from pipeline.source.drain import drain_removed
+from pipeline.source.feed import SourceFeed
+from pipeline.source.planner import Cause
+from tests.memory_etcd import MemoryEtcd
+from tests.rig import Rig
+
+NODE = b"cilium/state/nodes/v1/a/"
+IDENTITY = b"cilium/state/identities/v1/id/"
+VALUE = b"cilium/state/identities/v1/value/"
+CONFIG = b"cilium/cluster-config/a"
+
+
+def fill(rig: Rig, nodes: int = 20, identities: int = 30) -> None:
+    src = rig.source
+    for i in range(nodes):
+        src.put(NODE + f"node-{i}".encode(), b'{"name": "node-%d"}' % i)
+    for i in range(identities):
+        ident = (1 << 16) + 100 + i  # cluster ID 1
+        src.put(IDENTITY + str(ident).encode(), b"k8s:app=x%d" % i)
+        src.put(VALUE + b"k8s:app=x%d/10.0.0.%d" % (i, i), str(ident).encode())
+    src.put(CONFIG, b'{"id":1,"capabilities":{"maxConnectedClusters":255}}')
+
+
+def test_first_sync_copies_what_is_synced_and_nothing_else() -> None:
+    rig = Rig()
+    fill(rig)
+    before = rig.source.revision()
+    rig.start()
+    rig.settle()
+    expected = rig.expected()
+    assert len(expected) == 20 + 30 + 1  # nodes, identity IDs, the cluster config
+    assert not any(b"/value/" in k for k in expected)
+    for target in rig.targets:
+        assert rig.cache(target) == expected
+        assert (
+            rig.metric(
+                "kvmesh_watcher_initial_sync_completed", source_cluster="a", target_cluster=target
+            )
+            == 1
+        )
+        canary = rig.mesh[target].get(b"cilium/synced/a/cilium/cache/nodes/v1")
+        assert canary is not None
+    assert rig.source.revision() == before  # the source was only read
+
+
+def test_live_changes_follow_and_deletes_land() -> None:
+    rig = Rig()
+    fill(rig, nodes=5, identities=5)
+    rig.start()
+    rig.settle()
+    rig.source.put(NODE + b"node-new", b"{}")
+    rig.source.delete(NODE + b"node-0")
+    rig.source.delete_prefix(IDENTITY)
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
+    assert rig.resyncs("b") == 1  # the live path, not a resync, carried them
+
+
+def test_a_new_term_resumes_from_the_fences_and_misses_nothing() -> None:
+    """A watcher that starts over a target it synced before resumes where the fences say,
+    including what changed while no watcher ran, without listing the source."""
+    rig = Rig()
+    fill(rig, nodes=5, identities=5)
+    rig.start()
+    rig.settle()
+    rig.watcher.close()
+    rig.source.put(NODE + b"while-down", b"{}")
+    rig.source.delete(NODE + b"node-1")
+    rig.watcher = rig.new_watcher()
+    rig.start()
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
+        assert (
+            rig.metric("kvmesh_watcher_resumes_total", source_cluster="a", target_cluster=target)
+            == 1
+        )
+        assert rig.resyncs(target) == 0  # the new term listed nothing
+
+
+def test_a_wiped_target_asks_for_a_resync_and_gets_one() -> None:
+    rig = Rig()
+    fill(rig, nodes=5, identities=5)
+    rig.start()
+    rig.settle()
+    rig.mesh["b"].wipe()
+    rig.source.put(NODE + b"after-wipe", b"{}")
+    rig.settle()
+    assert rig.cache("b") == rig.expected()
+    assert rig.cache("c") == rig.expected()
+    wiped = rig.metric(
+        "kvmesh_watcher_resyncs_total",
+        source_cluster="a",
+        target_cluster="b",
+        reason=Cause.TARGET_WIPED.value,
+    )
+    requested = rig.metric(
+        "kvmesh_watcher_resyncs_total",
+        source_cluster="a",
+        target_cluster="b",
+        reason=Cause.REQUESTED.value,
+    )
+    assert wiped + requested == 1
+
+
+def test_a_lost_task_is_found_by_the_stall_check() -> None:
+    rig = Rig(stall_timeout=3.0)
+    fill(rig, nodes=5, identities=5)
+    rig.start()
+    rig.settle()
+    rig.source.put(NODE + b"lost", b"{}")
+    rig.source.put(NODE + b"next", b"{}")
+    rig.step()
+    lost = [b for b in rig.queue.batches if b.target == "b"]
+    assert lost
+    rig.queue.batches = [b for b in rig.queue.batches if b.target != "b"]  # a Redis restart
+    for _ in range(6):
+        rig.tick()
+        rig.work()
+    rig.settle()
+    assert rig.cache("b") == rig.expected()
+    assert (
+        rig.metric(
+            "kvmesh_watcher_resyncs_total",
+            source_cluster="a",
+            target_cluster="b",
+            reason=Cause.STALLED.value,
+        )
+        == 1
+    )
+
+
+def test_duplicated_and_reordered_tasks_change_nothing() -> None:
+    rig = Rig()
+    fill(rig, nodes=5, identities=5)
+    rig.start()
+    rig.settle()
+    for i in range(30):
+        rig.source.put(NODE + b"node-%d" % (i % 7), b"v%d" % i)
+    rig.step()
+    batches = list(rig.queue.batches)
+    rig.queue.batches = []
+    decisions = rig.work(batches[::-1] + batches)
+    assert Decision.APPLY in decisions and Decision.DUPLICATE in decisions
+    rig.settle()
+    assert rig.cache("b") == rig.expected()
+
+
+def test_a_compacted_source_resyncs_every_target() -> None:
+    rig = Rig()
+    fill(rig, nodes=5, identities=5)
+    rig.start()
+    rig.settle()
+    rig.watcher.feed.stop()  # the watch breaks while the source compacts past it
+    for i in range(5):
+        rig.source.put(NODE + b"churn-%d" % i, b"{}")
+    rig.source.compact()
+    rig.watcher.feed.start(rig.watcher.feed.delivered_through() + 1)
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
+        assert (
+            rig.metric(
+                "kvmesh_watcher_resyncs_total",
+                source_cluster="a",
+                target_cluster=target,
+                reason=Cause.COMPACTED.value,
+            )
+            == 1
+        )
+
+
+def test_bad_input_is_counted_and_the_rest_syncs() -> None:
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.source.put(IDENTITY + b"007", b"x")  # not canonical
+    rig.source.put(IDENTITY + str(5 << 16).encode(), b"x")  # another cluster's scope
+    rig.source.put(b"cilium/state/nodes/v1/a/\xff\xfe", b"{}")  # not UTF-8: still bytes
+    rig.start()
+    rig.settle()
+    assert rig.cache("b") == rig.expected()
+    assert b"cilium/cache/nodes/v1/a/\xff\xfe" in rig.cache("b")
+    assert rig.metric("kvmesh_watcher_rejected_total", source_cluster="a", reason="layout") == 2
+    rig.source.put(CONFIG, b"not json")  # the cached config must not stay at the old one
+    rig.settle()
+    assert CONFIG not in rig.cache("b")
+    assert rig.cache("b") == rig.expected()
+
+
+def test_a_broker_outage_pauses_publishing_and_loses_nothing() -> None:
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    rig.queue.failing = True
+    for i in range(10):
+        rig.source.put(NODE + b"during-%d" % i, b"{}")
+        rig.step()
+        rig.clock.advance(1.0)
+    assert (
+        rig.metric("kvmesh_watcher_publish_paused_total", source_cluster="a", reason="broker_error")
+        >= 1
+    )
+    rig.queue.failing = False
+    rig.clock.advance(20.0)
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
+        assert rig.resyncs(target) == 1  # the first sync's only: nothing was lost
+
+
+def test_an_unreachable_target_does_not_hold_up_the_others() -> None:
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.mesh["c"].set_down(True)
+    rig.start()
+    rig.settle()
+    assert rig.cache("b") == rig.expected()
+    rig.mesh["c"].set_down(False)
+    rig.clock.advance(120.0)  # past the resync backoff
+    rig.settle()
+    assert rig.cache("c") == rig.expected()
+
+
+def test_a_superseded_watcher_writes_nothing() -> None:
+    """A second watcher takes over (a lease lost to a partition): what the first still
+    publishes is refused by the fences, and the target converges on the second's view."""
+    rig = Rig()
+    fill(rig, nodes=5, identities=5)
+    rig.start()
+    rig.settle()
+    old = rig.watcher
+    rig.watcher = rig.new_watcher()
+    rig.start()
+    rig.source.put(NODE + b"node-0", b"newest")
+    old.feed.etcd.space.streams  # noqa: B018 - both watch the same source
+    rig.step(old)  # the old one publishes under its old generation
+    rig.settle()
+    assert rig.outcomes[Decision.OBSOLETE.value] >= 1
+    assert rig.cache("b") == rig.expected()
+    assert rig.cache("b")[b"cilium/cache/nodes/v1/a/node-0"] == b"newest"
+
+
+def test_opening_a_generation_takes_its_revision_from_the_transaction() -> None:
+    """The generation's revision is the transaction's own, not a read after it: a target
+    wiped right after the write does not make the open fail or return a wrong revision."""
+    rig = Rig()
+    control = rig.watcher.targets[0].control
+    target = rig.mesh["b"]
+    records = control.read()
+    original = target.txn
+
+    def txn_then_wipe(compares, ops):  # type: ignore[no-untyped-def]
+        result = original(compares, ops)
+        if any(getattr(op, "key", b"") == gen_key("a") for op in ops):
+            target.put(b"unrelated", b"x")  # a later write moves the store on
+        return result
+
+    control.etcd.txn = txn_then_wipe  # type: ignore[method-assign]
+    rev = control.open_generation(records, GenRecord(5, 4, "id", 1))
+    written = target.get(gen_key("a"))
+    assert written is not None and written.mod_revision == rev < target.revision()
+
+
+def test_drain_leaves_a_source_added_back_meanwhile() -> None:
+    """A watcher with an old config drains source x; between its read and its delete, x's
+    watcher opens a generation again: the drain's compare fails and nothing is deleted."""
+    target = MemoryEtcd("b")
+    target.put(gen_key("x"), GenRecord(1, 4, "id", 1).encode())
+    target.put(draining_key("x"), b'{"since": 0}')
+    target.put(b"cilium/cache/nodes/v1/x/n1", b"{}")
+
+    class AddedBack(MemoryEtcd):
+        def txn(self, compares, ops):  # type: ignore[no-untyped-def]
+            # x's watcher opens a generation and clears the drain record first
+            target.txn([], [Put(gen_key("x"), GenRecord(2, 4, "id", 1).encode())])
+            target.delete(draining_key("x"))
+            return super().txn(compares, ops)
+
+    racing = AddedBack(target.space)
+    assert drain_removed(racing, "b", configured=["a", "b"], grace=0.0, now=100.0) == []
+    assert target.get(b"cilium/cache/nodes/v1/x/n1") is not None
+    assert target.get(gen_key("x")) is not None
+
+
+def test_drain_removes_a_source_that_left() -> None:
+    target = MemoryEtcd("b")
+    target.put(gen_key("x"), GenRecord(1, 4, "id", 1).encode())
+    target.put(b"cilium/cluster-config/x", b'{"id":9}')
+    target.put(b"cilium/cache/nodes/v1/x/n1", b"{}")
+    target.put(b"cilium/cache/nodes/v1/a/n1", b"{}")
+    assert drain_removed(target, "b", ["a", "b"], grace=10.0, now=100.0) == []
+    assert target.get(b"cilium/cluster-config/x") is None  # the config goes first
+    assert target.get(b"cilium/cache/nodes/v1/x/n1") is not None
+    assert drain_removed(target, "b", ["a", "b"], grace=10.0, now=111.0) == ["x"]
+    assert target.items(b"cilium/cache/nodes/v1/x/") == {}
+    assert target.items(b"kvmesh/x/") == {}
+    assert target.get(b"cilium/cache/nodes/v1/a/n1") is not None
+
+
+def test_the_feed_inbox_is_bounded_and_holds_back_the_watch() -> None:
+    """A watcher that falls behind makes the watch threads wait, instead of queueing every
+    response in memory."""
+    source = MemoryEtcd("a")
+    feed = SourceFeed(source.reader(), "a", "id", 15.0, on_failure=lambda: None, inbox=2)
+    feed.start(1)
+    for i in range(3):
+        source.put(NODE + b"n%d" % i, b"{}")
+        source.put(IDENTITY + str((1 << 16) + i).encode(), b"x")
+        source.put(b"cilium/state/services/v1/a/s%d" % i, b"{}")
+    pumping = threading.Thread(target=source.pump)
+    pumping.start()
+    pumping.join(0.5)
+    assert pumping.is_alive()  # three streams owe a response, the inbox takes two
+    assert feed.inbox.qsize() == 2
+    items = feed.next(0.1, 10)
+    pumping.join(5)
+    assert not pumping.is_alive()
+    items += feed.next(0.1, 10)
+    assert sum(len(i.events) for i in items if hasattr(i, "events")) == 9
+    feed.stop()
+
+
+def test_the_source_is_read_with_a_client_that_cannot_write() -> None:
+    rig = Rig()
+    assert rig.watcher.feed.etcd.read_only  # type: ignore[attr-defined]
+    with pytest.raises(RetryableError):
+        rig.watcher.feed.etcd.txn([ModIs(CONFIG, 0)], [Put(CONFIG, b"x")])
+
+
+def test_every_resource_has_a_stream() -> None:
+    rig = Rig()
+    fill(rig, nodes=1, identities=1)
+    rig.start()
+    assert set(rig.watcher.feed.streams) == set(RESOURCE_BY_NAME)
