@@ -5,6 +5,7 @@ benchmarks. Binaries are looked up on PATH first, then beside the running Python
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -37,8 +38,36 @@ def find_binary(name: str) -> str:
     )
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port free now, below the kernel's ephemeral range: a port the kernel hands
+    out (bind to port 0) may be taken again at once as the source port of some outgoing
+    connection, before the server that was meant to get it binds it. Each port is handed
+    out once per process."""
+    low, high = _ephemeral_range()
+    rng = random.Random()  # noqa: S311 - picking a port, not a secret
+    for _ in range(200):
+        port = rng.randrange(10_000, low) if low > 11_000 else rng.randrange(high + 1, 65_535)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # pragma: no cover - a machine with no port left below
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
