@@ -20,7 +20,14 @@ import time
 from pathlib import Path
 
 from pipeline.clients.etcd import Etcd
-from pipeline.tools.cilium_state import identity_id, identity_labels, write_items
+from pipeline.tools.cilium_state import (
+    cluster_config_value,
+    identity_id,
+    identity_labels,
+    node_value,
+    source_canaries,
+    write_items,
+)
 from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
 from pipeline.tools.orphan import wrap
 from pipeline.tools.servers import EtcdServer, RedisServer, find_binary
@@ -39,6 +46,13 @@ def wait_count(etcd: Etcd, n: int, timeout: float) -> float:
     raise SystemExit(f"timed out waiting for {n} keys (have {etcd.count(CACHE_PREFIX)})")
 
 
+def canary_times(etcd: Etcd, t0: float, canaries: dict[str, float]) -> None:
+    """Note when each synced canary of the source first shows in the target."""
+    for key in etcd.keys(f"cilium/synced/{SOURCE}/".encode()):
+        name = key.decode().split("/")[-2]
+        canaries.setdefault(name, time.monotonic() - t0)
+
+
 def worker_ready(log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -55,6 +69,14 @@ def main() -> int:
     ap.add_argument("--pool", default="prefork", choices=["prefork", "threads", "solo"])
     ap.add_argument("--skip-mirror", action="store_true", help="measure kvmesh only")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        help="also write this many nodes, a cluster config that advertises synced canaries "
+        "and the source's canaries (to time each target canary; make-mirror copies only the "
+        "identities either way)",
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))
     print(f"logs in {tmp}")
@@ -83,7 +105,15 @@ def main() -> int:
             for i in range(args.keys)
         )
         write_items(source, items)
-        print(f"source: {source.count(ID_PREFIX)} identity ID keys")
+        if args.nodes:
+            extra = {
+                f"cilium/state/nodes/v1/{SOURCE}/node-{n}".encode(): node_value(SOURCE, 1, n)
+                for n in range(args.nodes)
+            }
+            extra[f"cilium/cluster-config/{SOURCE}".encode()] = cluster_config_value(1)
+            extra.update(source_canaries(SOURCE))
+            write_items(source, extra)
+        print(f"source: {source.count(ID_PREFIX)} identity ID keys, {args.nodes} nodes")
 
         # -- kvmesh -----------------------------------------------------------------------
         cfg = tmp / "mesh.toml"
@@ -117,7 +147,14 @@ def main() -> int:
         target_k = Etcd(dst_k.cluster())
         t0 = time.monotonic()
         watcher = spawn([*kvmesh, "watch", "--config", str(cfg)], tmp / "watch.log")
+        canaries: dict[str, float] = {}
+        deadline = time.monotonic() + args.timeout
+        while len(canaries) < 5 and time.monotonic() < deadline:
+            canary_times(target_k, t0, canaries)
+            time.sleep(0.02)  # poll interval
         t_kvmesh = wait_count(target_k, args.keys, args.timeout) - t0
+        order = ", ".join(f"{n} {t:.2f} s" for n, t in sorted(canaries.items(), key=lambda x: x[1]))
+        print(f"kvmesh target canaries: {order}")
         watcher.terminate()
         worker.terminate()
         watcher.wait(30)

@@ -132,6 +132,10 @@ class SyncConfig:
     # 9 bits of an identity, shifted by 15 instead of 16)
     max_connected_clusters: int = 255
     leader_ttl: float = 10.0  # seconds a dead active watcher holds its lease before a standby
+    # Seconds of the etcd lease every cached key sits on (at most 1,000 keys a lease), kept
+    # alive by the active watcher, as KVStoreMesh does (it uses 900). 0: no lease (default):
+    # the caches then outlive kvmesh, and a restart resumes without rewriting anything.
+    cache_lease_ttl: int = 0
     etcd_timeout: float = 10.0
     watch_timeout: float = (
         15.0  # a watch that answers no progress request for this long is replaced
@@ -490,6 +494,10 @@ def settings_from_mapping(
         raise ConfigError("sync.stall_timeout", "must be positive")
     if sync.max_queue_depth < 1:
         raise ConfigError("sync.max_queue_depth", "must be at least 1")
+    if sync.cache_lease_ttl and not 60 <= sync.cache_lease_ttl <= 86_400:
+        raise ConfigError(
+            "sync.cache_lease_ttl", "must be 0 (no lease) or from 60 to 86400 seconds"
+        )
     if sync.max_connected_clusters not in (255, 511):
         raise ConfigError("sync.max_connected_clusters", "must be 255 or 511, as in Cilium")
     for name in ("etcd_timeout", "watch_timeout", "fence_poll_interval", "linger"):

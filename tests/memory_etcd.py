@@ -16,7 +16,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.clients.etcd import KV, Delete, Event, Get, ModIs, Put, TxnOp, TxnResult, prefix_end
-from pipeline.protocol.errors import CompactedError, RequestTooLargeError, RetryableError
+from pipeline.protocol.errors import (
+    CompactedError,
+    LeaseGoneError,
+    RequestTooLargeError,
+    RetryableError,
+)
 
 _cluster_ids = itertools.count(0x1000)
 
@@ -25,6 +30,7 @@ _cluster_ids = itertools.count(0x1000)
 class _Version:
     revision: int
     value: bytes | None  # None: deleted at this revision
+    lease: int = 0
 
 
 @dataclass
@@ -41,6 +47,8 @@ class Keyspace:
     streams: list[MemoryStream] = field(default_factory=list)
     down: bool = False
     max_request_bytes: int = 0  # 0: no limit
+    leases: dict[int, int] = field(default_factory=dict)  # lease ID -> TTL (they never run out)
+    next_lease: int = 0x7000
 
     def current(self, key: bytes) -> _Version | None:
         versions = self.history.get(key)
@@ -66,11 +74,11 @@ class Keyspace:
             yield self.sorted_keys[i]
             i += 1
 
-    def write(self, key: bytes, value: bytes | None) -> None:
+    def write(self, key: bytes, value: bytes | None, lease: int = 0) -> None:
         if key not in self.history:
             bisect.insort(self.sorted_keys, key)
             self.history[key] = []
-        self.history[key].append(_Version(self.revision, value))
+        self.history[key].append(_Version(self.revision, value, lease))
         self.log.append((self.revision, key, value))
 
 
@@ -200,7 +208,9 @@ class MemoryEtcd:
     def get(self, key: bytes) -> KV | None:
         self._check()
         v = self.space.current(key)
-        return KV(key, v.value, v.revision) if v is not None and v.value is not None else None
+        if v is None or v.value is None:
+            return None
+        return KV(key, v.value, v.revision, v.lease)
 
     def count(self, prefix: bytes) -> int:
         self._check()
@@ -235,7 +245,7 @@ class MemoryEtcd:
                     self._check()  # each page is a request of its own
                 v = space.at(key, rev)
                 if v is not None and v.value is not None:
-                    yield KV(key, v.value, v.revision)
+                    yield KV(key, v.value, v.revision, v.lease)
 
         return rev, pages()
 
@@ -261,24 +271,64 @@ class MemoryEtcd:
             v = space.current(c.key)
             if (v.revision if v is not None else 0) != c.revision:
                 return TxnResult(False, space.revision, [])
-        changes: list[tuple[bytes, bytes | None]] = []
+        for op in ops:
+            if isinstance(op, Put) and op.lease and op.lease not in space.leases:
+                raise LeaseGoneError(f"etcd {self.name}: etcdserver: requested lease not found")
+        changes: list[tuple[bytes, bytes | None, int]] = []
         reads: list[KV | None] = []
         for op in ops:
             if isinstance(op, Get):
                 reads.append(self.get(op.key))
             elif isinstance(op, Put):
-                changes.append((op.key, op.value))
+                changes.append((op.key, op.value, op.lease))
             else:
                 end = prefix_end(op.key) if op.prefix else None
                 for key in list(space.in_range(op.key, end)):
                     if space.current(key) is not None:
-                        changes.append((key, None))
+                        changes.append((key, None, 0))
         if changes:
             space.revision += 1
             self.writes += 1
-            for key, value in changes:
-                space.write(key, value)
+            for key, value, lease in changes:
+                space.write(key, value, lease)
         return TxnResult(True, space.revision, reads)
+
+    # -- leases (they never run out by themselves: a test expires one with revoke_lease)
+
+    def grant_lease(self, ttl: int) -> int:
+        self._check()
+        if self.read_only:
+            raise RetryableError(f"etcd {self.name}: permission denied", self.name)
+        self.space.next_lease += 1
+        self.space.leases[self.space.next_lease] = ttl
+        return self.space.next_lease
+
+    def keepalive(self, lease_id: int) -> int:
+        self._check()
+        return self.space.leases.get(lease_id, 0)
+
+    def _on_lease(self, lease_id: int) -> list[bytes]:
+        return [
+            k
+            for k in self.space.sorted_keys
+            if (v := self.space.current(k)) is not None and v.lease == lease_id
+        ]
+
+    def lease_keys(self, lease_id: int) -> int | None:
+        self._check()
+        if lease_id not in self.space.leases:
+            return None
+        return len(self._on_lease(lease_id))
+
+    def revoke_lease(self, lease_id: int) -> None:
+        """The lease goes, and every key on it (as when it expires)."""
+        self._check()
+        keys = self._on_lease(lease_id)
+        self.space.leases.pop(lease_id, None)
+        if keys:
+            self.space.revision += 1
+            for key in keys:
+                self.space.write(key, None)
 
     def put(self, key: bytes, value: bytes) -> None:
         self.txn([], [Put(key, value)])

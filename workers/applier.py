@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from pipeline.protocol.errors import RequestTooLargeError, show_key
+from pipeline.protocol.errors import LeaseGoneError, RequestTooLargeError, show_key
 from pipeline.protocol.fence import Decision, FenceRecord, decide
 from pipeline.protocol.layout import Op, parse_shard
 from pipeline.protocol.names import rejected_key
@@ -59,9 +59,15 @@ def apply_batch(
         if decision is Decision.APPLY:
             fence = FenceRecord(batch.gen, batch.pos, batch.done)
             try:
-                ok = store.commit(batch.source, batch.shard, seen, batch.ops, fence)
-            except RequestTooLargeError:
-                ok = _commit_split(store, batch, seen, fence, on_reject)
+                try:
+                    ok = store.commit(
+                        batch.source, batch.shard, seen, batch.ops, fence, batch.lease
+                    )
+                except RequestTooLargeError:
+                    ok = _commit_split(store, batch, seen, fence, on_reject)
+            except LeaseGoneError:
+                # its keys went with the lease: only a resync onto a new lease restores them
+                return Decision.RESYNC
             if ok:
                 return Decision.APPLY
             races += 1
@@ -106,7 +112,7 @@ def _commit_split(
 
     def apply(ops: list[Operation]) -> bool:
         try:
-            return store.commit(batch.source, batch.shard, seen, ops, None)
+            return store.commit(batch.source, batch.shard, seen, ops, None, batch.lease)
         except RequestTooLargeError as exc:
             if len(ops) > 1:
                 mid = len(ops) // 2

@@ -68,10 +68,12 @@ class TargetStore(Protocol):
         seen: FenceView,
         ops: Sequence[Operation],
         fence: FenceRecord | None,
+        lease: int = 0,
     ) -> bool:
-        """Apply *ops* and move the fence (unless *fence* is None) in one transaction, if
-        neither the generation nor the fence changed since *seen*. False if they did.
-        Raises RequestTooLargeError if the target refuses the request for its size."""
+        """Apply *ops* (puts on *lease*, if not 0) and move the fence (unless *fence* is
+        None) in one transaction, if neither the generation nor the fence changed since
+        *seen*. False if they did. Raises RequestTooLargeError if the target refuses the
+        request for its size, LeaseGoneError if the lease no longer exists."""
         ...
 
     def request_resync(self, source: str, gen: int, reason: str) -> None: ...
@@ -107,13 +109,14 @@ class EtcdTargetStore:
         seen: FenceView,
         ops: Sequence[Operation],
         fence: FenceRecord | None,
+        lease: int = 0,
     ) -> bool:
         compare = [
             ModIs(gen_key(source), seen.gen_rev),
             ModIs(fence_key(source, shard), seen.fence_rev),
         ]
         success: list[TxnOp] = [
-            Put(o.key, o.value or b"") if o.op is Op.PUT else Delete(o.key) for o in ops
+            Put(o.key, o.value or b"", lease) if o.op is Op.PUT else Delete(o.key) for o in ops
         ]
         if fence is not None:
             success.append(Put(fence_key(source, shard), fence.encode()))

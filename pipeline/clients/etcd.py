@@ -18,7 +18,12 @@ from etcd3 import etcdrpc
 from etcd3.client import EtcdTokenCallCredentials
 
 from pipeline.config import READ, ClusterConfig
-from pipeline.protocol.errors import CompactedError, RequestTooLargeError, RetryableError
+from pipeline.protocol.errors import (
+    CompactedError,
+    LeaseGoneError,
+    RequestTooLargeError,
+    RetryableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,7 @@ class KV:
     key: bytes
     value: bytes
     mod_revision: int
+    lease: int = 0  # the lease the key is attached to; 0: none
 
 
 # kvmesh's own operations, so that no module past this one knows the client library's
@@ -163,6 +169,14 @@ class EtcdClient(Protocol):
 
     def delete_prefix(self, prefix: bytes) -> None: ...
 
+    def grant_lease(self, ttl: int) -> int: ...
+
+    def keepalive(self, lease_id: int) -> int: ...
+
+    def lease_keys(self, lease_id: int) -> int | None: ...
+
+    def revoke_lease(self, lease_id: int) -> None: ...
+
     def watch(
         self,
         prefix: bytes,
@@ -267,6 +281,8 @@ class Etcd:
                     code == grpc.StatusCode.INVALID_ARGUMENT and "too large" in details
                 ):
                     raise RequestTooLargeError(f"etcd {self.name}: {details}") from None
+                if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
+                    raise LeaseGoneError(f"etcd {self.name}: {details}") from None
                 raise _retryable(exc, what, self.name) from None
             except (etcd3.Etcd3Exception, ValueError) as exc:
                 raise _retryable(exc, what, self.name) from None
@@ -291,7 +307,7 @@ class Etcd:
         if not resp.kvs:
             return None
         kv = resp.kvs[0]
-        return KV(kv.key, kv.value, kv.mod_revision)
+        return KV(kv.key, kv.value, kv.mod_revision, kv.lease)
 
     def count(self, prefix: bytes) -> int:
         resp = self._call(
@@ -365,7 +381,7 @@ class Etcd:
             resp = first
             while True:
                 for kv in resp.kvs:
-                    yield KV(kv.key, kv.value, kv.mod_revision)
+                    yield KV(kv.key, kv.value, kv.mod_revision, kv.lease)
                 if exact or not resp.more or not resp.kvs:
                     return
                 resp = fetch(resp.kvs[-1].key + b"\0", rev)
@@ -443,8 +459,15 @@ class Etcd:
         lease = self._call("lease grant", lambda: self._client.lease(ttl))
         return int(lease.id)
 
-    def keepalive(self, lease_id: int) -> None:
-        self._call("lease keepalive", lambda: list(self._client.refresh_lease(lease_id)))
+    def keepalive(self, lease_id: int) -> int:
+        """Refresh a lease; returns its TTL, 0 if the lease is gone."""
+        replies = self._call("lease keepalive", lambda: list(self._client.refresh_lease(lease_id)))
+        return max(0, int(replies[-1].TTL)) if replies else 0
+
+    def lease_keys(self, lease_id: int) -> int | None:
+        """How many keys a lease holds; None if the lease is gone."""
+        info = self._call("lease info", lambda: self._client.get_lease_info(lease_id))
+        return None if int(info.TTL) <= 0 else len(info.keys)
 
     def revoke_lease(self, lease_id: int) -> None:
         self._call("lease revoke", lambda: self._client.revoke_lease(lease_id))

@@ -127,6 +127,11 @@ class RequestTooLargeError(KvmeshError):
     """etcd refused a request for its size (its --max-request-bytes, or gRPC's limit)."""
 
 
+class LeaseGoneError(KvmeshError):
+    """A put named a lease the target no longer has (it expired, or was revoked): the keys
+    on it are gone too, so the pair needs a resync onto a new lease."""
+
+
 class RetryableError(KvmeshError):
     """A transient failure talking to etcd or Redis. `cluster` names the etcd cluster that
     failed, when it was one."""

@@ -259,14 +259,107 @@ def max_connected_clusters(cfg: dict[str, Any]) -> int:
     return value
 
 
+# Cilium's CiliumClusterConfig, in the order of its Go struct: encoding/json writes fields in
+# that order and leaves out the empty ones (omitempty): a zero id, false booleans, a zero
+# number. serviceExportsEnabled is a pointer there, so false is written and only absence is
+# left out. The capabilities object itself is a struct, which omitempty never leaves out.
+_CONFIG_FIELDS = ("id", "capabilities")
+_CAPABILITY_FIELDS: tuple[tuple[str, type], ...] = (
+    ("syncedCanaries", bool),
+    ("cached", bool),
+    ("maxConnectedClusters", int),
+    ("serviceExportsEnabled", bool),
+    ("endpointSlicesExportMode", str),
+)
+_KEEP_FALSE = {"serviceExportsEnabled"}
+
+
+def _go_order(key: bytes, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config as Go would write it: known fields first, in struct order, empty ones
+    left out; fields kvmesh does not know are kept after them, in their source order (Go
+    would drop them; keeping them lets a newer source's capabilities reach its agents)."""
+    caps_in = cfg.get("capabilities") or {}
+    caps: dict[str, Any] = {}
+    for name, kind in _CAPABILITY_FIELDS:
+        if name not in caps_in or caps_in[name] is None:
+            continue
+        value = caps_in[name]
+        if type(value) is not kind:
+            shown = {bool: "boolean", int: "number", str: "string"}[kind]
+            raise LayoutError(key, f"cluster config capabilities.{name} is not a {shown}")
+        if value or name in _KEEP_FALSE:
+            caps[name] = value
+    known = {name for name, _ in _CAPABILITY_FIELDS}
+    caps.update((k, v) for k, v in caps_in.items() if k not in known)
+    out: dict[str, Any] = {}
+    if cfg.get("id"):
+        out["id"] = cfg["id"]
+    out["capabilities"] = caps
+    out.update((k, v) for k, v in cfg.items() if k not in _CONFIG_FIELDS)
+    return out
+
+
 def cached_cluster_config(
     key: bytes, value: bytes, cluster_id: int, max_connected: int = 255
 ) -> bytes:
     """Copy a cluster config and mark it as cached, as Cilium's KVStoreMesh does: the
-    capabilities gain `"syncedCanaries": true` (kvmesh writes canaries) and `"cached": true`."""
+    capabilities gain `"syncedCanaries": true` (kvmesh writes canaries) and `"cached": true`,
+    and the bytes are what Cilium's Go struct encodes to (compact, its field order)."""
     cfg = parse_cluster_config(key, value, cluster_id, max_connected)
     caps = dict(cfg.get("capabilities") or {})
     caps["syncedCanaries"] = True
     caps["cached"] = True
     cfg["capabilities"] = caps
-    return json.dumps(cfg, separators=(",", ":"), allow_nan=False).encode()
+    return json.dumps(_go_order(key, cfg), separators=(",", ":"), allow_nan=False).encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# what a source advertises
+
+
+@dataclass(frozen=True)
+class SourceCaps:
+    """What a source's cluster config says about what to sync from it, as Cilium reads it:
+
+    - synced_canaries: the source writes `cilium/synced/<c>/cilium/state/<res>/v1` once it
+      has written all of a resource; until then a resource may be incomplete (a source
+      rebuilding after a restart), so nothing of it is deleted from a cache;
+    - service_exports: `serviceExportsEnabled` is present (true or false); without it the
+      source does not support MCS-API ServiceExports and none are synced;
+    - services: false with `endpointSlicesExportMode: EndpointSlicesOnly`.
+
+    A resource that is not synced is drained from the caches, and its canary is written.
+    """
+
+    synced_canaries: bool = False
+    service_exports: bool = False
+    services: bool = True
+
+    def syncs(self, resource: Resource) -> bool:
+        if resource.name == "serviceexports":
+            return self.service_exports
+        if resource.name == "services":
+            return self.services
+        return True
+
+
+def source_caps(cfg: dict[str, Any] | None) -> SourceCaps:
+    """The capabilities of a parsed cluster config; None (no config) advertises nothing."""
+    if cfg is None:
+        return SourceCaps()
+    caps = cfg.get("capabilities") or {}
+    return SourceCaps(
+        synced_canaries=caps.get("syncedCanaries") is True,
+        service_exports=isinstance(caps.get("serviceExportsEnabled"), bool),
+        services=caps.get("endpointSlicesExportMode") != "EndpointSlicesOnly",
+    )
+
+
+def source_canary_key(source: str, resource: Resource) -> bytes:
+    """`cilium/synced/<c>/cilium/state/<resource>/v1`: the source wrote all of a resource."""
+    assert resource.canary is not None
+    return f"cilium/synced/{source}/cilium/state/{resource.canary}/v1".encode()
+
+
+def source_canary_prefix(source: str) -> bytes:
+    return f"cilium/synced/{source}/cilium/state/".encode()

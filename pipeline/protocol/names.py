@@ -64,5 +64,15 @@ def draining_key(source: str) -> bytes:
     return f"kvmesh/{source}/draining".encode()
 
 
+def lease_prefix(source: str) -> bytes:
+    """Records of the etcd leases a source's cached keys sit on (sync.cache_lease_ttl), so
+    that whichever watcher is active keeps them alive."""
+    return f"kvmesh/{source}/leases/".encode()
+
+
+def lease_key(source: str, lease_id: int) -> bytes:
+    return lease_prefix(source) + f"{lease_id:x}".encode()
+
+
 def resync_key(source: str) -> bytes:
     return f"kvmesh/{source}/resync".encode()

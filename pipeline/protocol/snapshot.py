@@ -56,7 +56,7 @@ class Merger:
     """One target's side of a streaming merge: its cache, in key order, against the source's
     keys pushed in key order. Only the target's current item is held."""
 
-    def __init__(self, actual: Iterator[tuple[bytes, bytes]]) -> None:
+    def __init__(self, actual: Iterator[tuple[bytes, bytes | None]]) -> None:
         self._actual = actual
         self._head = next(actual, None)
 
@@ -192,10 +192,13 @@ class SnapshotCutter:
         self.extra += 1
         return self._add(key, Op.DELETE, None, shard)
 
-    def finish(self) -> list[Batch]:
+    def finish(self, resource: str | None = None) -> list[Batch]:
+        """Close every shard (or only *resource*'s shards, once it is listed: its canary
+        then need not wait for the resources listed after it)."""
         out: list[Batch] = []
         for shard in sorted(set(self._pending) | set(self._held)):
-            out += self._cut(shard, done=True)
+            if resource is None or shard.rpartition("-")[0] == resource:
+                out += self._cut(shard, done=True)
         return out
 
     def last_positions(self) -> dict[str, Position]:

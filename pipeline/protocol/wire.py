@@ -71,9 +71,12 @@ class Batch:
     pos: Position
     ops: tuple[Operation, ...]
     done: bool = True  # false while the shard is inside a snapshot (see fence.py)
+    lease: int = 0  # the target lease its puts go on (sync.cache_lease_ttl); 0: none
 
     def encode(self) -> dict[str, Any]:
+        extra = {"lease": self.lease} if self.lease else {}
         return {
+            **extra,
             "source": self.source,
             "target": self.target,
             "shard": self.shard,
@@ -262,6 +265,9 @@ def decode_batch(payload: Any) -> Batch:
     done = payload.get("done", True)
     if not isinstance(done, bool):
         raise MalformedBatchError("field 'done' must be a boolean")
+    lease = payload.get("lease", 0)
+    if not isinstance(lease, int) or isinstance(lease, bool) or not 0 <= lease < 1 << 63:
+        raise MalformedBatchError(f"field 'lease' must be a lease ID, got {lease!r}")
     return Batch(
         source=_str(payload, "source"),
         target=_str(payload, "target"),
@@ -271,4 +277,5 @@ def decode_batch(payload: Any) -> Batch:
         pos=pos,
         ops=tuple(ops),
         done=done,
+        lease=lease,
     )

@@ -8,7 +8,16 @@ from dataclasses import dataclass, field
 
 from pipeline.clients.etcd import EtcdClient
 from pipeline.protocol.errors import BadInputError
-from pipeline.protocol.layout import RESOURCES, Layout, Resource
+from pipeline.protocol.layout import (
+    RESOURCE_BY_NAME,
+    RESOURCES,
+    Layout,
+    Resource,
+    SourceCaps,
+    parse_cluster_config,
+    source_canary_prefix,
+    source_caps,
+)
 from pipeline.protocol.snapshot import convert
 
 
@@ -17,6 +26,59 @@ class SourceState:
     revision: int
     items: dict[bytes, bytes]  # target key -> target value
     rejected: dict[bytes, str] = field(default_factory=dict)  # source key -> reason
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What a source says, at one revision, about what to sync from it and what is complete:
+    its capabilities (from its cluster config) and the resources whose source canary exists."""
+
+    caps: SourceCaps
+    config: bool  # the source holds a cluster config kvmesh could read
+    canaries: frozenset[str] = frozenset()
+
+    def waiting(self) -> frozenset[str]:
+        """Resources whose deletes and target canary must wait for their source canary:
+        those of a source that advertises synced canaries and has not written theirs."""
+        if not self.caps.synced_canaries:
+            return frozenset()
+        return frozenset(
+            r.name
+            for r in RESOURCES
+            if r.canary is not None and self.caps.syncs(r) and r.name not in self.canaries
+        )
+
+    def carried(self, before: Readiness | None) -> Readiness:
+        """A source without a cluster config that had one before is taken to be rebuilding
+        (a clustermesh-apiserver's etcd is in memory and starts empty): what it advertised
+        still holds until it writes its config again."""
+        if self.config or before is None or not before.config:
+            return self
+        return Readiness(before.caps, True, self.canaries)
+
+
+def read_readiness(etcd: EtcdClient, layout: Layout, revision: int | None = None) -> Readiness:
+    """The source's Readiness at *revision* (None: now). A cluster config that is bad input
+    counts as none (the rejection itself is reported where the config is synced)."""
+    config = RESOURCE_BY_NAME["config"]
+    rev, kvs = etcd.scan(config.source_prefix(layout.source), revision, exact=True)
+    cfg = None
+    for kv in kvs:
+        try:
+            cfg = parse_cluster_config(
+                kv.key, kv.value, layout.cluster_id, layout.max_connected_clusters
+            )
+        except BadInputError:
+            cfg = None
+    _, marks = etcd.scan(source_canary_prefix(layout.source), rev)
+    names = {r.canary: r.name for r in RESOURCES if r.canary is not None}
+    prefix = source_canary_prefix(layout.source)
+    found = set()
+    for kv in marks:
+        canary, _, version = kv.key[len(prefix) :].partition(b"/")
+        if version == b"v1" and canary.decode("ascii", "replace") in names:
+            found.add(names[canary.decode("ascii")])
+    return Readiness(source_caps(cfg), cfg is not None, frozenset(found))
 
 
 def iter_resource(
@@ -54,9 +116,13 @@ def iter_source(
     page: int,
     max_bytes: int,
     on_reject: Callable[[BadInputError], None],
+    caps: SourceCaps | None = None,
 ) -> Iterator[tuple[Resource, bytes, bytes]]:
-    """(resource, target key, target value) for every synced key of the source."""
+    """(resource, target key, target value) for every synced key of the source (of the
+    resources *caps* says are synced, if given)."""
     for res in RESOURCES:
+        if caps is not None and not caps.syncs(res):
+            continue
         for tkey, tvalue in iter_resource(
             etcd, layout, res, revision, page=page, max_bytes=max_bytes, on_reject=on_reject
         ):
@@ -73,6 +139,7 @@ def read_source(
 ) -> SourceState:
     """Every synced key of the source, listed at one revision."""
     state = SourceState(etcd.revision(), {})
+    caps = read_readiness(etcd, layout, state.revision).caps
 
     def reject(exc: BadInputError) -> None:
         state.rejected[exc.key] = str(exc)
@@ -80,7 +147,13 @@ def read_source(
             on_reject(exc)
 
     for _res, tkey, tvalue in iter_source(
-        etcd, layout, state.revision, page=page, max_bytes=max_bytes, on_reject=reject
+        etcd,
+        layout,
+        state.revision,
+        page=page,
+        max_bytes=max_bytes,
+        on_reject=reject,
+        caps=caps,
     ):
         state.items[tkey] = tvalue
     return state

@@ -114,6 +114,22 @@ class WatcherMetrics:
             registry=r,
         )
 
+        self.waiting_source_canary = Gauge(
+            "kvmesh_watcher_waiting_source_canary",
+            "1 while a resource waits for its source canary (the source advertises synced "
+            "canaries and has not written this one): nothing of it is deleted from the "
+            "caches, and its target canary is not written",
+            ["source_cluster", "resource"],
+            registry=r,
+        )
+        self.held_deletes = Counter(
+            "kvmesh_watcher_held_deletes_total",
+            "Deletes not sent while their resource waited for its source canary (the resync "
+            "that follows the canary sends what is still owed)",
+            ["source_cluster"],
+            registry=r,
+        )
+
         self.errors = Counter(
             "kvmesh_watcher_errors_total",
             "Unexpected errors the watcher survived (where: fence_poll, drain); each is "

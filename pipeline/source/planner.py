@@ -46,6 +46,9 @@ class Cause(StrEnum):
     ANTI_ENTROPY = "anti_entropy"  # the periodic resync (sync.resync_interval)
     COMPACTED = "compacted"  # the source's history was compacted past the watch
     CORRUPT_RECORD = "corrupt_record"  # a kvmesh record in the target does not decode
+    SOURCE_CANARY = "source_canary"  # a resource's source canary appeared: send held deletes
+    SOURCE_CONFIG = "source_config"  # the source's capabilities changed what is synced
+    LEASE_EXPIRED = "lease_expired"  # a lease of cached keys ended, and its keys with it
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,31 @@ class Assessment:
     fences: dict[str, FenceRecord] = field(default_factory=dict)
 
 
-def assess(records: TargetRecords, pair: PairState, now: float, stall_timeout: float) -> Assessment:
+def complete(
+    records: TargetRecords, pair: PairState, hold: frozenset[str] = frozenset()
+) -> list[str]:
+    """Resources whose canary is owed: every shard of theirs done in this generation, the
+    canary not written yet, and not held (waiting for its source canary)."""
+    out = []
+    for res in RESOURCES:
+        if res.canary is None or res.name in pair.canaried or res.name in hold:
+            continue
+        shards = [s for s in pair.chain if shard_resource(s) == res.name]
+        if all(
+            (f := records.fences.get(s)) is not None and f.gen == pair.gen and f.done
+            for s in shards
+        ):
+            out.append(res.name)
+    return out
+
+
+def assess(
+    records: TargetRecords,
+    pair: PairState,
+    now: float,
+    stall_timeout: float,
+    hold: frozenset[str] = frozenset(),
+) -> Assessment:
     """One fence poll of a target. Updates pair.fence_pos and pair.behind_since (the only
     state it keeps) and says what is owed. Stalled shards are only candidates: the watcher
     resyncs for them only while its queue is empty (a long backlog is not a loss)."""
@@ -283,16 +310,7 @@ def assess(records: TargetRecords, pair: PairState, now: float, stall_timeout: f
             pair.behind_since[shard] = now
         elif now - pair.behind_since[shard] > stall_timeout:
             stalled.append(shard)
-    canaries = []
-    for res in RESOURCES:
-        if res.canary is None or res.name in pair.canaried:
-            continue
-        shards = [s for s in pair.chain if shard_resource(s) == res.name]
-        if all(
-            (f := records.fences.get(s)) is not None and f.gen == pair.gen and f.done
-            for s in shards
-        ):
-            canaries.append(res.name)
+    canaries = complete(records, pair, hold)
     return Assessment(
         request=request, stalled=stalled, canaries=canaries, fences=dict(records.fences)
     )

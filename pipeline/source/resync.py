@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 from pipeline.clients.etcd import EtcdClient
 from pipeline.protocol.errors import BadInputError, RetryableError
-from pipeline.protocol.layout import RESOURCES, Layout, Resource
+from pipeline.protocol.layout import RESOURCES, Layout, Resource, SourceCaps
 from pipeline.protocol.sharding import shard_of
 from pipeline.protocol.snapshot import Merger, SnapshotCutter
 from pipeline.protocol.wire import Batch
-from pipeline.source.listing import iter_resource
+from pipeline.source.listing import Readiness, iter_resource
 from pipeline.source.targets import TargetControl
 
 log = logging.getLogger("kvmesh.resync")
@@ -35,6 +35,7 @@ class Snapshot:
     cutter: SnapshotCutter
     publish: Callable[[list[Batch]], None]  # raises RetryableError when the broker refuses
     failed: str = ""  # why this target's snapshot stopped (then it stays owed a resync)
+    held: int = 0  # keys only the target holds, kept while their source canary is missing
     outbox: list[Batch] = field(default_factory=list)
 
     def send(self, batches: list[Batch], force: bool = False) -> None:
@@ -53,12 +54,15 @@ class Snapshot:
             log.warning("%s→%s: %s", self.control.source, self.control.name, why)
 
 
-def _cache(snapshot: Snapshot, res: Resource) -> Iterator[tuple[bytes, bytes]]:
+def _cache(snapshot: Snapshot, res: Resource) -> Iterator[tuple[bytes, bytes | None]]:
     """The target's cache of one resource; a target that fails mid-way just stops (its
-    snapshot is marked failed and its remaining differences are not published)."""
+    snapshot is marked failed and its remaining differences are not published). A key on
+    a lease that is not the watcher's comes without its value: it differs whatever it
+    holds, so it is written again where it belongs."""
+    mine = snapshot.control.leases.mine
     try:
         for kv in snapshot.control.cache(res):
-            yield kv.key, kv.value
+            yield kv.key, kv.value if mine(kv.lease) else None
     except RetryableError as exc:
         snapshot.fail(f"listing the target failed: {exc}")
 
@@ -74,25 +78,41 @@ def run(
     max_bytes: int,
     on_reject: Callable[[BadInputError], None],
     keep_going: Callable[[], bool],
+    readiness: Readiness | None = None,
+    on_listed: Callable[[Resource], object] = lambda _res: None,
 ) -> None:
     """Merge the source at *revision* into every snapshot, the targets' caches advancing in
     step with one listing of the source. Raises RetryableError if the source cannot be
-    listed, or if *keep_going* (asked now and then) says stop: the lease was lost."""
+    listed, or if *keep_going* (asked now and then) says stop: the lease was lost.
+
+    *readiness* (what the source advertises at *revision*) decides per resource: one the
+    source does not sync is drained (listed as empty); one still waiting for its source
+    canary loses nothing (its deletes are held; so are the cluster config's while any
+    resource waits). Each resource's shards are closed as soon as it is listed, and
+    *on_listed* is called, so its canary need not wait for the rest."""
+    ready = readiness or Readiness(SourceCaps(), False)
+    waiting = ready.waiting()
     listed = 0
     for res in RESOURCES:
+        hold = res.name in waiting or (res.single_key and bool(waiting))
         mergers = [Merger(_cache(snap, res)) for snap in snapshots]
-        for key, value in iter_resource(
-            source, layout, res, revision, page=page, max_bytes=max_bytes, on_reject=on_reject
-        ):
+        rows: Iterator[tuple[bytes, bytes]] = iter(())
+        if ready.caps.syncs(res):
+            rows = iter_resource(
+                source, layout, res, revision, page=page, max_bytes=max_bytes, on_reject=on_reject
+            )
+        for key, value in rows:
             for snap, merger in zip(snapshots, mergers, strict=True):
                 if not snap.failed:
-                    _feed(snap, res, merger.push(key, value), shard_count)
+                    _feed(snap, res, merger.push(key, value), shard_count, hold)
             listed += 1
             if listed % 5000 == 0 and not keep_going():
                 raise RetryableError("lost the lease during a resync")
         for snap, merger in zip(snapshots, mergers, strict=True):
             if not snap.failed:
-                _feed(snap, res, merger.rest(), shard_count)
+                _feed(snap, res, merger.rest(), shard_count, hold)
+                snap.send(snap.cutter.finish(res.name), force=True)
+        on_listed(res)
     for snap in snapshots:
         snap.send(snap.cutter.finish(), force=True)
 
@@ -102,10 +122,14 @@ def _feed(
     res: Resource,
     differences: Iterator[tuple[bytes, bytes | None, bool]],
     shard_count: int,
+    hold: bool,
 ) -> None:
     for key, value, missing in differences:
         shard = shard_of(res, key, shard_count)
         if value is None:
+            if hold:
+                snap.held += 1
+                continue
             snap.send(snap.cutter.delete(key, shard))
         else:
             snap.send(snap.cutter.put(key, value, shard, missing))

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from pipeline.clients.etcd import KV, Delete, EtcdClient, ModIs, Put
 from pipeline.config import ClusterConfig
-from pipeline.protocol.errors import RetryableError
+from pipeline.protocol.errors import LeaseGoneError, RetryableError
 from pipeline.protocol.fence import FenceRecord, GenRecord
 from pipeline.protocol.layout import Resource, canary_key
 from pipeline.protocol.names import (
@@ -25,6 +25,7 @@ from pipeline.protocol.names import (
     state_prefix,
 )
 from pipeline.protocol.wire import Signer
+from pipeline.source.leases import TargetLeases
 from pipeline.source.planner import TargetRecords, read_records
 
 _FENCES_PER_TXN = 100  # etcd allows 128 operations per transaction; one is the compare
@@ -39,6 +40,7 @@ class TargetControl:
         shards: list[str],
         signer: Signer | None,
         page: int,
+        lease_ttl: int = 0,
     ) -> None:
         self.cluster = cluster
         self.etcd = etcd
@@ -46,6 +48,7 @@ class TargetControl:
         self.shards = shards
         self.signer = signer
         self.page = page
+        self.leases = TargetLeases(etcd, source, lease_ttl)
 
     @property
     def name(self) -> str:
@@ -92,7 +95,12 @@ class TargetControl:
 
     def write_canary(self, resource: Resource) -> None:
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ").encode()  # RFC 3339
-        self.etcd.put(canary_key(self.source, resource), stamp)
+        lease = self.leases.take(1)
+        try:
+            self.etcd.txn([], [Put(canary_key(self.source, resource), stamp, lease)])
+        except LeaseGoneError:
+            self.leases.lost(lease)
+            raise
 
     def take_request(self, mod_revision: int) -> None:
         """Delete the resync request that was read, and only that one: a newer one stays."""

@@ -19,22 +19,30 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pipeline.clients.etcd import Etcd, EtcdClient
 from pipeline.clients.lease import AlwaysLeader, Lease
 from pipeline.clients.publisher import Publisher
 from pipeline.config import READ, WRITE, ClusterConfig, Settings
 from pipeline.protocol.batching import Change, ShardBuffer, make_batches
-from pipeline.protocol.errors import BadInputError, PublishError, RetryableError
+from pipeline.protocol.errors import BadInputError, LeaseGoneError, PublishError, RetryableError
 from pipeline.protocol.fence import FenceRecord, GenRecord, Position
-from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES, Op
-from pipeline.protocol.sharding import all_shards, shard_of
+from pipeline.protocol.layout import (
+    RESOURCE_BY_NAME,
+    RESOURCES,
+    Op,
+    Resource,
+    parse_cluster_config,
+    source_caps,
+)
+from pipeline.protocol.sharding import all_shards, shard_of, shard_resource
 from pipeline.protocol.snapshot import SnapshotCutter, convert
 from pipeline.protocol.wire import Batch, Signer
 from pipeline.source import resync
 from pipeline.source.drain import drain_removed
 from pipeline.source.feed import INBOX, Delivered, Lost, SourceFeed
+from pipeline.source.listing import Readiness, read_readiness
 from pipeline.source.metrics import WatcherMetrics
 from pipeline.source.planner import (
     END,
@@ -45,6 +53,7 @@ from pipeline.source.planner import (
     TargetRecords,
     applied_through,
     assess,
+    complete,
     new_generation,
     plan_start,
 )
@@ -55,6 +64,7 @@ log = logging.getLogger("kvmesh.watcher")
 _FLUSH_AT = 8192  # pending changes that force a flush before the linger ends
 _PROGRESS_HEARTBEAT = 30.0  # seconds between progress writes when nothing synced changed
 _TAKE = 512  # feed items taken per pass of the loop, at most
+_LOOK_DURING_RESYNC = 0.1  # seconds between looks for complete resources while listing
 
 EtcdFactory = Callable[[ClusterConfig, float, str], EtcdClient]
 
@@ -136,6 +146,7 @@ class Watcher:
                     self.shards,
                     signer,
                     settings.sync.page_size,
+                    settings.sync.cache_lease_ttl,
                 )
             )
             for c in settings.targets_of(src)
@@ -153,6 +164,7 @@ class Watcher:
         self._resync_after = 0.0  # failed resyncs back off until then
         self._resync_backoff = 0.0
         self._drain_clients: dict[str, EtcdClient] = {}
+        self.readiness: Readiness | None = None  # what the source advertised, last read
         self.lease: Lease = lease or AlwaysLeader()
         self._standby_logged = False
         # The lease is renewed on a thread of its own, so that one slow etcd call of the main
@@ -268,10 +280,14 @@ class Watcher:
         """Open a generation in every target, resuming from fences where possible, then
         start the watches."""
         rev, self.feed.cluster_id = self.feed.etcd.header()
+        self._read_readiness(rev)
         starts: list[int] = []
         for t in self.targets:
             try:
-                start = self._open(t, allow_resume=True, source_rev=rev)
+                intact = t.control.leases.load()  # kept alive from now on
+                if not intact:
+                    t.need_resync = Cause.LEASE_EXPIRED
+                start = self._open(t, allow_resume=intact, source_rev=rev)
             except RetryableError as exc:
                 log.warning("%s→%s: target unavailable: %s", self.source.name, t.name, exc)
                 t.owe(Cause.TARGET_UNAVAILABLE, str(exc))
@@ -324,7 +340,18 @@ class Watcher:
         resource, src = item.resource, self.source.name
         if item.events:
             self.metrics.events.labels(src, resource.name).inc(len(item.events))
+        if self.readiness is not None and not self.readiness.caps.syncs(resource):
+            return  # the source does not advertise it: its cache is drained, not synced
+        waiting = self.waiting
+        hold = resource.name in waiting or (resource.single_key and bool(waiting))
         for ev in item.events:
+            if ev.value is None and hold:
+                # deleted while the source is still being rebuilt: the resync that follows
+                # its canary deletes what is still gone then
+                self.metrics.held_deletes.labels(src).inc()
+                continue
+            if resource.single_key and ev.value is not None:
+                self._config_changed(ev.key, ev.value)
             try:
                 tkey, tvalue = convert(
                     self.layout, resource, ev.key, ev.value, self.sync.max_batch_bytes
@@ -345,6 +372,66 @@ class Watcher:
         if len(self.buffer) and self._flush_deadline is None:
             self._flush_deadline = self.clock() + self.sync.linger
         self.metrics.source_revision.labels(src).set(max(self.feed.delivered.values()))
+
+    def _config_changed(self, key: bytes, value: bytes) -> None:
+        """A new cluster config that changes what is synced (serviceexports, services, synced
+        canaries) owes every target a resync, which adds or drains what changed."""
+        try:
+            cfg = parse_cluster_config(
+                key, value, self.layout.cluster_id, self.layout.max_connected_clusters
+            )
+        except BadInputError:
+            return  # rejected where it is converted
+        caps = source_caps(cfg)
+        before = self.readiness
+        if before is not None and caps == before.caps:
+            return
+        canaries = before.canaries if before is not None else frozenset()
+        self.readiness = Readiness(caps, True, canaries)
+        if before is None:
+            return
+        log.info("%s: its cluster config changed what is synced; resyncing", self.source.name)
+        for t in self.targets:
+            t.owe(Cause.SOURCE_CONFIG)
+
+    # -- what the source advertises ----------------------------------------------------------
+
+    @property
+    def waiting(self) -> frozenset[str]:
+        """Resources waiting for their source canary."""
+        return self.readiness.waiting() if self.readiness is not None else frozenset()
+
+    def _read_readiness(self, rev: int | None) -> Readiness:
+        before = self.waiting
+        ready = read_readiness(self.feed.etcd, self.layout, rev).carried(self.readiness)
+        self.readiness = ready
+        waiting = ready.waiting()
+        for res in RESOURCES:
+            if res.canary is not None:
+                self.metrics.waiting_source_canary.labels(self.source.name, res.name).set(
+                    int(res.name in waiting)
+                )
+        if waiting - before:
+            log.info(
+                "%s: waiting for source canary of %s: nothing of these is deleted from the "
+                "caches, nor their canary written, until the source writes it",
+                self.source.name,
+                ", ".join(sorted(waiting)),
+            )
+        return ready
+
+    def _check_source_canaries(self) -> None:
+        """While resources wait, look for their source canaries on each tick; one that
+        appeared owes every target a resync, which sends the deletes held meanwhile."""
+        before = self.waiting
+        if not before:
+            return
+        arrived = before - self._read_readiness(None).waiting()
+        if arrived:
+            names = ", ".join(sorted(arrived))
+            log.info("%s: source canary of %s written; resyncing", self.source.name, names)
+            for t in self.targets:
+                t.owe(Cause.SOURCE_CANARY, names)
 
     def _reject(self, exc: BadInputError) -> None:
         self.metrics.rejected.labels(self.source.name, exc.kind).inc()
@@ -432,7 +519,26 @@ class Watcher:
                 t.pair.chain[shard] = chain[-1].pos  # the next batch follows these, sent or not
                 chains.append(chain)
         if chains:
-            self._send(t, [b for row in itertools.zip_longest(*chains) for b in row if b])
+            batches = [b for row in itertools.zip_longest(*chains) for b in row if b]
+            try:
+                batches = self._on_leases(t, batches)
+            except RetryableError as exc:
+                # the chains moved on without these: the target gets a resync instead
+                log.warning("%s→%s: granting a lease failed: %s", self.source.name, t.name, exc)
+                t.owe(Cause.TARGET_UNAVAILABLE, str(exc))
+                return
+            self._send(t, batches)
+
+    def _on_leases(self, t: Target, batches: list[Batch]) -> list[Batch]:
+        """Put each batch's keys on the target's current lease (sync.cache_lease_ttl)."""
+        leases = t.control.leases
+        if not leases.enabled:
+            return batches
+        out = []
+        for b in batches:
+            puts = sum(1 for o in b.ops if o.op is Op.PUT)
+            out.append(replace(b, lease=leases.take(puts)) if puts else b)
+        return out
 
     def _send(self, t: Target, batches: list[Batch]) -> None:
         """Publish batches already chained; on a failure keep the rest in t.unsent, in
@@ -464,6 +570,16 @@ class Watcher:
                 self._next_antientropy = now + self.sync.resync_interval
                 for t in self.targets:
                     t.owe(Cause.ANTI_ENTROPY)
+        try:
+            self._check_source_canaries()
+        except RetryableError as exc:
+            log.warning("%s: reading its source canaries failed: %s", self.source.name, exc)
+        for t in self.targets:
+            try:
+                if not t.control.leases.keep_alive(now):
+                    t.owe(Cause.LEASE_EXPIRED, "a lease of its cached keys ended")
+            except RetryableError as exc:
+                log.warning("%s→%s: keeping leases alive failed: %s", self.source.name, t.name, exc)
         for t in self.targets:
             if t.need_resync:
                 continue
@@ -508,7 +624,7 @@ class Watcher:
     def _poll(self, t: Target, now: float) -> None:
         src = self.source.name
         records = t.control.read()
-        found = assess(records, t.pair, now, self.sync.stall_timeout)
+        found = assess(records, t.pair, now, self.sync.stall_timeout, self.waiting)
         if found.request is not None:
             mod_revision, outcome = found.request
             t.control.take_request(mod_revision)
@@ -529,10 +645,8 @@ class Watcher:
             self.metrics.stalls.labels(src, t.name).inc()
             t.owe(Cause.STALLED, f"shards {', '.join(found.stalled[:3])} stalled")
             return
-        for name in found.canaries:
-            t.control.write_canary(RESOURCE_BY_NAME[name])
-            t.pair.canaried.add(name)
-            log.info("%s→%s: %s synced (canary written)", src, t.name, name)
+        if not self._write_canaries(t, found.canaries):
+            return
         done = all(r.name in t.pair.canaried for r in RESOURCES if r.canary is not None)
         self.metrics.initial_sync.labels(src, t.name).set(int(done))
         through = applied_through(
@@ -627,10 +741,14 @@ class Watcher:
         publish, while listing, only what differs from each target. Returns R."""
         src = self.source.name
         rev = self.feed.etcd.revision()
+        ready = self._read_readiness(rev)
         snapshots: list[tuple[Target, Cause, resync.Snapshot]] = []
         for t in targets:
             reason = t.need_resync or Cause.START
             try:
+                if not t.control.leases.loaded:
+                    t.control.leases.load()  # a resync rewrites what a lost lease took
+                t.control.leases.check_current()
                 self._open(t, allow_resume=False, source_rev=rev)
                 t.control.clear_rejected()  # this snapshot decides anew
                 t.control.write_fences(
@@ -663,6 +781,7 @@ class Watcher:
         if not snapshots:
             raise RetryableError("no target reachable for the resync")
         started = self.clock()
+        listed = self._listed(rev, snapshots)
         resync.run(
             self.feed.etcd,
             self.layout,
@@ -672,7 +791,9 @@ class Watcher:
             page=self.sync.page_size,
             max_bytes=self.sync.max_batch_bytes,
             on_reject=self._reject,
-            keep_going=self._keep_lease,
+            keep_going=lambda: self._keep_lease() and listed(None),
+            readiness=ready,
+            on_listed=listed,
         )
         _, config = self.feed.etcd.scan(
             RESOURCE_BY_NAME["config"].source_prefix(src), rev, exact=True
@@ -704,6 +825,14 @@ class Watcher:
                 ("extra", cutter.extra),
             ):
                 self.metrics.resync_keys.labels(src, t.name, kind).inc(n)
+            if snap.held:
+                self.metrics.held_deletes.labels(src).inc(snap.held)
+                log.info(
+                    "%s→%s: %d keys only the target holds kept until their source canary",
+                    src,
+                    t.name,
+                    snap.held,
+                )
             log.info(
                 "%s→%s: generation %d resynced at revision %d (%s%s): %d missing, "
                 "%d different, %d extra, in %.2fs",
@@ -720,8 +849,59 @@ class Watcher:
             )
         return rev
 
+    def _listed(
+        self, rev: int, snapshots: list[tuple[Target, Cause, resync.Snapshot]]
+    ) -> Callable[[Resource | None], bool]:
+        """During a resync, after each resource is listed (and now and then while one is):
+        close the fences of that resource's shards the snapshot did not touch, and write the
+        canaries of resources already complete in a target, without waiting for the rest
+        of the listing, as each resource's readers wait for its canary only."""
+        every = min(_LOOK_DURING_RESYNC, self.sync.fence_poll_interval)
+        next_look = self.clock() + every
+
+        def listed(res: Resource | None) -> bool:
+            nonlocal next_look
+            for t, _, snap in snapshots:
+                if snap.failed:
+                    continue
+                try:
+                    if res is not None:
+                        last = snap.cutter.last_positions()
+                        untouched = {
+                            s: FenceRecord(t.pair.gen, (rev, 0), True)
+                            for s in self.shards
+                            if shard_resource(s) == res.name and s not in last
+                        }
+                        if untouched:
+                            t.control.write_fences(t.gen_rev, untouched)
+                    if self.clock() >= next_look or res is not None:
+                        records = t.control.read()
+                        if not self._write_canaries(t, complete(records, t.pair, self.waiting)):
+                            snap.fail("the lease of its cached keys ended")
+                except RetryableError as exc:
+                    snap.fail(f"closing {res.name if res else 'a resource'} failed: {exc}")
+            if self.clock() >= next_look:
+                next_look = self.clock() + every
+            return True
+
+        return listed
+
+    def _write_canaries(self, t: Target, names: list[str]) -> bool:
+        """Write the canaries of resources now complete in the target; False if the lease
+        they go on had ended (the target is then owed a resync)."""
+        for name in names:
+            try:
+                t.control.write_canary(RESOURCE_BY_NAME[name])
+            except LeaseGoneError as exc:
+                t.owe(Cause.LEASE_EXPIRED, str(exc))
+                return False
+            t.pair.canaried.add(name)
+            log.info("%s→%s: %s synced (canary written)", self.source.name, t.name, name)
+        return True
+
     def _snapshot_publisher(self, t: Target) -> Callable[[list[Batch]], None]:
         def publish(batches: list[Batch]) -> None:
+            batches = self._on_leases(t, batches)
             self.publisher.publish(batches)
             self._count_published(t, batches)
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 
 from pipeline.clients.etcd import Etcd, Put
-from pipeline.protocol.layout import CLUSTER_ID_SHIFT
+from pipeline.protocol.layout import CLUSTER_ID_SHIFT, RESOURCES, source_canary_key
 
 ID_BASE = 256  # Cilium allocates cluster-local identities from 256 up
 
@@ -91,6 +92,13 @@ def cluster_config_value(cluster_id: int) -> bytes:
     ).encode()
 
 
+def source_canaries(cluster: str) -> dict[bytes, bytes]:
+    """The synced canaries a clustermesh-apiserver writes into its own etcd once it has
+    written each resource from Kubernetes (`cilium/synced/<c>/cilium/state/<res>/v1`)."""
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ").encode()
+    return {source_canary_key(cluster, r): stamp for r in RESOURCES if r.canary is not None}
+
+
 def make_state(
     cluster: str,
     cluster_id: int,
@@ -103,7 +111,8 @@ def make_state(
     seed: int = 0,
 ) -> dict[bytes, bytes]:
     """A consistent Cilium state: every ipcache entry refers to an identity and a node, and
-    every identity has one value key per node that uses it (about value_keys_per_identity)."""
+    every identity has one value key per node that uses it (about value_keys_per_identity).
+    Its cluster config advertises synced canaries, and the canaries come last."""
     rng = random.Random(seed)  # noqa: S311 - simulated data, not secrets
     out: dict[bytes, bytes] = {}
     ids = [identity_id(cluster_id, i) for i in range(identities)]
@@ -131,6 +140,7 @@ def make_state(
             ip, host, ident, f"ns-{e % 7}", f"pod-{e:05d}"
         )
     out[f"cilium/cluster-config/{cluster}".encode()] = cluster_config_value(cluster_id)
+    out.update(source_canaries(cluster))  # after everything, as the apiserver writes them
     return out
 
 

@@ -20,7 +20,7 @@ from pipeline.protocol.errors import ConfigError, KvmeshError, RetryableError
 from pipeline.protocol.layout import RESOURCES
 from pipeline.protocol.logs import configure as configure_logging
 from pipeline.protocol.names import queue_name
-from pipeline.tools.report import collect_status, verify_once
+from pipeline.tools.report import collect_status, verify_kvstoremesh_once, verify_once
 
 # Exit codes
 EXIT_OK = 0
@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=0.0, help="poll until equal or until this many seconds passed"
     )
     v.add_argument("--examples", type=int, default=3, help="example keys shown per kind")
+    v.add_argument(
+        "--against-kvstoremesh-layout",
+        action="store_true",
+        help="check that each target holds exactly what Cilium's KVStoreMesh would write "
+        "(identities by ID only, its cluster config bytes, one RFC 3339 canary per resource), "
+        "apart from timestamps and lease IDs",
+    )
     c = with_config(sub.add_parser("count", help="count keys under a prefix in one cluster"))
     c.add_argument("--cluster", required=True)
     c.add_argument(
@@ -373,7 +380,8 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     deadline = time.monotonic() + max(0.0, args.wait)
     while True:
         try:
-            equal, lines = verify_once(settings, args.examples)
+            check = verify_kvstoremesh_once if args.against_kvstoremesh_layout else verify_once
+            equal, lines = check(settings, args.examples)
         except RetryableError as exc:
             if time.monotonic() >= deadline:
                 raise
@@ -538,6 +546,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             f"{r.canaries:>6}/{canaries} {r.source_keys:>9} {r.cached_keys:>9}  "
             f"{outcomes}"
         )
+        if r.waiting_for_source_canary:
+            print(f"    waiting for source canary: {', '.join(r.waiting_for_source_canary)}")
     return EXIT_OK
 
 

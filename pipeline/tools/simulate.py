@@ -33,6 +33,7 @@ from pipeline.tools.cilium_state import (
     node_ip,
     node_value,
     service_value,
+    source_canaries,
 )
 
 log = logging.getLogger("kvmesh.simulate")
@@ -103,9 +104,11 @@ class Simulator:
 
     # -- initial state ------------------------------------------------------------------------
 
-    def populate(self) -> None:
+    def populate(self, canaries: bool = True) -> None:
         """Write the cluster's initial state: about `identities` identities used by
-        `endpoints` pods over `nodes` nodes (about 1.5 value keys per identity)."""
+        `endpoints` pods over `nodes` nodes (about 1.5 value keys per identity), then, as a
+        clustermesh-apiserver does once it has written everything, its synced canaries
+        (unless *canaries* is false: see write_canaries)."""
         m = self.model
         puts: list[tuple[bytes, bytes, int]] = []
         for n in range(m.nodes):
@@ -133,12 +136,18 @@ class Simulator:
         puts.append(
             (f"cilium/cluster-config/{m.name}".encode(), cluster_config_value(m.cluster_id), 0)
         )
+        if canaries:
+            puts += [(k, v, 0) for k, v in source_canaries(m.name).items()]
         for i in range(0, len(puts), 127):
             self.etcd.txn(
                 [],
                 [Put(k, v, lease or 0) for k, v, lease in puts[i : i + 127]],
             )
         log.info("%s: wrote %d keys", m.name, len(puts))
+
+    def write_canaries(self) -> None:
+        """The synced canaries of every resource, as the apiserver writes them at the end."""
+        self.etcd.txn([], [Put(k, v) for k, v in source_canaries(self.model.name).items()])
 
     def _pod_puts(self, local: int, node: int) -> list[tuple[bytes, bytes, int]]:
         m = self.model

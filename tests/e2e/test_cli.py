@@ -78,8 +78,26 @@ def test_watch_worker_count_and_status(mesh: Mesh) -> None:
     for r in rows:
         assert r["cached_keys"] == r["source_keys"]
         assert r["workers"]["applied"] > 0
+        assert r["waiting_for_source_canary"] == []
     table = mesh.cli("status")
     assert table.returncode == 0 and "cluster-a" in table.stdout and "lag" in table.stdout
+    # a source whose identities are not all written yet (its canary is missing) says so
+    mesh.client(0).delete(b"cilium/synced/cluster-a/cilium/state/identities/v1")
+    table = mesh.cli("status")
+    assert "waiting for source canary: identities" in table.stdout, table.stdout
+    mesh.client(0).put(
+        b"cilium/synced/cluster-a/cilium/state/identities/v1", b"2026-11-28T00:00:00Z"
+    )
+    # what Cilium's KVStoreMesh would have written, apart from timestamps and leases
+    same = mesh.cli("verify", "--against-kvstoremesh-layout")
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert same.stdout.count("KVStoreMesh layout EQUAL") == 2
+    mesh.client(1).put(b"cilium/synced/cluster-a/cilium/cache/nodes/v1", b"yesterday")
+    off = mesh.cli("verify", "--against-kvstoremesh-layout")
+    assert off.returncode == 1
+    assert (
+        "canary not an RFC 3339 time: cilium/synced/cluster-a/cilium/cache/nodes/v1" in off.stdout
+    )
 
 
 def test_celery_cli_runs_the_worker_app(mesh: Mesh) -> None:
@@ -124,6 +142,13 @@ def test_identities_all_mode_copies_value_keys(servers: Servers) -> None:
         b = mesh.client(1)
         assert b.count(b"cilium/cache/identities/v1/cluster-a/value/") == values
         assert b.count(b"cilium/cache/identities/v1/cluster-a/id/") == 100
+        # KVStoreMesh copies identities by ID only: the value keys make the layouts differ
+        res = mesh.cli("verify", "--against-kvstoremesh-layout", "--examples", "1")
+        assert res.returncode == 1
+        assert (
+            f"extra {values}," in res.stdout
+            and "extra: cilium/cache/identities/v1/cluster-a/value/" in res.stdout
+        )
     finally:
         mesh.stop()
 

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import pytest
 
+from pipeline.source.listing import read_source, read_target
+
 from ..harness import eventually
 from ..proxy import Proxy
 from .conftest import FaultMesh, with_sigcont
@@ -28,6 +30,14 @@ RESUMES = "kvmesh_watcher_resumes_total"
 
 def generations(mesh: FaultMesh) -> dict[tuple[str, str], int | None]:
     return {pair: mesh.gen(*pair) for pair in mesh.pairs()}
+
+
+def read_target_keys_expected(mesh: FaultMesh) -> set[bytes]:
+    """The target keys cluster-a's current state maps to."""
+    settings = mesh.settings
+    layout = settings.layout_of(settings.cluster(A))
+    state = read_source(mesh.client(0), layout, page=1000, max_bytes=1 << 20)
+    return set(state.items)
 
 
 def put_and_wait(mesh: FaultMesh, name: bytes, value: bytes = b"{}") -> None:
@@ -299,3 +309,59 @@ def test_anti_entropy_repairs_unreported_drift(mesh: FaultMesh) -> None:
     eventually(lambda: b.get(key) is not None, timeout=60, what="drift repaired")
     mesh.wait_equal()
     assert ae.metric(RESYNCS, source_cluster=A, reason="anti_entropy") >= 1
+
+
+def test_source_restarted_empty_loses_no_cached_key_until_its_canaries(mesh: FaultMesh) -> None:
+    """A clustermesh-apiserver's etcd restarts empty and is rebuilt under churn. Its config
+    advertises synced canaries, so until it writes them again no cached key of it is
+    deleted anywhere; once they are written, every target converges exactly."""
+    a_sim = mesh.churn.sims[0]
+    a_sim.pause()
+    mesh.wait_equal(120)
+    before = set(read_target(mesh.client(1), A, page=1000))
+    replaced = mesh.watch.metric(
+        RESYNCS, source_cluster=A, target_cluster=B, reason="source_replaced"
+    )
+    mesh.etcds[0].kill()
+    shutil.rmtree(mesh.etcds[0].data_dir)
+    mesh.etcds[0].data_dir.mkdir()
+    mesh.etcds[0].start()
+    # the empty source is noticed and resynced: everything it lacks is held, not deleted
+    eventually(
+        lambda: (
+            mesh.watch.metric(RESYNCS, source_cluster=A, target_cluster=B, reason="source_replaced")
+            > replaced
+        ),
+        timeout=90,
+        what="the replaced source resynced",
+    )
+    assert set(read_target(mesh.client(1), A, page=1000)) == before
+    # rebuilt slowly, without canaries yet, and churning
+    a_sim.etcd = mesh.client(0)
+    a_sim.model.pods.clear()
+    a_sim.model.refs.clear()
+    a_sim.populate(canaries=False)
+    rebuilt = read_target_keys_expected(mesh)
+    eventually(
+        lambda: rebuilt <= set(read_target(mesh.client(1), A, page=1000)),
+        timeout=90,
+        what="the rebuilt keys cached in cluster-b",
+    )
+    ops = mesh.churn.ops
+    a_sim.resume()
+    eventually(lambda: mesh.churn.ops >= ops + 30, timeout=60, what="churn on the rebuilt source")
+    for resource in ("nodes", "services", "ipcache", "identities"):
+        waiting = mesh.watch.metric(
+            "kvmesh_watcher_waiting_source_canary", source_cluster=A, resource=resource
+        )
+        assert waiting == 1, resource
+    assert before <= set(read_target(mesh.client(1), A, page=1000))  # nothing lost
+    assert mesh.watch.metric("kvmesh_watcher_held_deletes_total", source_cluster=A) > 0
+    a_sim.write_canaries()
+    mesh.settle()  # exact, stale keys gone
+    assert (
+        mesh.watch.metric(
+            "kvmesh_watcher_waiting_source_canary", source_cluster=A, resource="nodes"
+        )
+        == 0
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +147,10 @@ def seed(mesh: Mesh) -> None:
 def test_the_pipeline_runs_with_cilium_remote_users_and_certificate_cns(servers: Servers) -> None:
     """Watchers read each source as Cilium's read-only `remote` user, workers and the
     watchers' target-side writes use a user limited to the cache side, both taken from their
-    certificates' CN; every cache ends exact, and a source key changes after the start."""
-    mesh = RbacMesh(servers)
+    certificates' CN; every cache ends exact, and a source key changes after the start.
+    The cached keys sit on leases the write user granted (sync.cache_lease_ttl), 1,000 keys
+    a lease at most, as KVStoreMesh's do."""
+    mesh = RbacMesh(servers, sync={"cache_lease_ttl": 60})
     try:
         seed(mesh)
         mesh.worker()
@@ -166,6 +169,10 @@ def test_the_pipeline_runs_with_cilium_remote_users_and_certificate_cns(servers:
             timeout=60,
             what="every canary written with the write user",
         )
+        _, cached = mesh.client(1).scan(b"cilium/cache/")
+        per_lease = Counter(kv.lease for kv in cached)
+        assert per_lease and 0 not in per_lease, per_lease
+        assert max(per_lease.values()) <= 1000
     finally:
         mesh.stop()
 

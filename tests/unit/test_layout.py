@@ -122,15 +122,48 @@ def test_other_clusters_prefixes_do_not_match() -> None:
 
 
 def test_cluster_config_is_marked_cached() -> None:
-    """The cluster config is copied with capabilities.cached = true, as KVStoreMesh does."""
-    src = json.dumps({"id": 1, "capabilities": {"maxConnectedClusters": 255}}).encode()
-    out = json.loads(A.transform_value(RESOURCE_BY_NAME["config"], b"k", src))
-    assert out["id"] == 1
-    assert out["capabilities"] == {
-        "maxConnectedClusters": 255,
-        "syncedCanaries": True,
-        "cached": True,
-    }
+    """The cluster config is copied with capabilities.cached = true, as KVStoreMesh does, in
+    the bytes Cilium's Go struct encodes to (measured from KVStoreMesh in the same run)."""
+    src = json.dumps({"capabilities": {"maxConnectedClusters": 255}, "id": 1}).encode()
+    out = A.transform_value(RESOURCE_BY_NAME["config"], b"k", src)
+    assert out == (
+        b'{"id":1,"capabilities":{"syncedCanaries":true,"cached":true,"maxConnectedClusters":255}}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("caps", "expected"),
+    [
+        # absent and empty fields are left out, as omitempty does; a false pointer is kept
+        (
+            {"serviceExportsEnabled": False},
+            b'"maxConnectedClusters":255,"serviceExportsEnabled":false',
+        ),
+        ({"serviceExportsEnabled": None}, b'"maxConnectedClusters":255'),
+        (
+            {"endpointSlicesExportMode": "EndpointSlicesOnly", "serviceExportsEnabled": True},
+            b'"maxConnectedClusters":255,"serviceExportsEnabled":true,'
+            b'"endpointSlicesExportMode":"EndpointSlicesOnly"',
+        ),
+        # fields kvmesh does not know are kept, after the known ones, in source order
+        ({"zeta": 1, "alpha": [1]}, b'"maxConnectedClusters":255,"zeta":1,"alpha":[1]'),
+    ],
+)
+def test_cluster_config_keeps_gos_field_order(caps: dict[str, object], expected: bytes) -> None:
+    src = json.dumps(
+        {"extra": {"x": 1}, "capabilities": {**caps, "maxConnectedClusters": 255}, "id": 1}
+    )
+    out = A.transform_value(RESOURCE_BY_NAME["config"], b"k", src.encode())
+    assert out == (
+        b'{"id":1,"capabilities":{"syncedCanaries":true,"cached":true,' + expected + b"},"
+        b'"extra":{"x":1}}'
+    )
+
+
+def test_cluster_config_with_a_mistyped_capability_is_rejected() -> None:
+    src = b'{"id":1,"capabilities":{"maxConnectedClusters":"255"}}'
+    with pytest.raises(LayoutError, match="maxConnectedClusters is not a number"):
+        A.transform_value(RESOURCE_BY_NAME["config"], b"k", src)
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,13 @@ class SourceView:
     events: int = 0
     targets_synced: int = 0
     targets: int = 0
+    waiting: tuple[str, ...] = ()  # resources waiting for their source canary
+
+    @property
+    def state(self) -> str:
+        if self.waiting:
+            return f"waiting for source canary ({', '.join(self.waiting)})"
+        return "syncing" if self.targets_synced < self.targets else "in sync"
 
     def update(self, pairs: list[PairStatus], metrics: dict[str, float]) -> None:
         """Fold the status of this source's pairs and its watcher's metrics into the row."""
@@ -48,6 +55,7 @@ class SourceView:
             self.ops_applied = sum(p.workers.get("ops_applied", 0) for p in pairs)
             self.targets = len(pairs)
             self.targets_synced = sum(1 for p in pairs if p.canaries == CANARIES)
+            self.waiting = tuple(pairs[0].waiting_for_source_canary)
         self.rejected = int(
             sum(v for k, v in metrics.items() if k.startswith("kvmesh_watcher_rejected_total"))
         )
@@ -67,6 +75,7 @@ COLUMNS = (
     "events",
     "filtered",
     "targets synced",
+    "state",
 )
 
 
@@ -86,6 +95,7 @@ def render(views: list[SourceView], title: str) -> Table:
             str(v.events),
             str(v.rejected),
             f"{v.targets_synced}/{v.targets}",
+            v.state,
         )
     return table
 
@@ -94,6 +104,7 @@ def line(views: list[SourceView]) -> str:
     """The view as one line, for logs and pipes."""
     return "  ".join(
         f"{v.source}: queue={_n(v.queue)} lag={_n(v.lag_revisions)} synced={v.synced_keys}"
+        + (f" ({v.state})" if v.waiting else "")
         for v in views
     )
 

@@ -1,0 +1,173 @@
+"""What a source advertises, honoured as Cilium's KVStoreMesh honours it: a source whose
+cluster config has syncedCanaries loses nothing from the caches until it has written the
+canary of a resource (a clustermesh-apiserver etcd restarts empty and is rebuilt), and
+serviceexports and services follow its capabilities. The real watcher and applier on
+in-memory etcds (tests/rig.py)."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.protocol.layout import RESOURCES, source_canary_key
+from pipeline.source.planner import Cause
+from tests.rig import Rig
+
+NODE = b"cilium/state/nodes/v1/a/"
+SERVICE = b"cilium/state/services/v1/a/"
+EXPORT = b"cilium/state/serviceexports/v1/a/"
+IDENTITY = b"cilium/state/identities/v1/id/"
+CONFIG = b"cilium/cluster-config/a"
+CACHE_NODES = b"cilium/cache/nodes/v1/a/"
+CACHE_IDS = b"cilium/cache/identities/v1/a/id/"
+
+
+def config(**caps: object) -> bytes:
+    return json.dumps({"id": 1, "capabilities": {"maxConnectedClusters": 255, **caps}}).encode()
+
+
+def canary(resource: str) -> bytes:
+    return source_canary_key("a", next(r for r in RESOURCES if r.name == resource))
+
+
+def write_canaries(rig: Rig, *resources: str) -> None:
+    names = resources or tuple(r.name for r in RESOURCES if r.canary is not None)
+    for name in names:
+        rig.source.put(canary(name), b"2026-11-28T00:00:00Z")
+
+
+def fill(rig: Rig, nodes: range, identities: range, **caps: object) -> None:
+    src = rig.source
+    src.put(CONFIG, config(**caps))
+    for i in nodes:
+        src.put(NODE + f"node-{i}".encode(), b'{"name":"node-%d"}' % i)
+    for i in identities:
+        src.put(IDENTITY + str((1 << 16) + i).encode(), b"k8s:app=x%d" % i)
+
+
+def cached(rig: Rig, target: str, prefix: bytes) -> set[bytes]:
+    return set(rig.mesh[target].items(prefix))
+
+
+def test_a_source_restarting_empty_loses_no_key_until_its_canaries() -> None:
+    rig = Rig()
+    fill(rig, range(10), range(20), syncedCanaries=True)
+    write_canaries(rig)
+    rig.start()
+    rig.settle()
+    before = {t: rig.cache(t) for t in rig.targets}
+    assert all(before[t] == rig.expected() for t in rig.targets)
+
+    # The apiserver restarts: its etcd comes back empty, and it rebuilds slowly.
+    rig.source.wipe()
+    rig.settle()
+    for t in rig.targets:
+        assert rig.cache(t) == before[t]  # not even the cluster config went
+    fill(rig, range(5, 12), range(10), syncedCanaries=True)  # some old, some new
+    rig.source.put(NODE + b"node-11", b'{"name":"gone again"}')
+    rig.source.delete(NODE + b"node-11")  # a delete while waiting is held too
+    rig.settle()
+    assert rig.watcher.waiting == {"nodes", "services", "ipcache", "identities"}
+    assert (
+        rig.metric(
+            "kvmesh_watcher_waiting_source_canary", source_cluster="a", resource="identities"
+        )
+        == 1
+    )
+    for t in rig.targets:
+        now = rig.cache(t)
+        assert set(before[t]) <= set(now)  # nothing lost
+        assert CACHE_NODES + b"node-10" in now  # additions land at once
+    old_canary = rig.mesh["b"].get(b"cilium/synced/a/cilium/cache/nodes/v1")
+    assert old_canary is not None
+
+    # The nodes are complete: their stale keys go, the identities still wait.
+    write_canaries(rig, "nodes")
+    rig.settle()
+    assert rig.resyncs("b", Cause.SOURCE_CANARY.value) >= 1
+    for t in rig.targets:
+        assert cached(rig, t, CACHE_NODES) == {
+            CACHE_NODES + f"node-{i}".encode() for i in range(5, 11)
+        }
+        assert set(rig.mesh[t].items(CACHE_IDS)) >= {
+            k for k in before[t] if k.startswith(CACHE_IDS)
+        }
+    new_canary = rig.mesh["b"].get(b"cilium/synced/a/cilium/cache/nodes/v1")
+    assert new_canary is not None and new_canary.mod_revision > old_canary.mod_revision
+    ids_canary = rig.mesh["b"].get(b"cilium/synced/a/cilium/cache/identities/v1")
+    assert ids_canary is not None and ids_canary.mod_revision < new_canary.mod_revision
+
+    write_canaries(rig)
+    rig.settle()
+    assert rig.watcher.waiting == frozenset()
+    for t in rig.targets:
+        assert rig.cache(t) == rig.expected()
+        assert len(cached(rig, t, CACHE_IDS)) == 10
+
+
+def test_without_the_capability_a_resync_deletes_at_once() -> None:
+    """A source that does not advertise synced canaries keeps today's behaviour: the resync
+    after its restart deletes what it has not written back."""
+    rig = Rig()
+    fill(rig, range(10), range(20))
+    rig.start()
+    rig.settle()
+    rig.source.wipe()
+    fill(rig, range(5), range(10))
+    rig.settle()
+    assert rig.watcher.waiting == frozenset()
+    for t in rig.targets:
+        assert rig.cache(t) == rig.expected()
+        assert len(cached(rig, t, CACHE_NODES)) == 5
+
+
+def test_canaries_are_written_per_resource_as_each_completes() -> None:
+    """A resource's target canary does not wait for the resources listed after it: with
+    the identities' shards held back by a worker, the nodes' canary is written."""
+    rig = Rig()
+    fill(rig, range(5), range(50), syncedCanaries=True)
+    write_canaries(rig)
+    rig.start()
+    node_batches = [b for b in rig.queue.batches if not b.shard.startswith("identities")]
+    rig.queue.batches = [b for b in rig.queue.batches if b.shard.startswith("identities")]
+    rig.work(node_batches)
+    rig.tick()
+    for t in rig.targets:
+        assert rig.mesh[t].get(b"cilium/synced/a/cilium/cache/nodes/v1") is not None
+        assert rig.mesh[t].get(b"cilium/synced/a/cilium/cache/identities/v1") is None
+    rig.settle()
+    for t in rig.targets:
+        assert rig.mesh[t].get(b"cilium/synced/a/cilium/cache/identities/v1") is not None
+
+
+def test_serviceexports_and_services_follow_the_capabilities() -> None:
+    rig = Rig()
+    fill(rig, range(3), range(3))  # no serviceExportsEnabled: exports are not supported
+    rig.source.put(EXPORT + b"ns/web", b'{"name":"web"}')
+    rig.source.put(SERVICE + b"ns/web", b'{"name":"web"}')
+    rig.start()
+    rig.settle()
+    exports = b"cilium/cache/serviceexports/v1/a/"
+    services = b"cilium/cache/services/v1/a/"
+    for t in rig.targets:
+        assert cached(rig, t, exports) == set()
+        assert cached(rig, t, services) == {services + b"ns/web"}
+        # a resource that is not synced is complete, empty: agents need not wait for it
+        assert rig.mesh[t].get(b"cilium/synced/a/cilium/cache/serviceexports/v1") is not None
+
+    rig.source.put(CONFIG, config(serviceExportsEnabled=False))  # supported (none enabled)
+    rig.settle()
+    assert rig.resyncs("b", Cause.SOURCE_CONFIG.value) == 1
+    rig.source.put(EXPORT + b"ns/api", b'{"name":"api"}')
+    rig.settle()
+    for t in rig.targets:
+        assert cached(rig, t, exports) == {exports + b"ns/web", exports + b"ns/api"}
+
+    rig.source.put(
+        CONFIG, config(serviceExportsEnabled=True, endpointSlicesExportMode="EndpointSlicesOnly")
+    )
+    rig.source.put(SERVICE + b"ns/api", b'{"name":"api"}')
+    rig.settle()
+    for t in rig.targets:
+        assert cached(rig, t, services) == set()  # drained, and no new one synced
+        assert len(cached(rig, t, exports)) == 2
+        assert rig.cache(t) == rig.expected()
