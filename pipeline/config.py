@@ -121,6 +121,7 @@ class SyncConfig:
     max_batch_bytes: int = 1_000_000  # etcd's default request limit is 1.5 MiB
     batches_per_task: int = 8  # batches carried by one Celery task, each its own transaction
     linger: float = 0.02  # seconds the watcher waits for more events before cutting a batch
+    max_linger: float = 0.5  # the linger grows up to this while tasks wait in the queue
     page_size: int = 2000  # keys per range request; keeps responses under gRPC's 4 MiB
     stall_timeout: float = 10.0  # a fence that does not move for this long means lost batches
     fence_poll_interval: float = 1.0
@@ -500,8 +501,10 @@ def settings_from_mapping(
         )
     if sync.max_connected_clusters not in (255, 511):
         raise ConfigError("sync.max_connected_clusters", "must be 255 or 511, as in Cilium")
-    for name in ("etcd_timeout", "watch_timeout", "fence_poll_interval", "linger"):
-        if getattr(sync, name) < 0 or (name != "linger" and getattr(sync, name) == 0):
+    for name in ("etcd_timeout", "watch_timeout", "fence_poll_interval", "linger", "max_linger"):
+        if getattr(sync, name) < 0 or (
+            name not in ("linger", "max_linger") and getattr(sync, name) == 0
+        ):
             raise ConfigError(f"sync.{name}", "must be positive")
     worker: WorkerConfig = _section(WorkerConfig, "worker", data.get("worker", {}), env)
     if worker.pool not in ("prefork", "threads", "solo"):

@@ -323,6 +323,8 @@ class MemoryEtcd:
     def revoke_lease(self, lease_id: int) -> None:
         """The lease goes, and every key on it (as when it expires)."""
         self._check()
+        if lease_id not in self.space.leases:
+            raise LeaseGoneError(f"etcd {self.name}: etcdserver: requested lease not found")
         keys = self._on_lease(lease_id)
         self.space.leases.pop(lease_id, None)
         if keys:

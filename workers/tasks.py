@@ -84,14 +84,14 @@ class _PerProcess:
 
 def check_task(task: Task, sources: set[str], targets: set[str]) -> None:
     """What a task may touch, whatever its signature says: raise ForbiddenBatchError unless
-    its target is a configured target, its source a configured source other than the
-    target, and every key of every batch inside that source's cache of its shard's resource
-    (or that source's cluster config)."""
-    first = task.batches[0]
-    if first.target not in targets:
-        raise ForbiddenBatchError(f"target {first.target[:64]!r} is not a configured target")
-    if first.source not in sources or first.source == first.target:
-        raise ForbiddenBatchError(f"source {first.source[:64]!r} may not write {first.target}")
+    each batch's target is a configured target, its source a configured source other than
+    that target, and every key of every batch inside that source's cache of its shard's
+    resource (or that source's cluster config)."""
+    for b in task.batches:
+        if b.target not in targets:
+            raise ForbiddenBatchError(f"target {b.target[:64]!r} is not a configured target")
+        if b.source not in sources or b.source == b.target:
+            raise ForbiddenBatchError(f"source {b.source[:64]!r} may not write {b.target[:64]}")
     for b in task.batches:
         parsed = parse_shard(b.shard)
         if parsed is None:
@@ -148,30 +148,37 @@ def register_tasks(app: Any, settings: Settings) -> Any:
             )
             conns.count(first.source, first.target, exc.kind)
             return exc.kind
-        batches = task.batches
-        outcomes: Counter[str] = Counter()
+        by_target: dict[str, list[Batch]] = {}
+        for b in task.batches:
+            by_target.setdefault(b.target, []).append(b)
+        outcomes: dict[str, Counter[str]] = {t: Counter() for t in by_target}
         gaps: dict[tuple[str, str, str], object] = {}
-        try:
-            waiting = apply_all(conns.store(first.target), batches, outcomes, worker.gap_wait, gaps)
-        except _Unavailable as exc:
+        unavailable: list[Batch] = []
+        waiting: list[Batch] = []
+        for target, batches in by_target.items():
+            try:
+                waiting += apply_all(
+                    conns.store(target), batches, outcomes[target], worker.gap_wait, gaps
+                )
+            except _Unavailable as exc:
+                # the other targets of the task go on; this one's batches come back later
+                log.warning(
+                    "%s→%s: %s; retrying %d batches",
+                    first.source,
+                    target,
+                    exc.cause,
+                    len(exc.remaining),
+                )
+                outcomes[target]["retry_unavailable"] += 1
+                unavailable += exc.remaining
+        retry: list[Batch] = list(unavailable)
+        delay = 0.0
+        if unavailable:
             delay = min(worker.max_retry_delay, 0.2 * 2 ** min(self.request.retries, 10))
-            log.warning(
-                "%s→%s: %s; retrying %d batches in %.1fs",
-                first.source,
-                first.target,
-                exc.cause,
-                len(exc.remaining),
-                delay,
-            )
-            conns.record(first.source, first.target, outcomes | Counter(retry_unavailable=1))
-            raise self.retry(
-                args=(encode_task(exc.remaining, signer, task.gap_since_ms),),
-                kwargs={},
-                countdown=delay,
-            ) from None
+        since_ms: int | None = task.gap_since_ms
         if waiting:
             now_ms = int(time.time() * 1000)
-            since_ms = task.gap_since_ms or now_ms
+            since_ms = since_ms or now_ms
             mono = time.monotonic()
             stuck = max(
                 conns.gaps.stuck_for(k, gaps.get(k), mono)
@@ -179,22 +186,31 @@ def register_tasks(app: Any, settings: Settings) -> Any:
             )
             waited = max((now_ms - since_ms) / 1000, stuck)
             if waited < settings.sync.stall_timeout:
-                outcomes["gap_wait"] += len(waiting)
-                conns.record(first.source, first.target, outcomes)
+                for b in waiting:
+                    outcomes[b.target]["gap_wait"] += 1
+                retry += waiting
                 # the longer a gap lasts, the less often each waiting task comes back: many
                 # of them behind one lost batch must not keep the pool busy
-                delay = min(max(worker.gap_retry_delay, waited / 4), 2.0)
-                raise self.retry(
-                    args=(encode_task(waiting, signer, since_ms),),
-                    kwargs={},
-                    countdown=delay,
-                )
-            _resync(conns, waiting[0], f"shard {waiting[0].shard} stalled before {waiting[0].prev}")
-            outcomes["stalled"] += len(waiting)
-        if outcomes[Decision.RESYNC.value]:
-            _resync(conns, first, "target lost its generation or fence")
-        conns.record(first.source, first.target, outcomes)
-        return " ".join(f"{k}={v}" for k, v in sorted(outcomes.items()) if k != "ops_applied")
+                delay = max(delay, min(max(worker.gap_retry_delay, waited / 4), 2.0))
+            else:
+                for target in {b.target for b in waiting}:
+                    stalled = [b for b in waiting if b.target == target]
+                    _resync(
+                        conns,
+                        stalled[0],
+                        f"shard {stalled[0].shard} stalled before {stalled[0].prev}",
+                    )
+                    outcomes[target]["stalled"] += len(stalled)
+        for target, counts in outcomes.items():
+            if counts[Decision.RESYNC.value]:
+                _resync(conns, by_target[target][0], "target lost its generation or fence")
+            conns.record(first.source, target, counts)
+        if retry:
+            raise self.retry(
+                args=(encode_task(retry, signer, since_ms),), kwargs={}, countdown=delay
+            )
+        total: Counter[str] = sum(outcomes.values(), Counter())
+        return " ".join(f"{k}={v}" for k, v in sorted(total.items()) if k != "ops_applied")
 
     return apply_task
 

@@ -23,14 +23,10 @@ class Publisher(Protocol):
 
 
 def group_batches(batches: Sequence[Batch], per_task: int) -> list[list[Batch]]:
-    """Consecutive batches for the same target, up to *per_task* in a group."""
-    groups: list[list[Batch]] = []
-    for b in batches:
-        if groups and len(groups[-1]) < per_task and groups[-1][0].target == b.target:
-            groups[-1].append(b)
-        else:
-            groups.append([b])
-    return groups
+    """The batches in order, *per_task* to a task. A task may carry batches for several
+    targets of its source (a flush of the watcher is one task for all of them, not one per
+    target); the worker applies each in its own target's fenced transaction."""
+    return [list(batches[i : i + per_task]) for i in range(0, len(batches), per_task)]
 
 
 class CeleryPublisher:
@@ -63,12 +59,14 @@ class CeleryPublisher:
             with self._app.producer_or_acquire() as producer:
                 for group in group_batches(batches, self._per_task):
                     first = group[0]
+                    targets = sorted({b.target for b in group})
+                    to = targets[0] if len(targets) == 1 else f"{len(targets)} targets"
                     self._app.send_task(
                         TASK_NAME,
                         args=[encode_task(group, self._signer)],
                         # Celery would repr() the whole payload for Flower; say what it is.
-                        argsrepr=f"[{first.source}->{first.target} {len(group)} batches "
-                        f"{sum(len(b.ops) for b in group)} ops gen={first.gen}]",
+                        argsrepr=f"[{first.source}->{to} {len(group)} batches "
+                        f"{sum(len(b.ops) for b in group)} ops]",
                         kwargsrepr="{}",
                         queue=self._queue,
                         routing_key=self._queue,

@@ -74,5 +74,10 @@ def lease_key(source: str, lease_id: int) -> bytes:
     return lease_prefix(source) + f"{lease_id:x}".encode()
 
 
+def held_key(source: str) -> bytes:
+    """Present while deletes of the source were held back for a missing source canary."""
+    return f"kvmesh/{source}/held".encode()
+
+
 def resync_key(source: str) -> bytes:
     return f"kvmesh/{source}/resync".encode()

@@ -223,8 +223,8 @@ def _decode(payload: dict[str, Any]) -> Task:
             f"field 'batches' must be a list of 1 to {MAX_BATCHES_PER_TASK} batches"
         )
     batches = [decode_batch(b) for b in raw]
-    if len({(b.source, b.target) for b in batches}) != 1:
-        raise MalformedBatchError("batches of one task must share source and target")
+    if len({b.source for b in batches}) != 1:
+        raise MalformedBatchError("batches of one task must share their source")
     since = payload.get("gap_since")
     if since is not None and (
         not isinstance(since, int) or isinstance(since, bool) or not 0 < since < 1 << 53

@@ -20,7 +20,7 @@ from typing import TypeVar
 from pipeline.protocol.errors import CorruptRecordError, MalformedBatchError
 from pipeline.protocol.fence import FenceRecord, GenRecord, Position
 from pipeline.protocol.layout import RESOURCES
-from pipeline.protocol.names import fence_key, gen_key, progress_key, resync_key
+from pipeline.protocol.names import fence_key, gen_key, held_key, progress_key, resync_key
 from pipeline.protocol.sharding import shard_resource
 from pipeline.protocol.wire import Signer
 
@@ -71,6 +71,7 @@ class TargetRecords:
     progress: bytes | None
     request: Request | None
     corrupt: str = ""
+    held: bool = False  # deletes were held for a missing source canary (names.held_key)
 
 
 def read_records(
@@ -99,6 +100,7 @@ def read_records(
                 corrupt = corrupt or f"fence of {shard}: {exc}"
     req = raw.get(resync_key(source))
     progress = raw.get(progress_key(source))
+    held = held_key(source) in raw
     return TargetRecords(
         gen=gen,
         gen_rev=gen_raw[1] if gen_raw is not None else 0,
@@ -106,6 +108,7 @@ def read_records(
         progress=progress[0] if progress is not None else None,
         request=Request(_request_gen(req[0], signer), req[1]) if req is not None else None,
         corrupt=corrupt,
+        held=held,
     )
 
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-from pipeline.clients.etcd import KV, Delete, EtcdClient, ModIs, Put
+from pipeline.clients.etcd import KV, Delete, EtcdClient, ModIs, Put, TxnOp
 from pipeline.config import ClusterConfig
 from pipeline.protocol.errors import LeaseGoneError, RetryableError
 from pipeline.protocol.fence import FenceRecord, GenRecord
@@ -19,6 +19,7 @@ from pipeline.protocol.names import (
     draining_key,
     fence_key,
     gen_key,
+    held_key,
     progress_key,
     rejected_prefix,
     resync_key,
@@ -93,14 +94,18 @@ class TargetControl:
             [ModIs(gen_key(self.source), gen_rev)], [Put(progress_key(self.source), value)]
         ).succeeded
 
-    def write_canary(self, resource: Resource) -> None:
+    def write_canary(self, resource: Resource, lease: int = 0) -> None:
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ").encode()  # RFC 3339
-        lease = self.leases.take(1)
         try:
             self.etcd.txn([], [Put(canary_key(self.source, resource), stamp, lease)])
         except LeaseGoneError:
-            self.leases.lost(lease)
+            self.leases.forget(lease)
             raise
+
+    def mark_held(self, held: bool) -> None:
+        """Record (or clear) that deletes of this source were held for a source canary."""
+        op: TxnOp = Put(held_key(self.source), b"1") if held else Delete(held_key(self.source))
+        self.etcd.txn([], [op])
 
     def take_request(self, mod_revision: int) -> None:
         """Delete the resync request that was read, and only that one: a newer one stays."""

@@ -49,6 +49,7 @@ from pipeline.source.planner import (
     Cause,
     PairState,
     Resume,
+    Resync,
     SourceFacts,
     TargetRecords,
     applied_through,
@@ -78,6 +79,7 @@ class Target:
     gen_rev: int = 0
     skip: dict[str, Position] = field(default_factory=dict)  # events at/below are covered
     need_resync: Cause | None = Cause.START  # set while a resync is owed
+    held_marked: bool = False  # the target records that deletes were held (see _hold)
     resync_detail: str = ""  # what the log says about the cause
     snapshot_rev: int = 0
     progress_rev: int = 0
@@ -200,6 +202,7 @@ class Watcher:
         src = self.source.name
         keeper = threading.Thread(target=self._renew_loop, name=f"lease:{src}", daemon=True)
         keeper.start()
+        threading.Thread(target=self._keep_leases, name=f"leases:{src}", daemon=True).start()
         try:
             while not self.stop_event.is_set():
                 if not self.lease.acquire():
@@ -243,6 +246,28 @@ class Watcher:
                 self._in_term.clear()
                 self._lease_lost.set()
 
+    def _keep_leases(self) -> None:
+        """Keep the leases of the cached keys alive (sync.cache_lease_ttl), on a thread of
+        its own, while this watcher is active: whatever the main loop is doing (a long
+        resync, a start that keeps failing on the source), the caches do not expire."""
+        every = self.sync.cache_lease_ttl / 3 if self.sync.cache_lease_ttl else 10.0
+        while not self.stop_event.wait(every):
+            if not self._in_term.is_set():
+                continue
+            self.keep_leases_once()
+
+    def keep_leases_once(self) -> None:
+        for t in self.targets:
+            leases = t.control.leases
+            try:
+                if not leases.loaded:
+                    leases.load()
+                leases.keep_alive()
+            except RetryableError as exc:
+                log.warning("%s→%s: keeping leases alive failed: %s", self.source.name, t.name, exc)
+            except Exception:  # input (records) must not kill the thread
+                log.exception("%s→%s: keeping leases alive failed", self.source.name, t.name)
+
     def _serve(self) -> None:
         """One term as the active watcher."""
         backoff = 0.2
@@ -284,7 +309,11 @@ class Watcher:
         starts: list[int] = []
         for t in self.targets:
             try:
-                intact = t.control.leases.load()  # kept alive from now on
+                leases = t.control.leases
+                if not leases.loaded:
+                    leases.load()  # kept alive from now on (Watcher._keep_leases)
+                intact = not leases.lost.is_set()
+                leases.lost.clear()
                 if not intact:
                     t.need_resync = Cause.LEASE_EXPIRED
                 start = self._open(t, allow_resume=intact, source_rev=rev)
@@ -348,7 +377,7 @@ class Watcher:
             if ev.value is None and hold:
                 # deleted while the source is still being rebuilt: the resync that follows
                 # its canary deletes what is still gone then
-                self.metrics.held_deletes.labels(src).inc()
+                self._hold()
                 continue
             if resource.single_key and ev.value is not None:
                 self._config_changed(ev.key, ev.value)
@@ -360,7 +389,11 @@ class Watcher:
                 self._reject(exc)
                 if ev.value is None:
                     continue
-                # A key that became bad input must not leave its old value cached.
+                # A key that became bad input must not leave its old value cached (unless its
+                # resource waits for its source canary: then nothing is deleted).
+                if hold:
+                    self._hold()
+                    continue
                 try:
                     tkey = self.layout.rewrite(resource, ev.key)
                 except BadInputError:
@@ -370,7 +403,7 @@ class Watcher:
             shard = shard_of(resource, tkey, self.sync.shards)
             self.buffer.add(shard, Change(tkey, op, tvalue, (ev.revision, ev.index)))
         if len(self.buffer) and self._flush_deadline is None:
-            self._flush_deadline = self.clock() + self.sync.linger
+            self._flush_deadline = self.clock() + self._linger()
         self.metrics.source_revision.labels(src).set(max(self.feed.delivered.values()))
 
     def _config_changed(self, key: bytes, value: bytes) -> None:
@@ -382,17 +415,10 @@ class Watcher:
             )
         except BadInputError:
             return  # rejected where it is converted
-        caps = source_caps(cfg)
         before = self.readiness
-        if before is not None and caps == before.caps:
+        if before is None or source_caps(cfg) == before.caps:
             return
-        canaries = before.canaries if before is not None else frozenset()
-        self.readiness = Readiness(caps, True, canaries)
-        if before is None:
-            return
-        log.info("%s: its cluster config changed what is synced; resyncing", self.source.name)
-        for t in self.targets:
-            t.owe(Cause.SOURCE_CONFIG)
+        self._read_readiness(None)
 
     # -- what the source advertises ----------------------------------------------------------
 
@@ -402,36 +428,79 @@ class Watcher:
         return self.readiness.waiting() if self.readiness is not None else frozenset()
 
     def _read_readiness(self, rev: int | None) -> Readiness:
-        before = self.waiting
-        ready = read_readiness(self.feed.etcd, self.layout, rev).carried(self.readiness)
+        """Read what the source advertises and which of its canaries exist. A resource whose
+        canary appeared, or capabilities that changed, owe every target a resync (a target
+        being resynced right now is covered by that resync)."""
+        before = self.readiness
+        raw = read_readiness(self.feed.etcd, self.layout, rev)
+        if before is None and not raw.config:
+            before = self._cached_readiness()
+        ready = raw.carried(before)
         self.readiness = ready
+        was = before.waiting() if before is not None else frozenset()
         waiting = ready.waiting()
         for res in RESOURCES:
             if res.canary is not None:
                 self.metrics.waiting_source_canary.labels(self.source.name, res.name).set(
                     int(res.name in waiting)
                 )
-        if waiting - before:
+        if waiting - was:
             log.info(
                 "%s: waiting for source canary of %s: nothing of these is deleted from the "
                 "caches, nor their canary written, until the source writes it",
                 self.source.name,
                 ", ".join(sorted(waiting)),
             )
-        return ready
-
-    def _check_source_canaries(self) -> None:
-        """While resources wait, look for their source canaries on each tick; one that
-        appeared owes every target a resync, which sends the deletes held meanwhile."""
-        before = self.waiting
-        if not before:
-            return
-        arrived = before - self._read_readiness(None).waiting()
+        arrived = was - waiting
         if arrived:
             names = ", ".join(sorted(arrived))
             log.info("%s: source canary of %s written; resyncing", self.source.name, names)
             for t in self.targets:
                 t.owe(Cause.SOURCE_CANARY, names)
+        if before is not None and ready.caps != before.caps:
+            log.info("%s: its cluster config changed what is synced; resyncing", self.source.name)
+            for t in self.targets:
+                t.owe(Cause.SOURCE_CONFIG)
+        return ready
+
+    def _cached_readiness(self) -> Readiness | None:
+        """A watcher that starts while its source has no cluster config: if a target caches
+        one, the source had it and is being rebuilt (a clustermesh-apiserver restarting).
+        The cached copy always says syncedCanaries (kvmesh marks it so), so the watcher takes
+        the safe side and waits for the source's canaries; a source that does not write them
+        stops being waited for as soon as its config is back without the capability."""
+        key = RESOURCE_BY_NAME["config"].cache_prefix(self.source.name)
+        for t in self.targets:
+            try:
+                kv = t.control.etcd.get(key)
+                if kv is None:
+                    continue
+                cfg = parse_cluster_config(
+                    kv.key, kv.value, self.layout.cluster_id, self.layout.max_connected_clusters
+                )
+            except (RetryableError, BadInputError):
+                continue
+            return Readiness(replace(source_caps(cfg), synced_canaries=True), True)
+        return None
+
+    def _check_source_canaries(self) -> None:
+        """While resources wait, look for their source canaries on each tick."""
+        if self.waiting:
+            self._read_readiness(None)
+
+    def _hold(self, count: int = 1) -> None:
+        """Deletes held back: every target remembers it (a record), so that a watcher that
+        takes over after the source canary appeared still sends them (with a resync)."""
+        self.metrics.held_deletes.labels(self.source.name).inc(count)
+        for t in self.targets:
+            if not t.held_marked:
+                try:
+                    t.control.mark_held(True)
+                    t.held_marked = True
+                except RetryableError as exc:
+                    log.warning(
+                        "%s→%s: recording held deletes failed: %s", self.source.name, t.name, exc
+                    )
 
     def _reject(self, exc: BadInputError) -> None:
         self.metrics.rejected.labels(self.source.name, exc.kind).inc()
@@ -463,18 +532,29 @@ class Watcher:
         if now < self._publish_after or self._queue_full(now):
             self._flush_deadline = max(self._publish_after, now + 0.5)
             return
+        # One publish for every target: a task carries batches for several targets, so a
+        # flush costs tasks in proportion to what changed, not to the number of targets.
+        out: list[tuple[Target, Batch]] = []
         for t in pending:
-            try:
-                if t.unsent:
-                    batches, t.unsent = t.unsent, []
-                    self._send(t, batches)
-                if len(t.outbox):
-                    self._publish_chains(t, t.outbox.drain())
-            except PublishError as exc:
-                self._pause_publishing("broker_error", f"publishing to {t.name} failed: {exc}")
-                self._flush_deadline = self._publish_after
-                return
+            unsent, t.unsent = t.unsent, []
+            out += [(t, b) for b in unsent]
+            if len(t.outbox):
+                out += [(t, b) for b in self._cut_chains(t, t.outbox.drain())]
+        try:
+            self._send(out)
+        except PublishError as exc:
+            self._pause_publishing("broker_error", f"publishing failed: {exc}")
+            self._flush_deadline = self._publish_after
+            return
         self._publish_backoff = 0.0
+
+    def _linger(self) -> float:
+        """How long to gather changes before a flush: sync.linger while the workers keep up,
+        longer (up to sync.max_linger) while tasks wait in the source's queue. A backlog
+        then turns into fewer, larger tasks, each change costing less of the workers' time,
+        instead of more small ones that deepen it."""
+        depth = self._queue_sample[1]
+        return min(max(self.sync.max_linger, self.sync.linger), self.sync.linger * (1 + depth))
 
     def _queue_full(self, now: float) -> bool:
         """Whether the source queue holds sync.max_queue_depth tasks or more (looked at no
@@ -499,10 +579,10 @@ class Watcher:
             "%s: publishing paused for %.1fs: %s", self.source.name, self._publish_backoff, why
         )
 
-    def _publish_chains(self, t: Target, per_shard: dict[str, list[Change]]) -> None:
-        """Cut each shard's changes into batches chained after the shard's last one, and
-        publish them interleaved across shards: consecutive tasks then belong to different
-        shards, so parallel workers rarely wait on a predecessor."""
+    def _cut_chains(self, t: Target, per_shard: dict[str, list[Change]]) -> list[Batch]:
+        """Cut each shard's changes into batches chained after the shard's last one, in an
+        order interleaved across shards: consecutive tasks then belong to different shards,
+        so parallel workers rarely wait on a predecessor."""
         chains: list[list[Batch]] = []
         for shard, changes in per_shard.items():
             if changes:
@@ -518,16 +598,14 @@ class Watcher:
                 )
                 t.pair.chain[shard] = chain[-1].pos  # the next batch follows these, sent or not
                 chains.append(chain)
-        if chains:
-            batches = [b for row in itertools.zip_longest(*chains) for b in row if b]
-            try:
-                batches = self._on_leases(t, batches)
-            except RetryableError as exc:
-                # the chains moved on without these: the target gets a resync instead
-                log.warning("%s→%s: granting a lease failed: %s", self.source.name, t.name, exc)
-                t.owe(Cause.TARGET_UNAVAILABLE, str(exc))
-                return
-            self._send(t, batches)
+        batches = [b for row in itertools.zip_longest(*chains) for b in row if b]
+        try:
+            return self._on_leases(t, batches)
+        except RetryableError as exc:
+            # the chains moved on without these: the target gets a resync instead
+            log.warning("%s→%s: granting a lease failed: %s", self.source.name, t.name, exc)
+            t.owe(Cause.TARGET_UNAVAILABLE, str(exc))
+            return []
 
     def _on_leases(self, t: Target, batches: list[Batch]) -> list[Batch]:
         """Put each batch's keys on the target's current lease (sync.cache_lease_ttl)."""
@@ -537,22 +615,30 @@ class Watcher:
         out = []
         for b in batches:
             puts = sum(1 for o in b.ops if o.op is Op.PUT)
-            out.append(replace(b, lease=leases.take(puts)) if puts else b)
+            out.append(replace(b, lease=leases.take(puts, t.pair.gen, t.pair.chain)) if puts else b)
         return out
 
-    def _send(self, t: Target, batches: list[Batch]) -> None:
-        """Publish batches already chained; on a failure keep the rest in t.unsent, in
-        order. A publish the broker took although it reported an error is then sent twice,
-        which the fence makes a duplicate: the batch is the same, never re-cut."""
-        published = batches
+    def _send(self, out: list[tuple[Target, Batch]]) -> None:
+        """Publish batches already chained; on a failure each target keeps the rest of its
+        own in t.unsent, in order. A publish the broker took although it reported an error
+        is then sent twice, which the fence makes a duplicate: the batch is the same, never
+        re-cut."""
+        if not out:
+            return
+        published = len(out)
         try:
-            self.publisher.publish(batches)
+            self.publisher.publish([b for _, b in out])
         except PublishError as exc:
-            published = batches[: exc.published]
-            t.unsent = batches[exc.published :]
+            published = exc.published
+            for t, b in out[published:]:
+                t.unsent.append(b)
             raise
         finally:
-            self._count_published(t, published)
+            sent: dict[int, tuple[Target, list[Batch]]] = {}
+            for t, b in out[:published]:
+                sent.setdefault(id(t), (t, []))[1].append(b)
+            for t, batches in sent.values():
+                self._count_published(t, batches)
 
     def _count_published(self, t: Target, batches: list[Batch]) -> None:
         self.metrics.batches.labels(self.source.name, t.name).inc(len(batches))
@@ -575,11 +661,9 @@ class Watcher:
         except RetryableError as exc:
             log.warning("%s: reading its source canaries failed: %s", self.source.name, exc)
         for t in self.targets:
-            try:
-                if not t.control.leases.keep_alive(now):
-                    t.owe(Cause.LEASE_EXPIRED, "a lease of its cached keys ended")
-            except RetryableError as exc:
-                log.warning("%s→%s: keeping leases alive failed: %s", self.source.name, t.name, exc)
+            if t.control.leases.lost.is_set():
+                t.control.leases.lost.clear()
+                t.owe(Cause.LEASE_EXPIRED, "a lease of its cached keys ended")
         for t in self.targets:
             if t.need_resync:
                 continue
@@ -649,6 +733,7 @@ class Watcher:
             return
         done = all(r.name in t.pair.canaried for r in RESOURCES if r.canary is not None)
         self.metrics.initial_sync.labels(src, t.name).set(int(done))
+        t.control.leases.collect(self._landed(t, found.fences))
         through = applied_through(
             self.feed.delivered_through(),
             [self.buffer.min_position(), t.outbox.min_position()],
@@ -663,6 +748,25 @@ class Watcher:
         if moved and t.control.write_progress(t.gen_rev, t.pair.gen, through):
             t.progress_rev, t.progress_at = through, now
             self.metrics.applied_revision.labels(src, t.name).set(through)
+
+    @staticmethod
+    def _landed(
+        t: Target, fences: dict[str, FenceRecord]
+    ) -> Callable[[int, dict[str, Position]], bool]:
+        """Whether every batch up to *chain* of generation *gen* has landed in the target or
+        can no longer land: a newer generation makes older batches obsolete; in the same
+        one, each shard's fence must be done and at or past the chain."""
+
+        def landed(gen: int, chain: dict[str, Position]) -> bool:
+            if t.pair.gen != gen:
+                return t.pair.gen > gen
+            for shard, pos in chain.items():
+                f = fences.get(shard)
+                if f is None or f.gen != gen or not f.done or f.pos < pos:
+                    return False
+            return True
+
+        return landed
 
     def _space_resyncs(self, t: Target, now: float) -> None:
         """Resyncs of one target that follow each other closely come ever further apart
@@ -702,6 +806,7 @@ class Watcher:
         a resync (for the reason plan_start gives) and None is returned."""
         src = self.source.name
         records: TargetRecords = t.control.read()
+        t.held_marked = records.held
         gen = new_generation(records, t.pair.gen, self.wall_ms())
         record = GenRecord(gen, self.sync.shards, self.sync.identities, self.feed.cluster_id)
         t.gen_rev = t.control.open_generation(records, record)
@@ -721,6 +826,9 @@ class Watcher:
                 source_rev,
             ),
         )
+        if isinstance(plan, Resume) and records.held and not self.waiting:
+            # deletes were held for a source canary that has appeared since: resync
+            plan = Resync(Cause.SOURCE_CANARY, "deletes held before this term")
         if not isinstance(plan, Resume):
             t.need_resync, t.resync_detail = plan.cause, plan.detail
             return None
@@ -825,8 +933,14 @@ class Watcher:
                 ("extra", cutter.extra),
             ):
                 self.metrics.resync_keys.labels(src, t.name, kind).inc(n)
+            if not self.waiting and t.held_marked:
+                try:
+                    t.control.mark_held(False)  # this resync sent every delete owed
+                    t.held_marked = False
+                except RetryableError as exc:
+                    log.warning("%s→%s: clearing the held record failed: %s", src, t.name, exc)
             if snap.held:
-                self.metrics.held_deletes.labels(src).inc(snap.held)
+                self._hold(snap.held)
                 log.info(
                     "%s→%s: %d keys only the target holds kept until their source canary",
                     src,
@@ -891,7 +1005,8 @@ class Watcher:
         they go on had ended (the target is then owed a resync)."""
         for name in names:
             try:
-                t.control.write_canary(RESOURCE_BY_NAME[name])
+                lease = t.control.leases.take(1, t.pair.gen, t.pair.chain)
+                t.control.write_canary(RESOURCE_BY_NAME[name], lease)
             except LeaseGoneError as exc:
                 t.owe(Cause.LEASE_EXPIRED, str(exc))
                 return False

@@ -149,6 +149,10 @@ class MeshView:
                 target = self.etcd(tgt, WRITE)
                 d = diff(state.items, read_target(target, src.name, page=settings.sync.page_size))
                 problems = [f"waiting for source canary: {name}" for name in sorted(waiting)]
+                # kvmesh does not copy bad input; KVStoreMesh may, so the layouts can differ
+                problems += [
+                    f"not synced: {reason}" for _k, reason in sorted(state.rejected.items())
+                ]
                 problems += _canary_problems(target, src.name)
                 equal = d.equal and not problems
                 lines.append(

@@ -63,7 +63,7 @@ def test_a_lease_that_ends_takes_its_keys_and_a_resync_restores_them() -> None:
     lease = leases_of(target).most_common(1)[0][0]
     target.revoke_lease(lease)  # what an expiry does: the keys go with it
     assert rig.cache("b") != rig.expected()
-    rig.tick(TTL / 3 + 1)
+    rig.watcher.keep_leases_once()  # the keepalive thread's round
     rig.settle()
     assert rig.cache("b") == rig.expected()
     assert rig.resyncs("b", Cause.LEASE_EXPIRED.value) == 1
@@ -118,4 +118,76 @@ def test_keys_on_another_writers_lease_are_written_again_on_takeover() -> None:
     rig.settle()
     assert set(leases_of(target)) == {0}
     target.revoke_lease(theirs)
+    assert rig.cache("b") == rig.expected()
+
+
+def test_a_retired_lease_is_revoked_only_after_its_batches_landed() -> None:
+    """A lease no key sits on yet, whose batches still wait in the queue, stays; once they
+    landed and every key moved on to newer leases, it is revoked and its record goes."""
+    rig = Rig(cache_lease_ttl=TTL)
+    fill(rig, 10)
+    rig.start()
+    rig.settle()
+    leases = rig.watcher.targets[0].control.leases  # target b
+    first = leases.current
+    fill(rig, 2100)  # more than two leases' worth of puts
+    rig.step()
+    queued = list(rig.queue.batches)
+    assert any(b.lease == first for b in queued if b.target == "b")
+    rig.queue.batches = []
+    rig.tick()  # the fence poll collects: nothing of the queued batches has landed
+    assert first in leases.known
+    rig.work(queued)
+    rig.settle()
+    assert rig.cache("b") == rig.expected()
+    # rewrite every key so that the first lease holds none, then let the poll collect it
+    for i in range(2100):
+        rig.source.put(IDENTITY + str((1 << 16) + i).encode(), b"k8s:app=y%d" % i)
+    rig.settle()
+    rig.source.put(b"cilium/cluster-config/a", b'{"id":1,"capabilities":{}}')
+    rig.source.put(NODE + b"node-0", b'{"n":1}')
+    rig.settle()
+    rig.tick()
+    # every retired lease left holds keys (the first one: the canaries); the emptied ones
+    # were revoked, and their records went with them
+    target = rig.mesh["b"]
+    assert all(target.lease_keys(lease) for lease in leases.known - {leases.current})
+    recorded = {int(k.rsplit(b"/", 1)[1], 16) for k in target.keys(lease_prefix("a"))}
+    assert recorded == leases.known
+    assert len(recorded) < 6  # 2100 rewritten keys emptied the leases they were on
+    assert rig.cache("b") == rig.expected()
+
+
+def test_turning_leases_off_moves_every_key_off_them_before_they_end() -> None:
+    rig = Rig(cache_lease_ttl=TTL)
+    fill(rig, 300)
+    rig.start()
+    rig.settle()
+    rig.settings = rig.settings.__class__(
+        **{
+            **rig.settings.__dict__,
+            "sync": rig.settings.sync.__class__(
+                **{**rig.settings.sync.__dict__, "cache_lease_ttl": 0}
+            ),
+        }
+    )
+    rig.watcher = rig.new_watcher()
+    rig.start()
+    rig.settle()
+    rig.tick()
+    for name in rig.targets:
+        assert set(leases_of(rig.mesh[name])) == {0}
+        assert rig.mesh[name].keys(lease_prefix("a")) == []  # revoked, records gone
+        assert rig.cache(name) == rig.expected()
+
+
+def test_a_lease_record_that_is_not_kvmeshs_is_dropped() -> None:
+    rig = Rig(cache_lease_ttl=TTL)
+    fill(rig, 10)
+    for junk in (b"-1", b"0x10", b"ffffffffffffffffff", b"", b"zz"):
+        rig.mesh["b"].put(lease_prefix("a") + junk, b"")
+    rig.start()
+    rig.settle()
+    keys = rig.mesh["b"].keys(lease_prefix("a"))
+    assert keys and all(k[len(lease_prefix("a")) :].isalnum() for k in keys)
     assert rig.cache("b") == rig.expected()

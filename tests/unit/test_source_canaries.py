@@ -171,3 +171,66 @@ def test_serviceexports_and_services_follow_the_capabilities() -> None:
         assert cached(rig, t, services) == set()  # drained, and no new one synced
         assert len(cached(rig, t, exports)) == 2
         assert rig.cache(t) == rig.expected()
+
+
+def test_a_watcher_starting_while_the_source_rebuilds_deletes_nothing() -> None:
+    """A fresh watcher (a restart, a standby) meets a source that restarted empty and has
+    not written its cluster config yet: the cached config in the targets says the source
+    had one, so it is taken to be rebuilding and nothing is deleted until its canaries."""
+    rig = Rig()
+    fill(rig, range(10), range(20), syncedCanaries=True)
+    write_canaries(rig)
+    rig.start()
+    rig.settle()
+    before = {t: rig.cache(t) for t in rig.targets}
+    rig.source.wipe()
+    rig.watcher = rig.new_watcher()
+    rig.start()
+    rig.settle()
+    for t in rig.targets:
+        assert rig.cache(t) == before[t]
+    fill(rig, range(3), range(5), syncedCanaries=True)
+    rig.settle()
+    for t in rig.targets:
+        assert set(before[t]) <= set(rig.cache(t))
+    write_canaries(rig)
+    rig.settle()
+    for t in rig.targets:
+        assert rig.cache(t) == rig.expected()
+
+
+def test_deletes_held_by_one_watcher_are_sent_by_the_next() -> None:
+    """The watcher that held deletes is gone when the canary appears; its successor finds
+    the held record in the targets, resyncs, and the stale keys go."""
+    rig = Rig()
+    fill(rig, range(10), range(20), syncedCanaries=True)
+    write_canaries(rig)
+    rig.start()
+    rig.settle()
+    rig.source.wipe()
+    fill(rig, range(4), range(8), syncedCanaries=True)
+    rig.settle()
+    assert len(cached(rig, "b", CACHE_NODES)) == 10  # held
+    write_canaries(rig)  # while no watcher runs
+    rig.watcher = rig.new_watcher()
+    rig.start()
+    rig.settle()
+    for t in rig.targets:
+        assert rig.cache(t) == rig.expected()
+        assert rig.mesh[t].get(b"kvmesh/a/held") is None
+    assert rig.resyncs("b", Cause.SOURCE_CANARY.value) == 1
+
+
+def test_a_bad_value_does_not_delete_a_held_key() -> None:
+    """A put that turns a cached key into bad input deletes that key, except while its
+    resource waits for its source canary."""
+    rig = Rig()
+    fill(rig, range(3), range(3), syncedCanaries=True)
+    write_canaries(rig)
+    rig.start()
+    rig.settle()
+    rig.source.wipe()
+    fill(rig, range(3), range(3), syncedCanaries=True)
+    rig.source.put(IDENTITY + str((1 << 16) + 1).encode(), b"x" * 2_000_000)  # too large
+    rig.settle()
+    assert CACHE_IDS + str((1 << 16) + 1).encode() in cached(rig, "b", CACHE_IDS)

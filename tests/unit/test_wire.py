@@ -66,7 +66,7 @@ def test_round_trip_is_byte_exact_through_json() -> None:
         (lambda p: p["batches"][0]["ops"].append(["p", "not base64!", "AA=="]), "base64"),
         (lambda p: p["batches"][0]["ops"].append(p["batches"][0]["ops"][0]), "twice"),
         (lambda p: p["batches"][0].update(source=""), "source"),
-        (lambda p: p["batches"].append(dict(p["batches"][0], target="c")), "share"),
+        (lambda p: p["batches"].append(dict(p["batches"][0], source="c")), "share"),
         (lambda p: p["batches"][0].update(lease=-1), "lease"),
         (lambda p: p["batches"][0].update(lease="7"), "lease"),
     ],

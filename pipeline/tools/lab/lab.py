@@ -267,6 +267,13 @@ class Lab:
             "peak queue depth per source: "
             + ", ".join(f"{queue_name(v.source)}={v.peak_queue}" for v in self.views.values())
         )
+        out.append(
+            "peak lag (s) per source once its initial sync was in: "
+            + ", ".join(
+                f"{v.source}={'-' if v.peak_lag_seconds is None else f'{v.peak_lag_seconds:.1f}'}"
+                for v in self.views.values()
+            )
+        )
         return "\n".join(out)
 
     def stop(self) -> None:

@@ -31,6 +31,7 @@ class SourceView:
     targets_synced: int = 0
     targets: int = 0
     waiting: tuple[str, ...] = ()  # resources waiting for their source canary
+    peak_lag_seconds: float | None = None  # once every target had its initial sync
 
     @property
     def state(self) -> str:
@@ -56,6 +57,8 @@ class SourceView:
             self.targets = len(pairs)
             self.targets_synced = sum(1 for p in pairs if p.canaries == CANARIES)
             self.waiting = tuple(pairs[0].waiting_for_source_canary)
+            if self.targets_synced == self.targets and self.lag_seconds is not None:
+                self.peak_lag_seconds = max(self.peak_lag_seconds or 0.0, self.lag_seconds)
         self.rejected = int(
             sum(v for k, v in metrics.items() if k.startswith("kvmesh_watcher_rejected_total"))
         )
@@ -103,8 +106,8 @@ def render(views: list[SourceView], title: str) -> Table:
 def line(views: list[SourceView]) -> str:
     """The view as one line, for logs and pipes."""
     return "  ".join(
-        f"{v.source}: queue={_n(v.queue)} lag={_n(v.lag_revisions)} synced={v.synced_keys}"
-        + (f" ({v.state})" if v.waiting else "")
+        f"{v.source}: queue={_n(v.queue)} lag={_n(v.lag_revisions)} lag_s={_n(v.lag_seconds)} "
+        f"synced={v.synced_keys}" + (f" ({v.state})" if v.waiting else "")
         for v in views
     )
 
