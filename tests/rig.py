@@ -26,7 +26,7 @@ from pipeline.source.listing import read_source, read_target
 from pipeline.source.metrics import WatcherMetrics
 from pipeline.source.watcher import Watcher
 from tests.memory_etcd import MemoryEtcd, MemoryMesh
-from workers.applier import apply_batch
+from workers.applier import apply_batch, apply_group
 from workers.store import EtcdTargetStore
 
 
@@ -78,7 +78,7 @@ class Queue:
         self.failing = False
         self.published = 0
 
-    def publish(self, batches: Sequence[Batch]) -> None:
+    def publish(self, batches: Sequence[Batch], per_task: int = 0) -> None:
         if self.failing:
             raise PublishError("broker down", 0)
         self.batches.extend(batches)
@@ -104,6 +104,7 @@ class Rig:
         self.outcomes: Counter[str] = Counter()
         self.held: list[Batch] = []  # batches a worker waits on (their predecessor is missing)
         self.gap_since: dict[tuple[object, ...], float] = {}
+        self.group = True  # workers apply what they can of a task in one transaction
         self.watcher = self.new_watcher()
 
     def new_watcher(self) -> Watcher:
@@ -172,6 +173,14 @@ class Rig:
         pending = self.held + list(batches)
         self.held = []
         decisions: list[Decision] = []
+        if self.group:  # as a worker does first with a task's batches for each target
+            for target in sorted({b.target for b in pending}):
+                store = EtcdTargetStore(MemoryEtcd(self.mesh[target].space))
+                landed = apply_group(store, [b for b in pending if b.target == target])
+                for b in landed:
+                    pending.remove(b)  # one copy: a duplicate of it stays, to be refused
+                decisions += [Decision.APPLY] * len(landed)
+                self.outcomes["applied"] += len(landed)
         while pending:
             waiting = []
             for b in pending:

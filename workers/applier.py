@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pipeline.protocol.errors import LeaseGoneError, RequestTooLargeError, show_key
 from pipeline.protocol.fence import Decision, FenceRecord, decide
@@ -15,7 +15,7 @@ from pipeline.protocol.layout import Op, parse_shard
 from pipeline.protocol.names import rejected_key
 from pipeline.protocol.sharding import shard_of
 from pipeline.protocol.wire import Batch, Operation
-from workers.store import FenceView, TargetStore
+from workers.store import FenceView, Part, TargetStore
 
 log = logging.getLogger("kvmesh.worker")
 
@@ -81,6 +81,55 @@ def apply_batch(
         if decision is Decision.GAP and on_gap is not None:
             on_gap(seen)
         return decision
+
+
+MAX_GROUP_OPS = 128  # etcd's --max-txn-ops: operations (and compares) per transaction
+MAX_GROUP_BYTES = 1_000_000  # keys and values per group transaction (etcd takes 1.5 MiB)
+
+
+def apply_group(store: TargetStore, batches: Sequence[Batch]) -> list[Batch]:
+    """Apply, in one transaction, every batch of *batches* (one target) that the fences
+    admit now, one per shard: the generation and each of those shards' fences are compared,
+    each shard's ops and fence written. A flush of the watcher touches a few shards; one
+    transaction instead of one per shard (and one read of all the fences instead of one
+    per batch) is what keeps a worker ahead of many sources. Returns the batches applied;
+    the rest (and all of them, if the group does not land) go through apply_batch, which
+    owns every special case: gaps, races, sizes, leases, resyncs."""
+    if len(batches) < 2:
+        return []
+    shards = sorted({b.shard for b in batches})[: MAX_GROUP_OPS - 1]
+    views = store.read_fences(batches[0].source, shards)
+    chosen: list[Batch] = []
+    parts: list[Part] = []
+    keys: set[bytes] = set()
+    ops = bytes_ = 0
+    for b in batches:
+        view = views.get(b.shard)
+        if view is None or b.shard in {p.shard for p in parts} or view.fence_corrupt:
+            continue
+        if decide(b.gen, b.prev, b.pos, view.gen, view.fence) is not Decision.APPLY:
+            continue
+        if not in_its_shard(b, view.shards):
+            continue
+        size = sum(op.size for op in b.ops)
+        if ops + len(b.ops) + 1 > MAX_GROUP_OPS or bytes_ + size > MAX_GROUP_BYTES:
+            continue
+        if any(op.key in keys for op in b.ops):
+            continue
+        keys.update(op.key for op in b.ops)
+        ops, bytes_ = ops + len(b.ops) + 1, bytes_ + size
+        chosen.append(b)
+        parts.append(
+            Part(b.shard, view.fence_rev, b.ops, FenceRecord(b.gen, b.pos, b.done), b.lease)
+        )
+    if len(chosen) < 2:
+        return []
+    gen_rev = views[chosen[0].shard].gen_rev
+    try:
+        landed = store.commit_group(chosen[0].source, gen_rev, parts)
+    except (RequestTooLargeError, LeaseGoneError):
+        landed = False  # apply_batch handles each on its own
+    return chosen if landed else []
 
 
 def in_its_shard(batch: Batch, shards: int) -> bool:

@@ -76,7 +76,31 @@ class TargetStore(Protocol):
         request for its size, LeaseGoneError if the lease no longer exists."""
         ...
 
+    def read_fences(self, source: str, shards: Sequence[str]) -> dict[str, FenceView]:
+        """read_fence for several shards at once (one read of the generation)."""
+        ...
+
+    def commit_group(self, source: str, gen_rev: int, parts: Sequence[Part]) -> bool:
+        """Apply the batches of several shards in one transaction: each part's ops and its
+        fence, if the generation and every part's fence are as read. False if not."""
+        ...
+
     def request_resync(self, source: str, gen: int, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Part:
+    """One shard's batch inside a group transaction."""
+
+    shard: str
+    fence_rev: int  # the fence's mod revision as read (the compare)
+    ops: Sequence[Operation]
+    fence: FenceRecord
+    lease: int = 0
+
+
+def _ops(ops: Sequence[Operation], lease: int) -> list[TxnOp]:
+    return [Put(o.key, o.value or b"", lease) if o.op is Op.PUT else Delete(o.key) for o in ops]
 
 
 def _resync_request(gen: int, reason: str, signer: Signer | None) -> bytes:
@@ -115,11 +139,33 @@ class EtcdTargetStore:
             ModIs(gen_key(source), seen.gen_rev),
             ModIs(fence_key(source, shard), seen.fence_rev),
         ]
-        success: list[TxnOp] = [
-            Put(o.key, o.value or b"", lease) if o.op is Op.PUT else Delete(o.key) for o in ops
-        ]
+        success: list[TxnOp] = _ops(ops, lease)
         if fence is not None:
             success.append(Put(fence_key(source, shard), fence.encode()))
+        return self.etcd.txn(compare, success).succeeded
+
+    def read_fences(self, source: str, shards: Sequence[str]) -> dict[str, FenceView]:
+        reads = self.etcd.txn(
+            [], [Get(gen_key(source)), *(Get(fence_key(source, s)) for s in shards)]
+        ).reads
+        gen = reads[0]
+        return {
+            shard: _view(
+                gen.value if gen else None,
+                gen.mod_revision if gen else 0,
+                f.value if f else None,
+                f.mod_revision if f else 0,
+            )
+            for shard, f in zip(shards, reads[1:], strict=True)
+        }
+
+    def commit_group(self, source: str, gen_rev: int, parts: Sequence[Part]) -> bool:
+        compare = [ModIs(gen_key(source), gen_rev)]
+        success: list[TxnOp] = []
+        for p in parts:
+            compare.append(ModIs(fence_key(source, p.shard), p.fence_rev))
+            success += _ops(p.ops, p.lease)
+            success.append(Put(fence_key(source, p.shard), p.fence.encode()))
         return self.etcd.txn(compare, success).succeeded
 
     def request_resync(self, source: str, gen: int, reason: str) -> None:

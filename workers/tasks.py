@@ -34,7 +34,7 @@ from pipeline.protocol.wire import (
 )
 from workers.store import EtcdTargetStore, FenceView, TargetStore
 
-from .applier import apply_batch
+from .applier import apply_batch, apply_group
 
 log = logging.getLogger("kvmesh.worker")
 
@@ -267,6 +267,16 @@ def apply_all(
             reason,
         )
 
+    try:
+        together = apply_group(store, pending)
+    except RetryableError as exc:
+        raise _Unavailable(exc, pending) from None
+    if together:
+        outcomes[Decision.APPLY.value] += len(together)
+        outcomes["ops_applied"] += sum(len(b.ops) for b in together)
+        outcomes["grouped"] += len(together)
+        for b in together:
+            pending.remove(b)  # one copy: a duplicate of it stays, to be refused
     delay = 0.002
     while pending:
         waiting: list[Batch] = []

@@ -15,7 +15,9 @@ from pipeline.protocol.wire import Batch, Signer, encode_task
 
 
 class Publisher(Protocol):
-    def publish(self, batches: Sequence[Batch]) -> None: ...
+    def publish(self, batches: Sequence[Batch], per_task: int = 0) -> None:
+        """Publish the batches, *per_task* to a task (0: sync.batches_per_task)."""
+        ...
 
     def backlog(self) -> int:
         """Tasks waiting in the queue (not counting those a worker holds)."""
@@ -50,14 +52,14 @@ class CeleryPublisher:
         except redis.RedisError as exc:
             raise RetryableError(f"reading the depth of {self._queue} failed: {exc}") from None
 
-    def publish(self, batches: Sequence[Batch]) -> None:
+    def publish(self, batches: Sequence[Batch], per_task: int = 0) -> None:
         """Publish every batch, or raise PublishError saying how many went out first."""
         if not batches:
             return
         sent = 0
         try:
             with self._app.producer_or_acquire() as producer:
-                for group in group_batches(batches, self._per_task):
+                for group in group_batches(batches, per_task or self._per_task):
                     first = group[0]
                     targets = sorted({b.target for b in group})
                     to = targets[0] if len(targets) == 1 else f"{len(targets)} targets"

@@ -38,7 +38,7 @@ from pipeline.protocol.layout import (
 )
 from pipeline.protocol.sharding import all_shards, shard_of, shard_resource
 from pipeline.protocol.snapshot import SnapshotCutter, convert
-from pipeline.protocol.wire import Batch, Signer
+from pipeline.protocol.wire import MAX_BATCHES_PER_TASK, Batch, Signer
 from pipeline.source import resync
 from pipeline.source.drain import drain_removed
 from pipeline.source.feed import INBOX, Delivered, Lost, SourceFeed
@@ -65,6 +65,7 @@ log = logging.getLogger("kvmesh.watcher")
 _FLUSH_AT = 8192  # pending changes that force a flush before the linger ends
 _PROGRESS_HEARTBEAT = 30.0  # seconds between progress writes when nothing synced changed
 _TAKE = 512  # feed items taken per pass of the loop, at most
+_BEHIND = 4  # tasks waiting in the queue at which the linger is sync.max_linger
 _LOOK_DURING_RESYNC = 0.1  # seconds between looks for complete resources while listing
 
 EtcdFactory = Callable[[ClusterConfig, float, str], EtcdClient]
@@ -554,7 +555,11 @@ class Watcher:
         then turns into fewer, larger tasks, each change costing less of the workers' time,
         instead of more small ones that deepen it."""
         depth = self._queue_sample[1]
-        return min(max(self.sync.max_linger, self.sync.linger), self.sync.linger * (1 + depth))
+        longest = max(self.sync.max_linger, self.sync.linger)
+        # a few waiting tasks already mean the workers are behind: reach the longest
+        # linger at _BEHIND of them, so that the queue (and the time a change spends in
+        # it) stays short instead of settling where a slow growth of the linger would
+        return self.sync.linger + (longest - self.sync.linger) * min(1.0, depth / _BEHIND)
 
     def _queue_full(self, now: float) -> bool:
         """Whether the source queue holds sync.max_queue_depth tasks or more (looked at no
@@ -627,7 +632,10 @@ class Watcher:
             return
         published = len(out)
         try:
-            self.publisher.publish([b for _, b in out])
+            # a flush is small batches for many targets: as many to a task as a task takes
+            # (the worker applies each target's in one transaction); a snapshot keeps
+            # sync.batches_per_task, so that its large batches spread over the workers
+            self.publisher.publish([b for _, b in out], MAX_BATCHES_PER_TASK)
         except PublishError as exc:
             published = exc.published
             for t, b in out[published:]:

@@ -282,8 +282,9 @@ def _target_status(source: Etcd, layout: Layout, target: Etcd) -> dict[str, Any]
         "applied_revision": applied,
         "lag_revisions": lag,
         "progress_age_s": round(time.time() - stamp, 1) if stamp is not None else None,
-        "canaries": sum(
-            1 for res in RESOURCES if res.canary and target.get(canary_key(src, res)) is not None
+        "canaries": len(
+            set(target.keys(canary_prefix(src)))
+            & {canary_key(src, res) for res in RESOURCES if res.canary}
         ),
         "cached_keys": sum(
             target.count(res.cache_scan_prefix(src)) for res in RESOURCES if not res.single_key

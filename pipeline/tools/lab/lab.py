@@ -189,6 +189,14 @@ class Lab:
     def check_children(self) -> None:
         self.supervisor.check()
 
+    @property
+    def refresh_interval(self) -> float:
+        """Seconds between looks at the mesh: each look reads about 15 figures of every
+        (source, target) pair from the etcds, which on a small machine would compete with
+        the sync itself in a large mesh; 1 s up to 20 pairs, longer beyond."""
+        pairs = len(self.names) * (len(self.names) - 1)
+        return max(1.0, pairs / 20)
+
     def refresh(self) -> None:
         """Update the per-source rows from the pair status and the watchers' metrics."""
         assert self.mesh_view is not None
@@ -218,15 +226,22 @@ class Lab:
 
     def converge(self) -> tuple[bool, list[str]]:
         assert self.settings is not None
+        # converge_timeout counts from the last time the backlog shrank: a large mesh may
+        # still be draining its queues when the churn stops, and that is progress
         deadline = time.monotonic() + self.opts.converge_timeout
         lines: list[str] = []
+        backlog: int | None = None
         while True:
             self.check_children()
             assert self.mesh_view is not None
             try:
                 equal, lines = self.mesh_view.verify(3)
+                depth = sum(self.mesh_view.broker.depth(queue_name(n)) for n in self.names)
             except RetryableError as exc:
-                equal, lines = False, [str(exc)]
+                equal, lines, depth = False, [str(exc)], None
+            if depth is not None and (backlog is None or depth < backlog):
+                backlog = depth
+                deadline = max(deadline, time.monotonic() + self.opts.converge_timeout)
             if equal or time.monotonic() > deadline:
                 break
             time.sleep(1.0)  # poll interval while the mesh converges
@@ -319,7 +334,7 @@ def run_lab(opts: LabOptions) -> int:
                             lab.check_children()
                             lab.refresh()
                             live.update(lab.render())
-                            time.sleep(1.0)  # refresh interval of the live view
+                            time.sleep(lab.refresh_interval)
                 else:
                     while not opts.duration or time.monotonic() - started < opts.duration:
                         lab.check_children()
@@ -327,7 +342,7 @@ def run_lab(opts: LabOptions) -> int:
                         if time.monotonic() - last_line >= 5:
                             console.print(lab.line())
                             last_line = time.monotonic()
-                        time.sleep(1.0)  # refresh interval of the status lines
+                        time.sleep(lab.refresh_interval)
             except KeyboardInterrupt:
                 console.print("lab: interrupted")
             if not lab.views:
