@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import redis
@@ -39,12 +40,14 @@ class CeleryPublisher:
         client: redis.Redis,
         signer: Signer | None,
         batches_per_task: int = 8,
+        on_task: Callable[[int], None] | None = None,
     ) -> None:
         self._app = app
         self._queue = queue
         self._per_task = batches_per_task
         self._redis = client
         self._signer = signer
+        self._on_task = on_task  # told the size of each task payload published
 
     def backlog(self) -> int:
         try:
@@ -61,11 +64,12 @@ class CeleryPublisher:
             with self._app.producer_or_acquire() as producer:
                 for group in group_batches(batches, per_task or self._per_task):
                     first = group[0]
+                    payload = encode_task(group, self._signer)
                     targets = sorted({b.target for b in group})
                     to = targets[0] if len(targets) == 1 else f"{len(targets)} targets"
                     self._app.send_task(
                         TASK_NAME,
-                        args=[encode_task(group, self._signer)],
+                        args=[payload],
                         # Celery would repr() the whole payload for Flower; say what it is.
                         argsrepr=f"[{first.source}->{to} {len(group)} batches "
                         f"{sum(len(b.ops) for b in group)} ops]",
@@ -79,5 +83,7 @@ class CeleryPublisher:
                         retry_policy={"max_retries": 1, "interval_start": 0.1},
                     )
                     sent += len(group)
+                    if self._on_task is not None:
+                        self._on_task(len(json.dumps(payload, separators=(",", ":"))))
         except (OperationalError, OSError, redis.RedisError) as exc:
             raise PublishError(f"publishing to {self._queue} failed: {exc}", sent) from None

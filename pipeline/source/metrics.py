@@ -114,6 +114,18 @@ class WatcherMetrics:
             registry=r,
         )
 
+        self.tasks = Counter(
+            "kvmesh_watcher_tasks_published_total",
+            "Celery tasks published on the source's queue (messages through the broker)",
+            ["source_cluster"],
+            registry=r,
+        )
+        self.task_bytes = Counter(
+            "kvmesh_watcher_task_bytes_published_total",
+            "Bytes of the JSON payloads of those tasks",
+            ["source_cluster"],
+            registry=r,
+        )
         self.waiting_source_canary = Gauge(
             "kvmesh_watcher_waiting_source_canary",
             "1 while a resource waits for its source canary (the source advertises synced "

@@ -199,6 +199,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- watch ----------------------------------------------------------------------------------
 
 
+def _task_counter(metrics: Any, source: str) -> Any:
+    tasks, size = metrics.tasks.labels(source), metrics.task_bytes.labels(source)
+
+    def count(nbytes: int) -> None:
+        tasks.inc()
+        size.inc(nbytes)
+
+    return count
+
+
 def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.clients.broker import create_app, redis_client
     from pipeline.clients.lease import RedisLease
@@ -240,6 +250,7 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
                 redis_client(settings),
                 signer,
                 settings.sync.batches_per_task,
+                on_task=_task_counter(metrics, c.name),
             ),
             metrics,
             lease=RedisLease(redis_client(settings), c.name, settings.sync.leader_ttl),

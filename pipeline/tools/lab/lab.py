@@ -282,6 +282,15 @@ class Lab:
             "peak queue depth per source: "
             + ", ".join(f"{queue_name(v.source)}={v.peak_queue}" for v in self.views.values())
         )
+        costs = [v.per_change for v in self.views.values()]
+        if all(c is not None for c in costs) and costs:
+            changes = sum(c[0] for c in costs if c)
+            tasks = sum(c[0] * c[1] for c in costs if c) / changes
+            size = sum(c[0] * c[2] for c in costs if c) / changes
+            out.append(
+                f"broker cost per source change while churning: {tasks:.3f} tasks, "
+                f"{size:.0f} bytes ({changes} changes)"
+            )
         out.append(
             "peak lag (s) per source once its initial sync was in: "
             + ", ".join(
@@ -348,6 +357,9 @@ def run_lab(opts: LabOptions) -> int:
             if not lab.views:
                 return 1
             console.print("lab: churn stopped; waiting for the mesh to converge")
+            lab.refresh()
+            for view in lab.views.values():
+                view.mark_churn_end()
             lab.pause_churn()
             converged, lines = lab.converge()
             console.print(lab.render())

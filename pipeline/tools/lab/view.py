@@ -32,6 +32,12 @@ class SourceView:
     targets: int = 0
     waiting: tuple[str, ...] = ()  # resources waiting for their source canary
     peak_lag_seconds: float | None = None  # once every target had its initial sync
+    tasks: int = 0  # tasks its watcher published
+    task_bytes: int = 0
+    # (events, tasks, bytes) when every target first had its initial sync, and the latest
+    # while the churn ran: the steady state's cost per source change is their difference
+    synced_at: tuple[int, int, int] | None = None
+    churn_end: tuple[int, int, int] | None = None
 
     @property
     def state(self) -> str:
@@ -65,6 +71,38 @@ class SourceView:
         self.events = int(
             sum(v for k, v in metrics.items() if k.startswith("kvmesh_watcher_events_total"))
         )
+        self.tasks = int(
+            sum(
+                v
+                for k, v in metrics.items()
+                if k.startswith("kvmesh_watcher_tasks_published_total")
+            )
+        )
+        self.task_bytes = int(
+            sum(
+                v
+                for k, v in metrics.items()
+                if k.startswith("kvmesh_watcher_task_bytes_published_total")
+            )
+        )
+        if self.targets and self.targets_synced == self.targets and self.synced_at is None:
+            self.synced_at = (self.events, self.tasks, self.task_bytes)
+
+    def mark_churn_end(self) -> None:
+        self.churn_end = (self.events, self.tasks, self.task_bytes)
+
+    @property
+    def per_change(self) -> tuple[int, float, float] | None:
+        """(source changes, tasks per change, task bytes per change) between the end of the
+        initial sync and the end of the churn."""
+        if self.synced_at is None or self.churn_end is None:
+            return None
+        events = self.churn_end[0] - self.synced_at[0]
+        if events <= 0:
+            return None
+        tasks = self.churn_end[1] - self.synced_at[1]
+        size = self.churn_end[2] - self.synced_at[2]
+        return events, tasks / events, size / events
 
 
 COLUMNS = (
