@@ -87,17 +87,24 @@ MAX_GROUP_OPS = 128  # etcd's --max-txn-ops: operations (and compares) per trans
 MAX_GROUP_BYTES = 1_000_000  # keys and values per group transaction (etcd takes 1.5 MiB)
 
 
-def apply_group(store: TargetStore, batches: Sequence[Batch]) -> list[Batch]:
+def apply_group(
+    store: TargetStore,
+    batches: Sequence[Batch],
+    max_ops: int = MAX_GROUP_OPS,
+    max_bytes: int = MAX_GROUP_BYTES,
+) -> list[Batch]:
     """Apply, in one transaction, every batch of *batches* (one target) that the fences
     admit now, one per shard: the generation and each of those shards' fences are compared,
     each shard's ops and fence written. A flush of the watcher touches a few shards; one
     transaction instead of one per shard (and one read of all the fences instead of one
     per batch) is what keeps a worker ahead of many sources. Returns the batches applied;
     the rest (and all of them, if the group does not land) go through apply_batch, which
-    owns every special case: gaps, races, sizes, leases, resyncs."""
+    owns every special case: gaps, races, sizes, leases, resyncs. *max_ops* and *max_bytes*
+    are the target's limits per transaction (sync.max_batch_ops + 1, sync.max_batch_bytes),
+    for reads and compares too."""
     if len(batches) < 2:
         return []
-    shards = sorted({b.shard for b in batches})[: MAX_GROUP_OPS - 1]
+    shards = sorted({b.shard for b in batches})[: max_ops - 1]
     views = store.read_fences(batches[0].source, shards)
     chosen: list[Batch] = []
     parts: list[Part] = []
@@ -112,7 +119,7 @@ def apply_group(store: TargetStore, batches: Sequence[Batch]) -> list[Batch]:
         if not in_its_shard(b, view.shards):
             continue
         size = sum(op.size for op in b.ops)
-        if ops + len(b.ops) + 1 > MAX_GROUP_OPS or bytes_ + size > MAX_GROUP_BYTES:
+        if ops + len(b.ops) + 1 > max_ops or bytes_ + size > max_bytes:
             continue
         if any(op.key in keys for op in b.ops):
             continue

@@ -23,7 +23,7 @@ from pipeline.protocol.errors import (
 )
 from pipeline.protocol.fence import Decision
 from pipeline.protocol.layout import may_write, parse_shard
-from pipeline.protocol.names import TASK_NAME
+from pipeline.protocol.names import TASK_NAME, queue_name
 from pipeline.protocol.wire import (
     Batch,
     Operation,
@@ -34,7 +34,7 @@ from pipeline.protocol.wire import (
 )
 from workers.store import EtcdTargetStore, FenceView, TargetStore
 
-from .applier import apply_batch, apply_group
+from .applier import MAX_GROUP_BYTES, MAX_GROUP_OPS, apply_batch, apply_group
 
 log = logging.getLogger("kvmesh.worker")
 
@@ -134,23 +134,28 @@ def register_tasks(app: Any, settings: Settings) -> Any:
             conns.count("-", "-", exc.kind)
             return exc.kind
         first = task.batches[0]
-        try:
-            check_task(task, sources, targets)
-        except ForbiddenBatchError as exc:
-            # signed, so the pair it names is who signed it: count it there
-            log.error(
-                "rejected task %s of %s→%s: %s: %s",
-                task_id,
-                show_key(first.source.encode(), 64),
-                show_key(first.target.encode(), 64),
-                exc.kind,
-                exc.reason,
-            )
-            conns.count(first.source, first.target, exc.kind)
-            return exc.kind
         by_target: dict[str, list[Batch]] = {}
         for b in task.batches:
             by_target.setdefault(b.target, []).append(b)
+        for target in list(by_target):
+            # each target's batches on their own: one this worker may not write (a target
+            # its config does not know yet, say) costs only that target's batches
+            try:
+                check_task(Task(by_target[target]), sources, targets)
+            except ForbiddenBatchError as exc:
+                # signed, so the pair it names is who signed it: count it there
+                log.error(
+                    "rejected batches of task %s for %s→%s: %s: %s",
+                    task_id,
+                    show_key(first.source.encode(), 64),
+                    show_key(target.encode(), 64),
+                    exc.kind,
+                    exc.reason,
+                )
+                conns.count(first.source, target, exc.kind)
+                del by_target[target]
+        if not by_target:
+            return "forbidden"
         outcomes: dict[str, Counter[str]] = {t: Counter() for t in by_target}
         gaps: dict[tuple[str, str, str], object] = {}
         unavailable: list[Batch] = []
@@ -158,7 +163,12 @@ def register_tasks(app: Any, settings: Settings) -> Any:
         for target, batches in by_target.items():
             try:
                 waiting += apply_all(
-                    conns.store(target), batches, outcomes[target], worker.gap_wait, gaps
+                    conns.store(target),
+                    batches,
+                    outcomes[target],
+                    worker.gap_wait,
+                    gaps,
+                    (settings.sync.max_batch_ops + 1, settings.sync.max_batch_bytes),
                 )
             except _Unavailable as exc:
                 # the other targets of the task go on; this one's batches come back later
@@ -171,10 +181,9 @@ def register_tasks(app: Any, settings: Settings) -> Any:
                 )
                 outcomes[target]["retry_unavailable"] += 1
                 unavailable += exc.remaining
-        retry: list[Batch] = list(unavailable)
+        retry: list[Batch] = []
         delay = 0.0
-        if unavailable:
-            delay = min(worker.max_retry_delay, 0.2 * 2 ** min(self.request.retries, 10))
+        backoff = min(worker.max_retry_delay, 0.2 * 2 ** min(self.request.retries, 10))
         since_ms: int | None = task.gap_since_ms
         if waiting:
             now_ms = int(time.time() * 1000)
@@ -191,7 +200,7 @@ def register_tasks(app: Any, settings: Settings) -> Any:
                 retry += waiting
                 # the longer a gap lasts, the less often each waiting task comes back: many
                 # of them behind one lost batch must not keep the pool busy
-                delay = max(delay, min(max(worker.gap_retry_delay, waited / 4), 2.0))
+                delay = min(max(worker.gap_retry_delay, waited / 4), 2.0)
             else:
                 for target in {b.target for b in waiting}:
                     stalled = [b for b in waiting if b.target == target]
@@ -205,6 +214,18 @@ def register_tasks(app: Any, settings: Settings) -> Any:
             if counts[Decision.RESYNC.value]:
                 _resync(conns, by_target[target][0], "target lost its generation or fence")
             conns.record(first.source, target, counts)
+        if unavailable and retry:
+            # two clocks: the unreachable target's batches back off on their own, so that a
+            # healthy target's batches waiting on a gap are not held back with them
+            self.apply_async(
+                args=(encode_task(unavailable, signer),),
+                kwargs={},
+                countdown=backoff,
+                queue=queue_name(first.source),
+                routing_key=queue_name(first.source),
+            )
+        elif unavailable:
+            retry, delay, since_ms = unavailable, backoff, task.gap_since_ms
         if retry:
             raise self.retry(
                 args=(encode_task(retry, signer, since_ms),), kwargs={}, countdown=delay
@@ -249,6 +270,7 @@ def apply_all(
     outcomes: Counter[str],
     gap_wait: float,
     gaps: dict[tuple[str, str, str], object] | None = None,
+    group: tuple[int, int] = (MAX_GROUP_OPS, MAX_GROUP_BYTES),
 ) -> list[Batch]:
     """Apply every batch it can, in passes: a batch whose predecessor is missing is tried
     again after the others, since another worker is usually applying that predecessor right
@@ -268,7 +290,7 @@ def apply_all(
         )
 
     try:
-        together = apply_group(store, pending)
+        together = apply_group(store, pending, *group)
     except RetryableError as exc:
         raise _Unavailable(exc, pending) from None
     if together:

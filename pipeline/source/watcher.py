@@ -554,16 +554,15 @@ class Watcher:
         longer (up to sync.max_linger) while tasks wait in the source's queue. A backlog
         then turns into fewer, larger tasks, each change costing less of the workers' time,
         instead of more small ones that deepen it."""
-        depth = self._queue_sample[1]
+        depth = self._depth(self.clock())
         longest = max(self.sync.max_linger, self.sync.linger)
         # a few waiting tasks already mean the workers are behind: reach the longest
         # linger at _BEHIND of them, so that the queue (and the time a change spends in
         # it) stays short instead of settling where a slow growth of the linger would
         return self.sync.linger + (longest - self.sync.linger) * min(1.0, depth / _BEHIND)
 
-    def _queue_full(self, now: float) -> bool:
-        """Whether the source queue holds sync.max_queue_depth tasks or more (looked at no
-        more than twice a second)."""
+    def _depth(self, now: float) -> int:
+        """The source queue's depth, read from Redis no more than twice a second."""
         when, depth = self._queue_sample
         if now - when >= 0.5:
             try:
@@ -571,6 +570,12 @@ class Watcher:
             except RetryableError:
                 depth = 0  # the publish itself will tell
             self._queue_sample = (now, depth)
+        return depth
+
+    def _queue_full(self, now: float) -> bool:
+        """Whether the source queue holds sync.max_queue_depth tasks or more (looked at no
+        more than twice a second)."""
+        depth = self._depth(now)
         if depth >= self.sync.max_queue_depth:
             self._pause_publishing("queue_full", f"its queue holds {depth} tasks")
             return True
