@@ -176,9 +176,8 @@ class Rig:
         if self.group:  # as a worker does first with a task's batches for each target
             for target in sorted({b.target for b in pending}):
                 store = EtcdTargetStore(MemoryEtcd(self.mesh[target].space))
-                landed = apply_group(store, [b for b in pending if b.target == target])
-                for b in landed:
-                    pending.remove(b)  # one copy: a duplicate of it stays, to be refused
+                landed, rest = apply_group(store, [b for b in pending if b.target == target])
+                pending = [b for b in pending if b.target != target] + rest
                 decisions += [Decision.APPLY] * len(landed)
                 self.outcomes["applied"] += len(landed)
         while pending:

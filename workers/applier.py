@@ -92,18 +92,19 @@ def apply_group(
     batches: Sequence[Batch],
     max_ops: int = MAX_GROUP_OPS,
     max_bytes: int = MAX_GROUP_BYTES,
-) -> list[Batch]:
+) -> tuple[list[Batch], list[Batch]]:
     """Apply, in one transaction, every batch of *batches* (one target) that the fences
     admit now, one per shard: the generation and each of those shards' fences are compared,
     each shard's ops and fence written. A flush of the watcher touches a few shards; one
     transaction instead of one per shard (and one read of all the fences instead of one
-    per batch) is what keeps a worker ahead of many sources. Returns the batches applied;
-    the rest (and all of them, if the group does not land) go through apply_batch, which
-    owns every special case: gaps, races, sizes, leases, resyncs. *max_ops* and *max_bytes*
+    per batch) is what keeps a worker ahead of many sources. Returns (applied, rest), in
+    order; the rest (all of them, if the group does not land) go through apply_batch, which
+    owns every special case: gaps, races, sizes, leases, resyncs. A copy of an applied
+    batch stays in the rest, to be refused as a duplicate. *max_ops* and *max_bytes*
     are the target's limits per transaction (sync.max_batch_ops + 1, sync.max_batch_bytes),
     for reads and compares too."""
     if len(batches) < 2:
-        return []
+        return [], list(batches)
     shards = sorted({b.shard for b in batches})[: max_ops - 1]
     views = store.read_fences(batches[0].source, shards)
     chosen: list[Batch] = []
@@ -130,13 +131,18 @@ def apply_group(
             Part(b.shard, view.fence_rev, b.ops, FenceRecord(b.gen, b.pos, b.done), b.lease)
         )
     if len(chosen) < 2:
-        return []
+        return [], list(batches)
     gen_rev = views[chosen[0].shard].gen_rev
     try:
         landed = store.commit_group(chosen[0].source, gen_rev, parts)
     except (RequestTooLargeError, LeaseGoneError):
         landed = False  # apply_batch handles each on its own
-    return chosen if landed else []
+    if not landed:
+        return [], list(batches)
+    rest = list(batches)
+    for b in chosen:
+        rest.remove(b)  # one copy
+    return chosen, rest
 
 
 def in_its_shard(batch: Batch, shards: int) -> bool:

@@ -290,15 +290,13 @@ def apply_all(
         )
 
     try:
-        together = apply_group(store, pending, *group)
+        together, pending = apply_group(store, pending, *group)
     except RetryableError as exc:
         raise _Unavailable(exc, pending) from None
     if together:
         outcomes[Decision.APPLY.value] += len(together)
         outcomes["ops_applied"] += sum(len(b.ops) for b in together)
         outcomes["grouped"] += len(together)
-        for b in together:
-            pending.remove(b)  # one copy: a duplicate of it stays, to be refused
     delay = 0.002
     while pending:
         waiting: list[Batch] = []

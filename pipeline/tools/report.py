@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,8 +21,8 @@ from pipeline.config import READ, WRITE, ClusterConfig, Settings
 from pipeline.protocol.errors import RetryableError, show, show_key
 from pipeline.protocol.layout import RESOURCES, Layout, canary_key, canary_prefix
 from pipeline.protocol.names import progress_key, queue_name, rejected_prefix
-from pipeline.protocol.snapshot import diff
-from pipeline.source.listing import read_readiness, read_source, read_target
+from pipeline.protocol.snapshot import Diff, diff
+from pipeline.source.listing import SourceState, read_readiness, read_source, read_target
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,29 @@ class PairStatus:
     # resources whose source canary the source has not written (it advertises them): their
     # deletes and target canary wait; the lab shows "waiting for source canary"
     waiting_for_source_canary: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Pair:
+    source: str
+    target: str
+    source_etcd: Etcd
+    target_etcd: Etcd
+    layout: Layout
+    state: SourceState
+    diff: Diff
+
+
+def _examples(d: Diff, examples: int) -> list[str]:
+    """Up to *examples* keys of each kind of difference, one line each."""
+    lines: list[str] = []
+    for kind, keys in (
+        ("missing", sorted(d.missing)),
+        ("extra", d.extra),
+        ("different", sorted(d.different)),
+    ):
+        lines += [f"    {kind}: {show_key(key)}" for key in keys[:examples]]
+    return lines
 
 
 class MeshView:
@@ -81,46 +105,48 @@ class MeshView:
 
     # -- verify ---------------------------------------------------------------------------
 
-    def verify(self, examples: int) -> tuple[bool, list[str]]:
-        """Compare every target with its source, key by key and byte by byte."""
+    def _pairs(self, identities: str = "") -> Iterator[_Pair]:
+        """Every (source, target) pair with the source's synced state, listed once per
+        source (with the *identities* mode, if given), and the target's difference from it."""
         settings = self.settings
-        lines: list[str] = []
-        all_equal = True
         for src in settings.sources:
             targets = settings.targets_of(src.name)
             if not targets:
                 continue
+            layout = settings.layout_of(src)
+            if identities:
+                layout = replace(layout, identities=identities)
+            source = self.etcd(src, READ)
             state = read_source(
-                self.etcd(src, READ),
-                settings.layout_of(src),
+                source,
+                layout,
                 page=settings.sync.page_size,
                 max_bytes=settings.sync.max_batch_bytes,
             )
             for tgt in targets:
                 target = self.etcd(tgt, WRITE)
                 d = diff(state.items, read_target(target, src.name, page=settings.sync.page_size))
-                refused = refused_by_target(target, src.name, d.missing)
-                for key in refused:  # the target refused them (too large): not missing
-                    del d.missing[key]
-                rejected = [reason for _k, reason in sorted(state.rejected.items())]
-                rejected += [f"{show_key(k)}: {reason}" for k, reason in sorted(refused.items())]
-                head = f"{src.name} -> {tgt.name}:"
-                summary = (
-                    f"{len(state.items)} keys, missing {len(d.missing)}, "
-                    f"extra {len(d.extra)}, different {len(d.different)}, "
-                    f"rejected {len(rejected)}"
-                )
-                lines.append(f"{head} {'EQUAL' if d.equal else 'DIFFERENT'}: {summary}")
-                for kind, keys in (
-                    ("missing", sorted(d.missing)),
-                    ("extra", d.extra),
-                    ("different", sorted(d.different)),
-                ):
-                    for key in keys[:examples]:
-                        lines.append(f"    {kind}: {show_key(key)}")
-                for reason in rejected[:examples]:
-                    lines.append(f"    rejected: {reason}")
-                all_equal = all_equal and d.equal
+                yield _Pair(src.name, tgt.name, source, target, layout, state, d)
+
+    def verify(self, examples: int) -> tuple[bool, list[str]]:
+        """Compare every target with its source, key by key and byte by byte."""
+        lines: list[str] = []
+        all_equal = True
+        for pair in self._pairs():
+            d, state = pair.diff, pair.state
+            refused = refused_by_target(pair.target_etcd, pair.source, d.missing)
+            for key in refused:  # the target refused them (too large): not missing
+                del d.missing[key]
+            rejected = [reason for _k, reason in sorted(state.rejected.items())]
+            rejected += [f"{show_key(k)}: {reason}" for k, reason in sorted(refused.items())]
+            lines.append(
+                f"{pair.source} -> {pair.target}: {'EQUAL' if d.equal else 'DIFFERENT'}: "
+                f"{len(state.items)} keys, missing {len(d.missing)}, extra {len(d.extra)}, "
+                f"different {len(d.different)}, rejected {len(rejected)}"
+            )
+            lines += _examples(d, examples)
+            lines += [f"    rejected: {reason}" for reason in rejected[:examples]]
+            all_equal = all_equal and d.equal
         return all_equal, lines
 
     def verify_kvstoremesh(self, examples: int) -> tuple[bool, list[str]]:
@@ -129,48 +155,29 @@ class MeshView:
         identities by ID only (KVStoreMesh never copies `value/` keys), the resources the
         source's capabilities enable, its cluster config in the bytes KVStoreMesh writes, one
         RFC 3339 synced canary per resource, and nothing else of that source."""
-        settings = self.settings
         lines: list[str] = []
         all_equal = True
-        for src in settings.sources:
-            targets = settings.targets_of(src.name)
-            if not targets:
-                continue
-            layout = replace(settings.layout_of(src), identities="id")
-            source = self.etcd(src, READ)
-            state = read_source(
-                source,
-                layout,
-                page=settings.sync.page_size,
-                max_bytes=settings.sync.max_batch_bytes,
+        waiting: dict[str, frozenset[str]] = {}
+        for pair in self._pairs(identities="id"):
+            d, state = pair.diff, pair.state
+            if pair.source not in waiting:
+                ready = read_readiness(pair.source_etcd, pair.layout, state.revision)
+                waiting[pair.source] = ready.waiting()
+            problems = [f"waiting for source canary: {n}" for n in sorted(waiting[pair.source])]
+            # kvmesh does not copy bad input; KVStoreMesh may, so the layouts can differ
+            problems += [f"not synced: {reason}" for _k, reason in sorted(state.rejected.items())]
+            problems += _canary_problems(pair.target_etcd, pair.source)
+            equal = d.equal and not problems
+            lines.append(
+                f"{pair.source} -> {pair.target}: KVStoreMesh layout "
+                f"{'EQUAL' if equal else 'DIFFERENT'}: {len(state.items)} keys, "
+                f"missing {len(d.missing)}, extra {len(d.extra)}, "
+                f"different {len(d.different)}, canaries "
+                f"{'ok' if not problems else f'{len(problems)} problems'}"
             )
-            waiting = read_readiness(source, layout, state.revision).waiting()
-            for tgt in targets:
-                target = self.etcd(tgt, WRITE)
-                d = diff(state.items, read_target(target, src.name, page=settings.sync.page_size))
-                problems = [f"waiting for source canary: {name}" for name in sorted(waiting)]
-                # kvmesh does not copy bad input; KVStoreMesh may, so the layouts can differ
-                problems += [
-                    f"not synced: {reason}" for _k, reason in sorted(state.rejected.items())
-                ]
-                problems += _canary_problems(target, src.name)
-                equal = d.equal and not problems
-                lines.append(
-                    f"{src.name} -> {tgt.name}: KVStoreMesh layout "
-                    f"{'EQUAL' if equal else 'DIFFERENT'}: {len(state.items)} keys, "
-                    f"missing {len(d.missing)}, extra {len(d.extra)}, "
-                    f"different {len(d.different)}, canaries "
-                    f"{'ok' if not problems else f'{len(problems)} problems'}"
-                )
-                for kind, keys in (
-                    ("missing", sorted(d.missing)),
-                    ("extra", d.extra),
-                    ("different", sorted(d.different)),
-                ):
-                    for key in keys[:examples]:
-                        lines.append(f"    {kind}: {show_key(key)}")
-                lines += [f"    {p}" for p in problems[:examples]]
-                all_equal = all_equal and equal
+            lines += _examples(d, examples)
+            lines += [f"    {p}" for p in problems[:examples]]
+            all_equal = all_equal and equal
         return all_equal, lines
 
     # -- status ---------------------------------------------------------------------------

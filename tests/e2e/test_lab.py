@@ -118,6 +118,7 @@ def test_a_dead_child_is_reported_and_everything_stops(tmp_path: Path) -> None:
         "1",
     )
     root = lab_root(log)
+    # the lab's console is its interface: this line says it has started every child
     eventually(lambda: "lab: flower on" in log.read_text(), timeout=60, what="lab started")
     # the watcher may still be passing from its launcher to itself (an exec): wait for it
     pids = eventually(

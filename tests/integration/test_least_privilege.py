@@ -221,6 +221,8 @@ def test_password_users_log_in_again_when_their_token_expires(servers: Servers) 
         mesh.wait_equal()
         # the condition under test is an expired token: simple tokens die after 2 s unused,
         # and the workers' tokens are unused while nothing changes
+        # Waiting out the TTL is the condition itself: any call to observe a token would
+        # renew it, so no state can be polled for its expiry.
         time.sleep(3)  # the token TTL set above, and a second more
         mesh.client(0).put(b"cilium/state/nodes/v1/cluster-a/after-expiry", b"{}")
         eventually(

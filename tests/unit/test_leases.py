@@ -190,4 +190,7 @@ def test_a_lease_record_that_is_not_kvmeshs_is_dropped() -> None:
     rig.settle()
     keys = rig.mesh["b"].keys(lease_prefix("a"))
     assert keys and all(k[len(lease_prefix("a")) :].isalnum() for k in keys)
+    # only the records of leases the watcher granted are left
+    known = rig.watcher.targets[0].control.leases.known
+    assert {k[len(lease_prefix("a")) :] for k in keys} == {f"{lease:x}".encode() for lease in known}
     assert rig.cache("b") == rig.expected()
