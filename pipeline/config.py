@@ -124,7 +124,7 @@ class SyncConfig:
     max_linger: float = 0.5  # the linger grows up to this while tasks wait in the queue
     page_size: int = 2000  # keys per range request; keeps responses under gRPC's 4 MiB
     stall_timeout: float = 10.0  # a fence that does not move for this long means lost batches
-    fence_poll_interval: float = 1.0
+    fence_poll_interval: float = 0.5
     resync_interval: float = 0.0  # periodic anti-entropy; 0 disables it
     drain_grace: float = 30.0  # seconds between a removed source's config and the rest going
     drain_check_interval: float = 10.0  # how often watchers look for sources to drain

@@ -42,7 +42,10 @@ from pipeline.protocol.errors import (
 from pipeline.protocol.fence import Position
 from pipeline.protocol.layout import Op
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # what watchers write
+# What workers read. Schema 3 adds the task's shared operation lists ("ops"); a schema 2
+# task (every batch's ops inline) is a schema 3 task without them.
+READ_VERSIONS = (2, 3)
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,28 @@ class Task:
 def encode_task(
     batches: list[Batch], signer: Signer | None, gap_since_ms: int | None = None
 ) -> dict[str, Any]:
-    payload: dict[str, Any] = {"v": SCHEMA_VERSION, "batches": [b.encode() for b in batches]}
+    """The task payload. A flush sends the same changes to every target, so a list of
+    operations that several batches carry is written once, in the task's "ops", and those
+    batches name it by index: the payload grows with the changes, and only a short header
+    per target."""
+    encoded = [b.encode() for b in batches]
+    counts: dict[str, int] = {}
+    spelled = []
+    for e in encoded:
+        spelling = json.dumps(e["ops"], separators=(",", ":"))
+        spelled.append(spelling)
+        counts[spelling] = counts.get(spelling, 0) + 1
+    shared: dict[str, int] = {}
+    table: list[Any] = []
+    for e, spelling in zip(encoded, spelled, strict=True):
+        if counts[spelling] > 1:
+            if spelling not in shared:
+                shared[spelling] = len(table)
+                table.append(e["ops"])
+            e["ops"] = shared[spelling]
+    payload: dict[str, Any] = {"v": SCHEMA_VERSION, "batches": encoded}
+    if table:
+        payload["ops"] = table
     if gap_since_ms is not None:
         payload["gap_since"] = gap_since_ms
     return signer.sign(payload) if signer is not None else payload
@@ -212,9 +236,11 @@ def decode_task(payload: Any, signer: Signer | None) -> Task:
 
 def _decode(payload: dict[str, Any]) -> Task:
     version = payload.get("v")
-    if version != SCHEMA_VERSION:
+    if version not in READ_VERSIONS or isinstance(version, bool):
         raise MalformedBatchError(f"unsupported schema version {version!r}")
-    unknown = set(payload) - {"v", "batches", "gap_since", "sig"}
+    unknown = (
+        set(payload) - {"v", "batches", "gap_since", "sig"} - ({"ops"} if version >= 3 else set())
+    )
     if unknown:
         raise MalformedBatchError(f"unknown fields {sorted(unknown)}")
     raw = payload.get("batches")
@@ -222,7 +248,11 @@ def _decode(payload: dict[str, Any]) -> Task:
         raise MalformedBatchError(
             f"field 'batches' must be a list of 1 to {MAX_BATCHES_PER_TASK} batches"
         )
-    batches = [decode_batch(b) for b in raw]
+    table = payload.get("ops", [])
+    if not isinstance(table, list) or len(table) > len(raw):
+        raise MalformedBatchError("field 'ops' must be a list of operation lists")
+    shared = [_ops(t, f"shared list {i}") for i, t in enumerate(table)]
+    batches = [decode_batch(b, shared) for b in raw]
     if len({b.source for b in batches}) != 1:
         raise MalformedBatchError("batches of one task must share their source")
     since = payload.get("gap_since")
@@ -233,16 +263,10 @@ def _decode(payload: dict[str, Any]) -> Task:
     return Task(batches, since)
 
 
-def decode_batch(payload: Any) -> Batch:
-    """Decode and validate one batch of a task payload."""
-    if not isinstance(payload, dict):
-        raise MalformedBatchError(f"a batch must be a JSON object, got {type(payload).__name__}")
-    gen = payload.get("gen")
-    if not isinstance(gen, int) or isinstance(gen, bool) or not 1 <= gen < 1 << 63:
-        raise MalformedBatchError(f"field 'gen' must be a positive integer, got {gen!r}")
-    raw_ops = payload.get("ops")
+def _ops(raw_ops: Any, where: str = "field 'ops'") -> tuple[Operation, ...]:
+    """Decode one list of operations: [kind, key, value], each key once."""
     if not isinstance(raw_ops, list):
-        raise MalformedBatchError("field 'ops' must be a list")
+        raise MalformedBatchError(f"{where} must be a list")
     ops: list[Operation] = []
     seen: set[bytes] = set()
     for i, raw in enumerate(raw_ops):
@@ -259,6 +283,24 @@ def decode_batch(payload: Any) -> Batch:
             raise MalformedBatchError(f"op {i} names a key twice in one batch")
         seen.add(op.key)
         ops.append(op)
+    return tuple(ops)
+
+
+def decode_batch(payload: Any, shared: list[tuple[Operation, ...]] | None = None) -> Batch:
+    """Decode and validate one batch of a task payload (*shared*: the task's shared
+    operation lists, which the batch's "ops" may name by index)."""
+    if not isinstance(payload, dict):
+        raise MalformedBatchError(f"a batch must be a JSON object, got {type(payload).__name__}")
+    gen = payload.get("gen")
+    if not isinstance(gen, int) or isinstance(gen, bool) or not 1 <= gen < 1 << 63:
+        raise MalformedBatchError(f"field 'gen' must be a positive integer, got {gen!r}")
+    raw_ops = payload.get("ops")
+    if isinstance(raw_ops, int) and not isinstance(raw_ops, bool):
+        if not 0 <= raw_ops < len(shared or ()):
+            raise MalformedBatchError(f"field 'ops' names shared list {raw_ops}, which is absent")
+        ops = (shared or [])[raw_ops]
+    else:
+        ops = _ops(raw_ops)
     prev, pos = _pos(payload, "prev"), _pos(payload, "pos")
     if pos <= prev:
         raise MalformedBatchError(f"pos {pos} is not after prev {prev}")
@@ -275,7 +317,7 @@ def decode_batch(payload: Any) -> Batch:
         gen=gen,
         prev=prev,
         pos=pos,
-        ops=tuple(ops),
+        ops=ops,
         done=done,
         lease=lease,
     )

@@ -18,6 +18,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -65,6 +66,7 @@ log = logging.getLogger("kvmesh.watcher")
 _FLUSH_AT = 8192  # pending changes that force a flush before the linger ends
 _PROGRESS_HEARTBEAT = 30.0  # seconds between progress writes when nothing synced changed
 _TAKE = 512  # feed items taken per pass of the loop, at most
+_MAX_MARKS = 256  # flush marks kept per target while their batches are in flight
 _BEHIND = 4  # tasks waiting in the queue at which the linger is sync.max_linger
 _LOOK_DURING_RESYNC = 0.1  # seconds between looks for complete resources while listing
 
@@ -94,6 +96,10 @@ class Target:
     last_resync_at: float = -1e9
     resync_spacing: float = 0.0
     resync_after: float = 0.0  # resyncs of this target wait until then (see _space_resyncs)
+    # (generation, D, chain) per flush that cut this target's batches: once every shard's
+    # fence reaches that chain, every synced event up to revision D has landed
+    marks: deque[tuple[int, int, dict[str, Position]]] = field(default_factory=deque)
+    mark_through: tuple[int, int] = (0, 0)  # (generation, D) of the newest landed mark
 
     @property
     def name(self) -> str:
@@ -541,6 +547,7 @@ class Watcher:
             out += [(t, b) for b in unsent]
             if len(t.outbox):
                 out += [(t, b) for b in self._cut_chains(t, t.outbox.drain())]
+            self._mark(t)
         try:
             self._send(out)
         except PublishError as exc:
@@ -548,6 +555,16 @@ class Watcher:
             self._flush_deadline = self._publish_after
             return
         self._publish_backoff = 0.0
+
+    def _mark(self, t: Target) -> None:
+        """Remember that every event delivered so far is in *t*'s chains as they stand: the
+        buffer was drained into its outbox and the outbox cut. When the fences reach these
+        chains, the target holds every event up to here, however long ago a quiet shard's
+        fence last moved (see _poll)."""
+        mark = (t.pair.gen, self.feed.delivered_through(), dict(t.pair.chain))
+        if len(t.marks) >= _MAX_MARKS:
+            t.marks.pop()  # the newest replaces the one before: fewer steps, never wrong
+        t.marks.append(mark)
 
     def _linger(self) -> float:
         """How long to gather changes before a flush: sync.linger while the workers keep up,
@@ -754,6 +771,15 @@ class Watcher:
             t.pair,
             t.snapshot_rev,
         )
+        landed = self._landed(t, found.fences)
+        while t.marks and (t.marks[0][0] != t.pair.gen or landed(t.marks[0][0], t.marks[0][2])):
+            gen, rev, _ = t.marks.popleft()
+            if gen == t.pair.gen:
+                t.mark_through = (gen, rev)
+        if t.mark_through[0] == t.pair.gen and through > 0:
+            # a fence left behind by a shard nothing changed in since pins applied_through
+            # to that fence; the landed marks say how far every shard is complete
+            through = max(through, t.mark_through[1])
         # Write when something synced moved, or as a slow heartbeat: every write bumps the
         # target's revision, and in a full mesh that target is another watcher's source.
         due = t.progress_at == 0.0 or now - t.progress_at >= _PROGRESS_HEARTBEAT

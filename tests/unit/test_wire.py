@@ -54,6 +54,56 @@ def test_round_trip_is_byte_exact_through_json() -> None:
     assert task.batches == [b, other] and task.gap_since_ms == 1234
 
 
+def test_a_flush_for_many_targets_carries_its_operations_once() -> None:
+    """Batches for several targets with the same operations share one list in the task,
+    so the payload grows by a short header per target, not by a copy of the changes."""
+    targets = [f"cluster-{i}" for i in range(2, 10)]
+    batches = [_batch(target=t) for t in targets] + [_batch(shard="ipcache-0")]
+    one = len(json.dumps(encode_task(batches[:1], SIGNER)))
+    payload = encode_task(batches, SIGNER)
+    assert len(payload["ops"]) == 1  # one shared list; the ipcache batch's ops are the same
+    assert all(b["ops"] == 0 for b in payload["batches"])
+    assert len(json.dumps(payload)) < one + len(batches) * 120
+    assert decode_task(json.loads(json.dumps(payload)), SIGNER).batches == batches
+    alone = encode_task([_batch(), _batch(ops=(Operation(Op.DELETE, b"x"),))], SIGNER)
+    assert "ops" not in alone  # nothing to share: every list inline, as in schema 2
+
+
+def test_a_schema_2_task_is_still_read() -> None:
+    """Workers read what watchers of the previous schema publish, during an upgrade."""
+    payload = encode_task([_batch()], None)
+    payload["v"] = 2
+    assert decode_task(SIGNER.sign(payload), SIGNER).batches == [_batch()]
+    shared = encode_task([_batch(), _batch(target="c")], None)
+    shared["v"] = 2
+    with pytest.raises(MalformedBatchError, match="unknown fields"):
+        decode_task(SIGNER.sign(shared), SIGNER)
+
+
+def _shared(p: dict) -> dict:  # type: ignore[type-arg]
+    """A payload of two batches sharing their operations."""
+    p.update(encode_task([_batch(), _batch(target="c")], None))
+    return p
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda p: _shared(p)["batches"][0].update(ops=1), "absent"),
+        (lambda p: _shared(p)["batches"][0].update(ops=-1), "absent"),
+        (lambda p: _shared(p)["batches"][0].update(ops=True), "must be a list"),
+        (lambda p: _shared(p).update(ops={"0": []}), "operation lists"),
+        (lambda p: _shared(p).update(ops=[[], [], []]), "operation lists"),
+        (lambda p: _shared(p)["ops"][0].append(["x", "AA==", None]), "unknown kind"),
+    ],
+)
+def test_malformed_shared_operations_are_rejected(mutate, reason: str) -> None:  # type: ignore[no-untyped-def]
+    payload: dict = {}  # type: ignore[type-arg]
+    mutate(payload)
+    with pytest.raises(MalformedBatchError, match=reason):
+        decode_task(SIGNER.sign(payload), SIGNER)
+
+
 @pytest.mark.parametrize(
     ("mutate", "reason"),
     [
