@@ -2,25 +2,83 @@
 (`kvmesh lab`: every cluster a source and a target, the simulator churning in each, 2
 workers) at several sizes and reads, from its report, the tasks and task bytes published per
 source change between the end of the initial sync and the end of the churn, the peak queue
-depth and the peak `lag s`.
+depth, the peak `lag s`, the time the initial sync took and the time to converge after the
+churn stopped. It samples the resident memory of the watchers and of the worker pool.
 
-    python benchmarks/mesh_scale.py [--clusters 3 6 10 12] [--duration 40] [--png FILE]
+    python benchmarks/mesh_scale.py [--clusters 3 6 10] [--duration 40]
+        [--json FILE] [--png FILE] [--code DIR] [--before FILE]
 
 A message count that grows with the number of clusters for the same changes is what made
 large meshes fall behind: each flush used to be one task per target. `--code DIR` runs the
 lab from another checkout, to compare two versions in one session (a version without the
-task metrics prints no cost per change, only queues, lag and convergence).
+task metrics prints no cost per change, only queues, lag and convergence); `--before FILE`
+draws the JSON of such a run next to this one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PAGE = 4096
+
+
+def _tree(root: int) -> dict[int, str]:
+    """Every live descendant of *root*: pid → command line."""
+    parents: dict[int, int] = {}
+    cmds: dict[int, str] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmds[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        parents[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        p = frontier.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in out:
+                out[child] = cmds.get(child, "")
+                frontier.append(child)
+    return out
+
+
+def _rss(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class MemorySampler(threading.Thread):
+    """The peak RSS of one watcher process, and of the worker pool (its main process and
+    its children together), sampled every 2 s."""
+
+    def __init__(self, root: int) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.watcher = 0
+        self.workers = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(2.0):
+            tree = _tree(self.root)
+            watchers = [_rss(p) for p, c in tree.items() if " watch " in f" {c} "]
+            pool = [_rss(p) for p, c in tree.items() if "celery" in c or " worker " in f" {c} "]
+            self.watcher = max([self.watcher, *watchers])
+            self.workers = max(self.workers, sum(pool))
 
 
 def run_lab(clusters: int, duration: int, code: Path) -> dict[str, object]:
@@ -36,7 +94,11 @@ def run_lab(clusters: int, duration: int, code: Path) -> dict[str, object]:
         "--duration",
         str(duration),
     ]
-    out = subprocess.run(cmd, cwd=code, capture_output=True, text=True, timeout=1800).stdout
+    proc = subprocess.Popen(cmd, cwd=code, stdout=subprocess.PIPE, text=True)
+    sampler = MemorySampler(proc.pid)
+    sampler.start()
+    out, _ = proc.communicate(timeout=1800)
+    sampler.stop.set()
     text = " ".join(out.split())  # the report wraps long lines
     cost = re.search(
         r"broker cost per source change while churning: ([\d.]+) tasks, (\d+) bytes", text
@@ -45,61 +107,92 @@ def run_lab(clusters: int, duration: int, code: Path) -> dict[str, object]:
     lags = [
         float(x) for x in re.findall(r"cluster-\d+=([\d.]+)(?=[, ]|$)", text.split("peak lag")[-1])
     ]
+    synced = re.search(r"initial sync: every source in every target ([\d.]+) s", text)
+    converged = re.search(r"lab: converged(?: ([\d.]+) s after the churn stopped)?", text)
     return {
         "clusters": clusters,
         "tasks_per_change": float(cost.group(1)) if cost else None,
         "bytes_per_change": int(cost.group(2)) if cost else None,
         "peak_queue": max(queues) if queues else None,
         "peak_lag_s": max(lags) if lags else None,
-        "converged": "lab: converged" in text,
+        "initial_sync_s": float(synced.group(1)) if synced else None,
+        "converged": converged is not None,
+        "converge_s": float(converged.group(1)) if converged and converged.group(1) else None,
+        "watcher_rss_mib": round(sampler.watcher / 2**20, 1),
+        "workers_rss_mib": round(sampler.workers / 2**20, 1),
     }
 
 
+COLUMNS = [
+    ("clusters", 8),
+    ("tasks_per_change", 16),
+    ("bytes_per_change", 16),
+    ("peak_queue", 10),
+    ("peak_lag_s", 10),
+    ("initial_sync_s", 14),
+    ("converge_s", 10),
+    ("watcher_rss_mib", 15),
+    ("workers_rss_mib", 15),
+    ("converged", 9),
+]
+
+
+def draw(rows: list[dict[str, object]], before: list[dict[str, object]], png: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--png needs matplotlib: .venv/bin/pip install -e '.[bench]'") from None
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for series, label, style in ((before, "before", "s--"), (rows, "now", "o-")):
+        ok = [r for r in series if r.get("tasks_per_change") is not None]
+        if not ok:
+            continue
+        xs = [r["clusters"] for r in ok]
+        a.plot(xs, [r["tasks_per_change"] for r in ok], style, label=label)
+        b.plot(xs, [r["bytes_per_change"] for r in ok], style, label=label)
+    a.set_xlabel("clusters in the mesh")
+    a.set_ylabel("tasks per source change")
+    b.set_xlabel("clusters in the mesh")
+    b.set_ylabel("task bytes per source change")
+    if before:
+        a.legend()
+        b.legend()
+    a.set_ylim(bottom=0)
+    b.set_ylim(bottom=0)
+    fig.suptitle("kvmesh lab, 20 ops/s churn per cluster, 2 workers, 2 cores")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    print(f"wrote {png}")
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clusters", type=int, nargs="+", default=[3, 6, 10, 12])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--clusters", type=int, nargs="+", default=[3, 6, 10])
     ap.add_argument("--duration", type=int, default=40, help="seconds of churn per size")
+    ap.add_argument("--json", default="", help="write the rows to this file")
     ap.add_argument("--png", default="", help="draw tasks and bytes per change to this file")
     ap.add_argument("--code", type=Path, default=ROOT, help="the checkout to run the lab from")
+    ap.add_argument("--before", default="", help="a JSON file of an earlier run to draw too")
     args = ap.parse_args()
     rows = []
-    print(
-        f"{'clusters':>8} {'tasks/change':>13} {'bytes/change':>13} {'peak queue':>11} "
-        f"{'peak lag s':>11} converged",
-        flush=True,
-    )
+    print(" ".join(f"{name:>{width}}" for name, width in COLUMNS), flush=True)
     for n in args.clusters:
+        started = time.monotonic()
         r = run_lab(n, args.duration, args.code)
+        r["wall_s"] = round(time.monotonic() - started, 1)
         rows.append(r)
-        print(
-            f"{n:>8} {r['tasks_per_change']!s:>13} {r['bytes_per_change']!s:>13} "
-            f"{r['peak_queue']!s:>11} {r['peak_lag_s']!s:>11} {r['converged']}",
-            flush=True,
-        )
+        print(" ".join(f"{r[name]!s:>{width}}" for name, width in COLUMNS), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"wrote {args.json}")
     if args.png:
-        try:
-            import matplotlib
-        except ImportError:
-            raise SystemExit(
-                "--png needs matplotlib: .venv/bin/pip install -e '.[bench]'"
-            ) from None
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        ok = [r for r in rows if r["tasks_per_change"] is not None]
-        xs = [r["clusters"] for r in ok]
-        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-        a.plot(xs, [r["tasks_per_change"] for r in ok], "o-")
-        a.set_xlabel("clusters in the mesh")
-        a.set_ylabel("tasks per source change")
-        b.plot(xs, [r["bytes_per_change"] for r in ok], "o-")
-        b.set_xlabel("clusters in the mesh")
-        b.set_ylabel("task bytes per source change")
-        fig.suptitle("kvmesh lab, 20 ops/s churn per cluster, 2 workers, 2 cores")
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=100)
-        print(f"wrote {args.png}")
+        before = json.loads(Path(args.before).read_text()) if args.before else []
+        draw(rows, before, args.png)
     return 0
 
 

@@ -92,6 +92,7 @@ def apply_group(
     batches: Sequence[Batch],
     max_ops: int = MAX_GROUP_OPS,
     max_bytes: int = MAX_GROUP_BYTES,
+    deferred: list[tuple[Batch, FenceRecord | None]] | None = None,
 ) -> tuple[list[Batch], list[Batch]]:
     """Apply, in one transaction, every batch of *batches* (one target) that the fences
     admit now, one per shard: the generation and each of those shards' fences are compared,
@@ -102,27 +103,44 @@ def apply_group(
     owns every special case: gaps, races, sizes, leases, resyncs. A copy of an applied
     batch stays in the rest, to be refused as a duplicate. *max_ops* and *max_bytes*
     are the target's limits per transaction (sync.max_batch_ops + 1, sync.max_batch_bytes),
-    for reads and compares too."""
-    if len(batches) < 2:
-        return [], list(batches)
+    for reads and compares too. *deferred*, if given, gets the batches of the rest that can
+    only wait for a later group, each with the fence the read found: those whose
+    predecessor is missing, and those that follow a batch of their shard, share a key with
+    it or do not fit beside the chosen ones. They need no read of their own."""
+    if not batches:
+        return [], []
     shards = sorted({b.shard for b in batches})[: max_ops - 1]
     views = store.read_fences(batches[0].source, shards)
     chosen: list[Batch] = []
     parts: list[Part] = []
     keys: set[bytes] = set()
     ops = bytes_ = 0
+
+    def defer(b: Batch, view: FenceView) -> None:
+        if deferred is not None:
+            deferred.append((b, view.fence))
+
     for b in batches:
         view = views.get(b.shard)
-        if view is None or b.shard in {p.shard for p in parts} or view.fence_corrupt:
+        if view is None or view.fence_corrupt:
             continue
-        if decide(b.gen, b.prev, b.pos, view.gen, view.fence) is not Decision.APPLY:
+        if b.shard in {p.shard for p in parts}:
+            defer(b, view)  # after its predecessor, in the next group
+            continue
+        decision = decide(b.gen, b.prev, b.pos, view.gen, view.fence)
+        if decision is not Decision.APPLY:
+            if decision is Decision.GAP:
+                defer(b, view)
             continue
         if not in_its_shard(b, view.shards):
             continue
         size = sum(op.size for op in b.ops)
         if ops + len(b.ops) + 1 > max_ops or bytes_ + size > max_bytes:
+            if chosen:
+                defer(b, view)  # a group of its own takes it; alone, it is apply_batch's
             continue
         if any(op.key in keys for op in b.ops):
+            defer(b, view)
             continue
         keys.update(op.key for op in b.ops)
         ops, bytes_ = ops + len(b.ops) + 1, bytes_ + size
@@ -130,7 +148,7 @@ def apply_group(
         parts.append(
             Part(b.shard, view.fence_rev, b.ops, FenceRecord(b.gen, b.pos, b.done), b.lease)
         )
-    if len(chosen) < 2:
+    if not chosen:
         return [], list(batches)
     gen_rev = views[chosen[0].shard].gen_rev
     try:
@@ -138,6 +156,8 @@ def apply_group(
     except (RequestTooLargeError, LeaseGoneError):
         landed = False  # apply_batch handles each on its own
     if not landed:
+        if deferred is not None:
+            deferred.clear()  # the fences moved meanwhile: what the read showed is old
         return [], list(batches)
     rest = list(batches)
     for b in chosen:

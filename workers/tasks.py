@@ -21,7 +21,7 @@ from pipeline.protocol.errors import (
     RetryableError,
     show_key,
 )
-from pipeline.protocol.fence import Decision
+from pipeline.protocol.fence import Decision, FenceRecord
 from pipeline.protocol.layout import may_write, parse_shard
 from pipeline.protocol.names import TASK_NAME, queue_name
 from pipeline.protocol.wire import (
@@ -289,18 +289,29 @@ def apply_all(
             reason,
         )
 
-    try:
-        together, pending = apply_group(store, pending, *group)
-    except RetryableError as exc:
-        raise _Unavailable(exc, pending) from None
-    if together:
-        outcomes[Decision.APPLY.value] += len(together)
-        outcomes["ops_applied"] += sum(len(b.ops) for b in together)
-        outcomes["grouped"] += len(together)
     delay = 0.002
     while pending:
-        waiting: list[Batch] = []
-        for i, batch in enumerate(pending):
+        # one read of every fence and one transaction for what they admit; a batch the
+        # read showed waiting for its predecessor (usually in another worker's hands right
+        # now) waits without a read of its own, and tries again with the others
+        deferred: list[tuple[Batch, FenceRecord | None]] = []
+        try:
+            together, rest = apply_group(store, pending, *group, deferred=deferred)
+        except RetryableError as exc:
+            raise _Unavailable(exc, pending) from None
+        if together:
+            outcomes[Decision.APPLY.value] += len(together)
+            outcomes["ops_applied"] += sum(len(b.ops) for b in together)
+            outcomes["grouped"] += len(together)
+        waiting = [b for b, _ in deferred]
+        others = [b for b in rest if not any(b is w for w in waiting)]
+        if gaps is not None:
+            for b, fence in deferred:
+                gaps[(b.source, b.target, b.shard)] = fence
+        progress = bool(together)
+        for i, batch in enumerate(others):
+            # everything else (duplicates, stale batches, races, sizes, leases, resyncs)
+            # is the one-batch path's
 
             def on_gap(seen: FenceView, b: Batch = batch) -> None:
                 if gaps is not None:
@@ -309,22 +320,23 @@ def apply_all(
             try:
                 decision = apply_batch(store, batch, on_reject=reject, on_gap=on_gap)
             except RetryableError as exc:
-                raise _Unavailable(exc, waiting + pending[i:]) from None
+                raise _Unavailable(exc, waiting + others[i:]) from None
             if decision is Decision.GAP:
                 waiting.append(batch)
                 continue
+            progress = True
             outcomes[decision.value] += 1
             if decision is Decision.APPLY:
                 outcomes["ops_applied"] += len(batch.ops)
-        if len(waiting) < len(pending):
+        if progress:
             deadline = time.monotonic() + gap_wait  # progress: wait afresh
             delay = 0.002
         elif time.monotonic() >= deadline:
             return waiting
         else:
-            time.sleep(delay)
+            time.sleep(delay)  # the predecessor is being applied elsewhere: a moment
             delay = min(delay * 2, 0.05)
-        pending = waiting
+        pending = sorted(waiting, key=batches.index)
     return []
 
 

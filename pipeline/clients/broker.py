@@ -161,7 +161,7 @@ def create_app(settings: Settings, name: str = "kvmesh") -> Any:
         task_default_queue=queues[0].name if queues else "kvmesh",
         task_create_missing_queues=False,
         worker_hijack_root_logger=False,
-        worker_send_task_events=True,
+        worker_send_task_events=settings.worker.task_events,
         task_send_sent_event=False,
         enable_utc=True,
     )

@@ -67,7 +67,13 @@ _FLUSH_AT = 8192  # pending changes that force a flush before the linger ends
 _PROGRESS_HEARTBEAT = 30.0  # seconds between progress writes when nothing synced changed
 _TAKE = 512  # feed items taken per pass of the loop, at most
 _MAX_MARKS = 256  # flush marks kept per target while their batches are in flight
-_BEHIND = 4  # tasks waiting in the queue at which the linger is sync.max_linger
+# The linger stays sync.linger while at most _KEEPING_UP tasks wait in the source queue (a
+# pool's slots take the next ones at once), and grows by _PER_TASK for each task beyond,
+# up to sync.max_linger: a backlog turns into larger tasks gradually, and a short burst of
+# queued tasks costs a few milliseconds, not a jump to the longest linger.
+_KEEPING_UP = 2
+_PER_TASK = 0.005
+_DEPTH_EVERY = 0.1  # seconds between two reads of the queue depth
 _LOOK_DURING_RESYNC = 0.1  # seconds between looks for complete resources while listing
 
 EtcdFactory = Callable[[ClusterConfig, float, str], EtcdClient]
@@ -163,6 +169,7 @@ class Watcher:
         self.buffer = ShardBuffer()
         self.stop_event = threading.Event()
         self._flush_deadline: float | None = None
+        self._last_flush = -1e9  # when the last flush published something
         self._next_tick = 0.0
         self._next_progress = 0.0
         self._next_antientropy = 0.0
@@ -410,7 +417,10 @@ class Watcher:
             shard = shard_of(resource, tkey, self.sync.shards)
             self.buffer.add(shard, Change(tkey, op, tvalue, (ev.revision, ev.index)))
         if len(self.buffer) and self._flush_deadline is None:
-            self._flush_deadline = self.clock() + self._linger()
+            # The linger spaces flushes: the first change after a quiet spell goes out at
+            # once, and changes that follow a flush closely wait for the next one.
+            now = self.clock()
+            self._flush_deadline = max(now, self._last_flush + self._linger())
         self.metrics.source_revision.labels(src).set(max(self.feed.delivered.values()))
 
     def _config_changed(self, key: bytes, value: bytes) -> None:
@@ -548,6 +558,7 @@ class Watcher:
             if len(t.outbox):
                 out += [(t, b) for b in self._cut_chains(t, t.outbox.drain())]
             self._mark(t)
+        self._last_flush = now
         try:
             self._send(out)
         except PublishError as exc:
@@ -567,21 +578,19 @@ class Watcher:
         t.marks.append(mark)
 
     def _linger(self) -> float:
-        """How long to gather changes before a flush: sync.linger while the workers keep up,
+        """The least time between two flushes: sync.linger while the workers keep up,
         longer (up to sync.max_linger) while tasks wait in the source's queue. A backlog
         then turns into fewer, larger tasks, each change costing less of the workers' time,
-        instead of more small ones that deepen it."""
+        instead of more small ones that deepen it. A change that comes after a quiet spell
+        longer than this is published at once."""
         depth = self._depth(self.clock())
         longest = max(self.sync.max_linger, self.sync.linger)
-        # a few waiting tasks already mean the workers are behind: reach the longest
-        # linger at _BEHIND of them, so that the queue (and the time a change spends in
-        # it) stays short instead of settling where a slow growth of the linger would
-        return self.sync.linger + (longest - self.sync.linger) * min(1.0, depth / _BEHIND)
+        return min(longest, self.sync.linger + max(0, depth - _KEEPING_UP) * _PER_TASK)
 
     def _depth(self, now: float) -> int:
-        """The source queue's depth, read from Redis no more than twice a second."""
+        """The source queue's depth, read from Redis at most every _DEPTH_EVERY seconds."""
         when, depth = self._queue_sample
-        if now - when >= 0.5:
+        if now - when >= _DEPTH_EVERY:
             try:
                 depth = self.publisher.backlog()
             except RetryableError:
@@ -591,7 +600,7 @@ class Watcher:
 
     def _queue_full(self, now: float) -> bool:
         """Whether the source queue holds sync.max_queue_depth tasks or more (looked at no
-        more than twice a second)."""
+        more often than every _DEPTH_EVERY seconds)."""
         depth = self._depth(now)
         if depth >= self.sync.max_queue_depth:
             self._pause_publishing("queue_full", f"its queue holds {depth} tasks")

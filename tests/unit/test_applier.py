@@ -94,6 +94,43 @@ def test_a_missing_predecessor_leaves_the_batch_waiting() -> None:
     assert again == Counter(duplicate=len(batches))
 
 
+def test_batches_waiting_for_another_worker_land_together_without_reads_of_their_own() -> None:
+    """A predecessor that another worker holds lands a moment later: the batches that waited
+    for it are admitted by the next read of all the fences, in one transaction, and the
+    fence each waited on is noted for the stall clock."""
+    _, batches = setup()
+    held = batches[0]  # another worker has it in hand
+
+    class Racing(Store):
+        reads = 0
+        single_reads = 0
+
+        def read_fences(self, source, shards):  # type: ignore[no-untyped-def]
+            Racing.reads += 1
+            if Racing.reads == 2:  # while this worker waited, the other one committed
+                other = Store()
+                other.etcd.space = self.etcd.space
+                assert apply_batch(other, held) is Decision.APPLY
+            return super().read_fences(source, shards)
+
+        def read_fence(self, source, shard):  # type: ignore[no-untyped-def]
+            Racing.single_reads += 1
+            return super().read_fence(source, shard)
+
+    store = Racing()
+    fresh, _ = setup()
+    store.etcd.space = fresh.etcd.space
+    outcomes: Counter[str] = Counter()
+    gaps: dict[tuple[str, str, str], object] = {}
+    assert apply_all(store, batches[1:], outcomes, gap_wait=1.0, gaps=gaps) == []
+    assert outcomes["applied"] == len(batches) - 1
+    assert Racing.single_reads == 0  # no batch needed the one-batch path
+    # these batches fill a transaction each (127 operations and a fence): one read and one
+    # transaction per batch, and no read of its own for any of them
+    assert Racing.reads == len(batches) - 1
+    assert isinstance(gaps[("a", "b", held.shard)], FenceRecord)  # what it waited on
+
+
 def test_a_batch_the_target_refuses_is_split_and_the_oversized_key_recorded() -> None:
     """Over the target's request limit, the batch lands in parts; a single value the target
     cannot take is skipped, its stale copy deleted, and the refusal recorded."""

@@ -69,6 +69,7 @@ class Lab:
     settings: Settings | None = None
     supervisor: Supervisor = field(init=False)
     mesh_view: MeshView | None = None
+    started_at: float | None = None  # monotonic: when every cluster was populated
 
     def __post_init__(self) -> None:
         self.supervisor = Supervisor(self.root)
@@ -124,6 +125,7 @@ class Lab:
         # "populated" is the line `kvmesh simulate` prints once its cluster holds its state
         self.supervisor.wait_logs([f"simulate-{n}" for n in self.names], "populated", 120)
         say(f"lab: {o.clusters} simulated clusters populated ({o.identities} identities each)")
+        self.started_at = time.monotonic()
         self.spawn(
             "worker", ["worker", "--concurrency", str(o.workers), "--hostname", "lab-worker@%h"]
         )
@@ -291,6 +293,13 @@ class Lab:
                 f"broker cost per source change while churning: {tasks:.3f} tasks, "
                 f"{size:.0f} bytes ({changes} changes)"
             )
+        synced = [v.synced_time for v in self.views.values()]
+        if synced and None not in synced and self.started_at is not None:
+            out.append(
+                "initial sync: every source in every target "
+                f"{max(t for t in synced if t is not None) - self.started_at:.1f} s after the "
+                "clusters were populated"
+            )
         out.append(
             "peak lag (s) per source once its initial sync was in: "
             + ", ".join(
@@ -361,12 +370,15 @@ def run_lab(opts: LabOptions) -> int:
             for view in lab.views.values():
                 view.mark_churn_end()
             lab.pause_churn()
+            stopped = time.monotonic()
             converged, lines = lab.converge()
+            took = time.monotonic() - stopped
             console.print(lab.render())
             console.print("\n".join(lines))
             console.print(lab.report())
             console.print(
-                f"lab: {'converged' if converged else 'NOT converged'}: "
+                f"lab: {'converged' if converged else 'NOT converged'}"
+                f"{f' {took:.1f} s after the churn stopped' if converged else ''}: "
                 f"{'every' if converged else 'not every'} target cache equals "
                 "its source"
             )

@@ -4,6 +4,7 @@ every (source, target) pair and from the source's watcher metrics."""
 from __future__ import annotations
 
 import contextlib
+import time
 import urllib.request
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ class SourceView:
     rejected: int = 0
     events: int = 0
     targets_synced: int = 0
+    synced_time: float | None = None  # monotonic: when every target had its initial sync
     targets: int = 0
     waiting: tuple[str, ...] = ()  # resources waiting for their source canary
     peak_lag_seconds: float | None = None  # once every target had its initial sync
@@ -87,6 +89,7 @@ class SourceView:
         )
         if self.targets and self.targets_synced == self.targets and self.synced_at is None:
             self.synced_at = (self.events, self.tasks, self.task_bytes)
+            self.synced_time = time.monotonic()
 
     def mark_churn_end(self) -> None:
         self.churn_end = (self.events, self.tasks, self.task_bytes)

@@ -1,0 +1,411 @@
+"""Steady-state lag: the delay from a put in the source etcd to the key's arrival in the
+target etcd, for kvmesh and for `etcdctl make-mirror`, in the same run, on the same machine.
+
+    python benchmarks/lag.py [--rates 200 1000 5000] [--keys 1000] [--seconds 10]
+        [--concurrency 2] [--json FILE] [--png FILE]
+
+One source etcd holds `--keys` identity ID keys. kvmesh (a watcher and a worker pool) copies
+them into one target etcd, make-mirror into another; both run from the start, and measuring
+starts once both targets hold every key. Then, for each rate and each contender in turn,
+writer threads rewrite the keys at that many puts a second for `--seconds`, while the other
+contender is paused (SIGSTOP to its process groups; on 2 cores it would otherwise take CPU
+from the one measured). It resumes and catches up before the next phase. Each put writes a
+value with its own sequence number, and a watch on each target notes when each arrives.
+
+A put has arrived once the target holds its value or a newer one for the same key: kvmesh
+coalesces changes to one key made within a flush, and the newer value carries the older put's
+effect. Delays run from just before each put is sent. The benchmark also checks what no
+contender may do: end with a value other than the last put (lost), or let a key's values
+arrive out of order (reordered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.clients.etcd import Etcd, Event, Put
+from pipeline.tools.cilium_state import identity_id, identity_labels, write_items
+from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
+from pipeline.tools.orphan import wrap
+from pipeline.tools.servers import EtcdServer, RedisServer, find_binary
+
+SOURCE = "cluster-a"
+ID_PREFIX = b"cilium/state/identities/v1/id/"
+CACHE_PREFIX = f"cilium/cache/identities/v1/{SOURCE}/id/".encode()
+SEQ = b";seq="
+
+
+def key_of(i: int) -> bytes:
+    return str(identity_id(1, i)).encode()
+
+
+class Arrivals:
+    """What a watch on one target saw: per key suffix, the sequence numbers in arrival
+    order, and when each arrived."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen: dict[bytes, list[tuple[int, float]]] = {}
+        self.errors: list[str] = []
+
+    def on_events(self, events: list[Event], _rev: int) -> None:
+        now = time.monotonic()
+        with self.lock:
+            for ev in events:
+                if ev.value is None or SEQ not in ev.value:
+                    continue
+                seq = int(ev.value.rsplit(SEQ, 1)[1])
+                self.seen.setdefault(ev.key[len(CACHE_PREFIX) :], []).append((seq, now))
+
+    def on_error(self, exc: BaseException) -> None:
+        self.errors.append(f"{type(exc).__name__}: {exc}")
+
+
+class Writer(threading.Thread):
+    """Puts the sequence numbers *seqs*, each at its slot of a schedule of *rate* puts a
+    second that starts at *t0* with sequence number *first*; sequence number n rewrites
+    key n mod *keys*. Puts due together go in one transaction of *group* puts (each still
+    its own event, with its own revision index), all sent at once."""
+
+    def __init__(
+        self, etcd: Etcd, seqs: range, first: int, rate: float, keys: int, t0: float, group: int
+    ) -> None:
+        super().__init__(daemon=True)
+        self.group = group  # puts a transaction: one request a put is too slow past ~500/s
+        self.etcd, self.seqs, self.first = etcd, seqs, first
+        self.rate, self.keys, self.t0 = rate, keys, t0
+        self.sent: list[tuple[int, int, float]] = []  # (seq, key index, time sent)
+
+    def run(self) -> None:
+        seqs = list(self.seqs)
+        for at in range(0, len(seqs), self.group):
+            group = seqs[at : at + self.group]
+            delay = self.t0 + (group[0] - self.first) / self.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # pacing to the schedule, not a wait on state
+            puts = [
+                (seq, seq % self.keys, identity_labels(SOURCE, seq % self.keys).encode())
+                for seq in group
+            ]
+            sent = time.monotonic()
+            self.etcd.txn(
+                [], [Put(ID_PREFIX + key_of(i), v + SEQ + str(seq).encode()) for seq, i, v in puts]
+            )
+            self.sent += [(seq, i, sent) for seq, i, _ in puts]
+
+
+def churn(
+    src: EtcdServer, rate: int, count: int, first: int, keys: int
+) -> tuple[list[tuple[int, int, float]], float]:
+    """Put sequence numbers first .. first + count - 1 at *rate* a second; returns what was
+    sent (sequence number, key index, time) in order, and the seconds it took."""
+    writers = min(4, math.ceil(rate / 500))
+    # a writer makes about 250 requests a second here; past that, puts share them
+    group = max(1, math.ceil(rate / writers / 250))
+    clients = [Etcd(src.cluster()) for _ in range(writers)]
+    t0 = time.monotonic() + 0.2
+    threads = [
+        Writer(clients[w], range(first + w, first + count, writers), first, rate, keys, t0, group)
+        for w in range(writers)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for c in clients:
+        c.close()
+    elapsed = max(s for t in threads for _, _, s in t.sent) - t0
+    return sorted(x for t in threads for x in t.sent), elapsed
+
+
+def percentile(xs: list[float], p: float) -> float:
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))]
+
+
+def judge(
+    arrivals: Arrivals, sent: list[tuple[int, int, float]], keys: int, seqs: range
+) -> dict[str, Any]:
+    """Delays (ms), puts not seen and keys reordered, for the puts in *seqs*."""
+    with arrivals.lock:
+        seen = {k: list(v) for k, v in arrivals.seen.items()}
+    delays: list[float] = []
+    trace: list[tuple[float, float]] = []
+    reordered = 0
+    by_key: dict[int, list[tuple[int, float]]] = {}
+    for i in range(keys):
+        got = [(s, t) for s, t in seen.get(key_of(i), []) if s in seqs]
+        if any(b[0] < a[0] for a, b in itertools.pairwise(got)):
+            reordered += 1
+        by_key[i] = got
+    unseen = 0
+    for seq, i, t_sent in sent:
+        # arrived with the first value of this put's sequence number or a newer one
+        t = next((t for s, t in by_key[i] if s >= seq), None)
+        if t is None:
+            unseen += 1
+        else:
+            delays.append((t - t_sent) * 1000)
+            trace.append((t_sent, (t - t_sent) * 1000))
+    return {
+        "p50_ms": round(percentile(delays, 50), 2),
+        "p99_ms": round(percentile(delays, 99), 2),
+        "max_ms": round(max(delays), 2) if delays else math.nan,
+        "puts": len(sent),
+        "not_arrived": unseen,
+        "reordered_keys": reordered,
+        "trace": trace,
+    }
+
+
+def wait_for(what: str, check: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.05)  # poll interval
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--rates", type=int, nargs="+", default=[200, 1000, 5000])
+    ap.add_argument("--keys", type=int, default=1000)
+    ap.add_argument("--seconds", type=float, default=10.0, help="of churn per rate")
+    ap.add_argument("--concurrency", type=int, default=2, help="kvmesh worker pool slots")
+    ap.add_argument("--pool", default="prefork", choices=["prefork", "threads", "solo", "gevent"])
+    ap.add_argument(
+        "--sync",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [sync] setting for kvmesh, e.g. linger=0.005 (repeatable)",
+    )
+    ap.add_argument("--skip-mirror", action="store_true", help="measure kvmesh only")
+    ap.add_argument("--json", default="", help="write the results to this file")
+    ap.add_argument("--trace", default="", help="append each put's send time and delay here")
+    ap.add_argument("--png", default="", help="draw p50 and p99 by rate to this file")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="kvmesh-lag-"))
+    print(f"logs in {tmp}", flush=True)
+    servers: list[Any] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    streams = []
+
+    def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+        """Start *cmd* in a process group of its own (to pause it whole); returns the group."""
+        with open(log, "wb") as fh:
+            p = subprocess.Popen(
+                wrap(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        procs.append(p)
+        return p.pid
+
+    try:
+        src, dst_k, dst_m = (EtcdServer(tmp / n) for n in ("source", "kvmesh", "mirror"))
+        broker = RedisServer(tmp / "redis")
+        for s in (src, dst_k, dst_m, broker):
+            s.start()
+            servers.append(s)
+        source = Etcd(src.cluster())
+        write_items(
+            source,
+            (
+                (ID_PREFIX + key_of(i), identity_labels(SOURCE, i).encode() + SEQ + b"-1")
+                for i in range(args.keys)
+            ),
+        )
+        cfg = tmp / "mesh.toml"
+        cfg.write_text(
+            mesh_config(
+                broker_url=broker.url,
+                signing_key_file=write_secret(tmp / "signing.key", new_signing_key()),
+                clusters=[
+                    {"name": SOURCE, "id": 1, "endpoints": [src.url], "target": False},
+                    {"name": "cluster-b", "id": 2, "endpoints": [dst_k.url], "source": False},
+                ],
+                sync={k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.sync)},
+            )
+        )
+        kvmesh = [sys.executable, "-m", "pipeline"]
+        groups: dict[str, list[int]] = {"kvmesh": [], "make-mirror": []}
+        groups["kvmesh"].append(
+            spawn(
+                [
+                    *kvmesh,
+                    "worker",
+                    "--config",
+                    str(cfg),
+                    "--concurrency",
+                    str(args.concurrency),
+                    "--pool",
+                    args.pool,
+                ],
+                tmp / "worker.log",
+            )
+        )
+        groups["kvmesh"].append(spawn([*kvmesh, "watch", "--config", str(cfg)], tmp / "watch.log"))
+        contenders = {"kvmesh": Etcd(dst_k.cluster())}
+        if not args.skip_mirror:
+            mirror = spawn(
+                [
+                    find_binary("etcdctl"),
+                    "--endpoints",
+                    src.url,
+                    "make-mirror",
+                    "--prefix",
+                    ID_PREFIX.decode(),
+                    "--dest-prefix",
+                    CACHE_PREFIX.decode(),
+                    dst_m.url,
+                ],
+                tmp / "mirror.log",
+                dict(os.environ, ETCDCTL_API="3"),
+            )
+            groups["make-mirror"].append(mirror)
+            contenders["make-mirror"] = Etcd(dst_m.cluster())
+        for name, etcd in contenders.items():
+            wait_for(
+                f"{name}'s initial copy", lambda e=etcd: e.count(CACHE_PREFIX) >= args.keys, 120
+            )
+        arrivals = {name: Arrivals() for name in contenders}
+        for name, etcd in contenders.items():
+            streams.append(
+                etcd.watch(
+                    CACHE_PREFIX,
+                    etcd.revision() + 1,
+                    arrivals[name].on_events,
+                    arrivals[name].on_error,
+                )
+            )
+        results = []
+        print(
+            f"{'rate/s':>7} {'achieved':>9} {'contender':>12} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'max ms':>8} {'lost':>5} {'reordered':>9}",
+            flush=True,
+        )
+
+        def signal_all(name: str, sig: int) -> None:
+            for pgid in groups[name]:
+                os.killpg(pgid, sig)
+
+        def settled(name: str, last: dict[int, int], timeout: float) -> None:
+            """Wait until every key's last put arrived (else it counts as lost)."""
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                with arrivals[name].lock:
+                    seen = arrivals[name].seen
+                    if all(
+                        seen.get(key_of(i)) and seen[key_of(i)][-1][0] >= seq
+                        for i, seq in last.items()
+                    ):
+                        return
+                time.sleep(0.05)  # poll interval
+
+        first = 0
+        for rate in args.rates:
+            for name, etcd in contenders.items():
+                # one contender at a time, the other paused (SIGSTOP): on 2 cores, each
+                # would otherwise take CPU from the other while it is measured
+                for other in contenders:
+                    if other != name:
+                        signal_all(other, signal.SIGSTOP)
+                count = int(rate * args.seconds)
+                sent, elapsed = churn(src, rate, count, first, args.keys)
+                seqs = range(first, first + count)
+                first += count
+                last = {i: seq for seq, i, _ in sent}
+                settled(name, last, 30)
+                r = judge(arrivals[name], sent, args.keys, seqs)
+                trace = r.pop("trace")
+                if args.trace:
+                    with open(args.trace, "a") as fh:
+                        fh.writelines(f"{name} {rate} {t:.6f} {d:.3f}\n" for t, d in trace)
+                final = etcd.items(CACHE_PREFIX)
+                # lost: a key whose value in the target is not its last put
+                r["lost_keys"] = sum(
+                    1
+                    for i, seq in last.items()
+                    if not final.get(CACHE_PREFIX + key_of(i), b"").endswith(
+                        SEQ + str(seq).encode()
+                    )
+                )
+                r.update(rate=rate, achieved=round(len(sent) / max(elapsed, 1e-9)), contender=name)
+                results.append(r)
+                print(
+                    f"{rate:>7} {r['achieved']:>9} {name:>12} {r['p50_ms']:>8} {r['p99_ms']:>8} "
+                    f"{r['max_ms']:>8} {r['lost_keys']:>5} {r['reordered_keys']:>9}",
+                    flush=True,
+                )
+                for other in contenders:
+                    if other != name:
+                        signal_all(other, signal.SIGCONT)
+                        settled(other, last, 120)  # caught up before the next phase
+        for name, a in arrivals.items():
+            if a.errors:
+                print(f"{name}: watch errors: {a.errors[:3]}")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+            print(f"wrote {args.json}")
+        if args.png:
+            draw(results, args.png)
+        return 0
+    finally:
+        for st in streams:
+            st.stop()
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for s in servers:
+            s.stop()
+
+
+def draw(results: list[dict[str, Any]], png: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--png needs matplotlib: .venv/bin/pip install -e '.[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, color in (("kvmesh", "tab:blue"), ("make-mirror", "tab:orange")):
+        rows = [r for r in results if r["contender"] == name]
+        if not rows:
+            continue
+        xs = [r["rate"] for r in rows]
+        ax.plot(xs, [r["p50_ms"] for r in rows], "o-", color=color, label=f"{name} p50")
+        ax.plot(xs, [r["p99_ms"] for r in rows], "s--", color=color, label=f"{name} p99")
+    ax.axhline(19, color="grey", lw=0.8, ls=":", label="KVStoreMesh p99, unthrottled (19 ms)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("puts per second in the source")
+    ax.set_ylabel("put → arrival in the target (ms)")
+    ax.legend(fontsize=8)
+    ax.set_title("Steady-state lag, 2 cores")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
