@@ -385,7 +385,12 @@ class Mesh:
                     request = info.get("request", info)  # scheduled() wraps the request
                     args = request.get("args")
                     if isinstance(args, list) and args and isinstance(args[0], dict):
-                        out[request["id"]] = list(args[0].get("batches", []))
+                        # schema 3 names the source once, for every batch
+                        source = args[0].get("source")
+                        out[request["id"]] = [
+                            {"source": source, **b} if source else b
+                            for b in args[0].get("batches", [])
+                        ]
         return out
 
     def landed(self, batch: dict[str, Any]) -> bool:

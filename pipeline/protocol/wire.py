@@ -215,6 +215,15 @@ def encode_task(
     payload: dict[str, Any] = {"v": SCHEMA_VERSION, "batches": encoded}
     if table:
         payload["ops"] = table
+    # what every batch would repeat is said once: the source (all share it) and done=true
+    sources = {e["source"] for e in encoded}
+    if len(sources) == 1:
+        payload["source"] = sources.pop()
+        for e in encoded:
+            del e["source"]
+    for e in encoded:
+        if e["done"] is True:
+            del e["done"]
     if gap_since_ms is not None:
         payload["gap_since"] = gap_since_ms
     return signer.sign(payload) if signer is not None else payload
@@ -238,9 +247,9 @@ def _decode(payload: dict[str, Any]) -> Task:
     version = payload.get("v")
     if version not in READ_VERSIONS or isinstance(version, bool):
         raise MalformedBatchError(f"unsupported schema version {version!r}")
-    unknown = (
-        set(payload) - {"v", "batches", "gap_since", "sig"} - ({"ops"} if version >= 3 else set())
-    )
+    unknown = set(payload) - {"v", "batches", "gap_since", "sig"}
+    if version >= 3:
+        unknown -= {"ops", "source"}
     if unknown:
         raise MalformedBatchError(f"unknown fields {sorted(unknown)}")
     raw = payload.get("batches")
@@ -252,6 +261,11 @@ def _decode(payload: dict[str, Any]) -> Task:
     if not isinstance(table, list) or len(table) > len(raw):
         raise MalformedBatchError("field 'ops' must be a list of operation lists")
     shared = [_ops(t, f"shared list {i}") for i, t in enumerate(table)]
+    source = payload.get("source")
+    if source is not None:
+        if not isinstance(source, str) or not source:
+            raise MalformedBatchError(f"field 'source' must be a non-empty string, got {source!r}")
+        raw = [{"source": source, **b} if isinstance(b, dict) else b for b in raw]
     batches = [decode_batch(b, shared) for b in raw]
     if len({b.source for b in batches}) != 1:
         raise MalformedBatchError("batches of one task must share their source")

@@ -5,7 +5,17 @@ Names carry units and `_total` on counters; labels are `source_cluster`, `target
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
 
 
 class WatcherMetrics:
@@ -150,5 +160,50 @@ class WatcherMetrics:
             registry=r,
         )
 
-    def serve(self, port: int, bind: str) -> None:
-        start_http_server(port, addr=bind, registry=self.registry)
+        self.queue_depth = Gauge(
+            "kvmesh_watcher_queue_depth",
+            "Tasks waiting in the source's queue, as the active watcher last read it",
+            ["source_cluster"],
+            registry=r,
+        )
+
+    def serve(self, port: int, bind: str, unready: Callable[[], str | None]) -> ThreadingHTTPServer:
+        """Serve /metrics, /healthz (the process runs) and /readyz (200 once *unready*
+        returns None, else 503 with its reason) on a thread; any other path is a 404.
+        Raises OSError if the port cannot be bound."""
+        server = ThreadingHTTPServer((bind, port), _handler(self.registry, unready))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        return server
+
+
+def _handler(
+    registry: CollectorRegistry, unready: Callable[[], str | None]
+) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                self._send(200, b"ok\n")
+            elif path == "/readyz":
+                why = unready()
+                if why is None:
+                    self._send(200, b"ready\n")
+                else:
+                    self._send(503, why.encode("utf-8", "backslashreplace") + b"\n")
+            else:
+                self._send(404, b"not found: /metrics, /healthz and /readyz are served\n")
+
+        def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # no access log: scrapes every few seconds would drown the real one
+
+    return Handler

@@ -170,6 +170,7 @@ class Watcher:
         self.stop_event = threading.Event()
         self._flush_deadline: float | None = None
         self._last_flush = -1e9  # when the last flush published something
+        self.synced_once: set[str] = set()  # targets that had their initial sync
         self._next_tick = 0.0
         self._next_progress = 0.0
         self._next_antientropy = 0.0
@@ -201,6 +202,17 @@ class Watcher:
     def stop(self) -> None:
         self.stop_event.set()
         self.feed.wake()
+
+    def unready(self) -> str | None:
+        """Why this watcher is not ready, or None: a standby is ready (it runs and would
+        take over), an active watcher once every target had its initial sync in this
+        process (a later resync does not make it unready)."""
+        if not self._in_term.is_set():
+            return None
+        pending = [t.name for t in self.targets if t.name not in self.synced_once]
+        if pending:
+            return f"{self.source.name}: initial sync not done in {', '.join(pending)}"
+        return None
 
     def close(self) -> None:
         self.feed.stop()
@@ -595,6 +607,8 @@ class Watcher:
                 depth = self.publisher.backlog()
             except RetryableError:
                 depth = 0  # the publish itself will tell
+            else:
+                self.metrics.queue_depth.labels(self.source.name).set(depth)
             self._queue_sample = (now, depth)
         return depth
 
@@ -695,6 +709,7 @@ class Watcher:
                 self._next_antientropy = now + self.sync.resync_interval
                 for t in self.targets:
                     t.owe(Cause.ANTI_ENTROPY)
+        self._depth(now)  # keeps kvmesh_watcher_queue_depth fresh in a quiet mesh too
         try:
             self._check_source_canaries()
         except RetryableError as exc:
@@ -772,6 +787,8 @@ class Watcher:
             return
         done = all(r.name in t.pair.canaried for r in RESOURCES if r.canary is not None)
         self.metrics.initial_sync.labels(src, t.name).set(int(done))
+        if done:
+            self.synced_once.add(t.name)
         t.control.leases.collect(self._landed(t, found.fences))
         through = applied_through(
             self.feed.delivered_through(),

@@ -44,6 +44,15 @@ EPILOG = """examples:
 """
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvmesh")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvmesh",
@@ -51,8 +60,23 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"kvmesh {_version()}")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    sub = p.add_subparsers(dest="command", required=True)
+    # the global flags are accepted after the subcommand too
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING or ERROR"
+    )
+    subparsers = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    class _Sub:
+        """add_parser with the common flags, and the help as description by default."""
+
+        def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
+            kw.setdefault("description", kw["help"][0].upper() + kw["help"][1:] + ".")
+            return subparsers.add_parser(name, parents=[common], **kw)
+
+    sub = _Sub()
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--config", help="TOML config file (default: $KVMESH_CONFIG)")
@@ -69,8 +93,15 @@ def _parser() -> argparse.ArgumentParser:
         help="source cluster to watch (repeatable; default: every source)",
     )
     k = with_config(sub.add_parser("worker", help="run a Celery worker applying batches"))
-    k.add_argument("--concurrency", type=int, default=None)
-    k.add_argument("--pool", choices=["prefork", "threads", "solo"], default=None)
+    k.add_argument(
+        "--concurrency", type=int, default=None, help="pool slots (default: worker.concurrency)"
+    )
+    k.add_argument(
+        "--pool",
+        choices=["prefork", "threads", "solo"],
+        default=None,
+        help="Celery pool (default: worker.pool)",
+    )
     k.add_argument(
         "--queues",
         default=None,
@@ -90,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         "apart from timestamps and lease IDs",
     )
     c = with_config(sub.add_parser("count", help="count keys under a prefix in one cluster"))
-    c.add_argument("--cluster", required=True)
+    c.add_argument("--cluster", required=True, help="the cluster's name in the config")
     c.add_argument(
         "--role",
         choices=["auto", "read", "write"],
@@ -98,12 +129,12 @@ def _parser() -> argparse.ArgumentParser:
         help="credentials to use: read (source side) or write (target side); auto takes "
         "read for cilium/state/ and cilium/synced/, write otherwise",
     )
-    c.add_argument("prefix")
+    c.add_argument("prefix", help="key prefix, e.g. cilium/cache/identities/v1/")
     m = with_config(sub.add_parser("simulate", help="play one cluster's Cilium agents"))
-    m.add_argument("--cluster", required=True)
-    m.add_argument("--identities", type=int, default=1100)
-    m.add_argument("--nodes", type=int, default=20)
-    m.add_argument("--services", type=int, default=50)
+    m.add_argument("--cluster", required=True, help="the cluster's name in the config")
+    m.add_argument("--identities", type=int, default=1100, help="security identities")
+    m.add_argument("--nodes", type=int, default=20, help="nodes")
+    m.add_argument("--services", type=int, default=50, help="global services")
     m.add_argument(
         "--endpoints",
         type=int,
@@ -113,8 +144,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--churn", type=float, default=0.0, help="operations per second")
     m.add_argument("--duration", type=float, default=0.0, help="seconds; 0 runs until stopped")
-    m.add_argument("--lease-ttl", type=int, default=60)
-    m.add_argument("--seed", type=int, default=None)
+    m.add_argument(
+        "--lease-ttl", type=int, default=60, help="seconds: the agents' lease on their keys"
+    )
+    m.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable run")
     m.add_argument("--no-populate", action="store_true", help="churn only, write no state")
     lab = sub.add_parser(
         "lab",
@@ -123,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
         "and a simulator per cluster; show a live view; on Ctrl-C or after "
         "--duration stop the churn, wait for convergence and report.",
     )
-    lab.add_argument("--clusters", type=int, default=3)
+    lab.add_argument("--clusters", type=int, default=3, help="clusters in the mesh")
     lab.add_argument("--identities", type=int, default=1100, help="per cluster")
     lab.add_argument("--churn", type=float, default=20.0, help="operations/s per cluster")
     lab.add_argument("--workers", type=int, default=2, help="worker processes")
@@ -136,7 +169,13 @@ def _parser() -> argparse.ArgumentParser:
         default="id",
         help='"all" also copies identity value keys (the pre-fix behaviour)',
     )
-    lab.add_argument("--converge-timeout", type=float, default=120.0)
+    lab.add_argument(
+        "--converge-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for an exact mesh after the churn, counted from the last "
+        "time the queues shrank",
+    )
     lab.add_argument("--keep", action="store_true", help="keep the lab's data directory")
     f = with_config(
         sub.add_parser(
@@ -231,16 +270,23 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
     app = create_app(settings)
     signer = Signer(settings.signing) if settings.signing else None
     metrics = WatcherMetrics()
+    watchers: list[Watcher] = []
+
+    def unready() -> str | None:
+        if not watchers:
+            return "starting"
+        return "; ".join(r for r in (w.unready() for w in watchers) if r) or None
+
     if settings.metrics.watcher_port:
         try:
-            metrics.serve(settings.metrics.watcher_port, settings.metrics.bind)
+            metrics.serve(settings.metrics.watcher_port, settings.metrics.bind, unready)
         except OSError as exc:
             raise ConfigError(
                 "metrics.watcher_port",
                 f"cannot listen on {settings.metrics.bind}:{settings.metrics.watcher_port}: "
                 f"{exc.strerror}",
             ) from None
-    watchers = [
+    watchers += [
         Watcher(
             settings,
             c,
@@ -540,9 +586,17 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print("ok")
         return EXIT_OK
     rows = collect_status(settings)
+    # every store answered (else collect_status raised); the broker may not have
+    code = EXIT_UNAVAILABLE if any(r.queue is None for r in rows) else EXIT_OK
+    if code:
+        print(
+            f"kvmesh: cannot reach the broker at {broker_address(settings.broker.url)}; "
+            "queue depths and worker outcomes are unknown",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
-        return EXIT_OK
+        return code
     canaries = sum(1 for r in RESOURCES if r.canary)
     header = (
         f"{'source':<14} {'target':<14} {'queue':>6} {'src rev':>9} {'applied':>9} "
@@ -559,7 +613,20 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         )
         if r.waiting_for_source_canary:
             print(f"    waiting for source canary: {', '.join(r.waiting_for_source_canary)}")
-    return EXIT_OK
+    return code
+
+
+def broker_address(url: str) -> str:
+    """scheme://host:port/db of a broker URL, without its user or password."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(an unparsable URL)"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _n(v: Any) -> str:

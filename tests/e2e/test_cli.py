@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.tools.cilium_state import make_state, write_items
+from pipeline.tools.servers import free_port
 
 from ..harness import Mesh, Proc, Servers, eventually
 
@@ -81,6 +82,18 @@ def test_watch_worker_count_and_status(mesh: Mesh) -> None:
         assert r["waiting_for_source_canary"] == []
     table = mesh.cli("status")
     assert table.returncode == 0 and "cluster-a" in table.stdout and "lag" in table.stdout
+    # a broker that does not answer: exit 3, one line naming it, never its password
+    port = free_port()
+    dead = subprocess.run(
+        [sys.executable, "-m", "pipeline", "status", "--config", str(mesh.config)],
+        capture_output=True,
+        text=True,
+        env=dict(mesh.env, KVMESH_BROKER_URL=f"redis://:hunter2@127.0.0.1:{port}/0"),
+        timeout=120,
+    )
+    assert dead.returncode == 3, dead.stdout + dead.stderr
+    assert f"cannot reach the broker at redis://127.0.0.1:{port}/0" in dead.stderr
+    assert "hunter2" not in dead.stdout + dead.stderr
     # a source whose identities are not all written yet (its canary is missing) says so
     mesh.client(0).delete(b"cilium/synced/cluster-a/cilium/state/identities/v1")
     table = mesh.cli("status")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -151,3 +153,43 @@ def test_verify_detects_an_injected_difference(mesh: Mesh) -> None:
     assert "missing: cilium/cache/identities/v1/cluster-a/id/" in res.stdout
     assert "extra: cilium/cache/nodes/v1/cluster-a/ghost" in res.stdout
     assert "cluster-b -> cluster-a: EQUAL" in res.stdout
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
+
+
+def test_the_metrics_port_answers_health_readiness_and_nothing_else(mesh: Mesh) -> None:
+    """/healthz answers while the watcher runs; /readyz is 503 with the reason until every
+    target had its initial sync (which needs a worker), then 200; other paths are 404; the
+    queue depth per source is a gauge."""
+    seed(mesh)
+    watcher = mesh.watcher()
+    port = watcher.metrics_port
+    assert port
+    eventually(lambda: _get(port, "/healthz")[0] == 200, what="the metrics port")
+    _, body = eventually(
+        lambda: (r := _get(port, "/readyz"))[0] == 503 and b"initial sync" in r[1] and r,
+        what="not ready before any worker runs",
+    )
+    assert b"cluster-a: initial sync not done in cluster-b" in body, body
+    depth = eventually(
+        lambda: watcher.gauge("kvmesh_watcher_queue_depth", source_cluster="cluster-a"),
+        what="the queue depth gauge",
+    )
+    assert depth > 0  # the snapshot waits for a worker
+    for path in ("/", "/metricsx", "/healthz/x", "/api/v1"):
+        assert _get(port, path)[0] == 404, path
+    mesh.worker()
+    eventually(lambda: _get(port, "/readyz")[0] == 200, what="ready after the initial sync")
+    eventually(
+        lambda: watcher.gauge("kvmesh_watcher_queue_depth", source_cluster="cluster-a") == 0,
+        what="the queue drained",
+    )
+    assert_equal(mesh)

@@ -71,13 +71,12 @@ def test_a_flush_for_many_targets_carries_its_operations_once() -> None:
 
 def test_a_schema_2_task_is_still_read() -> None:
     """Workers read what watchers of the previous schema publish, during an upgrade."""
-    payload = encode_task([_batch()], None)
-    payload["v"] = 2
-    assert decode_task(SIGNER.sign(payload), SIGNER).batches == [_batch()]
-    shared = encode_task([_batch(), _batch(target="c")], None)
-    shared["v"] = 2
-    with pytest.raises(MalformedBatchError, match="unknown fields"):
-        decode_task(SIGNER.sign(shared), SIGNER)
+    payload = {"v": 2, "batches": [_batch().encode(), _batch(target="c").encode()]}
+    assert decode_task(SIGNER.sign(payload), SIGNER).batches == [_batch(), _batch(target="c")]
+    for field in ("ops", "source"):  # schema 3's task-level fields
+        newer = dict(payload, **{field: encode_task([_batch(), _batch(target="c")], None)[field]})
+        with pytest.raises(MalformedBatchError, match="unknown fields"):
+            decode_task(SIGNER.sign(newer), SIGNER)
 
 
 def _shared(p: dict) -> dict:  # type: ignore[type-arg]
@@ -95,6 +94,8 @@ def _shared(p: dict) -> dict:  # type: ignore[type-arg]
         (lambda p: _shared(p).update(ops={"0": []}), "operation lists"),
         (lambda p: _shared(p).update(ops=[[], [], []]), "operation lists"),
         (lambda p: _shared(p)["ops"][0].append(["x", "AA==", None]), "unknown kind"),
+        (lambda p: _shared(p).update(source=""), "source"),
+        (lambda p: _shared(p).update(source=7), "source"),
     ],
 )
 def test_malformed_shared_operations_are_rejected(mutate, reason: str) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,246 @@
+"""Does the write side scale out? The initial sync of N identities, and the throughput of a
+burst of changes, with 1, 2, 4 and 8 worker slots, through a link with a round trip.
+
+    python benchmarks/scale_workers.py [--keys 50000] [--workers 1 2 4 8]
+        [--delay 0.005] [--pools prefork threads] [--json FILE] [--png FILE]
+
+Each run gets a fresh target etcd behind `benchmarks/delay_proxy.py`, which delays every
+byte by `--delay` seconds each way (default 5 ms: a cross-zone round trip of 10 ms), and a
+fresh watcher and worker pool. The source etcd, holding N identity ID keys, and Redis are
+shared by the runs.
+
+- **Initial sync:** from the watcher's start until the target holds N keys (read from the
+  target directly, not through the proxy).
+- **Churn throughput:** every key is then rewritten once (in transactions of 127 puts, far
+  faster than any pool here applies them), and a watch on the target counts the new values.
+  Throughput is N over the time from the first put until the last new value arrived. Keys
+  are distinct, so no change is coalesced away: each is one write to the target.
+
+The watcher runs with `sync.shards = 16`, so that 8 slots are not capped by the number of
+shards (a shard's batches are applied in order, one at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.clients.etcd import Etcd, Event
+from pipeline.tools.cilium_state import identity_id, identity_labels, write_items
+from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
+from pipeline.tools.orphan import wrap
+from pipeline.tools.servers import EtcdServer, RedisServer, free_port
+
+SOURCE = "cluster-a"
+ID_PREFIX = b"cilium/state/identities/v1/id/"
+CACHE_PREFIX = f"cilium/cache/identities/v1/{SOURCE}/id/".encode()
+HERE = Path(__file__).resolve().parent
+
+
+def identities(n: int, marker: bytes) -> list[tuple[bytes, bytes]]:
+    return [
+        (ID_PREFIX + str(identity_id(1, i)).encode(), identity_labels(SOURCE, i).encode() + marker)
+        for i in range(n)
+    ]
+
+
+def wait_for(what: str, check: Any, timeout: float, log: Path | None = None) -> float:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-1500:] if log and log.exists() else ""
+            raise SystemExit(f"timed out waiting for {what}\n{tail}")
+        time.sleep(0.02)  # poll interval
+    return time.monotonic()
+
+
+class NewValues:
+    """Counts target keys that took a value carrying *marker*."""
+
+    def __init__(self, marker: bytes) -> None:
+        self.marker = marker
+        self.keys: set[bytes] = set()
+        self.lock = threading.Lock()
+
+    def on_events(self, events: list[Event], _rev: int) -> None:
+        with self.lock:
+            self.keys.update(
+                e.key for e in events if e.value is not None and e.value.endswith(self.marker)
+            )
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.keys)
+
+
+def run(
+    tmp: Path, src: EtcdServer, broker: RedisServer, keys: int, pool: str, slots: int, delay: float
+) -> dict[str, Any]:
+    name = f"{pool}-{slots}"
+    procs: list[subprocess.Popen[bytes]] = []
+    target = EtcdServer(tmp / f"target-{name}")
+    target.start()
+
+    def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "wb") as fh:
+            p = subprocess.Popen(wrap(cmd), stdout=fh, stderr=subprocess.STDOUT)
+        procs.append(p)
+        return p
+
+    try:
+        port = free_port()
+        proxy = spawn(
+            [sys.executable, str(HERE / "delay_proxy.py"), str(port), str(target.port), str(delay)],
+            tmp / f"proxy-{name}.log",
+        )
+        wait_for("the proxy", lambda: b"ready" in (tmp / f"proxy-{name}.log").read_bytes(), 10)
+        cfg = tmp / f"mesh-{name}.toml"
+        cfg.write_text(
+            mesh_config(
+                broker_url=broker.url,
+                signing_key_file=write_secret(tmp / "signing.key", new_signing_key()),
+                clusters=[
+                    {"name": SOURCE, "id": 1, "endpoints": [src.url], "target": False},
+                    {
+                        "name": "cluster-b",
+                        "id": 2,
+                        "endpoints": [f"http://127.0.0.1:{port}"],
+                        "source": False,
+                    },
+                ],
+                sync={"shards": 16},
+            )
+        )
+        kvmesh = [sys.executable, "-m", "pipeline"]
+        wlog = tmp / f"worker-{name}.log"
+        spawn(
+            [*kvmesh, "worker", "--config", str(cfg), "--concurrency", str(slots), "--pool", pool],
+            wlog,
+        )
+        # Celery logs "ready." once it consumes (a log line, but only as the benchmark's
+        # start signal: nothing is measured from it)
+        wait_for("the worker", lambda: "ready." in wlog.read_text(errors="replace"), 60, wlog)
+        direct = Etcd(target.cluster())
+        t0 = time.monotonic()
+        spawn([*kvmesh, "watch", "--config", str(cfg)], tmp / f"watch-{name}.log")
+        synced = wait_for("the initial sync", lambda: direct.count(CACHE_PREFIX) >= keys, 600, wlog)
+        marker = f";run={name}".encode()
+        seen = NewValues(marker)
+        stream = direct.watch(CACHE_PREFIX, direct.revision() + 1, seen.on_events, lambda e: None)
+        source = Etcd(src.cluster())
+        t1 = time.monotonic()
+        write_items(source, identities(keys, marker))
+        written = time.monotonic()
+        done = wait_for("the churn", lambda: seen.count() >= keys, 600, wlog)
+        stream.stop()
+        source.close()
+        direct.close()
+        del proxy
+        return {
+            "pool": pool,
+            "slots": slots,
+            "delay_ms": delay * 1000,
+            "initial_sync_s": round(synced - t0, 2),
+            "churn_s": round(done - t1, 2),
+            "churn_keys_per_s": round(keys / (done - t1)),
+            "source_write_s": round(written - t1, 2),
+        }
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        target.stop()
+
+
+def draw(rows: list[dict[str, Any]], png: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--png needs matplotlib: .venv/bin/pip install -e '.[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for pool in sorted({r["pool"] for r in rows}):
+        rs = [r for r in rows if r["pool"] == pool]
+        xs = [r["slots"] for r in rs]
+        a.plot(xs, [r["churn_keys_per_s"] for r in rs], "o-", label=pool)
+        b.plot(xs, [r["initial_sync_s"] for r in rs], "o-", label=pool)
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+        ax.set_xlabel("worker slots")
+        ax.legend()
+        ax.set_ylim(bottom=0)
+    a.set_ylabel("churn: target writes per second")
+    b.set_ylabel("initial sync (s)")
+    delay = rows[0]["delay_ms"] if rows else 0
+    fig.suptitle(f"kvmesh workers, {2 * delay:.0f} ms round trip to the target, 2 cores")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    print(f"wrote {png}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--keys", type=int, default=50_000)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--pools", nargs="+", default=["prefork"], choices=["prefork", "threads"])
+    ap.add_argument("--delay", type=float, default=0.005, help="seconds each way")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--png", default="")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="kvmesh-scale-"))
+    print(f"logs in {tmp}", flush=True)
+    src = EtcdServer(tmp / "source")
+    broker = RedisServer(tmp / "redis")
+    src.start()
+    broker.start()
+    rows: list[dict[str, Any]] = []
+    try:
+        source = Etcd(src.cluster())
+        write_items(source, identities(args.keys, b""))
+        source.close()
+        print(
+            f"{'pool':>8} {'slots':>5} {'initial sync s':>15} {'churn s':>8} "
+            f"{'churn keys/s':>13} {'vs 1 slot':>9}",
+            flush=True,
+        )
+        for pool in args.pools:
+            base = None
+            for slots in args.workers:
+                r = run(tmp, src, broker, args.keys, pool, slots, args.delay)
+                base = base or r["churn_keys_per_s"]
+                r["vs_first"] = round(r["churn_keys_per_s"] / base, 2)
+                rows.append(r)
+                print(
+                    f"{pool:>8} {slots:>5} {r['initial_sync_s']:>15} {r['churn_s']:>8} "
+                    f"{r['churn_keys_per_s']:>13} {r['vs_first']:>9}",
+                    flush=True,
+                )
+    finally:
+        src.stop()
+        broker.stop()
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.png:
+        draw(rows, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
