@@ -198,7 +198,11 @@ def main() -> int:
     ap.add_argument("--json", default="", help="write the results to this file")
     ap.add_argument("--trace", default="", help="append each put's send time and delay here")
     ap.add_argument("--png", default="", help="draw p50 and p99 by rate to this file")
+    ap.add_argument("--redraw", default="", help="only draw --png from this JSON of a run")
     args = ap.parse_args()
+    if args.redraw:
+        draw(json.loads(Path(args.redraw).read_text()), args.png)
+        return 0
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-lag-"))
     print(f"logs in {tmp}", flush=True)
     servers: list[Any] = []
@@ -398,6 +402,9 @@ def draw(results: list[dict[str, Any]], png: str) -> None:
     ax.axhline(19, color="grey", lw=0.8, ls=":", label="KVStoreMesh p99, unthrottled (19 ms)")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    rates = sorted({r["rate"] for r in results})
+    ax.set_xticks(rates, [str(r) for r in rates])
+    ax.minorticks_off()
     ax.set_xlabel("puts per second in the source")
     ax.set_ylabel("put → arrival in the target (ms)")
     ax.legend(fontsize=8)

@@ -177,7 +177,12 @@ def main() -> int:
     ap.add_argument("--png", default="", help="draw tasks and bytes per change to this file")
     ap.add_argument("--code", type=Path, default=ROOT, help="the checkout to run the lab from")
     ap.add_argument("--before", default="", help="a JSON file of an earlier run to draw too")
+    ap.add_argument("--redraw", default="", help="only draw --png from this JSON of a run")
     args = ap.parse_args()
+    if args.redraw:
+        before = json.loads(Path(args.before).read_text()) if args.before else []
+        draw(json.loads(Path(args.redraw).read_text()), before, args.png)
+        return 0
     rows = []
     print(" ".join(f"{name:>{width}}" for name, width in COLUMNS), flush=True)
     for n in args.clusters:

@@ -44,6 +44,13 @@ CACHE_PREFIX = f"cilium/cache/identities/v1/{SOURCE}/id/".encode()
 HERE = Path(__file__).resolve().parent
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def identities(n: int, marker: bytes) -> list[tuple[bytes, bytes]]:
     return [
         (ID_PREFIX + str(identity_id(1, i)).encode(), identity_labels(SOURCE, i).encode() + marker)
@@ -135,10 +142,12 @@ def run(
         seen = NewValues(marker)
         stream = direct.watch(CACHE_PREFIX, direct.revision() + 1, seen.on_events, lambda e: None)
         source = Etcd(src.cluster())
+        busy0, total0 = cpu_times()
         t1 = time.monotonic()
         write_items(source, identities(keys, marker))
         written = time.monotonic()
         done = wait_for("the churn", lambda: seen.count() >= keys, 600, wlog)
+        busy1, total1 = cpu_times()
         stream.stop()
         source.close()
         direct.close()
@@ -151,6 +160,8 @@ def run(
             "churn_s": round(done - t1, 2),
             "churn_keys_per_s": round(keys / (done - t1)),
             "source_write_s": round(written - t1, 2),
+            # how busy the whole machine (every core) was while the churn was applied
+            "churn_cpu_busy_pct": round(100 * (busy1 - busy0) / max(1, total1 - total0)),
         }
     finally:
         for p in procs:
@@ -215,7 +226,7 @@ def main() -> int:
         source.close()
         print(
             f"{'pool':>8} {'slots':>5} {'initial sync s':>15} {'churn s':>8} "
-            f"{'churn keys/s':>13} {'vs 1 slot':>9}",
+            f"{'churn keys/s':>13} {'vs 1 slot':>9} {'CPU busy %':>10}",
             flush=True,
         )
         for pool in args.pools:
@@ -227,7 +238,8 @@ def main() -> int:
                 rows.append(r)
                 print(
                     f"{pool:>8} {slots:>5} {r['initial_sync_s']:>15} {r['churn_s']:>8} "
-                    f"{r['churn_keys_per_s']:>13} {r['vs_first']:>9}",
+                    f"{r['churn_keys_per_s']:>13} {r['vs_first']:>9} "
+                    f"{r['churn_cpu_busy_pct']:>10}",
                     flush=True,
                 )
     finally:

@@ -93,6 +93,7 @@ def apply_group(
     max_ops: int = MAX_GROUP_OPS,
     max_bytes: int = MAX_GROUP_BYTES,
     deferred: list[tuple[Batch, FenceRecord | None]] | None = None,
+    known: dict[str, FenceView] | None = None,
 ) -> tuple[list[Batch], list[Batch]]:
     """Apply, in one transaction, every batch of *batches* (one target) that the fences
     admit now, one per shard: the generation and each of those shards' fences are compared,
@@ -106,11 +107,22 @@ def apply_group(
     for reads and compares too. *deferred*, if given, gets the batches of the rest that can
     only wait for a later group, each with the fence the read found: those whose
     predecessor is missing, and those that follow a batch of their shard, share a key with
-    it or do not fit beside the chosen ones. They need no read of their own."""
+    it or do not fit beside the chosen ones. They need no read of their own.
+
+    *known*, if given, holds views from an earlier group of the same task (the caller's
+    cache): when it covers every shard, the read is skipped, and after a commit it holds
+    what this worker just wrote. A view gone stale only fails the compare, after which the
+    cache is emptied and everything goes the one-batch way; a task of many full batches
+    thus costs one read, not one per transaction."""
     if not batches:
         return [], []
     shards = sorted({b.shard for b in batches})[: max_ops - 1]
-    views = store.read_fences(batches[0].source, shards)
+    if known is not None and all(s in known for s in shards):
+        views = {s: known[s] for s in shards}
+    else:
+        views = store.read_fences(batches[0].source, shards)
+        if known is not None:
+            known.update(views)
     chosen: list[Batch] = []
     parts: list[Part] = []
     keys: set[bytes] = set()
@@ -154,11 +166,17 @@ def apply_group(
     try:
         landed = store.commit_group(chosen[0].source, gen_rev, parts)
     except (RequestTooLargeError, LeaseGoneError):
-        landed = False  # apply_batch handles each on its own
+        landed = 0  # apply_batch handles each on its own
     if not landed:
         if deferred is not None:
             deferred.clear()  # the fences moved meanwhile: what the read showed is old
+        if known is not None:
+            known.clear()
         return [], list(batches)
+    if known is not None:
+        for b, p in zip(chosen, parts, strict=True):
+            v = views[b.shard]
+            known[b.shard] = FenceView(v.gen, v.gen_rev, p.fence, landed, v.shards)
     rest = list(batches)
     for b in chosen:
         rest.remove(b)  # one copy

@@ -80,9 +80,10 @@ class TargetStore(Protocol):
         """read_fence for several shards at once (one read of the generation)."""
         ...
 
-    def commit_group(self, source: str, gen_rev: int, parts: Sequence[Part]) -> bool:
+    def commit_group(self, source: str, gen_rev: int, parts: Sequence[Part]) -> int:
         """Apply the batches of several shards in one transaction: each part's ops and its
-        fence, if the generation and every part's fence are as read. False if not."""
+        fence, if the generation and every part's fence are as read. Returns the revision
+        it wrote at (the fences' new mod revision), or 0 if the compares failed."""
         ...
 
     def request_resync(self, source: str, gen: int, reason: str) -> None: ...
@@ -159,14 +160,15 @@ class EtcdTargetStore:
             for shard, f in zip(shards, reads[1:], strict=True)
         }
 
-    def commit_group(self, source: str, gen_rev: int, parts: Sequence[Part]) -> bool:
+    def commit_group(self, source: str, gen_rev: int, parts: Sequence[Part]) -> int:
         compare = [ModIs(gen_key(source), gen_rev)]
         success: list[TxnOp] = []
         for p in parts:
             compare.append(ModIs(fence_key(source, p.shard), p.fence_rev))
             success += _ops(p.ops, p.lease)
             success.append(Put(fence_key(source, p.shard), p.fence.encode()))
-        return self.etcd.txn(compare, success).succeeded
+        result = self.etcd.txn(compare, success)
+        return result.revision if result.succeeded else 0
 
     def request_resync(self, source: str, gen: int, reason: str) -> None:
         self.etcd.put(resync_key(source), _resync_request(gen, reason, self.signer))

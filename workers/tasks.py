@@ -21,7 +21,7 @@ from pipeline.protocol.errors import (
     RetryableError,
     show_key,
 )
-from pipeline.protocol.fence import Decision, FenceRecord
+from pipeline.protocol.fence import Decision, FenceRecord, decide
 from pipeline.protocol.layout import may_write, parse_shard
 from pipeline.protocol.names import TASK_NAME, queue_name
 from pipeline.protocol.wire import (
@@ -290,13 +290,14 @@ def apply_all(
         )
 
     delay = 0.002
+    known: dict[str, FenceView] = {}  # the fences as this task read or wrote them
     while pending:
         # one read of every fence and one transaction for what they admit; a batch the
         # read showed waiting for its predecessor (usually in another worker's hands right
         # now) waits without a read of its own, and tries again with the others
         deferred: list[tuple[Batch, FenceRecord | None]] = []
         try:
-            together, rest = apply_group(store, pending, *group, deferred=deferred)
+            together, rest = apply_group(store, pending, *group, deferred=deferred, known=known)
         except RetryableError as exc:
             raise _Unavailable(exc, pending) from None
         if together:
@@ -328,6 +329,19 @@ def apply_all(
             outcomes[decision.value] += 1
             if decision is Decision.APPLY:
                 outcomes["ops_applied"] += len(batch.ops)
+        if others:
+            known.clear()  # the one-batch path wrote or found what the views do not know
+        ours = {b.pos: b.shard for b in waiting}  # what this task will still write
+        for b in waiting:
+            v = known.get(b.shard)
+            if (
+                v is not None
+                and ours.get(b.prev) != b.shard
+                and decide(b.gen, b.prev, b.pos, v.gen, v.fence) is Decision.GAP
+            ):
+                # another worker holds its predecessor and is about to move that fence:
+                # read it anew
+                del known[b.shard]
         if progress:
             deadline = time.monotonic() + gap_wait  # progress: wait afresh
             delay = 0.002

@@ -25,11 +25,32 @@ class Publisher(Protocol):
         ...
 
 
-def group_batches(batches: Sequence[Batch], per_task: int) -> list[list[Batch]]:
-    """The batches in order, *per_task* to a task. A task may carry batches for several
-    targets of its source (a flush of the watcher is one task for all of them, not one per
-    target); the worker applies each in its own target's fenced transaction."""
-    return [list(batches[i : i + per_task]) for i in range(0, len(batches), per_task)]
+# A task carries at most this many operations, however many batches: a worker applies a
+# task's batches one transaction after another, so a flush of many full batches must spread
+# over several tasks (and workers), while many small batches (one per target) share one.
+MAX_OPS_PER_TASK = 1024
+
+
+def group_batches(
+    batches: Sequence[Batch], per_task: int, max_ops: int = MAX_OPS_PER_TASK
+) -> list[list[Batch]]:
+    """The batches in order, at most *per_task* and about *max_ops* operations to a task
+    (a batch is never split; one larger than *max_ops* has a task of its own). A task may
+    carry batches for several targets of its source (a flush of the watcher is one task for
+    all of them, not one per target); the worker applies each in its own target's fenced
+    transaction."""
+    groups: list[list[Batch]] = []
+    current: list[Batch] = []
+    ops = 0
+    for b in batches:
+        if current and (len(current) >= per_task or ops + len(b.ops) > max_ops):
+            groups.append(current)
+            current, ops = [], 0
+        current.append(b)
+        ops += len(b.ops)
+    if current:
+        groups.append(current)
+    return groups
 
 
 class CeleryPublisher:

@@ -125,10 +125,41 @@ def test_batches_waiting_for_another_worker_land_together_without_reads_of_their
     assert apply_all(store, batches[1:], outcomes, gap_wait=1.0, gaps=gaps) == []
     assert outcomes["applied"] == len(batches) - 1
     assert Racing.single_reads == 0  # no batch needed the one-batch path
-    # these batches fill a transaction each (127 operations and a fence): one read and one
-    # transaction per batch, and no read of its own for any of them
-    assert Racing.reads == len(batches) - 1
+    # one read before the other worker's commit and one after; the task's other
+    # transactions go on what it wrote itself
+    assert Racing.reads == 2
     assert isinstance(gaps[("a", "b", held.shard)], FenceRecord)  # what it waited on
+
+
+def test_a_fence_another_worker_moved_under_the_tasks_cache_costs_a_read_not_a_write() -> None:
+    """A task keeps the fences it read and wrote, to skip reads between its transactions.
+    When another worker moves one of them meanwhile (a redelivered copy of a batch), the
+    compare fails, the cache is dropped, and every batch still lands exactly once."""
+    _, batches = setup()
+    redelivered = batches[4]  # nodes-1's second batch, applied by someone else
+
+    class Moving(Store):
+        commits = 0
+
+        def commit_group(self, source, gen_rev, parts):  # type: ignore[no-untyped-def]
+            Moving.commits += 1
+            if Moving.commits == 2:
+                other = Store()
+                other.etcd.space = self.etcd.space
+                apply_batch(other, batches[3])
+                assert apply_batch(other, redelivered) is Decision.APPLY
+            return super().commit_group(source, gen_rev, parts)
+
+    store = Moving()
+    fresh, _ = setup()
+    store.etcd.space = fresh.etcd.space
+    outcomes: Counter[str] = Counter()
+    assert apply_all(store, batches, outcomes, gap_wait=1.0) == []
+    assert outcomes["applied"] + outcomes["duplicate"] == len(batches)
+    assert outcomes["duplicate"] >= 1
+    fence = store.etcd.get(fence_key("a", "nodes-1"))
+    assert fence is not None and FenceRecord.decode(fence.value).pos == batches[5].pos
+    assert sum(1 for k in store.data if k.startswith(b"cilium/cache/nodes/v1/a/")) == 600
 
 
 def test_a_batch_the_target_refuses_is_split_and_the_oversized_key_recorded() -> None:

@@ -1,0 +1,37 @@
+"""How batches are packed into tasks: many small ones together, large ones spread out."""
+
+from __future__ import annotations
+
+from pipeline.clients.publisher import MAX_OPS_PER_TASK, group_batches
+from pipeline.protocol.layout import Op
+from pipeline.protocol.wire import Batch, Operation
+
+
+def batch(target: str, ops: int, shard: int = 0) -> Batch:
+    return Batch(
+        source="a",
+        target=target,
+        shard=f"nodes-{shard}",
+        gen=1,
+        prev=(1, 0),
+        pos=(2, 0),
+        ops=tuple(Operation(Op.PUT, b"k%d" % i, b"v") for i in range(ops)),
+    )
+
+
+def test_small_batches_for_many_targets_share_a_task() -> None:
+    small = [batch(f"t{i}", 2) for i in range(100)]
+    assert [len(g) for g in group_batches(small, 64)] == [64, 36]
+
+
+def test_full_batches_spread_over_tasks_for_several_workers() -> None:
+    full = [batch("t", 127, shard=i) for i in range(40)]
+    groups = group_batches(full, 64)
+    assert all(sum(len(b.ops) for b in g) <= MAX_OPS_PER_TASK for g in groups)
+    assert [len(g) for g in groups] == [8] * 5
+    assert [b for g in groups for b in g] == full  # in order, nothing lost
+
+
+def test_a_batch_larger_than_the_cap_gets_a_task_of_its_own() -> None:
+    big = [batch("t", 5), batch("t", MAX_OPS_PER_TASK + 10), batch("t", 5)]
+    assert [len(g) for g in group_batches(big, 64)] == [1, 1, 1]
