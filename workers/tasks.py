@@ -386,7 +386,8 @@ READ_ONLY_CONTROL = frozenset(
         "scheduled",
         "stats",
         "heartbeat",
-        "enable_events",
+        # not enable_events: Flower broadcasts it every few seconds, which would turn on the
+        # task events worker.task_events keeps off (a Redis publish per event)
         "disable_events",
     }
 )

@@ -5,6 +5,7 @@ Names carry units and `_total` on counters; labels are `source_cluster`, `target
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -171,10 +172,15 @@ class WatcherMetrics:
         """Serve /metrics, /healthz (the process runs) and /readyz (200 once *unready*
         returns None, else 503 with its reason) on a thread; any other path is a 404.
         Raises OSError if the port cannot be bound."""
-        server = ThreadingHTTPServer((bind, port), _handler(self.registry, unready))
+        server_class = _Server6 if ":" in bind else ThreadingHTTPServer
+        server = server_class((bind, port), _handler(self.registry, unready))
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server
+
+
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6  # bind = "::" or another IPv6 address
 
 
 def _handler(

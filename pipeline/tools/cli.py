@@ -617,16 +617,23 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def broker_address(url: str) -> str:
-    """scheme://host:port/db of a broker URL, without its user or password."""
+    """scheme://host:port/db of a broker URL, and nothing else of it: never its user, its
+    password or what a malformed URL might carry in its path."""
+    import re
     from urllib.parse import urlsplit
 
+    first = url.split(";", 1)[0]  # a Sentinel URL lists several
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(first)
         host = parts.hostname or "?"
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
-        return "(an unparsable URL)"
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+        return "(the configured broker URL)"
+    if not re.fullmatch(r"[A-Za-z0-9.\-]+|[0-9a-fA-F:]+", host):
+        return "(the configured broker URL)"
+    db = parts.path if re.fullmatch(r"/\d{1,3}", parts.path) else ""
+    more = " (and others)" if ";" in url else ""
+    return f"{parts.scheme}://{host}{port}{db}{more}"
 
 
 def _n(v: Any) -> str:

@@ -49,3 +49,35 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         _parser().parse_args(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.startswith("kvmesh ")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:hunter2@127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("rediss://kvmesh:pw@redis.example:6380/2", "rediss://redis.example:6380/2"),
+        ("sentinel://:pw@h1;sentinel://:pw@h2", "sentinel://h1 (and others)"),
+        ("redis://:12/secret@h:6379/0", "(the configured broker URL)"),
+        ("not a url", "(the configured broker URL)"),
+    ],
+)
+def test_a_broker_is_named_without_its_credentials(url: str, shown: str) -> None:
+    from pipeline.tools.cli import broker_address
+
+    assert broker_address(url) == shown
+
+
+def test_the_metrics_port_binds_ipv6_too() -> None:
+    import urllib.request
+
+    from pipeline.source.metrics import WatcherMetrics
+    from pipeline.tools.servers import free_port
+
+    port = free_port()
+    server = WatcherMetrics().serve(port, "::1", lambda: None)
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{port}/healthz", timeout=3) as r:
+            assert r.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
