@@ -55,6 +55,9 @@ class Lease(Protocol):
     def renew(self) -> bool: ...
     def release(self) -> None: ...
     def holder(self) -> str | None: ...
+    def unreachable(self) -> str | None:
+        """Why the last acquire() could not ask the broker (None: it could)."""
+        ...
 
 
 class RedisLease:
@@ -64,17 +67,22 @@ class RedisLease:
         self.ttl_ms = int(ttl * 1000)
         self._redis: Any = client
         self._foreign_ttl: int | None = None  # the other value's TTL when last seen
+        self._unreachable: str | None = None
 
     def acquire(self) -> bool:
         """Take the lease if nobody holds it (or we already do). A value nobody renews is
         given a TTL, so a standby gets its turn once it expires."""
         try:
             if self._redis.set(self.key, self.owner, nx=True, px=self.ttl_ms):
-                self._foreign_ttl = None
+                self._foreign_ttl, self._unreachable = None, None
                 return True
             result = self._eval()
-        except redis.RedisError:
+        except redis.RedisError as exc:
+            kw = self._redis.connection_pool.connection_kwargs
+            where = kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', '?')}"
+            self._unreachable = f"cannot reach Redis at {where}: {type(exc).__name__}: {exc}"
             return False
+        self._unreachable = None
         if result == "ours":
             self._foreign_ttl = None
             return True
@@ -106,6 +114,9 @@ class RedisLease:
         with contextlib.suppress(redis.RedisError):
             self._redis.eval(_RELEASE, 1, self.key, self.owner)
 
+    def unreachable(self) -> str | None:
+        return self._unreachable
+
     def holder(self) -> str | None:
         try:
             raw = self._redis.get(self.key)
@@ -129,4 +140,7 @@ class AlwaysLeader:
         pass
 
     def holder(self) -> str | None:
+        return None
+
+    def unreachable(self) -> str | None:
         return None

@@ -184,6 +184,7 @@ class Watcher:
         self.readiness: Readiness | None = None  # what the source advertised, last read
         self.lease: Lease = lease or AlwaysLeader()
         self._standby_logged = False
+        self._unreachable_logged = -1e9
         # The lease is renewed on a thread of its own, so that one slow etcd call of the main
         # loop (up to sync.etcd_timeout; a partitioned target makes several in a row) does
         # not cost the lease. The main loop beats a heart; a loop that has not beaten for
@@ -205,10 +206,11 @@ class Watcher:
 
     def unready(self) -> str | None:
         """Why this watcher is not ready, or None: a standby is ready (it runs and would
-        take over), an active watcher once every target had its initial sync in this
-        process (a later resync does not make it unready)."""
+        take over) unless it cannot reach the broker, an active watcher once every target
+        had its initial sync in this process (a later resync does not make it unready)."""
         if not self._in_term.is_set():
-            return None
+            problem = self.lease.unreachable()
+            return None if problem is None else f"{self.source.name}: {problem}"
         pending = [t.name for t in self.targets if t.name not in self.synced_once]
         if pending:
             return f"{self.source.name}: initial sync not done in {', '.join(pending)}"
@@ -233,9 +235,19 @@ class Watcher:
             while not self.stop_event.is_set():
                 if not self.lease.acquire():
                     self.metrics.active.labels(src).set(0)
-                    if not self._standby_logged:
+                    problem = self.lease.unreachable()
+                    if problem is not None:
+                        # every 30 s while it lasts: a wrong or down broker must not look
+                        # like a healthy standby
+                        now = self.clock()
+                        if now - self._unreachable_logged >= 30.0:
+                            log.warning("%s: %s; retrying", src, problem)
+                            self._unreachable_logged = now
+                        self._standby_logged = False
+                    elif not self._standby_logged:
                         log.info("%s: standby; %s is active", src, self.lease.holder() or "nobody")
                         self._standby_logged = True
+                        self._unreachable_logged = -1e9
                     self.stop_event.wait(min(1.0, self.sync.leader_ttl / 4))
                     continue
                 self._standby_logged = False

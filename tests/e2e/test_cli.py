@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,24 @@ def test_credential_and_port_mistakes_are_one_line_errors(tmp_path: Path) -> Non
         res = run("watch", "--config", str(cfg))
         assert res.returncode == 2 and "metrics.watcher_port" in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
+
+
+def test_watch_says_when_it_cannot_reach_the_broker_and_keeps_trying(mesh: Mesh) -> None:
+    """A wrong or down broker is not a quiet standby: the watcher logs one line naming the
+    broker (not its password) and is not ready, and it keeps running to try again."""
+    port = free_port()
+    watcher = mesh.watcher(
+        "watch-no-broker", env={"KVMESH_BROKER_URL": f"redis://:hunter2@127.0.0.1:{port}/0"}
+    )
+    line = f"cluster-a: cannot reach Redis at 127.0.0.1:{port}"
+    # the log line is the feature here: it is what an operator reads
+    eventually(lambda: line in watcher.output(), what="the unreachable-broker line")
+    assert watcher.metrics_port
+    url = f"http://127.0.0.1:{watcher.metrics_port}/readyz"
+    try:
+        urllib.request.urlopen(url, timeout=3)
+        raise AssertionError("ready without a broker")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 503 and line in exc.read().decode()
+    assert watcher.alive()
+    assert "hunter2" not in watcher.output()
