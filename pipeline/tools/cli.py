@@ -361,8 +361,14 @@ def run_watchers(watchers: Sequence[Runnable]) -> list[str]:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    queues = args.queues or ",".join(queue_name(c.name) for c in settings.sources)
-    concurrency = args.concurrency or settings.worker.concurrency
+    known = [queue_name(c.name) for c in settings.sources]
+    queues = args.queues or ",".join(known)
+    unknown = [q for q in queues.split(",") if q not in known]
+    if unknown:
+        raise ConfigError(
+            "--queues", f"{', '.join(unknown)} is no source's queue (known: {', '.join(known)})"
+        )
+    concurrency = settings.worker.concurrency if args.concurrency is None else args.concurrency
     pool = args.pool or settings.worker.pool
     if concurrency < 1:
         raise ConfigError("--concurrency", "must be at least 1")

@@ -48,6 +48,10 @@ def test_check_mode_validates_without_connecting(mesh: Mesh) -> None:
     assert res.returncode == 0 and "kvmesh.cluster-a,kvmesh.cluster-b" in res.stdout
     res = mesh.cli("watch", "--check", "--source", "nope")
     assert res.returncode == 2 and "nope" in res.stderr
+    res = mesh.cli("worker", "--check", "--concurrency", "0")
+    assert res.returncode == 2 and "--concurrency" in res.stderr, res.stderr
+    res = mesh.cli("worker", "--check", "--queues", "kvmesh.cluster-a,kvmesh.nope")
+    assert res.returncode == 2 and "kvmesh.nope is no source's queue" in res.stderr, res.stderr
 
 
 def test_watch_worker_count_and_status(mesh: Mesh) -> None:
