@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchcommon import CACHE_PREFIX, ID_PREFIX, SOURCE, mirror_command, pair_config, stop
+
 from pipeline.clients.etcd import Etcd
 from pipeline.tools.cilium_state import (
     cluster_config_value,
@@ -28,13 +30,8 @@ from pipeline.tools.cilium_state import (
     source_canaries,
     write_items,
 )
-from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
 from pipeline.tools.orphan import wrap
-from pipeline.tools.servers import EtcdServer, RedisServer, find_binary
-
-SOURCE = "cluster-a"
-ID_PREFIX = b"cilium/state/identities/v1/id/"
-CACHE_PREFIX = f"cilium/cache/identities/v1/{SOURCE}/id/".encode()
+from pipeline.tools.servers import EtcdServer, RedisServer
 
 
 def wait_count(etcd: Etcd, n: int, timeout: float) -> float:
@@ -116,17 +113,7 @@ def main() -> int:
         print(f"source: {source.count(ID_PREFIX)} identity ID keys, {args.nodes} nodes")
 
         # -- kvmesh -----------------------------------------------------------------------
-        cfg = tmp / "mesh.toml"
-        cfg.write_text(
-            mesh_config(
-                broker_url=broker.url,
-                signing_key_file=write_secret(tmp / "signing.key", new_signing_key()),
-                clusters=[
-                    {"name": SOURCE, "id": 1, "endpoints": [src.url], "target": False},
-                    {"name": "cluster-b", "id": 2, "endpoints": [dst_k.url], "source": False},
-                ],
-            )
-        )
+        cfg = pair_config(tmp / "mesh.toml", broker.url, src.url, dst_k.url)
         kvmesh = [sys.executable, "-m", "pipeline"]
         wlog = tmp / "worker.log"
         worker = spawn(
@@ -168,17 +155,7 @@ def main() -> int:
         env = dict(os.environ, ETCDCTL_API="3")
         t0 = time.monotonic()
         mirror = spawn(
-            [
-                find_binary("etcdctl"),
-                "--endpoints",
-                src.url,
-                "make-mirror",
-                "--prefix",
-                ID_PREFIX.decode(),
-                "--dest-prefix",
-                CACHE_PREFIX.decode(),
-                dst_m.url,
-            ],
+            mirror_command(src.url, dst_m.url),
             tmp / "mirror.log",
             env,
         )
@@ -192,14 +169,7 @@ def main() -> int:
         )
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         for s in servers:
             s.stop()
 

@@ -35,15 +35,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchcommon import CACHE_PREFIX, ID_PREFIX, SOURCE, mirror_command, pair_config, pyplot, stop
+
 from pipeline.clients.etcd import Etcd, Event, Put
 from pipeline.tools.cilium_state import identity_id, identity_labels, write_items
-from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
 from pipeline.tools.orphan import wrap
-from pipeline.tools.servers import EtcdServer, RedisServer, find_binary
+from pipeline.tools.servers import EtcdServer, RedisServer
 
-SOURCE = "cluster-a"
-ID_PREFIX = b"cilium/state/identities/v1/id/"
-CACHE_PREFIX = f"cilium/cache/identities/v1/{SOURCE}/id/".encode()
 SEQ = b";seq="
 
 
@@ -232,17 +230,12 @@ def main() -> int:
                 for i in range(args.keys)
             ),
         )
-        cfg = tmp / "mesh.toml"
-        cfg.write_text(
-            mesh_config(
-                broker_url=broker.url,
-                signing_key_file=write_secret(tmp / "signing.key", new_signing_key()),
-                clusters=[
-                    {"name": SOURCE, "id": 1, "endpoints": [src.url], "target": False},
-                    {"name": "cluster-b", "id": 2, "endpoints": [dst_k.url], "source": False},
-                ],
-                sync={k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.sync)},
-            )
+        cfg = pair_config(
+            tmp / "mesh.toml",
+            broker.url,
+            src.url,
+            dst_k.url,
+            {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.sync)},
         )
         kvmesh = [sys.executable, "-m", "pipeline"]
         groups: dict[str, list[int]] = {"kvmesh": [], "make-mirror": []}
@@ -265,17 +258,7 @@ def main() -> int:
         contenders = {"kvmesh": Etcd(dst_k.cluster())}
         if not args.skip_mirror:
             mirror = spawn(
-                [
-                    find_binary("etcdctl"),
-                    "--endpoints",
-                    src.url,
-                    "make-mirror",
-                    "--prefix",
-                    ID_PREFIX.decode(),
-                    "--dest-prefix",
-                    CACHE_PREFIX.decode(),
-                    dst_m.url,
-                ],
+                mirror_command(src.url, dst_m.url),
                 tmp / "mirror.log",
                 dict(os.environ, ETCDCTL_API="3"),
             )
@@ -371,25 +354,13 @@ def main() -> int:
     finally:
         for st in streams:
             st.stop()
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         for s in servers:
             s.stop()
 
 
 def draw(results: list[dict[str, Any]], png: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("--png needs matplotlib: .venv/bin/pip install -e '.[bench]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, color in (("kvmesh", "tab:blue"), ("make-mirror", "tab:orange")):

@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from benchcommon import pyplot
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096
 
@@ -138,13 +140,7 @@ COLUMNS = [
 
 
 def draw(rows: list[dict[str, object]], before: list[dict[str, object]], png: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("--png needs matplotlib: .venv/bin/pip install -e '.[bench]'") from None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     for series, label, style in ((before, "before", "s--"), (rows, "now", "o-")):

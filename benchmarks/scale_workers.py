@@ -32,15 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchcommon import CACHE_PREFIX, ID_PREFIX, SOURCE, pair_config, pyplot, stop
+
 from pipeline.clients.etcd import Etcd, Event
 from pipeline.tools.cilium_state import identity_id, identity_labels, write_items
-from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
 from pipeline.tools.orphan import wrap
 from pipeline.tools.servers import EtcdServer, RedisServer, free_port
 
-SOURCE = "cluster-a"
-ID_PREFIX = b"cilium/state/identities/v1/id/"
-CACHE_PREFIX = f"cilium/cache/identities/v1/{SOURCE}/id/".encode()
 HERE = Path(__file__).resolve().parent
 
 
@@ -108,22 +106,13 @@ def run(
             tmp / f"proxy-{name}.log",
         )
         wait_for("the proxy", lambda: b"ready" in (tmp / f"proxy-{name}.log").read_bytes(), 10)
-        cfg = tmp / f"mesh-{name}.toml"
-        cfg.write_text(
-            mesh_config(
-                broker_url=broker.url,
-                signing_key_file=write_secret(tmp / "signing.key", new_signing_key()),
-                clusters=[
-                    {"name": SOURCE, "id": 1, "endpoints": [src.url], "target": False},
-                    {
-                        "name": "cluster-b",
-                        "id": 2,
-                        "endpoints": [f"http://127.0.0.1:{port}"],
-                        "source": False,
-                    },
-                ],
-                sync={"shards": 16},
-            )
+        (tmp / name).mkdir()
+        cfg = pair_config(
+            tmp / name / "mesh.toml",
+            broker.url,
+            src.url,
+            f"http://127.0.0.1:{port}",
+            {"shards": 16},
         )
         kvmesh = [sys.executable, "-m", "pipeline"]
         wlog = tmp / f"worker-{name}.log"
@@ -164,24 +153,12 @@ def run(
             "churn_cpu_busy_pct": round(100 * (busy1 - busy0) / max(1, total1 - total0)),
         }
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         target.stop()
 
 
 def draw(rows: list[dict[str, Any]], png: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("--png needs matplotlib: .venv/bin/pip install -e '.[bench]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     for pool in sorted({r["pool"] for r in rows}):

@@ -67,7 +67,9 @@ class RedisLease:
         self.ttl_ms = int(ttl * 1000)
         self._redis: Any = client
         self._foreign_ttl: int | None = None  # the other value's TTL when last seen
-        self._unreachable: str | None = None
+        # until the first acquire() has asked the broker, nothing is known of it: a watcher
+        # is not ready before then
+        self._unreachable: str | None = "has not asked the broker yet"
 
     def acquire(self) -> bool:
         """Take the lease if nobody holds it (or we already do). A value nobody renews is

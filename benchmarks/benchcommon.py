@@ -1,0 +1,79 @@
+"""What the benchmarks share: a one-pair mesh config, stopping their processes, the
+make-mirror command, and matplotlib (only needed for --png)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
+from pipeline.tools.servers import find_binary
+
+SOURCE = "cluster-a"
+ID_PREFIX = b"cilium/state/identities/v1/id/"
+CACHE_PREFIX = f"cilium/cache/identities/v1/{SOURCE}/id/".encode()
+
+
+def pair_config(
+    path: Path,
+    broker_url: str,
+    source_url: str,
+    target_url: str,
+    sync: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a mesh config at *path*: SOURCE (a source only) → cluster-b (a target only),
+    with a signing key beside it. Returns *path*."""
+    path.write_text(
+        mesh_config(
+            broker_url=broker_url,
+            signing_key_file=write_secret(path.parent / "signing.key", new_signing_key()),
+            clusters=[
+                {"name": SOURCE, "id": 1, "endpoints": [source_url], "target": False},
+                {"name": "cluster-b", "id": 2, "endpoints": [target_url], "source": False},
+            ],
+            sync=sync,
+        )
+    )
+    return path
+
+
+def mirror_command(source_url: str, target_url: str) -> list[str]:
+    """`etcdctl make-mirror` of the identity IDs into kvmesh's cache layout."""
+    return [
+        find_binary("etcdctl"),
+        "--endpoints",
+        source_url,
+        "make-mirror",
+        "--prefix",
+        ID_PREFIX.decode(),
+        "--dest-prefix",
+        CACHE_PREFIX.decode(),
+        target_url,
+    ]
+
+
+def stop(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process still running, then SIGKILL what is left after 30 s."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or a one-line exit naming the install."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--png needs matplotlib: .venv/bin/pip install -e '.[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
