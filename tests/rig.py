@@ -75,6 +75,7 @@ class Queue:
 
     def __init__(self) -> None:
         self.batches: list[Batch] = []
+        self.seen: list[Batch] = []  # every batch ever published, in order
         self.failing = False
         self.published = 0
 
@@ -82,6 +83,7 @@ class Queue:
         if self.failing:
             raise PublishError("broker down", 0)
         self.batches.extend(batches)
+        self.seen.extend(batches)
         self.published += len(batches)
 
     def backlog(self) -> int:

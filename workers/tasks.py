@@ -1,7 +1,8 @@
 """The Celery task that applies a batch. Thin: decode, call the applier, own the retry policy.
 
-Outcomes are counted per (source, target) in a Redis hash beside the queues, so that every
-worker on every machine adds to one set of counters that `kvmesh status` reads.
+Outcomes are counted in Prometheus (workers/metrics.py, served on `[metrics] worker_port`),
+and per (source, target) in a Redis hash beside the queues, so that every worker on every
+machine adds to one set of counters that `kvmesh status` reads.
 """
 
 from __future__ import annotations
@@ -10,10 +11,18 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
+from http.server import ThreadingHTTPServer
 from typing import Any
 
-from pipeline.clients.broker import Broker, create_app, restrict_remote_control
+from pipeline.clients.broker import (
+    Broker,
+    create_app,
+    on_worker_lifecycle,
+    restrict_remote_control,
+)
 from pipeline.clients.etcd import Etcd
+from pipeline.clients.metrics_http import exposition, serve
 from pipeline.config import WRITE, Settings
 from pipeline.protocol.errors import (
     ForbiddenBatchError,
@@ -32,6 +41,7 @@ from pipeline.protocol.wire import (
     decode_task,
     encode_task,
 )
+from workers.metrics import Exporter, TimedStore, WorkerMetrics
 from workers.store import EtcdTargetStore, FenceView, TargetStore
 
 from .applier import MAX_GROUP_BYTES, MAX_GROUP_OPS, apply_batch, apply_group
@@ -48,8 +58,9 @@ class _PerProcess:
         self._signer = signer
         self.gaps = GapClock()
         self._pid = -1
-        self._stores: dict[str, EtcdTargetStore] = {}
+        self._stores: dict[str, TargetStore] = {}
         self._broker: Broker | None = None
+        self._metrics: WorkerMetrics | None = None
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():
@@ -57,14 +68,22 @@ class _PerProcess:
             self._stores = {}
             self._broker = None
 
-    def store(self, target: str) -> EtcdTargetStore:
+    @property
+    def metrics(self) -> WorkerMetrics:
+        """Made at first use: after the main process chose the metrics' mode (Exporter)."""
+        if self._metrics is None:
+            self._metrics = WorkerMetrics()
+        return self._metrics
+
+    def store(self, target: str) -> TargetStore:
         self._check_pid()
         store = self._stores.get(target)
         if store is None:
             cluster = self._settings.cluster(target)
-            store = EtcdTargetStore(
+            etcd = EtcdTargetStore(
                 Etcd(cluster, self._settings.sync.etcd_timeout, WRITE), self._signer
             )
+            store = TimedStore(etcd, self.metrics, target)
             self._stores[target] = store
         return store
 
@@ -73,6 +92,11 @@ class _PerProcess:
 
     def record(self, source: str, target: str, outcomes: Counter[str]) -> None:
         self._check_pid()
+        if source == "-":
+            for reason, n in outcomes.items():
+                self.metrics.rejected_tasks.labels(reason).inc(n)
+        else:
+            self.metrics.record(source, target, outcomes)
         try:
             if self._broker is None:
                 self._broker = Broker.of(self._settings)
@@ -153,6 +177,7 @@ def register_tasks(app: Any, settings: Settings) -> Any:
                     exc.reason,
                 )
                 conns.count(first.source, target, exc.kind)
+                conns.metrics.failed(by_target[target])
                 del by_target[target]
         if not by_target:
             return "forbidden"
@@ -169,6 +194,7 @@ def register_tasks(app: Any, settings: Settings) -> Any:
                     worker.gap_wait,
                     gaps,
                     (settings.sync.max_batch_ops + 1, settings.sync.max_batch_bytes),
+                    conns.metrics.applied,
                 )
             except _Unavailable as exc:
                 # the other targets of the task go on; this one's batches come back later
@@ -180,6 +206,7 @@ def register_tasks(app: Any, settings: Settings) -> Any:
                     len(exc.remaining),
                 )
                 outcomes[target]["retry_unavailable"] += 1
+                conns.metrics.failed(exc.remaining)
                 unavailable += exc.remaining
         retry: list[Batch] = []
         delay = 0.0
@@ -210,6 +237,7 @@ def register_tasks(app: Any, settings: Settings) -> Any:
                         f"shard {stalled[0].shard} stalled before {stalled[0].prev}",
                     )
                     outcomes[target]["stalled"] += len(stalled)
+                    conns.metrics.failed(stalled)
         for target, counts in outcomes.items():
             if counts[Decision.RESYNC.value]:
                 _resync(conns, by_target[target][0], "target lost its generation or fence")
@@ -233,6 +261,7 @@ def register_tasks(app: Any, settings: Settings) -> Any:
         total: Counter[str] = sum(outcomes.values(), Counter())
         return " ".join(f"{k}={v}" for k, v in sorted(total.items()) if k != "ops_applied")
 
+    apply_task.conns = conns  # the worker's metrics and connections (create_worker_app)
     return apply_task
 
 
@@ -271,11 +300,13 @@ def apply_all(
     gap_wait: float,
     gaps: dict[tuple[str, str, str], object] | None = None,
     group: tuple[int, int] = (MAX_GROUP_OPS, MAX_GROUP_BYTES),
+    on_applied: Callable[[Batch], None] | None = None,
 ) -> list[Batch]:
     """Apply every batch it can, in passes: a batch whose predecessor is missing is tried
     again after the others, since another worker is usually applying that predecessor right
     now. Returns the batches still waiting after *gap_wait* seconds without progress; for
-    each, *gaps* gets the fence it waited on."""
+    each, *gaps* gets the fence it waited on. *on_applied* is told of each batch that
+    landed, after its transaction."""
     pending = list(batches)
     deadline = time.monotonic() + gap_wait
 
@@ -301,6 +332,9 @@ def apply_all(
         except RetryableError as exc:
             raise _Unavailable(exc, pending) from None
         if together:
+            if on_applied is not None:
+                for b in together:
+                    on_applied(b)
             outcomes[Decision.APPLY.value] += len(together)
             outcomes["ops_applied"] += sum(len(b.ops) for b in together)
             outcomes["grouped"] += len(together)
@@ -329,6 +363,8 @@ def apply_all(
             outcomes[decision.value] += 1
             if decision is Decision.APPLY:
                 outcomes["ops_applied"] += len(batch.ops)
+                if on_applied is not None:
+                    on_applied(batch)
         if others:
             known.clear()  # the one-batch path wrote or found what the views do not know
         ours = {b.pos: b.shard for b in waiting}  # what this task will still write
@@ -396,6 +432,43 @@ READ_ONLY_CONTROL = frozenset(
 def create_worker_app(settings: Settings) -> Any:
     """The Celery app with the apply task registered: what a worker process runs."""
     app = create_app(settings)
-    register_tasks(app, settings)
+    task = register_tasks(app, settings)
     restrict_remote_control(READ_ONLY_CONTROL)
+    exporter = Exporter()
+    port, bind = settings.metrics.worker_port, settings.metrics.bind
+    server: list[ThreadingHTTPServer] = []
+
+    def init(concurrency: int) -> None:
+        # in the worker's main process, before the pool forks
+        if not port:
+            return
+        exporter.enable_multiprocess()
+        metrics = task.conns.metrics
+        metrics.concurrency.set(concurrency)
+        metrics.zero([c.name for c in settings.sources], [c.name for c in settings.targets])
+        try:
+            server.append(serve(port, bind, exposition(exporter.registry()), exporter.unready))
+        except OSError as exc:
+            log.error(
+                "metrics.worker_port: cannot listen on %s:%d: %s; serving no metrics",
+                bind,
+                port,
+                exc.strerror,
+            )
+
+    def ready() -> None:
+        exporter.ready = True
+
+    def process_started() -> None:
+        # a pool process inherits the listening socket: drop it, so that a pool process
+        # outliving a killed main process does not keep the port from the next one
+        for s in server:
+            s.socket.close()
+
+    on_worker_lifecycle(
+        init=init,
+        ready=ready,
+        process_started=process_started,
+        process_ended=exporter.process_ended,
+    )
     return app

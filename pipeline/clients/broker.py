@@ -120,6 +120,36 @@ def on_worker_logging(configure: Callable[[Any], None]) -> None:
         configure(loglevel or "INFO")
 
 
+def on_worker_lifecycle(
+    *,
+    init: Callable[[int], None],
+    ready: Callable[[], None],
+    process_started: Callable[[], None],
+    process_ended: Callable[[int], None],
+) -> None:
+    """Hooks into a Celery worker: *init(concurrency)* in its main process before the pool
+    starts, *ready()* once it consumes, *process_started()* in each pool process as it
+    starts, *process_ended(pid)* in a pool process that ends."""
+
+    def _init(sender: Any = None, **_: Any) -> None:
+        init(int(getattr(sender, "concurrency", 0) or 1))
+
+    def _ready(**_: Any) -> None:
+        ready()
+
+    def _ended(pid: int | None = None, **_: Any) -> None:
+        if pid is not None:
+            process_ended(int(pid))
+
+    def _started(**_: Any) -> None:
+        process_started()
+
+    signals.worker_init.connect(_init, weak=False)
+    signals.worker_process_init.connect(_started, weak=False)
+    signals.worker_ready.connect(_ready, weak=False)
+    signals.worker_process_shutdown.connect(_ended, weak=False)
+
+
 def create_app(settings: Settings, name: str = "kvmesh") -> Any:
     app = Celery(name, broker=settings.broker.url, set_as_current=False)
     if settings.broker.url.startswith("rediss://"):

@@ -35,15 +35,24 @@ class ShardBuffer:
     def __init__(self) -> None:
         self._pending: dict[str, dict[bytes, Change]] = {}
         self._count = 0
+        # per shard, when its oldest pending change was received (Unix ms): carried in the
+        # batches cut from it, for the workers' lag histogram; emptied with the changes
+        self.since: dict[str, int] = {}
 
-    def add(self, shard: str, change: Change) -> None:
+    def add(self, shard: str, change: Change, received_ms: int = 0) -> None:
         bucket = self._pending.setdefault(shard, {})
         if bucket.pop(change.key, None) is None:
             self._count += 1
         bucket[change.key] = change  # re-inserted last: dicts keep position order
+        if received_ms and (shard not in self.since or received_ms < self.since[shard]):
+            self.since[shard] = received_ms
 
     def __len__(self) -> int:
         return self._count
+
+    def counts(self) -> dict[str, int]:
+        """Changes pending per shard."""
+        return {shard: len(b) for shard, b in self._pending.items() if b}
 
     def min_position(self) -> Position | None:
         """The earliest position still buffered (None when empty)."""
@@ -54,6 +63,7 @@ class ShardBuffer:
         out = {shard: list(b.values()) for shard, b in self._pending.items() if b}
         self._pending = {}
         self._count = 0
+        self.since = {}
         return out
 
 
@@ -100,6 +110,7 @@ def make_batches(
     max_ops: int,
     max_bytes: int,
     snapshot: bool = False,
+    event_ms: int = 0,
 ) -> list[Batch]:
     """Chain batches for one shard: each batch's prev is the pos of the one before it.
 
@@ -120,6 +131,7 @@ def make_batches(
                 pos=pos,
                 ops=tuple(c.operation() for c in group),
                 done=not snapshot or i == len(groups) - 1,
+                event_ms=event_ms,
             )
         )
         prev = pos

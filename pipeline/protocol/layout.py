@@ -32,6 +32,11 @@ class Resource:
     canary: str | None  # `cilium/cache/<canary>/v1` resource in the synced canary, if any
     single_key: bool = False  # the cluster config is one key, not a prefix
 
+    @property
+    def scope(self) -> str:
+        """The `scope` label of KVStoreMesh's metrics: `nodes/v1`, `ip/v1`, ..."""
+        return f"{self.canary}/v1" if self.canary else "cluster-config"
+
     def source_prefix(self, cluster: str, identities: str = "id") -> bytes:
         return _prefix("source", self.name, cluster, identities)
 

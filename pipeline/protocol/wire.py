@@ -8,6 +8,7 @@ Keys and values are base64, so bytes that are not UTF-8 travel exactly.
     {"v": 2, "batches": [
         {"source": "cluster-a", "target": "cluster-b", "shard": "identities-3",
          "gen": 4, "prev": [1200, 0], "pos": [1310, 2], "done": true,
+         "t": 1764300000000,                        (optional, ms: the oldest event's time)
          "ops": [["p", "<b64 key>", "<b64 value>"], ["d", "<b64 key>", null]]},
         ...],
      "gap_since": 1764300000000,                    (optional, ms: set on a gap retry)
@@ -75,9 +76,14 @@ class Batch:
     ops: tuple[Operation, ...]
     done: bool = True  # false while the shard is inside a snapshot (see fence.py)
     lease: int = 0  # the target lease its puts go on (sync.cache_lease_ttl); 0: none
+    # when the watcher received the oldest source event in the batch (Unix ms; 0: none, a
+    # snapshot). Workers measure kvmesh_sync_lag_seconds from it; it decides nothing.
+    event_ms: int = 0
 
     def encode(self) -> dict[str, Any]:
-        extra = {"lease": self.lease} if self.lease else {}
+        extra: dict[str, Any] = {"lease": self.lease} if self.lease else {}
+        if self.event_ms:
+            extra["t"] = self.event_ms
         return {
             **extra,
             "source": self.source,
@@ -324,6 +330,9 @@ def decode_batch(payload: Any, shared: list[tuple[Operation, ...]] | None = None
     lease = payload.get("lease", 0)
     if not isinstance(lease, int) or isinstance(lease, bool) or not 0 <= lease < 1 << 63:
         raise MalformedBatchError(f"field 'lease' must be a lease ID, got {lease!r}")
+    event_ms = payload.get("t", 0)
+    if not isinstance(event_ms, int) or isinstance(event_ms, bool) or not 0 <= event_ms < 1 << 53:
+        raise MalformedBatchError(f"field 't' must be milliseconds, got {event_ms!r}")
     return Batch(
         source=_str(payload, "source"),
         target=_str(payload, "target"),
@@ -334,4 +343,5 @@ def decode_batch(payload: Any, shared: list[tuple[Operation, ...]] | None = None
         ops=ops,
         done=done,
         lease=lease,
+        event_ms=event_ms,
     )

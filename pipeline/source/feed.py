@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.clients.etcd import EtcdClient, Event, Stream
 from pipeline.protocol.errors import CompactedError, RetryableError
@@ -37,6 +37,10 @@ class Delivered:
     resource: Resource
     events: list[Event]
     header_rev: int
+    # when the watch delivered it: Unix ms (carried in the batches for the lag histogram)
+    # and the monotonic clock (how long it waited for the watcher, kvstore_events_queue)
+    received_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    received: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)

@@ -5,18 +5,12 @@ Names carry units and `_total` on counters; labels are `source_cluster`, `target
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from pipeline.clients.metrics_http import exposition, serve
 
 
 class WatcherMetrics:
@@ -168,48 +162,61 @@ class WatcherMetrics:
             registry=r,
         )
 
+        # KVStoreMesh's metrics (cilium_kvstoremesh_*), under kvmesh_ with its label names;
+        # docs/metrics.md maps each
+        self.bootstrap = Gauge(
+            "kvmesh_bootstrap_seconds",
+            "Seconds from the start of this watcher's term to the initial sync of the "
+            "source in every target",
+            ["source_cluster"],
+            registry=r,
+        )
+        self.remote_clusters = Gauge(
+            "kvmesh_remote_clusters",
+            "Source clusters this process watches",
+            registry=r,
+        )
+        self.readiness = Gauge(
+            "kvmesh_remote_cluster_readiness_status",
+            "1 while this watcher is active and the target holds the source's initial sync",
+            ["source_cluster", "target_cluster"],
+            registry=r,
+        )
+        self.failures = Gauge(
+            "kvmesh_remote_cluster_failures",
+            "Failures of the source since the process started (as "
+            "kvmesh_watcher_source_failures_total)",
+            ["source_cluster"],
+            registry=r,
+        )
+        self.last_failure = Gauge(
+            "kvmesh_remote_cluster_last_failure_ts",
+            "Unix time of the source's last failure",
+            ["source_cluster"],
+            registry=r,
+        )
+        self.sync_queue = Gauge(
+            "kvmesh_kvstore_sync_queue_size",
+            "Changes the watcher holds and has not published yet (the most behind target)",
+            ["scope", "source_cluster"],
+            registry=r,
+        )
+        self.scope_synced = Gauge(
+            "kvmesh_kvstore_initial_sync_completed",
+            "1 once the resource was listed in the source (action=read) or its canary "
+            "written in every target (action=write) in the current term",
+            ["scope", "source_cluster", "action"],
+            registry=r,
+        )
+        self.events_queue = Histogram(
+            "kvmesh_kvstore_events_queue_seconds",
+            "Seconds a watch event waited between its delivery and the watcher taking it",
+            ["scope", "action"],
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+
     def serve(self, port: int, bind: str, unready: Callable[[], str | None]) -> ThreadingHTTPServer:
-        """Serve /metrics, /healthz (the process runs) and /readyz (200 once *unready*
-        returns None, else 503 with its reason) on a thread; any other path is a 404.
+        """Serve /metrics, /healthz and /readyz (see pipeline.clients.metrics_http).
         Raises OSError if the port cannot be bound."""
-        server_class = _Server6 if ":" in bind else ThreadingHTTPServer
-        server = server_class((bind, port), _handler(self.registry, unready))
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-        return server
-
-
-class _Server6(ThreadingHTTPServer):
-    address_family = socket.AF_INET6  # bind = "::" or another IPv6 address
-
-
-def _handler(
-    registry: CollectorRegistry, unready: Callable[[], str | None]
-) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                self._send(200, b"ok\n")
-            elif path == "/readyz":
-                why = unready()
-                if why is None:
-                    self._send(200, b"ready\n")
-                else:
-                    self._send(503, why.encode("utf-8", "backslashreplace") + b"\n")
-            else:
-                self._send(404, b"not found: /metrics, /healthz and /readyz are served\n")
-
-        def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass  # no access log: scrapes every few seconds would drown the real one
-
-    return Handler
+        return serve(port, bind, exposition(self.registry), unready)

@@ -35,6 +35,7 @@ from pipeline.protocol.layout import (
     Op,
     Resource,
     parse_cluster_config,
+    parse_shard,
     source_caps,
 )
 from pipeline.protocol.sharding import all_shards, shard_of, shard_resource
@@ -148,7 +149,7 @@ class Watcher:
             src,
             settings.sync.identities,
             settings.sync.watch_timeout,
-            on_failure=lambda: self.metrics.source_failures.labels(src).inc(),
+            on_failure=self._source_failed,
             inbox=inbox,
             clock=clock,
         )
@@ -192,7 +193,26 @@ class Watcher:
         self._in_term = threading.Event()
         self._lease_lost = threading.Event()
         self._beat = 0.0
+        self._failures = 0
+        self._term_started = 0.0
+        self._synced_term: set[str] = set()  # targets synced in this term (bootstrap_seconds)
         self._stuck_after = 3 * settings.sync.etcd_timeout + settings.sync.leader_ttl
+        self._zero_series()
+
+    def _zero_series(self) -> None:
+        """Export the counters alerts watch at 0 from the start: a series that first appears
+        at 3 has no increase() in Prometheus, and its first burst would go unseen."""
+        m, src = self.metrics, self.source.name
+        m.source_failures.labels(src)
+        m.held_deletes.labels(src)
+        for reason in ("layout", "too_large"):
+            m.rejected.labels(src, reason)
+        for reason in ("queue_full", "broker_error"):
+            m.publish_paused.labels(src, reason)
+        for where in ("fence_poll", "drain"):
+            m.errors.labels(src, where)
+        for t in self.targets:
+            m.stalls.labels(src, t.name)
 
     @property
     def name(self) -> str:
@@ -253,6 +273,8 @@ class Watcher:
                 self._standby_logged = False
                 log.info("%s: active (lease %s)", src, self.lease.owner)
                 self.metrics.active.labels(src).set(1)
+                self._term_started = self.clock()
+                self._synced_term = set()
                 self._beat = self.clock()
                 self._lease_lost.clear()
                 self._in_term.set()
@@ -260,12 +282,32 @@ class Watcher:
                     self._serve()
                 finally:
                     self._in_term.clear()
+                    self._stepped_down()
                 self.metrics.active.labels(src).set(0)
         finally:
             self.metrics.active.labels(src).set(0)
             keeper.join(timeout=self.sync.leader_ttl)
             self.lease.release()
             self.close()
+
+    def _source_failed(self) -> None:
+        """Count a failed call to the source, or a watch stream that broke or went silent."""
+        src = self.source.name
+        self._failures += 1
+        self.metrics.source_failures.labels(src).inc()
+        self.metrics.failures.labels(src).set(self._failures)
+        self.metrics.last_failure.labels(src).set(time.time())
+
+    def _stepped_down(self) -> None:
+        """A standby is ready for nothing: its readiness gauges fall to 0."""
+        src = self.source.name
+        for t in self.targets:
+            self.metrics.readiness.labels(src, t.name).set(0)
+        for res in RESOURCES:
+            for action in ("read", "write"):
+                self.metrics.scope_synced.labels(res.scope, src, action).set(0)
+            self.metrics.sync_queue.labels(res.scope, src).set(0)
+        self.metrics.queue_depth.labels(src).set(0)  # another watcher reads it now
 
     def _renew_loop(self) -> None:
         """Renew the lease every third of its TTL while a term runs and the main loop is
@@ -317,7 +359,7 @@ class Watcher:
                 break
             except RetryableError as exc:
                 if exc.cluster == self.source.name:
-                    self.metrics.source_failures.labels(self.source.name).inc()
+                    self._source_failed()
                 log.warning(
                     "%s: start failed: %s; retrying in %.1fs", self.source.name, exc, backoff
                 )
@@ -407,6 +449,13 @@ class Watcher:
         resource, src = item.resource, self.source.name
         if item.events:
             self.metrics.events.labels(src, resource.name).inc(len(item.events))
+            waited = max(0.0, time.monotonic() - item.received)
+            deletes = sum(1 for ev in item.events if ev.value is None)
+            for action, n in (("delete", deletes), ("update", len(item.events) - deletes)):
+                if n:
+                    child = self.metrics.events_queue.labels(resource.scope, action)
+                    for _ in range(n):
+                        child.observe(waited)
         if self.readiness is not None and not self.readiness.caps.syncs(resource):
             return  # the source does not advertise it: its cache is drained, not synced
         waiting = self.waiting
@@ -439,7 +488,9 @@ class Watcher:
                 tvalue = None
             op = Op.PUT if tvalue is not None else Op.DELETE
             shard = shard_of(resource, tkey, self.sync.shards)
-            self.buffer.add(shard, Change(tkey, op, tvalue, (ev.revision, ev.index)))
+            self.buffer.add(
+                shard, Change(tkey, op, tvalue, (ev.revision, ev.index)), item.received_ms
+            )
         if len(self.buffer) and self._flush_deadline is None:
             # The linger spaces flushes: the first change after a quiet spell goes out at
             # once, and changes that follow a flush closely wait for the next one.
@@ -556,6 +607,7 @@ class Watcher:
         cut wait in `unsent` to go out as they are. Nothing is dropped, and no resync is
         started for it."""
         self._flush_deadline = None
+        since = self.buffer.since  # when each shard's oldest change came (drain resets it)
         drained = self.buffer.drain()
         for t in self.targets:
             if t.need_resync:
@@ -563,9 +615,10 @@ class Watcher:
                 t.unsent = []
                 continue
             for shard, changes in drained.items():
+                at = since.get(shard, 0)
                 for c in changes:
                     if c.pos > t.skip[shard]:
-                        t.outbox.add(shard, c)
+                        t.outbox.add(shard, c, at)
         pending = [t for t in self.targets if t.unsent or len(t.outbox)]
         if not pending:
             return
@@ -580,7 +633,8 @@ class Watcher:
             unsent, t.unsent = t.unsent, []
             out += [(t, b) for b in unsent]
             if len(t.outbox):
-                out += [(t, b) for b in self._cut_chains(t, t.outbox.drain())]
+                since_ms = t.outbox.since
+                out += [(t, b) for b in self._cut_chains(t, t.outbox.drain(), since_ms)]
             self._mark(t)
         self._last_flush = now
         try:
@@ -641,10 +695,13 @@ class Watcher:
             "%s: publishing paused for %.1fs: %s", self.source.name, self._publish_backoff, why
         )
 
-    def _cut_chains(self, t: Target, per_shard: dict[str, list[Change]]) -> list[Batch]:
+    def _cut_chains(
+        self, t: Target, per_shard: dict[str, list[Change]], since: dict[str, int] | None = None
+    ) -> list[Batch]:
         """Cut each shard's changes into batches chained after the shard's last one, in an
         order interleaved across shards: consecutive tasks then belong to different shards,
-        so parallel workers rarely wait on a predecessor."""
+        so parallel workers rarely wait on a predecessor. *since*: per shard, when its oldest
+        change was received (carried in its batches for the lag histogram)."""
         chains: list[list[Batch]] = []
         for shard, changes in per_shard.items():
             if changes:
@@ -657,6 +714,7 @@ class Watcher:
                     changes=changes,
                     max_ops=self.sync.max_batch_ops,
                     max_bytes=self.sync.max_batch_bytes,
+                    event_ms=(since or {}).get(shard, 0),
                 )
                 t.pair.chain[shard] = chain[-1].pos  # the next batch follows these, sent or not
                 chains.append(chain)
@@ -743,6 +801,7 @@ class Watcher:
                 log.exception("%s→%s: fence poll failed", self.source.name, t.name)
                 self.metrics.errors.labels(self.source.name, "fence_poll").inc()
                 t.owe(Cause.CORRUPT_RECORD, "the fence poll failed")
+        self._kvstore_gauges()
         if now >= self._next_drain:
             self._next_drain = now + self.sync.drain_check_interval
             self._drain()
@@ -770,6 +829,36 @@ class Watcher:
                 )
             else:
                 self._resync_backoff = 0.0
+
+    def _kvstore_gauges(self) -> None:
+        """KVStoreMesh's per-scope gauges: changes held, resources read and written."""
+        src = self.source.name
+        held: dict[str, int] = dict.fromkeys((r.scope for r in RESOURCES), 0)
+        for shard, n in self.buffer.counts().items():
+            parsed = parse_shard(shard)
+            if parsed is not None:
+                held[parsed[0].scope] += n
+        behind: dict[str, int] = dict.fromkeys(held, 0)
+        for t in self.targets:
+            mine: dict[str, int] = dict.fromkeys(held, 0)
+            for shard, n in t.outbox.counts().items():
+                parsed = parse_shard(shard)
+                if parsed is not None:
+                    mine[parsed[0].scope] += n
+            for b in t.unsent:
+                parsed = parse_shard(b.shard)
+                if parsed is not None:
+                    mine[parsed[0].scope] += len(b.ops)
+            behind = {k: max(v, mine[k]) for k, v in behind.items()}
+        waiting = self.waiting
+        for res in RESOURCES:
+            self.metrics.sync_queue.labels(res.scope, src).set(held[res.scope] + behind[res.scope])
+            self.metrics.scope_synced.labels(res.scope, src, "read").set(
+                int(res.name not in waiting)
+            )
+            if res.canary is not None:
+                written = all(res.name in t.pair.canaried for t in self.targets)
+                self.metrics.scope_synced.labels(res.scope, src, "write").set(int(written))
 
     def _poll(self, t: Target, now: float) -> None:
         src = self.source.name
@@ -799,8 +888,13 @@ class Watcher:
             return
         done = all(r.name in t.pair.canaried for r in RESOURCES if r.canary is not None)
         self.metrics.initial_sync.labels(src, t.name).set(int(done))
+        self.metrics.readiness.labels(src, t.name).set(int(done))
         if done:
             self.synced_once.add(t.name)
+            if t.name not in self._synced_term:
+                self._synced_term.add(t.name)
+                if len(self._synced_term) == len(self.targets):
+                    self.metrics.bootstrap.labels(src).set(self.clock() - self._term_started)
         t.control.leases.collect(self._landed(t, found.fences))
         through = applied_through(
             self.feed.delivered_through(),

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import signal
 import socket
 import sys
@@ -177,6 +178,12 @@ def _parser() -> argparse.ArgumentParser:
         "time the queues shrank",
     )
     lab.add_argument("--keep", action="store_true", help="keep the lab's data directory")
+    lab.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also start Prometheus (the `prometheus` binary on PATH) scraping every watcher "
+        "and the worker, with deploy/prometheus/alerts.yml",
+    )
     f = with_config(
         sub.add_parser(
             "flower",
@@ -304,6 +311,7 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
         )
         for c in sources
     ]
+    metrics.remote_clusters.set(len(watchers))
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("signal %d: stopping", signum)
@@ -373,6 +381,13 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if concurrency < 1:
         raise ConfigError("--concurrency", "must be at least 1")
     settings.require_signing("kvmesh worker")
+    port, bind = settings.metrics.worker_port, settings.metrics.bind
+    if port:
+        from pipeline.clients.metrics_http import can_bind
+
+        problem = can_bind(port, bind)
+        if problem is not None:
+            raise ConfigError("metrics.worker_port", f"cannot listen on {bind}:{port}: {problem}")
     if args.check:
         print(f"ok: would consume {queues} with {concurrency} {pool} processes")
         return EXIT_OK
@@ -484,6 +499,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     if not 2 <= args.clusters <= 16:
         raise ConfigError("--clusters", "must be from 2 to 16")
+    if args.prometheus and shutil.which("prometheus") is None:
+        raise ConfigError(
+            "--prometheus", "no prometheus binary on PATH (apt-get install prometheus)"
+        )
     if args.workers < 1 or args.identities < 1 or args.churn < 0 or args.duration < 0:
         raise ConfigError(
             "--workers",
@@ -501,6 +520,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
             identities_mode=args.sync_identities,
             converge_timeout=args.converge_timeout,
             keep=args.keep,
+            prometheus=args.prometheus,
         )
     )
 

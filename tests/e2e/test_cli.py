@@ -212,6 +212,10 @@ def test_credential_and_port_mistakes_are_one_line_errors(tmp_path: Path) -> Non
         res = run("watch", "--config", str(cfg))
         assert res.returncode == 2 and "metrics.watcher_port" in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
+        cfg.write_text(base.replace("{extra}", "") + f"[metrics]\nworker_port = {port}\n")
+        res = run("worker", "--config", str(cfg), "--check")
+        assert res.returncode == 2 and "metrics.worker_port" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
 
 
 def test_watch_says_when_it_cannot_reach_the_broker_and_keeps_trying(mesh: Mesh) -> None:

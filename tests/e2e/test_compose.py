@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from pipeline.tools.servers import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 MOUNT = "/etc/kvmesh/mesh.toml"
 
@@ -35,9 +37,10 @@ def mounted_config(service: dict[str, Any]) -> Path:
 
 
 def test_services_of_a_three_cluster_mesh(compose: dict[str, Any]) -> None:
-    """Three etcds, a simulator and a watcher per cluster, Redis, a worker pool, Flower."""
+    """Three etcds, a simulator and a watcher per cluster, Redis, a worker pool, Flower,
+    Prometheus and Grafana."""
     services = set(compose["services"])
-    expected = {"redis", "worker", "flower"} | {
+    expected = {"redis", "worker", "flower", "prometheus", "grafana"} | {
         f"{k}-{i}" for k in ("etcd", "sim", "watch") for i in (1, 2, 3)
     }
     assert services == expected
@@ -52,7 +55,9 @@ def test_upstream_images_are_pinned_and_stores_have_healthchecks(compose: dict[s
         assert "healthcheck" in svc or name.startswith("sim-"), name
     redis = " ".join(compose["services"]["redis"]["command"])
     assert "--appendonly yes" in redis and "--maxmemory-policy noeviction" in redis
-    assert '--requirepass "$$(cat /run/secrets/redis_password)"' in redis
+    # the password reaches Redis through a config file, never its command line
+    assert "requirepass" in redis and "--requirepass" not in redis
+    assert "$$(cat /run/secrets/redis_password)" in redis
 
 
 def test_worker_scales_and_flower_uses_an_env_file(compose: dict[str, Any]) -> None:
@@ -70,7 +75,12 @@ def test_worker_scales_and_flower_uses_an_env_file(compose: dict[str, Any]) -> N
 def test_secrets_come_from_files_never_from_the_compose_file(compose: dict[str, Any]) -> None:
     """The broker URL (Redis's password) and the signing key are compose secrets; every kvmesh
     service gets them; nothing in the compose file or the mounted config holds a secret."""
-    assert set(compose["secrets"]) == {"broker_url", "signing_key", "redis_password"}
+    assert set(compose["secrets"]) == {
+        "broker_url",
+        "signing_key",
+        "redis_password",
+        "grafana_password",
+    }
     for name, spec in compose["secrets"].items():
         assert spec["file"].startswith("./deploy/secrets/"), name
     config = tomllib.loads(mounted_config(compose["services"]["worker"]).read_text())
@@ -145,7 +155,12 @@ def test_every_kvmesh_command_is_valid_against_the_mounted_config(
             [sys.executable, "-m", "pipeline", *args, "--check"],
             capture_output=True,
             text=True,
-            env=dict(os.environ, FLOWER_BASIC_AUTH="admin:" + "x" * 24),
+            # a free port for the worker's metrics: the check binds it
+            env=dict(
+                os.environ,
+                FLOWER_BASIC_AUTH="admin:" + "x" * 24,
+                KVMESH_METRICS_WORKER_PORT=str(free_port()),
+            ),
             timeout=60,
         )
         assert res.returncode == 0, (name, res.stdout, res.stderr)

@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -130,4 +131,74 @@ def test_a_dead_child_is_reported_and_everything_stops(tmp_path: Path) -> None:
     assert proc.wait(120) == 1
     out = log.read_text()
     assert "watch-cluster-1 exited with code -9" in out
+    eventually(lambda: leftovers(root) == [], timeout=60, what="no process left")
+
+
+def query(base: str, promql: str) -> list[dict[str, object]] | None:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    try:
+        with urllib.request.urlopen(url, timeout=3) as r:
+            body = json.loads(r.read())
+    except OSError:
+        return None
+    result = body.get("data", {}).get("result")
+    return result if isinstance(result, list) else None
+
+
+def test_lab_prometheus_scrapes_every_watcher_and_the_worker(tmp_path: Path) -> None:
+    """`lab --prometheus` starts a real Prometheus: it finds every watcher and the worker up,
+    reads their metrics (the worker's summed over its pool processes) and loads kvmesh's
+    alert rules."""
+    require_binary("prometheus")
+    proc, log = start_lab(
+        tmp_path,
+        "--clusters",
+        "2",
+        "--identities",
+        "50",
+        "--churn",
+        "5",
+        "--duration",
+        "300",
+        "--workers",
+        "2",
+        "--prometheus",
+    )
+    root = lab_root(log)
+    try:
+        # the lab's console is its interface: this line gives Prometheus's address
+        m = eventually(
+            lambda: re.search(r"lab: prometheus on (\S+)", log.read_text()),
+            timeout=90,
+            what="the lab's Prometheus",
+        )
+        base = m.group(1)
+
+        def targets_up() -> bool:
+            up = query(base, "up")
+            return up is not None and len(up) == 3 and all(r["value"][1] == "1" for r in up)  # type: ignore[index]
+
+        eventually(targets_up, timeout=60, what="two watchers and the worker scraped")
+
+        def number(promql: str) -> float:
+            result = query(base, promql)
+            return float(result[0]["value"][1]) if result else 0.0  # type: ignore[index]
+
+        eventually(lambda: number("sum(kvmesh_watcher_active)") == 2, what="both sources active")
+        eventually(
+            lambda: (
+                number("sum(kvmesh_worker_ops_applied_total)") > 0
+                and number("sum(kvmesh_sync_lag_seconds_count)") > 0
+            ),
+            timeout=60,
+            what="worker outcomes and lag in Prometheus",
+        )
+        assert number("sum(kvmesh_worker_concurrency)") == 2
+        assert number("count(kvmesh_remote_cluster_readiness_status == 1)") == 2
+        with urllib.request.urlopen(f"{base}/api/v1/rules", timeout=3) as r:
+            groups = json.loads(r.read())["data"]["groups"]
+        assert [g["name"] for g in groups] == ["kvmesh"]
+    finally:
+        proc.send_signal(2)  # Ctrl-C: the lab stops the churn, reports and cleans up
+        proc.wait(180)
     eventually(lambda: leftovers(root) == [], timeout=60, what="no process left")

@@ -193,3 +193,48 @@ def test_the_metrics_port_answers_health_readiness_and_nothing_else(mesh: Mesh) 
         what="the queue drained",
     )
     assert_equal(mesh)
+
+
+def test_worker_metrics_sum_every_pool_process(mesh: Mesh) -> None:
+    """A prefork worker serves one set of Prometheus metrics for all its pool processes:
+    the applied operations agree with the Redis stats hash every process adds to, the lag
+    histogram counts the changes, and the port answers the probes; the watcher offers
+    KVStoreMesh's metrics under kvmesh_."""
+    seed(mesh, identities=50, endpoints=50)
+    worker = mesh.worker(concurrency=2, metrics=True)
+    watcher = mesh.watcher()
+    port = worker.metrics_port
+    assert port
+    eventually(lambda: _get(port, "/readyz")[0] == 200, what="the worker ready")
+    assert _get(port, "/healthz")[0] == 200
+    assert _get(port, "/")[0] == 404
+    assert worker.gauge("kvmesh_worker_concurrency") == 2
+    assert_equal(mesh)
+    a = mesh.client(0)
+    for i in range(40):
+        a.put(f"cilium/state/nodes/v1/cluster-a/metrics-{i}".encode(), b"{}")
+
+    def agree() -> bool:
+        for src, dst in mesh.pairs():
+            applied = worker.metric(
+                "kvmesh_worker_ops_applied_total", source_cluster=src, target_cluster=dst
+            )
+            if applied == 0 or applied != mesh.stats(src, dst).get("ops_applied"):
+                return False
+        return True
+
+    eventually(lambda: assert_equal(mesh) and agree(), what="metrics agree with the stats")
+    lag = worker.metric(
+        "kvmesh_sync_lag_seconds_count", source_cluster="cluster-a", target_cluster="cluster-b"
+    )
+    assert lag >= 1  # the changes of the loop above, in as many batches as flushes
+    assert watcher.gauge("kvmesh_remote_clusters") == 2  # this watcher syncs both sources
+    # the canaries follow the data at the next fence poll: wait for them
+    a_to_b = {"source_cluster": "cluster-a", "target_cluster": "cluster-b"}
+    eventually(
+        lambda: watcher.gauge("kvmesh_remote_cluster_readiness_status", **a_to_b) == 1,
+        what="cluster-b ready for cluster-a",
+    )
+    written = {"scope": "nodes/v1", "action": "write", "source_cluster": "cluster-a"}
+    assert watcher.gauge("kvmesh_kvstore_initial_sync_completed", **written) == 1
+    assert (watcher.gauge("kvmesh_bootstrap_seconds", source_cluster="cluster-a") or 0) > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -70,6 +71,28 @@ def test_live_changes_follow_and_deletes_land() -> None:
     for target in rig.targets:
         assert rig.cache(target) == rig.expected()
     assert rig.resyncs("b") == 1  # the live path, not a resync, carried them
+
+
+def test_live_batches_carry_their_event_time_and_kvstoremesh_gauges_follow() -> None:
+    """Batches of watch events carry when the watcher received them (the workers' lag
+    histogram runs from there); snapshot batches carry none. KVStoreMesh's readiness and
+    per-scope gauges say what landed."""
+    rig = Rig()
+    fill(rig, nodes=5, identities=5)
+    rig.start()
+    rig.settle()
+    assert rig.queue.seen and all(b.event_ms == 0 for b in rig.queue.seen)
+    before, n = int(time.time() * 1000), len(rig.queue.seen)
+    rig.source.put(NODE + b"node-new", b"{}")
+    rig.settle()
+    live = rig.queue.seen[n:]
+    assert live and all(before <= b.event_ms <= time.time() * 1000 for b in live)
+    pair = {"source_cluster": "a", "target_cluster": "b"}
+    assert rig.metric("kvmesh_remote_cluster_readiness_status", **pair) == 1
+    for action in ("read", "write"):
+        labels = {"scope": "nodes/v1", "source_cluster": "a", "action": action}
+        assert rig.metric("kvmesh_kvstore_initial_sync_completed", **labels) == 1
+    assert rig.metric("kvmesh_kvstore_sync_queue_size", scope="nodes/v1", source_cluster="a") == 0
 
 
 def test_a_new_term_resumes_from_the_fences_and_misses_nothing() -> None:

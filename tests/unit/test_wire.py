@@ -47,7 +47,7 @@ def _batch(**kw: object) -> Batch:
 
 def test_round_trip_is_byte_exact_through_json() -> None:
     """Keys and values that are not UTF-8, and empty values, survive JSON exactly."""
-    b = _batch(lease=0x7F3A_0000_0001)
+    b = _batch(lease=0x7F3A_0000_0001, event_ms=1_764_300_000_123)
     other = _batch(shard="ipcache-0", ops=(Operation(Op.DELETE, b"x"),))
     wire = json.loads(json.dumps(encode_task([b, other], SIGNER, gap_since_ms=1234)))
     task = decode_task(wire, SIGNER)
@@ -120,6 +120,8 @@ def test_malformed_shared_operations_are_rejected(mutate, reason: str) -> None: 
         (lambda p: p["batches"].append(dict(p["batches"][0], source="c")), "share"),
         (lambda p: p["batches"][0].update(lease=-1), "lease"),
         (lambda p: p["batches"][0].update(lease="7"), "lease"),
+        (lambda p: p["batches"][0].update(t=-5), "milliseconds"),
+        (lambda p: p["batches"][0].update(t=True), "milliseconds"),
     ],
 )
 def test_malformed_payloads_are_rejected_with_a_reason(mutate, reason: str) -> None:  # type: ignore[no-untyped-def]

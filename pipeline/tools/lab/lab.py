@@ -10,6 +10,7 @@ stopped on every exit path, and the kernel stops them should the lab itself be k
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -50,6 +51,7 @@ class LabOptions:
     identities_mode: str = "id"
     converge_timeout: float = 120.0
     keep: bool = False
+    prometheus: bool = False  # start a Prometheus that scrapes the watchers and the worker
 
 
 @dataclass
@@ -61,8 +63,10 @@ class Lab:
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvmesh-lab-")))
     names: list[str] = field(default_factory=list)
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    worker_metrics_port: int = 0
     views: dict[str, SourceView] = field(default_factory=dict)
     flower_url: str = ""
+    prometheus_url: str = ""
     flower_user: str = "admin"
     flower_password: str = ""
     config: Path = Path()
@@ -126,8 +130,11 @@ class Lab:
         self.supervisor.wait_logs([f"simulate-{n}" for n in self.names], "populated", 120)
         say(f"lab: {o.clusters} simulated clusters populated ({o.identities} identities each)")
         self.started_at = time.monotonic()
+        self.worker_metrics_port = free_port()
         self.spawn(
-            "worker", ["worker", "--concurrency", str(o.workers), "--hostname", "lab-worker@%h"]
+            "worker",
+            ["worker", "--concurrency", str(o.workers), "--hostname", "lab-worker@%h"],
+            env={"KVMESH_METRICS_WORKER_PORT": str(self.worker_metrics_port)},
         )
         for name in self.names:
             port = free_port()
@@ -138,11 +145,21 @@ class Lab:
                 env={"KVMESH_METRICS_WATCHER_PORT": str(port)},
             )
         self._start_flower()
+        if o.prometheus:
+            self._start_prometheus()
         self.views = {n: SourceView(n) for n in self.names}
         say(
             f"lab: flower on {self.flower_url} (user {self.flower_user}, "
             f"password {self.flower_password})"
         )
+        say("lab: metrics on " + " ".join(self.metrics_urls()))
+        if self.prometheus_url:
+            say(f"lab: prometheus on {self.prometheus_url}")
+
+    def metrics_urls(self) -> list[str]:
+        """The /metrics URL of every watcher, then of the worker."""
+        ports = [*(self.metrics_ports[n] for n in self.names), self.worker_metrics_port]
+        return [f"http://127.0.0.1:{p}/metrics" for p in ports]
 
     def _start_flower(self) -> None:
         o = self.opts
@@ -173,6 +190,42 @@ class Lab:
             kvmesh=False,
         )
         self.flower_url = f"http://127.0.0.1:{port}"
+
+    def _start_prometheus(self) -> None:
+        """A real Prometheus scraping every watcher and the worker each second, with
+        kvmesh's alert rules when this is a source checkout (deploy/prometheus/)."""
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise LabError(
+                "--prometheus: no prometheus binary on PATH (apt-get install prometheus)"
+            )
+        port = free_port()
+        rules = Path(__file__).resolve().parents[3] / "deploy" / "prometheus" / "alerts.yml"
+        watchers = [f"127.0.0.1:{self.metrics_ports[n]}" for n in self.names]
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(rules)] if rules.exists() else [],
+            "scrape_configs": [
+                {"job_name": "kvmesh-watcher", "static_configs": [{"targets": watchers}]},
+                {
+                    "job_name": "kvmesh-worker",
+                    "static_configs": [{"targets": [f"127.0.0.1:{self.worker_metrics_port}"]}],
+                },
+            ],
+        }
+        path = self.root / "prometheus.yml"
+        path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+        self.spawn(
+            "prometheus",
+            [
+                binary,
+                f"--config.file={path}",
+                f"--storage.tsdb.path={self.root / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            kvmesh=False,
+        )
+        self.prometheus_url = f"http://127.0.0.1:{port}"
 
     def spawn(
         self, name: str, args: list[str], env: dict[str, str] | None = None, kvmesh: bool = True
