@@ -626,7 +626,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     canaries = sum(1 for r in RESOURCES if r.canary)
     header = (
         f"{'source':<14} {'target':<14} {'queue':>6} {'src rev':>9} {'applied':>9} "
-        f"{'lag':>6} {'canaries':>8} {'src keys':>9} {'cached':>9}  worker outcomes"
+        f"{'lag':>6} {'canaries':>8} {'cached':>9} {'of':>9} {'rejected':>8}  worker outcomes"
     )
     print(header)
     for r in rows:
@@ -634,7 +634,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print(
             f"{r.source:<14} {r.target:<14} {_n(r.queue):>6} "
             f"{r.source_revision:>9} {r.applied_revision:>9} {_n(r.lag_revisions):>6} "
-            f"{r.canaries:>6}/{canaries} {r.source_keys:>9} {r.cached_keys:>9}  "
+            f"{r.canaries:>6}/{canaries} {r.cached_keys:>9} {_n(r.expected_keys):>9} "
+            f"{_n(r.rejected_keys):>8}  "
             f"{outcomes}"
         )
         if r.waiting_for_source_canary:

@@ -19,7 +19,13 @@ from pipeline.clients.broker import Broker
 from pipeline.clients.etcd import Etcd
 from pipeline.config import READ, WRITE, ClusterConfig, Settings
 from pipeline.protocol.errors import RetryableError, show, show_key
-from pipeline.protocol.layout import RESOURCES, Layout, canary_key, canary_prefix
+from pipeline.protocol.layout import (
+    RESOURCE_BY_NAME,
+    RESOURCES,
+    Layout,
+    canary_key,
+    canary_prefix,
+)
 from pipeline.protocol.names import progress_key, queue_name, rejected_prefix
 from pipeline.protocol.snapshot import Diff, diff
 from pipeline.source.listing import SourceState, read_readiness, read_source, read_target
@@ -38,12 +44,17 @@ class PairStatus:
     lag_revisions: int | None  # revisions after that which put a synced key; None: unknown
     progress_age_s: float | None  # since the watcher last wrote the progress record
     canaries: int  # synced canaries present in the target
-    source_keys: int
-    cached_keys: int
+    source_keys: int  # under the synced prefixes of the source (identity IDs only)
+    cached_keys: int  # the target holds of this source, its cluster config included
     workers: dict[str, int] = field(default_factory=dict)  # the workers' outcome counters
     # resources whose source canary the source has not written (it advertises them): their
     # deletes and target canary wait; the lab shows "waiting for source canary"
     waiting_for_source_canary: list[str] = field(default_factory=list)
+    # what `verify` counts (None when status was asked for the cheap counts only): the keys
+    # the target should hold (what passes the layout, less what the target refused), and
+    # the keys not synced as bad input or refused by the target
+    expected_keys: int | None = None
+    rejected_keys: int | None = None
 
 
 @dataclass(frozen=True)
@@ -139,9 +150,10 @@ class MeshView:
                 del d.missing[key]
             rejected = [reason for _k, reason in sorted(state.rejected.items())]
             rejected += [f"{show_key(k)}: {reason}" for k, reason in sorted(refused.items())]
+            expected = len(state.items) - len(refused)  # as `status` counts them
             lines.append(
                 f"{pair.source} -> {pair.target}: {'EQUAL' if d.equal else 'DIFFERENT'}: "
-                f"{len(state.items)} keys, missing {len(d.missing)}, extra {len(d.extra)}, "
+                f"{expected} keys, missing {len(d.missing)}, extra {len(d.extra)}, "
                 f"different {len(d.different)}, rejected {len(rejected)}"
             )
             lines += _examples(d, examples)
@@ -182,8 +194,12 @@ class MeshView:
 
     # -- status ---------------------------------------------------------------------------
 
-    def status(self) -> list[PairStatus]:
+    def status(self, exact: bool = True) -> list[PairStatus]:
+        """Every pair's status. *exact* also lists each source once, as `verify` does, to
+        count the keys each target should hold and those not synced (expected_keys,
+        rejected_keys); without it only cheap counts are read (the lab's live view)."""
         rows: list[PairStatus] = []
+        page = self.settings.sync.page_size
         for src in self.settings.sources:
             try:
                 depth: int | None = self.broker.depth(queue_name(src.name))
@@ -198,7 +214,21 @@ class MeshView:
                 for res in RESOURCES
                 if not res.single_key
             )
+            state = None
+            if exact and self.settings.targets_of(src.name):
+                state = read_source(
+                    source, layout, page=page, max_bytes=self.settings.sync.max_batch_bytes
+                )
             for tgt in self.settings.targets_of(src.name):
+                target = self.etcd(tgt, WRITE)
+                expected: int | None = None
+                rejected: int | None = None
+                if state is not None:
+                    held = cached_keys(target, src.name, page)
+                    missing = {k: v for k, v in state.items.items() if k not in held}
+                    refused = refused_by_target(target, src.name, missing)
+                    expected = len(state.items) - len(refused)
+                    rejected = len(state.rejected) + len(refused)
                 try:
                     workers = self.broker.stats(src.name, tgt.name)
                 except RetryableError:
@@ -212,7 +242,9 @@ class MeshView:
                         source_keys=source_keys,
                         workers=workers,
                         waiting_for_source_canary=waiting,
-                        **_target_status(source, layout, self.etcd(tgt, WRITE)),
+                        expected_keys=expected,
+                        rejected_keys=rejected,
+                        **_target_status(source, layout, target),
                     )
                 )
         return rows
@@ -249,6 +281,19 @@ def _canary_problems(target: Etcd, source: str) -> list[str]:
 def collect_status(settings: Settings) -> list[PairStatus]:
     with MeshView(settings) as view:
         return view.status()
+
+
+def cached_keys(target: Etcd, source: str, page: int) -> set[bytes]:
+    """The keys the target holds of *source* (what read_target reads, without values)."""
+    held: set[bytes] = set()
+    for res in RESOURCES:
+        if res.single_key:
+            key = res.cache_prefix(source)
+            if target.get(key) is not None:
+                held.add(key)
+        else:
+            held.update(target.keys(res.cache_scan_prefix(source), page))
+    return held
 
 
 def refused_by_target(target: Etcd, source: str, missing: dict[bytes, bytes]) -> dict[bytes, str]:
@@ -295,7 +340,8 @@ def _target_status(source: Etcd, layout: Layout, target: Etcd) -> dict[str, Any]
         ),
         "cached_keys": sum(
             target.count(res.cache_scan_prefix(src)) for res in RESOURCES if not res.single_key
-        ),
+        )
+        + (target.get(RESOURCE_BY_NAME["config"].cache_prefix(src)) is not None),
     }
 
 

@@ -83,7 +83,9 @@ def test_watch_worker_count_and_status(mesh: Mesh) -> None:
         ("cluster-b", "cluster-a"),
     }
     for r in rows:
-        assert r["cached_keys"] == r["source_keys"]
+        # the counts `verify` gives: every key the target should hold, none rejected
+        assert r["cached_keys"] == r["expected_keys"] == r["source_keys"] + 1  # + config
+        assert r["rejected_keys"] == 0
         assert r["workers"]["applied"] > 0
         assert r["waiting_for_source_canary"] == []
     table = mesh.cli("status")

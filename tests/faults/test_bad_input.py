@@ -52,6 +52,10 @@ def test_value_larger_than_the_target_accepts(own_mesh: Callable[..., FaultMesh]
     status = json.loads(mesh.cli("status", "--json").stdout)
     row = next(r for r in status if r["source"] == "cluster-a")
     assert row["workers"]["rejected_too_large"] >= 1
+    # status counts as verify does: the refused key is rejected, not expected
+    keys = int(line.split(": ")[2].split()[0])
+    assert row["cached_keys"] == row["expected_keys"] == keys
+    assert row["rejected_keys"] == 1
 
 
 def test_keys_that_do_not_fit_the_layout_are_ignored_reported_and_counted(mesh: FaultMesh) -> None:
@@ -67,7 +71,14 @@ def test_keys_that_do_not_fit_the_layout_are_ignored_reported_and_counted(mesh: 
     a.put(foreign, b"k8s:x=y;")
     try:
         lines = mesh.settle()
-        assert "rejected 2" in next(ln for ln in lines if ln.startswith("cluster-a -> cluster-b"))
+        line = next(ln for ln in lines if ln.startswith("cluster-a -> cluster-b"))
+        assert "rejected 2" in line
+        # `status` gives verify's counts: every expected key cached, 2 rejected
+        status = json.loads(mesh.cli("status", "--json").stdout)
+        row = next(r for r in status if (r["source"], r["target"]) == ("cluster-a", "cluster-b"))
+        keys = int(line.split(": ")[2].split()[0])
+        assert row["cached_keys"] == row["expected_keys"] == keys, (row, line)
+        assert row["rejected_keys"] == 2
         b = mesh.client(1)
         assert b.get(b"cilium/cache/identities/v1/cluster-a/id/" + foreign.split(b"/")[-1]) is None
         eventually(

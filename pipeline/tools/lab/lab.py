@@ -256,7 +256,7 @@ class Lab:
         """Update the per-source rows from the pair status and the watchers' metrics."""
         assert self.mesh_view is not None
         try:
-            rows = self.mesh_view.status()
+            rows = self.mesh_view.status(exact=False)  # cheap counts: it runs every second
         except RetryableError:
             return
         for name, view in self.views.items():
@@ -264,11 +264,12 @@ class Lab:
                 [r for r in rows if r.source == name], scrape(self.metrics_ports.get(name, 0))
             )
 
-    def render(self) -> Table:
+    def render(self, width: int = 140) -> Table:
         return render(
             list(self.views.values()),
             f"kvmesh lab: {len(self.names)} clusters, flower {self.flower_url} "
             f"({self.flower_user} / {self.flower_password})",
+            width,
         )
 
     def line(self) -> str:
@@ -400,11 +401,13 @@ def run_lab(opts: LabOptions) -> int:
                 interactive = console.is_terminal
                 last_line = 0.0
                 if interactive:
-                    with Live(lab.render(), console=console, refresh_per_second=2) as live:
+                    with Live(
+                        lab.render(console.width), console=console, refresh_per_second=2
+                    ) as live:
                         while not opts.duration or time.monotonic() - started < opts.duration:
                             lab.check_children()
                             lab.refresh()
-                            live.update(lab.render())
+                            live.update(lab.render(console.width))
                             time.sleep(lab.refresh_interval)
                 else:
                     while not opts.duration or time.monotonic() - started < opts.duration:
@@ -426,7 +429,7 @@ def run_lab(opts: LabOptions) -> int:
             stopped = time.monotonic()
             converged, lines = lab.converge()
             took = time.monotonic() - stopped
-            console.print(lab.render())
+            console.print(lab.render(console.width))
             console.print("\n".join(lines))
             console.print(lab.report())
             console.print(

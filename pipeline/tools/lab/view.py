@@ -8,6 +8,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
+from rich import box
 from rich.table import Table
 
 from pipeline.protocol.layout import RESOURCES
@@ -123,10 +124,42 @@ COLUMNS = (
 )
 
 
-def render(views: list[SourceView], title: str) -> Table:
+# what a terminal narrower than the full view shows (80 columns): fewer, shorter columns
+# without vertical rules, and cluster names never cut
+COMPACT = ("source", "queue", "lag s", "keys", "ops", "filt", "synced", "state")
+COMPACT_BELOW = 120
+
+
+def render(views: list[SourceView], title: str, width: int = 140) -> Table:
+    """The live view for a terminal *width* columns wide."""
+    names = max((len(v.source) for v in views), default=6)
+    if width < COMPACT_BELOW:
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in COMPACT:
+            if col == "source":
+                table.add_column(col, no_wrap=True, min_width=names)
+            elif col == "state":
+                table.add_column(col, no_wrap=True)
+            else:
+                table.add_column(col, justify="right", no_wrap=True)
+        for v in views:
+            table.add_row(
+                v.source,
+                _short(v.queue),
+                _n(v.lag_seconds),
+                _short(v.synced_keys),
+                _short(v.ops_applied),
+                _short(v.rejected),
+                f"{v.targets_synced}/{v.targets}",
+                "waiting" if v.waiting else v.state,
+            )
+        return table
     table = Table(title=title)
     for col in COLUMNS:
-        table.add_column(col, justify="left" if col == "source" else "right")
+        if col == "source":
+            table.add_column(col, no_wrap=True, min_width=names)
+        else:
+            table.add_column(col, justify="right")
     for v in views:
         table.add_row(
             v.source,
@@ -169,6 +202,17 @@ def scrape(port: int) -> dict[str, float]:
             with contextlib.suppress(ValueError):
                 out[series] = float(value)
     return out
+
+
+def _short(v: int | None) -> str:
+    """A count in at most 5 characters: 1234, 12.3k, 1.23M."""
+    if v is None:
+        return "-"
+    if v < 10_000:
+        return str(v)
+    if v < 1_000_000:
+        return f"{v / 1000:.1f}k" if v < 100_000 else f"{v // 1000}k"
+    return f"{v / 1e6:.2f}M" if v < 10_000_000 else f"{v / 1e6:.1f}M"
 
 
 def _n(v: float | None) -> str:
