@@ -112,7 +112,7 @@ def run_case(keys: int, prefilled: bool, code: Path, tmp: Path, timeout: float) 
         if watcher is not None:
             watcher.terminate()
             watcher.wait(30)
-        stop_all(servers)  # type: ignore[arg-type]
+        stop_all(servers)
 
 
 def main() -> int:

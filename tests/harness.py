@@ -324,13 +324,16 @@ class Mesh:
     ) -> Proc:
         return self.start("watch", log=name, config=config, env=env, metrics=True)
 
-    def worker(self, name: str = "worker", concurrency: int = 2, metrics: bool = False) -> Proc:
+    def worker(
+        self, name: str = "worker", concurrency: int = 2, metrics: bool = False, pool: str = ""
+    ) -> Proc:
         p = self.start(
             "worker",
             "--concurrency",
             str(concurrency),
             "--hostname",
             f"{name}@%h",
+            *(["--pool", pool] if pool else []),
             log=name,
             metrics=metrics,
         )

@@ -304,11 +304,20 @@ def apply_all(
 ) -> list[Batch]:
     """Apply every batch it can, in passes: a batch whose predecessor is missing is tried
     again after the others, since another worker is usually applying that predecessor right
-    now. Returns the batches still waiting after *gap_wait* seconds without progress; for
-    each, *gaps* gets the fence it waited on. *on_applied* is told of each batch that
-    landed, after its transaction."""
+    now. Returns the batches still waiting after *gap_wait* seconds without progress (its
+    own, or a fence it waits on moving: the predecessor's chain is being applied by another
+    worker, and re-queueing would only cost a round trip through the broker; at most
+    20 times *gap_wait* in all); for each, *gaps* gets the fence it waited on. *on_applied*
+    is told of each batch that landed, after its transaction."""
     pending = list(batches)
     deadline = time.monotonic() + gap_wait
+    give_up = time.monotonic() + 20 * gap_wait
+    watched: dict[str, object] = {}  # the fence each waiting batch's shard had, last look
+
+    def moved(shard: str, fence: object) -> bool:
+        before = watched.get(shard, fence)
+        watched[shard] = fence
+        return before != fence
 
     def reject(op: Operation, reason: str) -> None:
         outcomes["rejected_too_large"] += 1
@@ -344,13 +353,18 @@ def apply_all(
             for b, fence in deferred:
                 gaps[(b.source, b.target, b.shard)] = fence
         progress = bool(together)
+        advancing = False
+        for b, fence in deferred:
+            advancing = moved(b.shard, fence) or advancing
         for i, batch in enumerate(others):
             # everything else (duplicates, stale batches, races, sizes, leases, resyncs)
             # is the one-batch path's
 
             def on_gap(seen: FenceView, b: Batch = batch) -> None:
+                nonlocal advancing
                 if gaps is not None:
                     gaps[(b.source, b.target, b.shard)] = seen.fence
+                advancing = moved(b.shard, seen.fence) or advancing
 
             try:
                 decision = apply_batch(store, batch, on_reject=reject, on_gap=on_gap)
@@ -378,10 +392,13 @@ def apply_all(
                 # another worker holds its predecessor and is about to move that fence:
                 # read it anew
                 del known[b.shard]
+        now = time.monotonic()
         if progress:
-            deadline = time.monotonic() + gap_wait  # progress: wait afresh
+            deadline = now + gap_wait  # progress: wait afresh
             delay = 0.002
-        elif time.monotonic() >= deadline:
+        elif advancing and now < give_up:
+            deadline = now + gap_wait  # another worker is moving the chain towards us
+        elif now >= deadline:
             return waiting
         else:
             time.sleep(delay)  # the predecessor is being applied elsewhere: a moment
@@ -437,11 +454,13 @@ def create_worker_app(settings: Settings) -> Any:
     exporter = Exporter()
     port, bind = settings.metrics.worker_port, settings.metrics.bind
     server: list[ThreadingHTTPServer] = []
+    main_pid = [os.getpid()]
 
     def init(concurrency: int) -> None:
         # in the worker's main process, before the pool forks
         if not port:
             return
+        main_pid[0] = os.getpid()
         exporter.enable_multiprocess()
         metrics = task.conns.metrics
         metrics.concurrency.set(concurrency)
@@ -460,10 +479,12 @@ def create_worker_app(settings: Settings) -> Any:
         exporter.ready = True
 
     def process_started() -> None:
-        # a pool process inherits the listening socket: drop it, so that a pool process
-        # outliving a killed main process does not keep the port from the next one
-        for s in server:
-            s.socket.close()
+        # a forked pool process inherits the listening socket: drop it, so that a pool
+        # process outliving a killed main process does not keep the port from the next
+        # one (the solo pool sends this signal in the main process itself: keep it there)
+        if os.getpid() != main_pid[0]:
+            for s in server:
+                s.socket.close()
 
     on_worker_lifecycle(
         init=init,

@@ -132,7 +132,9 @@ def on_worker_lifecycle(
     starts, *process_ended(pid)* in a pool process that ends."""
 
     def _init(sender: Any = None, **_: Any) -> None:
-        init(int(getattr(sender, "concurrency", 0) or 1))
+        pool = str(getattr(sender, "pool_cls", ""))
+        # the solo pool runs one task at a time, whatever --concurrency says
+        init(1 if "solo" in pool else int(getattr(sender, "concurrency", 0) or 1))
 
     def _ready(**_: Any) -> None:
         ready()

@@ -38,19 +38,37 @@ def group_batches(
     (a batch is never split; one larger than *max_ops* has a task of its own). A task may
     carry batches for several targets of its source (a flush of the watcher is one task for
     all of them, not one per target); the worker applies each in its own target's fenced
-    transaction."""
+    transaction. Consecutive batches of one shard (a run) go into one task when they fit
+    in a task of their own: split over two tasks, the second would wait for the first."""
     groups: list[list[Batch]] = []
     current: list[Batch] = []
     ops = 0
-    for b in batches:
-        if current and (len(current) >= per_task or ops + len(b.ops) > max_ops):
-            groups.append(current)
-            current, ops = [], 0
-        current.append(b)
-        ops += len(b.ops)
+    for run in _runs(batches):
+        if len(run) > 1 and current:
+            run_ops = sum(len(b.ops) for b in run)
+            if len(current) + len(run) > per_task or ops + run_ops > max_ops:
+                groups.append(current)
+                current, ops = [], 0
+        for b in run:
+            if current and (len(current) >= per_task or ops + len(b.ops) > max_ops):
+                groups.append(current)
+                current, ops = [], 0
+            current.append(b)
+            ops += len(b.ops)
     if current:
         groups.append(current)
     return groups
+
+
+def _runs(batches: Sequence[Batch]) -> list[list[Batch]]:
+    """The batches cut where the (target, shard) changes."""
+    runs: list[list[Batch]] = []
+    for b in batches:
+        if runs and (runs[-1][-1].target, runs[-1][-1].shard) == (b.target, b.shard):
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return runs
 
 
 class CeleryPublisher:

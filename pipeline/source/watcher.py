@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from pipeline.clients.etcd import Etcd, EtcdClient
 from pipeline.clients.lease import AlwaysLeader, Lease
-from pipeline.clients.publisher import Publisher
+from pipeline.clients.publisher import MAX_OPS_PER_TASK, Publisher
 from pipeline.config import READ, WRITE, ClusterConfig, Settings
 from pipeline.protocol.batching import Change, ShardBuffer, make_batches
 from pipeline.protocol.errors import BadInputError, LeaseGoneError, PublishError, RetryableError
@@ -718,7 +718,14 @@ class Watcher:
                 )
                 t.pair.chain[shard] = chain[-1].pos  # the next batch follows these, sent or not
                 chains.append(chain)
-        batches = [b for row in itertools.zip_longest(*chains) for b in row if b]
+        # Round robin over segments of each chain, a task's worth of full batches long: a
+        # burst then becomes tasks of one shard each (the publisher keeps a segment in one
+        # task), and the tasks of one round touch different shards, so that the pool applies
+        # them in parallel instead of each waiting for another's predecessor. A flush of
+        # small changes has one batch per shard, and interleaves them as before.
+        seg = max(1, MAX_OPS_PER_TASK // max(1, self.sync.max_batch_ops))
+        rows = [[chain[i : i + seg] for i in range(0, len(chain), seg)] for chain in chains]
+        batches = [b for row in itertools.zip_longest(*rows) for part in row if part for b in part]
         try:
             return self._on_leases(t, batches)
         except RetryableError as exc:

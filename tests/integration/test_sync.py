@@ -238,3 +238,21 @@ def test_worker_metrics_sum_every_pool_process(mesh: Mesh) -> None:
     written = {"scope": "nodes/v1", "action": "write", "source_cluster": "cluster-a"}
     assert watcher.gauge("kvmesh_kvstore_initial_sync_completed", **written) == 1
     assert (watcher.gauge("kvmesh_bootstrap_seconds", source_cluster="cluster-a") or 0) > 0
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_worker_metrics_with_the_other_pools(mesh: Mesh, pool: str) -> None:
+    """The solo and thread pools serve the metrics too (the solo pool signals a pool
+    process start in the main process itself), with their real slot count."""
+    seed(mesh, identities=20, endpoints=20)
+    worker = mesh.worker(concurrency=2, metrics=True, pool=pool)
+    mesh.watcher()
+    port = worker.metrics_port
+    assert port
+    eventually(lambda: _get(port, "/readyz")[0] == 200, what=f"the {pool} worker ready")
+    assert worker.gauge("kvmesh_worker_concurrency") == (1 if pool == "solo" else 2)
+    assert_equal(mesh)
+    eventually(
+        lambda: worker.metric("kvmesh_worker_ops_applied_total", source_cluster="cluster-a") > 0,
+        what="ops counted",
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from pipeline.protocol.batching import Change, make_batches
@@ -246,3 +247,43 @@ def test_a_corrupt_fence_asks_for_a_resync() -> None:
     store, batches = setup(n_shards=1, per_shard=3)
     store.put(fence_key("a", "nodes-0"), b"\xff garbage")
     assert apply_batch(store, batches[0]) is Decision.RESYNC
+
+
+def test_a_batch_waits_while_another_worker_moves_its_chain_towards_it() -> None:
+    """The predecessors of a batch land one by one in another worker, each after longer than
+    gap_wait: the task keeps waiting while the fence moves, and applies its batch, instead
+    of handing it back to the queue."""
+    _, batches = setup(n_shards=1, per_shard=4 * 127)
+    assert len(batches) == 4
+    theirs, mine = batches[:3], batches[3]
+
+    class Chain(Store):
+        reads = 0
+
+        def read_fences(self, source, shards):  # type: ignore[no-untyped-def]
+            # the first look finds the chain where it was; before each later one the
+            # other worker has landed one more batch, more than gap_wait after the last
+            if 1 <= Chain.reads <= len(theirs):
+                other = Store()
+                other.etcd.space = self.etcd.space
+                assert apply_batch(other, theirs[Chain.reads - 1]) is Decision.APPLY
+                time.sleep(0.03)
+            Chain.reads += 1
+            return super().read_fences(source, shards)
+
+    store = Chain()
+    fresh, _ = setup(n_shards=1, per_shard=4 * 127)
+    store.etcd.space = fresh.etcd.space
+    outcomes: Counter[str] = Counter()
+    # 3 steps of 0.03 s each: longer than gap_wait each, far inside 20 times gap_wait in all
+    assert apply_all(store, [mine], outcomes, gap_wait=0.02) == []
+    assert outcomes["applied"] == 1
+
+
+def test_a_batch_whose_fence_stands_still_goes_back_to_the_queue() -> None:
+    """Nobody moves the chain: after gap_wait the batch is handed back."""
+    _, batches = setup(n_shards=1, per_shard=4 * 127)
+    store, _ = setup(n_shards=1, per_shard=4 * 127)
+    outcomes: Counter[str] = Counter()
+    assert apply_all(store, [batches[3]], outcomes, gap_wait=0.05) == [batches[3]]
+    assert outcomes["applied"] == 0

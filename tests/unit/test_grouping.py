@@ -35,3 +35,24 @@ def test_full_batches_spread_over_tasks_for_several_workers() -> None:
 def test_a_batch_larger_than_the_cap_gets_a_task_of_its_own() -> None:
     big = [batch("t", 5), batch("t", MAX_OPS_PER_TASK + 10), batch("t", 5)]
     assert [len(g) for g in group_batches(big, 64)] == [1, 1, 1]
+
+
+def test_a_run_of_one_shard_is_never_split_when_it_fits_a_task() -> None:
+    """Consecutive batches of a shard go together: split over two tasks, the second task's
+    worker would wait for the first's."""
+    runs = [batch("t", 127, shard=s) for s in range(3) for _ in range(3)]  # 3 runs of 381 ops
+    groups = group_batches(runs, 64)
+    assert [[int(b.shard.split("-")[1]) for b in g] for g in groups] == [
+        [0, 0, 0, 1, 1, 1],
+        [2, 2, 2],
+    ]
+    assert [b for g in groups for b in g] == runs
+
+
+def test_a_burst_becomes_tasks_of_one_shard_each() -> None:
+    """The watcher cuts a burst into segments of 8 full batches per shard, round robin; each
+    segment fills one task, so consecutive tasks touch different shards."""
+    segments = [batch("t", 127, shard=s) for s in range(16) for _ in range(8)]
+    groups = group_batches(segments, 64)
+    assert len(groups) == 16
+    assert all(len({b.shard for b in g}) == 1 for g in groups)
