@@ -185,6 +185,9 @@ def register_tasks(app: Any, settings: Settings) -> Any:
         gaps: dict[tuple[str, str, str], object] = {}
         unavailable: list[Batch] = []
         waiting: list[Batch] = []
+        give_up = time.monotonic() + min(
+            MAX_WAIT_GAPS * worker.gap_wait, settings.broker.visibility_timeout / 4
+        )
         for target, batches in by_target.items():
             try:
                 waiting += apply_all(
@@ -195,6 +198,7 @@ def register_tasks(app: Any, settings: Settings) -> Any:
                     gaps,
                     (settings.sync.max_batch_ops + 1, settings.sync.max_batch_bytes),
                     conns.metrics.applied,
+                    give_up,
                 )
             except _Unavailable as exc:
                 # the other targets of the task go on; this one's batches come back later
@@ -265,6 +269,12 @@ def register_tasks(app: Any, settings: Settings) -> Any:
     return apply_task
 
 
+# A task waits while the chain it waits on moves for at most this many gap_waits in all,
+# and never more than a quarter of broker.visibility_timeout (after which Redis would hand
+# the task, still unacknowledged, to a second worker)
+MAX_WAIT_GAPS = 20
+
+
 class _Unavailable(Exception):
     def __init__(self, cause: RetryableError, remaining: list[Batch]) -> None:
         super().__init__(str(cause))
@@ -301,17 +311,20 @@ def apply_all(
     gaps: dict[tuple[str, str, str], object] | None = None,
     group: tuple[int, int] = (MAX_GROUP_OPS, MAX_GROUP_BYTES),
     on_applied: Callable[[Batch], None] | None = None,
+    give_up: float | None = None,
 ) -> list[Batch]:
     """Apply every batch it can, in passes: a batch whose predecessor is missing is tried
     again after the others, since another worker is usually applying that predecessor right
     now. Returns the batches still waiting after *gap_wait* seconds without progress (its
     own, or a fence it waits on moving: the predecessor's chain is being applied by another
-    worker, and re-queueing would only cost a round trip through the broker; at most
-    20 times *gap_wait* in all); for each, *gaps* gets the fence it waited on. *on_applied*
-    is told of each batch that landed, after its transaction."""
+    worker, and re-queueing would only cost a round trip through the broker; until
+    *give_up*, a time.monotonic() deadline the task sets for all its targets, by default
+    20 times *gap_wait* from now); for each, *gaps* gets the fence it waited on.
+    *on_applied* is told of each batch that landed, after its transaction."""
     pending = list(batches)
     deadline = time.monotonic() + gap_wait
-    give_up = time.monotonic() + 20 * gap_wait
+    if give_up is None:
+        give_up = time.monotonic() + MAX_WAIT_GAPS * gap_wait
     watched: dict[str, object] = {}  # the fence each waiting batch's shard had, last look
 
     def moved(shard: str, fence: object) -> bool:
@@ -396,13 +409,14 @@ def apply_all(
         if progress:
             deadline = now + gap_wait  # progress: wait afresh
             delay = 0.002
-        elif advancing and now < give_up:
-            deadline = now + gap_wait  # another worker is moving the chain towards us
-        elif now >= deadline:
-            return waiting
+            watched.clear()  # what it saw before its own commit is no news of others
         else:
+            if advancing and now < give_up:
+                deadline = now + gap_wait  # another worker is moving the chain towards us
+            elif now >= deadline:
+                return waiting
             time.sleep(delay)  # the predecessor is being applied elsewhere: a moment
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, 0.05 if not advancing else 0.02)
         pending = sorted(waiting, key=batches.index)
     return []
 

@@ -723,7 +723,7 @@ class Watcher:
         # task), and the tasks of one round touch different shards, so that the pool applies
         # them in parallel instead of each waiting for another's predecessor. A flush of
         # small changes has one batch per shard, and interleaves them as before.
-        seg = max(1, MAX_OPS_PER_TASK // max(1, self.sync.max_batch_ops))
+        seg = max(1, min(MAX_BATCHES_PER_TASK, MAX_OPS_PER_TASK // max(1, self.sync.max_batch_ops)))
         rows = [[chain[i : i + seg] for i in range(0, len(chain), seg)] for chain in chains]
         batches = [b for row in itertools.zip_longest(*rows) for part in row if part for b in part]
         try:

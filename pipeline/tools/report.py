@@ -278,9 +278,9 @@ def _canary_problems(target: Etcd, source: str) -> list[str]:
     return problems
 
 
-def collect_status(settings: Settings) -> list[PairStatus]:
+def collect_status(settings: Settings, exact: bool = True) -> list[PairStatus]:
     with MeshView(settings) as view:
-        return view.status()
+        return view.status(exact)
 
 
 def cached_keys(target: Etcd, source: str, page: int) -> set[bytes]:

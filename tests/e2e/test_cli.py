@@ -90,6 +90,8 @@ def test_watch_worker_count_and_status(mesh: Mesh) -> None:
         assert r["waiting_for_source_canary"] == []
     table = mesh.cli("status")
     assert table.returncode == 0 and "cluster-a" in table.stdout and "lag" in table.stdout
+    fast = json.loads(mesh.cli("status", "--json", "--fast").stdout)
+    assert all(r["expected_keys"] is None and r["cached_keys"] > 0 for r in fast)
     # a broker that does not answer: exit 3, one line naming it, never its password
     port = free_port()
     dead = subprocess.run(

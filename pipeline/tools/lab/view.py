@@ -135,7 +135,12 @@ def render(views: list[SourceView], title: str, width: int = 140) -> Table:
     names = max((len(v.source) for v in views), default=6)
     if width < COMPACT_BELOW:
         table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-        for col in COMPACT:
+        # long cluster names (Cilium allows 32 characters) take the room of ops, then filt
+        dropped = {"ops"} if names + 59 > width else set()
+        if names + 52 > width:
+            dropped.add("filt")
+        columns = [c for c in COMPACT if c not in dropped]
+        for col in columns:
             if col == "source":
                 table.add_column(col, no_wrap=True, min_width=names)
             elif col == "state":
@@ -143,16 +148,17 @@ def render(views: list[SourceView], title: str, width: int = 140) -> Table:
             else:
                 table.add_column(col, justify="right", no_wrap=True)
         for v in views:
-            table.add_row(
-                v.source,
-                _short(v.queue),
-                _n(v.lag_seconds),
-                _short(v.synced_keys),
-                _short(v.ops_applied),
-                _short(v.rejected),
-                f"{v.targets_synced}/{v.targets}",
-                "waiting" if v.waiting else v.state,
-            )
+            cells = {
+                "source": v.source,
+                "queue": _short(v.queue),
+                "lag s": _short(v.lag_seconds),
+                "keys": _short(v.synced_keys),
+                "ops": _short(v.ops_applied),
+                "filt": _short(v.rejected),
+                "synced": f"{v.targets_synced}/{v.targets}",
+                "state": "waiting" if v.waiting else v.state,
+            }
+            table.add_row(*(cells[c] for c in columns))
         return table
     table = Table(title=title)
     for col in COLUMNS:
@@ -204,15 +210,21 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def _short(v: int | None) -> str:
-    """A count in at most 5 characters: 1234, 12.3k, 1.23M."""
+def _short(v: float | None) -> str:
+    """A number in at most 5 characters: 1234, 12.3k, 123k, 1.23M, 123M, 12.3G."""
     if v is None:
         return "-"
+    if isinstance(v, float) and v < 100:
+        return f"{v:.1f}"
     if v < 10_000:
-        return str(v)
-    if v < 1_000_000:
-        return f"{v / 1000:.1f}k" if v < 100_000 else f"{v // 1000}k"
-    return f"{v / 1e6:.2f}M" if v < 10_000_000 else f"{v / 1e6:.1f}M"
+        return str(round(v))
+    for unit, size in (("k", 1e3), ("M", 1e6), ("G", 1e9), ("T", 1e12)):
+        if v < size * 1000:
+            for digits in (2, 1, 0):
+                text = f"{v / size:.{digits}f}{unit}"
+                if len(text) <= 5:
+                    return text
+    return "huge"
 
 
 def _n(v: float | None) -> str:
