@@ -58,6 +58,12 @@ def cpu_times() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of one process so far, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def identities(n: int, marker: bytes) -> list[tuple[bytes, bytes]]:
     return [
         (ID_PREFIX + str(identity_id(1, i)).encode(), identity_labels(SOURCE, i).encode() + marker)
@@ -95,7 +101,14 @@ class NewValues:
 
 
 def run(
-    tmp: Path, src: EtcdServer, broker: RedisServer, keys: int, pool: str, slots: int, delay: float
+    tmp: Path,
+    src: EtcdServer,
+    broker: RedisServer,
+    keys: int,
+    pool: str,
+    slots: int,
+    delay: float,
+    shards: int = 16,
 ) -> dict[str, Any]:
     name = f"{pool}-{slots}"
     procs: list[subprocess.Popen[bytes]] = []
@@ -129,7 +142,7 @@ def run(
             broker.url,
             src.url,
             f"http://127.0.0.1:{port}",
-            {"shards": 16},
+            {"shards": shards},
         )
         kvmesh = [sys.executable, "-m", "pipeline"]
         wlog = tmp / f"worker-{name}.log"
@@ -175,15 +188,17 @@ def run(
             write_items(source, identities(keys, marker2))
             wait_for("the watcher's publishing", lambda: published() >= base + keys, 600)
             busy2, total2 = cpu_times()
+            assert target.proc is not None
+            parts0 = (cpu_seconds(proxy.pid), cpu_seconds(target.proc.pid))
             t2 = time.monotonic()
         finally:
             os.killpg(worker.pid, signal.SIGCONT)
         drained = wait_for("the backlog", lambda: seen2.count() >= keys, 600, wlog)
         busy3, total3 = cpu_times()
+        parts1 = (cpu_seconds(proxy.pid), cpu_seconds(target.proc.pid))
         stream2.stop()
         source.close()
         direct.close()
-        del proxy
         return {
             "pool": pool,
             "slots": slots,
@@ -197,6 +212,10 @@ def run(
             "backlog_s": round(drained - t2, 2),
             "backlog_keys_per_s": round(keys / (drained - t2)),
             "backlog_cpu_busy_pct": round(100 * (busy3 - busy2) / max(1, total3 - total2)),
+            # of one core, while the backlog drained: the delay proxy (one Python process,
+            # part of the test bench) and the target etcd
+            "backlog_proxy_core_pct": round(100 * (parts1[0] - parts0[0]) / (drained - t2)),
+            "backlog_target_etcd_core_pct": round(100 * (parts1[1] - parts0[1]) / (drained - t2)),
         }
     finally:
         stop(procs)
@@ -234,6 +253,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--pools", nargs="+", default=["prefork"], choices=["prefork", "threads"])
     ap.add_argument("--delay", type=float, default=0.005, help="seconds each way")
+    ap.add_argument("--shards", type=int, default=16, help="sync.shards of the watcher")
     ap.add_argument("--json", default="")
     ap.add_argument("--png", default="")
     args = ap.parse_args()
@@ -250,13 +270,15 @@ def main() -> int:
         source.close()
         print(
             f"{'pool':>8} {'slots':>5} {'initial sync s':>15} {'churn keys/s':>13} "
-            f"{'vs 1':>5} {'CPU %':>5} {'backlog keys/s':>15} {'vs 1':>5} {'CPU %':>5}",
+            f"{'vs 1':>5} {'CPU %':>5} {'backlog keys/s':>15} {'vs 1':>5} {'CPU %':>5} "
+            f"{'proxy %':>7} {'etcd %':>6}",
             flush=True,
         )
         for pool in args.pools:
             base = base2 = None
             for slots in args.workers:
-                r = run(tmp, src, broker, args.keys, pool, slots, args.delay)
+                r = run(tmp, src, broker, args.keys, pool, slots, args.delay, args.shards)
+                r["shards"] = args.shards
                 base = base or r["churn_keys_per_s"]
                 base2 = base2 or r["backlog_keys_per_s"]
                 r["vs_first"] = round(r["churn_keys_per_s"] / base, 2)
@@ -266,7 +288,8 @@ def main() -> int:
                     f"{pool:>8} {slots:>5} {r['initial_sync_s']:>15} "
                     f"{r['churn_keys_per_s']:>13} {r['vs_first']:>5} "
                     f"{r['churn_cpu_busy_pct']:>5} {r['backlog_keys_per_s']:>15} "
-                    f"{r['backlog_vs_first']:>5} {r['backlog_cpu_busy_pct']:>5}",
+                    f"{r['backlog_vs_first']:>5} {r['backlog_cpu_busy_pct']:>5} "
+                    f"{r['backlog_proxy_core_pct']:>7} {r['backlog_target_etcd_core_pct']:>6}",
                     flush=True,
                 )
     finally:
