@@ -141,11 +141,30 @@ def test_every_pod_has_a_network_policy(rendered: tuple[str, list[dict[str, Any]
             assert labels["app.kubernetes.io/name"] in selected, name
 
 
-def mesh_toml(objs: list[dict[str, Any]]) -> str:
-    (config,) = kinds(objs, "ConfigMap").values()
+def mesh_toml(objs: list[dict[str, Any]], name: str = "kvmesh-config") -> str:
+    """The mesh.toml of a generated ConfigMap (its name carries a hash suffix)."""
+    (config,) = (c for n, c in kinds(objs, "ConfigMap").items() if n.rsplit("-", 1)[0] == name)
     text = config["data"]["mesh.toml"]
     assert isinstance(text, str)
     return text
+
+
+def mounted(spec: dict[str, Any], container: dict[str, Any]) -> tuple[set[str], set[str], str]:
+    """What a container can read: (files, directories whose every file it can read, and the
+    name of the ConfigMap mounted at /etc/kvmesh)."""
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    files: set[str] = set()
+    dirs: set[str] = set()
+    config = ""
+    for m in container["volumeMounts"]:
+        v, at = volumes[m["name"]], m["mountPath"].rstrip("/")
+        if "configMap" in v:
+            config = v["configMap"]["name"].rsplit("-", 1)[0]
+        elif "secret" in v and v["secret"].get("items"):
+            files |= {f"{at}/{i['path']}" for i in v["secret"]["items"]}
+        elif "secret" in v or "projected" in v:
+            dirs.add(at)
+    return files, dirs, config
 
 
 def test_keda_scales_the_workers_on_every_source_queue(
@@ -196,23 +215,28 @@ def test_every_secret_is_documented(rendered: tuple[str, list[dict[str, Any]]]) 
 def test_every_kvmesh_command_accepts_the_config_map(
     rendered: tuple[str, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
-    """The rendered mesh.toml, with its mounted files made in a temporary directory, passes
-    each container's `--check`."""
+    """Each container's command passes `--check` against the config it mounts, with only the
+    files its volumes give it made in a temporary directory: a container that names a file
+    it does not mount (Flower and an etcd certificate, say) fails here."""
     _, objs = rendered
-    text = mesh_toml(objs)
-    for path in sorted(set(re.findall(r'"(/var/[^"]+)"', text))):
-        local = tmp_path / path.lstrip("/")
-        local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_text("k" * 64 + "\n" if path.endswith("signing.key") else "x\n")
-        if path.endswith("/url"):
-            local.write_text("redis://:pw@kvmesh-redis:6379/0\n")
-        text = text.replace(f'"{path}"', f'"{local}"')
-    config = tmp_path / "mesh.toml"
-    config.write_text(text)
     checked = 0
     for name, obj in kinds(objs, "Deployment").items():
-        container = obj["spec"]["template"]["spec"]["containers"][0]
+        spec = obj["spec"]["template"]["spec"]
+        container = spec["containers"][0]
         assert container["command"] == ["kvmesh"], name
+        files, dirs, config_name = mounted(spec, container)
+        text = mesh_toml(objs, config_name)
+        root = tmp_path / name
+        for path in sorted(set(re.findall(r'"(/var/[^"]+)"', text))):
+            local = root / path.lstrip("/")
+            if path in files or path.rsplit("/", 1)[0] in dirs:
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_text("k" * 64 + "\n" if path.endswith("signing.key") else "x\n")
+                if path.endswith("/url"):
+                    local.write_text("redis://:pw@kvmesh-redis:6379/0\n")
+            text = text.replace(f'"{path}"', f'"{local}"')
+        config = root / "mesh.toml"
+        config.write_text(text)
         args = [str(config) if a == "/etc/kvmesh/mesh.toml" else a for a in container["args"]]
         env = dict(
             os.environ,
