@@ -3,7 +3,9 @@ make-mirror command, and matplotlib (only needed for --png)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -77,3 +79,18 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def write_json(rows: Any, path: str) -> None:
+    """Write a benchmark's results to *path* (its directory made if missing), and say so."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def worker_command(config: Path, concurrency: int, pool: str) -> list[str]:
+    """`kvmesh worker` for a benchmark's config, from this checkout's code."""
+    return [
+        *(sys.executable, "-m", "pipeline", "worker", "--config", str(config)),
+        *("--concurrency", str(concurrency), "--pool", pool),
+    ]

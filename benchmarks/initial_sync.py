@@ -19,7 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchcommon import CACHE_PREFIX, ID_PREFIX, SOURCE, mirror_command, pair_config, stop
+from benchcommon import (
+    CACHE_PREFIX,
+    ID_PREFIX,
+    SOURCE,
+    mirror_command,
+    pair_config,
+    stop,
+    worker_command,
+)
 
 from pipeline.clients.etcd import Etcd
 from pipeline.tools.cilium_state import (
@@ -116,19 +124,7 @@ def main() -> int:
         cfg = pair_config(tmp / "mesh.toml", broker.url, src.url, dst_k.url)
         kvmesh = [sys.executable, "-m", "pipeline"]
         wlog = tmp / "worker.log"
-        worker = spawn(
-            [
-                *kvmesh,
-                "worker",
-                "--config",
-                str(cfg),
-                "--concurrency",
-                str(args.concurrency),
-                "--pool",
-                args.pool,
-            ],
-            wlog,
-        )
+        worker = spawn(worker_command(cfg, args.concurrency, args.pool), wlog)
         # Celery logs "ready." once it consumes.
         worker_ready(wlog, 60)
         target_k = Etcd(dst_k.cluster())

@@ -35,7 +35,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchcommon import CACHE_PREFIX, ID_PREFIX, SOURCE, mirror_command, pair_config, pyplot, stop
+from benchcommon import (
+    CACHE_PREFIX,
+    ID_PREFIX,
+    SOURCE,
+    mirror_command,
+    pair_config,
+    pyplot,
+    stop,
+    worker_command,
+    write_json,
+)
 
 from pipeline.clients.etcd import Etcd, Event, Put
 from pipeline.tools.cilium_state import identity_id, identity_labels, write_items
@@ -240,19 +250,7 @@ def main() -> int:
         kvmesh = [sys.executable, "-m", "pipeline"]
         groups: dict[str, list[int]] = {"kvmesh": [], "make-mirror": []}
         groups["kvmesh"].append(
-            spawn(
-                [
-                    *kvmesh,
-                    "worker",
-                    "--config",
-                    str(cfg),
-                    "--concurrency",
-                    str(args.concurrency),
-                    "--pool",
-                    args.pool,
-                ],
-                tmp / "worker.log",
-            )
+            spawn(worker_command(cfg, args.concurrency, args.pool), tmp / "worker.log")
         )
         groups["kvmesh"].append(spawn([*kvmesh, "watch", "--config", str(cfg)], tmp / "watch.log"))
         contenders = {"kvmesh": Etcd(dst_k.cluster())}
@@ -345,9 +343,7 @@ def main() -> int:
             if a.errors:
                 print(f"{name}: watch errors: {a.errors[:3]}")
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
-            print(f"wrote {args.json}")
+            write_json(results, args.json)
         if args.png:
             draw(results, args.png)
         return 0

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchcommon import pyplot
+from benchcommon import pyplot, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096
@@ -188,9 +188,7 @@ def main() -> int:
         rows.append(r)
         print(" ".join(f"{r[name]!s:>{width}}" for name, width in COLUMNS), flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        write_json(rows, args.json)
     if args.png:
         before = json.loads(Path(args.before).read_text()) if args.before else []
         draw(rows, before, args.png)

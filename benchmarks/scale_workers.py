@@ -29,7 +29,6 @@ shards (a shard's batches are applied in order, one at a time).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -40,7 +39,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchcommon import CACHE_PREFIX, ID_PREFIX, SOURCE, pair_config, pyplot, stop
+from benchcommon import (
+    CACHE_PREFIX,
+    ID_PREFIX,
+    SOURCE,
+    pair_config,
+    pyplot,
+    stop,
+    worker_command,
+    write_json,
+)
 
 from pipeline.clients.etcd import Etcd, Event
 from pipeline.tools.cilium_state import identity_id, identity_labels, write_items
@@ -147,7 +155,7 @@ def run(
         kvmesh = [sys.executable, "-m", "pipeline"]
         wlog = tmp / f"worker-{name}.log"
         worker = spawn(
-            [*kvmesh, "worker", "--config", str(cfg), "--concurrency", str(slots), "--pool", pool],
+            worker_command(cfg, slots, pool),
             wlog,
         )
         # Celery logs "ready." once it consumes (a log line, but only as the benchmark's
@@ -296,9 +304,7 @@ def main() -> int:
         src.stop()
         broker.stop()
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        write_json(rows, args.json)
     if args.png:
         draw(rows, args.png)
     return 0

@@ -49,6 +49,19 @@ from pipeline.tools.servers import (
 from .proxy import Proxy
 
 
+def kvmesh(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run the kvmesh CLI (`python -m pipeline ARGS`) as a user would, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
 def require_binary(name: str) -> str:
     try:
         return find_binary(name)
@@ -325,7 +338,12 @@ class Mesh:
         return self.start("watch", log=name, config=config, env=env, metrics=True)
 
     def worker(
-        self, name: str = "worker", concurrency: int = 2, metrics: bool = False, pool: str = ""
+        self,
+        name: str = "worker",
+        concurrency: int = 2,
+        metrics: bool = False,
+        pool: str = "",
+        config: Path | None = None,
     ) -> Proc:
         p = self.start(
             "worker",
@@ -335,6 +353,7 @@ class Mesh:
             f"{name}@%h",
             *(["--pool", pool] if pool else []),
             log=name,
+            config=config,
             metrics=metrics,
         )
         p.node = f"{name}@{socket.gethostname()}"
@@ -458,16 +477,7 @@ class Mesh:
             text = text.replace(e.url, p.url)
         config = self.root / f"{name}.toml"
         config.write_text(text)
-        w = self.start(
-            "worker",
-            "--concurrency",
-            str(concurrency),
-            "--hostname",
-            f"{name}@%h",
-            log=name,
-            config=config,
-        )
-        w.node = f"{name}@{socket.gethostname()}"
+        w = self.worker(name, concurrency, config=config)
         return w, proxies
 
     def catch_in_hand(

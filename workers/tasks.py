@@ -312,6 +312,8 @@ def apply_all(
     group: tuple[int, int] = (MAX_GROUP_OPS, MAX_GROUP_BYTES),
     on_applied: Callable[[Batch], None] | None = None,
     give_up: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> list[Batch]:
     """Apply every batch it can, in passes: a batch whose predecessor is missing is tried
     again after the others, since another worker is usually applying that predecessor right
@@ -320,11 +322,12 @@ def apply_all(
     worker, and re-queueing would only cost a round trip through the broker; until
     *give_up*, a time.monotonic() deadline the task sets for all its targets, by default
     20 times *gap_wait* from now); for each, *gaps* gets the fence it waited on.
-    *on_applied* is told of each batch that landed, after its transaction."""
+    *on_applied* is told of each batch that landed, after its transaction. *clock* and
+    *sleep* are the monotonic clock and its sleep (the tests pass a fake one)."""
     pending = list(batches)
-    deadline = time.monotonic() + gap_wait
+    deadline = clock() + gap_wait
     if give_up is None:
-        give_up = time.monotonic() + MAX_WAIT_GAPS * gap_wait
+        give_up = clock() + MAX_WAIT_GAPS * gap_wait
     watched: dict[str, object] = {}  # the fence each waiting batch's shard had, last look
 
     def moved(shard: str, fence: object) -> bool:
@@ -405,7 +408,7 @@ def apply_all(
                 # another worker holds its predecessor and is about to move that fence:
                 # read it anew
                 del known[b.shard]
-        now = time.monotonic()
+        now = clock()
         if progress:
             deadline = now + gap_wait  # progress: wait afresh
             delay = 0.002
@@ -415,7 +418,7 @@ def apply_all(
                 deadline = now + gap_wait  # another worker is moving the chain towards us
             elif now >= deadline:
                 return waiting
-            time.sleep(delay)  # the predecessor is being applied elsewhere: a moment
+            sleep(delay)  # the predecessor is being applied elsewhere: a moment
             delay = min(delay * 2, 0.05 if not advancing else 0.02)
         pending = sorted(waiting, key=batches.index)
     return []

@@ -184,6 +184,9 @@ def _parser() -> argparse.ArgumentParser:
         help="also start Prometheus (the `prometheus` binary on PATH) scraping every watcher "
         "and the worker, with deploy/prometheus/alerts.yml",
     )
+    lab.add_argument(
+        "--prometheus-port", type=int, default=0, help="its web port (default: a free port)"
+    )
     f = with_config(
         sub.add_parser(
             "flower",
@@ -527,6 +530,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
             converge_timeout=args.converge_timeout,
             keep=args.keep,
             prometheus=args.prometheus,
+            prometheus_port=args.prometheus_port,
         )
     )
 

@@ -14,15 +14,12 @@ import pytest
 from pipeline.tools.cilium_state import make_state, write_items
 from pipeline.tools.servers import free_port
 
-from ..harness import Mesh, Proc, Servers, eventually
+from ..harness import Mesh, Proc, Servers, eventually, kvmesh
 
 pytestmark = pytest.mark.e2e
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=60
-    )
+run = kvmesh  # the CLI as a user runs it
 
 
 def test_config_errors_name_the_field_and_exit_2(tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ import yaml
 
 from pipeline.tools.servers import free_port
 
+from ..harness import kvmesh
+
 ROOT = Path(__file__).resolve().parents[2]
 MOUNT = "/etc/kvmesh/mesh.toml"
 
@@ -104,23 +106,11 @@ def test_flower_refuses_the_example_password(compose: dict[str, Any], tmp_path: 
     example = (ROOT / "deploy" / "flower.env.example").read_text()
     auth = next(ln for ln in example.splitlines() if ln.startswith("FLOWER_BASIC_AUTH="))
     env = dict(os.environ, FLOWER_BASIC_AUTH=auth.partition("=")[2])
-    res = subprocess.run(
-        [sys.executable, "-m", "pipeline", *args, "--check"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    res = kvmesh(*args, "--check", env=env)
     assert res.returncode == 2 and "FLOWER_BASIC_AUTH" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     env["FLOWER_BASIC_AUTH"] = "admin:" + "x" * 24
-    res = subprocess.run(
-        [sys.executable, "-m", "pipeline", *args, "--check"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    res = kvmesh(*args, "--check", env=env)
     assert res.returncode == 0, res.stderr
 
 
@@ -151,18 +141,13 @@ def test_every_kvmesh_command_is_valid_against_the_mounted_config(
         if not cmd or cmd[0] != "kvmesh":
             continue
         args = [str(config) if a == MOUNT else a for a in cmd[1:]]
-        res = subprocess.run(
-            [sys.executable, "-m", "pipeline", *args, "--check"],
-            capture_output=True,
-            text=True,
-            # a free port for the worker's metrics: the check binds it
-            env=dict(
-                os.environ,
-                FLOWER_BASIC_AUTH="admin:" + "x" * 24,
-                KVMESH_METRICS_WORKER_PORT=str(free_port()),
-            ),
-            timeout=60,
+        # a free port for the worker's metrics: the check binds it
+        env = dict(
+            os.environ,
+            FLOWER_BASIC_AUTH="admin:" + "x" * 24,
+            KVMESH_METRICS_WORKER_PORT=str(free_port()),
         )
+        res = kvmesh(*args, "--check", env=env)
         assert res.returncode == 0, (name, res.stdout, res.stderr)
         assert res.stdout.startswith("ok"), (name, res.stdout)
         checked += 1

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import yaml
 
 from pipeline.tools.servers import free_port
 
-from ..harness import require_binary
+from ..harness import kvmesh, require_binary
 
 pytestmark = pytest.mark.e2e
 
@@ -243,13 +242,7 @@ def test_every_kvmesh_command_accepts_the_config_map(
             FLOWER_BASIC_AUTH="admin:" + "x" * 24,
             KVMESH_METRICS_WORKER_PORT=str(free_port()),
         )
-        res = subprocess.run(
-            [sys.executable, "-m", "pipeline", *args, "--check"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-        )
+        res = kvmesh(*args, "--check", env=env)
         assert res.returncode == 0, (name, res.stderr)
         checked += 1
     assert checked == 3

@@ -150,6 +150,7 @@ def test_lab_prometheus_scrapes_every_watcher_and_the_worker(tmp_path: Path) -> 
     reads their metrics (the worker's summed over its pool processes) and loads kvmesh's
     alert rules."""
     require_binary("prometheus")
+    port = free_port()
     proc, log = start_lab(
         tmp_path,
         "--clusters",
@@ -163,16 +164,21 @@ def test_lab_prometheus_scrapes_every_watcher_and_the_worker(tmp_path: Path) -> 
         "--workers",
         "2",
         "--prometheus",
+        "--prometheus-port",
+        str(port),
     )
     root = lab_root(log)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
     try:
-        # the lab's console is its interface: this line gives Prometheus's address
-        m = eventually(
-            lambda: re.search(r"lab: prometheus on (\S+)", log.read_text()),
-            timeout=90,
-            what="the lab's Prometheus",
-        )
-        base = m.group(1)
+        eventually(ready, timeout=90, what="the lab's Prometheus ready")
 
         def targets_up() -> bool:
             up = query(base, "up")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 from pipeline.protocol.batching import Change, make_batches
@@ -257,6 +256,8 @@ def test_a_batch_waits_while_another_worker_moves_its_chain_towards_it() -> None
     assert len(batches) == 4
     theirs, mine = batches[:3], batches[3]
 
+    now = [0.0]  # a fake monotonic clock: only the store and the task's sleeps move it
+
     class Chain(Store):
         reads = 0
 
@@ -267,16 +268,20 @@ def test_a_batch_waits_while_another_worker_moves_its_chain_towards_it() -> None
                 other = Store()
                 other.etcd.space = self.etcd.space
                 assert apply_batch(other, theirs[Chain.reads - 1]) is Decision.APPLY
-                time.sleep(0.03)
+                now[0] += 0.03
             Chain.reads += 1
             return super().read_fences(source, shards)
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
 
     store = Chain()
     fresh, _ = setup(n_shards=1, per_shard=4 * 127)
     store.etcd.space = fresh.etcd.space
     outcomes: Counter[str] = Counter()
     # 3 steps of 0.03 s each: longer than gap_wait each, far inside 20 times gap_wait in all
-    assert apply_all(store, [mine], outcomes, gap_wait=0.02) == []
+    waiting = apply_all(store, [mine], outcomes, gap_wait=0.02, clock=lambda: now[0], sleep=sleep)
+    assert waiting == []
     assert outcomes["applied"] == 1
 
 
@@ -285,5 +290,13 @@ def test_a_batch_whose_fence_stands_still_goes_back_to_the_queue() -> None:
     _, batches = setup(n_shards=1, per_shard=4 * 127)
     store, _ = setup(n_shards=1, per_shard=4 * 127)
     outcomes: Counter[str] = Counter()
-    assert apply_all(store, [batches[3]], outcomes, gap_wait=0.05) == [batches[3]]
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    waiting = apply_all(
+        store, [batches[3]], outcomes, gap_wait=0.05, clock=lambda: now[0], sleep=sleep
+    )
+    assert waiting == [batches[3]]
     assert outcomes["applied"] == 0

@@ -52,6 +52,7 @@ class LabOptions:
     converge_timeout: float = 120.0
     keep: bool = False
     prometheus: bool = False  # start a Prometheus that scrapes the watchers and the worker
+    prometheus_port: int = 0  # its web port; 0: a free one
 
 
 @dataclass
@@ -199,7 +200,7 @@ class Lab:
             raise LabError(
                 "--prometheus: no prometheus binary on PATH (apt-get install prometheus)"
             )
-        port = free_port()
+        port = self.opts.prometheus_port or free_port()
         rules = Path(__file__).resolve().parents[3] / "deploy" / "prometheus" / "alerts.yml"
         watchers = [f"127.0.0.1:{self.metrics_ports[n]}" for n in self.names]
         config = {
