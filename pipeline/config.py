@@ -122,6 +122,9 @@ class SyncConfig:
     batches_per_task: int = 8  # batches carried by one Celery task, each its own transaction
     linger: float = 0.01  # least seconds between two flushes while the workers keep up
     max_linger: float = 0.5  # the linger grows up to this while tasks wait in the queue
+    # publish at once, without the linger, while the source's queue is empty (the workers
+    # have taken every task): the linger then spaces flushes only while tasks wait
+    idle_flush: bool = True
     page_size: int = 2000  # keys per range request; keeps responses under gRPC's 4 MiB
     stall_timeout: float = 10.0  # a fence that does not move for this long means lost batches
     fence_poll_interval: float = 0.5

@@ -15,7 +15,18 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from pipeline.clients.etcd import KV, Delete, Event, Get, ModIs, Put, TxnOp, TxnResult, prefix_end
+from pipeline.clients.etcd import (
+    KV,
+    Compare,
+    Delete,
+    Event,
+    Get,
+    Put,
+    TxnOp,
+    TxnResult,
+    ValueIs,
+    prefix_end,
+)
 from pipeline.protocol.errors import (
     CompactedError,
     LeaseGoneError,
@@ -253,13 +264,15 @@ class MemoryEtcd:
         self._check()
         return list(self.items(prefix))
 
-    def txn(self, compares: Sequence[ModIs], ops: Sequence[TxnOp]) -> TxnResult:
+    def txn(
+        self, compares: Sequence[Compare], ops: Sequence[TxnOp], failure: Sequence[Get] = ()
+    ) -> TxnResult:
         self._check()
         space = self.space
         writes = [op for op in ops if not isinstance(op, Get)]
         if writes and self.read_only:
             raise RetryableError(f"etcd {self.name}: permission denied", self.name)
-        if len(compares) > 128 or len(ops) > 128:  # etcd's --max-txn-ops, per list
+        if max(len(compares), len(ops), len(failure)) > 128:  # etcd's --max-txn-ops, per list
             raise RetryableError(f"etcd {self.name}: too many operations in txn request")
         size = sum(len(op.key) + len(op.value) for op in ops if isinstance(op, Put))
         if space.max_request_bytes and size > space.max_request_bytes:
@@ -269,8 +282,12 @@ class MemoryEtcd:
             raise RetryableError(f"etcd {self.name}: duplicate key given in txn request")
         for c in compares:
             v = space.current(c.key)
-            if (v.revision if v is not None else 0) != c.revision:
-                return TxnResult(False, space.revision, [])
+            if isinstance(c, ValueIs):
+                held = v is not None and v.value == c.value
+            else:
+                held = (v.revision if v is not None else 0) == c.revision
+            if not held:
+                return TxnResult(False, space.revision, [self.get(g.key) for g in failure])
         for op in ops:
             if isinstance(op, Put) and op.lease and op.lease not in space.leases:
                 raise LeaseGoneError(f"etcd {self.name}: etcdserver: requested lease not found")

@@ -27,7 +27,7 @@ from pipeline.source.metrics import WatcherMetrics
 from pipeline.source.watcher import Watcher
 from tests.memory_etcd import MemoryEtcd, MemoryMesh
 from workers.applier import apply_batch, apply_group
-from workers.store import EtcdTargetStore
+from workers.store import EtcdTargetStore, FenceView
 
 
 def _batch_id(b: Batch) -> tuple[object, ...]:
@@ -78,6 +78,7 @@ class Queue:
         self.seen: list[Batch] = []  # every batch ever published, in order
         self.failing = False
         self.published = 0
+        self.flushes = 0  # calls of publish: one per flush of the watcher
 
     def publish(self, batches: Sequence[Batch], per_task: int = 0) -> None:
         if self.failing:
@@ -85,6 +86,7 @@ class Queue:
         self.batches.extend(batches)
         self.seen.extend(batches)
         self.published += len(batches)
+        self.flushes += 1
 
     def backlog(self) -> int:
         return len(self.batches)
@@ -107,6 +109,10 @@ class Rig:
         self.held: list[Batch] = []  # batches a worker waits on (their predecessor is missing)
         self.gap_since: dict[tuple[object, ...], float] = {}
         self.group = True  # workers apply what they can of a task in one transaction
+        # each source's generation per target, as a worker process keeps it across tasks:
+        # with it, apply_group guesses fences instead of reading them (and a wipe or a new
+        # generation makes the guesses stale, which the compares must catch)
+        self.gens: dict[str, dict[str, FenceView]] = {}
         self.watcher = self.new_watcher()
 
     def new_watcher(self) -> Watcher:
@@ -178,7 +184,11 @@ class Rig:
         if self.group:  # as a worker does first with a task's batches for each target
             for target in sorted({b.target for b in pending}):
                 store = EtcdTargetStore(MemoryEtcd(self.mesh[target].space))
-                landed, rest = apply_group(store, [b for b in pending if b.target == target])
+                landed, rest = apply_group(
+                    store,
+                    [b for b in pending if b.target == target],
+                    gens=self.gens.setdefault(target, {}),
+                )
                 pending = [b for b in pending if b.target != target] + rest
                 decisions += [Decision.APPLY] * len(landed)
                 self.outcomes["applied"] += len(landed)

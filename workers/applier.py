@@ -94,6 +94,8 @@ def apply_group(
     max_bytes: int = MAX_GROUP_BYTES,
     deferred: list[tuple[Batch, FenceRecord | None]] | None = None,
     known: dict[str, FenceView] | None = None,
+    gens: dict[str, FenceView] | None = None,
+    looked: set[str] | None = None,
 ) -> tuple[list[Batch], list[Batch]]:
     """Apply, in one transaction, every batch of *batches* (one target) that the fences
     admit now, one per shard: the generation and each of those shards' fences are compared,
@@ -110,77 +112,165 @@ def apply_group(
     it or do not fit beside the chosen ones. They need no read of their own.
 
     *known*, if given, holds views from an earlier group of the same task (the caller's
-    cache): when it covers every shard, the read is skipped, and after a commit it holds
-    what this worker just wrote. A view gone stale only fails the compare, after which the
-    cache is emptied and everything goes the one-batch way; a task of many full batches
-    thus costs one read, not one per transaction."""
+    cache): a shard it covers needs no read, and after a commit it holds what this worker
+    just wrote. *gens*, if given, holds each source's generation as this worker last read
+    it (kept across tasks by the caller). With the generation known, a shard that *known*
+    does not cover needs no read either: its fence is expected to be the record the first
+    batch's predecessor wrote, and the transaction compares the fence's value with that
+    record (Part.expect). In steady state a batch is next in its chain, and a task costs
+    one transaction and no read. A guess or view that turns out stale only fails the
+    compare; the failed transaction reads the generation and the fences back, and the
+    group is chosen again from those, without a read of its own. A failed transaction
+    that would have written is still a write to etcd (it goes through its log), dearer
+    than a read: *looked*, if given, collects the shards this task has read or read back,
+    and those are read, never guessed, when they come up again (a batch that waits for
+    its predecessor looks at its fence many times)."""
     if not batches:
         return [], []
+    source = batches[0].source
     shards = sorted({b.shard for b in batches})[: max_ops - 1]
-    if known is not None and all(s in known for s in shards):
-        views = {s: known[s] for s in shards}
+    known = {} if known is None else known
+    looked = set() if looked is None else looked
+    gen = gens.get(source) if gens is not None else None
+    views = {s: known[s] for s in shards if s in known}
+    guessed: set[str] = set()
+    if len(views) < len(shards) and gen is not None:
+        for b in batches:
+            if b.shard in shards and b.shard not in views and b.shard not in looked:
+                # the fence its predecessor wrote, done or not as this batch (a chain
+                # changes `done` only where a snapshot ends)
+                fence = FenceRecord(b.gen, b.prev, b.done)
+                views[b.shard] = FenceView(gen.gen, gen.gen_rev, fence, 0, gen.shards)
+                guessed.add(b.shard)
+    if len(views) < len(shards):
+        views, guessed = _read(store, source, shards, known, gens, looked), set()
+    out: list[tuple[Batch, FenceRecord | None]] = []
+    for _attempt in range(2):
+        out.clear()
+        chosen, parts = _choose(batches, views, guessed, max_ops, max_bytes, out)
+        if not chosen and guessed:
+            # nothing to commit on the guesses (another generation, say): read, and choose
+            # again from what the target holds
+            views, guessed = _read(store, source, shards, known, gens, looked), set()
+            out.clear()
+            chosen, parts = _choose(batches, views, guessed, max_ops, max_bytes, out)
+        if not chosen:
+            break
+        gen_rev = views[chosen[0].shard].gen_rev
+        try:
+            landed, fresh = store.commit_group(source, gen_rev, parts, read_back=shards)
+        except (RequestTooLargeError, LeaseGoneError):
+            landed, fresh = 0, {}  # apply_batch handles each on its own
+        if landed:
+            for b, p in zip(chosen, parts, strict=True):
+                v = views[b.shard]
+                known[b.shard] = FenceView(v.gen, v.gen_rev, p.fence, landed, v.shards)
+            if deferred is not None:
+                deferred += out
+            rest = list(batches)
+            for b in chosen:
+                rest.remove(b)  # one copy
+            return chosen, rest
+        # the fences or the generation moved meanwhile: what was read or guessed is old
+        known.clear()
+        out.clear()
+        if not fresh:
+            break
+        views, guessed = fresh, set()
+        looked.update(fresh)
+        _remember(known, gens, source, fresh)
+    if deferred is not None:
+        deferred += out
+    return [], list(batches)
+
+
+def _read(
+    store: TargetStore,
+    source: str,
+    shards: Sequence[str],
+    known: dict[str, FenceView],
+    gens: dict[str, FenceView] | None,
+    looked: set[str],
+) -> dict[str, FenceView]:
+    views = store.read_fences(source, shards)
+    looked.update(shards)
+    _remember(known, gens, source, views)
+    return views
+
+
+def _remember(
+    known: dict[str, FenceView],
+    gens: dict[str, FenceView] | None,
+    source: str,
+    views: dict[str, FenceView],
+) -> None:
+    known.update(views)
+    if gens is None or not views:
+        return
+    v = next(iter(views.values()))
+    if v.gen is None:
+        gens.pop(source, None)
     else:
-        views = store.read_fences(batches[0].source, shards)
-        if known is not None:
-            known.update(views)
+        gens[source] = FenceView(v.gen, v.gen_rev, None, 0, v.shards)
+
+
+def _choose(
+    batches: Sequence[Batch],
+    views: dict[str, FenceView],
+    guessed: set[str],
+    max_ops: int,
+    max_bytes: int,
+    deferred: list[tuple[Batch, FenceRecord | None]],
+) -> tuple[list[Batch], list[Part]]:
+    """The batches that *views* admit together in one transaction, with their parts; the
+    ones that can only wait for a later group go to *deferred* (see apply_group)."""
     chosen: list[Batch] = []
     parts: list[Part] = []
     keys: set[bytes] = set()
+    taken: set[str] = set()
     ops = bytes_ = 0
-
-    def defer(b: Batch, view: FenceView) -> None:
-        if deferred is not None:
-            deferred.append((b, view.fence))
-
     for b in batches:
         view = views.get(b.shard)
         if view is None or view.fence_corrupt:
             continue
-        if b.shard in {p.shard for p in parts}:
-            defer(b, view)  # after its predecessor, in the next group
+        if b.shard in taken:
+            deferred.append((b, view.fence))  # after its predecessor, in the next group
             continue
         decision = decide(b.gen, b.prev, b.pos, view.gen, view.fence)
         if decision is not Decision.APPLY:
             if decision is Decision.GAP:
-                defer(b, view)
+                deferred.append((b, view.fence))
             continue
         if not in_its_shard(b, view.shards):
+            continue
+        if chosen and view.gen_rev != views[chosen[0].shard].gen_rev:
+            # views of two generation records (a thread pool's tasks share the memory of
+            # generations): the transaction compares one; the one-batch path takes this
             continue
         size = sum(op.size for op in b.ops)
         if ops + len(b.ops) + 1 > max_ops or bytes_ + size > max_bytes:
             if chosen:
-                defer(b, view)  # a group of its own takes it; alone, it is apply_batch's
+                deferred.append((b, view.fence))  # a group of its own takes it
             continue
         if any(op.key in keys for op in b.ops):
-            defer(b, view)
+            deferred.append((b, view.fence))
             continue
         keys.update(op.key for op in b.ops)
         ops, bytes_ = ops + len(b.ops) + 1, bytes_ + size
         chosen.append(b)
+        taken.add(b.shard)
+        expect = view.fence.encode() if b.shard in guessed and view.fence else None
         parts.append(
-            Part(b.shard, view.fence_rev, b.ops, FenceRecord(b.gen, b.pos, b.done), b.lease)
+            Part(
+                b.shard,
+                view.fence_rev,
+                b.ops,
+                FenceRecord(b.gen, b.pos, b.done),
+                b.lease,
+                expect,
+            )
         )
-    if not chosen:
-        return [], list(batches)
-    gen_rev = views[chosen[0].shard].gen_rev
-    try:
-        landed = store.commit_group(chosen[0].source, gen_rev, parts)
-    except (RequestTooLargeError, LeaseGoneError):
-        landed = 0  # apply_batch handles each on its own
-    if not landed:
-        if deferred is not None:
-            deferred.clear()  # the fences moved meanwhile: what the read showed is old
-        if known is not None:
-            known.clear()
-        return [], list(batches)
-    if known is not None:
-        for b, p in zip(chosen, parts, strict=True):
-            v = views[b.shard]
-            known[b.shard] = FenceView(v.gen, v.gen_rev, p.fence, landed, v.shards)
-    rest = list(batches)
-    for b in chosen:
-        rest.remove(b)  # one copy
-    return chosen, rest
+    return chosen, parts
 
 
 def in_its_shard(batch: Batch, shards: int) -> bool:

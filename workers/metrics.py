@@ -94,6 +94,14 @@ class WorkerMetrics:
             buckets=OPERATION_BUCKETS,
             registry=r,
         )
+        self.guesses = Counter(
+            "kvmesh_worker_fence_guesses_total",
+            "Group transactions that compared a fence with the record its batch's "
+            "predecessor wrote instead of reading it first, by whether the compares held "
+            "(failed: one more transaction, on the views the failed one read back)",
+            ["target_cluster", "outcome"],
+            registry=r,
+        )
         self.concurrency = Gauge(
             "kvmesh_worker_concurrency",
             "Pool slots of the live worker processes",
@@ -189,14 +197,19 @@ class TimedStore:
         assert isinstance(views, dict)
         return views
 
-    def commit_group(self, source: str, gen_rev: int, parts: Sequence[Part]) -> int:
-        rev = self._timed(
+    def commit_group(
+        self, source: str, gen_rev: int, parts: Sequence[Part], read_back: Sequence[str] = ()
+    ) -> tuple[int, dict[str, FenceView]]:
+        result = self._timed(
             [p.shard for p in parts],
             "txn",
-            lambda: self._store.commit_group(source, gen_rev, parts),
+            lambda: self._store.commit_group(source, gen_rev, parts, read_back),
         )
-        assert isinstance(rev, int)
-        return rev
+        assert isinstance(result, tuple)
+        if any(p.expect is not None for p in parts):
+            outcome = "held" if result[0] else "failed"
+            self._metrics.guesses.labels(self._target, outcome).inc()
+        return result
 
     def request_resync(self, source: str, gen: int, reason: str) -> None:
         self._store.request_resync(source, gen, reason)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline.clients.etcd import Delete, EtcdClient, Get, ModIs, Put, TxnOp
+from pipeline.clients.etcd import KV, Compare, Delete, EtcdClient, Get, ModIs, Put, TxnOp, ValueIs
 from pipeline.protocol.errors import CorruptRecordError
 from pipeline.protocol.fence import FenceRecord, GenRecord
 from pipeline.protocol.layout import Op
@@ -80,10 +80,15 @@ class TargetStore(Protocol):
         """read_fence for several shards at once (one read of the generation)."""
         ...
 
-    def commit_group(self, source: str, gen_rev: int, parts: Sequence[Part]) -> int:
+    def commit_group(
+        self, source: str, gen_rev: int, parts: Sequence[Part], read_back: Sequence[str] = ()
+    ) -> tuple[int, dict[str, FenceView]]:
         """Apply the batches of several shards in one transaction: each part's ops and its
-        fence, if the generation and every part's fence are as read. Returns the revision
-        it wrote at (the fences' new mod revision), or 0 if the compares failed."""
+        fence, if the generation and every part's fence are as read (or as guessed, see
+        Part.expect). Returns the revision it wrote at (the fences' new mod revision) and
+        no views; or, if the compares failed, 0 and the views of the generation and the
+        fences of *read_back* as the same transaction found them (read_fences, without a
+        round trip of its own)."""
         ...
 
     def request_resync(self, source: str, gen: int, reason: str) -> None: ...
@@ -98,6 +103,28 @@ class Part:
     ops: Sequence[Operation]
     fence: FenceRecord
     lease: int = 0
+    # if set, the compare is on the fence's value instead: the record this batch's
+    # predecessor wrote, byte for byte, expected without a read (a guess that holds
+    # whenever the batch is next in its chain; see apply_group)
+    expect: bytes | None = None
+
+
+def _fence_reads(source: str, shards: Sequence[str]) -> list[Get]:
+    return [Get(gen_key(source)), *(Get(fence_key(source, s)) for s in shards)]
+
+
+def _views(shards: Sequence[str], reads: Sequence[KV | None]) -> dict[str, FenceView]:
+    """The views of *shards* from the reads of _fence_reads."""
+    gen = reads[0]
+    return {
+        shard: _view(
+            gen.value if gen else None,
+            gen.mod_revision if gen else 0,
+            f.value if f else None,
+            f.mod_revision if f else 0,
+        )
+        for shard, f in zip(shards, reads[1:], strict=True)
+    }
 
 
 def _ops(ops: Sequence[Operation], lease: int) -> list[TxnOp]:
@@ -146,29 +173,23 @@ class EtcdTargetStore:
         return self.etcd.txn(compare, success).succeeded
 
     def read_fences(self, source: str, shards: Sequence[str]) -> dict[str, FenceView]:
-        reads = self.etcd.txn(
-            [], [Get(gen_key(source)), *(Get(fence_key(source, s)) for s in shards)]
-        ).reads
-        gen = reads[0]
-        return {
-            shard: _view(
-                gen.value if gen else None,
-                gen.mod_revision if gen else 0,
-                f.value if f else None,
-                f.mod_revision if f else 0,
-            )
-            for shard, f in zip(shards, reads[1:], strict=True)
-        }
+        return _views(shards, self.etcd.txn([], _fence_reads(source, shards)).reads)
 
-    def commit_group(self, source: str, gen_rev: int, parts: Sequence[Part]) -> int:
-        compare = [ModIs(gen_key(source), gen_rev)]
+    def commit_group(
+        self, source: str, gen_rev: int, parts: Sequence[Part], read_back: Sequence[str] = ()
+    ) -> tuple[int, dict[str, FenceView]]:
+        compare: list[Compare] = [ModIs(gen_key(source), gen_rev)]
         success: list[TxnOp] = []
         for p in parts:
-            compare.append(ModIs(fence_key(source, p.shard), p.fence_rev))
+            key = fence_key(source, p.shard)
+            compare.append(ModIs(key, p.fence_rev) if p.expect is None else ValueIs(key, p.expect))
             success += _ops(p.ops, p.lease)
-            success.append(Put(fence_key(source, p.shard), p.fence.encode()))
-        result = self.etcd.txn(compare, success)
-        return result.revision if result.succeeded else 0
+            success.append(Put(key, p.fence.encode()))
+        failure = _fence_reads(source, read_back) if read_back else []
+        result = self.etcd.txn(compare, success, failure)
+        if result.succeeded:
+            return result.revision, {}
+        return 0, _views(read_back, result.reads) if read_back else {}
 
     def request_resync(self, source: str, gen: int, reason: str) -> None:
         self.etcd.put(resync_key(source), _resync_request(gen, reason, self.signer))

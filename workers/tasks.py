@@ -59,6 +59,7 @@ class _PerProcess:
         self.gaps = GapClock()
         self._pid = -1
         self._stores: dict[str, TargetStore] = {}
+        self._gens: dict[str, dict[str, FenceView]] = {}
         self._broker: Broker | None = None
         self._metrics: WorkerMetrics | None = None
 
@@ -66,6 +67,7 @@ class _PerProcess:
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._stores = {}
+            self._gens = {}
             self._broker = None
 
     @property
@@ -86,6 +88,11 @@ class _PerProcess:
             store = TimedStore(etcd, self.metrics, target)
             self._stores[target] = store
         return store
+
+    def gens(self, target: str) -> dict[str, FenceView]:
+        """Each source's generation as this process last saw it in *target*."""
+        self._check_pid()
+        return self._gens.setdefault(target, {})
 
     def count(self, source: str, target: str, outcome: str) -> None:
         self.record(source, target, Counter({outcome: 1}))
@@ -199,6 +206,7 @@ def register_tasks(app: Any, settings: Settings) -> Any:
                     (settings.sync.max_batch_ops + 1, settings.sync.max_batch_bytes),
                     conns.metrics.applied,
                     give_up,
+                    gens=conns.gens(target),
                 )
             except _Unavailable as exc:
                 # the other targets of the task go on; this one's batches come back later
@@ -314,6 +322,7 @@ def apply_all(
     give_up: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    gens: dict[str, FenceView] | None = None,
 ) -> list[Batch]:
     """Apply every batch it can, in passes: a batch whose predecessor is missing is tried
     again after the others, since another worker is usually applying that predecessor right
@@ -323,7 +332,9 @@ def apply_all(
     *give_up*, a time.monotonic() deadline the task sets for all its targets, by default
     20 times *gap_wait* from now); for each, *gaps* gets the fence it waited on.
     *on_applied* is told of each batch that landed, after its transaction. *clock* and
-    *sleep* are the monotonic clock and its sleep (the tests pass a fake one)."""
+    *sleep* are the monotonic clock and its sleep (the tests pass a fake one). *gens* holds
+    each source's generation as this process last saw it in this target (apply_group: with
+    it, a batch next in its chain lands without a read of its fence)."""
     pending = list(batches)
     deadline = clock() + gap_wait
     if give_up is None:
@@ -347,13 +358,22 @@ def apply_all(
 
     delay = 0.002
     known: dict[str, FenceView] = {}  # the fences as this task read or wrote them
+    looked: set[str] = set()  # the shards whose fences this task read: never guessed again
     while pending:
         # one read of every fence and one transaction for what they admit; a batch the
         # read showed waiting for its predecessor (usually in another worker's hands right
         # now) waits without a read of its own, and tries again with the others
         deferred: list[tuple[Batch, FenceRecord | None]] = []
         try:
-            together, rest = apply_group(store, pending, *group, deferred=deferred, known=known)
+            together, rest = apply_group(
+                store,
+                pending,
+                *group,
+                deferred=deferred,
+                known=known,
+                gens=gens,
+                looked=looked,
+            )
         except RetryableError as exc:
             raise _Unavailable(exc, pending) from None
         if together:

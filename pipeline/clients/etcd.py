@@ -90,10 +90,34 @@ class ModIs:
 
 
 @dataclass(frozen=True)
+class ValueIs:
+    """A compare: the key exists and its value is *value* (byte for byte)."""
+
+    key: bytes
+    value: bytes
+
+
+Compare = ModIs | ValueIs
+
+
+@dataclass(frozen=True)
 class TxnResult:
     succeeded: bool
     revision: int  # the store's revision after the transaction (its own, if it wrote)
-    reads: list[KV | None]  # one per Get, in order (empty when the compares failed)
+    # one per Get of the branch that ran, in order: the success ops' if the compares held,
+    # else the failure ops' (a failed compare can bring back what it needs to decide again)
+    reads: list[KV | None]
+
+
+def _compare(c: Compare) -> Any:
+    if isinstance(c, ValueIs):
+        # etcd fails a value compare on a key that does not exist, as wanted here
+        return etcdrpc.Compare(
+            key=c.key, target=etcdrpc.Compare.VALUE, result=etcdrpc.Compare.EQUAL, value=c.value
+        )
+    return etcdrpc.Compare(
+        key=c.key, target=etcdrpc.Compare.MOD, result=etcdrpc.Compare.EQUAL, mod_revision=c.revision
+    )
 
 
 def _request_op(op: TxnOp) -> Any:
@@ -161,7 +185,9 @@ class EtcdClient(Protocol):
 
     def keys(self, prefix: bytes, page: int = 2000) -> list[bytes]: ...
 
-    def txn(self, compares: Sequence[ModIs], ops: Sequence[TxnOp]) -> TxnResult: ...
+    def txn(
+        self, compares: Sequence[Compare], ops: Sequence[TxnOp], failure: Sequence[Get] = ()
+    ) -> TxnResult: ...
 
     def put(self, key: bytes, value: bytes) -> None: ...
 
@@ -396,22 +422,17 @@ class Etcd:
 
     # -- writes ------------------------------------------------------------------------------
 
-    def txn(self, compares: Sequence[ModIs], ops: Sequence[TxnOp]) -> TxnResult:
-        """One transaction: if every compare holds, every op, in order. The result carries
-        the revision it committed at (the mod revision of every key it wrote, with no read
-        afterwards to race with) and what each Get read."""
+    def txn(
+        self, compares: Sequence[Compare], ops: Sequence[TxnOp], failure: Sequence[Get] = ()
+    ) -> TxnResult:
+        """One transaction: if every compare holds, every op, in order; if not, the reads of
+        *failure*. The result carries the revision it committed at (the mod revision of every
+        key it wrote, with no read afterwards to race with) and what each Get of the branch
+        that ran read."""
         request = etcdrpc.TxnRequest(
-            compare=[
-                etcdrpc.Compare(
-                    key=c.key,
-                    target=etcdrpc.Compare.MOD,
-                    result=etcdrpc.Compare.EQUAL,
-                    mod_revision=c.revision,
-                )
-                for c in compares
-            ],
+            compare=[_compare(c) for c in compares],
             success=[_request_op(op) for op in ops],
-            failure=[],
+            failure=[_request_op(op) for op in failure],
         )
 
         def call() -> Any:
@@ -424,11 +445,10 @@ class Etcd:
 
         resp = self._call("txn", call)
         reads: list[KV | None] = []
-        if resp.succeeded:
-            for op, r in zip(ops, resp.responses, strict=True):
-                if isinstance(op, Get):
-                    kvs = r.response_range.kvs
-                    reads.append(KV(kvs[0].key, kvs[0].value, kvs[0].mod_revision) if kvs else None)
+        for op, r in zip(ops if resp.succeeded else failure, resp.responses, strict=True):
+            if isinstance(op, Get):
+                kvs = r.response_range.kvs
+                reads.append(KV(kvs[0].key, kvs[0].value, kvs[0].mod_revision) if kvs else None)
         return TxnResult(bool(resp.succeeded), int(resp.header.revision), reads)
 
     def keys(self, prefix: bytes, page: int = 2000) -> list[bytes]:

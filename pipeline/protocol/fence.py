@@ -15,7 +15,10 @@ generation obsolete at once, since each apply transaction compares the gen recor
 `done` is false while a shard is in the middle of a snapshot (a resync's diff). A restarted
 watcher may resume from a fence only if it is done; otherwise it resyncs.
 
-WARNING - STABLE API: the record formats are read by every kvmesh version in a mesh.
+WARNING - STABLE API: the record formats are read by every kvmesh version in a mesh. A
+worker also compares fences by value with records it encodes itself (workers/applier.py:
+apply_group's guesses): FenceRecord.encode must stay byte for byte the same, or those
+compares all fail (safe, but each costs a read back).
 """
 
 from __future__ import annotations

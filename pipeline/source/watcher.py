@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -75,6 +76,11 @@ _MAX_MARKS = 256  # flush marks kept per target while their batches are in fligh
 _KEEPING_UP = 2
 _PER_TASK = 0.005
 _DEPTH_EVERY = 0.1  # seconds between two reads of the queue depth
+# With sync.idle_flush, a flush is spaced by the linger only if the queue held a task this
+# recently: a sample this fresh decides (one round trip to Redis). While a flush lingers
+# and at most _KEEPING_UP tasks wait, the queue is looked at this often, to publish as
+# soon as it empties; with more waiting, only when the linger ends.
+_IDLE_LOOK = 0.002
 _LOOK_DURING_RESYNC = 0.1  # seconds between looks for complete resources while listing
 
 EtcdFactory = Callable[[ClusterConfig, float, str], EtcdClient]
@@ -422,6 +428,8 @@ class Watcher:
         wait = max(0.0, min(self._next_tick, self._next_progress) - now)
         if self._flush_deadline is not None:
             wait = min(wait, max(0.0, self._flush_deadline - now))
+            if self._idle_flush(now) and self._queue_sample[1] <= _KEEPING_UP:
+                wait = min(wait, _IDLE_LOOK)  # look again whether the workers caught up
         if max_wait is not None:
             wait = min(wait, max_wait)
         for item in self.feed.next(wait, _TAKE):
@@ -431,7 +439,13 @@ class Watcher:
             self.ingest(item)
         now = self.clock()
         if self._flush_deadline is not None and (
-            now >= self._flush_deadline or len(self.buffer) >= _FLUSH_AT
+            now >= self._flush_deadline
+            or len(self.buffer) >= _FLUSH_AT
+            or (
+                self._idle_flush(now)
+                and self._queue_sample[1] <= _KEEPING_UP
+                and self._depth(now, _IDLE_LOOK) == 0
+            )
         ):
             self.flush()
         if now >= self._next_progress:
@@ -637,6 +651,10 @@ class Watcher:
                 out += [(t, b) for b in self._cut_chains(t, t.outbox.drain(), since_ms)]
             self._mark(t)
         self._last_flush = now
+        # what the queue held before this publish says nothing of it now: the next look
+        # that decides on an idle flush reads it again
+        if self.sync.idle_flush:
+            self._queue_sample = (-math.inf, self._queue_sample[1])
         try:
             self._send(out)
         except PublishError as exc:
@@ -656,19 +674,34 @@ class Watcher:
         t.marks.append(mark)
 
     def _linger(self) -> float:
-        """The least time between two flushes: sync.linger while the workers keep up,
-        longer (up to sync.max_linger) while tasks wait in the source's queue. A backlog
-        then turns into fewer, larger tasks, each change costing less of the workers' time,
-        instead of more small ones that deepen it. A change that comes after a quiet spell
-        longer than this is published at once."""
-        depth = self._depth(self.clock())
+        """The least time between two flushes: none while the source's queue is empty
+        (sync.idle_flush: the workers hold every task, and waiting would only delay the
+        change), sync.linger while they keep up, longer (up to sync.max_linger) while tasks
+        wait in the queue. A backlog then turns into fewer, larger tasks, each change
+        costing less of the workers' time, instead of more small ones that deepen it. A
+        change that comes after a quiet spell longer than this is published at once."""
+        now = self.clock()
+        if self._idle_flush(now):
+            depth = self._depth(now, _IDLE_LOOK)
+            if depth == 0:
+                # every task published is in a worker's hands: waiting would only delay
+                # this change; the workers' pace spaces the flushes while they are busy
+                return 0.0
+        else:
+            depth = self._depth(now)
         longest = max(self.sync.max_linger, self.sync.linger)
         return min(longest, self.sync.linger + max(0, depth - _KEEPING_UP) * _PER_TASK)
 
-    def _depth(self, now: float) -> int:
-        """The source queue's depth, read from Redis at most every _DEPTH_EVERY seconds."""
+    def _idle_flush(self, now: float) -> bool:
+        """Whether a flush may skip the linger once the queue is empty (sync.idle_flush),
+        publishing being open."""
+        return self.sync.idle_flush and self.sync.linger > 0 and now >= self._publish_after
+
+    def _depth(self, now: float, max_age: float = _DEPTH_EVERY) -> int:
+        """The source queue's depth, read from Redis unless a sample is fresher than
+        *max_age* seconds."""
         when, depth = self._queue_sample
-        if now - when >= _DEPTH_EVERY:
+        if now - when >= max_age:
             try:
                 depth = self.publisher.backlog()
             except RetryableError:

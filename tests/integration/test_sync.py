@@ -238,6 +238,18 @@ def test_worker_metrics_sum_every_pool_process(mesh: Mesh) -> None:
     written = {"scope": "nodes/v1", "action": "write", "source_cluster": "cluster-a"}
     assert watcher.gauge("kvmesh_kvstore_initial_sync_completed", **written) == 1
     assert (watcher.gauge("kvmesh_bootstrap_seconds", source_cluster="cluster-a") or 0) > 0
+    # one change at a time, each a task of its own: from its second task on, a pool
+    # process knows the generation and lands a batch next in its chain without a read
+    b = mesh.client(1)
+    held = worker.metric("kvmesh_worker_fence_guesses_total", outcome="held")
+    for i in range(6):
+        a.put(f"cilium/state/nodes/v1/cluster-a/one-{i}".encode(), b"{}")
+        cached = f"cilium/cache/nodes/v1/cluster-a/one-{i}".encode()
+        eventually(lambda k=cached: b.get(k) is not None, what=f"change {i} in cluster-b")
+    eventually(
+        lambda: worker.metric("kvmesh_worker_fence_guesses_total", outcome="held") > held,
+        what="a batch landed on a guessed fence",
+    )
 
 
 @pytest.mark.parametrize("pool", ["solo", "threads"])

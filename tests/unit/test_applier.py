@@ -13,7 +13,7 @@ from pipeline.protocol.sharding import shard_of
 from pipeline.protocol.wire import Batch, Operation, Signer, SigningKeys, decode_task, encode_task
 from tests.memory_etcd import MemoryEtcd
 from workers.applier import apply_batch
-from workers.store import EtcdTargetStore
+from workers.store import EtcdTargetStore, FenceView
 from workers.tasks import apply_all, check_task
 
 NODES = RESOURCE_BY_NAME["nodes"]
@@ -131,30 +131,39 @@ def test_batches_waiting_for_another_worker_land_together_without_reads_of_their
     assert isinstance(gaps[("a", "b", held.shard)], FenceRecord)  # what it waited on
 
 
-def test_a_fence_another_worker_moved_under_the_tasks_cache_costs_a_read_not_a_write() -> None:
+def test_a_fence_another_worker_moved_under_the_tasks_cache_costs_no_extra_read() -> None:
     """A task keeps the fences it read and wrote, to skip reads between its transactions.
     When another worker moves one of them meanwhile (a redelivered copy of a batch), the
-    compare fails, the cache is dropped, and every batch still lands exactly once."""
+    compare fails and reads the fences back, and every batch still lands exactly once."""
     _, batches = setup()
     redelivered = batches[4]  # nodes-1's second batch, applied by someone else
 
     class Moving(Store):
         commits = 0
+        group_reads = 0
 
-        def commit_group(self, source, gen_rev, parts):  # type: ignore[no-untyped-def]
+        def read_fences(self, source, shards):  # type: ignore[no-untyped-def]
+            Moving.group_reads += 1
+            return super().read_fences(source, shards)
+
+        def commit_group(self, source, gen_rev, parts, read_back=()):  # type: ignore[no-untyped-def]
             Moving.commits += 1
             if Moving.commits == 2:
                 other = Store()
                 other.etcd.space = self.etcd.space
                 apply_batch(other, batches[3])
                 assert apply_batch(other, redelivered) is Decision.APPLY
-            return super().commit_group(source, gen_rev, parts)
+            return super().commit_group(source, gen_rev, parts, read_back)
 
     store = Moving()
     fresh, _ = setup()
     store.etcd.space = fresh.etcd.space
     outcomes: Counter[str] = Counter()
-    assert apply_all(store, batches, outcomes, gap_wait=1.0) == []
+    gens: dict[str, FenceView] = {}  # the worker process's memory of generations
+    assert apply_all(store, batches, outcomes, gap_wait=1.0, gens=gens) == []
+    # the task's first look, and one after the one-batch path took the duplicate: the
+    # failed compare read the fences back, with no read of its own
+    assert Moving.group_reads == 2
     assert outcomes["applied"] + outcomes["duplicate"] == len(batches)
     assert outcomes["duplicate"] >= 1
     fence = store.etcd.get(fence_key("a", "nodes-1"))
@@ -300,3 +309,117 @@ def test_a_batch_whose_fence_stands_still_goes_back_to_the_queue() -> None:
     )
     assert waiting == [batches[3]]
     assert outcomes["applied"] == 0
+
+
+class Counting(Store):
+    """A Store that counts the worker's reads of fences and its group transactions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+        self.commits: list[bool] = []
+
+    def read_fences(self, source, shards):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        return super().read_fences(source, shards)
+
+    def read_fence(self, source, shard):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        return super().read_fence(source, shard)
+
+    def commit_group(self, source, gen_rev, parts, read_back=()):  # type: ignore[no-untyped-def]
+        landed, views = super().commit_group(source, gen_rev, parts, read_back)
+        self.commits.append(bool(landed))
+        return landed, views
+
+
+def counting(n_shards: int = 2, per_shard: int = 300) -> tuple[Counting, list[Batch]]:
+    fresh, batches = setup(n_shards, per_shard)
+    store = Counting()
+    store.etcd.space = fresh.etcd.space
+    return store, batches
+
+
+def test_a_batch_next_in_its_chain_lands_without_a_read_of_its_fence() -> None:
+    """Once a worker process has read a source's generation in a target, a task whose
+    batches are next in their chains costs transactions only: each compares the fence with
+    the record the batch's predecessor wrote."""
+    store, batches = counting()
+    gens: dict[str, FenceView] = {}
+    first = [b for b in batches if b.prev == (10, 0)]  # the first batch of each shard
+    outcomes: Counter[str] = Counter()
+    assert apply_all(store, first, outcomes, gap_wait=0.0, gens=gens) == []
+    assert store.reads == 1 and gens["a"].gen == 1  # the process learned the generation
+    store.reads, store.commits = 0, []
+    rest = [b for b in batches if b not in first]
+    assert apply_all(store, rest, outcomes, gap_wait=0.0, gens=gens) == []
+    assert store.reads == 0
+    assert store.commits == [True] * len(store.commits)
+    assert outcomes["applied"] == len(batches)
+    for shard in ("nodes-0", "nodes-1"):
+        last = [b for b in batches if b.shard == shard][-1]
+        assert store.read_fence("a", shard).fence == FenceRecord(1, last.pos)
+    assert sum(1 for k in store.data if k.startswith(b"cilium/cache/nodes/v1/a/")) == 600
+
+
+def test_a_wrong_guess_costs_one_failed_transaction_and_no_read() -> None:
+    """The predecessor's record is not what the batch expects (here: a snapshot not done):
+    the failed compare brings the fences back, and the batch lands on them at once."""
+    store, batches = counting(n_shards=1, per_shard=3)
+    store.put(fence_key("a", "nodes-0"), FenceRecord(1, (10, 0), done=False).encode())
+    gens = {"a": store.read_fences("a", ["nodes-0"])["nodes-0"]}
+    store.reads = 0
+    outcomes: Counter[str] = Counter()
+    assert apply_all(store, batches, outcomes, gap_wait=0.0, gens=gens) == []
+    assert store.reads == 0
+    assert store.commits == [False, True]
+    assert outcomes["applied"] == 1
+    assert store.read_fence("a", "nodes-0").fence == FenceRecord(1, batches[0].pos)
+
+
+def test_a_stale_generation_is_never_acted_on() -> None:
+    """The process remembers generation 1; the watcher has since opened generation 2. A
+    batch of generation 1 is obsolete and writes nothing; one of generation 2 (which the
+    stale memory would call a resync) lands after a read."""
+    store, batches = counting(n_shards=1, per_shard=3)
+    old = batches[0]
+    remembered = store.read_fences("a", ["nodes-0"])["nodes-0"]
+    store.put(gen_key("a"), GenRecord(2, 1, "id", 7).encode())
+    store.put(fence_key("a", "nodes-0"), FenceRecord(2, (20, 0)).encode())
+    gens = {"a": remembered}
+    store.reads = 0
+    outcomes: Counter[str] = Counter()
+    assert apply_all(store, [old], outcomes, gap_wait=0.0, gens=gens) == []
+    assert outcomes == Counter(obsolete=1)
+    assert not any(k.startswith(b"cilium/cache/") for k in store.data)
+    assert store.commits == [False]  # the guess failed; the read back showed generation 2
+    # the same stale memory, and a batch of the new generation: generation 1 would make
+    # it a resync, which is not decided on memory; a read finds generation 2
+    gens = {"a": remembered}
+    store.reads, store.commits = 0, []
+    new = Batch("a", "b", "nodes-0", 2, (20, 0), (21, 0), old.ops)
+    assert apply_all(store, [new], outcomes, gap_wait=0.0, gens=gens) == []
+    assert outcomes["applied"] == 1 and outcomes["resync"] == 0
+    assert store.reads == 1 and store.commits == [True]
+    assert gens["a"].gen == 2
+    assert store.read_fence("a", "nodes-0").fence == FenceRecord(2, (21, 0))
+
+
+def test_a_batch_waiting_for_its_predecessor_guesses_once_then_reads() -> None:
+    """A failed transaction that would have written goes through etcd's log: a batch that
+    waits looks at its fence with reads after its one guess."""
+    store, batches = counting(n_shards=1, per_shard=3 * 127)
+    gens = {"a": store.read_fences("a", ["nodes-0"])["nodes-0"]}
+    store.reads = 0
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    outcomes: Counter[str] = Counter()
+    waiting = apply_all(
+        store, [batches[2]], outcomes, gap_wait=0.05, clock=lambda: now[0], sleep=sleep, gens=gens
+    )
+    assert waiting == [batches[2]]
+    assert store.commits == [False]
+    assert store.reads >= 2  # it looked again, with reads

@@ -404,3 +404,52 @@ def test_every_resource_has_a_stream() -> None:
     fill(rig, nodes=1, identities=1)
     rig.start()
     assert set(rig.watcher.feed.streams) == set(RESOURCE_BY_NAME)
+
+
+@pytest.mark.parametrize("idle_flush", [True, False])
+def test_the_linger_spaces_flushes_only_while_tasks_wait(idle_flush: bool) -> None:
+    """With sync.idle_flush, a change is published at once while the source's queue is
+    empty; one that comes while a task waits in the queue lingers, and goes as soon as the
+    workers have taken that task, before the linger is over. Without it, a change that
+    follows a flush closely waits out the linger whatever the queue holds."""
+    rig = Rig(linger=0.01, idle_flush=idle_flush)
+    fill(rig, nodes=2, identities=0)
+    rig.start()
+    rig.settle()
+    w = rig.watcher
+
+    def change(name: bytes) -> int:
+        """Put a node and run one pass of the loop, with no time passing; the flushes so
+        far."""
+        rig.source.put(NODE + name, b"{}")
+        rig.mesh.pump()
+        w.step(max_wait=0)
+        return rig.queue.flushes
+
+    def queued() -> set[bytes]:
+        return {op.key.rsplit(b"/", 1)[1] for b in rig.queue.batches for op in b.ops}
+
+    rig.clock.advance(1.0)  # a quiet spell
+    flushes = rig.queue.flushes
+    assert change(b"first") == flushes + 1  # published at once
+    rig.work()  # the workers take it
+    rig.clock.advance(0.003)  # 3 ms after that flush, inside the linger of 10
+    if idle_flush:
+        assert change(b"second") == flushes + 2  # the queue is empty: at once
+        assert change(b"third") == flushes + 2  # a task waits in the queue: this lingers
+        assert change(b"fourth") == flushes + 2
+        rig.work()
+        rig.clock.advance(0.003)  # the queue's length is looked at every 2 ms, at most
+        w.step(max_wait=0)
+        # the queue emptied: both go, in one flush, 3 ms into the linger
+        assert rig.queue.flushes == flushes + 3
+        assert queued() == {b"third", b"fourth"}
+    else:
+        assert change(b"second") == flushes + 1  # the queue is empty, and it waits
+        rig.clock.advance(0.007)
+        w.step(max_wait=0)
+        assert rig.queue.flushes == flushes + 2
+        assert queued() == {b"second"}
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
