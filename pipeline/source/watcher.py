@@ -693,9 +693,18 @@ class Watcher:
         return min(longest, self.sync.linger + max(0, depth - _KEEPING_UP) * _PER_TASK)
 
     def _idle_flush(self, now: float) -> bool:
-        """Whether a flush may skip the linger once the queue is empty (sync.idle_flush),
-        publishing being open."""
-        return self.sync.idle_flush and self.sync.linger > 0 and now >= self._publish_after
+        """Whether a flush may skip the linger once the queue is empty (sync.idle_flush):
+        publishing is open, and fewer changes wait than there are shards. A flush touches
+        one batch per shard it has changes for, and the next flush's batches of those
+        shards wait for it: a few changes touch a few shards and their tasks mostly run
+        side by side, while a burst published piecemeal as fast as it comes would chain
+        every shard from task to task (the linger lets it gather instead)."""
+        return (
+            self.sync.idle_flush
+            and self.sync.linger > 0
+            and now >= self._publish_after
+            and len(self.buffer) < max(2, self.sync.shards)
+        )
 
     def _depth(self, now: float, max_age: float = _DEPTH_EVERY) -> int:
         """The source queue's depth, read from Redis unless a sample is fresher than

@@ -444,6 +444,18 @@ def test_the_linger_spaces_flushes_only_while_tasks_wait(idle_flush: bool) -> No
         # the queue emptied: both go, in one flush, 3 ms into the linger
         assert rig.queue.flushes == flushes + 3
         assert queued() == {b"third", b"fourth"}
+        # a burst (as many changes as shards, in one transaction) right after a flush
+        # lingers even with the queue empty: piecemeal, it would chain every shard
+        rig.work()
+        rig.clock.advance(0.003)
+        shards = rig.settings.sync.shards
+        rig.source.txn([], [Put(NODE + b"burst-%d" % i, b"{}") for i in range(shards)])
+        rig.mesh.pump()
+        w.step(max_wait=0)
+        assert rig.queue.flushes == flushes + 3
+        rig.clock.advance(0.01)
+        w.step(max_wait=0)
+        assert rig.queue.flushes == flushes + 4
     else:
         assert change(b"second") == flushes + 1  # the queue is empty, and it waits
         rig.clock.advance(0.007)
