@@ -98,7 +98,7 @@ def wait_for(what: str, check: Any, timeout: float, log: Path | None = None) -> 
 
 class Applied:
     """The workers' count of operations applied to the target (the `ops_applied` field of
-    the pair's stats hash in Redis, which each pool process adds to after its commit),
+    the pair's stats hash in Redis, which a pool process adds to when a task is done),
     polled by wait_for: a watch on the target would cost this 2-core machine as much CPU
     as a pool process. What the count says is checked afterwards (check_values)."""
 
@@ -132,9 +132,12 @@ class Applied:
         return next(t for t, c in self.curve if c >= n)
 
     def sustained(self, n: int) -> float:
-        """Writes per second between 10% and 90% of *n* applied: the pace once every slot
-        is busy, without the first tasks' start or the last ones' tail."""
-        return 0.8 * n / max(1e-9, self.when(int(0.9 * n)) - self.when(int(0.1 * n)))
+        """Writes per second between the polls that first saw 10% and 90% of *n* applied:
+        the pace once every slot is busy, without the first tasks' start or the last ones'
+        tail (a poll's count moves by whole tasks: the counts it saw, not 80% of *n*)."""
+        lo = next((t, c) for t, c in self.curve if c >= int(0.1 * n))
+        hi = next((t, c) for t, c in self.curve if c >= int(0.9 * n))
+        return (hi[1] - lo[1]) / max(1e-9, hi[0] - lo[0])
 
 
 def check_values(direct: Etcd, keys: int, marker: bytes) -> None:
@@ -229,7 +232,7 @@ def run(
             """Tasks and batches the watcher published, and the workers' outcomes."""
             m = scrape(mport)
             out = {
-                what: sum(v for k, v in m.items() if k.startswith(f"kvmesh_watcher_{what}_"))
+                what: sum(v for k, v in m.items() if k.startswith(f"kvmesh_watcher_{what}_total"))
                 for what in ("tasks_published", "batches_published")
             }
             raw = stats.hgetall(stats_key(SOURCE, "cluster-b"))
@@ -240,8 +243,8 @@ def run(
 
         marker2 = f";backlog={name}".encode()
         base = published()
+        seen2 = Applied(stats)  # waits for the burst's last counts
         before = counts()
-        seen2 = Applied(stats)
         os.killpg(worker.pid, signal.SIGSTOP)
         try:
             write_items(source, identities(keys, marker2))
@@ -277,11 +280,11 @@ def run(
             # how the drain split: the first 10% of the keys, and the last 10%
             "backlog_first_tenth_s": round(seen2.when(int(0.1 * keys)) - t2, 2),
             "backlog_last_tenth_s": round(drained - seen2.when(int(0.9 * keys)), 2),
-            # what the backlog was cut into, and how the workers found it: batches handed
-            # back to the queue because their predecessor had not landed (gap_wait), and
-            # group transactions whose compares failed
             # (seconds since the pool resumed, writes applied), as polled
             "backlog_curve": [[round(t - t2, 3), c] for t, c in seen2.curve],
+            # what the backlog was cut into, and how the workers found it: batches handed
+            # back to the queue because their predecessor had not landed (gap_wait), and
+            # batches landed by a group transaction (grouped)
             "backlog_tasks": moved.get("tasks_published", 0),
             "backlog_batches": moved.get("batches_published", 0),
             "backlog_gap_waits": moved.get("gap_wait", 0),
