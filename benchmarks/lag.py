@@ -222,14 +222,13 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     streams = []
 
-    def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> int:
-        """Start *cmd* in a process group of its own (stopped whole); returns the group."""
+    def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        """Start *cmd* in a process group of its own (stopped whole)."""
         with open(log, "wb") as fh:
             p = subprocess.Popen(
                 wrap(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         procs.append(p)
-        return p.pid
 
     try:
         src_k, src_m, dst_k, dst_m = (

@@ -127,17 +127,19 @@ class Applied:
         self.curve.append((time.monotonic(), count))
         return count >= n
 
+    def first(self, n: int) -> tuple[float, int]:
+        """The first poll that saw *n* or more: (when, what it saw)."""
+        return next((t, c) for t, c in self.curve if c >= n)
+
     def when(self, n: int) -> float:
-        """When a poll first saw *n* or more."""
-        return next(t for t, c in self.curve if c >= n)
+        return self.first(n)[0]
 
     def sustained(self, n: int) -> float:
         """Writes per second between the polls that first saw 10% and 90% of *n* applied:
         the pace once every slot is busy, without the first tasks' start or the last ones'
         tail (a poll's count moves by whole tasks: the counts it saw, not 80% of *n*)."""
-        lo = next((t, c) for t, c in self.curve if c >= int(0.1 * n))
-        hi = next((t, c) for t, c in self.curve if c >= int(0.9 * n))
-        return (hi[1] - lo[1]) / max(1e-9, hi[0] - lo[0])
+        (t0, c0), (t1, c1) = self.first(int(0.1 * n)), self.first(int(0.9 * n))
+        return (c1 - c0) / max(1e-9, t1 - t0)
 
 
 def check_values(direct: Etcd, keys: int, marker: bytes) -> None:

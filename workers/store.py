@@ -146,13 +146,7 @@ class EtcdTargetStore:
         self.signer = signer
 
     def read_fence(self, source: str, shard: str) -> FenceView:
-        gen, fence = self.etcd.txn([], [Get(gen_key(source)), Get(fence_key(source, shard))]).reads
-        return _view(
-            gen.value if gen else None,
-            gen.mod_revision if gen else 0,
-            fence.value if fence else None,
-            fence.mod_revision if fence else 0,
-        )
+        return _views([shard], self.etcd.txn([], _fence_reads(source, [shard])).reads)[shard]
 
     def commit(
         self,

@@ -428,7 +428,7 @@ class Watcher:
         wait = max(0.0, min(self._next_tick, self._next_progress) - now)
         if self._flush_deadline is not None:
             wait = min(wait, max(0.0, self._flush_deadline - now))
-            if self._idle_flush(now) and self._queue_sample[1] <= _KEEPING_UP:
+            if self._may_go_early(now):
                 wait = min(wait, _IDLE_LOOK)  # look again whether the workers caught up
         if max_wait is not None:
             wait = min(wait, max_wait)
@@ -441,11 +441,7 @@ class Watcher:
         if self._flush_deadline is not None and (
             now >= self._flush_deadline
             or len(self.buffer) >= _FLUSH_AT
-            or (
-                self._idle_flush(now)
-                and self._queue_sample[1] <= _KEEPING_UP
-                and self._depth(now, _IDLE_LOOK) == 0
-            )
+            or (self._may_go_early(now) and self._depth(now, _IDLE_LOOK) == 0)
         ):
             self.flush()
         if now >= self._next_progress:
@@ -681,16 +677,20 @@ class Watcher:
         costing less of the workers' time, instead of more small ones that deepen it. A
         change that comes after a quiet spell longer than this is published at once."""
         now = self.clock()
-        if self._idle_flush(now):
-            depth = self._depth(now, _IDLE_LOOK)
-            if depth == 0:
-                # every task published is in a worker's hands: waiting would only delay
-                # this change; the workers' pace spaces the flushes while they are busy
-                return 0.0
-        else:
-            depth = self._depth(now)
+        idle = self._idle_flush(now)
+        depth = self._depth(now, _IDLE_LOOK if idle else _DEPTH_EVERY)
+        if idle and depth == 0:
+            # every task published is in a worker's hands: waiting would only delay this
+            # change; the workers' pace spaces the flushes while they are busy
+            return 0.0
         longest = max(self.sync.max_linger, self.sync.linger)
         return min(longest, self.sync.linger + max(0, depth - _KEEPING_UP) * _PER_TASK)
+
+    def _may_go_early(self, now: float) -> bool:
+        """Whether a lingering flush looks at the queue every _IDLE_LOOK, to go as soon as
+        it empties: with the idle flush, and while at most _KEEPING_UP tasks waited at the
+        last look (a deeper queue is looked at when the linger ends)."""
+        return self._idle_flush(now) and self._queue_sample[1] <= _KEEPING_UP
 
     def _idle_flush(self, now: float) -> bool:
         """Whether a flush may skip the linger once the queue is empty (sync.idle_flush):

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.clients.etcd import Etcd
@@ -178,6 +179,12 @@ def _parser() -> argparse.ArgumentParser:
         "time the queues shrank",
     )
     lab.add_argument("--keep", action="store_true", help="keep the lab's data directory")
+    lab.add_argument(
+        "--data-dir",
+        default="",
+        help="put the lab's data here (created; must be empty) instead of a temporary "
+        "directory; removed at the end unless --keep",
+    )
     lab.add_argument(
         "--prometheus",
         action="store_true",
@@ -517,6 +524,14 @@ def cmd_lab(args: argparse.Namespace) -> int:
             "--workers",
             "--workers and --identities must be positive, --churn and --duration not negative",
         )
+    if args.data_dir:
+        try:
+            Path(args.data_dir).mkdir(parents=True, exist_ok=True)
+            empty = not any(Path(args.data_dir).iterdir())
+        except OSError as exc:
+            raise ConfigError("--data-dir", exc.strerror or str(exc)) from None
+        if not empty:
+            raise ConfigError("--data-dir", "must be empty")
     return run_lab(
         LabOptions(
             clusters=args.clusters,
@@ -529,6 +544,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
             identities_mode=args.sync_identities,
             converge_timeout=args.converge_timeout,
             keep=args.keep,
+            data_dir=args.data_dir,
             prometheus=args.prometheus,
             prometheus_port=args.prometheus_port,
         )

@@ -35,6 +35,10 @@ def test_config_errors_name_the_field_and_exit_2(tmp_path: Path) -> None:
         assert "sync.shards" in res.stderr and "Traceback" not in res.stderr
     res = run("watch", "--config", str(tmp_path / "missing.toml"))
     assert res.returncode == 2 and "cannot read" in res.stderr
+    # the lab's data directory must be empty: a one-line error, before anything starts
+    res = run("lab", "--data-dir", str(tmp_path), "--duration", "0")
+    assert res.returncode == 2 and "--data-dir: must be empty" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_check_mode_validates_without_connecting(mesh: Mesh) -> None:

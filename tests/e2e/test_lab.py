@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -32,33 +33,38 @@ def pgrep(pattern: str) -> list[str]:
     return out.split()
 
 
-def start_lab(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path]:
+def start_lab(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path, str]:
+    """Start `kvmesh lab` with its data under tmp_path/lab; returns the process, its
+    console log and the data directory."""
     require_binary("etcd")
     require_binary("redis-server")
     log = tmp_path / "lab.log"
+    root = tmp_path / "lab"
     proc = subprocess.Popen(
-        wrap([sys.executable, "-m", "pipeline", "lab", *args]),
+        wrap([sys.executable, "-m", "pipeline", "lab", "--data-dir", str(root), *args]),
         stdout=open(log, "w"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
         text=True,
     )
-    return proc, log
+    return proc, log, str(root)
 
 
-def lab_root(log: Path) -> str:
-    m = eventually(
-        lambda: re.search(r"data under (\S+)", log.read_text()),
-        timeout=30,
-        what="the lab's data directory",
-    )
-    return m.group(1)
+def answers(url: str) -> bool:
+    """Whether anything serves HTTP at *url* (an error status counts: it answered)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
 
 
 def test_lab_runs_a_mesh_reports_and_cleans_up(tmp_path: Path) -> None:
     """The lab converges, Flower lists every source queue while it runs, the report shows
     identities cached by ID only, and every child is gone afterwards."""
     port = free_port()
-    proc, log = start_lab(
+    proc, log, root = start_lab(
         tmp_path,
         "--clusters",
         "2",
@@ -75,7 +81,6 @@ def test_lab_runs_a_mesh_reports_and_cleans_up(tmp_path: Path) -> None:
         "--flower-auth",
         "lab:pw",
     )
-    root = lab_root(log)
     auth = "Basic " + base64.b64encode(b"lab:pw").decode()
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/api/queues/length", headers={"Authorization": auth}
@@ -105,7 +110,8 @@ def test_lab_runs_a_mesh_reports_and_cleans_up(tmp_path: Path) -> None:
 def test_a_dead_child_is_reported_and_everything_stops(tmp_path: Path) -> None:
     """When a child dies the lab names it, shows its log tail, exits non-zero and leaves
     no process behind."""
-    proc, log = start_lab(
+    flower = free_port()
+    proc, log, root = start_lab(
         tmp_path,
         "--clusters",
         "2",
@@ -117,10 +123,12 @@ def test_a_dead_child_is_reported_and_everything_stops(tmp_path: Path) -> None:
         "120",
         "--workers",
         "1",
+        "--flower-port",
+        str(flower),
     )
-    root = lab_root(log)
-    # the lab's console is its interface: this line says it has started every child
-    eventually(lambda: "lab: flower on" in log.read_text(), timeout=60, what="lab started")
+    # the lab starts Flower after the worker and every watcher: once it answers, every
+    # child has been started
+    eventually(lambda: answers(f"http://127.0.0.1:{flower}/"), timeout=60, what="lab started")
     # the watcher may still be passing from its launcher to itself (an exec): wait for it
     pids = eventually(
         lambda: pgrep(f"pipeline watch --source cluster-1 --config {root}"),
@@ -151,7 +159,7 @@ def test_lab_prometheus_scrapes_every_watcher_and_the_worker(tmp_path: Path) -> 
     alert rules."""
     require_binary("prometheus")
     port = free_port()
-    proc, log = start_lab(
+    proc, _log, root = start_lab(
         tmp_path,
         "--clusters",
         "2",
@@ -167,7 +175,6 @@ def test_lab_prometheus_scrapes_every_watcher_and_the_worker(tmp_path: Path) -> 
         "--prometheus-port",
         str(port),
     )
-    root = lab_root(log)
     base = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:

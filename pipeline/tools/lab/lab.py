@@ -51,6 +51,7 @@ class LabOptions:
     identities_mode: str = "id"
     converge_timeout: float = 120.0
     keep: bool = False
+    data_dir: str = ""  # the lab's data directory (created, must be empty); "": a temporary one
     prometheus: bool = False  # start a Prometheus that scrapes the watchers and the worker
     prometheus_port: int = 0  # its web port; 0: a free one
 
@@ -392,7 +393,7 @@ def run_lab(opts: LabOptions) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=140)  # logs and pipes: no terminal width to fit
-    lab = Lab(opts)
+    lab = Lab(opts, root=Path(opts.data_dir)) if opts.data_dir else Lab(opts)
     converged = False
     try:
         with _interrupts_as_keyboard():
