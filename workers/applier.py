@@ -13,7 +13,7 @@ from pipeline.protocol.errors import LeaseGoneError, RequestTooLargeError, show_
 from pipeline.protocol.fence import Decision, FenceRecord, decide
 from pipeline.protocol.layout import Op, parse_shard
 from pipeline.protocol.names import rejected_key
-from pipeline.protocol.sharding import shard_of
+from pipeline.protocol.sharding import shard_index
 from pipeline.protocol.wire import Batch, Operation
 from workers.store import FenceView, Part, TargetStore
 
@@ -283,7 +283,7 @@ def in_its_shard(batch: Batch, shards: int) -> bool:
     resource, index = parsed
     if index >= max(1, shards if not resource.single_key else 1):
         return False
-    return all(shard_of(resource, op.key, shards) == batch.shard for op in batch.ops)
+    return all(shard_index(resource, op.key, shards) == index for op in batch.ops)
 
 
 def _commit_split(

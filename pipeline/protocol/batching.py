@@ -7,7 +7,7 @@ Pure code. A batch names no key twice (etcd rejects that), holds at most `max_op
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.protocol.errors import ValueTooLargeError
 from pipeline.protocol.fence import Position
@@ -24,8 +24,12 @@ class Change:
     value: bytes | None
     pos: Position
 
-    def operation(self) -> Operation:
-        return Operation(self.op, self.key, self.value)
+    # made once: the batches of one flush for every target share these objects, and a task
+    # encodes a list of them once (encode_task)
+    operation: Operation = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "operation", Operation(self.op, self.key, self.value))
 
 
 class ShardBuffer:
@@ -129,7 +133,7 @@ def make_batches(
                 gen=gen,
                 prev=prev,
                 pos=pos,
-                ops=tuple(c.operation() for c in group),
+                ops=tuple(c.operation for c in group),
                 done=not snapshot or i == len(groups) - 1,
                 event_ms=event_ms,
             )

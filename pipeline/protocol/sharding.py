@@ -15,11 +15,15 @@ def shard_count(resource: Resource, shards: int) -> int:
     return 1 if resource.single_key else shards
 
 
+def shard_index(resource: Resource, key: bytes, shards: int) -> int:
+    """The index of a source key's shard."""
+    n = shard_count(resource, shards)
+    return 0 if n == 1 else zlib.crc32(key) % n
+
+
 def shard_of(resource: Resource, key: bytes, shards: int) -> str:
     """The shard name of a source key, e.g. `identities-3`."""
-    n = shard_count(resource, shards)
-    index = 0 if n == 1 else zlib.crc32(key) % n
-    return f"{resource.name}-{index}"
+    return f"{resource.name}-{shard_index(resource, key, shards)}"
 
 
 def all_shards(shards: int) -> list[str]:

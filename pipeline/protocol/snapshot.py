@@ -167,7 +167,7 @@ class SnapshotCutter:
                 self._gen,
                 prev,
                 changes[-1].pos,
-                tuple(c.operation() for c in changes),
+                tuple(c.operation for c in changes),
                 done=done,
             )
             self._prev[shard] = batch.pos

@@ -35,7 +35,7 @@ def test_cut_respects_op_and_byte_limits() -> None:
     assert [c for g in groups for c in g] == changes
     for g in groups:
         assert len(g) <= 127
-        assert sum(c.operation().size for c in g) <= 3000
+        assert sum(c.operation.size for c in g) <= 3000
     assert len(cut(changes, 127, 10**9)) == 8  # ceil(1000 / 127)
 
 

@@ -69,6 +69,22 @@ def test_a_flush_for_many_targets_carries_its_operations_once() -> None:
     assert "ops" not in alone  # nothing to share: every list inline, as in schema 2
 
 
+def test_only_equal_operation_lists_are_shared() -> None:
+    """Lists are matched by their first and last keys and length first; lists that agree on
+    those and differ inside, or only in a value, each keep their own operations."""
+    ops = _batch().ops
+    middle = (ops[0], Operation(Op.PUT, b"other", b"v"), *ops[2:])
+    value = (ops[0], ops[1], Operation(Op.PUT, ops[2].key, b"changed"), *ops[3:])
+    batches = [
+        _batch(target=t, ops=o)
+        for t, o in (("b", ops), ("c", middle), ("d", value), ("e", _batch().ops))
+    ]
+    payload = encode_task(batches, SIGNER)
+    assert len(payload["ops"]) == 1  # b and e: equal, though not the same objects
+    assert [b["ops"] == 0 for b in payload["batches"]] == [True, False, False, True]
+    assert decode_task(json.loads(json.dumps(payload)), SIGNER).batches == batches
+
+
 def test_a_schema_2_task_is_still_read() -> None:
     """Workers read what watchers of the previous schema publish, during an upgrade."""
     payload = {"v": 2, "batches": [_batch().encode(), _batch(target="c").encode()]}
