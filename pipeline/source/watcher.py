@@ -124,6 +124,12 @@ class Target:
             self.need_resync, self.resync_detail = cause, detail
 
 
+def _shard_order(shard: str) -> tuple[str, int]:
+    """Shards in a fixed order, by resource and number."""
+    parsed = parse_shard(shard)
+    return (parsed[0].name, parsed[1]) if parsed else (shard, -1)
+
+
 class Watcher:
     def __init__(
         self,
@@ -745,7 +751,7 @@ class Watcher:
         so parallel workers rarely wait on a predecessor. *since*: per shard, when its oldest
         change was received (carried in its batches for the lag histogram)."""
         chains: list[list[Batch]] = []
-        for shard, changes in per_shard.items():
+        for shard, changes in sorted(per_shard.items(), key=lambda kv: _shard_order(kv[0])):
             if changes:
                 chain = make_batches(
                     source=self.source.name,

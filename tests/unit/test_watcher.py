@@ -117,6 +117,26 @@ def test_a_new_term_resumes_from_the_fences_and_misses_nothing() -> None:
         assert rig.resyncs(target) == 0  # the new term listed nothing
 
 
+def test_a_flush_lists_its_shards_in_one_fixed_order() -> None:
+    """Each target's batches of a flush go out by shard number, whatever order the changes
+    came in: the publisher packs consecutive batches into tasks, so a flush's task of
+    shards 0-1 waits only for the task of the flush before that held shards 0-1, not for
+    every task of it (bursts of all-shard flushes chained from task to task)."""
+    rig = Rig(shards=8)
+    fill(rig, nodes=0, identities=0)
+    rig.start()
+    rig.settle()
+    for flush in range(3):
+        n = len(rig.queue.seen)
+        ids = [(1 << 16) + 1000 + flush * 100 + i for i in range(60)]
+        rig.source.txn([], [Put(IDENTITY + str(i).encode(), b"k8s:app=x") for i in ids[::-1]])
+        rig.settle()
+        for target in ("b", "c"):
+            shards = [int(b.shard.split("-")[1]) for b in rig.queue.seen[n:] if b.target == target]
+            assert len(shards) == 8
+            assert shards == sorted(shards)
+
+
 def test_progress_is_not_pinned_by_a_quiet_shard_with_a_batch_in_flight() -> None:
     """The progress record (the resume point, and what status reports as lag) moves up to
     the first change still in flight, not to the last fence of its shard, which may be
