@@ -153,22 +153,35 @@ def scope_of(shards: Sequence[str]) -> str:
 class TimedStore:
     """A TargetStore that times every call into kvmesh_kvstore_operations_duration_seconds."""
 
-    def __init__(self, store: TargetStore, metrics: WorkerMetrics, target: str) -> None:
+    def __init__(
+        self,
+        store: TargetStore,
+        metrics: WorkerMetrics,
+        target: str,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self._store = store
         self._metrics = metrics
         self._target = target
+        self._clock = clock
+        # how long this process's transactions on the target take lately (an exponential
+        # average, 0 before the first): workers wait for a predecessor in those units
+        self.txn_seconds = 0.0
 
     def _timed(self, shards: Sequence[str], action: str, call: Callable[[], object]) -> object:
-        start = time.perf_counter()
+        start = self._clock()
         outcome = "failure"
         try:
             result = call()
             outcome = "success"
             return result
         finally:
-            self._metrics.operations.labels(
-                scope_of(shards), action, outcome, self._target
-            ).observe(time.perf_counter() - start)
+            took = self._clock() - start
+            labels = (scope_of(shards), action, outcome, self._target)
+            self._metrics.operations.labels(*labels).observe(took)
+            if action == "txn":
+                last = self.txn_seconds
+                self.txn_seconds = took if last == 0 else 0.8 * last + 0.2 * took
 
     def read_fence(self, source: str, shard: str) -> FenceView:
         view = self._timed([shard], "read", lambda: self._store.read_fence(source, shard))

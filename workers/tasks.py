@@ -58,7 +58,7 @@ class _PerProcess:
         self._signer = signer
         self.gaps = GapClock()
         self._pid = -1
-        self._stores: dict[str, TargetStore] = {}
+        self._stores: dict[str, TimedStore] = {}
         self._gens: dict[str, dict[str, FenceView]] = {}
         self._broker: Broker | None = None
         self._metrics: WorkerMetrics | None = None
@@ -77,7 +77,7 @@ class _PerProcess:
             self._metrics = WorkerMetrics()
         return self._metrics
 
-    def store(self, target: str) -> TargetStore:
+    def store(self, target: str) -> TimedStore:
         self._check_pid()
         store = self._stores.get(target)
         if store is None:
@@ -88,6 +88,11 @@ class _PerProcess:
             store = TimedStore(etcd, self.metrics, target)
             self._stores[target] = store
         return store
+
+    def gap_wait(self, target: str) -> float:
+        """How long a batch waits in place for its predecessor while no fence it waits on
+        moves: worker.gap_wait, or longer when the target's transactions are slow."""
+        return gap_window(self._settings.worker.gap_wait, self.store(target).txn_seconds)
 
     def gens(self, target: str) -> dict[str, FenceView]:
         """Each source's generation as this process last saw it in *target*."""
@@ -192,8 +197,9 @@ def register_tasks(app: Any, settings: Settings) -> Any:
         gaps: dict[tuple[str, str, str], object] = {}
         unavailable: list[Batch] = []
         waiting: list[Batch] = []
+        waits = {t: conns.gap_wait(t) for t in by_target}
         give_up = time.monotonic() + min(
-            MAX_WAIT_GAPS * worker.gap_wait, settings.broker.visibility_timeout / 4
+            MAX_WAIT_GAPS * max(waits.values()), settings.broker.visibility_timeout / 4
         )
         for target, batches in by_target.items():
             try:
@@ -201,7 +207,7 @@ def register_tasks(app: Any, settings: Settings) -> Any:
                     conns.store(target),
                     batches,
                     outcomes[target],
-                    worker.gap_wait,
+                    waits[target],
                     gaps,
                     (settings.sync.max_batch_ops + 1, settings.sync.max_batch_bytes),
                     conns.metrics.applied,
@@ -275,6 +281,20 @@ def register_tasks(app: Any, settings: Settings) -> Any:
 
     apply_task.conns = conns  # the worker's metrics and connections (create_worker_app)
     return apply_task
+
+
+# A predecessor's task holds up to this many transactions (MAX_OPS_PER_TASK operations, up
+# to MAX_GROUP_OPS to a transaction) and applies them one after another: the fence of a
+# batch's shard may stand still that long while the task works on its other shards. Waiting
+# less, on a loaded target, hands a batch back to the queue whose predecessor was about to
+# land, and its own successors then wait for it in turn.
+TXNS_PER_TASK = 8
+
+
+def gap_window(gap_wait: float, txn_seconds: float) -> float:
+    """The wait without a moving fence before a batch goes back to the queue: gap_wait,
+    or as long as a predecessor's task of TXNS_PER_TASK transactions takes, if longer."""
+    return max(gap_wait, TXNS_PER_TASK * txn_seconds)
 
 
 # A task waits while the chain it waits on moves for at most this many gap_waits in all,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+from prometheus_client import CollectorRegistry
+
 from pipeline.protocol.batching import Change, make_batches
 from pipeline.protocol.errors import ForbiddenBatchError
 from pipeline.protocol.fence import Decision, FenceRecord, GenRecord
@@ -13,8 +16,9 @@ from pipeline.protocol.sharding import shard_of
 from pipeline.protocol.wire import Batch, Operation, Signer, SigningKeys, decode_task, encode_task
 from tests.memory_etcd import MemoryEtcd
 from workers.applier import apply_batch
+from workers.metrics import TimedStore, WorkerMetrics
 from workers.store import EtcdTargetStore, FenceView
-from workers.tasks import apply_all, check_task
+from workers.tasks import TXNS_PER_TASK, apply_all, check_task, gap_window
 
 NODES = RESOURCE_BY_NAME["nodes"]
 
@@ -423,3 +427,40 @@ def test_a_batch_waiting_for_its_predecessor_guesses_once_then_reads() -> None:
     assert waiting == [batches[2]]
     assert store.commits == [False]
     assert store.reads >= 2  # it looked again, with reads
+
+
+def test_a_slow_target_lengthens_the_wait_for_a_predecessor() -> None:
+    """A batch waits in place for its predecessor as long as a predecessor's task of
+    transactions takes on the target: gap_wait while transactions are quick, longer while
+    they are slow (a loaded target). The time is this process's own transactions, averaged;
+    reads do not count."""
+    now = [0.0]
+
+    class Slow(Store):
+        took = 0.05
+
+        def commit_group(self, source, gen_rev, parts, read_back=()):  # type: ignore[no-untyped-def]
+            now[0] += Slow.took
+            return super().commit_group(source, gen_rev, parts, read_back)
+
+        def read_fences(self, source, shards):  # type: ignore[no-untyped-def]
+            now[0] += 1.0
+            return super().read_fences(source, shards)
+
+    slow, batches = setup(n_shards=1, per_shard=4 * 127)
+    assert len(batches) == 4
+    inner = Slow()
+    inner.etcd.space = slow.etcd.space
+    store = TimedStore(inner, WorkerMetrics(CollectorRegistry()), "b", clock=lambda: now[0])
+    assert store.txn_seconds == 0.0 and gap_window(0.1, store.txn_seconds) == 0.1
+    assert apply_all(store, batches[:1], Counter(), gap_wait=0.0) == []
+    assert store.txn_seconds == pytest.approx(0.05)  # the read before it took 1 s: not counted
+    assert gap_window(0.1, store.txn_seconds) == pytest.approx(TXNS_PER_TASK * 0.05)
+    Slow.took = 0.15
+    assert apply_all(store, batches[1:2], Counter(), gap_wait=0.0) == []
+    assert store.txn_seconds == pytest.approx(0.8 * 0.05 + 0.2 * 0.15)
+    Slow.took = 0.001
+    for b in batches[2:]:
+        assert apply_all(store, [b], Counter(), gap_wait=0.0) == []
+    assert store.txn_seconds == pytest.approx(0.64 * 0.07 + 0.36 * 0.001)  # decays
+    assert gap_window(0.1, 0.01) == 0.1  # quick transactions: gap_wait itself
