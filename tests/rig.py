@@ -14,6 +14,7 @@ wiped target, a compacted source).
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -113,6 +114,7 @@ class Rig:
         # with it, apply_group guesses fences instead of reading them (and a wipe or a new
         # generation makes the guesses stale, which the compares must catch)
         self.gens: dict[str, dict[str, FenceView]] = {}
+        self._slots = itertools.count(1)
         self.watcher = self.new_watcher()
 
     def new_watcher(self) -> Watcher:
@@ -126,6 +128,9 @@ class Rig:
             etcd=self.mesh.factory,
             wall_ms=lambda: int(self.clock() * 1000),
             inbox=1_000_000,  # nobody drains a superseded watcher's inbox: it must not block
+            # each watcher its own generation slot, as random draws almost always give: the
+            # fake clock stands still, so only the slot keeps two watchers' generations apart
+            gen_slot=next(self._slots),
         )
 
     @property
