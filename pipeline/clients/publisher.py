@@ -28,7 +28,10 @@ class Publisher(Protocol):
 # A task carries at most this many operations, however many batches: a worker applies a
 # task's batches one transaction after another, so a flush of many full batches must spread
 # over several tasks (and workers), while many small batches (one per target) share one.
-MAX_OPS_PER_TASK = 1024
+# 4 transactions of full batches: with 8 (1,024), a pool through a 10 ms round trip drained
+# a backlog about a tenth slower, and its start (small flushes that chain) half again as
+# slow (docs/performance.md).
+MAX_OPS_PER_TASK = 512
 
 
 def group_batches(

@@ -28,7 +28,7 @@ def test_full_batches_spread_over_tasks_for_several_workers() -> None:
     full = [batch("t", 127, shard=i) for i in range(40)]
     groups = group_batches(full, 64)
     assert all(sum(len(b.ops) for b in g) <= MAX_OPS_PER_TASK for g in groups)
-    assert [len(g) for g in groups] == [8] * 5
+    assert [len(g) for g in groups] == [MAX_OPS_PER_TASK // 127] * (40 // (MAX_OPS_PER_TASK // 127))
     assert [b for g in groups for b in g] == full  # in order, nothing lost
 
 
@@ -40,19 +40,20 @@ def test_a_batch_larger_than_the_cap_gets_a_task_of_its_own() -> None:
 def test_a_run_of_one_shard_is_never_split_when_it_fits_a_task() -> None:
     """Consecutive batches of a shard go together: split over two tasks, the second task's
     worker would wait for the first's."""
-    runs = [batch("t", 127, shard=s) for s in range(3) for _ in range(3)]  # 3 runs of 381 ops
-    groups = group_batches(runs, 64)
+    runs = [batch("t", 127, shard=s) for s in range(3) for _ in range(2)]  # 3 runs of 254 ops
+    groups = group_batches(runs, 64, max_ops=512)
     assert [[int(b.shard.split("-")[1]) for b in g] for g in groups] == [
-        [0, 0, 0, 1, 1, 1],
-        [2, 2, 2],
+        [0, 0, 1, 1],
+        [2, 2],
     ]
     assert [b for g in groups for b in g] == runs
 
 
 def test_a_burst_becomes_tasks_of_one_shard_each() -> None:
-    """The watcher cuts a burst into segments of 8 full batches per shard, round robin; each
-    segment fills one task, so consecutive tasks touch different shards."""
-    segments = [batch("t", 127, shard=s) for s in range(16) for _ in range(8)]
+    """The watcher cuts a burst into segments of a task's worth of full batches per shard,
+    round robin; each segment fills one task, so consecutive tasks touch different shards."""
+    seg = MAX_OPS_PER_TASK // 127
+    segments = [batch("t", 127, shard=s) for s in range(16) for _ in range(seg)]
     groups = group_batches(segments, 64)
     assert len(groups) == 16
     assert all(len({b.shard for b in g}) == 1 for g in groups)
