@@ -114,7 +114,7 @@ class Rig:
         # with it, apply_group guesses fences instead of reading them (and a wipe or a new
         # generation makes the guesses stale, which the compares must catch)
         self.gens: dict[str, dict[str, FenceView]] = {}
-        self._slots = itertools.count(1)
+        self._ticks = itertools.count()  # milliseconds the wall clock moved on its own
         self.watcher = self.new_watcher()
 
     def new_watcher(self) -> Watcher:
@@ -126,11 +126,11 @@ class Rig:
             metrics=WatcherMetrics(),
             clock=self.clock,
             etcd=self.mesh.factory,
-            wall_ms=lambda: int(self.clock() * 1000),
+            # the fake clock stands still between steps, a wall clock does not: each reading
+            # is a millisecond past the one before (a generation is floored by it, and two
+            # opens with a wipe between them are never in the same millisecond)
+            wall_ms=lambda: int(self.clock() * 1000) + next(self._ticks),
             inbox=1_000_000,  # nobody drains a superseded watcher's inbox: it must not block
-            # each watcher its own generation slot, as random draws almost always give: the
-            # fake clock stands still, so only the slot keeps two watchers' generations apart
-            gen_slot=next(self._slots),
         )
 
     @property

@@ -179,7 +179,7 @@ class TimedStore:
             took = self._clock() - start
             labels = (scope_of(shards), action, outcome, self._target)
             self._metrics.operations.labels(*labels).observe(took)
-            if action == "txn":
+            if action == "txn" and outcome == "success":  # a timeout is no transaction time
                 last = self.txn_seconds
                 self.txn_seconds = took if last == 0 else 0.8 * last + 0.2 * took
 

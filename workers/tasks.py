@@ -92,7 +92,12 @@ class _PerProcess:
     def gap_wait(self, target: str) -> float:
         """How long a batch waits in place for its predecessor while no fence it waits on
         moves: worker.gap_wait, or longer when the target's transactions are slow."""
-        return gap_window(self._settings.worker.gap_wait, self.store(target).txn_seconds)
+        s = self._settings
+        # a slow or stalling target must not hold a slot past the task's own bounds: a
+        # quarter of the visibility timeout (then Redis hands the task to another worker)
+        # and half the stall timeout (then the watcher resyncs)
+        cap = min(s.broker.visibility_timeout / 4, s.sync.stall_timeout / 2)
+        return gap_window(s.worker.gap_wait, self.store(target).txn_seconds, cap)
 
     def gens(self, target: str) -> dict[str, FenceView]:
         """Each source's generation as this process last saw it in *target*."""
@@ -283,18 +288,21 @@ def register_tasks(app: Any, settings: Settings) -> Any:
     return apply_task
 
 
-# A predecessor's task holds up to this many transactions (MAX_OPS_PER_TASK operations, up
-# to MAX_GROUP_OPS to a transaction) and applies them one after another: the fence of a
-# batch's shard may stand still that long while the task works on its other shards. Waiting
-# less, on a loaded target, hands a batch back to the queue whose predecessor was about to
-# land, and its own successors then wait for it in turn.
+# A predecessor's task applies its transactions one after another, and the fence of a
+# batch's shard may stand still that long while the task works on its other shards. A task
+# of full batches holds 4 transactions for a target (MAX_OPS_PER_TASK, up to MAX_GROUP_OPS to
+# a transaction); 8 leaves room for the batches of other targets before them in a task, and
+# for tasks of watchers of the version before 5305c83 (1,024 operations). Waiting less, on a
+# loaded target, hands back a batch whose predecessor was about to land, and its own
+# successors then wait for it in turn.
 TXNS_PER_TASK = 8
 
 
-def gap_window(gap_wait: float, txn_seconds: float) -> float:
+def gap_window(gap_wait: float, txn_seconds: float, cap: float) -> float:
     """The wait without a moving fence before a batch goes back to the queue: gap_wait,
-    or as long as a predecessor's task of TXNS_PER_TASK transactions takes, if longer."""
-    return max(gap_wait, TXNS_PER_TASK * txn_seconds)
+    or as long as a predecessor's task of TXNS_PER_TASK transactions takes, if longer, but
+    never over *cap* (nor under gap_wait)."""
+    return max(gap_wait, min(TXNS_PER_TASK * txn_seconds, cap))
 
 
 # A task waits while the chain it waits on moves for at most this many gap_waits in all,

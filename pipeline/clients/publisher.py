@@ -119,10 +119,12 @@ class CeleryPublisher:
                         queue=self._queue,
                         routing_key=self._queue,
                         producer=producer,
-                        # one quick retry rides over a dropped connection; anything longer
-                        # is the watcher's to handle (it pauses and keeps the changes)
-                        retry=True,
-                        retry_policy={"max_retries": 1, "interval_start": 0.1},
+                        # no retry in kombu: the watcher pauses and keeps the changes on any
+                        # failure. Once, a publish after Redis refused a write for want of
+                        # memory met a kombu channel without its connection, and the
+                        # AttributeError ended the watcher's thread; kombu's retry path is
+                        # the one that closes channels (docs/operations.md).
+                        retry=False,
                     )
                     sent += len(group)
                     if self._on_task is not None:

@@ -156,29 +156,13 @@ def progress_rev(raw: bytes | None, gen: int, source_rev: int) -> int:
     return rev
 
 
-# Generations of one watcher end in its own slot (gen % GEN_SLOTS), drawn when it starts.
-GEN_SLOTS = 1000
-
-
-def new_generation(
-    records: TargetRecords, current: int, now_ms: int, slot: int = 0, slots: int = 1
-) -> int:
-    """The next generation: above every one the target or this watcher has seen, never
-    below the clock in milliseconds, and in this watcher's *slot* (the first such number
-    that is *slot* modulo *slots*, at most slots - 1 above the rest).
-
-    The clock survives a target that forgot its records (batches of the forgotten
-    generation may still be in flight) and a restarted watcher. The slot keeps two
-    watchers of one source apart when the clock does not: one that lost its lease and has
-    not noticed yet opens a generation, the target is wiped, and the new leader opens one in
-    the same millisecond. Both would have the same number, their batches the same
-    positions with different contents, and the fence would take the second watcher's batch
-    for a copy of the first's. With slots, the two numbers differ unless the watchers drew
-    the same slot."""
+def new_generation(records: TargetRecords, current: int, now_ms: int) -> int:
+    """The next generation: above every one the target or this watcher has seen, and never
+    below the clock in milliseconds, which survives a target that forgot its records (batches
+    of the forgotten generation may still be in flight) and a restarted watcher."""
     seen = [records.gen.gen if records.gen else 0, current]
     seen += [f.gen for f in records.fences.values()]
-    floor = max([g + 1 for g in seen] + [now_ms])
-    return floor + (slot - floor) % slots
+    return max([g + 1 for g in seen] + [now_ms])
 
 
 # -- start ------------------------------------------------------------------------------------

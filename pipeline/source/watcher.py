@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import secrets
 import threading
 import time
 from collections import deque
@@ -50,7 +49,6 @@ from pipeline.source.listing import Readiness, read_readiness
 from pipeline.source.metrics import WatcherMetrics
 from pipeline.source.planner import (
     END,
-    GEN_SLOTS,
     Cause,
     PairState,
     Resume,
@@ -145,7 +143,6 @@ class Watcher:
         etcd: EtcdFactory = Etcd,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         inbox: int = INBOX,
-        gen_slot: int | None = None,
     ) -> None:
         self.settings = settings
         self.sync = settings.sync
@@ -156,8 +153,6 @@ class Watcher:
         self.metrics = metrics or WatcherMetrics()
         self.clock = clock
         self.wall_ms = wall_ms
-        # the last digits of every generation this watcher opens (planner.new_generation)
-        self.gen_slot = secrets.randbelow(GEN_SLOTS) if gen_slot is None else gen_slot
         self.shards = all_shards(settings.sync.shards)
         self._etcd = etcd
         src = source.name
@@ -1038,7 +1033,7 @@ class Watcher:
         src = self.source.name
         records: TargetRecords = t.control.read()
         t.held_marked = records.held
-        gen = new_generation(records, t.pair.gen, self.wall_ms(), self.gen_slot, GEN_SLOTS)
+        gen = new_generation(records, t.pair.gen, self.wall_ms())
         record = GenRecord(gen, self.sync.shards, self.sync.identities, self.feed.cluster_id)
         t.gen_rev = t.control.open_generation(records, record)
         t.pair = PairState(gen=gen, chain={s: (0, 0) for s in self.shards})

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pipeline.protocol.batching import Change, make_batches
-from pipeline.protocol.errors import ForbiddenBatchError
+from pipeline.protocol.errors import ForbiddenBatchError, RetryableError
 from pipeline.protocol.fence import Decision, FenceRecord, GenRecord
 from pipeline.protocol.layout import RESOURCE_BY_NAME, Op
 from pipeline.protocol.names import fence_key, gen_key
@@ -432,8 +432,8 @@ def test_a_batch_waiting_for_its_predecessor_guesses_once_then_reads() -> None:
 def test_a_slow_target_lengthens_the_wait_for_a_predecessor() -> None:
     """A batch waits in place for its predecessor as long as a predecessor's task of
     transactions takes on the target: gap_wait while transactions are quick, longer while
-    they are slow (a loaded target). The time is this process's own transactions, averaged;
-    reads do not count."""
+    they are slow (a loaded target), up to a cap. The time is this process's own
+    transactions, averaged; reads and failed calls do not count."""
     now = [0.0]
 
     class Slow(Store):
@@ -452,10 +452,10 @@ def test_a_slow_target_lengthens_the_wait_for_a_predecessor() -> None:
     inner = Slow()
     inner.etcd.space = slow.etcd.space
     store = TimedStore(inner, WorkerMetrics(CollectorRegistry()), "b", clock=lambda: now[0])
-    assert store.txn_seconds == 0.0 and gap_window(0.1, store.txn_seconds) == 0.1
+    assert store.txn_seconds == 0.0 and gap_window(0.1, store.txn_seconds, 15.0) == 0.1
     assert apply_all(store, batches[:1], Counter(), gap_wait=0.0) == []
     assert store.txn_seconds == pytest.approx(0.05)  # the read before it took 1 s: not counted
-    assert gap_window(0.1, store.txn_seconds) == pytest.approx(TXNS_PER_TASK * 0.05)
+    assert gap_window(0.1, store.txn_seconds, 15.0) == pytest.approx(TXNS_PER_TASK * 0.05)
     Slow.took = 0.15
     assert apply_all(store, batches[1:2], Counter(), gap_wait=0.0) == []
     assert store.txn_seconds == pytest.approx(0.8 * 0.05 + 0.2 * 0.15)
@@ -463,4 +463,12 @@ def test_a_slow_target_lengthens_the_wait_for_a_predecessor() -> None:
     for b in batches[2:]:
         assert apply_all(store, [b], Counter(), gap_wait=0.0) == []
     assert store.txn_seconds == pytest.approx(0.64 * 0.07 + 0.36 * 0.001)  # decays
-    assert gap_window(0.1, 0.01) == 0.1  # quick transactions: gap_wait itself
+    settled = store.txn_seconds
+    inner.etcd.space.down = True  # the target stops answering: a failed call, not a time
+    with pytest.raises(RetryableError):
+        store.commit_group("a", 1, [])
+    assert store.txn_seconds == settled
+    assert gap_window(0.1, 0.01, 15.0) == 0.1  # quick transactions: gap_wait itself
+    # a target that answers in 10 s (an etcd timeout) holds a slot for the cap at most
+    assert gap_window(0.1, 10.0, 2.5) == 2.5
+    assert gap_window(0.1, 10.0, 0.01) == 0.1  # and gap_wait is the least, whatever the cap

@@ -74,7 +74,7 @@ def test_only_equal_operation_lists_are_shared() -> None:
     those and differ inside, or only in a value, each keep their own operations."""
     ops = _batch().ops
     middle = (ops[0], Operation(Op.PUT, b"other", b"v"), *ops[2:])
-    value = (ops[0], ops[1], Operation(Op.PUT, ops[2].key, b"changed"), *ops[3:])
+    value = (ops[0], Operation(Op.PUT, ops[1].key, b"changed"), *ops[2:])
     batches = [
         _batch(target=t, ops=o)
         for t, o in (("b", ops), ("c", middle), ("d", value), ("e", _batch().ops))
