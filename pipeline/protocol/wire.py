@@ -135,8 +135,9 @@ def _b64(raw: Any, i: int, what: str) -> bytes:
     if not isinstance(raw, str):
         raise MalformedBatchError(f"op {i} {what} must be a base64 string")
     try:
-        # strict: only the alphabet, with exact padding (what b64decode(validate=True)
-        # accepts, and a non-ASCII string is a ValueError)
+        # strict: only the alphabet, and padding only at the end: the strings that
+        # b64decode(validate=True) accepted, checked on every string of up to 6 characters
+        # of a mixed alphabet (a non-ASCII string is a ValueError)
         return binascii.a2b_base64(raw, strict_mode=True)
     except (binascii.Error, ValueError):
         raise MalformedBatchError(f"op {i} {what} is not valid base64") from None
