@@ -124,12 +124,6 @@ class Target:
             self.need_resync, self.resync_detail = cause, detail
 
 
-def _shard_order(shard: str) -> tuple[str, int]:
-    """Shards in a fixed order, by resource and number."""
-    parsed = parse_shard(shard)
-    return (parsed[0].name, parsed[1]) if parsed else (shard, -1)
-
-
 class Watcher:
     def __init__(
         self,
@@ -154,6 +148,8 @@ class Watcher:
         self.clock = clock
         self.wall_ms = wall_ms
         self.shards = all_shards(settings.sync.shards)
+        # a flush lays each target's shards out in this order (by resource, then number)
+        self._shard_rank = {s: i for i, s in enumerate(self.shards)}
         self._etcd = etcd
         src = source.name
         self.feed = SourceFeed(
@@ -751,7 +747,8 @@ class Watcher:
         so parallel workers rarely wait on a predecessor. *since*: per shard, when its oldest
         change was received (carried in its batches for the lag histogram)."""
         chains: list[list[Batch]] = []
-        for shard, changes in sorted(per_shard.items(), key=lambda kv: _shard_order(kv[0])):
+        rank = self._shard_rank
+        for shard, changes in sorted(per_shard.items(), key=lambda kv: rank.get(kv[0], len(rank))):
             if changes:
                 chain = make_batches(
                     source=self.source.name,
