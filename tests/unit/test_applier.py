@@ -430,10 +430,12 @@ def test_a_batch_waiting_for_its_predecessor_guesses_once_then_reads() -> None:
 
 
 def test_a_slow_target_lengthens_the_wait_for_a_predecessor() -> None:
-    """A batch waits in place for its predecessor as long as a predecessor's task of
-    transactions takes on the target: gap_wait while transactions are quick, longer while
-    they are slow (a loaded target), up to a cap. The time is this process's own
-    transactions, averaged; reads and failed calls do not count."""
+    """The wait a batch gets in place for its predecessor (gap_window, which the task
+    passes to apply_all as its gap_wait) is as long as a predecessor's task of transactions
+    takes on the target: gap_wait while transactions are quick, longer while they are slow
+    (a loaded target), up to a cap. The time is this process's own transactions, averaged;
+    reads and failed calls do not count. (That apply_all hands a batch back after gap_wait
+    without a moving fence, and keeps waiting while it moves, are tests further up.)"""
     now = [0.0]
 
     class Slow(Store):
