@@ -6,13 +6,14 @@ expire. The whole pipeline runs with those users and nothing more."""
 from __future__ import annotations
 
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import trustme
+from etcd3 import etcdrpc
 
 from pipeline.tools.cilium_state import make_state, write_items
 from pipeline.tools.servers import EtcdTLS, find_binary
@@ -38,6 +39,40 @@ class Pki:
         cert.cert_chain_pems[0].write_to_path(str(cert_file))
         cert.private_key_pem.write_to_path(str(key_file))
         return str(cert_file), str(key_file)
+
+
+class TokenProbes:
+    """Tokens of *user* on etcd *i*, all taken at once, each looked at no more than once."""
+
+    def __init__(self, mesh: RbacMesh, i: int, user: str, count: int) -> None:
+        cert, key = mesh.anonymous
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=mesh.pki.ca_file.read_bytes(),
+            private_key=Path(key).read_bytes(),
+            certificate_chain=Path(cert).read_bytes(),
+        )
+        self._channel = grpc.secure_channel(mesh.etcds[i].url.split("//")[-1], creds)
+        auth = etcdrpc.AuthStub(self._channel)
+        login = etcdrpc.AuthenticateRequest(name=user, password=f"{user}-secret")
+        self._tokens = [auth.Authenticate(login, timeout=10).token for _ in range(count)]
+        self._kv = etcdrpc.KVStub(self._channel)
+
+    def one_expired(self) -> bool:
+        """Whether the newest token not looked at yet is refused."""
+        assert self._tokens, "every probe token was looked at and still valid"
+        token = self._tokens.pop()
+        try:
+            self._kv.Range(
+                etcdrpc.RangeRequest(key=b"kvmesh/"), timeout=10, metadata=(("token", token),)
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return True
+            raise
+        return False
+
+    def close(self) -> None:
+        self._channel.close()
 
 
 class RbacMesh(Mesh):
@@ -220,10 +255,13 @@ def test_password_users_log_in_again_when_their_token_expires(servers: Servers) 
         mesh.watcher()
         mesh.wait_equal()
         # the condition under test is an expired token: simple tokens die after 2 s unused,
-        # and the workers' tokens are unused while nothing changes
-        # Waiting out the TTL is the condition itself: any call to observe a token would
-        # renew it, so no state can be polled for its expiry.
-        time.sleep(3)  # the token TTL set above, and a second more
+        # and the workers' tokens are unused while nothing changes. A look at a token renews
+        # it, so the wait looks at tokens of its own, taken now (after the workers' last
+        # use), a fresh one each time: once one is refused, every token last used before
+        # it was taken has expired too.
+        probes = TokenProbes(mesh, 1, "kvmesh-pw", count=40)  # 10 s of looks
+        eventually(probes.one_expired, timeout=30, interval=0.25, what="the tokens expired")
+        probes.close()
         mesh.client(0).put(b"cilium/state/nodes/v1/cluster-a/after-expiry", b"{}")
         eventually(
             lambda: mesh.client(1).get(b"cilium/cache/nodes/v1/cluster-a/after-expiry"),
