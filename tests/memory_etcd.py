@@ -180,12 +180,15 @@ class MemoryEtcd:
         same member names an etcd keeps its cluster ID, so that is the default."""
         old = self.space
         fresh = Keyspace(old.name, old.cluster_id if same_cluster_id else next(_cluster_ids))
-        fresh.streams = old.streams
-        for s in fresh.streams:  # a restart breaks every stream
-            s.stopped = True
-            s.on_error(RetryableError(f"etcd {old.name}: connection reset", old.name))
-        fresh.streams = []
+        self.restart()
         old.__dict__.update(fresh.__dict__)
+
+    def restart(self) -> None:
+        """The etcd restarts (with its data, unless wiped): every stream breaks."""
+        for s in self.space.streams:
+            s.stopped = True
+            s.on_error(RetryableError(f"etcd {self.space.name}: connection reset", self.space.name))
+        self.space.streams = []
 
     def set_down(self, down: bool) -> None:
         self.space.down = down

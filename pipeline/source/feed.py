@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.clients.etcd import EtcdClient, Event, Stream
-from pipeline.protocol.errors import CompactedError, RetryableError
+from pipeline.protocol.errors import CompactedError, RetryableError, show_key
 from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES, Resource
 from pipeline.source.planner import Cause
 
@@ -87,6 +87,10 @@ class SourceFeed:
         self.delivered: dict[str, int] = {}  # per resource: every event up to here was seen
         self.last_event_rev = 0  # newest revision of any event of the watched prefixes
         self.config_rev = 0  # mod revision of the source's cluster config, as last seen
+        # A key the feed knows the state of, to tell the same etcd from another one after a
+        # reconnect: (resource, key, mod revision) of the newest put delivered (or of the
+        # cluster config the last resync read), with no later event of that key delivered.
+        self.anchor: tuple[str, bytes, int] | None = None
         self.cluster_id = 0  # the source etcd's cluster ID when the feed started
         self._config_key = RESOURCE_BY_NAME["config"].source_prefix(source)
 
@@ -97,6 +101,9 @@ class SourceFeed:
         self.stop()
         epoch = self.epoch
         self.delivered = {r.name: start_rev - 1 for r in RESOURCES}
+        # set by the resync that came before (or by the events since, which the restarted
+        # watch delivers again from start_rev on)
+        self.anchor = ("config", self._config_key, self.config_rev) if self.config_rev else None
         for res in RESOURCES:
             self._start_stream(res, start_rev, epoch)
 
@@ -177,9 +184,23 @@ class SourceFeed:
             if item.resource.single_key:
                 last = item.events[-1]
                 self.config_rev = last.revision if last.value is not None else 0
+            self._move_anchor(name, item.events)
         else:  # a progress notification: everything up to header_rev was delivered
             self.delivered[name] = max(self.delivered.get(name, 0), item.header_rev)
         return item
+
+    def _move_anchor(self, name: str, events: list[Event]) -> None:
+        """The newest put of *events* that no later event of theirs deletes becomes the
+        anchor; a delete of the anchor's key, with no put after it, leaves none."""
+        deleted: set[bytes] = set()
+        for ev in reversed(events):
+            if ev.value is None:
+                deleted.add(ev.key)
+            elif ev.key not in deleted:
+                self.anchor = (name, ev.key, ev.revision)
+                return
+        if self.anchor is not None and self.anchor[1] in deleted:
+            self.anchor = None
 
     def _broken(self, item: _Broken) -> Lost | None:
         exc = item.error
@@ -218,14 +239,29 @@ class SourceFeed:
 
     def replaced(self) -> str | None:
         """Why the source etcd is not the one watched (restored or wiped), or None. An etcd
-        started afresh with the same member names keeps its cluster ID, so its revision and
-        the cluster config's revision are compared with what was already seen."""
+        started afresh with the same member names keeps its cluster ID, so its revision, the
+        key last seen written and the cluster config's revision are compared with what was
+        already seen."""
         rev, cluster_id = self.etcd.header()
         if cluster_id != self.cluster_id:
             return "another cluster ID"
-        seen = max(self.delivered.values(), default=0)
+        seen = max([*self.delivered.values(), self.anchor[2] if self.anchor else 0])
         if rev < seen:
             return f"revision {rev} is below {seen}, already seen"
+        # An etcd that came back empty may be past that revision already: the other
+        # clusters' watchers write their caches into it, its owner rebuilds it. The key the
+        # feed last saw written must then still hold that write, where the feed left off.
+        if self.anchor is not None:
+            name, key, mod = self.anchor
+            at = max(mod, self.delivered.get(name, 0))
+            try:
+                _, kvs = self.etcd.scan(key, at, exact=True)
+                kv = next(kvs, None)
+            except CompactedError:
+                pass  # too old to read: a compaction past it, the resumed watch reports
+            else:
+                if kv is None or kv.mod_revision != mod:
+                    return f"{show_key(key)}, written at revision {mod}, is not at revision {at}"
         config = self.etcd.get(self._config_key)
         if (
             config is not None

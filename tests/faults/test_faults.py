@@ -348,10 +348,19 @@ def test_source_restarted_empty_loses_no_cached_key_until_its_canaries(mesh: Fau
     replaced = mesh.watch.metric(
         RESYNCS, source_cluster=A, target_cluster=B, reason="source_replaced"
     )
+    seen = mesh.client(0).revision()
     mesh.etcds[0].kill()
     shutil.rmtree(mesh.etcds[0].data_dir)
     mesh.etcds[0].data_dir.mkdir()
     mesh.etcds[0].start()
+    # Its revision is pushed past the one watched, as the other clusters' watchers do when
+    # they fill their caches in it: the watcher (looking once a second) notices the empty
+    # etcd whether it reconnects before (by the revision) or after (by the key it last saw
+    # written). With the revision check alone, a young mesh failed here.
+    empty = mesh.client(0)
+    for i in range(seen + 1):
+        empty.put(b"cilium/cache/nodes/v1/elsewhere/node-%d" % i, b"{}")
+    empty.delete_prefix(b"cilium/cache/nodes/v1/elsewhere/")
     # the empty source is noticed and resynced: everything it lacks is held, not deleted
     eventually(
         lambda: (

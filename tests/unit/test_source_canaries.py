@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipeline.protocol.layout import RESOURCES, source_canary_key
 from pipeline.source.planner import Cause
 from tests.rig import Rig
@@ -102,6 +104,61 @@ def test_a_source_restarting_empty_loses_no_key_until_its_canaries() -> None:
     for t in rig.targets:
         assert rig.cache(t) == rig.expected()
         assert len(cached(rig, t, CACHE_IDS)) == 10
+
+
+@pytest.mark.parametrize("last_seen", ["config", "node"])
+def test_a_source_back_empty_past_the_revision_watched_is_noticed(last_seen: str) -> None:
+    """The source etcd comes back empty, and before the watcher reconnects its revision is
+    past the last one watched: the other clusters' watchers wrote their caches into it. The
+    revision alone says nothing then; the key the watcher last saw written (the cluster
+    config its resync read, or a node written since) is not at that revision any more,
+    which says the etcd is another one. Nothing is deleted until the canaries."""
+    rig = Rig()
+    fill(rig, range(10), range(20), syncedCanaries=True)
+    write_canaries(rig)
+    rig.start()
+    rig.settle()
+    if last_seen == "node":
+        rig.source.put(NODE + b"node-3", b'{"name":"node-3","v":2}')
+        rig.settle()
+        assert rig.watcher.feed.anchor == ("nodes", NODE + b"node-3", rig.source.revision())
+    before = {t: rig.cache(t) for t in rig.targets}
+    seen = rig.source.revision()
+    replaced = rig.resyncs("b", Cause.SOURCE_REPLACED.value)
+
+    rig.source.wipe()
+    for i in range(seen + 5):  # another cluster's watcher fills its cache in this etcd
+        rig.source.put(b"cilium/cache/nodes/v1/c/node-%d" % i, b"{}")
+    rig.settle()
+    assert rig.resyncs("b", Cause.SOURCE_REPLACED.value) > replaced
+    for t in rig.targets:
+        assert rig.cache(t) == before[t]
+    fill(rig, range(10), range(20), syncedCanaries=True)
+    write_canaries(rig)
+    rig.settle()
+    for t in rig.targets:
+        assert rig.cache(t) == rig.expected()
+
+
+def test_a_source_back_with_its_data_is_not_taken_for_another() -> None:
+    """A source etcd that restarts with its data (or a stream that breaks) resumes where
+    the watch left off: the key last seen written is still there at its revision."""
+    rig = Rig()
+    fill(rig, range(10), range(20), syncedCanaries=True)
+    write_canaries(rig)
+    rig.start()
+    rig.settle()
+    rig.source.put(NODE + b"node-3", b'{"name":"node-3","v":2}')
+    rig.source.delete(NODE + b"node-4")  # the newest event deletes another key
+    rig.settle()
+    assert rig.watcher.feed.anchor is not None and rig.watcher.feed.anchor[1] == NODE + b"node-3"
+    resyncs = {t: rig.resyncs(t, Cause.SOURCE_REPLACED.value) for t in rig.targets}
+    rig.source.restart()
+    rig.source.put(NODE + b"node-5", b'{"name":"node-5","v":2}')
+    rig.settle()
+    assert {t: rig.resyncs(t, Cause.SOURCE_REPLACED.value) for t in rig.targets} == resyncs
+    for t in rig.targets:
+        assert rig.cache(t) == rig.expected()
 
 
 def test_without_the_capability_a_resync_deletes_at_once() -> None:
