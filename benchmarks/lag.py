@@ -44,6 +44,7 @@ from benchcommon import (
     CACHE_PREFIX,
     ID_PREFIX,
     SOURCE,
+    byte_compile,
     mirror_command,
     pair_config,
     pyplot,
@@ -213,6 +214,7 @@ def main() -> int:
     ap.add_argument("--png", default="", help="draw p50 and p99 by rate to this file")
     ap.add_argument("--redraw", default="", help="only draw --png from this JSON of a run")
     args = ap.parse_args()
+    byte_compile()
     if args.redraw:
         draw(json.loads(Path(args.redraw).read_text()), args.png)
         return 0

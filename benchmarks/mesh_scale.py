@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchcommon import pyplot, write_json
+from benchcommon import byte_compile, pyplot, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096
@@ -175,6 +175,7 @@ def main() -> int:
     ap.add_argument("--before", default="", help="a JSON file of an earlier run to draw too")
     ap.add_argument("--redraw", default="", help="only draw --png from this JSON of a run")
     args = ap.parse_args()
+    byte_compile(args.code)
     if args.redraw:
         before = json.loads(Path(args.before).read_text()) if args.before else []
         draw(json.loads(Path(args.redraw).read_text()), before, args.png)

@@ -48,6 +48,7 @@ from benchcommon import (
     CACHE_PREFIX,
     ID_PREFIX,
     SOURCE,
+    byte_compile,
     pair_config,
     pyplot,
     stop,
@@ -350,6 +351,7 @@ def main() -> int:
     ap.add_argument("--json", default="")
     ap.add_argument("--png", default="")
     args = ap.parse_args()
+    byte_compile()
     sync = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.sync)}
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-scale-"))
     print(f"logs in {tmp}", flush=True)

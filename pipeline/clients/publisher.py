@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -12,7 +11,7 @@ from kombu.exceptions import OperationalError
 from pipeline.clients.broker import queue_depth
 from pipeline.protocol.errors import PublishError, RetryableError
 from pipeline.protocol.names import TASK_NAME
-from pipeline.protocol.wire import Batch, Signer, encode_task
+from pipeline.protocol.wire import Batch, Signer, encode_task_sized
 
 
 class Publisher(Protocol):
@@ -106,7 +105,7 @@ class CeleryPublisher:
             with self._app.producer_or_acquire() as producer:
                 for group in group_batches(batches, per_task or self._per_task):
                     first = group[0]
-                    payload = encode_task(group, self._signer)
+                    payload, size = encode_task_sized(group, self._signer)
                     targets = sorted({b.target for b in group})
                     to = targets[0] if len(targets) == 1 else f"{len(targets)} targets"
                     self._app.send_task(
@@ -128,6 +127,6 @@ class CeleryPublisher:
                     )
                     sent += len(group)
                     if self._on_task is not None:
-                        self._on_task(len(json.dumps(payload, separators=(",", ":"))))
+                        self._on_task(size)
         except (OperationalError, OSError, redis.RedisError) as exc:
             raise PublishError(f"publishing to {self._queue} failed: {exc}", sent) from None

@@ -182,8 +182,19 @@ class Signer:
         self._by_id = {key_id(k): k for k in keys.keys}
 
     def sign(self, payload: dict[str, Any]) -> dict[str, Any]:
-        mac = hmac.new(self._sign_with, canonical(payload), hashlib.sha256).hexdigest()
-        return {**payload, "sig": {"kid": self._kid, "hmac": mac}}
+        return self.sign_sized(payload)[0]
+
+    def sign_sized(self, payload: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """The signed payload, and the length of its compact JSON (no spaces, ASCII only),
+        told by the canonical bytes already made for the signature: the same members, in
+        another order, and `sig`."""
+        body = canonical(payload)
+        sig = {
+            "kid": self._kid,
+            "hmac": hmac.new(self._sign_with, body, hashlib.sha256).hexdigest(),
+        }
+        size = len(body) + len(',"sig":') + len(json.dumps(sig, separators=(",", ":")))
+        return {**payload, "sig": sig}, size
 
     def verify(self, payload: dict[str, Any]) -> None:
         """Raise UnsignedTaskError, UnknownKeyError or BadSignatureError unless the payload
@@ -211,10 +222,17 @@ class Task:
 def encode_task(
     batches: list[Batch], signer: Signer | None, gap_since_ms: int | None = None
 ) -> dict[str, Any]:
-    """The task payload. A flush sends the same changes to every target, so a list of
-    operations that several batches carry is written once, in the task's "ops", and those
-    batches name it by index: the payload grows with the changes, and only a short header
-    per target. Each distinct list is encoded once."""
+    """The task payload (see encode_task_sized)."""
+    return encode_task_sized(batches, signer, gap_since_ms)[0]
+
+
+def encode_task_sized(
+    batches: list[Batch], signer: Signer | None, gap_since_ms: int | None = None
+) -> tuple[dict[str, Any], int]:
+    """The task payload, and the length of its compact JSON. A flush sends the same changes
+    to every target, so a list of operations that several batches carry is written once, in
+    the task's "ops", and those batches name it by index: the payload grows with the
+    changes, and only a short header per target. Each distinct list is encoded once."""
     distinct: list[tuple[Operation, ...]] = []
     by_print: dict[tuple[int, bytes, bytes], list[int]] = {}
     which: list[int] = []
@@ -261,7 +279,9 @@ def encode_task(
             del e["done"]
     if gap_since_ms is not None:
         payload["gap_since"] = gap_since_ms
-    return signer.sign(payload) if signer is not None else payload
+    if signer is not None:
+        return signer.sign_sized(payload)
+    return payload, len(json.dumps(payload, separators=(",", ":")))
 
 
 def decode_task(payload: Any, signer: Signer | None) -> Task:

@@ -20,6 +20,7 @@ from pipeline.protocol.wire import (
     SigningKeys,
     decode_task,
     encode_task,
+    encode_task_sized,
     key_id,
 )
 
@@ -52,6 +53,19 @@ def test_round_trip_is_byte_exact_through_json() -> None:
     wire = json.loads(json.dumps(encode_task([b, other], SIGNER, gap_since_ms=1234)))
     task = decode_task(wire, SIGNER)
     assert task.batches == [b, other] and task.gap_since_ms == 1234
+
+
+@pytest.mark.parametrize("signer", [SIGNER, None], ids=["signed", "unsigned"])
+def test_the_told_size_is_that_of_the_compact_json(signer: Signer | None) -> None:
+    """The size a publisher reports for a task (kvmesh_watcher_task_bytes_published_total) is
+    that of the payload written out compactly, though a signed one is not written out for it
+    again."""
+    shared = [_batch(target=t) for t in ("b", "c")]  # one shared list of operations
+    other = _batch(shard="ipcache-0", ops=(Operation(Op.DELETE, b"x"),), done=False)
+    payload, size = encode_task_sized([*shared, other], signer, gap_since_ms=1234)
+    assert "ops" in payload and ("sig" in payload) is (signer is not None)
+    assert size == len(json.dumps(payload, separators=(",", ":")))
+    assert payload == encode_task([*shared, other], signer, gap_since_ms=1234)
 
 
 def test_a_flush_for_many_targets_carries_its_operations_once() -> None:
