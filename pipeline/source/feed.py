@@ -87,10 +87,11 @@ class SourceFeed:
         self.delivered: dict[str, int] = {}  # per resource: every event up to here was seen
         self.last_event_rev = 0  # newest revision of any event of the watched prefixes
         self.config_rev = 0  # mod revision of the source's cluster config, as last seen
-        # A key the feed knows the state of, to tell the same etcd from another one after a
-        # reconnect: (resource, key, mod revision) of the newest put delivered (or of the
-        # cluster config the last resync read), with no later event of that key delivered.
-        self.anchor: tuple[str, bytes, int] | None = None
+        # Writes the feed saw, to tell the same etcd from another one after a reconnect: per
+        # resource, (key, revision) of the last put of its last response that had one (and
+        # the cluster config the last resync read). The same etcd holds each at its
+        # revision for ever (until compacted), whatever happened to the key since.
+        self.anchors: dict[str, tuple[bytes, int]] = {}
         self.cluster_id = 0  # the source etcd's cluster ID when the feed started
         self._config_key = RESOURCE_BY_NAME["config"].source_prefix(source)
 
@@ -101,9 +102,9 @@ class SourceFeed:
         self.stop()
         epoch = self.epoch
         self.delivered = {r.name: start_rev - 1 for r in RESOURCES}
-        # set by the resync that came before (or by the events since, which the restarted
-        # watch delivers again from start_rev on)
-        self.anchor = ("config", self._config_key, self.config_rev) if self.config_rev else None
+        # the cluster config as the resync before read it (the events from start_rev on add
+        # the others): writes of an etcd replaced since must not vouch for this one
+        self.anchors = {"config": (self._config_key, self.config_rev)} if self.config_rev else {}
         for res in RESOURCES:
             self._start_stream(res, start_rev, epoch)
 
@@ -184,23 +185,12 @@ class SourceFeed:
             if item.resource.single_key:
                 last = item.events[-1]
                 self.config_rev = last.revision if last.value is not None else 0
-            self._move_anchor(name, item.events)
+            put = next((ev for ev in reversed(item.events) if ev.value is not None), None)
+            if put is not None:
+                self.anchors[name] = (put.key, put.revision)
         else:  # a progress notification: everything up to header_rev was delivered
             self.delivered[name] = max(self.delivered.get(name, 0), item.header_rev)
         return item
-
-    def _move_anchor(self, name: str, events: list[Event]) -> None:
-        """The newest put of *events* that no later event of theirs deletes becomes the
-        anchor; a delete of the anchor's key, with no put after it, leaves none."""
-        deleted: set[bytes] = set()
-        for ev in reversed(events):
-            if ev.value is None:
-                deleted.add(ev.key)
-            elif ev.key not in deleted:
-                self.anchor = (name, ev.key, ev.revision)
-                return
-        if self.anchor is not None and self.anchor[1] in deleted:
-            self.anchor = None
 
     def _broken(self, item: _Broken) -> Lost | None:
         exc = item.error
@@ -239,37 +229,26 @@ class SourceFeed:
 
     def replaced(self) -> str | None:
         """Why the source etcd is not the one watched (restored or wiped), or None. An etcd
-        started afresh with the same member names keeps its cluster ID, so its revision, the
-        key last seen written and the cluster config's revision are compared with what was
-        already seen."""
+        started afresh with the same member names keeps its cluster ID, and its revision
+        may pass the one watched within a second: in a mesh it is a target too, and the
+        other clusters' watchers fill their caches in it at once, while its owner rebuilds
+        it. So each write the feed keeps (`anchors`) is read at its revision as well: the
+        same etcd still shows it there; another one has another key, or nothing, at that
+        revision. A read the etcd compacted away proves nothing and is skipped."""
         rev, cluster_id = self.etcd.header()
         if cluster_id != self.cluster_id:
             return "another cluster ID"
-        seen = max([*self.delivered.values(), self.anchor[2] if self.anchor else 0])
+        seen = max([*self.delivered.values(), *(mod for _, mod in self.anchors.values())])
         if rev < seen:
             return f"revision {rev} is below {seen}, already seen"
-        # An etcd that came back empty may be past that revision already: the other
-        # clusters' watchers write their caches into it, its owner rebuilds it. The key the
-        # feed last saw written must then still hold that write, where the feed left off.
-        if self.anchor is not None:
-            name, key, mod = self.anchor
-            at = max(mod, self.delivered.get(name, 0))
+        for key, mod in self.anchors.values():
             try:
-                _, kvs = self.etcd.scan(key, at, exact=True)
+                _, kvs = self.etcd.scan(key, mod, exact=True)
                 kv = next(kvs, None)
             except CompactedError:
-                pass  # too old to read: a compaction past it, the resumed watch reports
-            else:
-                if kv is None or kv.mod_revision != mod:
-                    return f"{show_key(key)}, written at revision {mod}, is not at revision {at}"
-        config = self.etcd.get(self._config_key)
-        if (
-            config is not None
-            and self.config_rev
-            and config.mod_revision <= seen
-            and config.mod_revision != self.config_rev
-        ):
-            return "the cluster config changed without an event"
+                continue
+            if kv is None or kv.mod_revision != mod:
+                return f"{show_key(key)} is not as written at revision {mod}"
         return None
 
     def check_silence(self) -> list[Lost]:

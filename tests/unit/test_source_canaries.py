@@ -106,22 +106,28 @@ def test_a_source_restarting_empty_loses_no_key_until_its_canaries() -> None:
         assert len(cached(rig, t, CACHE_IDS)) == 10
 
 
-@pytest.mark.parametrize("last_seen", ["config", "node"])
+@pytest.mark.parametrize("last_seen", ["config", "node", "node deleted since"])
 def test_a_source_back_empty_past_the_revision_watched_is_noticed(last_seen: str) -> None:
     """The source etcd comes back empty, and before the watcher reconnects its revision is
     past the last one watched: the other clusters' watchers wrote their caches into it. The
-    revision alone says nothing then; the key the watcher last saw written (the cluster
-    config its resync read, or a node written since) is not at that revision any more,
+    revision alone says nothing then; a write the watcher saw (the cluster config its resync
+    read, or a node written since, even one deleted since) is not at its revision any more,
     which says the etcd is another one. Nothing is deleted until the canaries."""
     rig = Rig()
     fill(rig, range(10), range(20), syncedCanaries=True)
     write_canaries(rig)
     rig.start()
     rig.settle()
-    if last_seen == "node":
+    config_rev = rig.source.get(CONFIG).mod_revision  # type: ignore[union-attr]
+    assert rig.watcher.feed.anchors == {"config": (CONFIG, config_rev)}
+    if last_seen != "config":
         rig.source.put(NODE + b"node-3", b'{"name":"node-3","v":2}')
         rig.settle()
-        assert rig.watcher.feed.anchor == ("nodes", NODE + b"node-3", rig.source.revision())
+        written = rig.source.revision()
+        if last_seen == "node deleted since":
+            rig.source.delete(NODE + b"node-3")
+            rig.settle()
+        assert rig.watcher.feed.anchors["nodes"] == (NODE + b"node-3", written)
     before = {t: rig.cache(t) for t in rig.targets}
     seen = rig.source.revision()
     replaced = rig.resyncs("b", Cause.SOURCE_REPLACED.value)
@@ -142,7 +148,8 @@ def test_a_source_back_empty_past_the_revision_watched_is_noticed(last_seen: str
 
 def test_a_source_back_with_its_data_is_not_taken_for_another() -> None:
     """A source etcd that restarts with its data (or a stream that breaks) resumes where
-    the watch left off: the key last seen written is still there at its revision."""
+    the watch left off, whatever happened since to the keys whose writes the watcher keeps:
+    each write is still there at its revision."""
     rig = Rig()
     fill(rig, range(10), range(20), syncedCanaries=True)
     write_canaries(rig)
@@ -151,14 +158,21 @@ def test_a_source_back_with_its_data_is_not_taken_for_another() -> None:
     rig.source.put(NODE + b"node-3", b'{"name":"node-3","v":2}')
     rig.source.delete(NODE + b"node-4")  # the newest event deletes another key
     rig.settle()
-    assert rig.watcher.feed.anchor is not None and rig.watcher.feed.anchor[1] == NODE + b"node-3"
+    assert rig.watcher.feed.anchors["nodes"][0] == NODE + b"node-3"
     resyncs = {t: rig.resyncs(t, Cause.SOURCE_REPLACED.value) for t in rig.targets}
-    rig.source.restart()
-    rig.source.put(NODE + b"node-5", b'{"name":"node-5","v":2}')
-    rig.settle()
-    assert {t: rig.resyncs(t, Cause.SOURCE_REPLACED.value) for t in rig.targets} == resyncs
-    for t in rig.targets:
-        assert rig.cache(t) == rig.expected()
+    for change in ("rewritten", "deleted"):
+        # the watcher does not see these before the restart breaks its streams
+        if change == "rewritten":
+            rig.source.put(NODE + b"node-3", b'{"name":"node-3","v":3}')
+            rig.source.put(CONFIG, config(syncedCanaries=True, maxConnectedClusters=255))
+        else:
+            rig.source.delete(NODE + b"node-3")
+            rig.source.delete(CONFIG)
+        rig.source.restart()
+        rig.settle()
+        assert {t: rig.resyncs(t, Cause.SOURCE_REPLACED.value) for t in rig.targets} == resyncs
+        for t in rig.targets:
+            assert rig.cache(t) == rig.expected()
 
 
 def test_without_the_capability_a_resync_deletes_at_once() -> None:
