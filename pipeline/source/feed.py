@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pipeline.clients.etcd import EtcdClient, Event, Stream
@@ -241,7 +241,12 @@ class SourceFeed:
         seen = max([*self.delivered.values(), *(mod for _, mod in self.anchors.values())])
         if rev < seen:
             return f"revision {rev} is below {seen}, already seen"
-        for key, mod in self.anchors.values():
+        return self.unseen(self.anchors.values())
+
+    def unseen(self, writes: Iterable[tuple[bytes, int]]) -> str | None:
+        """Why the source etcd does not hold one of *writes* (key, revision) at its revision,
+        or None: each is read there (a read compacted away is skipped)."""
+        for key, mod in writes:
             try:
                 _, kvs = self.etcd.scan(key, mod, exact=True)
                 kv = next(kvs, None)
@@ -250,6 +255,11 @@ class SourceFeed:
             if kv is None or kv.mod_revision != mod:
                 return f"{show_key(key)} is not as written at revision {mod}"
         return None
+
+    def kept_writes(self, limit: int = 8, longest: int = 256) -> list[tuple[bytes, int]]:
+        """The writes the feed keeps, for a progress record: a new term reads them back
+        before it resumes (at most *limit*, of keys up to *longest* bytes)."""
+        return [(k, m) for k, m in self.anchors.values() if len(k) <= longest][:limit]
 
     def check_silence(self) -> list[Lost]:
         """Ask every stream how far it delivered; replace one that answered nothing for

@@ -11,6 +11,7 @@ stateful property test drives them directly (tests/unit/test_fence_stateful.py).
 
 from __future__ import annotations
 
+import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -154,6 +155,35 @@ def progress_rev(raw: bytes | None, gen: int, source_rev: int) -> int:
     if not isinstance(rev, int) or isinstance(rev, bool) or not 0 <= rev <= source_rev:
         return 0
     return rev
+
+
+def progress_writes(raw: bytes | None, gen: int) -> list[tuple[bytes, int]]:
+    """The source writes (key, revision) a progress record of generation *gen* says its
+    watcher saw, or none when it says nothing that can be believed: a record of another
+    generation may come from a source etcd replaced since (a resync opened this one)."""
+    if raw is None or len(raw) > 4096:
+        return []
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(record, dict) or record.get("gen") != gen:
+        return []
+    seen = record.get("seen")
+    if not isinstance(seen, list):
+        return []
+    out = []
+    for item in seen[:8]:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+            return []
+        key, mod = item
+        if not isinstance(mod, int) or isinstance(mod, bool) or not 0 < mod < 1 << 63:
+            return []
+        try:
+            out.append((binascii.a2b_base64(key, strict_mode=True), mod))
+        except (binascii.Error, ValueError):
+            return []
+    return out
 
 
 def new_generation(records: TargetRecords, current: int, now_ms: int) -> int:

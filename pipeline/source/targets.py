@@ -5,9 +5,10 @@ was superseded writes nothing."""
 
 from __future__ import annotations
 
+import binascii
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
 from pipeline.clients.etcd import KV, Delete, EtcdClient, ModIs, Put, TxnOp
@@ -88,8 +89,19 @@ class TargetControl:
             if not written.succeeded:
                 raise RetryableError(f"target {self.name}: generation moved while writing fences")
 
-    def write_progress(self, gen_rev: int, gen: int, rev: int) -> bool:
-        value = json.dumps({"gen": gen, "rev": rev, "ts": time.time()}).encode()
+    def write_progress(
+        self, gen_rev: int, gen: int, rev: int, seen: Sequence[tuple[bytes, int]] = ()
+    ) -> bool:
+        """Record that the target holds every event up to *rev*, with writes of the source
+        the watcher saw (key, revision): a new term reads them back in the source before it
+        resumes from the fences (planner.progress_writes)."""
+        record = {
+            "gen": gen,
+            "rev": rev,
+            "ts": time.time(),
+            "seen": [[binascii.b2a_base64(k, newline=False).decode(), m] for k, m in seen],
+        }
+        value = json.dumps(record).encode()
         return self.etcd.txn(
             [ModIs(gen_key(self.source), gen_rev)], [Put(progress_key(self.source), value)]
         ).succeeded

@@ -60,6 +60,7 @@ from pipeline.source.planner import (
     complete,
     new_generation,
     plan_start,
+    progress_writes,
 )
 from pipeline.source.targets import TargetControl
 
@@ -968,7 +969,9 @@ class Watcher:
         # target's revision, and in a full mesh that target is another watcher's source.
         due = t.progress_at == 0.0 or now - t.progress_at >= _PROGRESS_HEARTBEAT
         moved = through > t.progress_rev and (self.feed.last_event_rev > t.progress_rev or due)
-        if moved and t.control.write_progress(t.gen_rev, t.pair.gen, through):
+        if moved and t.control.write_progress(
+            t.gen_rev, t.pair.gen, through, self.feed.kept_writes()
+        ):
             t.progress_rev, t.progress_at = through, now
             self.metrics.applied_revision.labels(src, t.name).set(through)
 
@@ -1049,6 +1052,18 @@ class Watcher:
                 source_rev,
             ),
         )
+        if isinstance(plan, Resume) and records.gen is not None:
+            # the fences are positions in the source's history: the writes the last term saw
+            # must still be there (a source etcd back empty may be past the fences already)
+            writes = progress_writes(records.progress, records.gen.gen)
+            ahead = max((m for _, m in writes), default=0)
+            gone = (
+                f"revision {source_rev} is below {ahead}, already seen"
+                if ahead > source_rev
+                else self.feed.unseen(writes)
+            )
+            if gone is not None:
+                plan = Resync(Cause.SOURCE_REPLACED, f"before this term: {gone}")
         if isinstance(plan, Resume) and records.held and not self.waiting:
             # deletes were held for a source canary that has appeared since: resync
             plan = Resync(Cause.SOURCE_CANARY, "deletes held before this term")

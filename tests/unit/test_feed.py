@@ -4,12 +4,13 @@ resume; an etcd back empty is, even once its revision passed the one watched."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.protocol.layout import RESOURCE_BY_NAME
 from pipeline.source.feed import Lost, SourceFeed
-from pipeline.source.planner import Cause
+from pipeline.source.planner import Cause, progress_writes
 from tests.memory_etcd import MemoryEtcd
 
 SOURCE = "a"
@@ -95,3 +96,33 @@ def test_an_etcd_back_empty_is_noticed_past_the_revision_watched(
         etcd.put(b"cilium/cache/nodes/v1/c/node-%d" % i, b"{}")
     etcd.put(CONFIG, b'{"id":1}')
     assert len(replaced(feed.next(0, 1000))) == 1
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None,
+        b"not json",
+        b"[]",
+        b'{"gen": 8, "rev": 5, "seen": [["a2V5", 3]]}',  # another generation
+        b'{"gen": 7, "rev": 5}',  # a watcher of before 2026-11-29
+        b'{"gen": 7, "rev": 5, "seen": "a2V5"}',
+        b'{"gen": 7, "rev": 5, "seen": [["a2V5"]]}',
+        b'{"gen": 7, "rev": 5, "seen": [["a2V5", 0]]}',
+        b'{"gen": 7, "rev": 5, "seen": [["a2V5", true]]}',
+        b'{"gen": 7, "rev": 5, "seen": [["a2V5", 3], ["not base64!", 4]]}',
+        b'{"gen": 7, "rev": 5, "seen": [[7, 4]]}',
+        b'{"gen": 7, "seen": [["a2V5", 3]], "pad": "' + b"x" * 4096 + b'"}',
+    ],
+)
+def test_a_progress_record_vouches_for_writes_only_when_it_can_be_believed(
+    raw: bytes | None,
+) -> None:
+    """A target's records are input: a record of another generation, of an older watcher,
+    or malformed in any way vouches for nothing (and raises nothing)."""
+    assert progress_writes(raw, 7) == []
+
+
+def test_a_progress_record_carries_the_writes_it_was_given() -> None:
+    raw = b'{"gen": 7, "rev": 5, "seen": [["a2V5", 3], ["/w==", 4]]}'
+    assert progress_writes(raw, 7) == [(b"key", 3), (b"\xff", 4)]

@@ -6,11 +6,13 @@ in-memory etcds (tests/rig.py)."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
 
 from pipeline.protocol.layout import RESOURCES, source_canary_key
+from pipeline.protocol.names import progress_key
 from pipeline.source.planner import Cause
 from tests.rig import Rig
 
@@ -19,6 +21,7 @@ SERVICE = b"cilium/state/services/v1/a/"
 EXPORT = b"cilium/state/serviceexports/v1/a/"
 IDENTITY = b"cilium/state/identities/v1/id/"
 CONFIG = b"cilium/cluster-config/a"
+RESUMES = "kvmesh_watcher_resumes_total"
 CACHE_NODES = b"cilium/cache/nodes/v1/a/"
 CACHE_IDS = b"cilium/cache/identities/v1/a/id/"
 
@@ -305,3 +308,49 @@ def test_a_bad_value_does_not_delete_a_held_key() -> None:
     rig.source.put(IDENTITY + str((1 << 16) + 1).encode(), b"x" * 2_000_000)  # too large
     rig.settle()
     assert CACHE_IDS + str((1 << 16) + 1).encode() in cached(rig, "b", CACHE_IDS)
+
+
+@pytest.mark.parametrize("source", ["back empty", "back with its data"])
+def test_a_new_term_reads_back_the_writes_its_predecessor_saw(source: str) -> None:
+    """No watcher of the source runs while its etcd restarts (a standby takes over, or the
+    watcher restarts too). Back empty and refilled past the targets' fences, the source
+    lacks the writes the last term recorded with its progress: the new term resyncs (and
+    deletes nothing before the canaries) instead of resuming on another history. Back
+    with its data, rewritten since, it resumes."""
+    rig = Rig()
+    fill(rig, range(10), range(20), syncedCanaries=True)
+    write_canaries(rig)
+    rig.start()
+    rig.settle()
+    rig.source.put(NODE + b"node-3", b'{"name":"node-3","v":2}')
+    rig.settle()
+    written = rig.source.revision()
+    for t in rig.targets:
+        progress = rig.mesh[t].get(progress_key("a"))
+        assert progress is not None
+        assert [NODE + b"node-3", written] in [
+            [base64.b64decode(k), m] for k, m in json.loads(progress.value)["seen"]
+        ]
+    before = {t: rig.cache(t) for t in rig.targets}
+    rig.watcher.stop()
+    if source == "back empty":
+        seen = rig.source.revision()
+        rig.source.wipe()
+        for i in range(seen + 5):  # another cluster's watcher fills its cache in this etcd
+            rig.source.put(b"cilium/cache/nodes/v1/c/node-%d" % i, b"{}")
+    else:
+        rig.source.restart()
+        rig.source.put(NODE + b"node-3", b'{"name":"node-3","v":3}')
+    rig.watcher = rig.new_watcher()
+    rig.start()
+    rig.settle()
+    replaced = [rig.resyncs(t, Cause.SOURCE_REPLACED.value) for t in rig.targets]
+    resumed = [rig.metric(RESUMES, source_cluster="a", target_cluster=t) for t in rig.targets]
+    if source == "back empty":
+        assert replaced == [1] * len(rig.targets) and resumed == [0] * len(rig.targets)
+        for t in rig.targets:
+            assert rig.cache(t) == before[t]
+    else:
+        assert replaced == [0] * len(rig.targets) and resumed == [1] * len(rig.targets)
+        for t in rig.targets:
+            assert rig.cache(t) == rig.expected()
