@@ -93,7 +93,7 @@ class SourceFeed:
         # revision for ever (until compacted), whatever happened to the key since.
         self.anchors: dict[str, tuple[bytes, int]] = {}
         self.cluster_id = 0  # the source etcd's cluster ID when the feed started
-        self._config_key = RESOURCE_BY_NAME["config"].source_prefix(source)
+        self.config_key = RESOURCE_BY_NAME["config"].source_prefix(source)
 
     # -- streams ----------------------------------------------------------------------------
 
@@ -104,7 +104,7 @@ class SourceFeed:
         self.delivered = {r.name: start_rev - 1 for r in RESOURCES}
         # the cluster config as the resync before read it (the events from start_rev on add
         # the others): writes of an etcd replaced since must not vouch for this one
-        self.anchors = {"config": (self._config_key, self.config_rev)} if self.config_rev else {}
+        self.anchors = {"config": (self.config_key, self.config_rev)} if self.config_rev else {}
         for res in RESOURCES:
             self._start_stream(res, start_rev, epoch)
 
@@ -256,10 +256,25 @@ class SourceFeed:
                 return f"{show_key(key)} is not as written at revision {mod}"
         return None
 
-    def kept_writes(self, limit: int = 8, longest: int = 256) -> list[tuple[bytes, int]]:
-        """The writes the feed keeps, for a progress record: a new term reads them back
-        before it resumes (at most *limit*, of keys up to *longest* bytes)."""
-        return [(k, m) for k, m in self.anchors.values() if len(k) <= longest][:limit]
+    def resource_of(self, key: bytes) -> str | None:
+        """The watched resource *key* belongs to, or None (a key the feed does not read)."""
+        for res in RESOURCES:
+            prefix = res.source_prefix(self.source, self.identities)
+            if key == prefix if res.single_key else key.startswith(prefix) and key != prefix:
+                return res.name
+        return None
+
+    def remember(self, writes: Iterable[tuple[bytes, int]]) -> None:
+        """Keep *writes* (read back in this etcd) for resources that have none yet."""
+        for key, mod in writes:
+            name = self.resource_of(key)
+            if name is not None and name not in self.anchors:
+                self.anchors[name] = (key, mod)
+
+    def kept_writes(self) -> list[tuple[bytes, int]]:
+        """The writes the feed keeps (one per resource), for a progress record: a new term
+        reads them back before it resumes (planner.encode_progress keeps what fits)."""
+        return list(self.anchors.values())
 
     def check_silence(self) -> list[Lost]:
         """Ask every stream how far it delivered; replace one that answered nothing for

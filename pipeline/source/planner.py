@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import binascii
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TypeVar
@@ -157,6 +157,20 @@ def progress_rev(raw: bytes | None, gen: int, source_rev: int) -> int:
     return rev
 
 
+def encode_progress(gen: int, rev: int, seen: Sequence[tuple[bytes, int]], ts: float) -> bytes:
+    """A progress record: generation *gen* holds every event up to *rev*; *seen* are
+    writes of the source its watcher saw (key, revision), at most 8, keys of up to 256
+    bytes (what progress_writes believes, and what keeps the record under 4 KiB)."""
+    kept = [(k, m) for k, m in seen if 0 < len(k) <= 256][:8]
+    record = {
+        "gen": gen,
+        "rev": rev,
+        "ts": ts,
+        "seen": [[binascii.b2a_base64(k, newline=False).decode(), m] for k, m in kept],
+    }
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
 def progress_writes(raw: bytes | None, gen: int) -> list[tuple[bytes, int]]:
     """The source writes (key, revision) a progress record of generation *gen* says its
     watcher saw, or none when it says nothing that can be believed: a record of another
@@ -180,9 +194,12 @@ def progress_writes(raw: bytes | None, gen: int) -> list[tuple[bytes, int]]:
         if not isinstance(mod, int) or isinstance(mod, bool) or not 0 < mod < 1 << 63:
             return []
         try:
-            out.append((binascii.a2b_base64(key, strict_mode=True), mod))
+            raw_key = binascii.a2b_base64(key, strict_mode=True)
         except (binascii.Error, ValueError):
             return []
+        if not 0 < len(raw_key) <= 256:
+            return []
+        out.append((raw_key, mod))
     return out
 
 

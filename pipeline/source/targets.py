@@ -5,8 +5,6 @@ was superseded writes nothing."""
 
 from __future__ import annotations
 
-import binascii
-import json
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -28,7 +26,7 @@ from pipeline.protocol.names import (
 )
 from pipeline.protocol.wire import Signer
 from pipeline.source.leases import TargetLeases
-from pipeline.source.planner import TargetRecords, read_records
+from pipeline.source.planner import TargetRecords, encode_progress, read_records
 
 _FENCES_PER_TXN = 100  # etcd allows 128 operations per transaction; one is the compare
 
@@ -95,13 +93,7 @@ class TargetControl:
         """Record that the target holds every event up to *rev*, with writes of the source
         the watcher saw (key, revision): a new term reads them back in the source before it
         resumes from the fences (planner.progress_writes)."""
-        record = {
-            "gen": gen,
-            "rev": rev,
-            "ts": time.time(),
-            "seen": [[binascii.b2a_base64(k, newline=False).decode(), m] for k, m in seen],
-        }
-        value = json.dumps(record).encode()
+        value = encode_progress(gen, rev, seen, time.time())
         return self.etcd.txn(
             [ModIs(gen_key(self.source), gen_rev)], [Put(progress_key(self.source), value)]
         ).succeeded

@@ -395,6 +395,12 @@ class Watcher:
         start the watches."""
         rev, self.feed.cluster_id = self.feed.etcd.header()
         self._read_readiness(rev)
+        # the cluster config as this etcd holds it now: a config revision kept from an
+        # earlier term may be a write of an etcd replaced since, and the feed would then take
+        # this one for another at its first reconnect
+        _, config = self.feed.etcd.scan(self.feed.config_key, rev, exact=True)
+        self.feed.config_rev = next((kv.mod_revision for kv in config), 0)
+        read_back: list[tuple[bytes, int]] = []  # writes of this etcd that targets recorded
         starts: list[int] = []
         for t in self.targets:
             try:
@@ -405,8 +411,10 @@ class Watcher:
                 leases.lost.clear()
                 if not intact:
                     t.need_resync = Cause.LEASE_EXPIRED
-                start = self._open(t, allow_resume=intact, source_rev=rev)
+                start = self._open(t, allow_resume=intact, source_rev=rev, read_back=read_back)
             except RetryableError as exc:
+                if exc.cluster == self.source.name:
+                    raise  # the source failed, not the target: the start is retried (_serve)
                 log.warning("%s→%s: target unavailable: %s", self.source.name, t.name, exc)
                 t.owe(Cause.TARGET_UNAVAILABLE, str(exc))
                 continue
@@ -421,6 +429,7 @@ class Watcher:
         self._next_progress = now + self.sync.fence_poll_interval / 2
         self._next_tick = now + self.sync.fence_poll_interval
         self.feed.start(min(starts))
+        self.feed.remember(read_back)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -1026,13 +1035,55 @@ class Watcher:
 
     # -- generations -------------------------------------------------------------------------
 
-    def _open(self, t: Target, *, allow_resume: bool, source_rev: int) -> int | None:
+    def _open(
+        self,
+        t: Target,
+        *,
+        allow_resume: bool,
+        source_rev: int,
+        read_back: list[tuple[bytes, int]] | None = None,
+    ) -> int | None:
         """Open a new generation in the target. If its records allow (and allow_resume),
         resume: returns the revision the watch must start from. Otherwise the target is owed
-        a resync (for the reason plan_start gives) and None is returned."""
+        a resync (for the reason plan_start gives) and None is returned. The source writes
+        that the target's progress record lists are read back first (before the generation
+        moves, so that a source failing now costs a retry, not a resync); those that are
+        there are added to *read_back*."""
         src = self.source.name
         records: TargetRecords = t.control.read()
         t.held_marked = records.held
+        plan: Resume | Resync | None = None
+        writes: list[tuple[bytes, int]] = []
+        if allow_resume:
+            plan = plan_start(
+                records,
+                SourceFacts(
+                    self.shards,
+                    self.sync.shards,
+                    self.sync.identities,
+                    self.feed.cluster_id,
+                    source_rev,
+                ),
+            )
+            if isinstance(plan, Resume) and records.gen is not None:
+                # the fences are positions in the source's history: the writes the last term
+                # saw must still be there (a source etcd back empty may be past the fences)
+                writes = [
+                    (k, m)
+                    for k, m in progress_writes(records.progress, records.gen.gen)
+                    if self.feed.resource_of(k) is not None
+                ]
+                ahead = max((m for _, m in writes), default=0)
+                gone = (
+                    f"revision {source_rev} is below {ahead}, already seen"
+                    if ahead > source_rev
+                    else self.feed.unseen(writes)
+                )
+                if gone is not None:
+                    plan = Resync(Cause.SOURCE_REPLACED, f"before this term: {gone}")
+            if isinstance(plan, Resume) and records.held and not self.waiting:
+                # deletes were held for a source canary that has appeared since: resync
+                plan = Resync(Cause.SOURCE_CANARY, "deletes held before this term")
         gen = new_generation(records, t.pair.gen, self.wall_ms())
         record = GenRecord(gen, self.sync.shards, self.sync.identities, self.feed.cluster_id)
         t.gen_rev = t.control.open_generation(records, record)
@@ -1040,33 +1091,8 @@ class Watcher:
         t.outbox.drain()  # owed to the old generation: the new one starts from its fences
         t.unsent = []
         self.metrics.generation.labels(src, t.name).set(gen)
-        if not allow_resume:
+        if plan is None:
             return None
-        plan = plan_start(
-            records,
-            SourceFacts(
-                self.shards,
-                self.sync.shards,
-                self.sync.identities,
-                self.feed.cluster_id,
-                source_rev,
-            ),
-        )
-        if isinstance(plan, Resume) and records.gen is not None:
-            # the fences are positions in the source's history: the writes the last term saw
-            # must still be there (a source etcd back empty may be past the fences already)
-            writes = progress_writes(records.progress, records.gen.gen)
-            ahead = max((m for _, m in writes), default=0)
-            gone = (
-                f"revision {source_rev} is below {ahead}, already seen"
-                if ahead > source_rev
-                else self.feed.unseen(writes)
-            )
-            if gone is not None:
-                plan = Resync(Cause.SOURCE_REPLACED, f"before this term: {gone}")
-        if isinstance(plan, Resume) and records.held and not self.waiting:
-            # deletes were held for a source canary that has appeared since: resync
-            plan = Resync(Cause.SOURCE_CANARY, "deletes held before this term")
         if not isinstance(plan, Resume):
             t.need_resync, t.resync_detail = plan.cause, plan.detail
             return None
@@ -1077,7 +1103,14 @@ class Watcher:
         )
         t.need_resync = None
         t.snapshot_rev = 0
+        # the new generation's progress record at once, with the writes just read back and
+        # the config: a term that ends before anything moves leaves its successor them too
+        config = [(self.feed.config_key, self.feed.config_rev)] if self.feed.config_rev else []
+        kept = list(dict(config + writes).items())
+        t.control.write_progress(t.gen_rev, gen, plan.through, kept)
         t.progress_rev = plan.through
+        if read_back is not None:
+            read_back += writes
         self.metrics.resumes.labels(src, t.name).inc()
         log.info("%s→%s: generation %d resumes from the fences", src, t.name, gen)
         return plan.watch_from

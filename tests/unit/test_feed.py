@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from pipeline.protocol.layout import RESOURCE_BY_NAME
 from pipeline.source.feed import Lost, SourceFeed
-from pipeline.source.planner import Cause, progress_writes
+from pipeline.source.planner import Cause, encode_progress, progress_rev, progress_writes
 from tests.memory_etcd import MemoryEtcd
 
 SOURCE = "a"
@@ -79,7 +79,10 @@ def test_an_etcd_back_empty_is_noticed_past_the_revision_watched(
     steps: list[tuple[str, bytes]], beyond: int
 ) -> None:
     """Whatever the feed saw before, an etcd back empty (same cluster ID) whose revision is
-    already at or past every revision the feed saw, when the feed looks, is another one."""
+    already past every revision the feed saw when the feed looks, refilled with other keys
+    before its cluster config, is another one. (An owner that writes the config first gives
+    it the revision it had before: the config alone does not tell then, see
+    docs/architecture.md.)"""
     etcd = MemoryEtcd(SOURCE)
     feed = started_feed(etcd)
     for i, (op, key) in enumerate(steps):
@@ -111,7 +114,10 @@ def test_an_etcd_back_empty_is_noticed_past_the_revision_watched(
         b'{"gen": 7, "rev": 5, "seen": [["a2V5", 0]]}',
         b'{"gen": 7, "rev": 5, "seen": [["a2V5", true]]}',
         b'{"gen": 7, "rev": 5, "seen": [["a2V5", 3], ["not base64!", 4]]}',
+        b'{"gen": 7, "rev": 5, "seen": [["a2V5", 3], ["a2V5\\n", 4]]}',  # only strict base64
         b'{"gen": 7, "rev": 5, "seen": [[7, 4]]}',
+        b'{"gen": 7, "rev": 5, "seen": [["", 3]]}',  # an empty key
+        b'{"gen": 7, "rev": 5, "seen": [["' + b"QUFB" * 86 + b'", 3]]}',  # 258 bytes
         b'{"gen": 7, "seen": [["a2V5", 3]], "pad": "' + b"x" * 4096 + b'"}',
     ],
 )
@@ -126,3 +132,16 @@ def test_a_progress_record_vouches_for_writes_only_when_it_can_be_believed(
 def test_a_progress_record_carries_the_writes_it_was_given() -> None:
     raw = b'{"gen": 7, "rev": 5, "seen": [["a2V5", 3], ["/w==", 4]]}'
     assert progress_writes(raw, 7) == [(b"key", 3), (b"\xff", 4)]
+
+
+def test_a_progress_record_keeps_what_fits_and_stays_believed() -> None:
+    """The largest record (8 writes of 256-byte keys at the largest revisions) stays under
+    the 4 KiB that progress_rev believes; longer keys and a ninth write are left out, not
+    written to make the record unbelievable."""
+    top = (1 << 63) - 1
+    seen = [(bytes([i]) * 256, top - i) for i in range(9)] + [(b"k" * 257, 5)]
+    raw = encode_progress(7, 1 << 62, seen, 1.8e9)
+    assert len(raw) < 4096
+    assert progress_rev(raw, 7, 1 << 62) == 1 << 62
+    assert progress_writes(raw, 7) == seen[:8]
+    assert progress_writes(encode_progress(7, 5, [(b"", 3)], 0.0), 7) == []

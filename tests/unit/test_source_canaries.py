@@ -354,3 +354,58 @@ def test_a_new_term_reads_back_the_writes_its_predecessor_saw(source: str) -> No
         assert replaced == [0] * len(rig.targets) and resumed == [1] * len(rig.targets)
         for t in rig.targets:
             assert rig.cache(t) == rig.expected()
+
+
+def test_a_term_regained_takes_no_config_of_an_earlier_term_for_this_etcd() -> None:
+    """A watcher that lost its lease and regains it resumes with the cluster config as the
+    source holds it now: a config revision kept from its earlier term (of an etcd replaced
+    meanwhile, or rewritten) is no write of this etcd, and must not make the first
+    reconnect look like a replaced source."""
+    rig = Rig()
+    fill(rig, range(10), range(20), syncedCanaries=True)
+    write_canaries(rig)
+    rig.start()
+    rig.settle()
+    rig.watcher.feed.config_rev = 1  # what an earlier term saw of another etcd
+    rig.start()  # the term regained: every target resumes
+    rig.settle()
+    config = rig.source.get(CONFIG)
+    assert config is not None
+    assert rig.watcher.feed.anchors["config"] == (CONFIG, config.mod_revision)
+    rig.source.restart()
+    rig.settle()
+    assert [rig.resyncs(t, Cause.SOURCE_REPLACED.value) for t in rig.targets] == [0, 0]
+    for t in rig.targets:
+        assert rig.cache(t) == rig.expected()
+
+
+def test_terms_that_see_no_change_pass_on_what_the_first_one_saw() -> None:
+    """Terms that resume and see nothing change still leave their successor writes to read
+    back: each resumed generation's progress record carries the ones just read back, so a
+    source back empty after two quiet terms is still noticed at the third."""
+    rig = Rig()
+    fill(rig, range(10), range(20), syncedCanaries=True)
+    write_canaries(rig)
+    rig.start()
+    rig.source.put(NODE + b"node-3", b'{"name":"node-3","v":2}')
+    rig.settle()
+    for polls in (True, False):  # two quiet terms, in processes of their own; the second
+        rig.watcher.stop()  # ends before its first fence poll
+        rig.watcher = rig.new_watcher()
+        rig.start()
+        if polls:
+            rig.settle()
+        assert rig.watcher.feed.anchors.get("nodes", (b"", 0))[0] == NODE + b"node-3"
+    before = {t: rig.cache(t) for t in rig.targets}
+    rig.watcher.stop()
+    seen = rig.source.revision()
+    rig.source.wipe()
+    rig.source.put(CONFIG, config(syncedCanaries=True))  # the owner writes its config first
+    for i in range(seen + 5):
+        rig.source.put(b"cilium/cache/nodes/v1/c/node-%d" % i, b"{}")
+    rig.watcher = rig.new_watcher()
+    rig.start()
+    rig.settle()
+    assert [rig.resyncs(t, Cause.SOURCE_REPLACED.value) for t in rig.targets] == [1, 1]
+    for t in rig.targets:
+        assert rig.cache(t) == before[t]
