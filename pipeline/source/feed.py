@@ -92,6 +92,8 @@ class SourceFeed:
         # the cluster config the last resync read). The same etcd holds each at its
         # revision for ever (until compacted), whatever happened to the key since.
         self.anchors: dict[str, tuple[bytes, int]] = {}
+        # the newest write of each resource the last resync listed, for the next start()
+        self.listed: dict[str, tuple[bytes, int]] = {}
         self.cluster_id = 0  # the source etcd's cluster ID when the feed started
         self.config_key = RESOURCE_BY_NAME["config"].source_prefix(source)
 
@@ -105,6 +107,8 @@ class SourceFeed:
         # the cluster config as the resync before read it (the events from start_rev on add
         # the others): writes of an etcd replaced since must not vouch for this one
         self.anchors = {"config": (self.config_key, self.config_rev)} if self.config_rev else {}
+        self.remember(self.listed.values())
+        self.listed = {}
         for res in RESOURCES:
             self._start_stream(res, start_rev, epoch)
 

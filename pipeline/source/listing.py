@@ -90,15 +90,22 @@ def iter_resource(
     page: int,
     max_bytes: int,
     on_reject: Callable[[BadInputError], None],
+    newest: dict[str, tuple[bytes, int]] | None = None,
 ) -> Iterator[tuple[bytes, bytes]]:
     """(target key, target value) for every synced key of one resource of the source at
     *revision*, read page by page, in key order (the rewrite keeps the order: it swaps a
     prefix that is the same for every key of the resource). Bad input goes to *on_reject*
-    and is skipped."""
+    and is skipped. *newest* gets the resource's newest write listed (source key, revision),
+    a write of this etcd the feed can read back later (SourceFeed.anchors)."""
     _, kvs = etcd.scan(
         res.source_prefix(layout.source, layout.identities), revision, page, exact=res.single_key
     )
+    top = 0
     for kv in kvs:
+        if kv.mod_revision > top:
+            top = kv.mod_revision
+            if newest is not None:
+                newest[res.name] = (kv.key, top)
         try:
             tkey, tvalue = convert(layout, res, kv.key, kv.value, max_bytes)
         except BadInputError as exc:

@@ -80,6 +80,7 @@ def run(
     keep_going: Callable[[], bool],
     readiness: Readiness | None = None,
     on_listed: Callable[[Resource], object] = lambda _res: None,
+    newest: dict[str, tuple[bytes, int]] | None = None,
 ) -> None:
     """Merge the source at *revision* into every snapshot, the targets' caches advancing in
     step with one listing of the source. Raises RetryableError if the source cannot be
@@ -99,7 +100,14 @@ def run(
         rows: Iterator[tuple[bytes, bytes]] = iter(())
         if ready.caps.syncs(res):
             rows = iter_resource(
-                source, layout, res, revision, page=page, max_bytes=max_bytes, on_reject=on_reject
+                source,
+                layout,
+                res,
+                revision,
+                page=page,
+                max_bytes=max_bytes,
+                on_reject=on_reject,
+                newest=newest,
             )
         for key, value in rows:
             for snap, merger in zip(snapshots, mergers, strict=True):

@@ -400,6 +400,7 @@ class Watcher:
         # this one for another at its first reconnect
         _, config = self.feed.etcd.scan(self.feed.config_key, rev, exact=True)
         self.feed.config_rev = next((kv.mod_revision for kv in config), 0)
+        self.feed.listed = {}  # only what this term's resyncs list
         read_back: list[tuple[bytes, int]] = []  # writes of this etcd that targets recorded
         starts: list[int] = []
         for t in self.targets:
@@ -1161,6 +1162,7 @@ class Watcher:
             raise RetryableError("no target reachable for the resync")
         started = self.clock()
         listed = self._listed(rev, snapshots)
+        newest: dict[str, tuple[bytes, int]] = {}
         resync.run(
             self.feed.etcd,
             self.layout,
@@ -1173,11 +1175,16 @@ class Watcher:
             keep_going=lambda: self._keep_lease() and listed(None),
             readiness=ready,
             on_listed=listed,
+            newest=newest,
         )
         _, config = self.feed.etcd.scan(
             RESOURCE_BY_NAME["config"].source_prefix(src), rev, exact=True
         )
         self.feed.config_rev = next((kv.mod_revision for kv in config), 0)
+        # writes of this etcd for the feed to read back after a reconnect: with the config
+        # alone, an owner that rebuilt an empty etcd config first would pass for this one
+        self.feed.listed = newest
+        self.feed.remember(newest.values())
         for t, reason, snap in snapshots:
             if snap.failed:
                 continue

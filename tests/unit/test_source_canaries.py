@@ -109,21 +109,27 @@ def test_a_source_restarting_empty_loses_no_key_until_its_canaries() -> None:
         assert len(cached(rig, t, CACHE_IDS)) == 10
 
 
-@pytest.mark.parametrize("last_seen", ["config", "node", "node deleted since"])
+@pytest.mark.parametrize("last_seen", ["listed", "node", "node deleted since"])
 def test_a_source_back_empty_past_the_revision_watched_is_noticed(last_seen: str) -> None:
     """The source etcd comes back empty, and before the watcher reconnects its revision is
-    past the last one watched: the other clusters' watchers wrote their caches into it. The
-    revision alone says nothing then; a write the watcher saw (the cluster config its resync
-    read, or a node written since, even one deleted since) is not at its revision any more,
-    which says the etcd is another one. Nothing is deleted until the canaries."""
+    past the last one watched: the other clusters' watchers wrote their caches into it, and
+    its owner wrote its cluster config first, at the revision it had before. The revision
+    and the config say nothing then; another write the watcher saw (the newest of each
+    resource its resync listed, or a node written since, even one deleted since) is not at
+    its revision any more, which says the etcd is another one. Nothing is deleted until
+    the canaries."""
     rig = Rig()
     fill(rig, range(10), range(20), syncedCanaries=True)
     write_canaries(rig)
     rig.start()
     rig.settle()
     config_rev = rig.source.get(CONFIG).mod_revision  # type: ignore[union-attr]
-    assert rig.watcher.feed.anchors == {"config": (CONFIG, config_rev)}
-    if last_seen != "config":
+    newest_node = max(range(10), key=lambda i: rig.source.get(NODE + b"node-%d" % i).mod_revision)  # type: ignore[union-attr]
+    anchors = rig.watcher.feed.anchors
+    assert set(anchors) == {"config", "nodes", "identities"}
+    assert anchors["config"] == (CONFIG, config_rev)
+    assert anchors["nodes"][0] == NODE + b"node-%d" % newest_node
+    if last_seen != "listed":
         rig.source.put(NODE + b"node-3", b'{"name":"node-3","v":2}')
         rig.settle()
         written = rig.source.revision()
@@ -136,6 +142,8 @@ def test_a_source_back_empty_past_the_revision_watched_is_noticed(last_seen: str
     replaced = rig.resyncs("b", Cause.SOURCE_REPLACED.value)
 
     rig.source.wipe()
+    rig.source.put(CONFIG, config(syncedCanaries=True))  # the owner writes its config first
+    assert rig.source.get(CONFIG).mod_revision == config_rev  # type: ignore[union-attr]
     for i in range(seen + 5):  # another cluster's watcher fills its cache in this etcd
         rig.source.put(b"cilium/cache/nodes/v1/c/node-%d" % i, b"{}")
     rig.settle()
