@@ -49,6 +49,13 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
+def reserve(port: int) -> None:
+    """Never hand out *port*: one the caller was given for a server of its own (a port
+    picked by another process, say), which free_port could otherwise find still free and
+    give to another server before that one binds it."""
+    _handed_out.add(port)
+
+
 def free_port() -> int:
     """A loopback port free now, below the kernel's ephemeral range: a port the kernel hands
     out (bind to port 0) may be taken again at once as the source port of some outgoing

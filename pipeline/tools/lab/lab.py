@@ -34,7 +34,7 @@ from pipeline.tools.lab.supervisor import LabError, Supervisor
 from pipeline.tools.lab.view import SourceView, line, render, scrape
 from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
 from pipeline.tools.report import MeshView
-from pipeline.tools.servers import EtcdServer, RedisServer, free_port
+from pipeline.tools.servers import EtcdServer, RedisServer, free_port, reserve
 
 __all__ = ["Lab", "LabError", "LabOptions", "run_lab", "scrape"]
 
@@ -84,6 +84,9 @@ class Lab:
 
     def start(self, say: Any = print) -> None:
         o = self.opts
+        for port in (o.flower_port, o.prometheus_port):
+            if port:
+                reserve(port)  # picked for us: no server of ours gets it first
         self.names = [f"cluster-{i + 1}" for i in range(o.clusters)]
         say(f"lab: data under {self.root}")
         # Redis with a password, and tasks signed with a key of the lab's own, as in any
