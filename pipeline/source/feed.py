@@ -88,9 +88,11 @@ class SourceFeed:
         self.last_event_rev = 0  # newest revision of any event of the watched prefixes
         self.config_rev = 0  # mod revision of the source's cluster config, as last seen
         # Writes the feed saw, to tell the same etcd from another one after a reconnect: per
-        # resource, (key, revision) of the last put of its last response that had one (and
-        # the cluster config the last resync read). The same etcd holds each at its
-        # revision for ever (until compacted), whatever happened to the key since.
+        # resource, (key, revision) of the last put of its last response that had one, else
+        # the newest write the last resync listed, or one a target's progress record named
+        # and the term's start read back; and the cluster config as last read. The same
+        # etcd holds each at its revision for ever (until compacted), whatever happened to
+        # the key since.
         self.anchors: dict[str, tuple[bytes, int]] = {}
         # the newest write of each resource the last resync listed, for the next start()
         self.listed: dict[str, tuple[bytes, int]] = {}
@@ -104,8 +106,9 @@ class SourceFeed:
         self.stop()
         epoch = self.epoch
         self.delivered = {r.name: start_rev - 1 for r in RESOURCES}
-        # the cluster config as the resync before read it (the events from start_rev on add
-        # the others): writes of an etcd replaced since must not vouch for this one
+        # the cluster config as last read (the term's start, or the resync before) and what
+        # that resync listed; the events from start_rev on add the others. Writes kept from
+        # before must not vouch for this etcd: it may have been replaced since
         self.anchors = {"config": (self.config_key, self.config_rev)} if self.config_rev else {}
         self.remember(self.listed.values())
         self.listed = {}
@@ -264,7 +267,7 @@ class SourceFeed:
         """The watched resource *key* belongs to, or None (a key the feed does not read)."""
         for res in RESOURCES:
             prefix = res.source_prefix(self.source, self.identities)
-            if key == prefix if res.single_key else key.startswith(prefix) and key != prefix:
+            if (key == prefix) if res.single_key else (key.startswith(prefix) and key != prefix):
                 return res.name
         return None
 
