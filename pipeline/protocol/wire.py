@@ -182,19 +182,20 @@ class Signer:
         self._by_id = {key_id(k): k for k in keys.keys}
 
     def sign(self, payload: dict[str, Any]) -> dict[str, Any]:
-        return self.sign_sized(payload)[0]
+        return {**payload, "sig": self._sig(canonical(payload))}
 
     def sign_sized(self, payload: dict[str, Any]) -> tuple[dict[str, Any], int]:
         """The signed payload, and the length of its compact JSON (no spaces, ASCII only),
         told by the canonical bytes already made for the signature: the same members, in
         another order, and `sig`."""
         body = canonical(payload)
-        sig = {
-            "kid": self._kid,
-            "hmac": hmac.new(self._sign_with, body, hashlib.sha256).hexdigest(),
-        }
+        sig = self._sig(body)
         size = len(body) + len(',"sig":') + len(json.dumps(sig, separators=(",", ":")))
         return {**payload, "sig": sig}, size
+
+    def _sig(self, body: bytes) -> dict[str, str]:
+        mac = hmac.new(self._sign_with, body, hashlib.sha256).hexdigest()
+        return {"kid": self._kid, "hmac": mac}
 
     def verify(self, payload: dict[str, Any]) -> None:
         """Raise UnsignedTaskError, UnknownKeyError or BadSignatureError unless the payload
@@ -222,17 +223,27 @@ class Task:
 def encode_task(
     batches: list[Batch], signer: Signer | None, gap_since_ms: int | None = None
 ) -> dict[str, Any]:
-    """The task payload (see encode_task_sized)."""
-    return encode_task_sized(batches, signer, gap_since_ms)[0]
+    """The task payload, signed unless *signer* is None (see _unsigned_task)."""
+    payload = _unsigned_task(batches, gap_since_ms)
+    return signer.sign(payload) if signer is not None else payload
 
 
 def encode_task_sized(
     batches: list[Batch], signer: Signer | None, gap_since_ms: int | None = None
 ) -> tuple[dict[str, Any], int]:
-    """The task payload, and the length of its compact JSON. A flush sends the same changes
-    to every target, so a list of operations that several batches carry is written once, in
-    the task's "ops", and those batches name it by index: the payload grows with the
-    changes, and only a short header per target. Each distinct list is encoded once."""
+    """The task payload, and the length of its compact JSON (a signed one's is told by the
+    bytes it signed, not by writing it out again)."""
+    payload = _unsigned_task(batches, gap_since_ms)
+    if signer is not None:
+        return signer.sign_sized(payload)
+    return payload, len(json.dumps(payload, separators=(",", ":")))
+
+
+def _unsigned_task(batches: list[Batch], gap_since_ms: int | None) -> dict[str, Any]:
+    """The payload before its signature. A flush sends the same changes to every target, so
+    a list of operations that several batches carry is written once, in the task's "ops",
+    and those batches name it by index: the payload grows with the changes, and only a short
+    header per target. Each distinct list is encoded once."""
     distinct: list[tuple[Operation, ...]] = []
     by_print: dict[tuple[int, bytes, bytes], list[int]] = {}
     which: list[int] = []
@@ -279,9 +290,7 @@ def encode_task_sized(
             del e["done"]
     if gap_since_ms is not None:
         payload["gap_since"] = gap_since_ms
-    if signer is not None:
-        return signer.sign_sized(payload)
-    return payload, len(json.dumps(payload, separators=(",", ":")))
+    return payload
 
 
 def decode_task(payload: Any, signer: Signer | None) -> Task:

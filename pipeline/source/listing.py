@@ -36,6 +36,7 @@ class Readiness:
     caps: SourceCaps
     config: bool  # the source holds a cluster config kvmesh could read
     canaries: frozenset[str] = frozenset()
+    config_rev: int = 0  # the mod revision of its cluster config key (readable or not); 0: none
 
     def waiting(self) -> frozenset[str]:
         """Resources whose deletes and target canary must wait for their source canary:
@@ -54,7 +55,7 @@ class Readiness:
         still holds until it writes its config again."""
         if self.config or before is None or not before.config:
             return self
-        return Readiness(before.caps, True, self.canaries)
+        return Readiness(before.caps, True, self.canaries, self.config_rev)
 
 
 def read_readiness(etcd: EtcdClient, layout: Layout, revision: int | None = None) -> Readiness:
@@ -63,7 +64,9 @@ def read_readiness(etcd: EtcdClient, layout: Layout, revision: int | None = None
     config = RESOURCE_BY_NAME["config"]
     rev, kvs = etcd.scan(config.source_prefix(layout.source), revision, exact=True)
     cfg = None
+    config_rev = 0
     for kv in kvs:
+        config_rev = kv.mod_revision
         try:
             cfg = parse_cluster_config(
                 kv.key, kv.value, layout.cluster_id, layout.max_connected_clusters
@@ -78,7 +81,7 @@ def read_readiness(etcd: EtcdClient, layout: Layout, revision: int | None = None
         canary, _, version = kv.key[len(prefix) :].partition(b"/")
         if version == b"v1" and canary.decode("ascii", "replace") in names:
             found.add(names[canary.decode("ascii")])
-    return Readiness(source_caps(cfg), cfg is not None, frozenset(found))
+    return Readiness(source_caps(cfg), cfg is not None, frozenset(found), config_rev)
 
 
 def iter_resource(

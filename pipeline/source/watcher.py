@@ -394,12 +394,10 @@ class Watcher:
         """Open a generation in every target, resuming from fences where possible, then
         start the watches."""
         rev, self.feed.cluster_id = self.feed.etcd.header()
-        self._read_readiness(rev)
         # the cluster config as this etcd holds it now: a config revision kept from an
         # earlier term may be a write of an etcd replaced since, and the feed would then take
         # this one for another at its first reconnect
-        _, config = self.feed.etcd.scan(self.feed.config_key, rev, exact=True)
-        self.feed.config_rev = next((kv.mod_revision for kv in config), 0)
+        self.feed.config_rev = self._read_readiness(rev).config_rev
         self.feed.listed = {}  # only what this term's resyncs list
         read_back: list[tuple[bytes, int]] = []  # writes of this etcd that targets recorded
         starts: list[int] = []
@@ -1177,10 +1175,7 @@ class Watcher:
             on_listed=listed,
             newest=newest,
         )
-        _, config = self.feed.etcd.scan(
-            RESOURCE_BY_NAME["config"].source_prefix(src), rev, exact=True
-        )
-        self.feed.config_rev = next((kv.mod_revision for kv in config), 0)
+        self.feed.config_rev = ready.config_rev
         # writes of this etcd for the feed to read back after a reconnect: with the config
         # alone, an owner that rebuilt an empty etcd config first would pass for this one
         self.feed.listed = newest

@@ -49,16 +49,35 @@ def fill(rig: Rig, nodes: range, identities: range, **caps: object) -> None:
         src.put(IDENTITY + str((1 << 16) + i).encode(), b"k8s:app=x%d" % i)
 
 
+def synced_rig(settle: bool = True) -> Rig:
+    """A source of 10 nodes and 20 identities that advertises synced canaries and has
+    written them, its watcher started (and the mesh settled)."""
+    rig = Rig()
+    fill(rig, range(10), range(20), syncedCanaries=True)
+    write_canaries(rig)
+    rig.start()
+    if settle:
+        rig.settle()
+    return rig
+
+
+def back_empty(rig: Rig, seen: int, config_first: bool = False) -> None:
+    """The source etcd comes back empty and, before any watcher looks, its revision passes
+    *seen*: another cluster's watcher fills its cache in it (after its owner wrote its
+    cluster config, at the revision it had, with *config_first*)."""
+    rig.source.wipe()
+    if config_first:
+        rig.source.put(CONFIG, config(syncedCanaries=True))
+    for i in range(seen + 5):
+        rig.source.put(b"cilium/cache/nodes/v1/c/node-%d" % i, b"{}")
+
+
 def cached(rig: Rig, target: str, prefix: bytes) -> set[bytes]:
     return set(rig.mesh[target].items(prefix))
 
 
 def test_a_source_restarting_empty_loses_no_key_until_its_canaries() -> None:
-    rig = Rig()
-    fill(rig, range(10), range(20), syncedCanaries=True)
-    write_canaries(rig)
-    rig.start()
-    rig.settle()
+    rig = synced_rig()
     before = {t: rig.cache(t) for t in rig.targets}
     assert all(before[t] == rig.expected() for t in rig.targets)
 
@@ -118,11 +137,7 @@ def test_a_source_back_empty_past_the_revision_watched_is_noticed(last_seen: str
     resource its resync listed, or a node written since, even one deleted since) is not at
     its revision any more, which says the etcd is another one. Nothing is deleted until
     the canaries."""
-    rig = Rig()
-    fill(rig, range(10), range(20), syncedCanaries=True)
-    write_canaries(rig)
-    rig.start()
-    rig.settle()
+    rig = synced_rig()
     config_rev = rig.source.get(CONFIG).mod_revision  # type: ignore[union-attr]
     newest_node = max(range(10), key=lambda i: rig.source.get(NODE + b"node-%d" % i).mod_revision)  # type: ignore[union-attr]
     anchors = rig.watcher.feed.anchors
@@ -141,11 +156,8 @@ def test_a_source_back_empty_past_the_revision_watched_is_noticed(last_seen: str
     seen = rig.source.revision()
     replaced = rig.resyncs("b", Cause.SOURCE_REPLACED.value)
 
-    rig.source.wipe()
-    rig.source.put(CONFIG, config(syncedCanaries=True))  # the owner writes its config first
+    back_empty(rig, seen, config_first=True)
     assert rig.source.get(CONFIG).mod_revision == config_rev  # type: ignore[union-attr]
-    for i in range(seen + 5):  # another cluster's watcher fills its cache in this etcd
-        rig.source.put(b"cilium/cache/nodes/v1/c/node-%d" % i, b"{}")
     rig.settle()
     assert rig.resyncs("b", Cause.SOURCE_REPLACED.value) > replaced
     for t in rig.targets:
@@ -161,11 +173,7 @@ def test_a_source_back_with_its_data_is_not_taken_for_another() -> None:
     """A source etcd that restarts with its data (or a stream that breaks) resumes where
     the watch left off, whatever happened since to the keys whose writes the watcher keeps:
     each write is still there at its revision."""
-    rig = Rig()
-    fill(rig, range(10), range(20), syncedCanaries=True)
-    write_canaries(rig)
-    rig.start()
-    rig.settle()
+    rig = synced_rig()
     rig.source.put(NODE + b"node-3", b'{"name":"node-3","v":2}')
     rig.source.delete(NODE + b"node-4")  # the newest event deletes another key
     rig.settle()
@@ -259,11 +267,7 @@ def test_a_watcher_starting_while_the_source_rebuilds_deletes_nothing() -> None:
     """A fresh watcher (a restart, a standby) meets a source that restarted empty and has
     not written its cluster config yet: the cached config in the targets says the source
     had one, so it is taken to be rebuilding and nothing is deleted until its canaries."""
-    rig = Rig()
-    fill(rig, range(10), range(20), syncedCanaries=True)
-    write_canaries(rig)
-    rig.start()
-    rig.settle()
+    rig = synced_rig()
     before = {t: rig.cache(t) for t in rig.targets}
     rig.source.wipe()
     rig.watcher = rig.new_watcher()
@@ -284,11 +288,7 @@ def test_a_watcher_starting_while_the_source_rebuilds_deletes_nothing() -> None:
 def test_deletes_held_by_one_watcher_are_sent_by_the_next() -> None:
     """The watcher that held deletes is gone when the canary appears; its successor finds
     the held record in the targets, resyncs, and the stale keys go."""
-    rig = Rig()
-    fill(rig, range(10), range(20), syncedCanaries=True)
-    write_canaries(rig)
-    rig.start()
-    rig.settle()
+    rig = synced_rig()
     rig.source.wipe()
     fill(rig, range(4), range(8), syncedCanaries=True)
     rig.settle()
@@ -325,11 +325,7 @@ def test_a_new_term_reads_back_the_writes_its_predecessor_saw(source: str) -> No
     lacks the writes the last term recorded with its progress: the new term resyncs (and
     deletes nothing before the canaries) instead of resuming on another history. Back
     with its data, rewritten since, it resumes."""
-    rig = Rig()
-    fill(rig, range(10), range(20), syncedCanaries=True)
-    write_canaries(rig)
-    rig.start()
-    rig.settle()
+    rig = synced_rig()
     rig.source.put(NODE + b"node-3", b'{"name":"node-3","v":2}')
     rig.settle()
     written = rig.source.revision()
@@ -343,9 +339,7 @@ def test_a_new_term_reads_back_the_writes_its_predecessor_saw(source: str) -> No
     rig.watcher.stop()
     if source == "back empty":
         seen = rig.source.revision()
-        rig.source.wipe()
-        for i in range(seen + 5):  # another cluster's watcher fills its cache in this etcd
-            rig.source.put(b"cilium/cache/nodes/v1/c/node-%d" % i, b"{}")
+        back_empty(rig, seen)
     else:
         rig.source.restart()
         rig.source.put(NODE + b"node-3", b'{"name":"node-3","v":3}')
@@ -369,11 +363,7 @@ def test_a_term_regained_takes_no_config_of_an_earlier_term_for_this_etcd() -> N
     source holds it now: a config revision kept from its earlier term (of an etcd replaced
     meanwhile, or rewritten) is no write of this etcd, and must not make the first
     reconnect look like a replaced source."""
-    rig = Rig()
-    fill(rig, range(10), range(20), syncedCanaries=True)
-    write_canaries(rig)
-    rig.start()
-    rig.settle()
+    rig = synced_rig()
     rig.watcher.feed.config_rev = 1  # what an earlier term saw of another etcd
     rig.start()  # the term regained: every target resumes
     rig.settle()
@@ -391,10 +381,7 @@ def test_terms_that_see_no_change_pass_on_what_the_first_one_saw() -> None:
     """Terms that resume and see nothing change still leave their successor writes to read
     back: each resumed generation's progress record carries the ones just read back, so a
     source back empty after two quiet terms is still noticed at the third."""
-    rig = Rig()
-    fill(rig, range(10), range(20), syncedCanaries=True)
-    write_canaries(rig)
-    rig.start()
+    rig = synced_rig(settle=False)
     rig.source.put(NODE + b"node-3", b'{"name":"node-3","v":2}')
     rig.settle()
     for polls in (True, False):  # two quiet terms, in processes of their own; the second
@@ -407,10 +394,7 @@ def test_terms_that_see_no_change_pass_on_what_the_first_one_saw() -> None:
     before = {t: rig.cache(t) for t in rig.targets}
     rig.watcher.stop()
     seen = rig.source.revision()
-    rig.source.wipe()
-    rig.source.put(CONFIG, config(syncedCanaries=True))  # the owner writes its config first
-    for i in range(seen + 5):
-        rig.source.put(b"cilium/cache/nodes/v1/c/node-%d" % i, b"{}")
+    back_empty(rig, seen, config_first=True)
     rig.watcher = rig.new_watcher()
     rig.start()
     rig.settle()
