@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import redis
 
-from pipeline.clients.broker import create_app, redis_client
+from pipeline.clients.broker import redis_client
+from pipeline.clients.celeryapp import create_app
 from pipeline.clients.etcd import Etcd
 from pipeline.clients.publisher import queue_depth
 from pipeline.config import Settings, load_settings

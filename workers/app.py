@@ -7,7 +7,7 @@ builds the same app explicitly instead.
 
 from __future__ import annotations
 
-from pipeline.clients.broker import on_worker_logging
+from pipeline.clients.celeryapp import on_worker_logging
 from pipeline.config import load_settings
 from pipeline.protocol.logs import configure
 

@@ -15,12 +15,8 @@ from collections.abc import Callable
 from http.server import ThreadingHTTPServer
 from typing import Any
 
-from pipeline.clients.broker import (
-    Broker,
-    create_app,
-    on_worker_lifecycle,
-    restrict_remote_control,
-)
+from pipeline.clients.broker import Broker
+from pipeline.clients.celeryapp import create_app, on_worker_lifecycle, restrict_remote_control
 from pipeline.clients.etcd import Etcd
 from pipeline.clients.metrics_http import exposition, serve
 from pipeline.config import WRITE, Settings

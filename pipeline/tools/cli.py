@@ -272,9 +272,9 @@ def _task_counter(metrics: Any, source: str) -> Any:
 
 
 def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
-    from pipeline.clients.broker import create_app, redis_client
+    from pipeline.clients.broker import redis_client
     from pipeline.clients.lease import RedisLease
-    from pipeline.clients.publisher import CeleryPublisher
+    from pipeline.clients.publisher import RedisPublisher
     from pipeline.protocol.wire import Signer
     from pipeline.source.metrics import WatcherMetrics
     from pipeline.source.watcher import Watcher
@@ -290,7 +290,6 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
     if args.check:
         print(f"ok: would watch {', '.join(names)}")
         return EXIT_OK
-    app = create_app(settings)
     signer = Signer(settings.signing) if settings.signing else None
     metrics = WatcherMetrics()
     watchers: list[Watcher] = []
@@ -313,8 +312,7 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
         Watcher(
             settings,
             c,
-            CeleryPublisher(
-                app,
+            RedisPublisher(
                 queue_name(c.name),
                 redis_client(settings),
                 signer,

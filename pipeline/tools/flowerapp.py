@@ -8,7 +8,7 @@ Like `workers.app`, it reads the config file from $KVMESH_CONFIG when imported.
 
 from __future__ import annotations
 
-from pipeline.clients.broker import create_app
+from pipeline.clients.celeryapp import create_app
 from pipeline.config import load_settings
 
 app = create_app(load_settings(None, keys=False))

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from pipeline.clients.broker import create_app
+from pipeline.clients.celeryapp import create_app
 from pipeline.protocol.names import fence_key, gen_key, resync_key
 from pipeline.tools.cilium_state import cluster_config_value, identity_id
 from pipeline.tools.servers import free_port
@@ -62,9 +62,10 @@ def test_a_task_rewritten_in_the_queue_is_refused(mesh: FaultMesh) -> None:
     r = mesh.redis_client()
     raw = r.lindex("kvmesh.cluster-a", -1)  # the next one a worker takes
     message = json.loads(raw)
-    body = json.loads(base64.b64decode(message["body"]))
+    assert message["properties"]["body_encoding"] == "utf-8"  # the body is JSON text
+    body = json.loads(message["body"])
     body[0][0] = forge(body[0][0])
-    message["body"] = base64.b64encode(json.dumps(body).encode()).decode()
+    message["body"] = json.dumps(body)
     r.lset("kvmesh.cluster-a", -1, json.dumps(message))
     before = mesh.stats("-", "-").get("bad_signature", 0)
     mesh.start_worker()

@@ -61,14 +61,11 @@ def test_flower_lists_every_source_queue_behind_basic_auth(mesh: Mesh) -> None:
         assert get(url, None)[0] == 401
         assert get(url, "ops:wrong")[0] == 401
         # a published batch shows up as depth
-        from pipeline.clients.broker import create_app
-        from pipeline.clients.publisher import CeleryPublisher
+        from pipeline.clients.publisher import RedisPublisher
         from pipeline.protocol.layout import Op
         from pipeline.protocol.wire import Batch, Operation
 
-        pub = CeleryPublisher(
-            create_app(mesh.settings), "kvmesh.cluster-a", mesh.redis_client(), None
-        )
+        pub = RedisPublisher("kvmesh.cluster-a", mesh.redis_client(), None)
         pub.publish(
             [
                 Batch(

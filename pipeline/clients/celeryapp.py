@@ -1,0 +1,115 @@
+"""Celery: the application workers consume with (and Flower and the tests publish with),
+and hooks into a Celery worker. Watchers publish without it (pipeline.clients.publisher
+writes Celery's message format to Redis directly) and never import Celery.
+
+Built from settings by factories; nothing is read from the environment here.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, signals
+from celery.worker.control import Panel
+from kombu import Queue  # type: ignore[attr-defined]  # re-exported lazily
+
+from pipeline.config import Settings
+from pipeline.protocol.names import queue_name
+
+
+def restrict_remote_control(allowed: frozenset[str]) -> None:
+    """Drop every Celery remote-control command of this process but *allowed*."""
+    for name in list(Panel.data):
+        if name not in allowed:
+            del Panel.data[name]
+            Panel.meta.pop(name, None)
+
+
+def on_worker_logging(configure: Callable[[Any], None]) -> None:
+    """Let *configure(loglevel)* set up a Celery worker's logging instead of Celery."""
+
+    @signals.setup_logging.connect  # type: ignore[untyped-decorator]
+    def _setup(loglevel: Any = None, **_: Any) -> None:
+        configure(loglevel or "INFO")
+
+
+def on_worker_lifecycle(
+    *,
+    init: Callable[[int], None],
+    ready: Callable[[], None],
+    process_started: Callable[[], None],
+    process_ended: Callable[[int], None],
+) -> None:
+    """Hooks into a Celery worker: *init(concurrency)* in its main process before the pool
+    starts, *ready()* once it consumes, *process_started()* in each pool process as it
+    starts, *process_ended(pid)* in a pool process that ends."""
+
+    def _init(sender: Any = None, **_: Any) -> None:
+        pool = str(getattr(sender, "pool_cls", ""))
+        # the solo pool runs one task at a time, whatever --concurrency says
+        init(1 if "solo" in pool else int(getattr(sender, "concurrency", 0) or 1))
+
+    def _ready(**_: Any) -> None:
+        ready()
+
+    def _ended(pid: int | None = None, **_: Any) -> None:
+        if pid is not None:
+            process_ended(int(pid))
+
+    def _started(**_: Any) -> None:
+        process_started()
+
+    signals.worker_init.connect(_init, weak=False)
+    signals.worker_process_init.connect(_started, weak=False)
+    signals.worker_ready.connect(_ready, weak=False)
+    signals.worker_process_shutdown.connect(_ended, weak=False)
+
+
+def create_app(settings: Settings, name: str = "kvmesh") -> Any:
+    app = Celery(name, broker=settings.broker.url, set_as_current=False)
+    if settings.broker.url.startswith("rediss://"):
+        tls = settings.broker.tls
+        app.conf.broker_use_ssl = {
+            "ssl_cert_reqs": ssl.CERT_REQUIRED,
+            "ssl_ca_certs": tls.ca_file,
+            "ssl_certfile": tls.cert_file,
+            "ssl_keyfile": tls.key_file,
+        }
+    queues = [
+        Queue(queue_name(c.name), routing_key=queue_name(c.name))  # type: ignore[no-untyped-call]
+        for c in settings.sources
+    ]
+    app.conf.update(
+        # JSON only on the wire: a worker never unpickles what a queue hands it.
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        # At-least-once: a task is acknowledged after it ran; a worker that dies mid-task
+        # gives it back. The fence makes the resulting redeliveries harmless.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={
+            "visibility_timeout": settings.broker.visibility_timeout,
+            "socket_keepalive": True,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+            "retry_on_timeout": True,
+        },
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        # Every source queue is declared so Flower and `kvmesh status` see it before any
+        # worker consumes it.
+        task_queues=queues,
+        task_default_queue=queues[0].name if queues else "kvmesh",
+        task_create_missing_queues=False,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=settings.worker.task_events,
+        task_send_sent_event=False,
+        enable_utc=True,
+    )
+    return app

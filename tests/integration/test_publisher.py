@@ -1,0 +1,106 @@
+"""The watcher's publisher writes Celery's task message by hand (pipeline.clients.publisher).
+Against a real Redis, its message must be the one Celery's own `send_task` writes for the same
+task, but for the ids, the origin and the body's encoding; a Celery upgrade that changes the
+format fails here. (Every end-to-end test has a Celery worker consume these messages.)"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.clients.broker import redis_at
+from pipeline.clients.celeryapp import create_app
+from pipeline.clients.publisher import RedisPublisher
+from pipeline.config import load_settings
+from pipeline.protocol.layout import Op
+from pipeline.protocol.names import TASK_NAME
+from pipeline.protocol.wire import Batch, Operation, Signer, SigningKeys, encode_task_sized
+from pipeline.tools.meshconfig import mesh_config
+
+from ..harness import Servers
+
+pytestmark = pytest.mark.integration
+
+QUEUE = "kvmesh.cluster-a"
+
+
+def batch() -> Batch:
+    # a key and a value that are not UTF-8 travel as base64 inside the JSON body
+    ops = (Operation(Op.PUT, b"cilium/cache/nodes/v1/cluster-a/n\xff", b'{"x":"\xfe"}'),)
+    return Batch("cluster-a", "cluster-b", "nodes-0", 7, (1, 0), (2, 1), ops)
+
+
+def popped(client: Any) -> dict[str, Any]:
+    raw = client.rpop(QUEUE)
+    assert raw is not None, "nothing was queued"
+    assert client.llen(QUEUE) == 0
+    message: dict[str, Any] = json.loads(raw)
+    return message
+
+
+def test_the_hand_written_message_is_celerys_own(servers: Servers, tmp_path: Path) -> None:
+    redis = servers.redis()
+    config = tmp_path / "mesh.toml"
+    config.write_text(
+        mesh_config(
+            broker_url=redis.url,
+            signing_key_file=None,
+            clusters=[
+                {"name": "cluster-a", "id": 1, "endpoints": ["http://127.0.0.1:1"]},
+                {"name": "cluster-b", "id": 2, "endpoints": ["http://127.0.0.1:2"]},
+            ],
+        )
+    )
+    settings = load_settings(str(config), env={})
+    client = redis_at(redis.url)
+    signer = Signer(SigningKeys((b"k" * 32,)))
+    sizes: list[int] = []
+
+    RedisPublisher(QUEUE, client, signer, on_task=sizes.append).publish([batch()])
+    ours = popped(client)
+    payload, size = encode_task_sized([batch()], signer)
+    assert sizes == [size]
+
+    app = create_app(settings)
+    app.send_task(
+        TASK_NAME,
+        args=[payload],
+        argsrepr="[cluster-a->cluster-b 1 batches 1 ops]",
+        kwargsrepr="{}",
+        queue=QUEUE,
+        routing_key=QUEUE,
+    )
+    theirs = popped(client)
+
+    # the body: Celery's is base64 of JSON, ours the JSON itself; both say which
+    assert theirs["properties"]["body_encoding"] == "base64"
+    assert ours["properties"]["body_encoding"] == "utf-8"
+    assert json.loads(ours["body"]) == json.loads(base64.b64decode(theirs["body"]))
+    assert json.loads(ours["body"])[0] == [payload]
+    assert {k: v for k, v in ours.items() if k not in ("body", "headers", "properties")} == {
+        k: v for k, v in theirs.items() if k not in ("body", "headers", "properties")
+    }
+
+    # the same headers and properties, with the same values but for the ids and the origin
+    # (and reply_to: Celery names its app there for results, and kvmesh's tasks have none)
+    ids = {"id", "root_id", "correlation_id", "delivery_tag", "origin", "body_encoding"}
+    ids.add("reply_to")
+
+    def fixed(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k not in ids}
+
+    assert fixed(ours["headers"]) == fixed(theirs["headers"])
+    # Celery copies send_task's argsrepr and kwargsrepr into the properties as well; no
+    # worker reads them there (the worker's request takes them from the headers)
+    assert fixed(ours["properties"]) == {
+        k: v for k, v in fixed(theirs["properties"]).items() if k not in ("argsrepr", "kwargsrepr")
+    }
+    for m in (ours, theirs):
+        assert m["headers"]["root_id"] == m["headers"]["id"] == m["properties"]["correlation_id"]
+        assert m["properties"]["delivery_tag"] != m["headers"]["id"]
+    assert ours["headers"]["id"] != theirs["headers"]["id"]
+    client.close()
