@@ -184,14 +184,13 @@ class Signer:
     def sign(self, payload: dict[str, Any]) -> dict[str, Any]:
         return {**payload, "sig": self._sig(canonical(payload))}
 
-    def sign_sized(self, payload: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        """The signed payload, and the length of its compact JSON (no spaces, ASCII only),
-        told by the canonical bytes already made for the signature: the same members, in
-        another order, and `sig`."""
+    def signed_json(self, payload: dict[str, Any]) -> str:
+        """The signed payload as compact JSON text (no spaces, ASCII only): the canonical
+        bytes made for the signature, with `sig` appended as their last member. A reader
+        parses it to the same object as `sign(payload)`; nothing is written out twice."""
         body = canonical(payload)
-        sig = self._sig(body)
-        size = len(body) + len(',"sig":') + len(json.dumps(sig, separators=(",", ":")))
-        return {**payload, "sig": sig}, size
+        sig = json.dumps(self._sig(body), separators=(",", ":"))
+        return f'{body[:-1].decode("ascii")},"sig":{sig}}}'
 
     def _sig(self, body: bytes) -> dict[str, str]:
         mac = hmac.new(self._sign_with, body, hashlib.sha256).hexdigest()
@@ -228,15 +227,15 @@ def encode_task(
     return signer.sign(payload) if signer is not None else payload
 
 
-def encode_task_sized(
+def encode_task_json(
     batches: list[Batch], signer: Signer | None, gap_since_ms: int | None = None
-) -> tuple[dict[str, Any], int]:
-    """The task payload, and the length of its compact JSON (a signed one's is told by the
-    bytes it signed, not by writing it out again)."""
+) -> str:
+    """The task payload of encode_task as compact JSON text, what a publisher puts in a
+    message (its length is the task's size in kvmesh_watcher_task_bytes_published_total)."""
     payload = _unsigned_task(batches, gap_since_ms)
     if signer is not None:
-        return signer.sign_sized(payload)
-    return payload, len(json.dumps(payload, separators=(",", ":")))
+        return signer.signed_json(payload)
+    return json.dumps(payload, separators=(",", ":"))
 
 
 def _unsigned_task(batches: list[Batch], gap_since_ms: int | None) -> dict[str, Any]:

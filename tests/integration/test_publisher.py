@@ -1,7 +1,8 @@
 """The watcher's publisher writes Celery's task message by hand (pipeline.clients.publisher).
 Against a real Redis, its message must be the one Celery's own `send_task` writes for the same
-task, but for the ids, the origin and the body's encoding; a Celery upgrade that changes the
-format fails here. (Every end-to-end test has a Celery worker consume these messages.)"""
+task, but for the ids, the origin and the body's encoding, and kombu's Redis transport must
+take it, hand it back to the queue on a reject (what a worker lost mid-task does) and take it
+again with the same body. Every end-to-end test has a Celery worker consume these messages."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pipeline.clients.publisher import RedisPublisher
 from pipeline.config import load_settings
 from pipeline.protocol.layout import Op
 from pipeline.protocol.names import TASK_NAME
-from pipeline.protocol.wire import Batch, Operation, Signer, SigningKeys, encode_task_sized
+from pipeline.protocol.wire import Batch, Operation, Signer, SigningKeys, encode_task
 from pipeline.tools.meshconfig import mesh_config
 
 from ..harness import Servers
@@ -62,8 +63,8 @@ def test_the_hand_written_message_is_celerys_own(servers: Servers, tmp_path: Pat
 
     RedisPublisher(QUEUE, client, signer, on_task=sizes.append).publish([batch()])
     ours = popped(client)
-    payload, size = encode_task_sized([batch()], signer)
-    assert sizes == [size]
+    payload = encode_task([batch()], signer)
+    assert sizes == [len(json.dumps(payload, separators=(",", ":")))]
 
     app = create_app(settings)
     app.send_task(
@@ -90,17 +91,47 @@ def test_the_hand_written_message_is_celerys_own(servers: Servers, tmp_path: Pat
     ids = {"id", "root_id", "correlation_id", "delivery_tag", "origin", "body_encoding"}
     ids.add("reply_to")
 
-    def fixed(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in d.items() if k not in ids}
+    def fixed(d: dict[str, Any], drop: tuple[str, ...] = ()) -> str:
+        # as JSON text, so that types count too (False is not 0, None is not "")
+        return json.dumps({k: v for k, v in d.items() if k not in ids | set(drop)}, sort_keys=True)
 
     assert fixed(ours["headers"]) == fixed(theirs["headers"])
     # Celery copies send_task's argsrepr and kwargsrepr into the properties as well; no
     # worker reads them there (the worker's request takes them from the headers)
-    assert fixed(ours["properties"]) == {
-        k: v for k, v in fixed(theirs["properties"]).items() if k not in ("argsrepr", "kwargsrepr")
-    }
+    assert fixed(ours["properties"]) == fixed(theirs["properties"], ("argsrepr", "kwargsrepr"))
+    assert ours["properties"]["reply_to"] == ""
+    assert ours["headers"]["origin"].startswith("gen")
     for m in (ours, theirs):
         assert m["headers"]["root_id"] == m["headers"]["id"] == m["properties"]["correlation_id"]
         assert m["properties"]["delivery_tag"] != m["headers"]["id"]
     assert ours["headers"]["id"] != theirs["headers"]["id"]
+    client.close()
+
+
+def test_kombu_takes_the_message_requeues_it_and_takes_it_again(servers: Servers) -> None:
+    """What a Celery worker's consumer does with a message, through kombu's Redis transport
+    with acknowledgements: the body decodes to the task's arguments, a reject with requeue
+    (a worker lost mid-task, task_reject_on_worker_lost) puts the stored message back, and
+    it comes again unchanged and marked redelivered."""
+    from kombu import Connection
+
+    redis = servers.redis()
+    client = redis_at(redis.url)
+    signer = Signer(SigningKeys((b"k" * 32,)))
+    RedisPublisher(QUEUE, client, signer).publish([batch()])
+    payload = encode_task([batch()], signer)
+    with Connection(redis.url) as conn:
+        queue = conn.SimpleQueue(QUEUE, no_ack=False)
+        first = queue.get(timeout=10)
+        assert first.headers["task"] == TASK_NAME
+        assert first.payload[0] == [payload]
+        first.reject(requeue=True)
+        again = queue.get(timeout=10)
+        assert again.payload == first.payload
+        assert again.headers["id"] == first.headers["id"]
+        assert again.delivery_info["redelivered"] is True
+        again.ack()
+        queue.close()
+    assert client.llen(QUEUE) == 0
+    assert client.hlen("unacked") == 0
     client.close()

@@ -20,7 +20,7 @@ from pipeline.protocol.wire import (
     SigningKeys,
     decode_task,
     encode_task,
-    encode_task_sized,
+    encode_task_json,
     key_id,
 )
 
@@ -56,16 +56,21 @@ def test_round_trip_is_byte_exact_through_json() -> None:
 
 
 @pytest.mark.parametrize("signer", [SIGNER, None], ids=["signed", "unsigned"])
-def test_the_told_size_is_that_of_the_compact_json(signer: Signer | None) -> None:
-    """The size a publisher reports for a task (kvmesh_watcher_task_bytes_published_total) is
-    that of the payload written out compactly, though a signed one is not written out for it
-    again."""
+def test_the_json_text_is_the_payload_written_out_compactly(signer: Signer | None) -> None:
+    """What a publisher puts in a message (encode_task_json) parses to the payload of
+    encode_task, verifies, and is as long as that payload written out compactly (the size
+    kvmesh_watcher_task_bytes_published_total counts), though a signed one is not written
+    out a second time."""
     shared = [_batch(target=t) for t in ("b", "c")]  # one shared list of operations
     other = _batch(shard="ipcache-0", ops=(Operation(Op.DELETE, b"x"),), done=False)
-    payload, size = encode_task_sized([*shared, other], signer, gap_since_ms=1234)
+    text = encode_task_json([*shared, other], signer, gap_since_ms=1234)
+    payload = encode_task([*shared, other], signer, gap_since_ms=1234)
     assert "ops" in payload and ("sig" in payload) is (signer is not None)
-    assert size == len(json.dumps(payload, separators=(",", ":")))
-    assert payload == encode_task([*shared, other], signer, gap_since_ms=1234)
+    assert json.loads(text) == payload
+    assert len(text) == len(json.dumps(payload, separators=(",", ":")))
+    assert text.isascii() and " " not in text
+    task = decode_task(json.loads(text), signer)
+    assert task.batches == [*shared, other] and task.gap_since_ms == 1234
 
 
 def test_a_flush_for_many_targets_carries_its_operations_once() -> None:
