@@ -12,6 +12,7 @@ initial sync: 4 batches of 127 identities.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -52,7 +53,8 @@ def main() -> int:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
-    server = RedisServer(Path(tempfile.mkdtemp(prefix="kvmesh-bench-")) / "redis")
+    tmp = Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))
+    server = RedisServer(tmp / "redis")
     server.start()
     try:
         batches = snapshot_batches(args.batches, args.ops_per_batch)
@@ -100,6 +102,7 @@ def main() -> int:
         return 0
     finally:
         server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
