@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import shutil
@@ -335,6 +336,10 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("watching %s", ", ".join(names))
+    # what exists now (modules, clients, settings) lives as long as the process: keep it
+    # out of every garbage collection from here on. A resync of 50,000 keys then spent
+    # 18-26 ms collecting instead of 55 ms (docs/performance.md).
+    gc.freeze()
     failed = run_watchers(watchers)
     if failed:
         print(f"kvmesh: the watcher of {', '.join(failed)} failed; see the log", file=sys.stderr)
