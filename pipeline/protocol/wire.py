@@ -190,7 +190,8 @@ class Signer:
         parses it to the same object as `sign(payload)`; nothing is written out twice."""
         body = canonical(payload)
         sig = json.dumps(self._sig(body), separators=(",", ":"))
-        return f'{body[:-1].decode("ascii")},"sig":{sig}}}'
+        members = body[1:-1].decode("ascii")
+        return f'{{{members},"sig":{sig}}}' if members else f'{{"sig":{sig}}}'
 
     def _sig(self, body: bytes) -> dict[str, str]:
         mac = hmac.new(self._sign_with, body, hashlib.sha256).hexdigest()

@@ -73,6 +73,20 @@ def test_the_json_text_is_the_payload_written_out_compactly(signer: Signer | Non
     assert task.batches == [*shared, other] and task.gap_since_ms == 1234
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [{}, {"sig": "old", "x": 1}, {"v": 3, "s": "\u00e9\ud800"}],
+    ids=["empty", "sig", "text"],
+)
+def test_signed_json_parses_to_the_signed_payload(payload: dict[str, object]) -> None:
+    """Whatever the payload (empty, carrying a stale signature, with strings that are not
+    ASCII), its signed JSON text is compact, ASCII, and parses to sign()'s object."""
+    text = SIGNER.signed_json(payload)
+    assert json.loads(text) == SIGNER.sign(payload)
+    assert len(text) == len(json.dumps(SIGNER.sign(payload), separators=(",", ":")))
+    assert text.isascii()
+
+
 def test_a_flush_for_many_targets_carries_its_operations_once() -> None:
     """Batches for several targets with the same operations share one list in the task,
     so the payload grows by a short header per target, not by a copy of the changes."""
