@@ -8,6 +8,7 @@ metrics, and an in-process `verify`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -418,11 +419,15 @@ class Mesh:
                     request = info.get("request", info)  # scheduled() wraps the request
                     args = request.get("args")
                     if isinstance(args, list) and args and isinstance(args[0], dict):
+                        payload = args[0]
+                        if "ref" in payload:  # published by reference: read it where it is
+                            raw = self.redis_client().get(payload["ref"])
+                            payload = json.loads(raw) if raw else {}
                         # schema 3 names the source once, for every batch
-                        source = args[0].get("source")
+                        source = payload.get("source")
                         out[request["id"]] = [
                             {"source": source, **b} if source else b
-                            for b in args[0].get("batches", [])
+                            for b in payload.get("batches", [])
                         ]
         return out
 

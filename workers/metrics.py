@@ -112,7 +112,7 @@ class WorkerMetrics:
     def zero(self, sources: list[str], targets: list[str]) -> None:
         """Export the series alerts watch at 0 from the start (a series that first appears
         at 3 has no increase() in Prometheus)."""
-        for reason in ("malformed", "unsigned", "bad_signature", "unknown_key"):
+        for reason in ("malformed", "unsigned", "bad_signature", "unknown_key", "payload_gone"):
             self.rejected_tasks.labels(reason)
         for source in sources:
             for target in targets:

@@ -7,6 +7,7 @@ machine adds to one set of counters that `kvmesh status` reads.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -23,12 +24,13 @@ from pipeline.config import WRITE, Settings
 from pipeline.protocol.errors import (
     ForbiddenBatchError,
     MalformedBatchError,
+    PayloadGoneError,
     RetryableError,
     show_key,
 )
 from pipeline.protocol.fence import Decision, FenceRecord, decide
 from pipeline.protocol.layout import may_write, parse_shard
-from pipeline.protocol.names import TASK_NAME, queue_name
+from pipeline.protocol.names import TASK_NAME, is_payload_key, queue_name
 from pipeline.protocol.wire import (
     Batch,
     Operation,
@@ -43,6 +45,11 @@ from workers.store import EtcdTargetStore, FenceView, TargetStore
 from .applier import MAX_GROUP_BYTES, MAX_GROUP_OPS, apply_batch, apply_group
 
 log = logging.getLogger("kvmesh.worker")
+
+# The largest payload a worker reads for a task published by reference. A task is at most
+# MAX_BATCHES_PER_TASK (64) batches of up to sync.max_batch_bytes (1 MB by default) each,
+# base64 in JSON: about 90 MB at the very most, a few hundred KB in practice.
+MAX_PAYLOAD_BYTES = 128 << 20
 
 
 class _PerProcess:
@@ -99,6 +106,28 @@ class _PerProcess:
         """Each source's generation as this process last saw it in *target*."""
         self._check_pid()
         return self._gens.setdefault(target, {})
+
+    @property
+    def broker(self) -> Broker:
+        self._check_pid()
+        if self._broker is None:
+            self._broker = Broker.of(self._settings)
+        return self._broker
+
+    def claim(self, ref: str) -> Any:
+        """The payload a task names by reference (*ref*, a name is_payload_key accepts:
+        nothing else in Redis is ever read for a task). MalformedBatchError if it is too
+        large or not JSON, PayloadGoneError if it is no longer there, RetryableError if
+        Redis does not answer or refuses. The payload is verified like any other afterwards."""
+        raw = self.broker.payload(ref, MAX_PAYLOAD_BYTES)
+        if raw is None:
+            raise PayloadGoneError("its payload is no longer in Redis")
+        if len(raw) > MAX_PAYLOAD_BYTES:
+            raise MalformedBatchError(f"its payload is over {MAX_PAYLOAD_BYTES} bytes")
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise MalformedBatchError("its payload is not JSON") from None
 
     def count(self, source: str, target: str, outcome: str) -> None:
         self.record(source, target, Counter({outcome: 1}))
@@ -160,16 +189,42 @@ def register_tasks(app: Any, settings: Settings) -> Any:
     )
     def apply_task(self: Any, *args: Any, **extra: Any) -> str:
         task_id = show_key(str(self.request.id).encode(), 64)
+        ref = None
         try:
             if len(args) != 1 or extra:
                 raise MalformedBatchError(
                     f"expected one payload argument, got {len(args)} and {len(extra)} more"
                 )
-            task = decode_task(args[0], signer)  # verifies the signature first
+            payload = args[0]
+            if isinstance(payload, dict) and payload.keys() == {"ref"}:
+                # published by reference (a claim check): the payload is in Redis
+                if not is_payload_key(payload["ref"]):
+                    raise MalformedBatchError("field 'ref' does not name a task payload")
+                ref = payload["ref"]
+                payload = conns.claim(ref)
+            task = decode_task(payload, signer)  # verifies the signature first
         except MalformedBatchError as exc:
             log.error("rejected task %s: %s: %s", task_id, exc.kind, exc.reason)
             conns.count("-", "-", exc.kind)
+            if ref is not None:
+                conns.broker.drop_payload(ref)
             return exc.kind
+        except RetryableError as exc:  # Redis did not answer or refused; the payload stays
+            # (if Redis cannot take the retry either, Celery drops the message: its batches
+            # are then missing, and the pair recovers as from any lost task)
+            log.warning("task %s: %s; retrying", task_id, exc)
+            raise self.retry(
+                countdown=min(worker.max_retry_delay, 0.2 * 2 ** min(self.request.retries, 10))
+            ) from None
+        try:
+            return _apply(self, task_id, task)
+        finally:
+            # done with it, whatever happened: a retry carries its batches itself, and a
+            # copy of this task delivered again finds the payload gone, counts it and stops
+            if ref is not None:
+                conns.broker.drop_payload(ref)
+
+    def _apply(self: Any, task_id: str, task: Task) -> str:
         first = task.batches[0]
         by_target: dict[str, list[Batch]] = {}
         for b in task.batches:

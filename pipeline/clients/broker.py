@@ -7,6 +7,7 @@ Built from settings by factories; nothing is read from the environment here.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -95,6 +96,28 @@ class Broker:
             pipe.execute()
 
         self._do("stats", add)
+
+    def payload(self, key: str, limit: int) -> bytes | None:
+        """The first *limit* + 1 bytes of the payload string *key*, or None if there is no
+        such string (gone, or another type of key)."""
+        try:
+            raw = self.client.getrange(key, 0, limit)
+        except redis.ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):  # not a string: no payload
+                return None
+            # NOPERM (an ACL without GETRANGE on kvmesh:payload:*), or anything else Redis
+            # refuses: the payload may well be there; the task waits, it is not dropped
+            raise RetryableError(f"redis: reading a task's payload was refused: {exc}") from None
+        except redis.RedisError as exc:
+            raise RetryableError(f"redis: reading a task's payload failed: {exc}") from None
+        if isinstance(raw, str):  # a client made to decode responses
+            raw = raw.encode("utf-8", "surrogateescape")
+        return raw or None
+
+    def drop_payload(self, key: str) -> None:
+        """Delete a payload its task is done with (its expiry would, later)."""
+        with contextlib.suppress(redis.RedisError):
+            self.client.delete(key)
 
     def close(self) -> None:
         self.client.close()

@@ -13,7 +13,12 @@ import redis
 
 from pipeline.clients.broker import queue_depth
 from pipeline.protocol.errors import PublishError, RetryableError
-from pipeline.protocol.names import TASK_NAME
+from pipeline.protocol.names import (
+    CLAIM_CHECK_BYTES,
+    PAYLOAD_TTL_SECONDS,
+    TASK_NAME,
+    payload_key,
+)
 from pipeline.protocol.wire import Batch, Signer, encode_task_json
 
 
@@ -175,9 +180,22 @@ class RedisPublisher:
                 )
                 # one push per task, no retry: the watcher pauses and keeps the changes on
                 # any failure, and `sent` tells it which went out
-                self._redis.lpush(
-                    self._queue, task_message(self._queue, payload, argsrepr, self._origin)
-                )
+                if len(payload) <= CLAIM_CHECK_BYTES:
+                    self._redis.lpush(
+                        self._queue, task_message(self._queue, payload, argsrepr, self._origin)
+                    )
+                else:
+                    # a large payload waits in a string of its own and the message names
+                    # it: the worker's main process, which takes and stores every message
+                    # it hands out, then moves a few hundred bytes instead of the payload.
+                    # Both or neither (MULTI): a message never names a payload not written.
+                    ref = payload_key(uuid.uuid4().hex)
+                    claim = f'{{"ref":"{ref}"}}'
+                    message = task_message(self._queue, claim, argsrepr, self._origin)
+                    pipe = self._redis.pipeline(transaction=True)
+                    pipe.set(ref, payload, ex=PAYLOAD_TTL_SECONDS)
+                    pipe.lpush(self._queue, message)
+                    pipe.execute()
                 sent += len(group)
                 if self._on_task is not None:
                     self._on_task(len(payload))

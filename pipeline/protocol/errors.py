@@ -106,6 +106,13 @@ class UnknownKeyError(MalformedBatchError):
     kind = "unknown_key"
 
 
+class PayloadGoneError(MalformedBatchError):
+    """A task published by reference whose payload is no longer in Redis: it expired, was
+    deleted, or its task already ran (a copy delivered twice)."""
+
+    kind = "payload_gone"
+
+
 class BadSignatureError(MalformedBatchError):
     """A task whose signature does not match its content: it was changed on the way."""
 

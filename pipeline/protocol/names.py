@@ -25,6 +25,32 @@ def stats_key(source: str, target: str) -> str:
     return f"kvmesh:stats:{source}:{target}"
 
 
+# A task whose payload is larger than this travels by reference (a claim check): the
+# payload in a Redis string of its own, the Celery message naming it (architecture.md).
+CLAIM_CHECK_BYTES = 16_384
+# How long a payload waits in Redis for its task: far longer than a task waits in a queue
+# that workers serve. A task that waited longer (workers down for an hour) finds its
+# payload gone, and its pair is resynced, as it would be for the stall anyway; a payload
+# nobody takes (workers too old to read references) is gone within the hour.
+PAYLOAD_TTL_SECONDS = 3_600
+_PAYLOAD_PREFIX = "kvmesh:payload:"
+
+
+def payload_key(task_id: str) -> str:
+    """The Redis string holding the payload of a task published by reference (*task_id*:
+    32 hex digits)."""
+    return f"{_PAYLOAD_PREFIX}{task_id}"
+
+
+def is_payload_key(name: object) -> bool:
+    """Whether *name* is a name payload_key() makes: a worker reads no other key for a
+    task, whatever a message names."""
+    if not isinstance(name, str) or len(name) != len(_PAYLOAD_PREFIX) + 32:
+        return False
+    tail = name[len(_PAYLOAD_PREFIX) :]
+    return name.startswith(_PAYLOAD_PREFIX) and all(c in "0123456789abcdef" for c in tail)
+
+
 def leader_key(source: str) -> str:
     """The Redis key of the lease held by the active watcher of a source."""
     return f"kvmesh:leader:{source}"

@@ -22,6 +22,10 @@ harmless: the fence makes it a duplicate or obsolete.
 
 Several batches travel in one task because Celery's per-task cost, not etcd, bounds a
 worker's throughput; each batch still has its own fence decision.
+
+A task's one argument is this payload, or, for a payload over CLAIM_CHECK_BYTES,
+`{"ref": "kvmesh:payload:<32 hex digits>"}`: the name of a Redis string holding the payload's
+JSON text (names.payload_key; the worker reads it, verifies it as above, and deletes it).
 """
 
 from __future__ import annotations

@@ -16,7 +16,12 @@ import pytest
 
 from pipeline.clients.celeryapp import create_app
 from pipeline.protocol.names import fence_key, gen_key, resync_key
-from pipeline.tools.cilium_state import cluster_config_value, identity_id
+from pipeline.tools.cilium_state import (
+    cluster_config_value,
+    identity_id,
+    identity_labels,
+    write_items,
+)
 from pipeline.tools.servers import free_port
 
 from ..harness import eventually
@@ -64,9 +69,13 @@ def test_a_task_rewritten_in_the_queue_is_refused(mesh: FaultMesh) -> None:
     message = json.loads(raw)
     assert message["properties"]["body_encoding"] == "utf-8"  # the body is JSON text
     body = json.loads(message["body"])
-    body[0][0] = forge(body[0][0])
-    message["body"] = json.dumps(body)
-    r.lset("kvmesh.cluster-a", -1, json.dumps(message))
+    if "ref" in body[0][0]:  # a large task: its payload waits in Redis, rewrite it there
+        ref = body[0][0]["ref"]
+        r.set(ref, json.dumps(forge(json.loads(r.get(ref)))), keepttl=True)
+    else:
+        body[0][0] = forge(body[0][0])
+        message["body"] = json.dumps(body)
+        r.lset("kvmesh.cluster-a", -1, json.dumps(message))
     before = mesh.stats("-", "-").get("bad_signature", 0)
     mesh.start_worker()
     eventually(
@@ -76,6 +85,71 @@ def test_a_task_rewritten_in_the_queue_is_refused(mesh: FaultMesh) -> None:
     )
     mesh.settle()
     assert untouched(mesh)
+
+
+def payloads_by_reference(mesh: FaultMesh) -> list[bytes]:
+    """With no worker consuming, make the watcher of A publish a task too large to travel
+    inline (300 new identities in one flush, over CLAIM_CHECK_BYTES), and return the
+    Redis keys of the payloads published by reference."""
+    assert mesh.base_worker is not None
+    mesh.base_worker.stop()
+    r = mesh.redis_client()
+    assert not list(r.scan_iter("kvmesh:payload:*"))
+    base = 50_000  # above the simulator's identities, inside the cluster's 16 bits
+    write_items(
+        mesh.client(0),
+        (
+            (
+                f"cilium/state/identities/v1/id/{identity_id(1, base + i)}".encode(),
+                identity_labels(A, base + i).encode(),
+            )
+            for i in range(300)
+        ),
+        per_txn=100,
+    )
+    return eventually(
+        lambda: list(r.scan_iter("kvmesh:payload:*")),
+        timeout=60,
+        what="a task published by reference",
+    )
+
+
+def test_a_payload_rewritten_in_redis_is_refused(mesh: FaultMesh) -> None:
+    """A task's payload that travels by reference (a claim check) is as signed as one inside
+    the message: rewritten in place in Redis with forged operations, it is refused for its
+    signature, and nothing of it lands."""
+    r = mesh.redis_client()
+    for key in payloads_by_reference(mesh):
+        r.set(key, json.dumps(forge(json.loads(r.get(key)))), keepttl=True)
+    before = mesh.stats("-", "-").get("bad_signature", 0)
+    mesh.start_worker()
+    eventually(
+        lambda: mesh.stats("-", "-").get("bad_signature", 0) > before,
+        timeout=60,
+        what="the rewritten payload refused",
+    )
+    mesh.settle()
+    assert untouched(mesh)
+    assert not list(r.scan_iter("kvmesh:payload:*"))  # a refused task's payload is dropped
+
+
+def test_a_task_whose_payload_is_gone_is_counted_and_the_sync_recovers(
+    mesh: FaultMesh,
+) -> None:
+    """A task published by reference whose payload was deleted (or expired) before a worker
+    took it is counted (payload_gone) and dropped; the batches it carried are missing, and
+    the mesh becomes exact again the way it does after any lost task."""
+    r = mesh.redis_client()
+    for key in payloads_by_reference(mesh):
+        r.delete(key)
+    before = mesh.stats("-", "-").get("payload_gone", 0)
+    mesh.start_worker()
+    eventually(
+        lambda: mesh.stats("-", "-").get("payload_gone", 0) > before,
+        timeout=60,
+        what="the task without its payload counted",
+    )
+    mesh.settle(240)
 
 
 def test_tasks_sent_through_flower_or_straight_to_redis_are_refused(mesh: FaultMesh) -> None:

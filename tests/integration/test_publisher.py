@@ -18,7 +18,12 @@ from pipeline.clients.celeryapp import create_app
 from pipeline.clients.publisher import RedisPublisher
 from pipeline.config import load_settings
 from pipeline.protocol.layout import Op
-from pipeline.protocol.names import TASK_NAME
+from pipeline.protocol.names import (
+    CLAIM_CHECK_BYTES,
+    PAYLOAD_TTL_SECONDS,
+    TASK_NAME,
+    is_payload_key,
+)
 from pipeline.protocol.wire import Batch, Operation, Signer, SigningKeys, encode_task
 from pipeline.tools.meshconfig import mesh_config
 
@@ -134,4 +139,33 @@ def test_kombu_takes_the_message_requeues_it_and_takes_it_again(servers: Servers
         queue.close()
     assert client.llen(QUEUE) == 0
     assert client.hlen("unacked") == 0
+    client.close()
+
+
+def test_a_large_payload_travels_by_reference(servers: Servers) -> None:
+    """A task over CLAIM_CHECK_BYTES is published as a message naming its payload, which
+    waits in a Redis string of its own with an expiry; a small one stays in the message."""
+    redis = servers.redis()
+    client = redis_at(redis.url)
+    signer = Signer(SigningKeys((b"k" * 32,)))
+    ops = tuple(
+        Operation(Op.PUT, f"cilium/cache/nodes/v1/cluster-a/n{i}".encode(), b"v" * 100)
+        for i in range(127)
+    )
+    big = Batch("cluster-a", "cluster-b", "nodes-0", 7, (1, 0), (2, 1), ops)
+    sizes: list[int] = []
+    publisher = RedisPublisher(QUEUE, client, signer, on_task=sizes.append)
+    publisher.publish([big])
+    message = popped(client)
+    (claim,) = json.loads(message["body"])[0]
+    assert list(claim) == ["ref"] and is_payload_key(claim["ref"])
+    text = client.get(claim["ref"])
+    assert text is not None and len(text) == sizes[0] > CLAIM_CHECK_BYTES
+    assert json.loads(text) == encode_task([big], signer)
+    assert 0 < client.ttl(claim["ref"]) <= PAYLOAD_TTL_SECONDS
+    client.delete(claim["ref"])
+
+    publisher.publish([batch()])
+    assert json.loads(popped(client)["body"])[0] == [encode_task([batch()], signer)]
+    assert not list(client.scan_iter("kvmesh:payload:*"))
     client.close()

@@ -13,6 +13,7 @@ from pipeline.protocol.errors import (
     UnsignedTaskError,
 )
 from pipeline.protocol.layout import Op
+from pipeline.protocol.names import is_payload_key, payload_key
 from pipeline.protocol.wire import (
     Batch,
     Operation,
@@ -238,3 +239,25 @@ def test_crafted_payloads_stay_malformed_tasks() -> None:
     ):
         with pytest.raises(MalformedBatchError):
             decode_task(payload, SIGNER)
+
+
+def test_a_worker_reads_only_keys_named_like_payloads() -> None:
+    """The name in a task published by reference must be one payload_key() makes: a
+    message naming any other Redis key (the leader lease, a queue, the stats) is refused
+    before anything is read."""
+    name = payload_key("0123456789abcdef" * 2)
+    assert is_payload_key(name)
+    for other in (
+        "kvmesh:leader:cluster-a",
+        "kvmesh.cluster-a",
+        "unacked",
+        name[:-1],
+        name + "0",
+        name[:-1] + "G",
+        name.upper(),
+        " " + name[1:],
+        None,
+        7,
+        ["kvmesh:payload:"],
+    ):
+        assert not is_payload_key(other), other
