@@ -36,10 +36,10 @@ PAYLOAD_TTL_SECONDS = 3_600
 _PAYLOAD_PREFIX = "kvmesh:payload:"
 
 
-def payload_key(task_id: str) -> str:
-    """The Redis string holding the payload of a task published by reference (*task_id*:
-    32 hex digits)."""
-    return f"{_PAYLOAD_PREFIX}{task_id}"
+def payload_key(token: str) -> str:
+    """The Redis string holding the payload of a task published by reference (*token*: 32
+    random hex digits, made by the publisher)."""
+    return f"{_PAYLOAD_PREFIX}{token}"
 
 
 def is_payload_key(name: object) -> bool:
