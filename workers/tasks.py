@@ -140,9 +140,7 @@ class _PerProcess:
         else:
             self.metrics.record(source, target, outcomes)
         try:
-            if self._broker is None:
-                self._broker = Broker.of(self._settings)
-            self._broker.add_stats(source, target, outcomes)
+            self.broker.add_stats(source, target, outcomes)
         except RetryableError as exc:  # counters must never fail a batch
             log.warning("cannot record outcomes %s: %s", dict(outcomes), exc)
             self._broker = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -110,9 +110,7 @@ class Broker:
             raise RetryableError(f"redis: reading a task's payload was refused: {exc}") from None
         except redis.RedisError as exc:
             raise RetryableError(f"redis: reading a task's payload failed: {exc}") from None
-        if isinstance(raw, str):  # a client made to decode responses
-            raw = raw.encode("utf-8", "surrogateescape")
-        return raw or None
+        return cast(bytes, raw) or None  # redis_at's clients never decode responses
 
     def drop_payload(self, key: str) -> None:
         """Delete a payload its task is done with (its expiry would, later)."""

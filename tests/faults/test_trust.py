@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from typing import Any
 
 import pytest
 
@@ -57,6 +58,18 @@ def forge(payload: dict[str, object]) -> dict[str, object]:
     return forged
 
 
+def forge_payload(r: Any, key: bytes | str) -> None:
+    """Rewrite a payload published by reference in place, forged (its expiry kept)."""
+    r.set(key, json.dumps(forge(json.loads(r.get(key)))), keepttl=True)
+
+
+def restart_worker_until(mesh: FaultMesh, reason: str, what: str) -> None:
+    """Start the baseline worker again and wait until it has dropped a task for *reason*."""
+    before = mesh.stats("-", "-").get(reason, 0)
+    mesh.start_worker()
+    eventually(lambda: mesh.stats("-", "-").get(reason, 0) > before, timeout=60, what=what)
+
+
 def test_a_task_rewritten_in_the_queue_is_refused(mesh: FaultMesh) -> None:
     """A genuine task changed in place in Redis (LSET), keeping its generation and positions
     but carrying puts into the target's own state, its config and kvmesh's records, is
@@ -70,19 +83,12 @@ def test_a_task_rewritten_in_the_queue_is_refused(mesh: FaultMesh) -> None:
     assert message["properties"]["body_encoding"] == "utf-8"  # the body is JSON text
     body = json.loads(message["body"])
     if "ref" in body[0][0]:  # a large task: its payload waits in Redis, rewrite it there
-        ref = body[0][0]["ref"]
-        r.set(ref, json.dumps(forge(json.loads(r.get(ref)))), keepttl=True)
+        forge_payload(r, body[0][0]["ref"])
     else:
         body[0][0] = forge(body[0][0])
         message["body"] = json.dumps(body)
         r.lset("kvmesh.cluster-a", -1, json.dumps(message))
-    before = mesh.stats("-", "-").get("bad_signature", 0)
-    mesh.start_worker()
-    eventually(
-        lambda: mesh.stats("-", "-").get("bad_signature", 0) > before,
-        timeout=60,
-        what="the rewritten task refused",
-    )
+    restart_worker_until(mesh, "bad_signature", "the rewritten task refused")
     mesh.settle()
     assert untouched(mesh)
 
@@ -120,14 +126,8 @@ def test_a_payload_rewritten_in_redis_is_refused(mesh: FaultMesh) -> None:
     signature, and nothing of it lands."""
     r = mesh.redis_client()
     for key in payloads_by_reference(mesh):
-        r.set(key, json.dumps(forge(json.loads(r.get(key)))), keepttl=True)
-    before = mesh.stats("-", "-").get("bad_signature", 0)
-    mesh.start_worker()
-    eventually(
-        lambda: mesh.stats("-", "-").get("bad_signature", 0) > before,
-        timeout=60,
-        what="the rewritten payload refused",
-    )
+        forge_payload(r, key)
+    restart_worker_until(mesh, "bad_signature", "the rewritten payload refused")
     mesh.settle()
     assert untouched(mesh)
     assert not list(r.scan_iter("kvmesh:payload:*"))  # a refused task's payload is dropped
@@ -142,13 +142,7 @@ def test_a_task_whose_payload_is_gone_is_counted_and_the_sync_recovers(
     r = mesh.redis_client()
     for key in payloads_by_reference(mesh):
         r.delete(key)
-    before = mesh.stats("-", "-").get("payload_gone", 0)
-    mesh.start_worker()
-    eventually(
-        lambda: mesh.stats("-", "-").get("payload_gone", 0) > before,
-        timeout=60,
-        what="the task without its payload counted",
-    )
+    restart_worker_until(mesh, "payload_gone", "the task without its payload counted")
     mesh.settle(240)
 
 
