@@ -2,7 +2,7 @@
 burst of changes, with 1, 2, 4 and 8 worker slots, through a link with a round trip.
 
     python benchmarks/scale_workers.py [--keys 50000] [--workers 1 2 4 8]
-        [--delay 0.005] [--pools prefork threads] [--json FILE] [--png FILE]
+        [--delay 0.005] [--pools prefork threads] [--repeat 1] [--json FILE] [--png FILE]
 
 Each run gets a fresh target etcd behind `benchmarks/delay_proxy.py`, which delays every
 byte by `--delay` seconds each way (default 5 ms: a cross-zone round trip of 10 ms), and a
@@ -29,6 +29,13 @@ shared by the runs.
 
 The watcher runs with `sync.shards = 16`, so that 8 slots are not capped by the number of
 shards (a shard's batches are applied in order, one at a time).
+
+On this shared 2-core machine one run's figures move by 10% or more from run to run.
+`--repeat N` measures every worker count N times, in rounds (the order of the counts turned
+around every other round, so that neither end of the list always runs on a warmer or a
+quieter machine), compares each count with the first one of its own round, and prints the
+median of those ratios. The PNG then shows each count's median, with the smallest and the
+largest figure as a bar.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -161,8 +169,9 @@ def run(
     delay: float,
     shards: int = 16,
     sync: dict[str, Any] | None = None,
+    round_: int = 1,
 ) -> dict[str, Any]:
-    name = f"{pool}-{slots}"
+    name = f"{pool}-{slots}" + (f"-{round_}" if round_ > 1 else "")
     procs: list[subprocess.Popen[bytes]] = []
     target = EtcdServer(tmp / f"target-{name}")
     target.start()
@@ -303,22 +312,51 @@ def run(
         target.stop()
 
 
+RATIOS = (
+    ("vs_first", "churn_keys_per_s"),
+    ("backlog_vs_first", "backlog_keys_per_s"),
+    ("sustained_vs_first", "backlog_sustained_keys_per_s"),
+)
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per pool and slot count, the median of each figure and each ratio over the rounds,
+    with the smallest and the largest throughput of the rounds."""
+    out = []
+    for pool in dict.fromkeys(r["pool"] for r in rows):
+        for slots in dict.fromkeys(r["slots"] for r in rows if r["pool"] == pool):
+            rs = [r for r in rows if r["pool"] == pool and r["slots"] == slots]
+            m: dict[str, Any] = {"pool": pool, "slots": slots, "rounds": len(rs)}
+            for key in ("initial_sync_s", *(k for pair in RATIOS for k in pair)):
+                values = [r[key] for r in rs]
+                m[key] = round(statistics.median(values), 2)
+                m[f"{key}_range"] = [min(values), max(values)]
+            out.append(m)
+    return out
+
+
 def draw(rows: list[dict[str, Any]], png: str) -> None:
     plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for pool in sorted({r["pool"] for r in rows}):
-        rs = [r for r in rows if r["pool"] == pool]
+
+    def line(ax: Any, rs: list[dict[str, Any]], key: str, style: str, label: str) -> None:
         xs = [r["slots"] for r in rs]
-        a.plot(xs, [r["backlog_keys_per_s"] for r in rs], "o-", label=f"{pool}: backlog")
-        a.plot(
-            xs,
-            [r["backlog_sustained_keys_per_s"] for r in rs],
-            "^:",
-            label=f"{pool}: backlog, 10-90%",
-        )
-        a.plot(xs, [r["churn_keys_per_s"] for r in rs], "s--", label=f"{pool}: burst")
-        b.plot(xs, [r["initial_sync_s"] for r in rs], "o-", label=pool)
+        ys = [r[key] for r in rs]
+        if rs and rs[0]["rounds"] > 1:  # the median, and the rounds' range as a bar
+            lo = [y - r[f"{key}_range"][0] for y, r in zip(ys, rs, strict=True)]
+            hi = [r[f"{key}_range"][1] - y for y, r in zip(ys, rs, strict=True)]
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, capsize=3, label=label)
+        else:
+            ax.plot(xs, ys, style, label=label)
+
+    summary = medians(rows)
+    for pool in dict.fromkeys(r["pool"] for r in summary):
+        rs = [r for r in summary if r["pool"] == pool]
+        line(a, rs, "backlog_keys_per_s", "o-", f"{pool}: backlog")
+        line(a, rs, "backlog_sustained_keys_per_s", "^:", f"{pool}: backlog, 10-90%")
+        line(a, rs, "churn_keys_per_s", "s--", f"{pool}: burst")
+        line(b, rs, "initial_sync_s", "o-", pool)
     for ax in (a, b):
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
@@ -328,7 +366,11 @@ def draw(rows: list[dict[str, Any]], png: str) -> None:
     a.set_ylabel("target writes per second")
     b.set_ylabel("initial sync (s)")
     delay = rows[0]["delay_ms"] if rows else 0
-    fig.suptitle(f"kvmesh workers, {2 * delay:.0f} ms round trip to the target, 2 cores")
+    rounds = summary[0]["rounds"] if summary else 1
+    fig.suptitle(
+        f"kvmesh workers, {2 * delay:.0f} ms round trip to the target, 2 cores"
+        + (f" (median of {rounds} rounds)" if rounds > 1 else "")
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     print(f"wrote {png}")
@@ -348,9 +390,13 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="another [sync] setting, e.g. idle_flush=false (repeatable)",
     )
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of every worker count")
     ap.add_argument("--json", default="")
     ap.add_argument("--png", default="")
     args = ap.parse_args()
+    if args.repeat < 1:
+        print("scale_workers: --repeat must be at least 1", file=sys.stderr)
+        return 2
     byte_compile()
     sync = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.sync)}
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-scale-"))
@@ -370,34 +416,59 @@ def main() -> int:
             f"{'proxy %':>7} {'etcd %':>6} {'sustained':>9} {'vs 1':>5} {'1st/last 10% s':>14}",
             flush=True,
         )
-        for pool in args.pools:
-            base = base2 = base3 = None
-            for slots in args.workers:
-                r = run(tmp, src, broker, args.keys, pool, slots, args.delay, args.shards, sync)
-                r["shards"] = args.shards
-                r["sync"] = sync
-                base = base or r["churn_keys_per_s"]
-                base2 = base2 or r["backlog_keys_per_s"]
-                r["vs_first"] = round(r["churn_keys_per_s"] / base, 2)
-                r["backlog_vs_first"] = round(r["backlog_keys_per_s"] / base2, 2)
-                base3 = base3 or r["backlog_sustained_keys_per_s"]
-                r["sustained_vs_first"] = round(r["backlog_sustained_keys_per_s"] / base3, 2)
-                rows.append(r)
-                print(
-                    f"{pool:>8} {slots:>5} {r['initial_sync_s']:>15} "
-                    f"{r['churn_keys_per_s']:>13} {r['vs_first']:>5} "
-                    f"{r['churn_cpu_busy_pct']:>5} {r['backlog_keys_per_s']:>15} "
-                    f"{r['backlog_vs_first']:>5} {r['backlog_cpu_busy_pct']:>5} "
-                    f"{r['backlog_proxy_core_pct']:>7} {r['backlog_target_etcd_core_pct']:>6} "
-                    f"{r['backlog_sustained_keys_per_s']:>9} {r['sustained_vs_first']:>5} "
-                    f"{r['backlog_first_tenth_s']:>6}/{r['backlog_last_tenth_s']:<7} "
-                    f"tasks {r['backlog_tasks']} batches {r['backlog_batches']} "
-                    f"gap_wait {r['backlog_gap_waits']}",
-                    flush=True,
-                )
+        for round_ in range(1, args.repeat + 1):
+            for pool in args.pools:
+                order = args.workers if round_ % 2 else args.workers[::-1]
+                done: dict[int, dict[str, Any]] = {}
+                for slots in order:
+                    r = run(
+                        tmp,
+                        src,
+                        broker,
+                        args.keys,
+                        pool,
+                        slots,
+                        args.delay,
+                        args.shards,
+                        sync,
+                        round_,
+                    )
+                    r["shards"] = args.shards
+                    r["sync"] = sync
+                    r["round"] = round_
+                    done[slots] = r
+                    first = done.get(args.workers[0])
+                    if first is not None:  # compare with the first count of this round
+                        for later in done.values():
+                            for ratio, key in RATIOS:
+                                later[ratio] = round(later[key] / first[key], 2)
+                    print(
+                        f"{pool:>8} {slots:>5} {r['initial_sync_s']:>15} "
+                        f"{r['churn_keys_per_s']:>13} {r.get('vs_first', '-'):>5} "
+                        f"{r['churn_cpu_busy_pct']:>5} {r['backlog_keys_per_s']:>15} "
+                        f"{r.get('backlog_vs_first', '-'):>5} {r['backlog_cpu_busy_pct']:>5} "
+                        f"{r['backlog_proxy_core_pct']:>7} {r['backlog_target_etcd_core_pct']:>6} "
+                        f"{r['backlog_sustained_keys_per_s']:>9} "
+                        f"{r.get('sustained_vs_first', '-'):>5} "
+                        f"{r['backlog_first_tenth_s']:>6}/{r['backlog_last_tenth_s']:<7} "
+                        f"tasks {r['backlog_tasks']} batches {r['backlog_batches']} "
+                        f"gap_wait {r['backlog_gap_waits']}",
+                        flush=True,
+                    )
+                rows += [done[slots] for slots in args.workers]
     finally:
         src.stop()
         broker.stop()
+    if args.repeat > 1:
+        print(
+            f"median of {args.repeat} rounds, each against {args.workers[0]} slot(s) of its round:"
+        )
+        for m in medians(rows):
+            print(
+                f"{m['pool']:>8} {m['slots']:>5}  burst {m['vs_first']:>5}  "
+                f"backlog {m['backlog_vs_first']:>5} {m['backlog_vs_first_range']}  "
+                f"sustained {m['sustained_vs_first']:>5} {m['sustained_vs_first_range']}"
+            )
     if args.json:
         write_json(rows, args.json)
     if args.png:

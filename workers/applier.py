@@ -13,7 +13,7 @@ from pipeline.protocol.errors import LeaseGoneError, RequestTooLargeError, show_
 from pipeline.protocol.fence import Decision, FenceRecord, decide
 from pipeline.protocol.layout import Op, parse_shard
 from pipeline.protocol.names import rejected_key
-from pipeline.protocol.sharding import shard_index
+from pipeline.protocol.sharding import all_in_shard, shard_count
 from pipeline.protocol.wire import Batch, Operation
 from workers.store import FenceView, Part, TargetStore
 
@@ -241,16 +241,22 @@ def _choose(
             if decision is Decision.GAP:
                 deferred.append((b, view.fence))
             continue
-        if not in_its_shard(b, view.shards):
-            continue
         if chosen and view.gen_rev != views[chosen[0].shard].gen_rev:
             # views of two generation records (a thread pool's tasks share the memory of
             # generations): the transaction compares one; the one-batch path takes this
             continue
-        size = sum(op.size for op in b.ops)
-        if ops + len(b.ops) + 1 > max_ops or bytes_ + size > max_bytes:
+        # the count first: the checks below look at every key, and a task's full batches
+        # come up again in each group until their own (one look per batch, not one per group)
+        if ops + len(b.ops) + 1 > max_ops:
             if chosen:
                 deferred.append((b, view.fence))  # a group of its own takes it
+            continue
+        if not in_its_shard(b, view.shards):
+            continue
+        size = sum(op.size for op in b.ops)
+        if bytes_ + size > max_bytes:
+            if chosen:
+                deferred.append((b, view.fence))
             continue
         if any(op.key in keys for op in b.ops):
             deferred.append((b, view.fence))
@@ -281,9 +287,9 @@ def in_its_shard(batch: Batch, shards: int) -> bool:
     if parsed is None:
         return False
     resource, index = parsed
-    if index >= max(1, shards if not resource.single_key else 1):
+    if index >= max(1, shard_count(resource, shards)):
         return False
-    return all(shard_index(resource, op.key, shards) == index for op in batch.ops)
+    return all_in_shard(resource, (op.key for op in batch.ops), shards, index)
 
 
 def _commit_split(

@@ -7,6 +7,7 @@ The hash is stable across processes and restarts (Python's hash() is salted; thi
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 
 from pipeline.protocol.layout import RESOURCES, Resource
 
@@ -19,6 +20,16 @@ def shard_index(resource: Resource, key: bytes, shards: int) -> int:
     """The index of a source key's shard."""
     n = shard_count(resource, shards)
     return 0 if n == 1 else zlib.crc32(key) % n
+
+
+def all_in_shard(resource: Resource, keys: Iterable[bytes], shards: int, index: int) -> bool:
+    """Whether every key of *keys* is in shard *index* (shard_index for many keys, without
+    a call per key: a worker checks every key it applies)."""
+    n = shard_count(resource, shards)
+    if n == 1:
+        return index == 0
+    crc32 = zlib.crc32
+    return all(crc32(key) % n == index for key in keys)
 
 
 def shard_of(resource: Resource, key: bytes, shards: int) -> str:

@@ -7,7 +7,13 @@ import sys
 from collections import Counter
 
 from pipeline.protocol.layout import RESOURCE_BY_NAME
-from pipeline.protocol.sharding import all_shards, shard_of, shard_resource
+from pipeline.protocol.sharding import (
+    all_in_shard,
+    all_shards,
+    shard_index,
+    shard_of,
+    shard_resource,
+)
 
 IDS = RESOURCE_BY_NAME["identities"]
 
@@ -46,3 +52,18 @@ def test_single_key_resource_has_one_shard() -> None:
     shards = all_shards(4)
     assert shards.count("config-0") == 1
     assert len(shards) == 5 * 4 + 1
+
+
+def test_all_in_shard_agrees_with_shard_index() -> None:
+    """The worker's check of a whole batch says what shard_index says of each key."""
+    keys = [f"cilium/cache/identities/v1/a/id/{i}".encode() for i in range(400)]
+    for shards in (1, 3, 16):
+        for index in range(shards):
+            mine = [k for k in keys if shard_index(IDS, k, shards) == index]
+            assert all_in_shard(IDS, mine, shards, index)
+            others = [k for k in keys if shard_index(IDS, k, shards) != index]
+            for k in others[:20]:
+                assert not all_in_shard(IDS, [*mine, k], shards, index)
+    single = RESOURCE_BY_NAME["config"]
+    assert all_in_shard(single, [b"anything"], 16, 0)
+    assert not all_in_shard(single, [b"anything"], 16, 1)
