@@ -7,7 +7,8 @@ one connection, as on a real link. It prints `ready` once it listens.
 
 It stands for a network link, which costs the machine it serves no CPU, so it is built to
 cost as little as it can: one asyncio loop, protocol callbacks instead of streams, and one
-timer per direction for whatever is on its way (not one per chunk).
+timer per direction for whatever is on its way (not one per chunk). Nothing pushes back on
+a fast sender (as on a link with room to spare): a benchmark's traffic is bounded.
 """
 
 from __future__ import annotations
@@ -17,52 +18,85 @@ import collections
 import sys
 
 
-class Direction:
-    """One direction of one connection: what was read, each chunk with the loop time it may
-    be written at, and the transport it goes to."""
+class Link:
+    """One proxied connection: two directions, each delayed on its own. A direction ends
+    when what was read before its reader's EOF has been written and the EOF passed on
+    (half-close), or when the socket it writes to is gone; both ended, both sockets close."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        self.up = Direction(self, loop, delay)  # client to upstream
+        self.down = Direction(self, loop, delay)  # upstream to client
+
+    def check(self) -> None:
+        if self.up.done and self.down.done:
+            self.close()
+
+    def close(self) -> None:
+        for d in (self.up, self.down):
+            d.done = True
+            if d.out is not None:
+                d.out.close()  # after what is still in its buffer
+
+
+class Direction:
+    """What one socket read, each chunk with the loop time it may be written at, and the
+    transport it goes to (None until the upstream connection is made)."""
+
+    def __init__(self, link: Link, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        self.link = link
         self.loop = loop
         self.delay = delay
         self.out: asyncio.Transport | None = None
         self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
         self.timer: asyncio.TimerHandle | None = None
-        self.closing = False
+        self.eof = False  # the reading socket sent EOF: pass it on after the data
+        self.done = False
 
     def push(self, data: bytes) -> None:
         self.queue.append((self.loop.time() + self.delay, data))
         if self.timer is None and self.out is not None:
             self.timer = self.loop.call_at(self.queue[0][0], self.flush)
 
-    def close_after(self) -> None:
-        """Close the other side once everything read before this has been written."""
-        self.closing = True
+    def end(self) -> None:
+        self.eof = True
         if self.timer is None:
             self.flush()
+
+    def lost(self) -> None:
+        """The socket this direction writes to is gone: what is on its way cannot arrive."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.queue.clear()
+        self.done = True
+        self.link.check()
 
     def attach(self, out: asyncio.Transport) -> None:
         self.out = out
         if self.queue and self.timer is None:
             self.timer = self.loop.call_at(self.queue[0][0], self.flush)
-        elif self.closing:
-            out.close()
+        elif self.eof:
+            self.flush()
 
     def flush(self) -> None:
         self.timer = None
-        if self.out is None:
+        if self.out is None or self.done:
             return
         now = self.loop.time()
         while self.queue and self.queue[0][0] <= now:
             self.out.write(self.queue.popleft()[1])
         if self.queue:
             self.timer = self.loop.call_at(self.queue[0][0], self.flush)
-        elif self.closing:
-            self.out.close()
+        elif self.eof:
+            self.done = True
+            if self.out.can_write_eof():
+                self.out.write_eof()
+            self.link.check()
 
 
 class Side(asyncio.Protocol):
-    """One socket of a proxied connection: what it reads goes into *inbound*; when it closes,
-    the other socket closes after the data still on its way."""
+    """One socket of a proxied connection: what it reads goes into *inbound*, *outbound*
+    writes to it."""
 
     def __init__(self, inbound: Direction, outbound: Direction) -> None:
         self.inbound = inbound
@@ -76,11 +110,13 @@ class Side(asyncio.Protocol):
         self.inbound.push(data)
 
     def eof_received(self) -> bool:
-        self.inbound.close_after()
-        return False
+        self.inbound.end()
+        return True  # keep the socket open: the other direction may still have data for it
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.inbound.close_after()
+        if not self.inbound.eof:
+            self.inbound.end()
+        self.outbound.lost()
 
 
 async def main(listen: int, upstream: int, delay: float) -> None:
@@ -88,15 +124,16 @@ async def main(listen: int, upstream: int, delay: float) -> None:
     connecting: set[asyncio.Task[None]] = set()  # held, or the loop may drop them unfinished
 
     def accept() -> Side:
-        up, down = Direction(loop, delay), Direction(loop, delay)
-        client = Side(up, down)
+        link = Link(loop, delay)
+        client = Side(link.up, link.down)
 
         async def connect() -> None:
             try:
-                await loop.create_connection(lambda: Side(down, up), "127.0.0.1", upstream)
+                await loop.create_connection(
+                    lambda: Side(link.down, link.up), "127.0.0.1", upstream
+                )
             except OSError:
-                down.close_after()
-                up.out = None
+                link.close()
 
         task = loop.create_task(connect())
         connecting.add(task)

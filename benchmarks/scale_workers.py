@@ -33,9 +33,10 @@ shards (a shard's batches are applied in order, one at a time).
 On this shared 2-core machine one run's figures move by 10% or more from run to run.
 `--repeat N` measures every worker count N times, in rounds (the order of the counts turned
 around every other round, so that neither end of the list always runs on a warmer or a
-quieter machine), compares each count with the first one of its own round, and prints the
-median of those ratios. The PNG then shows each count's median, with the smallest and the
-largest figure as a bar.
+quieter machine: an even N balances it), compares each count with the first one of its own
+round, and prints the median of those ratios. The PNG then shows each count's median
+throughput, with the smallest and the largest figure as a bar (a ratio of those medians
+need not be the median of the rounds' ratios).
 """
 
 from __future__ import annotations
@@ -436,6 +437,7 @@ def main() -> int:
                     r["shards"] = args.shards
                     r["sync"] = sync
                     r["round"] = round_
+                    r["seq"] = sum(len(d) for d in (rows, done))  # the order the runs ran in
                     done[slots] = r
                     first = done.get(args.workers[0])
                     if first is not None:  # compare with the first count of this round
@@ -456,6 +458,18 @@ def main() -> int:
                         flush=True,
                     )
                 rows += [done[slots] for slots in args.workers]
+                if round_ % 2 == 0 and len(args.workers) > 1:  # printed with "-" above
+                    print(
+                        f"round {round_}, vs {args.workers[0]} slot(s): "
+                        + ", ".join(
+                            f"{n}: {done[n]['backlog_vs_first']} / {done[n]['sustained_vs_first']}"
+                            for n in args.workers[1:]
+                        )
+                        + " (backlog / sustained)",
+                        flush=True,
+                    )
+                if args.json:  # after every round: a failed run later keeps these
+                    write_json(rows, args.json)
     finally:
         src.stop()
         broker.stop()
@@ -469,8 +483,6 @@ def main() -> int:
                 f"backlog {m['backlog_vs_first']:>5} {m['backlog_vs_first_range']}  "
                 f"sustained {m['sustained_vs_first']:>5} {m['sustained_vs_first_range']}"
             )
-    if args.json:
-        write_json(rows, args.json)
     if args.png:
         draw(rows, args.png)
     return 0

@@ -249,7 +249,9 @@ def _choose(
         # come up again in each group until their own (one look per batch, not one per group)
         if ops + len(b.ops) + 1 > max_ops:
             if chosen:
-                deferred.append((b, view.fence))  # a group of its own takes it
+                # a later group takes it, after those checks (a batch with a key outside
+                # its shard is then left to apply_batch, which refuses it)
+                deferred.append((b, view.fence))
             continue
         if not in_its_shard(b, view.shards):
             continue

@@ -254,6 +254,25 @@ def test_a_batch_outside_its_generations_shards_is_forbidden() -> None:
     assert apply_batch(store, wrong) is Decision.APPLY
 
 
+def test_a_batch_outside_its_shard_is_forbidden_in_a_task_of_full_batches() -> None:
+    """Through a task's group transactions too: a batch named for one shard whose keys hash
+    to another is never written, whether it came up beside a full batch (no room: it waits
+    for the next group) or alone, and the task ends with nothing waiting."""
+    store, batches = setup(n_shards=2, per_shard=127)
+    full = next(b for b in batches if b.shard == "nodes-0")
+    other = next(b for b in batches if b.shard == "nodes-1")
+    stray = Operation(Op.PUT, node_keys("nodes-0", 2, 128)[-1], b"stray")
+    wrong = Batch("a", "b", "nodes-1", 1, (10, 0), other.pos, (stray,))
+    outcomes: Counter[str] = Counter()
+    assert apply_all(store, [full, wrong], outcomes, gap_wait=0.0) == []
+    assert outcomes["applied"] == 1 and outcomes["forbidden"] == 1
+    assert stray.key not in store.data
+    assert apply_all(store, [wrong], outcomes, gap_wait=0.0) == []
+    assert outcomes["forbidden"] == 2 and stray.key not in store.data
+    assert apply_all(store, [other], outcomes, gap_wait=0.0) == []  # its shard untouched
+    assert outcomes["applied"] == 2
+
+
 def test_a_corrupt_fence_asks_for_a_resync() -> None:
     """A fence that does not decode is not guessed at: the worker asks for a resync."""
     store, batches = setup(n_shards=1, per_shard=3)

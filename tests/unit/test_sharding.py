@@ -62,8 +62,10 @@ def test_all_in_shard_agrees_with_shard_index() -> None:
             mine = [k for k in keys if shard_index(IDS, k, shards) == index]
             assert all_in_shard(IDS, mine, shards, index)
             others = [k for k in keys if shard_index(IDS, k, shards) != index]
-            for k in others[:20]:
-                assert not all_in_shard(IDS, [*mine, k], shards, index)
+            half = len(mine) // 2
+            for k in others[:20]:  # one key of another shard, wherever it is
+                for keys_ in ([k, *mine], [*mine[:half], k, *mine[half:]], [*mine, k]):
+                    assert not all_in_shard(IDS, keys_, shards, index)
     single = RESOURCE_BY_NAME["config"]
     assert all_in_shard(single, [b"anything"], 16, 0)
     assert not all_in_shard(single, [b"anything"], 16, 1)
