@@ -207,7 +207,12 @@ def test_lab_prometheus_scrapes_every_watcher_and_the_worker(tmp_path: Path) -> 
             what="worker outcomes and lag in Prometheus",
         )
         assert number("sum(kvmesh_worker_concurrency)") == 2
-        assert number("count(kvmesh_remote_cluster_readiness_status == 1)") == 2
+        # both canaries may land after the scrape the wait above saw
+        eventually(
+            lambda: number("count(kvmesh_remote_cluster_readiness_status == 1)") == 2,
+            timeout=60,
+            what="both remote clusters ready in Prometheus",
+        )
         with urllib.request.urlopen(f"{base}/api/v1/rules", timeout=3) as r:
             groups = json.loads(r.read())["data"]["groups"]
         assert [g["name"] for g in groups] == ["kvmesh"]

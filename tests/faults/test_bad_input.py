@@ -90,10 +90,16 @@ def test_keys_that_do_not_fit_the_layout_are_ignored_reported_and_counted(mesh: 
             ),
             what="both keys counted",
         )
-        # the one-line error naming the key is the feature here
-        log = mesh.watch.output()
-        assert "not synced: layout: key cilium/state/identities/v1/id/not-a-number" in log
-        assert "belongs to cluster ID 5" in log
+        # the one-line error naming the key is the feature here (written just after the
+        # count)
+        eventually(
+            lambda: (
+                "not synced: layout: key cilium/state/identities/v1/id/not-a-number"
+                in (log := mesh.watch.output())
+                and "belongs to cluster ID 5" in log
+            ),
+            what="both keys' one-line errors",
+        )
     finally:
         a.delete(bad)
         a.delete(foreign)

@@ -63,6 +63,11 @@ def test_watcher_restart_resumes_from_fences(plain: Mesh) -> None:
         lambda: b.count(b"cilium/synced/cluster-a/") == 5,
         what="every canary of cluster-a in cluster-b",
     )
+    # and of the other pair: both resume only if both had finished their fences
+    eventually(
+        lambda: mesh.client(0).count(b"cilium/synced/cluster-b/") == 5,
+        what="every canary of cluster-b in cluster-a",
+    )
     w1.kill()
     a = mesh.client(0)
     a.put(b"cilium/state/nodes/v1/cluster-a/late-node", b"{}")

@@ -17,6 +17,7 @@ from pipeline.protocol.names import draining_key, gen_key, progress_key
 from pipeline.source.drain import drain_removed
 from pipeline.source.feed import SourceFeed
 from pipeline.source.planner import Cause
+from tests.harness import eventually
 from tests.memory_etcd import MemoryEtcd
 from tests.rig import Rig
 
@@ -401,7 +402,8 @@ def test_the_feed_inbox_is_bounded_and_holds_back_the_watch() -> None:
         source.put(b"cilium/state/services/v1/a/s%d" % i, b"{}")
     pumping = threading.Thread(target=source.pump)
     pumping.start()
-    pumping.join(0.5)
+    eventually(lambda: feed.inbox.qsize() == 2, what="the inbox full")
+    pumping.join(0.2)
     assert pumping.is_alive()  # three streams owe a response, the inbox takes two
     assert feed.inbox.qsize() == 2
     items = feed.next(0.1, 10)
