@@ -177,6 +177,11 @@ def register_tasks(app: Any, settings: Settings) -> Any:
     targets = {c.name for c in settings.targets}
     worker = settings.worker
 
+    def backoff(retries: int) -> float:
+        """The wait before a task's retry after *retries* retries: doubling from 0.2 s, at
+        most worker.max_retry_delay."""
+        return min(worker.max_retry_delay, 0.2 * (1 << min(retries, 10)))
+
     @app.task(  # type: ignore[untyped-decorator]
         name=TASK_NAME,
         bind=True,
@@ -211,9 +216,7 @@ def register_tasks(app: Any, settings: Settings) -> Any:
             # (if Redis cannot take the retry either, Celery drops the message: its batches
             # are then missing, and the pair recovers as from any lost task)
             log.warning("task %s: %s; retrying", task_id, exc)
-            raise self.retry(
-                countdown=min(worker.max_retry_delay, 0.2 * 2 ** min(self.request.retries, 10))
-            ) from None
+            raise self.retry(countdown=backoff(self.request.retries)) from None
         try:
             return _apply(self, task_id, task)
         finally:
@@ -282,7 +285,7 @@ def register_tasks(app: Any, settings: Settings) -> Any:
                 unavailable += exc.remaining
         retry: list[Batch] = []
         delay = 0.0
-        backoff = min(worker.max_retry_delay, 0.2 * 2 ** min(self.request.retries, 10))
+        delay_unavailable = backoff(self.request.retries)
         since_ms: int | None = task.gap_since_ms
         if waiting:
             now_ms = int(time.time() * 1000)
@@ -320,12 +323,12 @@ def register_tasks(app: Any, settings: Settings) -> Any:
             self.apply_async(
                 args=(encode_task(unavailable, signer),),
                 kwargs={},
-                countdown=backoff,
+                countdown=delay_unavailable,
                 queue=queue_name(first.source),
                 routing_key=queue_name(first.source),
             )
         elif unavailable:
-            retry, delay, since_ms = unavailable, backoff, task.gap_since_ms
+            retry, delay, since_ms = unavailable, delay_unavailable, task.gap_since_ms
         if retry:
             raise self.retry(
                 args=(encode_task(retry, signer, since_ms),), kwargs={}, countdown=delay
