@@ -27,6 +27,7 @@ from pipeline.source.planner import Cause
 log = logging.getLogger("kvmesh.feed")
 
 INBOX = 256  # watch responses waiting for the watcher, at most
+RETRY_UNREACHABLE = 1.0  # seconds between looks at a source found unreachable
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,11 @@ class SourceFeed:
         self.listed: dict[str, tuple[bytes, int]] = {}
         self.cluster_id = 0  # the source etcd's cluster ID when the feed started
         self.config_key = RESOURCE_BY_NAME["config"].source_prefix(source)
+        # until then a broken stream waits without a look at the source: it was found
+        # unreachable less than RETRY_UNREACHABLE seconds ago. Real time (time.monotonic),
+        # not self.clock: it paces calls to the source, like the timer that brings the
+        # stream back (_requeue)
+        self._unreachable_until = 0.0
 
     # -- streams ----------------------------------------------------------------------------
 
@@ -204,6 +210,10 @@ class SourceFeed:
         if isinstance(exc, CompactedError):
             log.warning("%s: watch of %s compacted (%s)", self.source, item.resource, exc)
             return Lost(Cause.COMPACTED, str(exc))
+        wait = self._unreachable_until - time.monotonic()
+        if wait > 0:  # another stream just found the source down: no look of its own
+            self._requeue(item, wait)
+            return None
         self.on_failure()
         log.warning("%s: watch of %s failed: %s; reconnecting", self.source, item.resource, exc)
         try:
@@ -211,8 +221,11 @@ class SourceFeed:
         except RetryableError as err:
             self.on_failure()
             log.warning("%s: source unreachable: %s", self.source, err)
-            time.sleep(1.0)  # the source is down: look again in a second, not in a spin
-            self._requeue(item)
+            # the source is down: look again in a while, not in a spin. The stream comes
+            # back through the inbox then; the watcher is not held meanwhile (it still
+            # ticks, flushes what it has and stops when told to)
+            self._unreachable_until = time.monotonic() + RETRY_UNREACHABLE
+            self._requeue(item, RETRY_UNREACHABLE)
             return None
         if replaced:
             log.warning("%s: the source etcd lost its history (%s)", self.source, replaced)
@@ -227,12 +240,17 @@ class SourceFeed:
         )
         return None
 
-    def _requeue(self, item: _Broken) -> None:
+    def _requeue(self, item: _Broken, delay: float) -> None:
+        """Put *item* back into the inbox after *delay* seconds (unless the feed was
+        restarted or stopped meanwhile: _put drops what an old epoch sends)."""
+
         def later() -> None:
             self._put(epoch, item)
 
         epoch = self.epoch
-        threading.Thread(target=later, daemon=True).start()
+        timer = threading.Timer(delay, later)
+        timer.daemon = True
+        timer.start()
 
     def replaced(self) -> str | None:
         """Why the source etcd is not the one watched (restored or wiped), or None. An etcd

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import Callable
 
 import pytest
@@ -198,6 +199,27 @@ def test_source_etcd_restarted(mesh: FaultMesh) -> None:
     )
     put_and_wait(mesh, b"after-restart")
     mesh.settle()
+
+
+def test_watcher_stops_while_its_source_is_down(mesh: FaultMesh) -> None:
+    """SIGTERM stops a watcher whose source etcd is down: the broken streams wait for their
+    next look at the source without holding the watcher's loop, which sees the stop."""
+    failures = "kvmesh_watcher_source_failures_total"
+    before = mesh.watch.metric(failures, source_cluster=A)
+    mesh.etcds[0].kill()
+    # every stream of cluster-a broke, and the source was found unreachable again and again
+    eventually(
+        lambda: mesh.watch.metric(failures, source_cluster=A) >= before + 6,
+        timeout=60,
+        what="several failed looks at the source",
+    )
+    os.killpg(mesh.watch.popen.pid, signal.SIGTERM)
+    try:
+        code = mesh.watch.popen.wait(30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the watcher still ran 30 s after SIGTERM") from None
+    assert code == 0
+    mesh.etcds[0].start()
 
 
 def test_source_compacted_while_the_watcher_is_down(mesh: FaultMesh) -> None:

@@ -4,13 +4,16 @@ resume; an etcd back empty is, even once its revision passed the one watched."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.protocol.layout import RESOURCE_BY_NAME
-from pipeline.source.feed import Lost, SourceFeed
+from pipeline.source.feed import Delivered, Lost, SourceFeed
 from pipeline.source.planner import Cause, encode_progress, progress_rev, progress_writes
+from tests.harness import eventually
 from tests.memory_etcd import MemoryEtcd
 
 SOURCE = "a"
@@ -147,3 +150,39 @@ def test_a_progress_record_keeps_what_fits_and_stays_believed() -> None:
     assert progress_rev(raw, 7, 1 << 62) == 1 << 62
     assert progress_writes(raw, 7) == seen[:8]
     assert progress_writes(encode_progress(7, 5, [(b"", 3)], 0.0), 7) == []
+
+
+def test_a_feed_whose_source_is_down_does_not_hold_the_watcher() -> None:
+    """With the source down, every broken stream waits for its next look at the source
+    outside the watcher's thread: next() returns (the watcher ticks, flushes and can stop),
+    and once the source is back the streams resume where they left off."""
+    etcd = MemoryEtcd(SOURCE)
+    failures: list[None] = []
+    feed = SourceFeed(
+        etcd, SOURCE, "id", watch_timeout=60, on_failure=lambda: failures.append(None)
+    )
+    etcd.put(CONFIG, b'{"id":1}')
+    rev, feed.cluster_id = etcd.header()
+    feed.config_rev = rev
+    feed.start(rev + 1)
+    etcd.set_down(True)
+    etcd.restart()  # every stream breaks, and the source answers nothing
+
+    for _ in range(3):  # each pass takes the streams that came back meanwhile
+        taker = threading.Thread(target=feed.next, args=(0.5, 1000), daemon=True)
+        taker.start()
+        taker.join(timeout=30)
+        assert not taker.is_alive(), "next() did not return while the source was down"
+    assert failures, "the failed looks at the source were not counted"
+
+    etcd.set_down(False)
+    etcd.put(KEYS[1], b'{"back":1}')
+
+    def delivered() -> bool:
+        etcd.pump()
+        return any(
+            isinstance(i, Delivered) and any(e.key == KEYS[1] for e in i.events)
+            for i in feed.next(0.1, 1000)
+        )
+
+    eventually(delivered, timeout=30, what="the write made after the source came back")
