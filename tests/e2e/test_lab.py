@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -40,13 +42,33 @@ def start_lab(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path, 
     require_binary("redis-server")
     log = tmp_path / "lab.log"
     root = tmp_path / "lab"
+    # -X faulthandler: a lab that does not end in time is sent SIGABRT (see ended), and
+    # Python then writes every thread's stack into the log
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "pipeline", "lab", "--data-dir", str(root)]
     proc = subprocess.Popen(
-        wrap([sys.executable, "-m", "pipeline", "lab", "--data-dir", str(root), *args]),
+        wrap([*cmd, *args]),
         stdout=open(log, "w"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
         text=True,
     )
     return proc, log, str(root)
+
+
+def ended(proc: subprocess.Popen[str], log: Path, timeout: float) -> int:
+    """The lab's exit code, once it has ended. One still running after *timeout* seconds is
+    aborted and the test fails with the end of its log: every thread's stack, and what the
+    lab said before."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGABRT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise AssertionError(
+            f"the lab still ran after {timeout} s:\n{log.read_text(errors='replace')[-8000:]}"
+        ) from None
 
 
 def answers(url: str) -> bool:
@@ -94,7 +116,7 @@ def test_lab_runs_a_mesh_reports_and_cleans_up(tmp_path: Path) -> None:
             return None
 
     assert eventually(queues, timeout=60, what="flower") == {"kvmesh.cluster-1", "kvmesh.cluster-2"}
-    assert proc.wait(240) == 0, log.read_text()[-3000:]
+    assert ended(proc, log, 240) == 0, log.read_text()[-3000:]
     out = log.read_text()
     assert "lab: converged" in out
     assert "cluster-1 -> cluster-2: EQUAL" in out and "cluster-2 -> cluster-1: EQUAL" in out
@@ -136,7 +158,7 @@ def test_a_dead_child_is_reported_and_everything_stops(tmp_path: Path) -> None:
         what="the watcher of cluster-1 running",
     )
     subprocess.run(["kill", "-9", *pids], check=True)
-    assert proc.wait(120) == 1
+    assert ended(proc, log, 120) == 1
     out = log.read_text()
     assert "watch-cluster-1 exited with code -9" in out
     eventually(lambda: leftovers(root) == [], timeout=60, what="no process left")
@@ -159,7 +181,7 @@ def test_lab_prometheus_scrapes_every_watcher_and_the_worker(tmp_path: Path) -> 
     alert rules."""
     require_binary("prometheus")
     port = free_port()
-    proc, _log, root = start_lab(
+    proc, log, root = start_lab(
         tmp_path,
         "--clusters",
         "2",
@@ -218,5 +240,5 @@ def test_lab_prometheus_scrapes_every_watcher_and_the_worker(tmp_path: Path) -> 
         assert [g["name"] for g in groups] == ["kvmesh"]
     finally:
         proc.send_signal(2)  # Ctrl-C: the lab stops the churn, reports and cleans up
-        proc.wait(180)
+        ended(proc, log, 180)
     eventually(lambda: leftovers(root) == [], timeout=60, what="no process left")
