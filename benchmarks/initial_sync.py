@@ -2,6 +2,7 @@
 `etcdctl make-mirror`, in the same run, on the same machine.
 
     python benchmarks/initial_sync.py [--keys 50000] [--concurrency 2] [--repeat 1]
+        [--pool prefork] [--skip-mirror] [--nodes 0] [--json FILE]
 
 Each contender gets a fresh, empty target etcd. kvmesh's worker is started and ready
 before the clock starts (as in a running mesh); the clock then covers the watcher's start,
@@ -18,7 +19,8 @@ target's revision.
 
 The machine is shared and a single ratio moves by about 10% from run to run; `--repeat N`
 runs both N times, alternating, each time with fresh targets (and a fresh Redis for
-kvmesh), and prints every ratio and their median.
+kvmesh), and prints every ratio and their median. `--json FILE` keeps every run's times
+and ratio, written again after each run.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from benchcommon import (
     pair_config,
     stop,
     worker_command,
+    write_json,
 )
 
 from pipeline.clients.broker import redis_at
@@ -107,6 +110,7 @@ def main() -> int:
         help="run both contenders this many times, alternating, and print the median ratio",
     )
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--json", default="", help="write every run's times and ratio here")
     ap.add_argument(
         "--nodes",
         type=int,
@@ -139,21 +143,34 @@ def main() -> int:
         print(f"source: {source.count(ID_PREFIX)} identity ID keys, {args.nodes} nodes")
         source.close()
         ratios, kvmesh_times = [], []
+        runs: list[dict[str, Any]] = []
         for i in range(args.repeat):
             run = tmp / f"run-{i + 1}"
             run.mkdir()
             t_kvmesh = run_kvmesh(run, src, args)
             kvmesh_times.append(t_kvmesh)
+            runs.append({"run": i + 1, "kvmesh_s": round(t_kvmesh, 3)})
             print(f"kvmesh:      {t_kvmesh:7.2f} s  ({args.keys / t_kvmesh:9.0f} keys/s)")
-            if args.skip_mirror:
-                continue
-            t_mirror = run_mirror(run, src, args)
-            print(f"make-mirror: {t_mirror:7.2f} s  ({args.keys / t_mirror:9.0f} keys/s)")
-            ratios.append(t_kvmesh / t_mirror)
-            print(
-                f"ratio kvmesh/make-mirror: {ratios[-1]:.3f}  "
-                f"(kvmesh is {1 / ratios[-1]:.1f}x faster; the goal is <= 0.10)"
-            )
+            if not args.skip_mirror:
+                t_mirror = run_mirror(run, src, args)
+                print(f"make-mirror: {t_mirror:7.2f} s  ({args.keys / t_mirror:9.0f} keys/s)")
+                ratios.append(t_kvmesh / t_mirror)
+                runs[-1].update(make_mirror_s=round(t_mirror, 3), ratio=round(ratios[-1], 4))
+                print(
+                    f"ratio kvmesh/make-mirror: {ratios[-1]:.3f}  "
+                    f"(kvmesh is {1 / ratios[-1]:.1f}x faster; the goal is <= 0.10)"
+                )
+            if args.json:  # after every run: a long series stopped early keeps what it has
+                write_json(
+                    {
+                        "keys": args.keys,
+                        "concurrency": args.concurrency,
+                        "pool": args.pool,
+                        "runs": runs,
+                        "median_ratio": statistics.median(ratios) if ratios else None,
+                    },
+                    args.json,
+                )
         if len(kvmesh_times) > 1:
             print(f"kvmesh median: {statistics.median(kvmesh_times):.2f} s")
         if len(ratios) > 1:

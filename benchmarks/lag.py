@@ -2,7 +2,8 @@
 target etcd, for kvmesh and for `etcdctl make-mirror`, in the same run, on the same machine.
 
     python benchmarks/lag.py [--rates 200 1000 5000] [--keys 1000] [--seconds 10]
-        [--concurrency 2] [--json FILE] [--png FILE]
+        [--concurrency 2] [--pool prefork] [--sync KEY=VALUE]... [--skip-mirror]
+        [--json FILE] [--png FILE] [--trace FILE] [--redraw FILE]
 
 Each contender has a source etcd of its own, holding the same `--keys` identity ID keys:
 kvmesh (a watcher and a worker pool) copies its source into one target etcd, make-mirror

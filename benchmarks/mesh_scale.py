@@ -1,18 +1,21 @@
 """What a source change costs in broker messages and bytes as the mesh grows: runs the lab
 (`kvmesh lab`: every cluster a source and a target, the simulator churning in each, 2
-workers) at several sizes and reads, from its report, the tasks and task bytes published per
-source change between the end of the initial sync and the end of the churn, the peak queue
-depth, the peak `lag s`, the time the initial sync took and the time to converge after the
-churn stopped. It samples the resident memory of the watchers and of the worker pool.
+workers) at several sizes and reads, from its report, what the watchers published per
+source change between the end of the initial sync and the end of the churn: tasks, payload
+bytes, and every byte written to Redis for them (each message with Celery's envelope, and
+payloads stored by reference). It also reads the peak queue depth, the peak `lag s`, the
+time the initial sync took and the time to converge after the churn stopped, and samples
+the resident memory of the watchers and of the worker pool.
 
     python benchmarks/mesh_scale.py [--clusters 3 6 10] [--duration 40]
-        [--json FILE] [--png FILE] [--code DIR] [--before FILE]
+        [--json FILE] [--png FILE] [--code DIR] [--before FILE] [--redraw FILE]
 
 A message count that grows with the number of clusters for the same changes is what made
 large meshes fall behind: each flush used to be one task per target. `--code DIR` runs the
 lab from another checkout, to compare two versions in one session (a version without the
-task metrics prints no cost per change, only queues, lag and convergence); `--before FILE`
-draws the JSON of such a run next to this one.
+task metrics prints no cost per change, only queues, lag and convergence; one from before
+2026-11-29 no bytes written to Redis); `--before FILE` draws the JSON of such a run next to
+this one, and `--redraw FILE` only draws the picture of a run's JSON.
 """
 
 from __future__ import annotations
@@ -105,6 +108,8 @@ def run_lab(clusters: int, duration: int, code: Path) -> dict[str, object]:
     cost = re.search(
         r"broker cost per source change while churning: ([\d.]+) tasks, (\d+) bytes", text
     )
+    # the bytes written with the messages' envelopes: reported by versions from 2026-11-29 on
+    written = re.search(r"written to Redis with the messages' envelopes: (\d+) bytes", text)
     queues = [int(q) for q in re.findall(r"kvmesh\.cluster-\d+=(\d+)", text)]
     lags = [
         float(x) for x in re.findall(r"cluster-\d+=([\d.]+)(?=[, ]|$)", text.split("peak lag")[-1])
@@ -115,6 +120,7 @@ def run_lab(clusters: int, duration: int, code: Path) -> dict[str, object]:
         "clusters": clusters,
         "tasks_per_change": float(cost.group(1)) if cost else None,
         "bytes_per_change": int(cost.group(2)) if cost else None,
+        "broker_bytes_per_change": int(written.group(1)) if written else None,
         "peak_queue": max(queues) if queues else None,
         "peak_lag_s": max(lags) if lags else None,
         "initial_sync_s": float(synced.group(1)) if synced else None,
@@ -129,6 +135,7 @@ COLUMNS = [
     ("clusters", 8),
     ("tasks_per_change", 16),
     ("bytes_per_change", 16),
+    ("broker_bytes_per_change", 23),
     ("peak_queue", 10),
     ("peak_lag_s", 10),
     ("initial_sync_s", 14),
@@ -149,14 +156,22 @@ def draw(rows: list[dict[str, object]], before: list[dict[str, object]], png: st
             continue
         xs = [r["clusters"] for r in ok]
         a.plot(xs, [r["tasks_per_change"] for r in ok], style, label=label)
-        b.plot(xs, [r["bytes_per_change"] for r in ok], style, label=label)
+        b.plot(xs, [r["bytes_per_change"] for r in ok], style, label=f"{label}: payloads")
+        wire = [r for r in ok if r.get("broker_bytes_per_change") is not None]
+        if wire:
+            b.plot(
+                [r["clusters"] for r in wire],
+                [r["broker_bytes_per_change"] for r in wire],
+                style.replace("o", "^"),
+                label=f"{label}: written to Redis, with envelopes",
+            )
     a.set_xlabel("clusters in the mesh")
     a.set_ylabel("tasks per source change")
     b.set_xlabel("clusters in the mesh")
-    b.set_ylabel("task bytes per source change")
+    b.set_ylabel("bytes per source change")
     if before:
         a.legend()
-        b.legend()
+    b.legend(fontsize="small")
     a.set_ylim(bottom=0)
     b.set_ylim(bottom=0)
     fig.suptitle("kvmesh lab, 20 ops/s churn per cluster, 2 workers, 2 cores")

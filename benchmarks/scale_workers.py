@@ -11,13 +11,13 @@ shared by the runs.
 
 - **Initial sync:** from the watcher's start until the target holds N keys (read from the
   target directly, not through the proxy).
-- **Churn throughput:** every key is then rewritten once (in transactions of 127 puts, far
-  faster than any pool here applies them). Throughput is N over the time from the first
-  put until the workers' count of applied operations (their stats hash in Redis, polled
-  every 20 ms) has grown by N; then every value in the target is read back and checked.
-  (A watch on the target, the way this was timed before 2026-11-29, took 10-14% of a core
-  on this 2-core machine, as much as a pool process.) Keys
-  are distinct, so no change is coalesced away: each is one write to the target. This
+- **Burst throughput** (`churn_keys_per_s` in the JSON): every key is then rewritten once
+  (in transactions of 127 puts, far faster than any pool here applies them). Throughput
+  is N over the time from the first put until the workers' count of applied operations
+  (their stats hash in Redis, polled every 20 ms) has grown by N; then every value in the
+  target is read back and checked. (A watch on the target, the way this was timed before
+  2026-11-29, took 10-14% of a core on this 2-core machine, as much as a pool process.)
+  Keys are distinct, so no change is coalesced away: each is one write to the target. This
   includes the source's writes and the watcher's publishing (about 2 s for 50,000 keys),
   which the pool cannot shorten.
 - **Backlog throughput:** the pool is then paused (SIGSTOP), every key rewritten once more,
@@ -412,7 +412,7 @@ def main() -> int:
         write_items(source, identities(args.keys, b""))
         source.close()
         print(
-            f"{'pool':>8} {'slots':>5} {'initial sync s':>15} {'churn keys/s':>13} "
+            f"{'pool':>8} {'slots':>5} {'initial sync s':>15} {'burst keys/s':>13} "
             f"{'vs 1':>5} {'CPU %':>5} {'backlog keys/s':>15} {'vs 1':>5} {'CPU %':>5} "
             f"{'proxy %':>7} {'etcd %':>6} {'sustained':>9} {'vs 1':>5} {'1st/last 10% s':>14}",
             flush=True,

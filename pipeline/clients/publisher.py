@@ -149,13 +149,15 @@ class RedisPublisher:
         client: redis.Redis,
         signer: Signer | None,
         batches_per_task: int = 8,
-        on_task: Callable[[int], None] | None = None,
+        on_task: Callable[[int, int], None] | None = None,
     ) -> None:
         self._queue = queue
         self._per_task = batches_per_task
         self._redis = client
         self._signer = signer
-        self._on_task = on_task  # told the size of each task payload published
+        # told, for each task published, the size of its payload and the bytes written to
+        # Redis for it (the message as pushed, and the payload stored by reference)
+        self._on_task = on_task
         self._origin = f"gen{os.getpid()}@{socket.gethostname()}"
 
     def backlog(self) -> int:
@@ -181,9 +183,9 @@ class RedisPublisher:
                 # one push per task, no retry: the watcher pauses and keeps the changes on
                 # any failure, and `sent` tells it which went out
                 if len(payload) <= CLAIM_CHECK_BYTES:
-                    self._redis.lpush(
-                        self._queue, task_message(self._queue, payload, argsrepr, self._origin)
-                    )
+                    message = task_message(self._queue, payload, argsrepr, self._origin)
+                    self._redis.lpush(self._queue, message)
+                    written = len(message)
                 else:
                     # a large payload waits in a string of its own and the message names
                     # it: the worker's main process, which takes and stores every message
@@ -196,8 +198,9 @@ class RedisPublisher:
                     pipe.set(ref, payload, ex=PAYLOAD_TTL_SECONDS)
                     pipe.lpush(self._queue, message)
                     pipe.execute()
+                    written = len(message) + len(payload)
                 sent += len(group)
                 if self._on_task is not None:
-                    self._on_task(len(payload))
+                    self._on_task(len(payload), written)
         except (OSError, redis.RedisError) as exc:
             raise PublishError(f"publishing to {self._queue} failed: {exc}", sent) from None

@@ -131,6 +131,14 @@ class WatcherMetrics:
             ["source_cluster"],
             registry=r,
         )
+        self.broker_bytes = Counter(
+            "kvmesh_watcher_broker_bytes_written_total",
+            "Bytes written to the broker for those tasks: each message as pushed (Celery's "
+            "envelope around the payload or its reference), and each payload stored by "
+            "reference",
+            ["source_cluster"],
+            registry=r,
+        )
         self.waiting_source_canary = Gauge(
             "kvmesh_watcher_waiting_source_canary",
             "1 while a resource waits for its source canary (the source advertises synced "

@@ -264,10 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _task_counter(metrics: Any, source: str) -> Any:
     tasks, size = metrics.tasks.labels(source), metrics.task_bytes.labels(source)
+    written = metrics.broker_bytes.labels(source)
 
-    def count(nbytes: int) -> None:
+    def count(payload: int, wire: int) -> None:
         tasks.inc()
-        size.inc(nbytes)
+        size.inc(payload)
+        written.inc(wire)
 
     return count
 

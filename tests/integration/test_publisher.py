@@ -40,11 +40,16 @@ def batch() -> Batch:
     return Batch("cluster-a", "cluster-b", "nodes-0", 7, (1, 0), (2, 1), ops)
 
 
-def popped(client: Any) -> dict[str, Any]:
+def popped_raw(client: Any) -> bytes:
     raw = client.rpop(QUEUE)
     assert raw is not None, "nothing was queued"
     assert client.llen(QUEUE) == 0
-    message: dict[str, Any] = json.loads(raw)
+    assert isinstance(raw, bytes)
+    return raw
+
+
+def popped(client: Any) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(popped_raw(client))
     return message
 
 
@@ -64,12 +69,14 @@ def test_the_hand_written_message_is_celerys_own(servers: Servers, tmp_path: Pat
     settings = load_settings(str(config), env={})
     client = redis_at(redis.url)
     signer = Signer(SigningKeys((b"k" * 32,)))
-    sizes: list[int] = []
+    sizes: list[tuple[int, int]] = []
 
-    RedisPublisher(QUEUE, client, signer, on_task=sizes.append).publish([batch()])
-    ours = popped(client)
+    RedisPublisher(QUEUE, client, signer, on_task=lambda *n: sizes.append(n)).publish([batch()])
+    raw = popped_raw(client)
+    ours = json.loads(raw)
     payload = encode_task([batch()], signer)
-    assert sizes == [len(json.dumps(payload, separators=(",", ":")))]
+    # the payload's size, and every byte written to Redis: the message, payload included
+    assert sizes == [(len(json.dumps(payload, separators=(",", ":"))), len(raw))]
 
     app = create_app(settings)
     app.send_task(
@@ -153,14 +160,16 @@ def test_a_large_payload_travels_by_reference(servers: Servers) -> None:
         for i in range(127)
     )
     big = Batch("cluster-a", "cluster-b", "nodes-0", 7, (1, 0), (2, 1), ops)
-    sizes: list[int] = []
-    publisher = RedisPublisher(QUEUE, client, signer, on_task=sizes.append)
+    sizes: list[tuple[int, int]] = []
+    publisher = RedisPublisher(QUEUE, client, signer, on_task=lambda *n: sizes.append(n))
     publisher.publish([big])
-    message = popped(client)
-    (claim,) = json.loads(message["body"])[0]
+    raw = popped_raw(client)
+    (claim,) = json.loads(json.loads(raw)["body"])[0]
     assert list(claim) == ["ref"] and is_payload_key(claim["ref"])
     text = client.get(claim["ref"])
-    assert text is not None and len(text) == sizes[0] > CLAIM_CHECK_BYTES
+    assert text is not None and len(text) == sizes[0][0] > CLAIM_CHECK_BYTES
+    # written: the message that names the payload, and the payload stored beside it
+    assert sizes[0][1] == len(raw) + len(text)
     assert json.loads(text) == encode_task([big], signer)
     assert 0 < client.ttl(claim["ref"]) <= PAYLOAD_TTL_SECONDS
     client.delete(claim["ref"])

@@ -348,9 +348,11 @@ class Lab:
             changes = sum(c[0] for c in costs if c)
             tasks = sum(c[0] * c[1] for c in costs if c) / changes
             size = sum(c[0] * c[2] for c in costs if c) / changes
+            written = sum(c[0] * c[3] for c in costs if c) / changes
             out.append(
                 f"broker cost per source change while churning: {tasks:.3f} tasks, "
-                f"{size:.0f} bytes ({changes} changes)"
+                f"{size:.0f} bytes ({changes} changes); written to Redis with the messages' "
+                f"envelopes: {written:.0f} bytes"
             )
         synced = [v.synced_time for v in self.views.values()]
         if synced and None not in synced and self.started_at is not None:

@@ -36,11 +36,13 @@ class SourceView:
     waiting: tuple[str, ...] = ()  # resources waiting for their source canary
     peak_lag_seconds: float | None = None  # once every target had its initial sync
     tasks: int = 0  # tasks its watcher published
-    task_bytes: int = 0
-    # (events, tasks, bytes) when every target first had its initial sync, and the latest
-    # while the churn ran: the steady state's cost per source change is their difference
-    synced_at: tuple[int, int, int] | None = None
-    churn_end: tuple[int, int, int] | None = None
+    task_bytes: int = 0  # of their payloads
+    broker_bytes: int = 0  # written to Redis for them: messages, and payloads by reference
+    # (events, tasks, payload bytes, broker bytes) when every target first had its initial
+    # sync, and the latest while the churn ran: the steady state's cost per source change
+    # is their difference
+    synced_at: tuple[int, int, int, int] | None = None
+    churn_end: tuple[int, int, int, int] | None = None
 
     @property
     def state(self) -> str:
@@ -68,45 +70,38 @@ class SourceView:
             self.waiting = tuple(pairs[0].waiting_for_source_canary)
             if self.targets_synced == self.targets and self.lag_seconds is not None:
                 self.peak_lag_seconds = max(self.peak_lag_seconds or 0.0, self.lag_seconds)
-        self.rejected = int(
-            sum(v for k, v in metrics.items() if k.startswith("kvmesh_watcher_rejected_total"))
-        )
-        self.events = int(
-            sum(v for k, v in metrics.items() if k.startswith("kvmesh_watcher_events_total"))
-        )
-        self.tasks = int(
-            sum(
-                v
-                for k, v in metrics.items()
-                if k.startswith("kvmesh_watcher_tasks_published_total")
-            )
-        )
-        self.task_bytes = int(
-            sum(
-                v
-                for k, v in metrics.items()
-                if k.startswith("kvmesh_watcher_task_bytes_published_total")
-            )
-        )
+
+        def total(name: str) -> int:
+            return int(sum(v for k, v in metrics.items() if k.startswith(name)))
+
+        self.rejected = total("kvmesh_watcher_rejected_total")
+        self.events = total("kvmesh_watcher_events_total")
+        self.tasks = total("kvmesh_watcher_tasks_published_total")
+        self.task_bytes = total("kvmesh_watcher_task_bytes_published_total")
+        self.broker_bytes = total("kvmesh_watcher_broker_bytes_written_total")
         if self.targets and self.targets_synced == self.targets and self.synced_at is None:
-            self.synced_at = (self.events, self.tasks, self.task_bytes)
+            self.synced_at = self._counts()
             self.synced_time = time.monotonic()
 
+    def _counts(self) -> tuple[int, int, int, int]:
+        return (self.events, self.tasks, self.task_bytes, self.broker_bytes)
+
     def mark_churn_end(self) -> None:
-        self.churn_end = (self.events, self.tasks, self.task_bytes)
+        self.churn_end = self._counts()
 
     @property
-    def per_change(self) -> tuple[int, float, float] | None:
-        """(source changes, tasks per change, task bytes per change) between the end of the
-        initial sync and the end of the churn."""
+    def per_change(self) -> tuple[int, float, float, float] | None:
+        """(source changes, and per change: tasks, payload bytes, bytes written to the
+        broker) between the end of the initial sync and the end of the churn."""
         if self.synced_at is None or self.churn_end is None:
             return None
         events = self.churn_end[0] - self.synced_at[0]
         if events <= 0:
             return None
-        tasks = self.churn_end[1] - self.synced_at[1]
-        size = self.churn_end[2] - self.synced_at[2]
-        return events, tasks / events, size / events
+        tasks, size, written = (
+            e - s for e, s in zip(self.churn_end[1:], self.synced_at[1:], strict=True)
+        )
+        return events, tasks / events, size / events, written / events
 
 
 COLUMNS = (
