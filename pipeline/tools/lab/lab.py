@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -380,6 +381,27 @@ class Lab:
 
 
 @contextlib.contextmanager
+def _interrupts_as_request() -> Iterator[threading.Event]:
+    """While the lab runs its mesh, Ctrl-C and SIGTERM set the event it yields instead of
+    raising KeyboardInterrupt wherever the main thread happens to be. Raised inside a
+    __del__ or a weakref callback (a connection or channel collected during a refresh),
+    Python prints the exception and drops it, and the lab would have run its full
+    --duration; a flag the loop looks at between refreshes cannot be lost. Afterwards the
+    handlers of before are back: a second Ctrl-C interrupts the wait for convergence."""
+    requested = threading.Event()
+
+    def handler(_sig: int, _frame: Any) -> None:
+        requested.set()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
 def _interrupts_as_keyboard() -> Iterator[None]:
     """SIGTERM stops the lab like Ctrl-C does."""
 
@@ -405,25 +427,33 @@ def run_lab(opts: LabOptions) -> int:
             try:
                 lab.start(say=console.print)
                 started = time.monotonic()
-                interactive = console.is_terminal
                 last_line = 0.0
-                if interactive:
-                    with Live(
-                        lab.render(console.width), console=console, refresh_per_second=2
-                    ) as live:
-                        while not opts.duration or time.monotonic() - started < opts.duration:
+                with _interrupts_as_request() as stop:
+
+                    def running() -> bool:
+                        return not stop.is_set() and (
+                            not opts.duration or time.monotonic() - started < opts.duration
+                        )
+
+                    if console.is_terminal:
+                        with Live(
+                            lab.render(console.width), console=console, refresh_per_second=2
+                        ) as live:
+                            while running():
+                                lab.check_children()
+                                lab.refresh()
+                                live.update(lab.render(console.width))
+                                stop.wait(lab.refresh_interval)
+                    else:
+                        while running():
                             lab.check_children()
                             lab.refresh()
-                            live.update(lab.render(console.width))
-                            time.sleep(lab.refresh_interval)
-                else:
-                    while not opts.duration or time.monotonic() - started < opts.duration:
-                        lab.check_children()
-                        lab.refresh()
-                        if time.monotonic() - last_line >= 5:
-                            console.print(lab.line())
-                            last_line = time.monotonic()
-                        time.sleep(lab.refresh_interval)
+                            if time.monotonic() - last_line >= 5:
+                                console.print(lab.line())
+                                last_line = time.monotonic()
+                            stop.wait(lab.refresh_interval)
+                if stop.is_set():
+                    console.print("lab: interrupted")
             except KeyboardInterrupt:
                 console.print("lab: interrupted")
             if not lab.views:
