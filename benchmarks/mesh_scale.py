@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -99,7 +100,12 @@ def run_lab(clusters: int, duration: int, code: Path) -> dict[str, object]:
         "--duration",
         str(duration),
     ]
-    proc = subprocess.Popen(cmd, cwd=code, stdout=subprocess.PIPE, text=True)
+    # PYTHONPATH, not only the working directory: the lab starts its watchers and workers
+    # in its data directory, where `-m pipeline` would find the venv's checkout instead.
+    # (Until 2026-11-29 it did: a --code run compared only the labs, with the same
+    # watchers and workers on both sides.)
+    env = dict(os.environ, PYTHONPATH=str(code))
+    proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE, text=True)
     sampler = MemorySampler(proc.pid)
     sampler.start()
     out, _ = proc.communicate(timeout=1800)
