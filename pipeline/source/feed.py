@@ -72,6 +72,7 @@ class SourceFeed:
         on_failure: Callable[[], None],
         inbox: int = INBOX,
         clock: Callable[[], float] = time.monotonic,
+        retry_unreachable: float = RETRY_UNREACHABLE,
     ) -> None:
         self.etcd = etcd
         self.source = source
@@ -99,11 +100,16 @@ class SourceFeed:
         self.listed: dict[str, tuple[bytes, int]] = {}
         self.cluster_id = 0  # the source etcd's cluster ID when the feed started
         self.config_key = RESOURCE_BY_NAME["config"].source_prefix(source)
-        # until then a broken stream waits without a look at the source: it was found
-        # unreachable less than RETRY_UNREACHABLE seconds ago. Real time (time.monotonic),
-        # not self.clock: it paces calls to the source, like the timer that brings the
-        # stream back (_requeue)
+        # A broken stream of a source found unreachable waits for its next look on a timer
+        # (_retry), outside the watcher's thread; the streams that break meanwhile wait for
+        # the same look (until _unreachable_until) instead of each making its own. Real time
+        # (time.monotonic), not self.clock: it paces calls to the source, like the timers.
+        self.retry_unreachable = retry_unreachable
         self._unreachable_until = 0.0
+        # per resource, its broken stream's item while it waits for its look, and the timer
+        # that brings it back: a copy of it (check_silence finds a waiting stream silent) is
+        # dropped, not retried twice
+        self._waiting: dict[str, tuple[_Broken, threading.Timer]] = {}
 
     # -- streams ----------------------------------------------------------------------------
 
@@ -124,6 +130,9 @@ class SourceFeed:
     def stop(self) -> None:
         """Stop every stream; whatever they still deliver is dropped."""
         self.epoch += 1
+        for _, timer in self._waiting.values():
+            timer.cancel()
+        self._waiting.clear()
         for stream in self.streams.values():
             stream.stop()
         self.streams = {}
@@ -210,22 +219,29 @@ class SourceFeed:
         if isinstance(exc, CompactedError):
             log.warning("%s: watch of %s compacted (%s)", self.source, item.resource, exc)
             return Lost(Cause.COMPACTED, str(exc))
+        waiting = self._waiting.get(item.resource, (None, None))[0]
+        if waiting is item:  # back from its wait: its next look
+            del self._waiting[item.resource]
+        elif waiting is not None:
+            return None  # this stream already waits for its next look
+        else:  # it just broke
+            self.on_failure()
+            log.warning("%s: watch of %s failed: %s; reconnecting", self.source, item.resource, exc)
         wait = self._unreachable_until - time.monotonic()
-        if wait > 0:  # another stream just found the source down: no look of its own
-            self._requeue(item, wait)
+        if wait > 0:  # another stream just found the source down: this waits for that look
+            self._retry(item, wait)
             return None
-        self.on_failure()
-        log.warning("%s: watch of %s failed: %s; reconnecting", self.source, item.resource, exc)
         try:
             replaced = self.replaced()
         except RetryableError as err:
             self.on_failure()
             log.warning("%s: source unreachable: %s", self.source, err)
-            # the source is down: look again in a while, not in a spin. The stream comes
-            # back through the inbox then; the watcher is not held meanwhile (it still
-            # ticks, flushes what it has and stops when told to)
-            self._unreachable_until = time.monotonic() + RETRY_UNREACHABLE
-            self._requeue(item, RETRY_UNREACHABLE)
+            # look again in a while, not in a spin, and without holding the watcher's loop
+            # meanwhile: it still ticks, flushes what it has and stops when told to. (A
+            # source that does not answer at all holds it for the look itself, up to the
+            # etcd timeout, once per retry_unreachable at most.)
+            self._unreachable_until = time.monotonic() + self.retry_unreachable
+            self._retry(item, self.retry_unreachable)
             return None
         if replaced:
             log.warning("%s: the source etcd lost its history (%s)", self.source, replaced)
@@ -240,9 +256,9 @@ class SourceFeed:
         )
         return None
 
-    def _requeue(self, item: _Broken, delay: float) -> None:
-        """Put *item* back into the inbox after *delay* seconds (unless the feed was
-        restarted or stopped meanwhile: _put drops what an old epoch sends)."""
+    def _retry(self, item: _Broken, delay: float) -> None:
+        """Put *item* back into the inbox after *delay* seconds, for its next look (unless
+        the feed was restarted or stopped meanwhile: _put drops what an old epoch sends)."""
 
         def later() -> None:
             self._put(epoch, item)
@@ -250,6 +266,7 @@ class SourceFeed:
         epoch = self.epoch
         timer = threading.Timer(delay, later)
         timer.daemon = True
+        self._waiting[item.resource] = (item, timer)
         timer.start()
 
     def replaced(self) -> str | None:
@@ -306,6 +323,8 @@ class SourceFeed:
         watch_timeout (a live etcd always answers: this one is cut off)."""
         out: list[Lost] = []
         for name, stream in list(self.streams.items()):
+            if name in self._waiting:
+                continue  # broken already, and waiting for its next look at the source
             silent = self.clock() - self.heard.get(name, 0.0)
             if silent <= self.watch_timeout:
                 stream.request_progress()

@@ -5,12 +5,13 @@ resume; an etcd back empty is, even once its revision passed the one watched."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.protocol.layout import RESOURCE_BY_NAME
+from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES
 from pipeline.source.feed import Delivered, Lost, SourceFeed
 from pipeline.source.planner import Cause, encode_progress, progress_rev, progress_writes
 from tests.harness import eventually
@@ -152,28 +153,49 @@ def test_a_progress_record_keeps_what_fits_and_stays_believed() -> None:
     assert progress_writes(encode_progress(7, 5, [(b"", 3)], 0.0), 7) == []
 
 
-def test_a_feed_whose_source_is_down_does_not_hold_the_watcher() -> None:
-    """With the source down, every broken stream waits for its next look at the source
-    outside the watcher's thread: next() returns (the watcher ticks, flushes and can stop),
-    and once the source is back the streams resume where they left off."""
+def down_feed(failures: list[None], **kwargs: Any) -> tuple[MemoryEtcd, SourceFeed]:
+    """A started feed whose source is down: every stream broke, nothing answers."""
     etcd = MemoryEtcd(SOURCE)
-    failures: list[None] = []
     feed = SourceFeed(
-        etcd, SOURCE, "id", watch_timeout=60, on_failure=lambda: failures.append(None)
+        etcd, SOURCE, "id", watch_timeout=15, on_failure=lambda: failures.append(None), **kwargs
     )
     etcd.put(CONFIG, b'{"id":1}')
     rev, feed.cluster_id = etcd.header()
     feed.config_rev = rev
     feed.start(rev + 1)
     etcd.set_down(True)
-    etcd.restart()  # every stream breaks, and the source answers nothing
+    etcd.restart()
+    return etcd, feed
 
-    for _ in range(3):  # each pass takes the streams that came back meanwhile
-        taker = threading.Thread(target=feed.next, args=(0.5, 1000), daemon=True)
+
+def test_streams_that_break_while_the_source_is_down_share_one_look() -> None:
+    """Each stream that breaks is counted once, and they wait together for one look at the
+    source, however long they stay silent meanwhile."""
+    failures: list[None] = []
+    clock = [0.0]
+    _, feed = down_feed(failures, clock=lambda: clock[0], retry_unreachable=3600)
+    assert feed.next(0, 1000) == []
+    assert len(failures) == len(RESOURCES) + 1  # the breaks, and the one look that failed
+    clock[0] += 60  # every stream silent for longer than watch_timeout
+    assert feed.check_silence() == []
+    assert feed.next(0, 1000) == []
+    assert feed.inbox.empty()
+    assert len(failures) == len(RESOURCES) + 1  # the waiting streams were not filed again
+    feed.stop()  # and their timers are cancelled
+
+
+def test_a_feed_whose_source_is_down_does_not_hold_the_watcher() -> None:
+    """With the source down, every broken stream waits for its next look at the source
+    outside the watcher's thread: next() returns (the watcher ticks, flushes and can stop),
+    and once the source is back the streams resume where they left off."""
+    failures: list[None] = []
+    etcd, feed = down_feed(failures, retry_unreachable=0.05)
+    for _ in range(5):  # each pass takes the streams that came back meanwhile
+        taker = threading.Thread(target=feed.next, args=(0.2, 1000), daemon=True)
         taker.start()
-        taker.join(timeout=30)
+        taker.join(timeout=10)
         assert not taker.is_alive(), "next() did not return while the source was down"
-    assert failures, "the failed looks at the source were not counted"
+    assert len(failures) > len(RESOURCES) + 1, "the streams did not look at the source again"
 
     etcd.set_down(False)
     etcd.put(KEYS[1], b'{"back":1}')
