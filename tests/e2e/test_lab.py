@@ -82,6 +82,8 @@ def answers(url: str) -> bool:
         return False
 
 
+@pytest.mark.timeout(600)  # its own waits add up to 300 s or more: ended() must
+# get to abort the lab and keep its stacks before pytest-timeout ends the test
 def test_lab_runs_a_mesh_reports_and_cleans_up(tmp_path: Path) -> None:
     """The lab converges, Flower lists every source queue while it runs, the report shows
     identities cached by ID only, and every child is gone afterwards."""
@@ -175,6 +177,8 @@ def query(base: str, promql: str) -> list[dict[str, object]] | None:
     return result if isinstance(result, list) else None
 
 
+@pytest.mark.timeout(600)  # its own waits add up to 300 s or more: ended() must
+# get to abort the lab and keep its stacks before pytest-timeout ends the test
 def test_lab_prometheus_scrapes_every_watcher_and_the_worker(tmp_path: Path) -> None:
     """`lab --prometheus` starts a real Prometheus: it finds every watcher and the worker up,
     reads their metrics (the worker's summed over its pool processes) and loads kvmesh's

@@ -17,7 +17,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -380,39 +379,45 @@ class Lab:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+class StopRequest:
+    """Ctrl-C or SIGTERM while the lab runs its mesh (see _signals_as).
+
+    The first one only sets a flag that the loop looks at between looks at the mesh. A
+    handler that raised KeyboardInterrupt wherever the main thread was could be dropped:
+    raised inside a __del__ (a connection or channel collected during a look), Python prints
+    it and carries on, and the lab would run its whole --duration. Nor may the handler take
+    a lock, as threading.Event.set() does: the main thread may hold that very lock, inside
+    Event.wait(), when the signal is handled. A second one raises KeyboardInterrupt, for a
+    look at the mesh that hangs."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def handler(self, _sig: int, _frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to *seconds*, less once a stop is requested (a tenth of a second)."""
+        deadline = time.monotonic() + seconds
+        while not self.requested and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.1, left))
+
+
+def _raise_keyboard(_sig: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def _interrupts_as_request() -> Iterator[threading.Event]:
-    """While the lab runs its mesh, Ctrl-C and SIGTERM set the event it yields instead of
-    raising KeyboardInterrupt wherever the main thread happens to be. Raised inside a
-    __del__ or a weakref callback (a connection or channel collected during a refresh),
-    Python prints the exception and drops it, and the lab would have run its full
-    --duration; a flag the loop looks at between refreshes cannot be lost. Afterwards the
-    handlers of before are back: a second Ctrl-C interrupts the wait for convergence."""
-    requested = threading.Event()
-
-    def handler(_sig: int, _frame: Any) -> None:
-        requested.set()
-
+def _signals_as(handler: Any) -> Iterator[None]:
+    """SIGINT and SIGTERM go to *handler* inside the block; the handlers of before after."""
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requested
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def _interrupts_as_keyboard() -> Iterator[None]:
-    """SIGTERM stops the lab like Ctrl-C does."""
-
-    def handler(_sig: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def run_lab(opts: LabOptions) -> int:
@@ -423,36 +428,31 @@ def run_lab(opts: LabOptions) -> int:
     lab = Lab(opts, root=Path(opts.data_dir)) if opts.data_dir else Lab(opts)
     converged = False
     try:
-        with _interrupts_as_keyboard():
+        # SIGTERM stops the lab as Ctrl-C does; while the mesh runs, both are a request
+        with _signals_as(_raise_keyboard):
             try:
                 lab.start(say=console.print)
                 started = time.monotonic()
-                last_line = 0.0
-                with _interrupts_as_request() as stop:
-
-                    def running() -> bool:
-                        return not stop.is_set() and (
-                            not opts.duration or time.monotonic() - started < opts.duration
-                        )
-
+                stop = StopRequest()
+                with _signals_as(stop.handler), contextlib.ExitStack() as stack:
+                    live = None
                     if console.is_terminal:
-                        with Live(
-                            lab.render(console.width), console=console, refresh_per_second=2
-                        ) as live:
-                            while running():
-                                lab.check_children()
-                                lab.refresh()
-                                live.update(lab.render(console.width))
-                                stop.wait(lab.refresh_interval)
-                    else:
-                        while running():
-                            lab.check_children()
-                            lab.refresh()
-                            if time.monotonic() - last_line >= 5:
-                                console.print(lab.line())
-                                last_line = time.monotonic()
-                            stop.wait(lab.refresh_interval)
-                if stop.is_set():
+                        live = stack.enter_context(
+                            Live(lab.render(console.width), console=console, refresh_per_second=2)
+                        )
+                    last_line = 0.0
+                    while not stop.requested and (
+                        not opts.duration or time.monotonic() - started < opts.duration
+                    ):
+                        lab.check_children()
+                        lab.refresh()
+                        if live is not None:
+                            live.update(lab.render(console.width))
+                        elif time.monotonic() - last_line >= 5:
+                            console.print(lab.line())
+                            last_line = time.monotonic()
+                        stop.wait(lab.refresh_interval)
+                if stop.requested:
                     console.print("lab: interrupted")
             except KeyboardInterrupt:
                 console.print("lab: interrupted")
