@@ -104,7 +104,7 @@ def run_lab(clusters: int, duration: int, code: Path) -> dict[str, object]:
     # in its data directory, where `-m pipeline` would find the venv's checkout instead.
     # (Until 2026-11-29 it did: a --code run compared only the labs, with the same
     # watchers and workers on both sides.)
-    env = dict(os.environ, PYTHONPATH=str(code))
+    env = dict(os.environ, PYTHONPATH=str(code.resolve()))  # absolute: the children cd
     proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE, text=True)
     sampler = MemorySampler(proc.pid)
     sampler.start()
