@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES
-from pipeline.source.feed import Delivered, Lost, SourceFeed
+from pipeline.source.feed import Delivered, Lost, SourceFeed, _Broken
 from pipeline.source.planner import Cause, encode_progress, progress_rev, progress_writes
 from tests.harness import eventually
 from tests.memory_etcd import MemoryEtcd
@@ -181,7 +181,17 @@ def test_streams_that_break_while_the_source_is_down_share_one_look() -> None:
     assert feed.next(0, 1000) == []
     assert feed.inbox.empty()
     assert len(failures) == len(RESOURCES) + 1  # the waiting streams were not filed again
-    feed.stop()  # and their timers are cancelled
+    # a copy of a waiting stream's item (however it came) is dropped, not looked at
+    waiting, _ = feed._waiting["nodes"]
+    copy = _Broken(waiting.resource, waiting.error, waiting.stream)
+    assert feed._broken(copy) is None
+    assert len(failures) == len(RESOURCES) + 1
+    timers = [t for _, t in feed._waiting.values()]
+    assert len(timers) == len(RESOURCES) and all(t.is_alive() for t in timers)
+    feed.stop()
+    eventually(
+        lambda: not any(t.is_alive() for t in timers), timeout=10, what="the timers cancelled"
+    )
 
 
 def test_a_feed_whose_source_is_down_does_not_hold_the_watcher() -> None:
