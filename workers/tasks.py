@@ -7,7 +7,6 @@ machine adds to one set of counters that `kvmesh status` reads.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -37,6 +36,7 @@ from pipeline.protocol.wire import (
     Signer,
     Task,
     decode_task,
+    decode_task_text,
     encode_task,
 )
 from workers.metrics import Exporter, TimedStore, WorkerMetrics
@@ -65,11 +65,13 @@ class _PerProcess:
         self._gens: dict[str, dict[str, FenceView]] = {}
         self._broker: Broker | None = None
         self._metrics: WorkerMetrics | None = None
+        self._unsent: list[tuple[str, str, Counter[str]]] = []  # outcomes for Redis (flush)
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._stores = {}
+            self._unsent = []
             self._gens = {}
             self._broker = None
 
@@ -114,35 +116,45 @@ class _PerProcess:
             self._broker = Broker.of(self._settings)
         return self._broker
 
-    def claim(self, ref: str) -> Any:
-        """The payload a task names by reference (*ref*, a name is_payload_key accepts:
-        nothing else in Redis is ever read for a task). MalformedBatchError if it is too
-        large or not JSON, PayloadGoneError if it is no longer there, RetryableError if
-        Redis does not answer or refuses. The payload is verified like any other afterwards."""
+    def claim(self, ref: str) -> bytes:
+        """The JSON text of the payload a task names by reference (*ref*, a name
+        is_payload_key accepts: nothing else in Redis is ever read for a task).
+        MalformedBatchError if it is too large, PayloadGoneError if it is no longer there,
+        RetryableError if Redis does not answer or refuses. The payload is verified like
+        any other afterwards (decode_task_text)."""
         raw = self.broker.payload(ref, MAX_PAYLOAD_BYTES)
         if raw is None:
             raise PayloadGoneError("its payload is no longer in Redis")
         if len(raw) > MAX_PAYLOAD_BYTES:
             raise MalformedBatchError(f"its payload is over {MAX_PAYLOAD_BYTES} bytes")
-        try:
-            return json.loads(raw)
-        except (ValueError, RecursionError):
-            raise MalformedBatchError("its payload is not JSON") from None
+        return raw
 
     def count(self, source: str, target: str, outcome: str) -> None:
         self.record(source, target, Counter({outcome: 1}))
 
     def record(self, source: str, target: str, outcomes: Counter[str]) -> None:
+        """Count *outcomes* in the metrics now, and in Redis at the next flush()."""
         self._check_pid()
         if source == "-":
             for reason, n in outcomes.items():
                 self.metrics.rejected_tasks.labels(reason).inc(n)
         else:
             self.metrics.record(source, target, outcomes)
+        self._unsent.append((source, target, outcomes))
+
+    def flush(self, drop: str | None = None) -> None:
+        """Add the outcomes recorded since the last flush to the pairs' counters in Redis,
+        and delete the payload *drop* (a task's, once it is done with it), in one round
+        trip. Never raises: counters must not fail a batch, and a payload left behind
+        expires."""
+        self._check_pid()
+        unsent, self._unsent = self._unsent, []
+        if not unsent and drop is None:
+            return
         try:
-            self.broker.add_stats(source, target, outcomes)
-        except RetryableError as exc:  # counters must never fail a batch
-            log.warning("cannot record outcomes %s: %s", dict(outcomes), exc)
+            self.broker.add_stats(unsent, drop)
+        except RetryableError as exc:
+            log.warning("cannot record outcomes %s: %s", [dict(c) for _, _, c in unsent], exc)
             self._broker = None
 
 
@@ -192,38 +204,39 @@ def register_tasks(app: Any, settings: Settings) -> Any:
     )
     def apply_task(self: Any, *args: Any, **extra: Any) -> str:
         task_id = show_key(str(self.request.id).encode(), 64)
-        ref = None
+        ref = None  # the payload of a task published by reference: deleted when it ends
         try:
-            if len(args) != 1 or extra:
-                raise MalformedBatchError(
-                    f"expected one payload argument, got {len(args)} and {len(extra)} more"
-                )
-            payload = args[0]
-            if isinstance(payload, dict) and payload.keys() == {"ref"}:
-                # published by reference (a claim check): the payload is in Redis
-                if not is_payload_key(payload["ref"]):
-                    raise MalformedBatchError("field 'ref' does not name a task payload")
-                ref = payload["ref"]
-                payload = conns.claim(ref)
-            task = decode_task(payload, signer)  # verifies the signature first
-        except MalformedBatchError as exc:
-            log.error("rejected task %s: %s: %s", task_id, exc.kind, exc.reason)
-            conns.count("-", "-", exc.kind)
-            if ref is not None:
-                conns.broker.drop_payload(ref)
-            return exc.kind
-        except RetryableError as exc:  # Redis did not answer or refused; the payload stays
-            # (if Redis cannot take the retry either, Celery drops the message: its batches
-            # are then missing, and the pair recovers as from any lost task)
-            log.warning("task %s: %s; retrying", task_id, exc)
-            raise self.retry(countdown=backoff(self.request.retries)) from None
-        try:
+            try:
+                if len(args) != 1 or extra:
+                    raise MalformedBatchError(
+                        f"expected one payload argument, got {len(args)} and {len(extra)} more"
+                    )
+                payload = args[0]
+                if isinstance(payload, dict) and payload.keys() == {"ref"}:
+                    # published by reference (a claim check): the payload is in Redis
+                    if not is_payload_key(payload["ref"]):
+                        raise MalformedBatchError("field 'ref' does not name a task payload")
+                    ref = payload["ref"]
+                    task = decode_task_text(conns.claim(ref), signer)  # verifies it first
+                else:
+                    task = decode_task(payload, signer)  # verifies the signature first
+            except MalformedBatchError as exc:
+                log.error("rejected task %s: %s: %s", task_id, exc.kind, exc.reason)
+                conns.count("-", "-", exc.kind)
+                return exc.kind
+            except RetryableError as exc:  # Redis did not answer or refused
+                # the payload stays (if Redis cannot take the retry either, Celery drops
+                # the message: its batches are then missing, and the pair recovers as from
+                # any lost task)
+                ref = None
+                log.warning("task %s: %s; retrying", task_id, exc)
+                raise self.retry(countdown=backoff(self.request.retries)) from None
             return _apply(self, task_id, task)
         finally:
-            # done with it, whatever happened: a retry carries its batches itself, and a
-            # copy of this task delivered again finds the payload gone, counts it and stops
-            if ref is not None:
-                conns.broker.drop_payload(ref)
+            # the outcomes, and the payload's delete, in one round trip, whatever happened:
+            # a retry carries its batches itself, and a copy of this task delivered again
+            # finds the payload gone, counts it and stops
+            conns.flush(drop=ref)
 
     def _apply(self: Any, task_id: str, task: Task) -> str:
         first = task.batches[0]

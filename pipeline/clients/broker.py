@@ -7,8 +7,7 @@ Built from settings by factories; nothing is read from the environment here.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import redis
@@ -87,12 +86,20 @@ class Broker:
             if v.isdigit() and len(v) < 19
         }
 
-    def add_stats(self, source: str, target: str, outcomes: Mapping[str, int]) -> None:
+    def add_stats(
+        self, counts: Iterable[tuple[str, str, Mapping[str, int]]], drop: str | None = None
+    ) -> None:
+        """Add each (source, target, outcomes) to that pair's outcome counters, and delete
+        the payload string *drop* (a task done with it; see payload), in one round trip."""
+
         def add() -> None:
             pipe = self.client.pipeline(transaction=False)
-            for outcome, n in outcomes.items():
-                if n:
-                    pipe.hincrby(stats_key(source, target), outcome, n)
+            for source, target, outcomes in counts:
+                for outcome, n in outcomes.items():
+                    if n:
+                        pipe.hincrby(stats_key(source, target), outcome, n)
+            if drop is not None:
+                pipe.delete(drop)
             pipe.execute()
 
         self._do("stats", add)
@@ -111,11 +118,6 @@ class Broker:
         except redis.RedisError as exc:
             raise RetryableError(f"redis: reading a task's payload failed: {exc}") from None
         return cast(bytes, raw) or None  # redis_at's clients never decode responses
-
-    def drop_payload(self, key: str) -> None:
-        """Delete a payload its task is done with (its expiry would, later)."""
-        with contextlib.suppress(redis.RedisError):
-            self.client.delete(key)
 
     def close(self) -> None:
         self.client.close()

@@ -34,6 +34,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -169,6 +170,11 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(b"kvmesh-key-id:" + key).hexdigest()[:16]
 
 
+# How signed_json ends a payload's text: its signature as the last member, in one spelling.
+_SIG_TAIL = re.compile(rb',"sig":\{"kid":"([0-9a-f]{16})","hmac":"([0-9a-f]{64})"\}\}')
+_SIG_TAIL_LEN = 108
+
+
 def canonical(payload: dict[str, Any]) -> bytes:
     """The signed bytes of a payload: everything but `sig`, in one spelling."""
     body = {k: v for k, v in payload.items() if k != "sig"}
@@ -200,6 +206,22 @@ class Signer:
     def _sig(self, body: bytes) -> dict[str, str]:
         mac = hmac.new(self._sign_with, body, hashlib.sha256).hexdigest()
         return {"kid": self._kid, "hmac": mac}
+
+    def verify_text(self, text: bytes) -> bool:
+        """Whether *text* is a payload as signed_json writes it, signed by one of our keys:
+        the HMAC is taken over the bytes as they came, which are the canonical bytes but for
+        the signature at their end, instead of over the payload parsed and written out
+        again. False is no verdict: another spelling of a genuine payload (signed by
+        sign(), then written out by Celery, say) is for verify() to judge."""
+        m = _SIG_TAIL.fullmatch(text, max(0, len(text) - _SIG_TAIL_LEN))
+        if m is None:
+            return False
+        key = self._by_id.get(m[1].decode())
+        if key is None:
+            return False
+        mac = hmac.new(key, memoryview(text)[: m.start()], hashlib.sha256)
+        mac.update(b"}")
+        return hmac.compare_digest(mac.hexdigest().encode(), m[2])
 
     def verify(self, payload: dict[str, Any]) -> None:
         """Raise UnsignedTaskError, UnknownKeyError or BadSignatureError unless the payload
@@ -309,6 +331,19 @@ def decode_task(payload: Any, signer: Signer | None) -> Task:
     except (RecursionError, ValueError, TypeError, OverflowError) as exc:
         # whatever else a crafted payload trips over is still a malformed task
         raise MalformedBatchError(f"undecodable payload: {type(exc).__name__}") from None
+
+
+def decode_task_text(text: bytes, signer: Signer | None) -> Task:
+    """decode_task for a payload still in JSON text (one read from Redis by reference). A
+    text as the watcher writes it is verified as it is (Signer.verify_text), before it is
+    parsed, and not written out again to be verified; any other text is parsed and then
+    verified as decode_task does."""
+    verified = signer is not None and signer.verify_text(text)
+    try:
+        payload = json.loads(text)
+    except (ValueError, RecursionError):
+        raise MalformedBatchError("its payload is not JSON") from None
+    return decode_task(payload, None if verified else signer)
 
 
 def _decode(payload: dict[str, Any]) -> Task:

@@ -59,8 +59,12 @@ def forge(payload: dict[str, object]) -> dict[str, object]:
 
 
 def forge_payload(r: Any, key: bytes | str) -> None:
-    """Rewrite a payload published by reference in place, forged (its expiry kept)."""
-    r.set(key, json.dumps(forge(json.loads(r.get(key)))), keepttl=True)
+    """Rewrite a payload published by reference in place, forged (its expiry kept), in the
+    watcher's own spelling with the signature still last: the worker checks such a text's
+    bytes as they are (Signer.verify_text) before it parses them."""
+    forged = json.dumps(forge(json.loads(r.get(key))), separators=(",", ":"))
+    assert forged.endswith("}}") and ',"sig":{"kid":' in forged[-120:]
+    r.set(key, forged, keepttl=True)
 
 
 def restart_worker_until(mesh: FaultMesh, reason: str, what: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 
 import pytest
@@ -20,6 +22,7 @@ from pipeline.protocol.wire import (
     Signer,
     SigningKeys,
     decode_task,
+    decode_task_text,
     encode_task,
     encode_task_json,
     key_id,
@@ -206,6 +209,57 @@ def test_every_change_on_the_way_breaks_the_signature() -> None:
         change(payload)
         with pytest.raises(BadSignatureError):
             decode_task(payload, SIGNER)
+
+
+def test_a_payload_text_is_verified_as_it_came() -> None:
+    """A payload read from Redis as the watcher wrote it is verified over its bytes as they
+    are (no parse and write-out first); a change to any part of it, or to its signature,
+    is refused as before; any other spelling of a genuine payload is verified the long way."""
+    batches = [_batch(), _batch(target="c", shard="ipcache-0")]
+    text = encode_task_json(batches, SIGNER, gap_since_ms=1234).encode()
+    assert SIGNER.verify_text(text)
+    task = decode_task_text(text, SIGNER)
+    assert task.batches == batches and task.gap_since_ms == 1234
+    # the same payload spelled otherwise (spaces, members in another order) is genuine too
+    spaced = json.dumps(encode_task(batches, SIGNER, gap_since_ms=1234)).encode()
+    assert not SIGNER.verify_text(spaced)
+    assert decode_task_text(spaced, SIGNER).batches == batches
+    assert decode_task_text(text + b" ", SIGNER).batches == batches
+    body, tail = text[: text.rindex(b',"sig":')], text[text.rindex(b',"sig":') :]
+    changed = [
+        body.replace(b'"target":"c"', b'"target":"d"') + tail,
+        body.replace(b'"gap_since":1234', b'"gap_since":1235') + tail,
+        body.replace(b'"ops":[[', b'"ops":[["d","eA==",null],[', 1) + tail,
+        body + tail.replace(tail[-5:-3], b"00" if tail[-5:-3] != b"00" else b"11"),
+    ]
+    for bad in changed:
+        assert bad != text and not SIGNER.verify_text(bad)
+        with pytest.raises(BadSignatureError):
+            decode_task_text(bad, SIGNER)
+    with pytest.raises(UnknownKeyError):
+        decode_task_text(
+            encode_task_json(batches, Signer(SigningKeys((b"o" * 64,)))).encode(), SIGNER
+        )
+    with pytest.raises(UnsignedTaskError):
+        decode_task_text(encode_task_json(batches, None).encode(), SIGNER)
+    assert decode_task_text(encode_task_json(batches, None).encode(), None).batches == batches
+
+
+def test_a_signed_text_that_is_no_payload_is_still_refused() -> None:
+    """Bytes with a valid signature at their end are still parsed and checked: signed text
+    that is not JSON, or JSON that is no task, is a malformed task, and text that is not
+    JSON at all says so."""
+    mac = hmac.new(KEY, b"{not json}", hashlib.sha256).hexdigest()
+    signed = b'{not json,"sig":{"kid":"%s","hmac":"%s"}}' % (key_id(KEY).encode(), mac.encode())
+    assert SIGNER.verify_text(signed)
+    with pytest.raises(MalformedBatchError, match="not JSON"):
+        decode_task_text(signed, SIGNER)
+    with pytest.raises(MalformedBatchError, match="not JSON"):
+        decode_task_text(b"\xff\x00", SIGNER)
+    request = SIGNER.signed_json({"gen": 1, "reason": "x", "ts": 1}).encode()  # not a task
+    assert SIGNER.verify_text(request)
+    with pytest.raises(MalformedBatchError):
+        decode_task_text(request, SIGNER)
 
 
 def test_unsigned_and_foreign_tasks_are_refused() -> None:
