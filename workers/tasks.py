@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -65,13 +66,15 @@ class _PerProcess:
         self._gens: dict[str, dict[str, FenceView]] = {}
         self._broker: Broker | None = None
         self._metrics: WorkerMetrics | None = None
-        self._unsent: list[tuple[str, str, Counter[str]]] = []  # outcomes for Redis (flush)
+        # the outcomes recorded for Redis and not yet flushed, per thread: a thread pool's
+        # slots share this object, and each task flushes its own
+        self._local = threading.local()
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._stores = {}
-            self._unsent = []
+            self._local = threading.local()
             self._gens = {}
             self._broker = None
 
@@ -140,21 +143,32 @@ class _PerProcess:
                 self.metrics.rejected_tasks.labels(reason).inc(n)
         else:
             self.metrics.record(source, target, outcomes)
-        self._unsent.append((source, target, outcomes))
+        self._unsent().append((source, target, outcomes))
+
+    def _unsent(self) -> list[tuple[str, str, Counter[str]]]:
+        unsent: list[tuple[str, str, Counter[str]]] | None = getattr(self._local, "unsent", None)
+        if unsent is None:
+            unsent = self._local.unsent = []
+        return unsent
 
     def flush(self, drop: str | None = None) -> None:
         """Add the outcomes recorded since the last flush to the pairs' counters in Redis,
         and delete the payload *drop* (a task's, once it is done with it), in one round
         trip. Never raises: counters must not fail a batch, and a payload left behind
-        expires."""
+        expires (it runs in a finally: an exception here would hide the task's own)."""
         self._check_pid()
-        unsent, self._unsent = self._unsent, []
+        unsent = self._unsent()
+        self._local.unsent = []
         if not unsent and drop is None:
             return
         try:
             self.broker.add_stats(unsent, drop)
-        except RetryableError as exc:
-            log.warning("cannot record outcomes %s: %s", [dict(c) for _, _, c in unsent], exc)
+        except Exception as exc:  # Redis, or making its client
+            log.warning(
+                "cannot record outcomes %s: %s",
+                {f"{s}→{t}": dict(c) for s, t, c in unsent},
+                exc,
+            )
             self._broker = None
 
 

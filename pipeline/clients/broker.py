@@ -90,7 +90,9 @@ class Broker:
         self, counts: Iterable[tuple[str, str, Mapping[str, int]]], drop: str | None = None
     ) -> None:
         """Add each (source, target, outcomes) to that pair's outcome counters, and delete
-        the payload string *drop* (a task done with it; see payload), in one round trip."""
+        the payload string *drop* (a task done with it; see payload), in one round trip.
+        RetryableError if Redis did not answer or refused a counter; a refused delete is
+        left to the payload's expiry."""
 
         def add() -> None:
             pipe = self.client.pipeline(transaction=False)
@@ -100,7 +102,12 @@ class Broker:
                         pipe.hincrby(stats_key(source, target), outcome, n)
             if drop is not None:
                 pipe.delete(drop)
-            pipe.execute()
+            results = pipe.execute(raise_on_error=False)
+            refused = [
+                r for r in results[: len(results) - (drop is not None)] if isinstance(r, Exception)
+            ]
+            if refused:
+                raise refused[0]
 
         self._do("stats", add)
 

@@ -17,7 +17,10 @@ Keys and values are base64, so bytes that are not UTF-8 travel exactly.
 `sig.hmac` is HMAC-SHA256, under the key named by `sig.kid`, of the canonical bytes of the
 payload without `sig`: JSON with sorted keys, no spaces, ASCII only. Redis and Flower are
 transport, not authority: a worker verifies the signature before anything else, and a task
-that anyone could have written or changed on the way is dropped. Replaying a genuine task is
+that anyone could have written or changed on the way is dropped. A payload read from Redis
+by reference in the watcher's own spelling (the canonical bytes with `sig` appended as the
+last member, Signer.signed_json) is verified over its bytes as they came; any other text is
+parsed first and verified over its canonical bytes. Replaying a genuine task is
 harmless: the fence makes it a duplicate or obsolete.
 
 Several batches travel in one task because Celery's per-task cost, not etcd, bounds a
@@ -172,7 +175,7 @@ def key_id(key: bytes) -> str:
 
 # How signed_json ends a payload's text: its signature as the last member, in one spelling.
 _SIG_TAIL = re.compile(rb',"sig":\{"kid":"([0-9a-f]{16})","hmac":"([0-9a-f]{64})"\}\}')
-_SIG_TAIL_LEN = 108
+_SIG_TAIL_LEN = len(b',"sig":{"kid":"' + b"0" * 16 + b'","hmac":"' + b"0" * 64 + b'"}}')
 
 
 def canonical(payload: dict[str, Any]) -> bytes:
@@ -204,6 +207,8 @@ class Signer:
         return f'{{{members},"sig":{sig}}}' if members else f'{{"sig":{sig}}}'
 
     def _sig(self, body: bytes) -> dict[str, str]:
+        # every byte string these keys sign is canonical() of a JSON object (tasks, their
+        # retries, resync requests): verify_text relies on it, so sign nothing else with them
         mac = hmac.new(self._sign_with, body, hashlib.sha256).hexdigest()
         return {"kid": self._kid, "hmac": mac}
 
@@ -214,7 +219,7 @@ class Signer:
         again. False is no verdict: another spelling of a genuine payload (signed by
         sign(), then written out by Celery, say) is for verify() to judge."""
         m = _SIG_TAIL.fullmatch(text, max(0, len(text) - _SIG_TAIL_LEN))
-        if m is None:
+        if m is None or not text.startswith(b"{"):
             return False
         key = self._by_id.get(m[1].decode())
         if key is None:

@@ -245,6 +245,23 @@ def test_a_payload_text_is_verified_as_it_came() -> None:
     assert decode_task_text(encode_task_json(batches, None).encode(), None).batches == batches
 
 
+def test_the_watchers_text_is_not_parsed_to_be_verified(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The text the watcher writes is verified by verify_text alone, whichever key of a
+    rotation signed it: the long way (verify, which writes the parsed payload out again) is
+    not taken for it."""
+    old, new = b"o" * 64, b"n" * 64
+    rotating = Signer(SigningKeys((new, old)))
+    called: list[object] = []
+    monkeypatch.setattr(Signer, "verify", lambda self, payload: called.append(payload))
+    for signer in (Signer(SigningKeys((old,))), rotating):
+        text = encode_task_json([_batch()], signer).encode()
+        assert rotating.verify_text(text)
+        assert decode_task_text(text, rotating).batches == [_batch()]
+    assert called == []
+    decode_task_text(json.dumps(encode_task([_batch()], rotating)).encode(), rotating)
+    assert len(called) == 1  # another spelling: the long way
+
+
 def test_a_signed_text_that_is_no_payload_is_still_refused() -> None:
     """Bytes with a valid signature at their end are still parsed and checked: signed text
     that is not JSON, or JSON that is no task, is a malformed task, and text that is not
@@ -254,6 +271,11 @@ def test_a_signed_text_that_is_no_payload_is_still_refused() -> None:
     assert SIGNER.verify_text(signed)
     with pytest.raises(MalformedBatchError, match="not JSON"):
         decode_task_text(signed, SIGNER)
+    # signed bytes that do not open an object are not taken as a payload's text
+    mac = hmac.new(KEY, b"[1,2}", hashlib.sha256).hexdigest()
+    assert not SIGNER.verify_text(
+        b'[1,2,"sig":{"kid":"%s","hmac":"%s"}}' % (key_id(KEY).encode(), mac.encode())
+    )
     with pytest.raises(MalformedBatchError, match="not JSON"):
         decode_task_text(b"\xff\x00", SIGNER)
     request = SIGNER.signed_json({"gen": 1, "reason": "x", "ts": 1}).encode()  # not a task
