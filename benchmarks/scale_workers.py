@@ -89,6 +89,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def session_cpu_seconds(sid: int) -> float:
+    """User and system CPU seconds so far of the processes of session *sid* that are
+    still running (a worker's main process and its pool, while the pool lives)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[3]) == sid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def identities(n: int, marker: bytes) -> list[tuple[bytes, bytes]]:
     return [
         (ID_PREFIX + str(identity_id(1, i)).encode(), identity_labels(SOURCE, i).encode() + marker)
@@ -264,13 +278,21 @@ def run(
             wait_for("the watcher's publishing", lambda: published() >= base + keys, 600)
             busy2, total2 = cpu_times()
             assert target.proc is not None
-            parts0 = (cpu_seconds(proxy.pid), cpu_seconds(target.proc.pid))
+            parts0 = (
+                cpu_seconds(proxy.pid),
+                cpu_seconds(target.proc.pid),
+                session_cpu_seconds(worker.pid),
+            )
             t2 = time.monotonic()
         finally:
             os.killpg(worker.pid, signal.SIGCONT)
         drained = wait_for("the backlog", lambda: seen2.reached(keys), 600, wlog)
         busy3, total3 = cpu_times()
-        parts1 = (cpu_seconds(proxy.pid), cpu_seconds(target.proc.pid))
+        parts1 = (
+            cpu_seconds(proxy.pid),
+            cpu_seconds(target.proc.pid),
+            session_cpu_seconds(worker.pid),
+        )
         after = counts()
         check_values(direct, keys, marker2)
         stats.close()
@@ -307,6 +329,10 @@ def run(
             # part of the test bench) and the target etcd
             "backlog_proxy_core_pct": round(100 * (parts1[0] - parts0[0]) / (drained - t2)),
             "backlog_target_etcd_core_pct": round(100 * (parts1[1] - parts0[1]) / (drained - t2)),
+            # CPU the worker (its main process and its pool) spent on the backlog, per task
+            "backlog_worker_cpu_ms_per_task": round(
+                1000 * (parts1[2] - parts0[2]) / max(1, moved.get("tasks_published", 0)), 1
+            ),
         }
     finally:
         stop(procs)
@@ -454,7 +480,8 @@ def main() -> int:
                         f"{r.get('sustained_vs_first', '-'):>5} "
                         f"{r['backlog_first_tenth_s']:>6}/{r['backlog_last_tenth_s']:<7} "
                         f"tasks {r['backlog_tasks']} batches {r['backlog_batches']} "
-                        f"gap_wait {r['backlog_gap_waits']}",
+                        f"gap_wait {r['backlog_gap_waits']} "
+                        f"worker CPU/task {r['backlog_worker_cpu_ms_per_task']} ms",
                         flush=True,
                     )
                 rows += [done[slots] for slots in args.workers]
