@@ -47,12 +47,18 @@ def snapshot_batches(batches: int, ops: int) -> list[Batch]:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def task_args(doc: str) -> argparse.Namespace:
+    """The command line of a benchmark of one snapshot task's cost (*doc*: its docstring):
+    the task's shape and the rounds to time."""
+    ap = argparse.ArgumentParser(description=doc.split("\n", maxsplit=1)[0])
     ap.add_argument("--ops-per-batch", type=int, default=127)
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=7)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = task_args(__doc__)
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))
     server = RedisServer(tmp / "redis")
     server.start()

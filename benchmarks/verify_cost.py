@@ -12,14 +12,13 @@ maximum per task of CPU time. The task is a snapshot task of the initial sync (4
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
-from publish_cost import snapshot_batches
+from publish_cost import snapshot_batches, task_args
 
 from pipeline.protocol.wire import (
     Signer,
@@ -38,11 +37,7 @@ def cpu_ms(fn: Callable[[], object], number: int) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ops-per-batch", type=int, default=127)
-    ap.add_argument("--batches", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=7)
-    args = ap.parse_args()
+    args = task_args(__doc__)
     batches = snapshot_batches(args.batches, args.ops_per_batch)
     signer = Signer(SigningKeys((b"k" * 32,)))
     text = encode_task_json(batches, signer).encode()
