@@ -7,6 +7,7 @@ Built from settings by factories; nothing is read from the environment here.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -30,9 +31,28 @@ def restrict_remote_control(allowed: frozenset[str]) -> None:
 def on_worker_logging(configure: Callable[[Any], None]) -> None:
     """Let *configure(loglevel)* set up a Celery worker's logging instead of Celery."""
 
-    @signals.setup_logging.connect  # type: ignore[untyped-decorator]
     def _setup(loglevel: Any = None, **_: Any) -> None:
         configure(loglevel or "INFO")
+        quiet_task_lines()
+
+    # held strongly: a signal keeps only a weak reference by default, and this function
+    # would be gone before the worker sends the signal (Celery's format would log what
+    # a task carries, its ID included, as it came)
+    signals.setup_logging.connect(_setup, weak=False)
+
+
+# Celery's lines for each task: received (main process), succeeded and retried (pool).
+_PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+def quiet_task_lines() -> None:
+    """Show Celery's per-task lines only when the root logger is at DEBUG: at INFO they are
+    two lines per task (thousands a second under load, and a few percent of a worker's CPU
+    at any rate), and kvmesh's metrics and its own lines say what they do. Failures stay:
+    Celery logs them at ERROR."""
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in _PER_TASK_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def on_worker_lifecycle(

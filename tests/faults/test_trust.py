@@ -210,7 +210,10 @@ def test_tasks_sent_through_flower_or_straight_to_redis_are_refused(mesh: FaultM
         eventually(posted, timeout=60, what="Flower accepting the forged task")
         payload["batches"] = sample["batches"]
         create_app(mesh.settings).send_task(
-            "kvmesh.apply_batch", args=[payload], queue="kvmesh.cluster-a"
+            "kvmesh.apply_batch",
+            args=[payload],
+            queue="kvmesh.cluster-a",
+            task_id="forged\nline: a task ID that breaks the line",
         )
         eventually(
             lambda: (
@@ -220,6 +223,14 @@ def test_tasks_sent_through_flower_or_straight_to_redis_are_refused(mesh: FaultM
             timeout=60,
             what="both forged tasks refused",
         )
+        # the worker's refusal names the task ID, escaped on its one line: this log line
+        # is the feature (an ID from Redis may not forge lines in the worker's log)
+        eventually(
+            lambda: "forged\\x0aline: a task ID" in mesh.base_worker.output(),
+            timeout=30,
+            what="the forged task ID logged on one line, escaped",
+        )
+        assert "\nline: a task ID" not in mesh.base_worker.output()
     finally:
         flower.terminate()
         flower.wait(20)
