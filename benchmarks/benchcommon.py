@@ -1,10 +1,12 @@
 """What the benchmarks share: a one-pair mesh config, stopping their processes, the
-make-mirror command, matplotlib (only needed for --png), and the project's byte code."""
+make-mirror command, matplotlib (only needed for --png), the project's byte code, and the
+CPU time of processes from /proc."""
 
 from __future__ import annotations
 
 import compileall
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -105,3 +107,23 @@ def worker_command(config: Path, concurrency: int, pool: str) -> list[str]:
         *(sys.executable, "-m", "pipeline", "worker", "--config", str(config)),
         *("--concurrency", str(concurrency), "--pool", pool),
     ]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of one process so far, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def session_cpu_seconds(sid: int) -> float:
+    """User and system CPU seconds so far of the processes of session *sid* that are
+    still running (a worker's main process and its pool, while the pool lives)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[3]) == sid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")

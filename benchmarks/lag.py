@@ -49,6 +49,7 @@ from benchcommon import (
     mirror_command,
     pair_config,
     pyplot,
+    session_cpu_seconds,
     stop,
     worker_command,
     write_json,
@@ -262,6 +263,9 @@ def main() -> int:
         kvmesh = [sys.executable, "-m", "pipeline"]
         spawn(worker_command(cfg, args.concurrency, args.pool), tmp / "worker.log")
         spawn([*kvmesh, "watch", "--config", str(cfg)], tmp / "watch.log")
+        # kvmesh's CPU, per put: lag on two busy cores moves a lot between runs, the CPU
+        # each change costs far less, so it shows what a change to the code did
+        sessions = {"watcher": procs[1].pid, "workers": procs[0].pid}
         contenders = {"kvmesh": Etcd(dst_k.cluster())}
         if not args.skip_mirror:
             spawn(
@@ -287,7 +291,7 @@ def main() -> int:
         results = []
         print(
             f"{'rate/s':>7} {'achieved':>9} {'contender':>12} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'max ms':>8} {'lost':>5} {'reordered':>9}",
+            f"{'max ms':>8} {'lost':>5} {'reordered':>9} {'cpu/put: watcher':>17} {'workers':>8}",
             flush=True,
         )
 
@@ -309,11 +313,13 @@ def main() -> int:
             for name, etcd in contenders.items():
                 # one contender at a time, in its own source: the other's source is quiet
                 count = int(rate * args.seconds)
+                cpu = {k: session_cpu_seconds(sid) for k, sid in sessions.items()}
                 sent, elapsed = churn(sources[name], rate, count, first, args.keys)
                 seqs = range(first, first + count)
                 first += count
                 last = {i: seq for seq, i, _ in sent}
                 settled(name, last, 30)
+                cpu = {k: session_cpu_seconds(sid) - cpu[k] for k, sid in sessions.items()}
                 r = judge(arrivals[name], sent, args.keys, seqs)
                 trace = r.pop("trace")
                 if args.trace:
@@ -329,10 +335,18 @@ def main() -> int:
                     )
                 )
                 r.update(rate=rate, achieved=round(len(sent) / max(elapsed, 1e-9)), contender=name)
+                if name == "kvmesh":
+                    for k, seconds in cpu.items():
+                        r[f"{k}_cpu_ms_per_put"] = round(seconds * 1000 / max(len(sent), 1), 3)
                 results.append(r)
                 print(
                     f"{rate:>7} {r['achieved']:>9} {name:>12} {r['p50_ms']:>8} {r['p99_ms']:>8} "
-                    f"{r['max_ms']:>8} {r['lost_keys']:>5} {r['reordered_keys']:>9}",
+                    f"{r['max_ms']:>8} {r['lost_keys']:>5} {r['reordered_keys']:>9}"
+                    + "".join(
+                        f" {r[k]:>{w}}"
+                        for k, w in (("watcher_cpu_ms_per_put", 17), ("workers_cpu_ms_per_put", 8))
+                        if k in r
+                    ),
                     flush=True,
                 )
         for name, a in arrivals.items():

@@ -58,8 +58,10 @@ from benchcommon import (
     ID_PREFIX,
     SOURCE,
     byte_compile,
+    cpu_seconds,
     pair_config,
     pyplot,
+    session_cpu_seconds,
     stop,
     worker_command,
     write_json,
@@ -81,26 +83,6 @@ def cpu_times() -> tuple[int, int]:
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle and iowait
     return sum(fields) - idle, sum(fields)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds of one process so far, from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def session_cpu_seconds(sid: int) -> float:
-    """User and system CPU seconds so far of the processes of session *sid* that are
-    still running (a worker's main process and its pool, while the pool lives)."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # ended meanwhile
-            continue
-        if int(fields[3]) == sid:
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def identities(n: int, marker: bytes) -> list[tuple[bytes, bytes]]:

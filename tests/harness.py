@@ -24,10 +24,9 @@ from typing import Any
 import pytest
 import redis
 
-from pipeline.clients.broker import redis_client
+from pipeline.clients.broker import queue_depth, redis_client
 from pipeline.clients.celeryapp import create_app
 from pipeline.clients.etcd import Etcd
-from pipeline.clients.publisher import queue_depth
 from pipeline.config import Settings, load_settings
 from pipeline.protocol.errors import KvmeshError
 from pipeline.protocol.fence import FenceRecord, GenRecord

@@ -17,7 +17,12 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from pipeline.clients.broker import Broker
-from pipeline.clients.celeryapp import create_app, on_worker_lifecycle, restrict_remote_control
+from pipeline.clients.celeryapp import (
+    create_app,
+    keep_redis_clients,
+    on_worker_lifecycle,
+    restrict_remote_control,
+)
 from pipeline.clients.etcd import Etcd
 from pipeline.clients.metrics_http import exposition, serve
 from pipeline.config import WRITE, Settings
@@ -592,6 +597,7 @@ READ_ONLY_CONTROL = frozenset(
 
 def create_worker_app(settings: Settings) -> Any:
     """The Celery app with the apply task registered: what a worker process runs."""
+    keep_redis_clients()
     app = create_app(settings)
     task = register_tasks(app, settings)
     restrict_remote_control(READ_ONLY_CONTROL)

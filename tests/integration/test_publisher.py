@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pipeline.clients.broker import redis_at
-from pipeline.clients.celeryapp import create_app
+from pipeline.clients.celeryapp import create_app, keep_redis_clients
 from pipeline.clients.publisher import RedisPublisher
 from pipeline.config import load_settings
 from pipeline.protocol.layout import Op
@@ -120,24 +120,47 @@ def test_the_hand_written_message_is_celerys_own(servers: Servers, tmp_path: Pat
     client.close()
 
 
-def test_kombu_takes_the_message_requeues_it_and_takes_it_again(servers: Servers) -> None:
+def worker_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Use the worker's transport (keep_redis_clients) in this test only."""
+    from kombu.transport import TRANSPORT_ALIASES, _transport_cache, get_transport_cls
+
+    for scheme in ("redis", "rediss"):
+        monkeypatch.setitem(TRANSPORT_ALIASES, scheme, TRANSPORT_ALIASES[scheme])
+        monkeypatch.setitem(_transport_cache, scheme, get_transport_cls(scheme))
+    keep_redis_clients()
+
+
+@pytest.mark.parametrize("transport", ["kombu", "worker"])
+def test_kombu_takes_the_message_requeues_it_and_takes_it_again(
+    servers: Servers, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What a Celery worker's consumer does with a message, through kombu's Redis transport
-    with acknowledgements: the body decodes to the task's arguments, a reject with requeue
-    (a worker lost mid-task, task_reject_on_worker_lost) puts the stored message back, and
-    it comes again unchanged and marked redelivered."""
+    with acknowledgements (kombu's own, and the worker's, which keeps its Redis client): the
+    body decodes to the task's arguments, a reject with requeue (a worker lost mid-task,
+    task_reject_on_worker_lost) puts the stored message back, where the watcher's look at
+    its queue counts it, and it comes again unchanged and marked redelivered."""
     from kombu import Connection
 
+    if transport == "worker":
+        worker_transport(monkeypatch)
     redis = servers.redis()
+    with Connection(redis.url) as conn:
+        channel = type(conn.default_channel).__name__
+    assert channel == ("_Channel" if transport == "worker" else "Channel")
     client = redis_at(redis.url)
     signer = Signer(SigningKeys((b"k" * 32,)))
-    RedisPublisher(QUEUE, client, signer).publish([batch()])
+    publisher = RedisPublisher(QUEUE, client, signer)
+    publisher.publish([batch()])
+    assert publisher.backlog() == 1
     payload = encode_task([batch()], signer)
     with Connection(redis.url) as conn:
         queue = conn.SimpleQueue(QUEUE, no_ack=False)
         first = queue.get(timeout=10)
         assert first.headers["task"] == TASK_NAME
         assert first.payload[0] == [payload]
+        assert publisher.backlog() == 0
         first.reject(requeue=True)
+        assert publisher.backlog() == 1
         again = queue.get(timeout=10)
         assert again.payload == first.payload
         assert again.headers["id"] == first.headers["id"]
@@ -147,6 +170,29 @@ def test_kombu_takes_the_message_requeues_it_and_takes_it_again(servers: Servers
     assert client.llen(QUEUE) == 0
     assert client.hlen("unacked") == 0
     client.close()
+
+
+def test_the_worker_transport_keeps_one_client_while_its_pool_lasts(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's channel makes its Redis client once, and again once kombu replaced the
+    connection pool under it (after a fork, or a reconnect): never one tied to a pool that
+    was let go."""
+    from kombu import Connection
+
+    worker_transport(monkeypatch)
+    redis = servers.redis()
+    with Connection(redis.url) as conn:
+        channel = conn.default_channel
+        assert type(channel).__name__ == "_Channel"
+        kept = channel._create_client()
+        assert channel._create_client() is kept
+        assert kept.connection_pool is channel.pool
+        channel._disconnect_pools()  # what kombu does after a fork, or to reconnect
+        fresh = channel._create_client()
+        assert fresh is not kept
+        assert fresh.connection_pool is channel.pool
+        assert fresh.ping()
 
 
 def test_a_large_payload_travels_by_reference(servers: Servers) -> None:
