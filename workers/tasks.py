@@ -56,6 +56,14 @@ log = logging.getLogger("kvmesh.worker")
 # MAX_BATCHES_PER_TASK (64) batches of up to sync.max_batch_bytes (1 MB by default) each,
 # base64 in JSON: about 90 MB at the very most, a few hundred KB in practice.
 MAX_PAYLOAD_BYTES = 128 << 20
+# Seconds an outcome may wait before it goes to the Redis counters: a task that has no
+# payload to delete sends the outcomes only once they are due (one round trip per task
+# was about a tenth of a worker's CPU at 200 tasks/s; docs/performance.md). `kvmesh status`
+# is this much behind at most; a pool process that is killed loses what it had not sent.
+COUNT_DELAY = 0.25
+# What every healthy task records. Any other outcome (a duplicate, a retry, a rejection...)
+# is the exception an operator looks for: a task that records one sends at once.
+ROUTINE_OUTCOMES = frozenset({"applied", "grouped", "ops_applied"})
 
 
 class _PerProcess:
@@ -71,15 +79,22 @@ class _PerProcess:
         self._gens: dict[str, dict[str, FenceView]] = {}
         self._broker: Broker | None = None
         self._metrics: WorkerMetrics | None = None
-        # the outcomes recorded for Redis and not yet flushed, per thread: a thread pool's
-        # slots share this object, and each task flushes its own
-        self._local = threading.local()
+        # the outcomes recorded for Redis and not sent yet, with when they are due (see
+        # flush); a thread pool's slots share them, and a thread of the process sends them
+        # once due if no task ends to carry them
+        self.count_delay = COUNT_DELAY
+        self._counts = threading.Condition()
+        self._unsent: list[tuple[str, str, Counter[str]]] = []
+        self._due: float | None = None
+        self._urgent = False  # an outcome other than ROUTINE_OUTCOMES is among them
+        self._sender: threading.Thread | None = None
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._stores = {}
-            self._local = threading.local()
+            self._counts = threading.Condition()  # a fork copies no thread, and no waiter
+            self._unsent, self._due, self._urgent, self._sender = [], None, False, None
             self._gens = {}
             self._broker = None
 
@@ -141,29 +156,48 @@ class _PerProcess:
         self.record(source, target, Counter({outcome: 1}))
 
     def record(self, source: str, target: str, outcomes: Counter[str]) -> None:
-        """Count *outcomes* in the metrics now, and in Redis at the next flush()."""
+        """Count *outcomes* in the metrics now, and in Redis within count_delay seconds."""
         self._check_pid()
         if source == "-":
             for reason, n in outcomes.items():
                 self.metrics.rejected_tasks.labels(reason).inc(n)
         else:
             self.metrics.record(source, target, outcomes)
-        self._unsent().append((source, target, outcomes))
-
-    def _unsent(self) -> list[tuple[str, str, Counter[str]]]:
-        unsent: list[tuple[str, str, Counter[str]]] | None = getattr(self._local, "unsent", None)
-        if unsent is None:
-            unsent = self._local.unsent = []
-        return unsent
+        with self._counts:
+            self._unsent.append((source, target, outcomes))
+            self._urgent = self._urgent or any(
+                n and k not in ROUTINE_OUTCOMES for k, n in outcomes.items()
+            )
+            if self._due is None:
+                self._due = time.monotonic() + self.count_delay
+                self._counts.notify()
+            if self._sender is None:
+                self._sender = threading.Thread(
+                    target=self._send_when_due, name="kvmesh-counts", daemon=True
+                )
+                self._sender.start()
 
     def flush(self, drop: str | None = None) -> None:
-        """Add the outcomes recorded since the last flush to the pairs' counters in Redis,
-        and delete the payload *drop* (a task's, once it is done with it), in one round
-        trip. Never raises: counters must not fail a batch, and a payload left behind
-        expires (it runs in a finally: an exception here would hide the task's own)."""
+        """What a task does as it ends. With a payload *drop* to delete (the task's, once it
+        is done with it), or an outcome other than ROUTINE_OUTCOMES among those recorded:
+        send the outcomes recorded so far (and delete the payload) in one round trip.
+        Otherwise only once they are due, else the next task or the sender thread sends
+        them: healthy tasks one after another cost one round trip to Redis per count_delay,
+        not one each. Never raises: counters must not fail a batch, and a payload left
+        behind expires (it runs in a finally: an exception here would hide the task's
+        own)."""
         self._check_pid()
-        unsent = self._unsent()
-        self._local.unsent = []
+        if drop is None:
+            with self._counts:
+                if not self._urgent and (self._due is None or time.monotonic() < self._due):
+                    return
+        self.send_counts(drop)
+
+    def send_counts(self, drop: str | None = None) -> None:
+        """Send every outcome recorded and not sent yet (and delete *drop*), now: at the
+        end of a pool process too. Never raises."""
+        with self._counts:
+            unsent, self._unsent, self._due, self._urgent = self._unsent, [], None, False
         if not unsent and drop is None:
             return
         try:
@@ -175,6 +209,15 @@ class _PerProcess:
                 exc,
             )
             self._broker = None
+
+    def _send_when_due(self) -> None:
+        """The sender thread: sends the outcomes once due, if no task ending did first."""
+        counts = self._counts
+        while True:
+            with counts:
+                while self._due is None or time.monotonic() < self._due:
+                    counts.wait(None if self._due is None else self._due - time.monotonic())
+            self.send_counts()
 
 
 def check_task(task: Task, sources: set[str], targets: set[str]) -> None:
@@ -636,10 +679,15 @@ def create_worker_app(settings: Settings) -> Any:
             for s in server:
                 s.socket.close()
 
+    def process_ended(pid: int) -> None:
+        task.conns.send_counts()  # in the pool process that ends
+        exporter.process_ended(pid)
+
     on_worker_lifecycle(
         init=init,
         ready=ready,
         process_started=process_started,
-        process_ended=exporter.process_ended,
+        process_ended=process_ended,
+        shutdown=task.conns.send_counts,
     )
     return app

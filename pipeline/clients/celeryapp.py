@@ -94,10 +94,12 @@ def on_worker_lifecycle(
     ready: Callable[[], None],
     process_started: Callable[[], None],
     process_ended: Callable[[int], None],
+    shutdown: Callable[[], None],
 ) -> None:
     """Hooks into a Celery worker: *init(concurrency)* in its main process before the pool
     starts, *ready()* once it consumes, *process_started()* in each pool process as it
-    starts, *process_ended(pid)* in a pool process that ends."""
+    starts, *process_ended(pid)* in a pool process that ends, *shutdown()* in its main process
+    once it stopped consuming and its pool is gone."""
 
     def _init(sender: Any = None, **_: Any) -> None:
         pool = str(getattr(sender, "pool_cls", ""))
@@ -114,10 +116,14 @@ def on_worker_lifecycle(
     def _started(**_: Any) -> None:
         process_started()
 
+    def _shutdown(**_: Any) -> None:
+        shutdown()
+
     signals.worker_init.connect(_init, weak=False)
     signals.worker_process_init.connect(_started, weak=False)
     signals.worker_ready.connect(_ready, weak=False)
     signals.worker_process_shutdown.connect(_ended, weak=False)
+    signals.worker_shutdown.connect(_shutdown, weak=False)
 
 
 def create_app(settings: Settings, name: str = "kvmesh") -> Any:

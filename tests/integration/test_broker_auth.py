@@ -12,7 +12,7 @@ import trustme
 from pipeline.tools.cilium_state import make_state, write_items
 from pipeline.tools.servers import RedisServer, RedisTLS
 
-from ..harness import Mesh, Servers, require_tls_redis
+from ..harness import Mesh, Servers, eventually, require_tls_redis
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,12 @@ def test_the_pipeline_syncs_through_an_authenticated_broker(
         worker = mesh.worker()
         watcher = mesh.watcher()
         mesh.wait_equal()
-        assert mesh.stats("cluster-a", "cluster-b").get("applied", 0) > 0
+        # the workers' outcomes reach the broker's hash within a quarter second
+        eventually(
+            lambda: mesh.stats("cluster-a", "cluster-b").get("applied", 0) > 0,
+            timeout=30,
+            what="the workers' outcomes in the broker",
+        )
         status = mesh.cli("status", "--json")
         assert status.returncode == 0, status.stderr
         password = mesh.redis.password

@@ -18,6 +18,8 @@ from pipeline.protocol.names import payload_key
 from pipeline.protocol.wire import Batch, Operation, Signer, encode_task_json
 from workers.tasks import register_tasks
 
+from ..harness import eventually
+
 A, B = "cluster-a", "cluster-b"
 REF = payload_key("0" * 32)
 
@@ -116,29 +118,67 @@ def test_a_task_retried_for_its_target_deletes_its_payload_and_counts_once(task:
     assert len(broker.calls) == 2 and broker.calls[1] == broker.calls[0]
 
 
-def test_each_thread_flushes_only_its_own_outcomes(task: Any) -> None:
-    """In a thread pool the slots share one process: a task's flush sends what that task
-    recorded, not what another slot recorded meanwhile."""
+def test_a_task_with_no_payload_leaves_its_outcomes_until_they_are_due(task: Any) -> None:
+    """A task that has no payload to delete makes no round trip for its outcomes before
+    they are due; sent, they go once."""
     broker = FakeBroker({})
     use(task, broker)
     conns = task.conns
-    recorded = threading.Event()
-    flushed = threading.Event()
+    conns.count_delay = 3600.0  # not due during this test
+    conns.record(A, B, Counter({"applied": 2}))
+    conns.flush()
+    assert broker.calls == []
+    conns.send_counts()  # what a pool process does as it ends
+    conns.send_counts()
+    assert broker.calls == [([(A, B, {"applied": 2})], None)]
 
-    def other_slot() -> None:
-        conns.record(A, B, Counter({"applied": 2}))
-        recorded.set()
-        flushed.wait(10)
-        conns.flush()
 
-    t = threading.Thread(target=other_slot)
-    t.start()
-    assert recorded.wait(10)
-    conns.record(A, B, Counter({"duplicate": 1}))
-    conns.flush(drop=REF)
-    flushed.set()
-    t.join(10)
+def test_a_task_with_an_unusual_outcome_sends_at_once(task: Any) -> None:
+    """An outcome other than what every healthy task records (here a duplicate) goes to
+    Redis as its task ends, with whatever waited before it."""
+    broker = FakeBroker({})
+    use(task, broker)
+    conns = task.conns
+    conns.count_delay = 3600.0  # not due during this test
+    conns.record(A, B, Counter({"applied": 1}))
+    conns.flush()
+    conns.record(A, B, Counter({"duplicate": 1, "applied": 0}))
+    conns.flush()
     assert broker.calls == [
-        ([(A, B, {"duplicate": 1})], REF),
-        ([(A, B, {"applied": 2})], None),
+        ([(A, B, {"applied": 1}), (A, B, {"duplicate": 1, "applied": 0})], None)
     ]
+    conns.record(A, B, Counter({"applied": 1}))
+    conns.flush()
+    assert len(broker.calls) == 1
+
+
+def test_outcomes_of_every_slot_go_once_when_due_with_no_task_to_carry_them(task: Any) -> None:
+    """In a thread pool the slots share one process: what each recorded reaches Redis
+    once, within the delay, even if no task ends after it (the process's sender thread
+    sends it)."""
+    broker = FakeBroker({})
+    use(task, broker)
+    conns = task.conns
+    conns.count_delay = 0.05
+
+    def slot(outcome: str) -> None:
+        for _ in range(100):
+            conns.record(A, B, Counter({outcome: 1}))
+
+    slots = [threading.Thread(target=slot, args=(o,)) for o in ("applied", "duplicate")]
+    for t in slots:
+        t.start()
+    for t in slots:
+        t.join(10)
+
+    def sent() -> Counter[str]:
+        return sum((Counter(c) for calls, _ in list(broker.calls) for _, _, c in calls), Counter())
+
+    eventually(
+        lambda: sent() == {"applied": 100, "duplicate": 100},
+        timeout=10,
+        interval=0.01,
+        what="every slot's outcomes sent",
+    )
+    conns.send_counts()
+    assert sent() == {"applied": 100, "duplicate": 100}
