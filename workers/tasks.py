@@ -84,7 +84,7 @@ class _PerProcess:
         # once due if no task ends to carry them
         self.count_delay = COUNT_DELAY
         self._counts = threading.Condition()
-        self._unsent: list[tuple[str, str, Counter[str]]] = []
+        self._unsent: dict[tuple[str, str], Counter[str]] = {}  # added up per pair
         self._due: float | None = None
         self._urgent = False  # an outcome other than ROUTINE_OUTCOMES is among them
         self._sender: threading.Thread | None = None
@@ -94,7 +94,7 @@ class _PerProcess:
             self._pid = os.getpid()
             self._stores = {}
             self._counts = threading.Condition()  # a fork copies no thread, and no waiter
-            self._unsent, self._due, self._urgent, self._sender = [], None, False, None
+            self._unsent, self._due, self._urgent, self._sender = {}, None, False, None
             self._gens = {}
             self._broker = None
 
@@ -164,7 +164,7 @@ class _PerProcess:
         else:
             self.metrics.record(source, target, outcomes)
         with self._counts:
-            self._unsent.append((source, target, outcomes))
+            self._unsent.setdefault((source, target), Counter()).update(outcomes)
             self._urgent = self._urgent or any(
                 n and k not in ROUTINE_OUTCOMES for k, n in outcomes.items()
             )
@@ -172,10 +172,11 @@ class _PerProcess:
                 self._due = time.monotonic() + self.count_delay
                 self._counts.notify()
             if self._sender is None:
-                self._sender = threading.Thread(
+                sender = threading.Thread(
                     target=self._send_when_due, name="kvmesh-counts", daemon=True
                 )
-                self._sender.start()
+                sender.start()
+                self._sender = sender
 
     def flush(self, drop: str | None = None) -> None:
         """What a task does as it ends. With a payload *drop* to delete (the task's, once it
@@ -196,16 +197,17 @@ class _PerProcess:
     def send_counts(self, drop: str | None = None) -> None:
         """Send every outcome recorded and not sent yet (and delete *drop*), now: at the
         end of a pool process too. Never raises."""
+        self._check_pid()  # never what a parent process recorded before a fork
         with self._counts:
-            unsent, self._unsent, self._due, self._urgent = self._unsent, [], None, False
+            unsent, self._unsent, self._due, self._urgent = self._unsent, {}, None, False
         if not unsent and drop is None:
             return
         try:
-            self.broker.add_stats(unsent, drop)
+            self.broker.add_stats([(s, t, c) for (s, t), c in unsent.items()], drop)
         except Exception as exc:  # Redis, or making its client
             log.warning(
                 "cannot record outcomes %s: %s",
-                {f"{s}→{t}": dict(c) for s, t, c in unsent},
+                {f"{s}→{t}": dict(c) for (s, t), c in unsent.items()},
                 exc,
             )
             self._broker = None

@@ -1,14 +1,16 @@
 """Log lines kvmesh writes: one line per event, whatever the event carries.
 
 Keys, task IDs and reasons that come from outside can hold newlines or terminal escapes;
-the message of every record is escaped before it is written (tracebacks, which kvmesh
-itself produces, keep their lines). Celery's own lines (a task ID "received") go through
-the same formatter in a worker.
+the message of every record is escaped before it is written. A traceback keeps its lines,
+but each is escaped and indented by a tab: an exception's text can come from outside too (a
+message's content type, in a decoding error Celery logs), and no line of it may pass for a
+record of its own. Celery's own lines go through the same formatter in a worker.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
@@ -24,10 +26,21 @@ def one_line(text: str) -> str:
     )
 
 
+def indented(text: str) -> str:
+    """*text*'s lines, each escaped and after a tab."""
+    return "\n".join("\t" + one_line(line) for line in text.splitlines())
+
+
 class OneLineFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = one_line(record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return indented(super().formatStack(stack_info))
 
 
 def configure(level: str | int = "INFO") -> None:

@@ -199,10 +199,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(
             "flower",
             help="run Flower (the Celery monitor) behind basic auth",
-            description="Run `celery -A workers.app flower` for this mesh, but only behind "
-            "basic auth: FLOWER_BASIC_AUTH (USER:PASSWORD, a password of 12 characters or "
-            "more, not the example one) must be set in the environment. Whoever can log into "
-            "Flower can send tasks; workers drop any that are not signed.",
+            description="Run Flower (`celery -A pipeline.tools.flowerapp flower`) for this mesh, "
+            "but only behind basic auth: FLOWER_BASIC_AUTH (USER:PASSWORD, a password of 12 "
+            "characters or more, not the example one) must be set in the environment. Whoever "
+            "can log into Flower can send tasks; workers drop any that are not signed.",
         )
     )
     f.add_argument("--address", default="127.0.0.1", help="address to listen on")

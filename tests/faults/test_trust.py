@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -231,6 +232,12 @@ def test_tasks_sent_through_flower_or_straight_to_redis_are_refused(mesh: FaultM
             what="the forged task ID logged on one line, escaped",
         )
         assert "\nline: a task ID" not in mesh.base_worker.output()
+        # and Celery's own lines are in kvmesh's format, so they are escaped too
+        assert re.search(
+            r"^\S+ \S+ INFO MainProcess celery\.apps\.worker: \S+ ready\.$",
+            mesh.base_worker.output(),
+            re.MULTILINE,
+        )
     finally:
         flower.terminate()
         flower.wait(20)

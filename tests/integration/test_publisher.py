@@ -187,6 +187,8 @@ def test_the_worker_transport_keeps_one_client_while_its_pool_lasts(
         assert type(channel).__name__ == "_Channel"
         kept = channel._create_client()
         assert channel._create_client() is kept
+        with channel.conn_or_acquire() as client:  # what kombu's bookkeeping goes through
+            assert client is kept
         assert kept.connection_pool is channel.pool
         channel._disconnect_pools()  # what kombu does after a fork, or to reconnect
         fresh = channel._create_client()
