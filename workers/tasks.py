@@ -56,10 +56,10 @@ log = logging.getLogger("kvmesh.worker")
 # MAX_BATCHES_PER_TASK (64) batches of up to sync.max_batch_bytes (1 MB by default) each,
 # base64 in JSON: about 90 MB at the very most, a few hundred KB in practice.
 MAX_PAYLOAD_BYTES = 128 << 20
-# Seconds an outcome may wait before it goes to the Redis counters: a task that has no
-# payload to delete sends the outcomes only once they are due (one round trip per task
-# was about a tenth of a worker's CPU at 200 tasks/s; docs/performance.md). `kvmesh status`
-# is this much behind at most; a pool process that is killed loses what it had not sent.
+# Seconds a routine outcome waits before it goes to the Redis counters (see flush): one
+# round trip per task was about 12% of a worker's CPU at 200 tasks/s (docs/performance.md).
+# `kvmesh status` is normally this much behind at most; a pool process that is killed
+# loses what it had not sent.
 COUNT_DELAY = 0.25
 # What every healthy task records. Any other outcome (a duplicate, a retry, a rejection...)
 # is the exception an operator looks for: a task that records one sends at once.
