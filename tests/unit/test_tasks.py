@@ -118,13 +118,19 @@ def test_a_task_retried_for_its_target_deletes_its_payload_and_counts_once(task:
     assert len(broker.calls) == 2 and broker.calls[1] == broker.calls[0]
 
 
+def never_due(task: Any) -> tuple[FakeBroker, Any]:
+    """A fake broker for *task*, and its connections with counts that do not fall due
+    during the test (sent only when a task or send_counts says so)."""
+    broker = FakeBroker({})
+    use(task, broker)
+    task.conns.count_delay = 3600.0
+    return broker, task.conns
+
+
 def test_a_task_with_no_payload_leaves_its_outcomes_until_they_are_due(task: Any) -> None:
     """A task that has no payload to delete makes no round trip for its outcomes before
     they are due; sent, they go once."""
-    broker = FakeBroker({})
-    use(task, broker)
-    conns = task.conns
-    conns.count_delay = 3600.0  # not due during this test
+    broker, conns = never_due(task)
     conns.record(A, B, Counter({"applied": 2}))
     conns.flush()
     assert broker.calls == []
@@ -136,10 +142,7 @@ def test_a_task_with_no_payload_leaves_its_outcomes_until_they_are_due(task: Any
 def test_a_task_with_an_unusual_outcome_sends_at_once(task: Any) -> None:
     """An outcome other than what every healthy task records (here a duplicate) goes to
     Redis as its task ends, with whatever waited before it."""
-    broker = FakeBroker({})
-    use(task, broker)
-    conns = task.conns
-    conns.count_delay = 3600.0  # not due during this test
+    broker, conns = never_due(task)
     conns.record(A, B, Counter({"applied": 1}))
     conns.flush()
     conns.record(A, B, Counter({"duplicate": 1, "applied": 0}))
