@@ -26,6 +26,7 @@ and ratio, written again after each run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -42,8 +43,10 @@ from benchcommon import (
     ID_PREFIX,
     SOURCE,
     byte_compile,
+    cpu_seconds,
     mirror_command,
     pair_config,
+    session_cpu_seconds,
     stop,
     worker_command,
     write_json,
@@ -104,6 +107,13 @@ def main() -> int:
     ap.add_argument("--pool", default="prefork", choices=["prefork", "threads", "solo"])
     ap.add_argument("--skip-mirror", action="store_true", help="measure kvmesh only")
     ap.add_argument(
+        "--sync",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [sync] setting for kvmesh, e.g. batches_per_task=16 (repeatable)",
+    )
+    ap.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -147,10 +157,21 @@ def main() -> int:
         for i in range(args.repeat):
             run = tmp / f"run-{i + 1}"
             run.mkdir()
-            t_kvmesh = run_kvmesh(run, src, args)
+            t_kvmesh, used = run_kvmesh(run, src, args)
             kvmesh_times.append(t_kvmesh)
-            runs.append({"run": i + 1, "kvmesh_s": round(t_kvmesh, 3)})
+            runs.append(
+                {
+                    "run": i + 1,
+                    "kvmesh_s": round(t_kvmesh, 3),
+                    "kvmesh_cpu_s": {k: round(v, 2) for k, v in used.items()},
+                }
+            )
             print(f"kvmesh:      {t_kvmesh:7.2f} s  ({args.keys / t_kvmesh:9.0f} keys/s)")
+            print(
+                "  CPU s while it ran: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in used.items())
+                + f"; {sum(used.values()):.2f} of {os.cpu_count()} cores x {t_kvmesh:.2f} s"
+            )
             if not args.skip_mirror:
                 t_mirror = run_mirror(run, src, args)
                 print(f"make-mirror: {t_mirror:7.2f} s  ({args.keys / t_mirror:9.0f} keys/s)")
@@ -187,16 +208,23 @@ def spawner(procs: list[subprocess.Popen[bytes]]) -> Callable[..., subprocess.Po
     def spawn(
         cmd: list[str], log: Path, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
+        """Start *cmd* in a session of its own: its CPU is counted by session."""
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(wrap(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(
+                wrap(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         procs.append(proc)
         return proc
 
     return spawn
 
 
-def run_kvmesh(tmp: Path, src: EtcdServer, args: argparse.Namespace) -> float:
-    """kvmesh's initial sync into a fresh target etcd, with a fresh Redis: seconds."""
+def run_kvmesh(
+    tmp: Path, src: EtcdServer, args: argparse.Namespace
+) -> tuple[float, dict[str, float]]:
+    """kvmesh's initial sync into a fresh target etcd, with a fresh Redis: seconds, and the
+    CPU seconds each process (or a worker's session: main process and pool) spent while
+    the clock ran."""
     procs: list[subprocess.Popen[bytes]] = []
     spawn = spawner(procs)
     dst = EtcdServer(tmp / "target-kvmesh")
@@ -205,15 +233,29 @@ def run_kvmesh(tmp: Path, src: EtcdServer, args: argparse.Namespace) -> float:
     try:
         for s in servers:
             s.start()
-        cfg = pair_config(tmp / "mesh.toml", broker.url, src.url, dst.url)
+        sync = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.sync)}
+        cfg = pair_config(tmp / "mesh.toml", broker.url, src.url, dst.url, sync)
         wlog = tmp / "worker.log"
-        spawn(worker_command(cfg, args.concurrency, args.pool), wlog)
+        worker = spawn(worker_command(cfg, args.concurrency, args.pool), wlog)
         # Celery logs "ready." once it consumes.
         worker_ready(wlog, 60)
         target = Etcd(dst.cluster())
         stats = redis_at(broker.url)
+
+        def cpu() -> dict[str, float]:
+            return {
+                "workers": session_cpu_seconds(worker.pid),
+                "source etcd": cpu_seconds(src.pid),
+                "target etcd": cpu_seconds(dst.pid),
+                "redis": cpu_seconds(broker.pid),
+            }
+
+        cpu0 = cpu()
         t0 = time.monotonic()
-        spawn([sys.executable, "-m", "pipeline", "watch", "--config", str(cfg)], tmp / "watch.log")
+        watcher = spawn(
+            [sys.executable, "-m", "pipeline", "watch", "--config", str(cfg)], tmp / "watch.log"
+        )
+        used: dict[str, float] = {}
         # The clock stops when the target holds every key, as make-mirror's does below. The
         # canaries are noted in the same loop and may come later: the watcher writes one once
         # a fence poll (sync.fence_poll_interval) has seen its resource complete.
@@ -227,6 +269,8 @@ def run_kvmesh(tmp: Path, src: EtcdServer, args: argparse.Namespace) -> float:
                 and target.count(CACHE_PREFIX) >= args.keys
             ):
                 t_kvmesh = time.monotonic() - t0
+                used = {"watcher": session_cpu_seconds(watcher.pid)}
+                used.update((k, v - cpu0[k]) for k, v in cpu().items())
             canary_times(target, t0, canaries)
             time.sleep(0.02)  # poll interval
         if not t_kvmesh:
@@ -235,7 +279,7 @@ def run_kvmesh(tmp: Path, src: EtcdServer, args: argparse.Namespace) -> float:
         print(f"kvmesh target canaries: {order}")
         stats.close()
         target.close()
-        return t_kvmesh
+        return t_kvmesh, used
     finally:
         stop(procs)
         for s in servers:
