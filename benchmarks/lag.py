@@ -3,7 +3,7 @@ target etcd, for kvmesh and for `etcdctl make-mirror`, in the same run, on the s
 
     python benchmarks/lag.py [--rates 200 1000 5000] [--keys 1000] [--seconds 10]
         [--concurrency 2] [--pool prefork] [--sync KEY=VALUE]... [--skip-mirror]
-        [--json FILE] [--png FILE] [--trace FILE] [--redraw FILE]
+        [--rounds 1] [--json FILE] [--png FILE] [--trace FILE] [--redraw FILE]
 
 Each contender has a source etcd of its own, holding the same `--keys` identity ID keys:
 kvmesh (a watcher and a worker pool) copies its source into one target etcd, make-mirror
@@ -24,6 +24,11 @@ coalesces changes to one key made within a flush, and the newer value carries th
 effect. Delays run from just before each put is sent. The benchmark also checks what no
 contender may do: end with a value other than the last put (lost), or let a key's values
 arrive out of order (reordered).
+
+A single run's p99 moves a lot on a shared machine (at 200 puts/s, from 10 to 20 ms for the
+same code within the hour). `--rounds N` measures every rate N times over, with the same
+processes, and prints each percentile's median and range; the picture shows the medians
+with the range as error bars.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -202,7 +208,7 @@ def main() -> int:
     ap.add_argument("--keys", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=10.0, help="of churn per rate")
     ap.add_argument("--concurrency", type=int, default=2, help="kvmesh worker pool slots")
-    ap.add_argument("--pool", default="prefork", choices=["prefork", "threads", "solo", "gevent"])
+    ap.add_argument("--pool", default="prefork", choices=["prefork", "threads", "solo"])
     ap.add_argument(
         "--sync",
         action="append",
@@ -211,6 +217,13 @@ def main() -> int:
         help="a [sync] setting for kvmesh, e.g. linger=0.005 (repeatable)",
     )
     ap.add_argument("--skip-mirror", action="store_true", help="measure kvmesh only")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every rate this many times over (the same processes), and print "
+        "each percentile's median and range",
+    )
     ap.add_argument("--json", default="", help="write the results to this file")
     ap.add_argument("--trace", default="", help="append each put's send time and delay here")
     ap.add_argument("--png", default="", help="draw p50 and p99 by rate to this file")
@@ -309,49 +322,61 @@ def main() -> int:
                 time.sleep(0.05)  # poll interval
 
         first = 0
-        for rate in args.rates:
-            for name, etcd in contenders.items():
-                # one contender at a time, in its own source: the other's source is quiet
-                count = int(rate * args.seconds)
-                cpu = {k: session_cpu_seconds(sid) for k, sid in sessions.items()}
-                sent, elapsed = churn(sources[name], rate, count, first, args.keys)
-                seqs = range(first, first + count)
-                first += count
-                last = {i: seq for seq, i, _ in sent}
-                settled(name, last, 30)
-                cpu = {k: session_cpu_seconds(sid) - cpu[k] for k, sid in sessions.items()}
-                r = judge(arrivals[name], sent, args.keys, seqs)
-                trace = r.pop("trace")
-                if args.trace:
-                    with open(args.trace, "a") as fh:
-                        fh.writelines(f"{name} {rate} {t:.6f} {d:.3f}\n" for t, d in trace)
-                final = etcd.items(CACHE_PREFIX)
-                # lost: a key whose value in the target is not its last put
-                r["lost_keys"] = sum(
-                    1
-                    for i, seq in last.items()
-                    if not final.get(CACHE_PREFIX + key_of(i), b"").endswith(
-                        SEQ + str(seq).encode()
+        for rnd in range(1, args.rounds + 1):
+            for rate in args.rates:
+                for name, etcd in contenders.items():
+                    # one contender at a time, in its own source: the other's source is quiet
+                    count = int(rate * args.seconds)
+                    cpu = {k: session_cpu_seconds(sid) for k, sid in sessions.items()}
+                    sent, elapsed = churn(sources[name], rate, count, first, args.keys)
+                    seqs = range(first, first + count)
+                    first += count
+                    last = {i: seq for seq, i, _ in sent}
+                    settled(name, last, 30)
+                    cpu = {k: session_cpu_seconds(sid) - cpu[k] for k, sid in sessions.items()}
+                    r = judge(arrivals[name], sent, args.keys, seqs)
+                    trace = r.pop("trace")
+                    if args.trace:
+                        with open(args.trace, "a") as fh:
+                            fh.writelines(f"{name} {rate} {t:.6f} {d:.3f}\n" for t, d in trace)
+                    final = etcd.items(CACHE_PREFIX)
+                    # lost: a key whose value in the target is not its last put
+                    r["lost_keys"] = sum(
+                        1
+                        for i, seq in last.items()
+                        if not final.get(CACHE_PREFIX + key_of(i), b"").endswith(
+                            SEQ + str(seq).encode()
+                        )
                     )
-                )
-                r.update(rate=rate, achieved=round(len(sent) / max(elapsed, 1e-9)), contender=name)
-                if name == "kvmesh":
-                    for k, seconds in cpu.items():
-                        r[f"{k}_cpu_ms_per_put"] = round(seconds * 1000 / max(len(sent), 1), 3)
-                results.append(r)
-                print(
-                    f"{rate:>7} {r['achieved']:>9} {name:>12} {r['p50_ms']:>8} {r['p99_ms']:>8} "
-                    f"{r['max_ms']:>8} {r['lost_keys']:>5} {r['reordered_keys']:>9}"
-                    + "".join(
-                        f" {r[k]:>{w}}"
-                        for k, w in (("watcher_cpu_ms_per_put", 17), ("workers_cpu_ms_per_put", 8))
-                        if k in r
-                    ),
-                    flush=True,
-                )
+                    r.update(
+                        rate=rate,
+                        achieved=round(len(sent) / max(elapsed, 1e-9)),
+                        contender=name,
+                        round=rnd,
+                    )
+                    if name == "kvmesh":
+                        for k, seconds in cpu.items():
+                            r[f"{k}_cpu_ms_per_put"] = round(seconds * 1000 / max(len(sent), 1), 3)
+                    results.append(r)
+                    print(
+                        f"{rate:>7} {r['achieved']:>9} {name:>12} {r['p50_ms']:>8} "
+                        f"{r['p99_ms']:>8} {r['max_ms']:>8} {r['lost_keys']:>5} "
+                        f"{r['reordered_keys']:>9}"
+                        + "".join(
+                            f" {r[k]:>{w}}"
+                            for k, w in (
+                                ("watcher_cpu_ms_per_put", 17),
+                                ("workers_cpu_ms_per_put", 8),
+                            )
+                            if k in r
+                        ),
+                        flush=True,
+                    )
         for name, a in arrivals.items():
             if a.errors:
                 print(f"{name}: watch errors: {a.errors[:3]}")
+        if args.rounds > 1:
+            print_medians(results)
         if args.json:
             write_json(results, args.json)
         if args.png:
@@ -365,17 +390,56 @@ def main() -> int:
             s.stop()
 
 
+def medians(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per rate and contender, over the rounds: each percentile's median, min and max."""
+    out = []
+    for (rate, name), group in itertools.groupby(
+        sorted(results, key=lambda r: (r["rate"], r["contender"])),
+        key=lambda r: (r["rate"], r["contender"]),
+    ):
+        rows = list(group)
+        m: dict[str, Any] = {"rate": rate, "contender": name, "rounds": len(rows)}
+        for k in ("p50_ms", "p99_ms", "max_ms"):
+            vals = [r[k] for r in rows]
+            m[k], m[k + "_range"] = round(statistics.median(vals), 2), (min(vals), max(vals))
+        m["lost_keys"] = sum(r["lost_keys"] for r in rows)
+        m["reordered_keys"] = sum(r["reordered_keys"] for r in rows)
+        out.append(m)
+    return out
+
+
+def print_medians(results: list[dict[str, Any]]) -> None:
+    print("over the rounds: median (min-max)")
+    print(f"{'rate/s':>7} {'contender':>12} {'p50 ms':>18} {'p99 ms':>20} {'lost':>5} {'reord':>5}")
+    for m in medians(results):
+        lo50, hi50 = m["p50_ms_range"]
+        lo99, hi99 = m["p99_ms_range"]
+        print(
+            f"{m['rate']:>7} {m['contender']:>12} {m['p50_ms']:>6} ({lo50}-{hi50}) "
+            f"{m['p99_ms']:>7} ({lo99}-{hi99}) {m['lost_keys']:>5} {m['reordered_keys']:>5}"
+        )
+
+
 def draw(results: list[dict[str, Any]], png: str) -> None:
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    summary = medians(results)
+    rounds = max(m["rounds"] for m in summary)
     for name, color in (("kvmesh", "tab:blue"), ("make-mirror", "tab:orange")):
-        rows = [r for r in results if r["contender"] == name]
+        rows = [m for m in summary if m["contender"] == name]
         if not rows:
             continue
-        xs = [r["rate"] for r in rows]
-        ax.plot(xs, [r["p50_ms"] for r in rows], "o-", color=color, label=f"{name} p50")
-        ax.plot(xs, [r["p99_ms"] for r in rows], "s--", color=color, label=f"{name} p99")
+        xs = [m["rate"] for m in rows]
+        for k, style, what in (("p50_ms", "o-", "p50"), ("p99_ms", "s--", "p99")):
+            ys = [m[k] for m in rows]
+            # the range over the rounds, as error bars around the median
+            err = [
+                [y - m[k + "_range"][0] for y, m in zip(ys, rows, strict=True)],
+                [m[k + "_range"][1] - y for y, m in zip(ys, rows, strict=True)],
+            ]
+            label = f"{name} {what}" + (f", median of {rounds}" if rounds > 1 else "")
+            ax.errorbar(xs, ys, yerr=err, fmt=style, color=color, capsize=3, label=label)
     ax.axhline(19, color="grey", lw=0.8, ls=":", label="KVStoreMesh p99, unthrottled (19 ms)")
     ax.set_xscale("log")
     ax.set_yscale("log")
