@@ -109,6 +109,13 @@ def worker_command(config: Path, concurrency: int, pool: str) -> list[str]:
     ]
 
 
+def code_env(code: Path) -> dict[str, str]:
+    """The environment for a child that must run the checkout at *code* (absolute: children
+    change directory) ahead of whatever PYTHONPATH already names."""
+    paths = [str(code.resolve()), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU seconds of one process so far, from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

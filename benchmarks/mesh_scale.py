@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchcommon import byte_compile, pyplot, write_json
+from benchcommon import byte_compile, code_env, pyplot, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096
@@ -104,8 +103,7 @@ def run_lab(clusters: int, duration: int, code: Path) -> dict[str, object]:
     # in its data directory, where `-m pipeline` would find the venv's checkout instead.
     # (Until 2026-11-29 it did: a --code run compared only the labs, with the same
     # watchers and workers on both sides.)
-    env = dict(os.environ, PYTHONPATH=str(code.resolve()))  # absolute: the children cd
-    proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=code, env=code_env(code), stdout=subprocess.PIPE, text=True)
     sampler = MemorySampler(proc.pid)
     sampler.start()
     out, _ = proc.communicate(timeout=1800)

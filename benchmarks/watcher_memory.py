@@ -14,13 +14,14 @@ on the same machine in the same run.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from benchcommon import code_env
 
 from pipeline.clients.etcd import Etcd
 from pipeline.tools.cilium_state import identity_id, identity_labels, write_items
@@ -94,7 +95,7 @@ def run_case(keys: int, prefilled: bool, code: Path, tmp: Path, timeout: float) 
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=code,
-                env=dict(os.environ, PYTHONPATH=str(code)),
+                env=code_env(code),
             )
         t0 = time.monotonic()
         while resyncs(port) < 1:
