@@ -1,18 +1,21 @@
 """What the benchmarks share: a one-pair mesh config, stopping their processes, the
-make-mirror command, matplotlib (only needed for --png), the project's byte code, and the
-CPU time of processes from /proc."""
+make-mirror command, matplotlib (only needed for --png), the project's byte code, the
+CPU time of processes from /proc, and when writes landed in a target (Landing)."""
 
 from __future__ import annotations
 
+import bisect
 import compileall
 import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.clients.etcd import Etcd
 from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
 from pipeline.tools.servers import find_binary
 
@@ -134,3 +137,46 @@ def session_cpu_seconds(sid: int) -> float:
         if int(fields[3]) == sid:
             total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+class Landing:
+    """When the keys of a phase landed in a target etcd, to within one poll interval, at the
+    cost of a count-only read per poll instead of a watch (which on this 2-core machine
+    took as much CPU as a pool process). `poll` notes the target's revision with the time;
+    once the phase is over, `read_back` reads every key with the revision that wrote it,
+    and a key had landed by the first poll that saw that revision.
+
+    Why not the workers' own count of applied operations (their stats hash in Redis)? It
+    says when a phase is over, since a task adds its count only once its batches have
+    landed, but a pool process may send routine counts up to 0.25 s late (COUNT_DELAY in
+    workers/tasks.py), which could stretch the end of a run by up to that much. (Measured
+    once this was in place: 0-0.03 s late, in 22 runs of both scripts.)"""
+
+    def __init__(self, etcd: Etcd) -> None:
+        self.etcd = etcd
+        self.polls: list[tuple[float, int]] = []  # (time.monotonic(), target revision)
+        self.revs: list[int] = []  # the revision that wrote each key read back, in order
+
+    def poll(self) -> None:
+        self.polls.append((time.monotonic(), self.etcd.revision()))
+
+    def read_back(self, prefix: bytes, marker: bytes = b"") -> tuple[int, int]:
+        """Read every key under *prefix*: (keys, how many do not end with *marker*). Poll
+        once more first: a phase whose end was seen between polls has landed by then."""
+        self.poll()
+        _, kvs = self.etcd.scan(prefix)
+        revs, stale = [], 0
+        for kv in kvs:
+            revs.append(kv.mod_revision)
+            stale += not kv.value.endswith(marker)
+        self.revs = sorted(revs)
+        return len(revs), stale
+
+    def when(self, n: int) -> float:
+        """The first poll that saw *n* of the keys read back landed."""
+        rev = self.revs[max(1, n) - 1]
+        return next(t for t, r in self.polls if r >= rev)
+
+    def curve(self, t0: float) -> list[list[float]]:
+        """(seconds since *t0*, keys landed) at each poll."""
+        return [[round(t - t0, 3), bisect.bisect_right(self.revs, r)] for t, r in self.polls]

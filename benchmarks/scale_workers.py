@@ -13,10 +13,12 @@ shared by the runs.
   target directly, not through the proxy).
 - **Burst throughput** (`churn_keys_per_s` in the JSON): every key is then rewritten once
   (in transactions of 127 puts, far faster than any pool here applies them). Throughput
-  is N over the time from the first put until the workers' count of applied operations
-  (their stats hash in Redis, polled every 20 ms) has grown by N; then every value in the
-  target is read back and checked. (A watch on the target, the way this was timed before
-  2026-11-29, took 10-14% of a core on this 2-core machine, as much as a pool process.)
+  is N over the time from the first put until the last key landed in the target. The
+  workers' count of applied operations (their stats hash in Redis, polled every 20 ms)
+  says when the phase is over; then every key is read back, checked, and timed by the
+  revision that wrote it against the target's revision noted at each poll (class
+  Progress). (A watch on the target, the way this was timed before 2026-11-29, took
+  10-14% of a core on this 2-core machine, as much as a pool process.)
   Keys are distinct, so no change is coalesced away: each is one write to the target. This
   includes the source's writes and the watcher's publishing (about 2 s for 50,000 keys),
   which the pool cannot shorten.
@@ -57,6 +59,7 @@ from benchcommon import (
     CACHE_PREFIX,
     ID_PREFIX,
     SOURCE,
+    Landing,
     byte_compile,
     cpu_seconds,
     pair_config,
@@ -102,21 +105,20 @@ def wait_for(what: str, check: Any, timeout: float, log: Path | None = None) -> 
     return time.monotonic()
 
 
-class Applied:
-    """The workers' count of operations applied to the target (the `ops_applied` field of
-    the pair's stats hash in Redis, which a pool process adds to when a task is done),
-    polled by wait_for: a watch on the target would cost this 2-core machine as much CPU
-    as a pool process. What the count says is checked afterwards (check_values)."""
+class Progress:
+    """One phase's N writes: the workers' count of operations applied (the `ops_applied`
+    field of the pair's stats hash in Redis) says when the phase is over, and the target's
+    revisions when each key landed (benchcommon.Landing), checked against this phase's
+    marker."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, direct: Etcd) -> None:
         self.client = client
         self.base = self.quiet()
-        self.curve: list[tuple[float, int]] = []  # (time.monotonic(), applied) per poll
+        self.landing = Landing(direct)
 
     def quiet(self, still: float = 0.5) -> int:
-        """The count once it has not moved for *still* seconds: a task adds its count when
-        all its batches have landed, so the last tasks of the phase before may still add
-        theirs after the target already holds every key."""
+        """The count once it has not moved for *still* seconds: the last tasks of the phase
+        before may still add theirs after the target already holds every key."""
         last, since = self.total(), time.monotonic()
         while time.monotonic() - since < still:
             time.sleep(0.05)  # poll interval
@@ -129,31 +131,22 @@ class Applied:
         return int(self.client.hget(stats_key(SOURCE, "cluster-b"), "ops_applied") or 0)
 
     def reached(self, n: int) -> bool:
-        count = self.total() - self.base
-        self.curve.append((time.monotonic(), count))
-        return count >= n
+        self.landing.poll()
+        return self.total() - self.base >= n
 
-    def first(self, n: int) -> tuple[float, int]:
-        """The first poll that saw *n* or more: (when, what it saw)."""
-        return next((t, c) for t, c in self.curve if c >= n)
-
-    def when(self, n: int) -> float:
-        return self.first(n)[0]
+    def land(self, keys: int, marker: bytes) -> float:
+        """Every key holds this phase's value (the count was not fooled): when the last one
+        landed."""
+        held, stale = self.landing.read_back(CACHE_PREFIX, marker)
+        if held != keys or stale:
+            raise SystemExit(f"the target holds {held} keys, {stale} without {marker!r}")
+        return self.landing.when(keys)
 
     def sustained(self, n: int) -> float:
-        """Writes per second between the polls that first saw 10% and 90% of *n* applied:
-        the pace once every slot is busy, without the first tasks' start or the last ones'
-        tail (a poll's count moves by whole tasks: the counts it saw, not 80% of *n*)."""
-        (t0, c0), (t1, c1) = self.first(int(0.1 * n)), self.first(int(0.9 * n))
-        return (c1 - c0) / max(1e-9, t1 - t0)
-
-
-def check_values(direct: Etcd, keys: int, marker: bytes) -> None:
-    """Every cached identity holds its newest value: the count was not fooled."""
-    values = direct.items(CACHE_PREFIX)
-    stale = sum(1 for v in values.values() if not v.endswith(marker))
-    if len(values) != keys or stale:
-        raise SystemExit(f"the target holds {len(values)} keys, {stale} without {marker!r}")
+        """Writes per second from 10% to 90% of *n* landed: the pace once every slot is
+        busy, without the first tasks' start or the last ones' tail."""
+        a, b = int(0.1 * n), int(0.9 * n)
+        return (b - a) / max(1e-9, self.landing.when(b) - self.landing.when(a))
 
 
 def run(
@@ -222,15 +215,15 @@ def run(
         synced = wait_for("the initial sync", lambda: direct.count(CACHE_PREFIX) >= keys, 600, wlog)
         stats = redis_at(broker.url)
         marker = f";run={name}".encode()
-        seen = Applied(stats)
+        seen = Progress(stats, direct)
         source = Etcd(src.cluster())
         busy0, total0 = cpu_times()
         t1 = time.monotonic()
         write_items(source, identities(keys, marker))
         written = time.monotonic()
-        done = wait_for("the churn", lambda: seen.reached(keys), 600, wlog)
+        wait_for("the churn", lambda: seen.reached(keys), 600, wlog)
         busy1, total1 = cpu_times()
-        check_values(direct, keys, marker)
+        done = seen.land(keys, marker)
 
         # the backlog: the pool paused while the watcher publishes every change
         def published() -> float:
@@ -252,7 +245,7 @@ def run(
 
         marker2 = f";backlog={name}".encode()
         base = published()
-        seen2 = Applied(stats)  # waits for the burst's last counts
+        seen2 = Progress(stats, direct)  # waits for the burst's last counts
         before = counts()
         os.killpg(worker.pid, signal.SIGSTOP)
         try:
@@ -268,7 +261,7 @@ def run(
             t2 = time.monotonic()
         finally:
             os.killpg(worker.pid, signal.SIGCONT)
-        drained = wait_for("the backlog", lambda: seen2.reached(keys), 600, wlog)
+        counted = wait_for("the backlog", lambda: seen2.reached(keys), 600, wlog)
         busy3, total3 = cpu_times()
         parts1 = (
             cpu_seconds(proxy.pid),
@@ -276,7 +269,7 @@ def run(
             session_cpu_seconds(worker.pid),
         )
         after = counts()
-        check_values(direct, keys, marker2)
+        drained = seen2.land(keys, marker2)
         stats.close()
         moved = {k: int(after.get(k, 0) - before.get(k, 0)) for k in after}
         source.close()
@@ -292,13 +285,15 @@ def run(
             # how busy the whole machine (every core) was while the churn was applied
             "churn_cpu_busy_pct": round(100 * (busy1 - busy0) / max(1, total1 - total0)),
             "backlog_s": round(drained - t2, 2),
+            # how much later the workers' count said so (what the time was before 2026-11-29)
+            "backlog_count_late_s": round(counted - drained, 2),
             "backlog_keys_per_s": round(keys / (drained - t2)),
             "backlog_sustained_keys_per_s": round(seen2.sustained(keys)),
             # how the drain split: the first 10% of the keys, and the last 10%
-            "backlog_first_tenth_s": round(seen2.when(int(0.1 * keys)) - t2, 2),
-            "backlog_last_tenth_s": round(drained - seen2.when(int(0.9 * keys)), 2),
+            "backlog_first_tenth_s": round(seen2.landing.when(int(0.1 * keys)) - t2, 2),
+            "backlog_last_tenth_s": round(drained - seen2.landing.when(int(0.9 * keys)), 2),
             # (seconds since the pool resumed, writes applied), as polled
-            "backlog_curve": [[round(t - t2, 3), c] for t, c in seen2.curve],
+            "backlog_curve": seen2.landing.curve(t2),
             # what the backlog was cut into, and how the workers found it: batches handed
             # back to the queue because their predecessor had not landed (gap_wait), and
             # batches landed by a group transaction (grouped)
@@ -309,8 +304,8 @@ def run(
             "backlog_cpu_busy_pct": round(100 * (busy3 - busy2) / max(1, total3 - total2)),
             # of one core, while the backlog drained: the delay proxy (one Python process,
             # part of the test bench) and the target etcd
-            "backlog_proxy_core_pct": round(100 * (parts1[0] - parts0[0]) / (drained - t2)),
-            "backlog_target_etcd_core_pct": round(100 * (parts1[1] - parts0[1]) / (drained - t2)),
+            "backlog_proxy_core_pct": round(100 * (parts1[0] - parts0[0]) / (counted - t2)),
+            "backlog_target_etcd_core_pct": round(100 * (parts1[1] - parts0[1]) / (counted - t2)),
             # CPU the worker (its main process and its pool) spent on the backlog, per task
             "backlog_worker_cpu_ms_per_task": round(
                 1000 * (parts1[2] - parts0[2]) / max(1, moved.get("tasks_published", 0)), 1
