@@ -122,22 +122,24 @@ def _compare(c: Compare) -> Any:
     )
 
 
-def _request_op(op: TxnOp) -> Any:
-    if isinstance(op, Put):
-        # filled in place: passing a PutRequest to the constructor copies it, which made
-        # this 2.5 times slower (it runs once per key written)
-        request = etcdrpc.RequestOp()
-        put = request.request_put
-        put.key, put.value = op.key, op.value
-        if op.lease:
-            put.lease = op.lease
-        return request
-    if isinstance(op, Delete):
-        end = prefix_end(op.key) if op.prefix else b""
-        return etcdrpc.RequestOp(
-            request_delete_range=etcdrpc.DeleteRangeRequest(key=op.key, range_end=end)
-        )
-    return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=op.key))
+def _fill_ops(repeated: Any, ops: Sequence[TxnOp]) -> None:
+    """Add *ops* to a transaction's repeated field, each filled in place. Passing messages
+    to a constructor copies each one: for 127 puts that was 205 µs against 89 µs here, in
+    a path that runs for every key written."""
+    add = repeated.add
+    for op in ops:
+        if isinstance(op, Put):
+            put = add().request_put
+            put.key, put.value = op.key, op.value
+            if op.lease:
+                put.lease = op.lease
+        elif isinstance(op, Delete):
+            delete = add().request_delete_range
+            delete.key = op.key
+            if op.prefix:
+                delete.range_end = prefix_end(op.key)
+        else:
+            add().request_range.key = op.key
 
 
 @dataclass(frozen=True)
@@ -436,11 +438,9 @@ class Etcd:
         *failure*. The result carries the revision it committed at (the mod revision of every
         key it wrote, with no read afterwards to race with) and what each Get of the branch
         that ran read."""
-        request = etcdrpc.TxnRequest(
-            compare=[_compare(c) for c in compares],
-            success=[_request_op(op) for op in ops],
-            failure=[_request_op(op) for op in failure],
-        )
+        request = etcdrpc.TxnRequest(compare=[_compare(c) for c in compares])
+        _fill_ops(request.success, ops)
+        _fill_ops(request.failure, failure)
 
         def call() -> Any:
             return self._client.kvstub.Txn(
