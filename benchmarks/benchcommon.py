@@ -1,9 +1,11 @@
-"""What the benchmarks share: a one-pair mesh config, stopping their processes, the
-make-mirror command, matplotlib (only needed for --png), the project's byte code, the
-CPU time of processes from /proc, and when writes landed in a target (Landing)."""
+"""What the benchmarks share: a one-pair mesh config and its --sync settings, starting and
+stopping their processes, the make-mirror command, matplotlib (only needed for --png), the
+project's byte code, the CPU time of processes from /proc, the workers' count of applied
+operations, and when writes landed in a target (Landing)."""
 
 from __future__ import annotations
 
+import argparse
 import bisect
 import compileall
 import json
@@ -16,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.clients.etcd import Etcd
+from pipeline.protocol.names import stats_key
 from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
+from pipeline.tools.orphan import wrap
 from pipeline.tools.servers import find_binary
 
 SOURCE = "cluster-a"
@@ -72,6 +76,42 @@ def mirror_command(source_url: str, target_url: str) -> list[str]:
     ]
 
 
+def add_sync_option(ap: argparse.ArgumentParser, example: str) -> None:
+    ap.add_argument(
+        "--sync",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"a [sync] setting for kvmesh (the value in JSON), e.g. {example} (repeatable)",
+    )
+
+
+def sync_settings(pairs: Iterable[str]) -> dict[str, Any]:
+    """The [sync] settings of --sync KEY=VALUE options."""
+    return {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in pairs)}
+
+
+def spawn(
+    procs: list[subprocess.Popen[bytes]],
+    cmd: list[str],
+    log: Path,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start *cmd* (dying with this process) with its output in *log*, in a session of its
+    own: its CPU can be counted by session, and a worker's pool paused as one (killpg).
+    It joins *procs*, for stop()."""
+    with open(log, "wb") as fh:
+        p = subprocess.Popen(
+            wrap(cmd),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=None if env is None else dict(env),
+            start_new_session=True,
+        )
+    procs.append(p)
+    return p
+
+
 def stop(procs: Iterable[subprocess.Popen[bytes]]) -> None:
     """SIGTERM every process still running, then SIGKILL what is left after 30 s."""
     procs = list(procs)
@@ -119,6 +159,13 @@ def code_env(code: Path) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
 
 
+def applied_ops(stats: Any) -> int:
+    """The workers' count of operations applied to SOURCE's target (the `ops_applied` field
+    of the pair's stats hash in Redis; a pool process adds a task's once it has landed,
+    routine counts up to 0.25 s later)."""
+    return int(stats.hget(stats_key(SOURCE, "cluster-b"), "ops_applied") or 0)
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU seconds of one process so far, from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -144,7 +191,8 @@ class Landing:
     cost of a count-only read per poll instead of a watch (which on this 2-core machine
     took as much CPU as a pool process). `poll` notes the target's revision with the time;
     once the phase is over, `read_back` reads every key with the revision that wrote it,
-    and a key had landed by the first poll that saw that revision.
+    and a key had landed by the first poll that saw that revision. Poll after reading
+    whatever says the phase is over: that poll then covers its last key.
 
     Why not the workers' own count of applied operations (their stats hash in Redis)? It
     says when a phase is over, since a task adds its count only once its batches have
@@ -158,13 +206,14 @@ class Landing:
         self.revs: list[int] = []  # the revision that wrote each key read back, in order
 
     def poll(self) -> None:
-        self.polls.append((time.monotonic(), self.etcd.revision()))
+        rev = self.etcd.revision()
+        self.polls.append((time.monotonic(), rev))  # the time after: an upper bound
 
     def read_back(self, prefix: bytes, marker: bytes = b"") -> tuple[int, int]:
-        """Read every key under *prefix*: (keys, how many do not end with *marker*). Poll
-        once more first: a phase whose end was seen between polls has landed by then."""
-        self.poll()
-        _, kvs = self.etcd.scan(prefix)
+        """Read every key under *prefix*: (keys, how many do not end with *marker*). The
+        read's own revision counts as a last poll, so every key read back is covered."""
+        rev, kvs = self.etcd.scan(prefix)
+        self.polls.append((time.monotonic(), rev))
         revs, stale = [], 0
         for kv in kvs:
             revs.append(kv.mod_revision)
@@ -172,10 +221,23 @@ class Landing:
         self.revs = sorted(revs)
         return len(revs), stale
 
+    def first(self, n: int) -> tuple[float, int]:
+        """The first poll that saw *n* of the keys read back landed: (its time, how many it
+        saw landed)."""
+        if not 1 <= n <= len(self.revs):
+            raise ValueError(f"{n} keys asked for, {len(self.revs)} read back")
+        rev = self.revs[n - 1]
+        t, seen = next((t, r) for t, r in self.polls if r >= rev)
+        return t, bisect.bisect_right(self.revs, seen)
+
     def when(self, n: int) -> float:
-        """The first poll that saw *n* of the keys read back landed."""
-        rev = self.revs[max(1, n) - 1]
-        return next(t for t, r in self.polls if r >= rev)
+        return self.first(n)[0]
+
+    def pace(self, a: int, b: int) -> float:
+        """Keys landed per second between the polls that first saw *a* and *b* landed (the
+        keys those polls saw, not b - a: a poll comes up to an interval late)."""
+        (t0, c0), (t1, c1) = self.first(a), self.first(b)
+        return (c1 - c0) / max(1e-9, t1 - t0)
 
     def curve(self, t0: float) -> list[list[float]]:
         """(seconds since *t0*, keys landed) at each poll."""

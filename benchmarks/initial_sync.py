@@ -2,7 +2,7 @@
 `etcdctl make-mirror`, in the same run, on the same machine.
 
     python benchmarks/initial_sync.py [--keys 50000] [--concurrency 2] [--repeat 1]
-        [--pool prefork] [--skip-mirror] [--nodes 0] [--json FILE]
+        [--pool prefork] [--sync KEY=VALUE]... [--skip-mirror] [--nodes 0] [--json FILE]
 
 Each contender gets a fresh, empty target etcd. kvmesh's worker is started and ready
 before the clock starts (as in a running mesh); the clock then covers the watcher's start,
@@ -15,10 +15,11 @@ target of either contender spent a tenth of a core on it, and make-mirror took 8
 (17.2-17.6 s against 18.8-19.7 s in one comparison). So each target is counted only once a
 cheap signal, polled every 20 ms, says it may be complete: kvmesh's workers' count of
 applied writes (in Redis), and for make-mirror, which puts one key per revision, the
-target's revision. The workers' count may come up to 0.25 s after the writes it counts, so
-kvmesh's end is then read from the target: every key's revision, against the target's
-revision noted at each poll (benchcommon.Landing; before 2026-11-29 the count's delay was
-part of kvmesh's time). The CPU figures printed for kvmesh run until the end was seen.
+target's revision. Each end is then read from the target itself: every key's revision,
+against the target's revision noted at each poll (benchcommon.Landing), since the workers'
+count may come up to 0.25 s after the writes it counts. (Until 2026-11-29, night, each end
+was the poll that saw it, and kvmesh's included the count's delay: 0.02-0.03 s in the runs
+that printed it.) The CPU figures printed for kvmesh run until its end was seen.
 
 The machine is shared and a single ratio moves by about 10% from run to run; `--repeat N`
 runs both N times, alternating, each time with fresh targets (and a fresh Redis for
@@ -29,7 +30,6 @@ and ratio, written again after each run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +45,22 @@ from benchcommon import (
     ID_PREFIX,
     SOURCE,
     Landing,
+    add_sync_option,
+    applied_ops,
     byte_compile,
     cpu_seconds,
     mirror_command,
     pair_config,
     session_cpu_seconds,
+    spawn,
     stop,
+    sync_settings,
     worker_command,
     write_json,
 )
 
 from pipeline.clients.broker import redis_at
 from pipeline.clients.etcd import Etcd
-from pipeline.protocol.names import stats_key
 from pipeline.tools.cilium_state import (
     cluster_config_value,
     identity_id,
@@ -67,25 +69,7 @@ from pipeline.tools.cilium_state import (
     source_canaries,
     write_items,
 )
-from pipeline.tools.orphan import wrap
 from pipeline.tools.servers import EtcdServer, RedisServer
-
-
-def wait_count(etcd: Etcd, n: int, timeout: float, may_be_done: Callable[[], bool]) -> float:
-    """When *etcd* holds *n* keys under the cache prefix, counted each time *may_be_done*
-    (cheap, polled every 20 ms) says it may."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if may_be_done() and etcd.count(CACHE_PREFIX) >= n:
-            return time.monotonic()
-        time.sleep(0.02)  # poll interval
-    raise SystemExit(f"timed out waiting for {n} keys (have {etcd.count(CACHE_PREFIX)})")
-
-
-def applied(stats: Any) -> int:
-    """The workers' count of operations applied to the target (a pool process adds each
-    task's when it is done). It only says when to count the target's keys."""
-    return int(stats.hget(stats_key(SOURCE, "cluster-b"), "ops_applied") or 0)
 
 
 def canary_times(etcd: Etcd, t0: float, canaries: dict[str, float]) -> None:
@@ -110,13 +94,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--pool", default="prefork", choices=["prefork", "threads", "solo"])
     ap.add_argument("--skip-mirror", action="store_true", help="measure kvmesh only")
-    ap.add_argument(
-        "--sync",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a [sync] setting for kvmesh, e.g. batches_per_task=16 (repeatable)",
-    )
+    add_sync_option(ap, "batches_per_task=16")
     ap.add_argument(
         "--repeat",
         type=int,
@@ -161,13 +139,15 @@ def main() -> int:
         for i in range(args.repeat):
             run = tmp / f"run-{i + 1}"
             run.mkdir()
-            t_kvmesh, used = run_kvmesh(run, src, args)
+            t_kvmesh, used, late = run_kvmesh(run, src, args)
             kvmesh_times.append(t_kvmesh)
             runs.append(
                 {
                     "run": i + 1,
                     "kvmesh_s": round(t_kvmesh, 3),
                     "kvmesh_cpu_s": {k: round(v, 2) for k, v in used.items()},
+                    # how much later the workers' count said the target held every key
+                    "kvmesh_count_late_s": round(late, 3),
                 }
             )
             print(f"kvmesh:      {t_kvmesh:7.2f} s  ({args.keys / t_kvmesh:9.0f} keys/s)")
@@ -208,39 +188,24 @@ def main() -> int:
         src.stop()
 
 
-def spawner(procs: list[subprocess.Popen[bytes]]) -> Callable[..., subprocess.Popen[bytes]]:
-    def spawn(
-        cmd: list[str], log: Path, env: dict[str, str] | None = None
-    ) -> subprocess.Popen[bytes]:
-        """Start *cmd* in a session of its own: its CPU is counted by session."""
-        with open(log, "wb") as fh:
-            proc = subprocess.Popen(
-                wrap(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        procs.append(proc)
-        return proc
-
-    return spawn
-
-
 def run_kvmesh(
     tmp: Path, src: EtcdServer, args: argparse.Namespace
-) -> tuple[float, dict[str, float]]:
-    """kvmesh's initial sync into a fresh target etcd, with a fresh Redis: seconds, and the
-    CPU seconds each process (or a worker's session: main process and pool) spent while
-    the clock ran."""
+) -> tuple[float, dict[str, float], float]:
+    """kvmesh's initial sync into a fresh target etcd, with a fresh Redis: seconds, the CPU
+    seconds each process (or a worker's session: main process and pool) spent from the
+    clock's start until the end was seen (a poll or two after the last key landed, the
+    target etcd's and Redis's including what this script polls), and how much later than
+    the last key the workers' count said so."""
     procs: list[subprocess.Popen[bytes]] = []
-    spawn = spawner(procs)
     dst = EtcdServer(tmp / "target-kvmesh")
     broker = RedisServer(tmp / "redis")
     servers = [dst, broker]
     try:
         for s in servers:
             s.start()
-        sync = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.sync)}
-        cfg = pair_config(tmp / "mesh.toml", broker.url, src.url, dst.url, sync)
+        cfg = pair_config(tmp / "mesh.toml", broker.url, src.url, dst.url, sync_settings(args.sync))
         wlog = tmp / "worker.log"
-        worker = spawn(worker_command(cfg, args.concurrency, args.pool), wlog)
+        worker = spawn(procs, worker_command(cfg, args.concurrency, args.pool), wlog)
         # Celery logs "ready." once it consumes.
         worker_ready(wlog, 60)
         target = Etcd(dst.cluster())
@@ -257,7 +222,9 @@ def run_kvmesh(
         cpu0 = cpu()
         t0 = time.monotonic()
         watcher = spawn(
-            [sys.executable, "-m", "pipeline", "watch", "--config", str(cfg)], tmp / "watch.log"
+            procs,
+            [sys.executable, "-m", "pipeline", "watch", "--config", str(cfg)],
+            tmp / "watch.log",
         )
         used: dict[str, float] = {}
         # The clock stops when the target holds every key, as make-mirror's does below. The
@@ -267,22 +234,22 @@ def run_kvmesh(
         # revisions when the last key landed (benchcommon.Landing).
         canaries: dict[str, float] = {}
         landing = Landing(target)
-        t_kvmesh = 0.0
+        t_kvmesh = late = 0.0
         deadline = time.monotonic() + args.timeout
         while (len(canaries) < 5 or not t_kvmesh) and time.monotonic() < deadline:
             if not t_kvmesh:
-                landing.poll()
-            if (
-                not t_kvmesh
-                and applied(stats) >= args.keys
-                and target.count(CACHE_PREFIX) >= args.keys
-            ):
-                used = {"watcher": session_cpu_seconds(watcher.pid)}
-                used.update((k, v - cpu0[k]) for k, v in cpu().items())
-                seen = time.monotonic() - t0
-                landing.read_back(CACHE_PREFIX)
-                t_kvmesh = landing.when(args.keys) - t0
-                print(f"kvmesh's end seen {seen - t_kvmesh:.2f} s after the last key landed")
+                done = applied_ops(stats) >= args.keys and target.count(CACHE_PREFIX) >= args.keys
+                landing.poll()  # after the count: once it says done, this covers every key
+                if done:
+                    seen = landing.polls[-1][0]
+                    used = {"watcher": session_cpu_seconds(watcher.pid)}
+                    used.update((k, v - cpu0[k]) for k, v in cpu().items())
+                    held, _ = landing.read_back(CACHE_PREFIX)
+                    if held != args.keys:
+                        raise SystemExit(f"the target holds {held} keys, not {args.keys}")
+                    t_kvmesh = landing.when(args.keys) - t0
+                    late = seen - t0 - t_kvmesh
+                    print(f"kvmesh's end seen {late:.2f} s after the last key landed")
             canary_times(target, t0, canaries)
             time.sleep(0.02)  # poll interval
         if not t_kvmesh:
@@ -291,7 +258,7 @@ def run_kvmesh(
         print(f"kvmesh target canaries: {order}")
         stats.close()
         target.close()
-        return t_kvmesh, used
+        return t_kvmesh, used, late
     finally:
         stop(procs)
         for s in servers:
@@ -308,15 +275,28 @@ def run_mirror(tmp: Path, src: EtcdServer, args: argparse.Namespace) -> float:
         target = Etcd(dst.cluster())
         rev0 = target.revision()
         t0 = time.monotonic()
-        spawner(procs)(
-            mirror_command(src.url, dst.url), tmp / "mirror.log", dict(os.environ, ETCDCTL_API="3")
+        spawn(
+            procs,
+            mirror_command(src.url, dst.url),
+            tmp / "mirror.log",
+            dict(os.environ, ETCDCTL_API="3"),
         )
-        # make-mirror puts one key per revision: N revisions must have passed first
-        done = wait_count(
-            target, args.keys, args.timeout, lambda: target.revision() - rev0 >= args.keys
-        )
+        # make-mirror puts one key per revision: N revisions must have passed before the
+        # count is worth reading; the end is then timed as kvmesh's is
+        landing = Landing(target)
+        deadline = time.monotonic() + args.timeout
+        while True:
+            landing.poll()
+            if landing.polls[-1][1] - rev0 >= args.keys and target.count(CACHE_PREFIX) >= args.keys:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"timed out: the target holds {target.count(CACHE_PREFIX)} keys")
+            time.sleep(0.02)  # poll interval
+        held, _ = landing.read_back(CACHE_PREFIX)
+        if held != args.keys:
+            raise SystemExit(f"the target holds {held} keys, not {args.keys}")
         target.close()
-        return done - t0
+        return landing.when(args.keys) - t0
     finally:
         stop(procs)
         dst.stop()

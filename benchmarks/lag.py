@@ -25,8 +25,8 @@ effect. Delays run from just before each put is sent. The benchmark also checks 
 contender may do: end with a value other than the last put (lost), or let a key's values
 arrive out of order (reordered).
 
-A single run's p99 moves a lot on a shared machine (at 200 puts/s, from 10 to 20 ms for the
-same code within the hour). `--rounds N` measures every rate N times over, with the same
+A single run's p99 moves a lot on a shared machine (at 200 puts/s, from 12 to 20 ms for the
+same code within an evening). `--rounds N` measures every rate N times over, with the same
 processes, and prints each percentile's median and range; the picture shows the medians
 with the range as error bars.
 """
@@ -51,19 +51,21 @@ from benchcommon import (
     CACHE_PREFIX,
     ID_PREFIX,
     SOURCE,
+    add_sync_option,
     byte_compile,
     mirror_command,
     pair_config,
     pyplot,
     session_cpu_seconds,
+    spawn,
     stop,
+    sync_settings,
     worker_command,
     write_json,
 )
 
 from pipeline.clients.etcd import Etcd, Event, Put
 from pipeline.tools.cilium_state import identity_id, identity_labels, write_items
-from pipeline.tools.orphan import wrap
 from pipeline.tools.servers import EtcdServer, RedisServer
 
 SEQ = b";seq="
@@ -209,13 +211,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="of churn per rate")
     ap.add_argument("--concurrency", type=int, default=2, help="kvmesh worker pool slots")
     ap.add_argument("--pool", default="prefork", choices=["prefork", "threads", "solo"])
-    ap.add_argument(
-        "--sync",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a [sync] setting for kvmesh, e.g. linger=0.005 (repeatable)",
-    )
+    add_sync_option(ap, "linger=0.005")
     ap.add_argument("--skip-mirror", action="store_true", help="measure kvmesh only")
     ap.add_argument(
         "--rounds",
@@ -238,14 +234,6 @@ def main() -> int:
     servers: list[Any] = []
     procs: list[subprocess.Popen[bytes]] = []
     streams = []
-
-    def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        """Start *cmd* in a process group of its own (stopped whole)."""
-        with open(log, "wb") as fh:
-            p = subprocess.Popen(
-                wrap(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        procs.append(p)
 
     try:
         src_k, src_m, dst_k, dst_m = (
@@ -271,17 +259,18 @@ def main() -> int:
             broker.url,
             src_k.url,
             dst_k.url,
-            {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.sync)},
+            sync_settings(args.sync),
         )
         kvmesh = [sys.executable, "-m", "pipeline"]
-        spawn(worker_command(cfg, args.concurrency, args.pool), tmp / "worker.log")
-        spawn([*kvmesh, "watch", "--config", str(cfg)], tmp / "watch.log")
+        spawn(procs, worker_command(cfg, args.concurrency, args.pool), tmp / "worker.log")
+        spawn(procs, [*kvmesh, "watch", "--config", str(cfg)], tmp / "watch.log")
         # kvmesh's CPU, per put: lag on two busy cores moves a lot between runs, the CPU
         # each change costs far less, so it shows what a change to the code did
         sessions = {"watcher": procs[1].pid, "workers": procs[0].pid}
         contenders = {"kvmesh": Etcd(dst_k.cluster())}
         if not args.skip_mirror:
             spawn(
+                procs,
                 mirror_command(src_m.url, dst_m.url),
                 tmp / "mirror.log",
                 dict(os.environ, ETCDCTL_API="3"),
@@ -410,13 +399,13 @@ def medians(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def print_medians(results: list[dict[str, Any]]) -> None:
     print("over the rounds: median (min-max)")
-    print(f"{'rate/s':>7} {'contender':>12} {'p50 ms':>18} {'p99 ms':>20} {'lost':>5} {'reord':>5}")
+    print(f"{'rate/s':>7} {'contender':>12} {'p50 ms':>22} {'p99 ms':>24} {'lost':>5} {'reord':>5}")
     for m in medians(results):
-        lo50, hi50 = m["p50_ms_range"]
-        lo99, hi99 = m["p99_ms_range"]
+        p50 = "{} ({}-{})".format(m["p50_ms"], *m["p50_ms_range"])
+        p99 = "{} ({}-{})".format(m["p99_ms"], *m["p99_ms_range"])
         print(
-            f"{m['rate']:>7} {m['contender']:>12} {m['p50_ms']:>6} ({lo50}-{hi50}) "
-            f"{m['p99_ms']:>7} ({lo99}-{hi99}) {m['lost_keys']:>5} {m['reordered_keys']:>5}"
+            f"{m['rate']:>7} {m['contender']:>12} {p50:>22} {p99:>24} "
+            f"{m['lost_keys']:>5} {m['reordered_keys']:>5}"
         )
 
 
@@ -439,7 +428,15 @@ def draw(results: list[dict[str, Any]], png: str) -> None:
                 [m[k + "_range"][1] - y for y, m in zip(ys, rows, strict=True)],
             ]
             label = f"{name} {what}" + (f", median of {rounds}" if rounds > 1 else "")
-            ax.errorbar(xs, ys, yerr=err, fmt=style, color=color, capsize=3, label=label)
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=err if rounds > 1 else None,
+                fmt=style,
+                color=color,
+                capsize=3,
+                label=label,
+            )
     ax.axhline(19, color="grey", lw=0.8, ls=":", label="KVStoreMesh p99, unthrottled (19 ms)")
     ax.set_xscale("log")
     ax.set_yscale("log")

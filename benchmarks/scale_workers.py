@@ -44,7 +44,6 @@ need not be the median of the rounds' ratios).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -60,12 +59,16 @@ from benchcommon import (
     ID_PREFIX,
     SOURCE,
     Landing,
+    add_sync_option,
+    applied_ops,
     byte_compile,
     cpu_seconds,
     pair_config,
     pyplot,
     session_cpu_seconds,
+    spawn,
     stop,
+    sync_settings,
     worker_command,
     write_json,
 )
@@ -75,7 +78,6 @@ from pipeline.clients.etcd import Etcd
 from pipeline.protocol.names import stats_key
 from pipeline.tools.cilium_state import identity_id, identity_labels, write_items
 from pipeline.tools.lab.view import scrape
-from pipeline.tools.orphan import wrap
 from pipeline.tools.servers import EtcdServer, RedisServer, free_port
 
 HERE = Path(__file__).resolve().parent
@@ -106,10 +108,9 @@ def wait_for(what: str, check: Any, timeout: float, log: Path | None = None) -> 
 
 
 class Progress:
-    """One phase's N writes: the workers' count of operations applied (the `ops_applied`
-    field of the pair's stats hash in Redis) says when the phase is over, and the target's
-    revisions when each key landed (benchcommon.Landing), checked against this phase's
-    marker."""
+    """One phase's N writes: the workers' count of operations applied says when the phase
+    is over, and the target's revisions when each key landed (benchcommon.Landing),
+    checked against this phase's marker."""
 
     def __init__(self, client: Any, direct: Etcd) -> None:
         self.client = client
@@ -119,20 +120,18 @@ class Progress:
     def quiet(self, still: float = 0.5) -> int:
         """The count once it has not moved for *still* seconds: the last tasks of the phase
         before may still add theirs after the target already holds every key."""
-        last, since = self.total(), time.monotonic()
+        last, since = applied_ops(self.client), time.monotonic()
         while time.monotonic() - since < still:
             time.sleep(0.05)  # poll interval
-            now = self.total()
+            now = applied_ops(self.client)
             if now != last:
                 last, since = now, time.monotonic()
         return last
 
-    def total(self) -> int:
-        return int(self.client.hget(stats_key(SOURCE, "cluster-b"), "ops_applied") or 0)
-
     def reached(self, n: int) -> bool:
-        self.landing.poll()
-        return self.total() - self.base >= n
+        done = applied_ops(self.client) - self.base >= n
+        self.landing.poll()  # after the count: once it says done, this poll covers every key
+        return done
 
     def land(self, keys: int, marker: bytes) -> float:
         """Every key holds this phase's value (the count was not fooled): when the last one
@@ -145,8 +144,7 @@ class Progress:
     def sustained(self, n: int) -> float:
         """Writes per second from 10% to 90% of *n* landed: the pace once every slot is
         busy, without the first tasks' start or the last ones' tail."""
-        a, b = int(0.1 * n), int(0.9 * n)
-        return (b - a) / max(1e-9, self.landing.when(b) - self.landing.when(a))
+        return self.landing.pace(int(0.1 * n), int(0.9 * n))
 
 
 def run(
@@ -166,23 +164,10 @@ def run(
     target = EtcdServer(tmp / f"target-{name}")
     target.start()
 
-    def spawn(
-        cmd: list[str], log: Path, env: dict[str, str] | None = None
-    ) -> subprocess.Popen[bytes]:
-        with open(log, "wb") as fh:
-            p = subprocess.Popen(
-                wrap(cmd),
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a group of its own: the pool is paused as one
-                env=dict(os.environ, **(env or {})),
-            )
-        procs.append(p)
-        return p
-
     try:
         port = free_port()
         proxy = spawn(
+            procs,
             [sys.executable, str(HERE / "delay_proxy.py"), str(port), str(target.port), str(delay)],
             tmp / f"proxy-{name}.log",
         )
@@ -198,6 +183,7 @@ def run(
         kvmesh = [sys.executable, "-m", "pipeline"]
         wlog = tmp / f"worker-{name}.log"
         worker = spawn(
+            procs,
             worker_command(cfg, slots, pool),
             wlog,
         )
@@ -208,9 +194,10 @@ def run(
         t0 = time.monotonic()
         mport = free_port()
         spawn(
+            procs,
             [*kvmesh, "watch", "--config", str(cfg)],
             tmp / f"watch-{name}.log",
-            {"KVMESH_METRICS_WATCHER_PORT": str(mport)},
+            dict(os.environ, KVMESH_METRICS_WATCHER_PORT=str(mport)),
         )
         synced = wait_for("the initial sync", lambda: direct.count(CACHE_PREFIX) >= keys, 600, wlog)
         stats = redis_at(broker.url)
@@ -292,7 +279,7 @@ def run(
             # how the drain split: the first 10% of the keys, and the last 10%
             "backlog_first_tenth_s": round(seen2.landing.when(int(0.1 * keys)) - t2, 2),
             "backlog_last_tenth_s": round(drained - seen2.landing.when(int(0.9 * keys)), 2),
-            # (seconds since the pool resumed, writes applied), as polled
+            # (seconds since the pool resumed, keys landed), as polled
             "backlog_curve": seen2.landing.curve(t2),
             # what the backlog was cut into, and how the workers found it: batches handed
             # back to the queue because their predecessor had not landed (gap_wait), and
@@ -387,13 +374,7 @@ def main() -> int:
     ap.add_argument("--pools", nargs="+", default=["prefork"], choices=["prefork", "threads"])
     ap.add_argument("--delay", type=float, default=0.005, help="seconds each way")
     ap.add_argument("--shards", type=int, default=16, help="sync.shards of the watcher")
-    ap.add_argument(
-        "--sync",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="another [sync] setting, e.g. idle_flush=false (repeatable)",
-    )
+    add_sync_option(ap, "idle_flush=false")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every worker count")
     ap.add_argument("--json", default="")
     ap.add_argument("--png", default="")
@@ -402,7 +383,7 @@ def main() -> int:
         print("scale_workers: --repeat must be at least 1", file=sys.stderr)
         return 2
     byte_compile()
-    sync = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.sync)}
+    sync = sync_settings(args.sync)
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-scale-"))
     print(f"logs in {tmp}", flush=True)
     src = EtcdServer(tmp / "source")
