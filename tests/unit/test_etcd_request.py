@@ -1,0 +1,43 @@
+"""The transaction request the etcd client builds: each operation becomes the request etcd
+expects, whatever its fields hold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from etcd3.etcdrpc import TxnRequest
+
+from pipeline.clients.etcd import Delete, Get, Put, _fill_ops, prefix_end
+
+
+def built(*ops: Any) -> list[Any]:
+    request = TxnRequest()
+    _fill_ops(request.success, ops)
+    return list(request.success)
+
+
+def test_each_operation_is_the_request_etcd_expects() -> None:
+    put, leased, delete, prefix, get = built(
+        Put(b"k1", b"v1"),
+        Put(b"k2", b"v2", lease=7),
+        Delete(b"k3"),
+        Delete(b"dir/", prefix=True),
+        Get(b"k4"),
+    )
+    assert put.WhichOneof("request") == "request_put"
+    assert (put.request_put.key, put.request_put.value, put.request_put.lease) == (b"k1", b"v1", 0)
+    assert (leased.request_put.key, leased.request_put.lease) == (b"k2", 7)
+    assert delete.WhichOneof("request") == "request_delete_range"
+    assert (delete.request_delete_range.key, delete.request_delete_range.range_end) == (b"k3", b"")
+    assert prefix.request_delete_range.range_end == prefix_end(b"dir/")
+    assert get.WhichOneof("request") == "request_range"
+    assert get.request_range.key == b"k4"
+
+
+def test_an_operation_whose_fields_are_all_empty_is_still_chosen() -> None:
+    # an empty key leaves every field of the inner request at its default: the operation
+    # must still say which request it is (assigning a field marks it chosen, even to its
+    # default), or etcd receives an empty one
+    delete, get = built(Delete(b""), Get(b""))
+    assert delete.WhichOneof("request") == "request_delete_range"
+    assert get.WhichOneof("request") == "request_range"
