@@ -190,7 +190,7 @@ class Landing:
     """When the keys of a phase landed in a target etcd, to within one poll interval, at the
     cost of a count-only read per poll instead of a watch (which on this 2-core machine
     took as much CPU as a pool process). `poll` notes the target's revision with the time;
-    once the phase is over, `read_back` reads every key with the revision that wrote it,
+    once the phase is over, `landed` reads every key back with the revision that wrote it,
     and a key had landed by the first poll that saw that revision. Poll after reading
     whatever says the phase is over: that poll then covers its last key.
 
@@ -220,6 +220,15 @@ class Landing:
             stale += not kv.value.endswith(marker)
         self.revs = sorted(revs)
         return len(revs), stale
+
+    def landed(self, prefix: bytes, keys: int, marker: bytes = b"") -> float:
+        """When the last key of the phase landed, once it is over: every one of *keys* keys
+        under *prefix* must be there and end with *marker* (what said the phase was over was
+        not fooled)."""
+        held, stale = self.read_back(prefix, marker)
+        if held != keys or stale:
+            raise SystemExit(f"the target holds {held} keys, {stale} without {marker!r}")
+        return self.when(keys)
 
     def first(self, n: int) -> tuple[float, int]:
         """The first poll that saw *n* of the keys read back landed: (its time, how many it

@@ -244,10 +244,7 @@ def run_kvmesh(
                     seen = landing.polls[-1][0]
                     used = {"watcher": session_cpu_seconds(watcher.pid)}
                     used.update((k, v - cpu0[k]) for k, v in cpu().items())
-                    held, _ = landing.read_back(CACHE_PREFIX)
-                    if held != args.keys:
-                        raise SystemExit(f"the target holds {held} keys, not {args.keys}")
-                    t_kvmesh = landing.when(args.keys) - t0
+                    t_kvmesh = landing.landed(CACHE_PREFIX, args.keys) - t0
                     late = seen - t0 - t_kvmesh
                     print(f"kvmesh's end seen {late:.2f} s after the last key landed")
             canary_times(target, t0, canaries)
@@ -288,15 +285,14 @@ def run_mirror(tmp: Path, src: EtcdServer, args: argparse.Namespace) -> float:
         while True:
             landing.poll()
             if landing.polls[-1][1] - rev0 >= args.keys and target.count(CACHE_PREFIX) >= args.keys:
+                landing.poll()  # after the count: this one covers every key
                 break
             if time.monotonic() > deadline:
                 raise SystemExit(f"timed out: the target holds {target.count(CACHE_PREFIX)} keys")
             time.sleep(0.02)  # poll interval
-        held, _ = landing.read_back(CACHE_PREFIX)
-        if held != args.keys:
-            raise SystemExit(f"the target holds {held} keys, not {args.keys}")
+        done = landing.landed(CACHE_PREFIX, args.keys)
         target.close()
-        return landing.when(args.keys) - t0
+        return done - t0
     finally:
         stop(procs)
         dst.stop()

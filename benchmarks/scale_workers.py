@@ -136,10 +136,7 @@ class Progress:
     def land(self, keys: int, marker: bytes) -> float:
         """Every key holds this phase's value (the count was not fooled): when the last one
         landed."""
-        held, stale = self.landing.read_back(CACHE_PREFIX, marker)
-        if held != keys or stale:
-            raise SystemExit(f"the target holds {held} keys, {stale} without {marker!r}")
-        return self.landing.when(keys)
+        return self.landing.landed(CACHE_PREFIX, keys, marker)
 
     def sustained(self, n: int) -> float:
         """Writes per second from 10% to 90% of *n* landed: the pace once every slot is
