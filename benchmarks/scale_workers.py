@@ -6,8 +6,9 @@ burst of changes, with 1, 2, 4 and 8 worker slots, through a link with a round t
 
 Each run gets a fresh target etcd behind `benchmarks/delay_proxy.py`, which delays every
 byte by `--delay` seconds each way (default 5 ms: a cross-zone round trip of 10 ms), and a
-fresh watcher and worker pool. The source etcd, holding N identity ID keys, and Redis are
-shared by the runs.
+fresh watcher and worker pool. The JSON says how late the proxy delivered while the backlog
+drained (`backlog_link_late_ms`): whether the link was the same at every slot count. The
+source etcd, holding N identity ID keys, and Redis are shared by the runs.
 
 - **Initial sync:** from the watcher's start until the target holds N keys (read from the
   target directly, not through the proxy).
@@ -51,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,7 @@ from benchcommon import (
     worker_command,
     write_json,
 )
+from delay_proxy import late_ms, late_stats
 
 from pipeline.clients.broker import redis_at
 from pipeline.clients.etcd import Etcd
@@ -105,6 +108,15 @@ def wait_for(what: str, check: Any, timeout: float, log: Path | None = None) -> 
             raise SystemExit(f"timed out waiting for {what}\n{tail}")
         time.sleep(0.02)  # poll interval
     return time.monotonic()
+
+
+def link_stats(proxy: subprocess.Popen[bytes], path: Path) -> Counter[int]:
+    """How late the proxy delivered each chunk so far (its stats file, written when asked by
+    SIGUSR1; see delay_proxy.py)."""
+    seq = late_stats(path)[0]
+    proxy.send_signal(signal.SIGUSR1)
+    wait_for("the proxy's stats", lambda: late_stats(path)[0] > seq, 10)
+    return late_stats(path)[1]
 
 
 class Progress:
@@ -165,7 +177,11 @@ def run(
         port = free_port()
         proxy = spawn(
             procs,
-            [sys.executable, str(HERE / "delay_proxy.py"), str(port), str(target.port), str(delay)],
+            [
+                *(sys.executable, str(HERE / "delay_proxy.py")),
+                *(str(port), str(target.port), str(delay)),
+                *("--stats", str(tmp / f"proxy-{name}.json")),
+            ],
             tmp / f"proxy-{name}.log",
         )
         wait_for("the proxy", lambda: b"ready" in (tmp / f"proxy-{name}.log").read_bytes(), 10)
@@ -235,6 +251,7 @@ def run(
         try:
             write_items(source, identities(keys, marker2))
             wait_for("the watcher's publishing", lambda: published() >= base + keys, 600)
+            late0 = link_stats(proxy, tmp / f"proxy-{name}.json")
             busy2, total2 = cpu_times()
             assert target.proc is not None
             parts0 = (
@@ -253,6 +270,8 @@ def run(
             session_cpu_seconds(worker.pid),
         )
         after = counts()
+        late1 = link_stats(proxy, tmp / f"proxy-{name}.json")
+        late = late1 - late0  # the backlog's deliveries
         drained = seen2.land(keys, marker2)
         stats.close()
         moved = {k: int(after.get(k, 0) - before.get(k, 0)) for k in after}
@@ -290,6 +309,9 @@ def run(
             # part of the test bench) and the target etcd
             "backlog_proxy_core_pct": round(100 * (parts1[0] - parts0[0]) / (counted - t2)),
             "backlog_target_etcd_core_pct": round(100 * (parts1[1] - parts0[1]) / (counted - t2)),
+            # how faithful the link was while the backlog drained: how late the proxy wrote
+            # each chunk, against the delay (the median and the 99th percentile, in ms)
+            "backlog_link_late_ms": [late_ms(late, 0.5), late_ms(late, 0.99)],
             # CPU the worker (its main process and its pool) spent on the backlog, per task
             "backlog_worker_cpu_ms_per_task": round(
                 1000 * (parts1[2] - parts0[2]) / max(1, moved.get("tasks_published", 0)), 1
@@ -436,7 +458,8 @@ def main() -> int:
                         f"{r['backlog_first_tenth_s']:>6}/{r['backlog_last_tenth_s']:<7} "
                         f"tasks {r['backlog_tasks']} batches {r['backlog_batches']} "
                         f"gap_wait {r['backlog_gap_waits']} "
-                        f"worker CPU/task {r['backlog_worker_cpu_ms_per_task']} ms",
+                        f"worker CPU/task {r['backlog_worker_cpu_ms_per_task']} ms "
+                        "link late p50/p99 {:.1f}/{:.1f} ms".format(*r["backlog_link_late_ms"]),
                         flush=True,
                     )
                 rows += [done[slots] for slots in args.workers]
