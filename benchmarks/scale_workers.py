@@ -29,6 +29,13 @@ source etcd, holding N identity ID keys, and Redis are shared by the runs.
   write side alone: what more workers buy. The script also reports the sustained pace,
   from 10% to 90% of the keys arrived (without the pool's start after the pause and the
   tail of the last tasks), and how long the first and the last tenth took.
+- **Bare transactions** (`bare_keys_per_s`), the baseline of the same run: with the pool
+  stopped again, as many processes as slots write the same N keys to the same target
+  through the same proxy, in transactions of the backlog's mean size (its keys over the
+  revisions the target moved by while it drained), each process its share one
+  transaction after the other, and nothing else: no broker, no decoding, no fence. Its
+  ratio is what this machine, link and target allow N slots; kvmesh's backlog ratio can
+  be read against it.
 
 The watcher runs with `sync.shards = 16`, so that 8 slots are not capped by the number of
 shards (a shard's batches are applied in order, one at a time).
@@ -45,6 +52,7 @@ need not be the median of the rounds' ratios).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import signal
 import statistics
@@ -77,7 +85,8 @@ from benchcommon import (
 from delay_proxy import late_ms, late_stats
 
 from pipeline.clients.broker import redis_at
-from pipeline.clients.etcd import Etcd
+from pipeline.clients.etcd import Etcd, Put
+from pipeline.config import ClusterConfig
 from pipeline.protocol.names import stats_key
 from pipeline.tools.cilium_state import identity_id, identity_labels, write_items
 from pipeline.tools.lab.view import scrape
@@ -117,6 +126,52 @@ def link_stats(proxy: subprocess.Popen[bytes], path: Path) -> Counter[int]:
     proxy.send_signal(signal.SIGUSR1)
     wait_for("the proxy's stats", lambda: late_stats(path)[0] > seq, 10)
     return late_stats(path)[1]
+
+
+def bare_client(
+    port: int, txns: list[list[tuple[bytes, bytes]]], ready: Any, go: Any, out: Any
+) -> None:
+    """One process of the bare baseline: *txns* one after another, each one transaction of
+    puts through the proxy at *port*; puts on *out* when it finished (time.monotonic, which
+    every process of the machine shares)."""
+    etcd = Etcd(ClusterConfig(name="bare", id=2, endpoints=(f"http://127.0.0.1:{port}",)))
+    ops = [[Put(k, v) for k, v in txn] for txn in txns]  # built before the clock starts
+    etcd.txn([], [Put(b"bench/bare-warm", b"1")])  # the connection, made
+    ready.release()
+    go.wait()
+    for txn in ops:
+        etcd.txn([], txn)
+    out.put(time.monotonic())
+    etcd.close()
+
+
+def bare(port: int, items: list[tuple[bytes, bytes]], slots: int, per_txn: int) -> float:
+    """The baseline: what *slots* processes that do nothing but write *items* in
+    transactions of *per_txn* puts (each process its own transactions, one after the
+    other, as a worker slot applies its tasks) reach through the same link to the same
+    target. Keys per second, from the start signal until the last process is done."""
+    ctx = multiprocessing.get_context("spawn")  # gRPC channels do not survive a fork
+    txns = [items[i : i + per_txn] for i in range(0, len(items), per_txn)]
+    ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=bare_client, args=(port, txns[i::slots], ready, go, out))
+        for i in range(slots)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            if not ready.acquire(timeout=60):
+                raise SystemExit("a bare client did not start")
+        t0 = time.monotonic()
+        go.set()
+        ends = [out.get(timeout=600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    return len(items) / (max(ends) - t0)
 
 
 class Progress:
@@ -259,6 +314,7 @@ def run(
                 cpu_seconds(target.proc.pid),
                 session_cpu_seconds(worker.pid),
             )
+            rev0 = direct.revision()  # the pool is stopped: nothing else writes the target
             t2 = time.monotonic()
         finally:
             os.killpg(worker.pid, signal.SIGCONT)
@@ -270,11 +326,21 @@ def run(
             session_cpu_seconds(worker.pid),
         )
         after = counts()
+        txns = direct.revision() - rev0  # each transaction that wrote is one revision
         late1 = link_stats(proxy, tmp / f"proxy-{name}.json")
         late = late1 - late0  # the backlog's deliveries
         drained = seen2.land(keys, marker2)
         stats.close()
         moved = {k: int(after.get(k, 0) - before.get(k, 0)) for k in after}
+        # the baseline, with the workers stopped: bare transactions as large as the
+        # backlog's on average
+        per_txn = max(1, round(keys / max(1, txns)))
+        items = [(CACHE_PREFIX + k[len(ID_PREFIX) :], v) for k, v in identities(keys, b"")]
+        os.killpg(worker.pid, signal.SIGSTOP)
+        try:
+            bare_rate = bare(port, items, slots, per_txn)
+        finally:
+            os.killpg(worker.pid, signal.SIGCONT)
         source.close()
         direct.close()
         return {
@@ -316,6 +382,11 @@ def run(
             "backlog_worker_cpu_ms_per_task": round(
                 1000 * (parts1[2] - parts0[2]) / max(1, moved.get("tasks_published", 0)), 1
             ),
+            # the same writes as bare transactions of as many processes as slots (function
+            # bare): what this machine, link and target allow a pool that did nothing else
+            "bare_keys_per_s": round(bare_rate),
+            "bare_puts_per_txn": per_txn,
+            "backlog_txns": txns,
         }
     finally:
         stop(procs)
@@ -326,6 +397,7 @@ RATIOS = (
     ("vs_first", "churn_keys_per_s"),
     ("backlog_vs_first", "backlog_keys_per_s"),
     ("sustained_vs_first", "backlog_sustained_keys_per_s"),
+    ("bare_vs_first", "bare_keys_per_s"),
 )
 
 
@@ -366,6 +438,7 @@ def draw(rows: list[dict[str, Any]], png: str) -> None:
         line(a, rs, "backlog_keys_per_s", "o-", f"{pool}: backlog")
         line(a, rs, "backlog_sustained_keys_per_s", "^:", f"{pool}: backlog, 10-90%")
         line(a, rs, "churn_keys_per_s", "s--", f"{pool}: burst")
+        line(a, rs, "bare_keys_per_s", "x-.", "bare transactions (baseline)")
         line(b, rs, "initial_sync_s", "o-", pool)
     for ax in (a, b):
         ax.set_xscale("log", base=2)
@@ -417,7 +490,8 @@ def main() -> int:
         print(
             f"{'pool':>8} {'slots':>5} {'initial sync s':>15} {'burst keys/s':>13} "
             f"{'vs 1':>5} {'CPU %':>5} {'backlog keys/s':>15} {'vs 1':>5} {'CPU %':>5} "
-            f"{'proxy %':>7} {'etcd %':>6} {'sustained':>9} {'vs 1':>5} {'1st/last 10% s':>14}",
+            f"{'proxy %':>7} {'etcd %':>6} {'sustained':>9} {'vs 1':>5} {'1st/last 10% s':>14} "
+            f"{'bare keys/s':>11} {'vs 1':>5}",
             flush=True,
         )
         for round_ in range(1, args.repeat + 1):
@@ -456,6 +530,7 @@ def main() -> int:
                         f"{r['backlog_sustained_keys_per_s']:>9} "
                         f"{r.get('sustained_vs_first', '-'):>5} "
                         f"{r['backlog_first_tenth_s']:>6}/{r['backlog_last_tenth_s']:<7} "
+                        f"{r['bare_keys_per_s']:>11} {r.get('bare_vs_first', '-'):>5}  "
                         f"tasks {r['backlog_tasks']} batches {r['backlog_batches']} "
                         f"gap_wait {r['backlog_gap_waits']} "
                         f"worker CPU/task {r['backlog_worker_cpu_ms_per_task']} ms "
@@ -468,9 +543,10 @@ def main() -> int:
                         f"round {round_}, vs {args.workers[0]} slot(s): "
                         + ", ".join(
                             f"{n}: {done[n]['backlog_vs_first']} / {done[n]['sustained_vs_first']}"
+                            f" / {done[n]['bare_vs_first']}"
                             for n in args.workers[1:]
                         )
-                        + " (backlog / sustained)",
+                        + " (backlog / sustained / bare)",
                         flush=True,
                     )
                 if args.json:  # after every round: a failed run later keeps these
@@ -486,7 +562,8 @@ def main() -> int:
             print(
                 f"{m['pool']:>8} {m['slots']:>5}  burst {m['vs_first']:>5}  "
                 f"backlog {m['backlog_vs_first']:>5} {m['backlog_vs_first_range']}  "
-                f"sustained {m['sustained_vs_first']:>5} {m['sustained_vs_first_range']}"
+                f"sustained {m['sustained_vs_first']:>5} {m['sustained_vs_first_range']}  "
+                f"bare {m['bare_vs_first']:>5} {m['bare_vs_first_range']}"
             )
     if args.png:
         draw(rows, args.png)
