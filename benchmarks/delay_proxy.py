@@ -19,10 +19,13 @@ How faithful the link is:
   idle machine, so a round trip of 2 x 5 ms took 11.0-11.1 ms here (ping-pong of 100
   bytes through an echo server behind the proxy; 0.23 ms with no delay).
 - A link does not wait for a core; this proxy shares the machine's cores with a
-  benchmark's workers and etcd, and might wait longer the more workers run. With
-  `--stats FILE`, each SIGUSR1 writes to FILE how late each chunk so far went out, against
-  its due time, in 0.1 ms steps, with a sequence number: `{"seq": N, "bins": {"STEP":
-  COUNT, ...}}` (`late_stats` reads it). scale_workers.py reports it for every run.
+  benchmark's workers and etcd, and may wait longer the more workers run. With
+  `--stats FILE`, each SIGUSR1 writes to FILE how late the bytes so far went out against
+  their due time, in 0.1 ms steps, with a sequence number: `{"seq": N, "bins": {"STEP":
+  BYTES, ...}}` (`late_stats` reads it). A chunk is due its delay after the proxy read it:
+  time it spent in the kernel's buffer before that (the proxy waiting for a core, say) is
+  not in these figures, which cover the timer's side only. scale_workers.py reports them,
+  and the proxy's wait for a core from /proc (its schedstat), for every run.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import math
 import signal
 from pathlib import Path
 
-# how late each chunk went out, in 0.1 ms steps: {step: chunks}
+# how late the bytes went out, in 0.1 ms steps: {step: bytes}
 LATE: collections.Counter[int] = collections.Counter()
 
 
@@ -106,7 +109,7 @@ class Direction:
         now = self.loop.time()
         while self.queue and self.queue[0][0] <= now:
             due, data = self.queue.popleft()
-            LATE[math.floor((now - due) * 10_000)] += 1
+            LATE[math.floor((now - due) * 10_000)] += len(data)
             self.out.write(data)
         if self.queue:
             self.timer = self.loop.call_at(self.queue[0][0], self.flush)
@@ -151,14 +154,15 @@ def late_stats(path: Path) -> tuple[int, collections.Counter[int]]:
     return raw["seq"], collections.Counter({int(k): v for k, v in raw["bins"].items()})
 
 
-def late_ms(bins: collections.Counter[int], q: float) -> float:
-    """The *q* quantile (0..1) of a lateness histogram, in ms (each step at its upper end)."""
+def late_ms(bins: collections.Counter[int], q: float) -> float | None:
+    """The *q* quantile (0..1) of a lateness histogram, in ms, at the upper end of its 0.1
+    ms step (0.5 means 0.4-0.5 ms); None if the histogram is empty."""
     total, seen = sum(bins.values()), 0
     for step in sorted(bins):
         seen += bins[step]
         if seen >= q * total:
             return (step + 1) / 10
-    return math.nan
+    return None
 
 
 async def main(listen: int, upstream: int, delay: float, stats: Path | None) -> None:
@@ -168,7 +172,7 @@ async def main(listen: int, upstream: int, delay: float, stats: Path | None) -> 
 
         def dump() -> None:
             seq[0] += 1
-            tmp = stats.with_suffix(".tmp")
+            tmp = stats.with_name(stats.name + ".tmp")
             tmp.write_text(json.dumps({"seq": seq[0], "bins": LATE}))
             tmp.replace(stats)
 

@@ -31,11 +31,15 @@ source etcd, holding N identity ID keys, and Redis are shared by the runs.
   tail of the last tasks), and how long the first and the last tenth took.
 - **Bare transactions** (`bare_keys_per_s`), the baseline of the same run: with the pool
   stopped again, as many processes as slots write the same N keys to the same target
-  through the same proxy, in transactions of the backlog's mean size (its keys over the
-  revisions the target moved by while it drained), each process its share one
-  transaction after the other, and nothing else: no broker, no decoding, no fence. Its
-  ratio is what this machine, link and target allow N slots; kvmesh's backlog ratio can
-  be read against it.
+  through the same proxy, and nothing else: no broker, no decoding, no fence. Each takes
+  the next transaction when done with its last, as a slot takes the next task. The
+  transactions are as large as the backlog's on average (its keys over the revisions that
+  wrote them), the first run's of the round for every run of the round, so that the
+  round's ratios compare the same work. It is timed from the start signal until the last
+  process had its last answer (kvmesh's backlog: from before the resume until the first
+  poll that saw its last key, to within a 20 ms poll). Its ratio is what this machine,
+  link and target allow that many processes; kvmesh's backlog ratio can be read against
+  it.
 
 The watcher runs with `sync.shards = 16`, so that 8 slots are not capped by the number of
 shards (a shard's batches are applied in order, one at a time).
@@ -54,6 +58,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import queue
 import signal
 import statistics
 import subprocess
@@ -119,6 +124,12 @@ def wait_for(what: str, check: Any, timeout: float, log: Path | None = None) -> 
     return time.monotonic()
 
 
+def runq_seconds(pid: int) -> float:
+    """Seconds the process *pid* (its threads so far) waited on a run queue for a core,
+    from /proc/PID/schedstat."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
 def link_stats(proxy: subprocess.Popen[bytes], path: Path) -> Counter[int]:
     """How late the proxy delivered each chunk so far (its stats file, written when asked by
     SIGUSR1; see delay_proxy.py)."""
@@ -129,48 +140,79 @@ def link_stats(proxy: subprocess.Popen[bytes], path: Path) -> Counter[int]:
 
 
 def bare_client(
-    port: int, txns: list[list[tuple[bytes, bytes]]], ready: Any, go: Any, out: Any
+    port: int, txns: list[list[tuple[bytes, bytes]]], turn: Any, ready: Any, go: Any, out: Any
 ) -> None:
-    """One process of the bare baseline: *txns* one after another, each one transaction of
-    puts through the proxy at *port*; puts on *out* when it finished (time.monotonic, which
-    every process of the machine shares)."""
-    etcd = Etcd(ClusterConfig(name="bare", id=2, endpoints=(f"http://127.0.0.1:{port}",)))
-    ops = [[Put(k, v) for k, v in txn] for txn in txns]  # built before the clock starts
-    etcd.txn([], [Put(b"bench/bare-warm", b"1")])  # the connection, made
-    ready.release()
-    go.wait()
-    for txn in ops:
-        etcd.txn([], txn)
-    out.put(time.monotonic())
-    etcd.close()
+    """One process of the bare baseline: takes the next of *txns* (the shared counter
+    *turn*) until none is left, each one transaction of puts through the proxy at *port*,
+    as a worker slot takes the next task from the queue. Puts ("done", time.monotonic())
+    on *out* when it is done (a clock every process of the machine shares), or ("error",
+    what happened)."""
+    try:
+        etcd = Etcd(ClusterConfig(name="bare", id=2, endpoints=(f"http://127.0.0.1:{port}",)))
+        ops = [[Put(k, v) for k, v in txn] for txn in txns]  # built before the clock starts
+        etcd.txn([], [Put(b"bench/bare-warm", b"1")])  # the connection, made
+        ready.release()
+        go.wait()
+        while True:
+            with turn.get_lock():
+                i = turn.value
+                turn.value += 1
+            if i >= len(ops):
+                break
+            etcd.txn([], ops[i])
+        out.put(("done", time.monotonic()))
+        etcd.close()
+    except BaseException as exc:  # the parent must hear of it, not wait for it
+        out.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
 def bare(port: int, items: list[tuple[bytes, bytes]], slots: int, per_txn: int) -> float:
     """The baseline: what *slots* processes that do nothing but write *items* in
-    transactions of *per_txn* puts (each process its own transactions, one after the
-    other, as a worker slot applies its tasks) reach through the same link to the same
-    target. Keys per second, from the start signal until the last process is done."""
+    transactions of *per_txn* puts (each taking the next transaction when done with its
+    last, as a worker slot applies tasks) reach through the same link to the same target.
+    Keys per second, from the start signal until the last process had its last answer."""
     ctx = multiprocessing.get_context("spawn")  # gRPC channels do not survive a fork
     txns = [items[i : i + per_txn] for i in range(0, len(items), per_txn)]
-    ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    turn, ready, go, out = ctx.Value("l", 0), ctx.Semaphore(0), ctx.Event(), ctx.Queue()
     procs = [
-        ctx.Process(target=bare_client, args=(port, txns[i::slots], ready, go, out))
-        for i in range(slots)
+        ctx.Process(target=bare_client, args=(port, txns, turn, ready, go, out), daemon=True)
+        for _ in range(slots)
     ]
     for p in procs:
         p.start()
+
+    def answer(deadline: float) -> float:
+        """The next process's end, or SystemExit if one failed or died, or at *deadline*."""
+        while time.monotonic() < deadline:
+            try:
+                what, value = out.get(timeout=1)
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    raise SystemExit("a bare client died") from None
+                continue
+            if what == "error":
+                raise SystemExit(f"a bare client failed: {value}")
+            return float(value)
+        raise SystemExit("the bare clients did not finish")
+
     try:
+        started = time.monotonic() + 60
         for _ in procs:
-            if not ready.acquire(timeout=60):
-                raise SystemExit("a bare client did not start")
+            while not ready.acquire(timeout=1):
+                if time.monotonic() > started or any(p.exitcode is not None for p in procs):
+                    try:
+                        said = out.get(timeout=1)[1]
+                    except queue.Empty:
+                        said = "no word from it"
+                    raise SystemExit(f"a bare client did not start: {said}")
         t0 = time.monotonic()
         go.set()
-        ends = [out.get(timeout=600) for _ in procs]
+        ends = [answer(time.monotonic() + 600) for _ in procs]
     finally:
         for p in procs:
-            p.join(10)
             if p.is_alive():
-                p.kill()
+                p.terminate()
+            p.join(5)
     return len(items) / (max(ends) - t0)
 
 
@@ -222,6 +264,7 @@ def run(
     shards: int = 16,
     sync: dict[str, Any] | None = None,
     round_: int = 1,
+    bare_per_txn: int | None = None,
 ) -> dict[str, Any]:
     name = f"{pool}-{slots}" + (f"-{round_}" if round_ > 1 else "")
     procs: list[subprocess.Popen[bytes]] = []
@@ -314,7 +357,7 @@ def run(
                 cpu_seconds(target.proc.pid),
                 session_cpu_seconds(worker.pid),
             )
-            rev0 = direct.revision()  # the pool is stopped: nothing else writes the target
+            waited0 = runq_seconds(proxy.pid)
             t2 = time.monotonic()
         finally:
             os.killpg(worker.pid, signal.SIGCONT)
@@ -326,15 +369,17 @@ def run(
             session_cpu_seconds(worker.pid),
         )
         after = counts()
-        txns = direct.revision() - rev0  # each transaction that wrote is one revision
+        waited1 = runq_seconds(proxy.pid)
         late1 = link_stats(proxy, tmp / f"proxy-{name}.json")
         late = late1 - late0  # the backlog's deliveries
         drained = seen2.land(keys, marker2)
         stats.close()
         moved = {k: int(after.get(k, 0) - before.get(k, 0)) for k in after}
         # the baseline, with the workers stopped: bare transactions as large as the
-        # backlog's on average
-        per_txn = max(1, round(keys / max(1, txns)))
+        # backlog's on average (the revisions that wrote its keys: one per transaction),
+        # or as the round's first run's, if given (one size for all the runs of a round)
+        txns = len(set(seen2.landing.revs))
+        per_txn = bare_per_txn or max(1, round(keys / txns))
         items = [(CACHE_PREFIX + k[len(ID_PREFIX) :], v) for k, v in identities(keys, b"")]
         os.killpg(worker.pid, signal.SIGSTOP)
         try:
@@ -378,6 +423,9 @@ def run(
             # how faithful the link was while the backlog drained: how late the proxy wrote
             # each chunk, against the delay (the median and the 99th percentile, in ms)
             "backlog_link_late_ms": [late_ms(late, 0.5), late_ms(late, 0.99)],
+            # how long the proxy waited for a core, in ms per second of the backlog (its
+            # run-queue wait: time its bytes sat unread, not in the figure above)
+            "backlog_proxy_runq_ms_per_s": round(1000 * (waited1 - waited0) / (counted - t2), 1),
             # CPU the worker (its main process and its pool) spent on the backlog, per task
             "backlog_worker_cpu_ms_per_task": round(
                 1000 * (parts1[2] - parts0[2]) / max(1, moved.get("tasks_published", 0)), 1
@@ -438,7 +486,7 @@ def draw(rows: list[dict[str, Any]], png: str) -> None:
         line(a, rs, "backlog_keys_per_s", "o-", f"{pool}: backlog")
         line(a, rs, "backlog_sustained_keys_per_s", "^:", f"{pool}: backlog, 10-90%")
         line(a, rs, "churn_keys_per_s", "s--", f"{pool}: burst")
-        line(a, rs, "bare_keys_per_s", "x-.", "bare transactions (baseline)")
+        line(a, rs, "bare_keys_per_s", "x-.", f"{pool}: bare transactions (baseline)")
         line(b, rs, "initial_sync_s", "o-", pool)
     for ax in (a, b):
         ax.set_xscale("log", base=2)
@@ -510,6 +558,7 @@ def main() -> int:
                         args.shards,
                         sync,
                         round_,
+                        next(iter(done.values()))["bare_puts_per_txn"] if done else None,
                     )
                     r["shards"] = args.shards
                     r["sync"] = sync
@@ -534,7 +583,9 @@ def main() -> int:
                         f"tasks {r['backlog_tasks']} batches {r['backlog_batches']} "
                         f"gap_wait {r['backlog_gap_waits']} "
                         f"worker CPU/task {r['backlog_worker_cpu_ms_per_task']} ms "
-                        "link late p50/p99 {:.1f}/{:.1f} ms".format(*r["backlog_link_late_ms"]),
+                        "link late p50/p99 {}/{} ms, proxy waited {} ms/s".format(
+                            *r["backlog_link_late_ms"], r["backlog_proxy_runq_ms_per_s"]
+                        ),
                         flush=True,
                     )
                 rows += [done[slots] for slots in args.workers]
