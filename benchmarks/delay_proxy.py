@@ -15,9 +15,10 @@ a fast sender (as on a link with room to spare): a benchmark's traffic is bounde
 
 How faithful the link is:
 - A timer of the loop wakes late: epoll counts whole milliseconds, and this VM's kernel
-  wakes 0.1-0.2 ms after the time asked. A chunk goes out 0.1-0.4 ms after it is due on an
-  idle machine, so a round trip of 2 x 5 ms took 11.0-11.1 ms here (ping-pong of 100
-  bytes through an echo server behind the proxy; 0.23 ms with no delay).
+  wakes 0.1-0.2 ms after the time asked. A chunk went out up to 0.4 ms after it was due
+  (mostly 0.1-0.3 ms) on an idle machine, and a round trip of 2 x 5 ms took 10.8-11.1 ms
+  here (ping-pong of 100 bytes through an echo server behind the proxy; 0.23 ms with no
+  delay).
 - A link does not wait for a core; this proxy shares the machine's cores with a
   benchmark's workers and etcd, and may wait longer the more workers run. With
   `--stats FILE`, each SIGUSR1 writes to FILE how late the bytes so far went out against

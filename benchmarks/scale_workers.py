@@ -6,8 +6,9 @@ burst of changes, with 1, 2, 4 and 8 worker slots, through a link with a round t
 
 Each run gets a fresh target etcd behind `benchmarks/delay_proxy.py`, which delays every
 byte by `--delay` seconds each way (default 5 ms: a cross-zone round trip of 10 ms), and a
-fresh watcher and worker pool. The JSON says how late the proxy delivered while the backlog
-drained (`backlog_link_late_ms`): whether the link was the same at every slot count. The
+fresh watcher and worker pool. The JSON says how late the proxy wrote the bytes while the
+backlog drained (`backlog_link_late_ms`) and how long it waited for a core
+(`backlog_proxy_runq_ms_per_s`): whether the link was the same at every slot count. The
 source etcd, holding N identity ID keys, and Redis are shared by the runs.
 
 - **Initial sync:** from the watcher's start until the target holds N keys (read from the
@@ -131,7 +132,7 @@ def runq_seconds(pid: int) -> float:
 
 
 def link_stats(proxy: subprocess.Popen[bytes], path: Path) -> Counter[int]:
-    """How late the proxy delivered each chunk so far (its stats file, written when asked by
+    """How late the proxy wrote the bytes so far (its stats file, written when asked by
     SIGUSR1; see delay_proxy.py)."""
     seq = late_stats(path)[0]
     proxy.send_signal(signal.SIGUSR1)
@@ -371,7 +372,7 @@ def run(
         after = counts()
         waited1 = runq_seconds(proxy.pid)
         late1 = link_stats(proxy, tmp / f"proxy-{name}.json")
-        late = late1 - late0  # the backlog's deliveries
+        late = late1 - late0  # the backlog's bytes
         drained = seen2.land(keys, marker2)
         stats.close()
         moved = {k: int(after.get(k, 0) - before.get(k, 0)) for k in after}
@@ -421,7 +422,8 @@ def run(
             "backlog_proxy_core_pct": round(100 * (parts1[0] - parts0[0]) / (counted - t2)),
             "backlog_target_etcd_core_pct": round(100 * (parts1[1] - parts0[1]) / (counted - t2)),
             # how faithful the link was while the backlog drained: how late the proxy wrote
-            # each chunk, against the delay (the median and the 99th percentile, in ms)
+            # the bytes, against the delay (the median and the 99th percentile, in ms, of
+            # the bytes; at the upper end of a 0.1 ms step)
             "backlog_link_late_ms": [late_ms(late, 0.5), late_ms(late, 0.99)],
             # how long the proxy waited for a core, in ms per second of the backlog (its
             # run-queue wait: time its bytes sat unread, not in the figure above)
