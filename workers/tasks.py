@@ -7,6 +7,7 @@ machine adds to one set of counters that `kvmesh status` reads.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -640,6 +641,16 @@ READ_ONLY_CONTROL = frozenset(
 )
 
 
+def settle_heap() -> None:
+    """Keep what exists now (modules, the app, its clients: some 80,000 objects in a
+    worker's main process) out of every later garbage collection. A full collection of
+    them took 54-67 ms in the main process of a worker, three times in a run of lag.py,
+    and each stalled every task the pool had in hand (docs/performance.md). The
+    watcher does the same once it has started (cmd_watch)."""
+    gc.collect()
+    gc.freeze()
+
+
 def create_worker_app(settings: Settings) -> Any:
     """The Celery app with the apply task registered: what a worker process runs."""
     keep_redis_clients()
@@ -653,6 +664,7 @@ def create_worker_app(settings: Settings) -> Any:
 
     def init(concurrency: int) -> None:
         # in the worker's main process, before the pool forks
+        settle_heap()  # the pool processes inherit it
         if not port:
             return
         main_pid[0] = os.getpid()
@@ -671,6 +683,7 @@ def create_worker_app(settings: Settings) -> Any:
             )
 
     def ready() -> None:
+        settle_heap()  # what the main process built since init (its consumer) too
         exporter.ready = True
 
     def process_started() -> None:
