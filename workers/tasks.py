@@ -643,10 +643,17 @@ READ_ONLY_CONTROL = frozenset(
 
 def settle_heap() -> None:
     """Keep what exists now (modules, the app, its clients: some 80,000 objects in a
-    worker's main process) out of every later garbage collection. A full collection of
-    them took 54-67 ms in the main process of a worker, three times in a run of lag.py,
-    and each stalled every task the pool had in hand (docs/performance.md). The
-    watcher does the same once it has started (cmd_watch)."""
+    worker's main process) out of every later garbage collection, after collecting what
+    is garbage already. A full collection of them took 54-67 ms in the main process of a
+    worker, three times in a run of lag.py (docs/performance.md). That process hands
+    every message to the pool and acknowledges it (with a prefetch of 1, the ack lets the
+    next message in); with the solo or threads pool it runs the tasks themselves. The
+    watcher does the same once it has started (cmd_watch).
+
+    The price: an object frozen here that later becomes garbage inside a cycle is never
+    freed. That happens once at most, for what lives at the worker's start and is
+    replaced later (the first broker connection, on a reconnect; a pool process's
+    bookkeeping, if it is replaced): a bounded amount, not one that grows with uptime."""
     gc.collect()
     gc.freeze()
 
@@ -663,8 +670,14 @@ def create_worker_app(settings: Settings) -> Any:
     main_pid = [os.getpid()]
 
     def init(concurrency: int) -> None:
-        # in the worker's main process, before the pool forks
-        settle_heap()  # the pool processes inherit it
+        # in the worker's main process, before the pool forks (the pool processes inherit
+        # the frozen heap): once the metrics are set up
+        try:
+            serve_metrics(concurrency)
+        finally:
+            settle_heap()
+
+    def serve_metrics(concurrency: int) -> None:
         if not port:
             return
         main_pid[0] = os.getpid()
