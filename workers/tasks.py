@@ -7,7 +7,6 @@ machine adds to one set of counters that `kvmesh status` reads.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import threading
@@ -27,6 +26,7 @@ from pipeline.clients.celeryapp import (
 from pipeline.clients.etcd import Etcd
 from pipeline.clients.metrics_http import exposition, serve
 from pipeline.config import WRITE, Settings
+from pipeline.heap import settle_heap
 from pipeline.protocol.errors import (
     ForbiddenBatchError,
     MalformedBatchError,
@@ -639,23 +639,6 @@ READ_ONLY_CONTROL = frozenset(
         "disable_events",
     }
 )
-
-
-def settle_heap() -> None:
-    """Keep what exists now (modules, the app, its clients: some 80,000 objects in a
-    worker's main process) out of every later garbage collection, after collecting what
-    is garbage already. A full collection of them took 54-67 ms in the main process of a
-    worker, three times in a run of lag.py (docs/performance.md). That process hands
-    every message to the pool and acknowledges it (with a prefetch of 1, the ack lets the
-    next message in); with the solo or threads pool it runs the tasks themselves. The
-    watcher does the same once it has started (cmd_watch).
-
-    The price: an object frozen here that later becomes garbage inside a cycle is never
-    freed. That happens once at most, for what lives at the worker's start and is
-    replaced later (the first broker connection, on a reconnect; a pool process's
-    bookkeeping, if it is replaced): a bounded amount, not one that grows with uptime."""
-    gc.collect()
-    gc.freeze()
 
 
 def create_worker_app(settings: Settings) -> Any:

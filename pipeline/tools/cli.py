@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import logging
 import shutil
@@ -19,6 +18,7 @@ from typing import Any, Protocol
 
 from pipeline.clients.etcd import Etcd
 from pipeline.config import READ, WRITE, Settings, load_settings
+from pipeline.heap import settle_heap
 from pipeline.protocol.errors import ConfigError, KvmeshError, RetryableError
 from pipeline.protocol.layout import RESOURCES
 from pipeline.protocol.logs import configure as configure_logging
@@ -338,11 +338,8 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("watching %s", ", ".join(names))
-    # what exists now (modules, clients, settings) lives as long as the process: keep it
-    # out of every garbage collection from here on. The initial sync of 50,000 keys then
-    # spent 18-26 ms collecting instead of 55 ms (docs/performance.md).
-    gc.collect()
-    gc.freeze()
+    # what exists now (modules, clients, settings) lives as long as the process
+    settle_heap()
     failed = run_watchers(watchers)
     if failed:
         print(f"kvmesh: the watcher of {', '.join(failed)} failed; see the log", file=sys.stderr)

@@ -54,18 +54,24 @@ class DownTarget:
         return down
 
 
-@pytest.fixture
-def task() -> Any:
-    settings = settings_from_mapping(
+def pair_settings(**extra: Any) -> Any:
+    """A → B, with a signing key, and whatever sections *extra* adds."""
+    return settings_from_mapping(
         {
             "broker": {"url": "redis://127.0.0.1:9/0"},
             "clusters": [
                 {"name": A, "id": 1, "endpoints": ["http://127.0.0.1:9"], "target": False},
                 {"name": B, "id": 2, "endpoints": ["http://127.0.0.1:9"], "source": False},
             ],
+            **extra,
         },
         {"KVMESH_BROKER_SIGNING_KEYS": "k" * 40},
     )
+
+
+@pytest.fixture
+def task() -> Any:
+    settings = pair_settings()
     t = register_tasks(create_app(settings), settings)
     t.signer = Signer(settings.signing)
     return t
@@ -191,36 +197,23 @@ def test_a_worker_keeps_what_it_built_at_start_out_of_later_collections(
     """The worker's main process settles its heap (collects, then freezes what is left)
     before the pool forks, so that the pool inherits it, and again once it consumes: a
     full collection of the startup objects took 54-67 ms there."""
-    import gc
-
+    from pipeline import heap
     from workers import tasks
 
     hooks: dict[str, Any] = {}
     calls: list[str] = []
-    real_settle = tasks.settle_heap
     monkeypatch.setattr(tasks, "on_worker_lifecycle", lambda **kw: hooks.update(kw))
     monkeypatch.setattr(tasks, "keep_redis_clients", lambda: None)
     monkeypatch.setattr(tasks, "restrict_remote_control", lambda allowed: None)
     monkeypatch.setattr(tasks, "settle_heap", lambda: calls.append("settle"))
-    settings = settings_from_mapping(
-        {
-            "broker": {"url": "redis://127.0.0.1:9/0"},
-            "clusters": [
-                {"name": A, "id": 1, "endpoints": ["http://127.0.0.1:9"], "target": False},
-                {"name": B, "id": 2, "endpoints": ["http://127.0.0.1:9"], "source": False},
-            ],
-            "metrics": {"worker_port": 0},
-        },
-        {"KVMESH_BROKER_SIGNING_KEYS": "k" * 40},
-    )
-    tasks.create_worker_app(settings)
+    tasks.create_worker_app(pair_settings(metrics={"worker_port": 0}))
     hooks["init"](2)
     assert calls == ["settle"]  # before the pool forks
     hooks["ready"]()
     assert calls == ["settle", "settle"]  # and what the main process built since
 
     calls.clear()
-    monkeypatch.setattr(gc, "collect", lambda *a: calls.append("collect") or 0)
-    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
-    real_settle()
+    monkeypatch.setattr(heap.gc, "collect", lambda *a: calls.append("collect") or 0)
+    monkeypatch.setattr(heap.gc, "freeze", lambda: calls.append("freeze"))
+    heap.settle_heap()
     assert calls == ["collect", "freeze"]  # what is garbage already is not kept for good
