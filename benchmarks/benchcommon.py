@@ -248,6 +248,17 @@ class Landing:
         (t0, c0), (t1, c1) = self.first(a), self.first(b)
         return (c1 - c0) / max(1e-9, t1 - t0)
 
+    def keys_per_txn(self, parts: int = 10) -> list[float]:
+        """The keys read back per revision that wrote them (one per transaction), in each
+        of *parts* equal parts of the keys in the order they landed; a revision that spans
+        two parts counts in both."""
+        n = len(self.revs)
+        out = []
+        for i in range(parts):
+            part = self.revs[i * n // parts : (i + 1) * n // parts]
+            out.append(round(len(part) / max(1, len(set(part))), 1))
+        return out
+
     def curve(self, t0: float) -> list[list[float]]:
         """(seconds since *t0*, keys landed) at each poll."""
         return [[round(t - t0, 3), bisect.bisect_right(self.revs, r)] for t, r in self.polls]

@@ -407,6 +407,8 @@ def run(
             # how the drain split: the first 10% of the keys, and the last 10%
             "backlog_first_tenth_s": round(seen2.landing.when(int(0.1 * keys)) - t2, 2),
             "backlog_last_tenth_s": round(drained - seen2.landing.when(int(0.9 * keys)), 2),
+            # the keys per transaction in each tenth of the keys, in the order they landed
+            "backlog_keys_per_txn_by_tenth": seen2.landing.keys_per_txn(10),
             # (seconds since the pool resumed, keys landed), as polled
             "backlog_curve": seen2.landing.curve(t2),
             # what the backlog was cut into, and how the workers found it: batches handed
