@@ -385,6 +385,26 @@ def test_a_batch_next_in_its_chain_lands_without_a_read_of_its_fence() -> None:
     assert sum(1 for k in store.data if k.startswith(b"cilium/cache/nodes/v1/a/")) == 600
 
 
+def test_short_batches_of_several_shards_share_one_transaction() -> None:
+    """A task of three shards' chains, each a full batch and a short one (as a flush cuts
+    a burst), costs a transaction per full batch and one for the three short ones: not
+    two per shard, which taking the batches in their order would cost (a shard's short
+    batch first, beside which the next shard's full batch no longer fits)."""
+    store, batches = counting(n_shards=3, per_shard=127 + 34)
+    assert [len(b.ops) for b in batches] == [127, 34] * 3
+    gens = {"a": store.read_fences("a", ["nodes-0"])["nodes-0"]}
+    store.reads = 0
+    outcomes: Counter[str] = Counter()
+    assert apply_all(store, batches, outcomes, gap_wait=0.0, gens=gens) == []
+    assert store.commits == [True] * 4
+    assert store.reads == 0
+    assert outcomes["applied"] == 6
+    for shard in ("nodes-0", "nodes-1", "nodes-2"):
+        last = [b for b in batches if b.shard == shard][-1]
+        assert store.read_fence("a", shard).fence == FenceRecord(1, last.pos)
+    assert sum(1 for k in store.data if k.startswith(b"cilium/cache/nodes/v1/a/")) == 3 * 161
+
+
 def test_a_wrong_guess_costs_one_failed_transaction_and_no_read() -> None:
     """The predecessor's record is not what the batch expects (here: a snapshot not done):
     the failed compare brings the fences back, and the batch lands on them at once."""
