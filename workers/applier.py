@@ -101,10 +101,11 @@ def apply_group(
     admit now, one per shard: the generation and each of those shards' fences are compared,
     each shard's ops and fence written. A flush of the watcher touches a few shards; one
     transaction instead of one per shard (and one read of all the fences instead of one
-    per batch) is what keeps a worker ahead of many sources. Returns (applied, rest), in
-    order; the rest (all of them, if the group does not land) go through apply_batch, which
-    owns every special case: gaps, races, sizes, leases, resyncs. A copy of an applied
-    batch stays in the rest, to be refused as a duplicate. *max_ops* and *max_bytes*
+    per batch) is what keeps a worker ahead of many sources. Returns (applied, rest): the
+    applied in the order they were chosen (see _large_first), the rest in theirs. The rest
+    (all of them, if the group does not land) go through apply_batch, which owns every
+    special case: gaps, races, sizes, leases, resyncs. A copy of an applied batch stays in
+    the rest, to be refused as a duplicate. *max_ops* and *max_bytes*
     are the target's limits per transaction (sync.max_batch_ops + 1, sync.max_batch_bytes),
     for reads and compares too. *deferred*, if given, gets the batches of the rest that can
     only wait for a later group, each with the fence the read found: those whose
@@ -145,15 +146,16 @@ def apply_group(
     if len(views) < len(shards):
         views, guessed = _read(store, source, shards, known, gens, looked), set()
     out: list[tuple[Batch, FenceRecord | None]] = []
+    ordered = _large_first(batches, max_ops)
     for _attempt in range(2):
         out.clear()
-        chosen, parts = _choose(batches, views, guessed, max_ops, max_bytes, out)
+        chosen, parts = _choose(ordered, views, guessed, max_ops, max_bytes, out)
         if not chosen and guessed:
             # nothing to commit on the guesses (another generation, say): read, and choose
             # again from what the target holds
             views, guessed = _read(store, source, shards, known, gens, looked), set()
             out.clear()
-            chosen, parts = _choose(batches, views, guessed, max_ops, max_bytes, out)
+            chosen, parts = _choose(ordered, views, guessed, max_ops, max_bytes, out)
         if not chosen:
             break
         gen_rev = views[chosen[0].shard].gen_rev
@@ -222,31 +224,25 @@ def _choose(
     max_bytes: int,
     deferred: list[tuple[Batch, FenceRecord | None]],
 ) -> tuple[list[Batch], list[Part]]:
-    """The batches that *views* admit together in one transaction, with their parts; the
-    ones that can only wait for a later group go to *deferred* (see apply_group).
-
-    Batches of more than half a transaction first, then the others, each in their order:
-    a task of a few shards' chains, each a full batch and a short one, would otherwise
-    pair a shard's short batch with nothing, since the next shard's full one no longer
-    fits beside it, and cost two transactions per shard instead of one per full batch
-    and one for all the short ones. Two large batches never share a transaction, so
-    their order costs nothing; the short ones keep the shards' order, which is the same
-    in every task (so that a task whose batches follow another's, in another worker,
-    finds them landed in the order it needs them). Only the order of the checks
-    changes: one batch per shard, each admitted by its fence as before."""
+    """The batches that *views* admit together in one transaction, with their parts,
+    taken first-fit in the order given; the ones that can only wait for a later group go
+    to *deferred* (see apply_group)."""
     chosen: list[Batch] = []
     parts: list[Part] = []
     keys: set[bytes] = set()
     taken: set[str] = set()
     ops = bytes_ = 0
-    for b in sorted(batches, key=lambda b: 2 * (len(b.ops) + 1) <= max_ops):
+    for b in batches:
         view = views.get(b.shard)
         if view is None or view.fence_corrupt:
             continue
-        if b.shard in taken:
-            deferred.append((b, view.fence))  # after its predecessor, in the next group
-            continue
         decision = decide(b.gen, b.prev, b.pos, view.gen, view.fence)
+        if b.shard in taken:
+            if decision is Decision.APPLY or decision is Decision.GAP:
+                # after its predecessor (or a copy of a chosen one), in the next group
+                deferred.append((b, view.fence))
+            # anything else (a duplicate landed before, say) is the one-batch path's
+            continue
         if decision is not Decision.APPLY:
             if decision is Decision.GAP:
                 deferred.append((b, view.fence))
@@ -289,6 +285,22 @@ def _choose(
             )
         )
     return chosen, parts
+
+
+def _large_first(batches: Sequence[Batch], max_ops: int) -> list[Batch]:
+    """The batches of more than half a transaction's operations first, then the others,
+    each kind in its order, for _choose's first fit. A flush cuts each shard's changes into
+    full batches and a short tail, and a task of a few such shards, taken in its order,
+    would pair a shard's short batch with nothing (the next shard's full batch no longer
+    fits beside it): two transactions per shard, where one per full batch and one for all
+    the short ones will do. Two large batches never share a transaction (each also writes
+    its fence), so their order costs no transaction. Operations only: a short batch may
+    still be large in bytes, and then takes a transaction of its own as before.
+
+    The price: a task's short batches land together in its last transactions rather than
+    each after its shard's full one, so a task in another worker whose batches follow
+    them waits that much longer (a backlog's tasks mostly touch shards of their own)."""
+    return sorted(batches, key=lambda b: 2 * (len(b.ops) + 1) <= max_ops)
 
 
 def in_its_shard(batch: Batch, shards: int) -> bool:

@@ -405,6 +405,47 @@ def test_short_batches_of_several_shards_share_one_transaction() -> None:
     assert sum(1 for k in store.data if k.startswith(b"cilium/cache/nodes/v1/a/")) == 3 * 161
 
 
+def test_a_short_batch_before_a_full_one_of_its_shard_lands_first() -> None:
+    """Full batches go first only among what the fences admit: a shard whose chain is a
+    short batch and then a full one gets them in that order, each in a transaction of its
+    own beside another shard's full batch (three transactions for 290 operations)."""
+    store, full = counting(n_shards=2, per_shard=127)
+    a = next(b for b in full if b.shard == "nodes-0")
+    short, rest = (
+        a.ops[:34],
+        a.ops[34:] + tuple(Operation(Op.PUT, k, b"w") for k in node_keys("nodes-0", 2, 161)[127:]),
+    )
+    first = Batch("a", "b", "nodes-0", 1, (10, 0), (20, 0), short)
+    second = Batch("a", "b", "nodes-0", 1, (20, 0), (30, 0), rest)
+    other = next(b for b in full if b.shard == "nodes-1")
+    gens = {"a": store.read_fences("a", ["nodes-0"])["nodes-0"]}
+    store.reads = 0
+    outcomes: Counter[str] = Counter()
+    assert apply_all(store, [first, second, other], outcomes, gap_wait=0.0, gens=gens) == []
+    assert store.commits == [True] * 3
+    assert outcomes["applied"] == 3
+    assert store.read_fence("a", "nodes-0").fence == FenceRecord(1, (30, 0))
+    assert sum(1 for k in store.data if k.startswith(b"cilium/cache/nodes/v1/a/")) == 161 + 127
+
+
+def test_a_landed_batch_delivered_again_is_a_duplicate_not_a_wait() -> None:
+    """A task delivered again after its short batch landed: the full one that follows it
+    is chosen first, and the short one is refused as a duplicate in the same pass, not
+    taken for a batch waiting on its shard (no gap recorded for it)."""
+    store, batches = counting(n_shards=1, per_shard=127 + 34)
+    full, short = batches
+    second = Batch("a", "b", "nodes-0", 1, short.pos, (short.pos[0] + 1, 0), full.ops)
+    gens: dict[str, FenceView] = {}
+    assert apply_all(store, [full, short], Counter(), gap_wait=0.0, gens=gens) == []
+    store.reads, store.commits = 0, []
+    outcomes: Counter[str] = Counter()
+    gaps: dict[tuple[str, str, str], object] = {}
+    assert apply_all(store, [short, second], outcomes, gap_wait=0.0, gaps=gaps, gens=gens) == []
+    assert gaps == {}
+    assert outcomes[Decision.DUPLICATE.value] == 1 and outcomes["applied"] == 1
+    assert store.read_fence("a", "nodes-0").fence == FenceRecord(1, second.pos)
+
+
 def test_a_wrong_guess_costs_one_failed_transaction_and_no_read() -> None:
     """The predecessor's record is not what the batch expects (here: a snapshot not done):
     the failed compare brings the fences back, and the batch lands on them at once."""
