@@ -38,6 +38,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -377,6 +378,8 @@ def main() -> int:
         stop(procs)
         for s in servers:
             s.stop()
+            # a run writes hundreds of MB of etcd data: the logs stay, the data goes
+            shutil.rmtree(s.data_dir, ignore_errors=True)
 
 
 def medians(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

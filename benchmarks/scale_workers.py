@@ -60,6 +60,7 @@ import argparse
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import statistics
 import subprocess
@@ -443,6 +444,8 @@ def run(
     finally:
         stop(procs)
         target.stop()
+        # each run's target holds hundreds of MB of etcd data: the logs stay, the data goes
+        shutil.rmtree(target.data_dir, ignore_errors=True)
 
 
 RATIOS = (
@@ -609,6 +612,8 @@ def main() -> int:
     finally:
         src.stop()
         broker.stop()
+        for server in (src, broker):
+            shutil.rmtree(server.data_dir, ignore_errors=True)
     if args.repeat > 1:
         print(
             f"median of {args.repeat} rounds, each against {args.workers[0]} slot(s) of its round:"
