@@ -105,9 +105,9 @@ def apply_group(
     applied in the order they were chosen (see _large_first), the rest in theirs. The rest
     (all of them, if the group does not land) go through apply_batch, which owns every
     special case: gaps, races, sizes, leases, resyncs. A copy of an applied batch stays in
-    the rest, to be refused as a duplicate. *max_ops* and *max_bytes*
-    are the target's limits per transaction (sync.max_batch_ops + 1, sync.max_batch_bytes),
-    for reads and compares too. *deferred*, if given, gets the batches of the rest that can
+    the rest, to be refused as a duplicate. *max_ops* and *max_bytes* are the target's
+    limits per transaction (sync.max_batch_ops + 1, sync.max_batch_bytes), for reads and
+    compares too. *deferred*, if given, gets the batches of the rest that can
     only wait for a later group, each with the fence the read found: those whose
     predecessor is missing, and those that follow a batch of their shard, share a key with
     it or do not fit beside the chosen ones. They need no read of their own.
