@@ -186,6 +186,7 @@ def main() -> int:
         return 0
     finally:
         src.stop()
+        shutil.rmtree(src.data_dir, ignore_errors=True)  # the logs stay
 
 
 def run_kvmesh(

@@ -14,6 +14,7 @@ on the same machine in the same run.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -114,6 +115,8 @@ def run_case(keys: int, prefilled: bool, code: Path, tmp: Path, timeout: float) 
             watcher.terminate()
             watcher.wait(30)
         stop_all(servers)
+        for s in servers:  # up to a few GB at 500,000 keys; the logs stay
+            shutil.rmtree(s.data_dir, ignore_errors=True)
 
 
 def main() -> int:
