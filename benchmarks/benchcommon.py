@@ -10,6 +10,7 @@ import bisect
 import compileall
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,11 +22,20 @@ from pipeline.clients.etcd import Etcd
 from pipeline.protocol.names import stats_key
 from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
 from pipeline.tools.orphan import wrap
-from pipeline.tools.servers import find_binary
+from pipeline.tools.servers import ServerProcess, find_binary, stop_all
 
 SOURCE = "cluster-a"
 ID_PREFIX = b"cilium/state/identities/v1/id/"
 CACHE_PREFIX = f"cilium/cache/identities/v1/{SOURCE}/id/".encode()
+
+
+def discard(*servers: ServerProcess) -> None:
+    """Stop *servers* and delete their data dirs. A benchmark's etcd writes hundreds of MB
+    a run (GBs at 500,000 keys), and such leftovers once filled the disk; the logs, beside
+    the data dirs, stay."""
+    stop_all(list(servers))
+    for s in servers:
+        shutil.rmtree(s.data_dir, ignore_errors=True)
 
 
 def byte_compile(root: Path | None = None) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from benchcommon import (
     applied_ops,
     byte_compile,
     cpu_seconds,
+    discard,
     mirror_command,
     pair_config,
     session_cpu_seconds,
@@ -185,8 +185,7 @@ def main() -> int:
             )
         return 0
     finally:
-        src.stop()
-        shutil.rmtree(src.data_dir, ignore_errors=True)  # the logs stay
+        discard(src)
 
 
 def run_kvmesh(
@@ -259,9 +258,7 @@ def run_kvmesh(
         return t_kvmesh, used, late
     finally:
         stop(procs)
-        for s in servers:
-            s.stop()
-            shutil.rmtree(s.data_dir, ignore_errors=True)  # the logs stay
+        discard(*servers)
 
 
 def run_mirror(tmp: Path, src: EtcdServer, args: argparse.Namespace) -> float:
@@ -296,8 +293,7 @@ def run_mirror(tmp: Path, src: EtcdServer, args: argparse.Namespace) -> float:
         return done - t0
     finally:
         stop(procs)
-        dst.stop()
-        shutil.rmtree(dst.data_dir, ignore_errors=True)
+        discard(dst)
 
 
 if __name__ == "__main__":

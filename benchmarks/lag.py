@@ -38,7 +38,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from benchcommon import (
     SOURCE,
     add_sync_option,
     byte_compile,
+    discard,
     mirror_command,
     pair_config,
     pyplot,
@@ -376,10 +376,7 @@ def main() -> int:
         for st in streams:
             st.stop()
         stop(procs)
-        for s in servers:
-            s.stop()
-            # a run writes hundreds of MB of etcd data: the logs stay, the data goes
-            shutil.rmtree(s.data_dir, ignore_errors=True)
+        discard(*servers)
 
 
 def medians(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

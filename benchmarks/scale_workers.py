@@ -60,7 +60,6 @@ import argparse
 import multiprocessing
 import os
 import queue
-import shutil
 import signal
 import statistics
 import subprocess
@@ -80,6 +79,7 @@ from benchcommon import (
     applied_ops,
     byte_compile,
     cpu_seconds,
+    discard,
     pair_config,
     pyplot,
     session_cpu_seconds,
@@ -443,9 +443,7 @@ def run(
         }
     finally:
         stop(procs)
-        target.stop()
-        # each run's target holds hundreds of MB of etcd data: the logs stay, the data goes
-        shutil.rmtree(target.data_dir, ignore_errors=True)
+        discard(target)
 
 
 RATIOS = (
@@ -610,10 +608,7 @@ def main() -> int:
                 if args.json:  # after every round: a failed run later keeps these
                     write_json(rows, args.json)
     finally:
-        src.stop()
-        broker.stop()
-        for server in (src, broker):
-            shutil.rmtree(server.data_dir, ignore_errors=True)
+        discard(src, broker)
     if args.repeat > 1:
         print(
             f"median of {args.repeat} rounds, each against {args.workers[0]} slot(s) of its round:"

@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchcommon import discard  # noqa: E402
+
 from pipeline.clients.etcd import Etcd, Event  # noqa: E402
 from pipeline.config import WRITE  # noqa: E402
 from pipeline.tools.servers import EtcdServer  # noqa: E402
@@ -98,8 +100,7 @@ def main() -> None:
                 try:
                     got[watch] = one(server, args.txns, args.puts, watch)
                 finally:
-                    server.stop()
-                    shutil.rmtree(server.data_dir, ignore_errors=True)
+                    discard(server)
             with_w, without = got[True], got[False]
             per = (with_w["cpu_s"] - without["cpu_s"]) / max(1, with_w["responses"])
             rounds.append(

@@ -14,7 +14,6 @@ on the same machine in the same run.
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,13 +21,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchcommon import code_env
+from benchcommon import code_env, discard
 
 from pipeline.clients.etcd import Etcd
 from pipeline.tools.cilium_state import identity_id, identity_labels, write_items
 from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
 from pipeline.tools.orphan import wrap
-from pipeline.tools.servers import EtcdServer, RedisServer, free_port, stop_all
+from pipeline.tools.servers import EtcdServer, RedisServer, free_port
 
 SOURCE = "cluster-a"
 ID_PREFIX = b"cilium/state/identities/v1/id/"
@@ -114,9 +113,7 @@ def run_case(keys: int, prefilled: bool, code: Path, tmp: Path, timeout: float) 
         if watcher is not None:
             watcher.terminate()
             watcher.wait(30)
-        stop_all(servers)
-        for s in servers:  # up to a few GB at 500,000 keys; the logs stay
-            shutil.rmtree(s.data_dir, ignore_errors=True)
+        discard(*servers)
 
 
 def main() -> int:
