@@ -81,7 +81,7 @@ class Queue:
         self.published = 0
         self.flushes = 0  # calls of publish: one per flush of the watcher
 
-    def publish(self, batches: Sequence[Batch], per_task: int = 0) -> None:
+    def publish(self, batches: Sequence[Batch], per_task: int = 0, txn_ops: int = 0) -> None:
         if self.failing:
             raise PublishError("broker down", 0)
         self.batches.extend(batches)

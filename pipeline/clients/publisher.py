@@ -22,8 +22,9 @@ from pipeline.protocol.wire import Batch, Signer, encode_task_json
 
 
 class Publisher(Protocol):
-    def publish(self, batches: Sequence[Batch], per_task: int = 0) -> None:
-        """Publish the batches, *per_task* to a task (0: sync.batches_per_task)."""
+    def publish(self, batches: Sequence[Batch], per_task: int = 0, txn_ops: int = 0) -> None:
+        """Publish the batches, *per_task* to a task (0: sync.batches_per_task); *txn_ops*:
+        see group_batches."""
         ...
 
     def backlog(self) -> int:
@@ -41,27 +42,44 @@ MAX_OPS_PER_TASK = 512
 
 
 def group_batches(
-    batches: Sequence[Batch], per_task: int, max_ops: int = MAX_OPS_PER_TASK
+    batches: Sequence[Batch], per_task: int, max_ops: int = MAX_OPS_PER_TASK, txn_ops: int = 0
 ) -> list[list[Batch]]:
     """The batches in order, at most *per_task* and about *max_ops* operations to a task
     (a batch is never split; one larger than *max_ops* has a task of its own). A task may
     carry batches for several targets of its source (a flush of the watcher is one task for
     all of them, not one per target); the worker applies each in its own target's fenced
     transaction. Consecutive batches of one shard (a run) go into one task when they fit
-    in a task of their own: split over two tasks, the second would wait for the first."""
+    in a task of their own: split over two tasks, the second would wait for the first.
+
+    *txn_ops* (the target's operations per transaction; 0: no such limit) keeps a task of
+    several shards of one target to what one transaction holds (each shard's operations
+    and its fence). The batches of several shards that one transaction cannot hold go to
+    tasks of their own, which touch other shards and which the pool applies side by side,
+    instead of one after another in one task. Each flush of a burst's start touches
+    most shards, and the next flush's task follows it in all of them (docs/performance.md)."""
     groups: list[list[Batch]] = []
     current: list[Batch] = []
     ops = 0
+    # per target in the current task: its operations and its shards (one fence each)
+    held: dict[str, tuple[int, int]] = {}
     for run in _runs(batches):
-        if len(run) > 1 and current:
+        if current and len(run) > 1:
             run_ops = sum(len(b.ops) for b in run)
             if len(current) + len(run) > per_task or ops + run_ops > max_ops:
                 groups.append(current)
-                current, ops = [], 0
-        for b in run:
+                current, ops, held = [], 0, {}
+        if current and txn_ops and run[0].target in held:
+            t_ops, t_shards = held[run[0].target]
+            if t_ops + t_shards + len(run[0].ops) + 1 > txn_ops:
+                groups.append(current)
+                current, ops, held = [], 0, {}
+        for i, b in enumerate(run):
             if current and (len(current) >= per_task or ops + len(b.ops) > max_ops):
                 groups.append(current)
-                current, ops = [], 0
+                current, ops, held = [], 0, {}
+            t_ops, t_shards = held.get(b.target, (0, 0))
+            # the run's first batch in this task brings its shard's fence
+            held[b.target] = (t_ops + len(b.ops), t_shards + (i == 0 or not current))
             current.append(b)
             ops += len(b.ops)
     if current:
@@ -170,11 +188,11 @@ class RedisPublisher:
         except redis.RedisError as exc:
             raise RetryableError(f"reading the depth of {self._queue} failed: {exc}") from None
 
-    def publish(self, batches: Sequence[Batch], per_task: int = 0) -> None:
+    def publish(self, batches: Sequence[Batch], per_task: int = 0, txn_ops: int = 0) -> None:
         """Publish every batch, or raise PublishError saying how many went out first."""
         sent = 0
         try:
-            for group in group_batches(batches, per_task or self._per_task):
+            for group in group_batches(batches, per_task or self._per_task, txn_ops=txn_ops):
                 first = group[0]
                 payload = encode_task_json(group, self._signer)
                 targets = sorted({b.target for b in group})

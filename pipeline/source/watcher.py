@@ -809,9 +809,12 @@ class Watcher:
         published = len(out)
         try:
             # a flush is small batches for many targets: as many to a task as a task takes
-            # (the worker applies each target's in one transaction); a snapshot keeps
-            # sync.batches_per_task, so that its large batches spread over the workers
-            self.publisher.publish([b for _, b in out], MAX_BATCHES_PER_TASK)
+            # (the worker applies each target's in one transaction), and for one target
+            # no more than one transaction holds; a snapshot keeps sync.batches_per_task,
+            # so that its large batches spread over the workers
+            self.publisher.publish(
+                [b for _, b in out], MAX_BATCHES_PER_TASK, txn_ops=self.sync.max_batch_ops + 1
+            )
         except PublishError as exc:
             published = exc.published
             for t, b in out[published:]:

@@ -57,3 +57,44 @@ def test_a_burst_becomes_tasks_of_one_shard_each() -> None:
     groups = group_batches(segments, 64)
     assert len(groups) == 16
     assert all(len({b.shard for b in g}) == 1 for g in groups)
+
+
+def shards_of(groups: list[list[Batch]]) -> list[list[int]]:
+    return [[int(b.shard.split("-")[1]) for b in g] for g in groups]
+
+
+def test_a_flush_of_many_shards_holds_one_transaction_per_task() -> None:
+    """A flush at a burst's start touches every shard, and the next flush's task follows it
+    in all of them. With the target's transaction size given, the flush is cut into tasks
+    of one transaction each (operations and a fence per shard), on disjoint shards, which
+    the pool applies side by side."""
+    flush = [batch("t", 25, shard=s) for s in range(16)]
+    assert shards_of(group_batches(flush, 64)) == [list(range(16))]  # one task of 400 ops
+    groups = group_batches(flush, 64, txn_ops=128)
+    assert shards_of(groups) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert all(sum(len(b.ops) + 1 for b in g) <= 128 for g in groups)
+    assert [b for g in groups for b in g] == flush
+    # exactly one transaction's worth fits: 4 x (31 + 1) = 128
+    exact = [batch("t", 31, shard=s) for s in range(5)]
+    assert shards_of(group_batches(exact, 64, txn_ops=128)) == [[0, 1, 2, 3], [4]]
+
+
+def test_one_transaction_per_task_is_counted_per_target() -> None:
+    """Each target's batches are their own transaction: small batches for many targets
+    still share a task, and only a target's own shards add up."""
+    small = [batch(f"t{i}", 2) for i in range(100)]
+    assert [len(g) for g in group_batches(small, 64, txn_ops=128)] == [64, 36]
+    two = [batch(t, 60, shard=s) for s in range(2) for t in ("x", "y")]  # x0 y0 x1 y1
+    assert [[(b.target, b.shard) for b in g] for g in group_batches(two, 64, txn_ops=128)] == [
+        [("x", "nodes-0"), ("y", "nodes-0"), ("x", "nodes-1"), ("y", "nodes-1")]
+    ]  # 60 + 1 + 60 + 1 = 122 for each target
+    three = [batch("x", 60, shard=s) for s in range(3)]
+    assert shards_of(group_batches(three, 64, txn_ops=128)) == [[0, 1], [2]]
+
+
+def test_a_run_of_one_shard_stays_whole_when_transactions_are_counted() -> None:
+    """A shard's consecutive batches are applied one after another whatever the task, so
+    the limit never splits a run; the next shard's batch goes to a task of its own."""
+    runs = [batch("t", 127, shard=0), batch("t", 35, shard=0), batch("t", 35, shard=1)]
+    assert shards_of(group_batches(runs, 64, txn_ops=128)) == [[0, 0], [1]]
+    assert shards_of(group_batches(runs, 64)) == [[0, 0, 1]]
