@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from pipeline.clients.publisher import group_batches
 from pipeline.config import Settings, settings_from_mapping
 from pipeline.protocol.errors import BadInputError, PublishError
 from pipeline.protocol.fence import Decision
@@ -80,10 +81,12 @@ class Queue:
         self.failing = False
         self.published = 0
         self.flushes = 0  # calls of publish: one per flush of the watcher
+        self.tasks: list[list[Batch]] = []  # the batches as the publisher cuts them into tasks
 
     def publish(self, batches: Sequence[Batch], per_task: int = 0, txn_ops: int = 0) -> None:
         if self.failing:
             raise PublishError("broker down", 0)
+        self.tasks += group_batches(batches, per_task or 8, txn_ops=txn_ops)
         self.batches.extend(batches)
         self.seen.extend(batches)
         self.published += len(batches)

@@ -104,8 +104,9 @@ def test_a_task_rewritten_in_the_queue_is_refused(mesh: FaultMesh) -> None:
 
 
 def payloads_by_reference(mesh: FaultMesh) -> list[bytes]:
-    """With no worker consuming, make the watcher of A publish a task too large to travel
-    inline (300 new identities in one flush, over CLAIM_CHECK_BYTES), and return the
+    """With no worker consuming, make the watcher of A publish tasks too large to travel
+    inline (300 new identities whose values are over a kilobyte each: a task of a dozen of
+    them is over CLAIM_CHECK_BYTES, however a flush is cut into tasks), and return the
     Redis keys of the payloads published by reference."""
     assert mesh.base_worker is not None
     mesh.base_worker.stop()
@@ -119,7 +120,7 @@ def payloads_by_reference(mesh: FaultMesh) -> list[bytes]:
         (
             (
                 f"cilium/state/identities/v1/id/{identity_id(1, base + i)}".encode(),
-                identity_labels(A, base + i).encode(),
+                (identity_labels(A, base + i) + "k8s:pad=" + "x" * 1024 + ";").encode(),
             )
             for i in range(300)
         ),

@@ -138,6 +138,33 @@ def test_a_flush_lists_its_shards_in_one_fixed_order() -> None:
             assert shards == sorted(shards)
 
 
+def test_a_flush_of_many_shards_becomes_tasks_of_one_transaction_each() -> None:
+    """A burst's first flushes touch nearly every shard: the watcher has the publisher cut
+    each into tasks of what one transaction holds per target (operations and a fence per
+    shard), on disjoint shards, which the pool applies side by side."""
+    rig = Rig(shards=16)
+    fill(rig, nodes=0, identities=0)
+    rig.start()
+    rig.settle()
+    n = len(rig.queue.tasks)
+    ids = [(1 << 16) + 1000 + i for i in range(400)]
+    for i in range(0, 400, 100):  # etcd takes at most 128 operations per transaction
+        puts = [Put(IDENTITY + str(n).encode(), b"k8s:app=x") for n in ids[i : i + 100]]
+        rig.source.txn([], puts)
+    rig.step()
+    tasks = rig.queue.tasks[n:]
+    assert sum(len(b.ops) for t in tasks for b in t) == 2 * 400  # both targets, one flush
+    for target in ("b", "c"):
+        parts = [[b for b in t if b.target == target] for t in tasks]
+        parts = [p for p in parts if p]
+        assert len(parts) >= 4  # 400 operations over 16 shards
+        for p in parts:
+            assert len({b.shard for b in p}) == len(p)
+            assert sum(len(b.ops) + 1 for b in p) <= 128
+        shards = [b.shard for p in parts for b in p]
+        assert len(shards) == len(set(shards)) == 16
+
+
 def test_progress_is_not_pinned_by_a_quiet_shard_with_a_batch_in_flight() -> None:
     """The progress record (the resume point, and what status reports as lag) moves up to
     the first change still in flight, not to the last fence of its shard, which may be
