@@ -75,7 +75,8 @@ def settings_for(
 class Queue:
     """The source's Celery queue: batches in publish order, with a broker that can fail."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_task: int) -> None:
+        self.per_task = per_task  # sync.batches_per_task, for a publish that names none
         self.batches: list[Batch] = []
         self.seen: list[Batch] = []  # every batch ever published, in order
         self.failing = False
@@ -86,7 +87,7 @@ class Queue:
     def publish(self, batches: Sequence[Batch], per_task: int = 0, txn_ops: int = 0) -> None:
         if self.failing:
             raise PublishError("broker down", 0)
-        self.tasks += group_batches(batches, per_task or 8, txn_ops=txn_ops)
+        self.tasks += group_batches(batches, per_task or self.per_task, txn_ops=txn_ops)
         self.batches.extend(batches)
         self.seen.extend(batches)
         self.published += len(batches)
@@ -108,7 +109,7 @@ class Rig:
         self.source_name = source
         self.source: MemoryEtcd = self.mesh[source]
         self.clock = Clock()
-        self.queue = Queue()
+        self.queue = Queue(self.settings.sync.batches_per_task)
         self.outcomes: Counter[str] = Counter()
         self.held: list[Batch] = []  # batches a worker waits on (their predecessor is missing)
         self.gap_since: dict[tuple[object, ...], float] = {}

@@ -46,9 +46,9 @@ def group_batches(
 ) -> list[list[Batch]]:
     """The batches in order, at most *per_task* and about *max_ops* operations to a task
     (a batch is never split; one larger than *max_ops* has a task of its own). A task may
-    carry batches for several targets of its source (a flush of the watcher is one task for
-    all of them, not one per target); the worker applies each in its own target's fenced
-    transaction. Consecutive batches of one shard (a run) go into one task when they fit
+    carry batches for several targets of its source (a flush of the watcher shares its tasks
+    among all of them, not a task per target); the worker applies each in its own target's
+    fenced transaction. Consecutive batches of one shard (a run) go into one task when they fit
     in a task of their own: split over two tasks, the second would wait for the first.
 
     *txn_ops* (the target's operations per transaction; 0: no such limit) keeps a task of
@@ -56,7 +56,9 @@ def group_batches(
     and its fence). The batches of several shards that one transaction cannot hold go to
     tasks of their own, which touch other shards and which the pool applies side by side,
     instead of one after another in one task. Each flush of a burst's start touches
-    most shards, and the next flush's task follows it in all of them (docs/performance.md)."""
+    most shards, and the next flush's task follows it in all of them (docs/performance.md).
+    The limit is counted per target; the watcher lists a flush shard by shard across its
+    targets (watcher._shard_rows), so that a task holds the same shards for each."""
     groups: list[list[Batch]] = []
     current: list[Batch] = []
     ops = 0

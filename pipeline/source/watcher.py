@@ -125,6 +125,22 @@ class Target:
             self.need_resync, self.resync_detail = cause, detail
 
 
+def _shard_rows(lists: list[list[tuple[Target, Batch]]]) -> list[tuple[Target, Batch]]:
+    """Each target's batches, in its own order, interleaved run by run (a run: consecutive
+    batches of one shard): the first shard's batches for every target, then the second
+    shard's, and so on. A full mesh sends every target the same changes, and a task that
+    holds one shard's batches for several targets carries their operations once; the
+    publisher cuts a flush into tasks of one transaction per target (group_batches), so
+    in target order each task would hold one target, and the operations would travel
+    once per target."""
+    if len(lists) <= 1:
+        return lists[0] if lists else []
+    runs = [
+        [list(g) for _, g in itertools.groupby(mine, key=lambda tb: tb[1].shard)] for mine in lists
+    ]
+    return [tb for row in itertools.zip_longest(*runs) for run in row if run for tb in run]
+
+
 class Watcher:
     def __init__(
         self,
@@ -649,14 +665,16 @@ class Watcher:
             return
         # One publish for every target: a task carries batches for several targets, so a
         # flush costs tasks in proportion to what changed, not to the number of targets.
-        out: list[tuple[Target, Batch]] = []
+        lists: list[list[tuple[Target, Batch]]] = []
         for t in pending:
             unsent, t.unsent = t.unsent, []
-            out += [(t, b) for b in unsent]
+            mine = [(t, b) for b in unsent]
             if len(t.outbox):
                 since_ms = t.outbox.since
-                out += [(t, b) for b in self._cut_chains(t, t.outbox.drain(), since_ms)]
+                mine += [(t, b) for b in self._cut_chains(t, t.outbox.drain(), since_ms)]
+            lists.append(mine)
             self._mark(t)
+        out = _shard_rows(lists)
         self._last_flush = now
         # what the queue held before this publish says nothing of it now: the next look
         # that decides on an idle flush reads it again

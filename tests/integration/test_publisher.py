@@ -226,3 +226,26 @@ def test_a_large_payload_travels_by_reference(servers: Servers) -> None:
     assert json.loads(popped(client)["body"])[0] == [encode_task([batch()], signer)]
     assert not list(client.scan_iter("kvmesh:payload:*"))
     client.close()
+
+
+def test_a_flush_is_cut_into_tasks_of_one_transaction_each(servers: Servers) -> None:
+    """txn_ops reaches the grouping: 16 shards' batches of 25 operations for one target are
+    four messages of one transaction's worth each (25 + 1 fence, four shards), and one
+    message without it."""
+    client = redis_at(servers.redis().url)
+    client.delete(QUEUE)
+
+    def shard(s: int) -> Batch:
+        ops = tuple(
+            Operation(Op.PUT, b"cilium/cache/nodes/v1/cluster-a/n%d-%d" % (s, i), b"{}")
+            for i in range(25)
+        )
+        return Batch("cluster-a", "cluster-b", f"nodes-{s}", 7, (1, 0), (2, s), ops)
+
+    flush = [shard(s) for s in range(16)]
+    RedisPublisher(QUEUE, client, None).publish(flush, 64, txn_ops=128)
+    assert client.llen(QUEUE) == 4
+    client.delete(QUEUE)
+    RedisPublisher(QUEUE, client, None).publish(flush, 64)
+    assert client.llen(QUEUE) == 1
+    client.delete(QUEUE)

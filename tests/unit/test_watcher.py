@@ -141,7 +141,9 @@ def test_a_flush_lists_its_shards_in_one_fixed_order() -> None:
 def test_a_flush_of_many_shards_becomes_tasks_of_one_transaction_each() -> None:
     """A burst's first flushes touch nearly every shard: the watcher has the publisher cut
     each into tasks of what one transaction holds per target (operations and a fence per
-    shard), on disjoint shards, which the pool applies side by side."""
+    shard), on disjoint shards, which the pool applies side by side. The targets' batches
+    go out shard by shard, so a task holds the same shards for every target and carries
+    their operations once."""
     rig = Rig(shards=16)
     fill(rig, nodes=0, identities=0)
     rig.start()
@@ -156,13 +158,16 @@ def test_a_flush_of_many_shards_becomes_tasks_of_one_transaction_each() -> None:
     assert sum(len(b.ops) for t in tasks for b in t) == 2 * 400  # both targets, one flush
     for target in ("b", "c"):
         parts = [[b for b in t if b.target == target] for t in tasks]
-        parts = [p for p in parts if p]
-        assert len(parts) >= 4  # 400 operations over 16 shards
+        assert all(parts)  # every task holds both targets' batches...
+        assert 4 <= len(parts) <= 5  # 400 operations over 16 shards: 4 or 5 transactions
         for p in parts:
             assert len({b.shard for b in p}) == len(p)
             assert sum(len(b.ops) + 1 for b in p) <= 128
         shards = [b.shard for p in parts for b in p]
         assert len(shards) == len(set(shards)) == 16
+    for t in tasks:  # ...of the same shards, whose operations the payload then holds once
+        assert {b.shard for b in t if b.target == "b"} == {b.shard for b in t if b.target == "c"}
+        assert all(len({b.ops for b in t if b.shard == s}) == 1 for s in {b.shard for b in t})
 
 
 def test_progress_is_not_pinned_by_a_quiet_shard_with_a_batch_in_flight() -> None:
