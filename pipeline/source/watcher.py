@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -125,20 +125,28 @@ class Target:
             self.need_resync, self.resync_detail = cause, detail
 
 
-def _shard_rows(lists: list[list[tuple[Target, Batch]]]) -> list[tuple[Target, Batch]]:
-    """Each target's batches, in its own order, interleaved run by run (a run: consecutive
-    batches of one shard): the first shard's batches for every target, then the second
-    shard's, and so on. A full mesh sends every target the same changes, and a task that
-    holds one shard's batches for several targets carries their operations once; the
-    publisher cuts a flush into tasks of one transaction per target (group_batches), so
-    in target order each task would hold one target, and the operations would travel
-    once per target."""
+def _shard_rows(
+    lists: list[list[tuple[Target, Batch]]], rank: dict[str, int]
+) -> list[tuple[Target, Batch]]:
+    """Every target's batches in rows of one shard: the first run (consecutive batches of
+    one shard) of each shard for every target, in the shards' fixed order (*rank*), then
+    each shard's second run, and so on. A full mesh sends every target the same changes,
+    and a task that holds one shard's batches for several targets carries their
+    operations once. The publisher cuts a flush into tasks of one transaction per target
+    (group_batches): in target order each task would hold one target, and the operations
+    would travel once per target. A target's runs of one shard keep their order (its
+    chain); its runs of different shards may swap (each shard is a chain of its own), as
+    when batches left from a failed publish come first: they join their shard's row."""
     if len(lists) <= 1:
         return lists[0] if lists else []
-    runs = [
-        [list(g) for _, g in itertools.groupby(mine, key=lambda tb: tb[1].shard)] for mine in lists
-    ]
-    return [tb for row in itertools.zip_longest(*runs) for run in row if run for tb in run]
+    keyed: list[tuple[tuple[int, int], int, list[tuple[Target, Batch]]]] = []
+    for n, mine in enumerate(lists):
+        seen: Counter[str] = Counter()
+        for shard, group in itertools.groupby(mine, key=lambda tb: tb[1].shard):
+            keyed.append(((seen[shard], rank.get(shard, len(rank))), n, list(group)))
+            seen[shard] += 1
+    keyed.sort(key=lambda k: (k[0], k[1]))
+    return [tb for _, _, run in keyed for tb in run]
 
 
 class Watcher:
@@ -674,7 +682,7 @@ class Watcher:
                 mine += [(t, b) for b in self._cut_chains(t, t.outbox.drain(), since_ms)]
             lists.append(mine)
             self._mark(t)
-        out = _shard_rows(lists)
+        out = _shard_rows(lists, self._shard_rank)
         self._last_flush = now
         # what the queue held before this publish says nothing of it now: the next look
         # that decides on an idle flush reads it again

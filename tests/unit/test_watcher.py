@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -14,9 +15,11 @@ from pipeline.protocol.errors import RetryableError
 from pipeline.protocol.fence import Decision, GenRecord
 from pipeline.protocol.layout import RESOURCE_BY_NAME
 from pipeline.protocol.names import draining_key, gen_key, progress_key
+from pipeline.protocol.wire import Batch
 from pipeline.source.drain import drain_removed
 from pipeline.source.feed import SourceFeed
 from pipeline.source.planner import Cause
+from pipeline.source.watcher import _shard_rows
 from tests.harness import eventually
 from tests.memory_etcd import MemoryEtcd
 from tests.rig import Rig
@@ -519,3 +522,25 @@ def test_the_linger_spaces_flushes_only_while_tasks_wait(idle_flush: bool) -> No
     rig.settle()
     for target in rig.targets:
         assert rig.cache(target) == rig.expected()
+
+
+def test_a_flush_pairs_targets_by_shard_when_their_lists_do_not_line_up() -> None:
+    """Batches left from a failed publish come first in their target's list, and a target
+    may skip a shard: the rows still pair each shard's batches across the targets, and
+    each target's batches of one shard keep their order."""
+
+    def b(target: str, shard: int, pos: int) -> tuple[Any, Batch]:
+        return target, Batch("a", target, f"nodes-{shard}", 1, (1, pos - 1), (1, pos), ())
+
+    rank = {f"nodes-{s}": s for s in range(4)}
+    left = [b("b", 3, 1)]  # from a failed publish
+    bs = left + [b("b", s, 2 if s == 3 else 1) for s in range(4)]
+    cs = [b("c", s, 1) for s in (0, 1, 3)]  # c skips shard 2
+    out = _shard_rows([bs, cs], rank)  # type: ignore[arg-type]
+    assert [(t, x.shard[-1], x.pos[1]) for t, x in out] == [
+        ("b", "0", 1), ("c", "0", 1),
+        ("b", "1", 1), ("c", "1", 1),
+        ("b", "2", 1),
+        ("b", "3", 1), ("c", "3", 1),
+        ("b", "3", 2),
+    ]  # fmt: skip
