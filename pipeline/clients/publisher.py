@@ -57,8 +57,8 @@ def group_batches(
     tasks of their own, which touch other shards and which the pool applies side by side,
     instead of one after another in one task. Each flush of a burst's start touches
     most shards, and the next flush's task follows it in all of them (docs/performance.md).
-    The limit is counted per target; the watcher lists a flush shard by shard across its
-    targets (watcher._shard_rows), so that a task holds the same shards for each."""
+    The limit is counted per target. The watcher lists a flush target by target, so a
+    target's share larger than one transaction goes to tasks of that target alone."""
     groups: list[list[Batch]] = []
     current: list[Batch] = []
     ops = 0

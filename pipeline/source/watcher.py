@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -123,30 +123,6 @@ class Target:
         """Mark the target for a resync (a cause already owed is kept)."""
         if self.need_resync is None:
             self.need_resync, self.resync_detail = cause, detail
-
-
-def _shard_rows(
-    lists: list[list[tuple[Target, Batch]]], rank: dict[str, int]
-) -> list[tuple[Target, Batch]]:
-    """Every target's batches in rows of one shard: the first run (consecutive batches of
-    one shard) of each shard for every target, in the shards' fixed order (*rank*), then
-    each shard's second run, and so on. A full mesh sends every target the same changes,
-    and a task that holds one shard's batches for several targets carries their
-    operations once. The publisher cuts a flush into tasks of one transaction per target
-    (group_batches): in target order each task would hold one target, and the operations
-    would travel once per target. A target's runs of one shard keep their order (its
-    chain); its runs of different shards may swap (each shard is a chain of its own), as
-    when batches left from a failed publish come first: they join their shard's row."""
-    if len(lists) <= 1:
-        return lists[0] if lists else []
-    keyed: list[tuple[tuple[int, int], int, list[tuple[Target, Batch]]]] = []
-    for n, mine in enumerate(lists):
-        seen: Counter[str] = Counter()
-        for shard, group in itertools.groupby(mine, key=lambda tb: tb[1].shard):
-            keyed.append(((seen[shard], rank.get(shard, len(rank))), n, list(group)))
-            seen[shard] += 1
-    keyed.sort(key=lambda k: (k[0], k[1]))
-    return [tb for _, _, run in keyed for tb in run]
 
 
 class Watcher:
@@ -673,16 +649,18 @@ class Watcher:
             return
         # One publish for every target: a task carries batches for several targets, so a
         # flush costs tasks in proportion to what changed, not to the number of targets.
-        lists: list[list[tuple[Target, Batch]]] = []
+        # Target by target: a flush's share for one target mostly fits one transaction, and
+        # a task then holds whole targets, each one transaction (in rows of one shard
+        # across the targets, 64 batches to a task would split each target's share over
+        # several tasks and transactions; docs/performance.md).
+        out: list[tuple[Target, Batch]] = []
         for t in pending:
             unsent, t.unsent = t.unsent, []
-            mine = [(t, b) for b in unsent]
+            out += [(t, b) for b in unsent]
             if len(t.outbox):
                 since_ms = t.outbox.since
-                mine += [(t, b) for b in self._cut_chains(t, t.outbox.drain(), since_ms)]
-            lists.append(mine)
+                out += [(t, b) for b in self._cut_chains(t, t.outbox.drain(), since_ms)]
             self._mark(t)
-        out = _shard_rows(lists, self._shard_rank)
         self._last_flush = now
         # what the queue held before this publish says nothing of it now: the next look
         # that decides on an idle flush reads it again

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any
 
 import pytest
 
@@ -15,11 +14,9 @@ from pipeline.protocol.errors import RetryableError
 from pipeline.protocol.fence import Decision, GenRecord
 from pipeline.protocol.layout import RESOURCE_BY_NAME
 from pipeline.protocol.names import draining_key, gen_key, progress_key
-from pipeline.protocol.wire import Batch
 from pipeline.source.drain import drain_removed
 from pipeline.source.feed import SourceFeed
 from pipeline.source.planner import Cause
-from pipeline.source.watcher import _shard_rows
 from tests.harness import eventually
 from tests.memory_etcd import MemoryEtcd
 from tests.rig import Rig
@@ -144,9 +141,7 @@ def test_a_flush_lists_its_shards_in_one_fixed_order() -> None:
 def test_a_flush_of_many_shards_becomes_tasks_of_one_transaction_each() -> None:
     """A burst's first flushes touch nearly every shard: the watcher has the publisher cut
     each into tasks of what one transaction holds per target (operations and a fence per
-    shard), on disjoint shards, which the pool applies side by side. The targets' batches
-    go out shard by shard, so a task holds the same shards for every target and carries
-    their operations once."""
+    shard), on disjoint shards, which the pool applies side by side."""
     rig = Rig(shards=16)
     fill(rig, nodes=0, identities=0)
     rig.start()
@@ -161,16 +156,32 @@ def test_a_flush_of_many_shards_becomes_tasks_of_one_transaction_each() -> None:
     assert sum(len(b.ops) for t in tasks for b in t) == 2 * 400  # both targets, one flush
     for target in ("b", "c"):
         parts = [[b for b in t if b.target == target] for t in tasks]
-        assert all(parts)  # every task holds both targets' batches...
+        parts = [p for p in parts if p]
         assert 4 <= len(parts) <= 5  # 400 operations over 16 shards: 4 or 5 transactions
         for p in parts:
             assert len({b.shard for b in p}) == len(p)
             assert sum(len(b.ops) + 1 for b in p) <= 128
         shards = [b.shard for p in parts for b in p]
         assert len(shards) == len(set(shards)) == 16
-    for t in tasks:  # ...of the same shards, whose operations the payload then holds once
-        assert {b.shard for b in t if b.target == "b"} == {b.shard for b in t if b.target == "c"}
-        assert all(len({b.ops for b in t if b.shard == s}) == 1 for s in {b.shard for b in t})
+
+
+def test_a_small_flush_for_several_targets_is_one_task_of_one_transaction_each() -> None:
+    """A flush whose share for each target fits one transaction stays one task of whole
+    targets: one transaction per target, however many shards it touches."""
+    rig = Rig(shards=16)
+    fill(rig, nodes=0, identities=0)
+    rig.start()
+    rig.settle()
+    n = len(rig.queue.tasks)
+    ids = [(1 << 16) + 2000 + i for i in range(40)]
+    rig.source.txn([], [Put(IDENTITY + str(i).encode(), b"k8s:app=x") for i in ids])
+    rig.step()
+    tasks = rig.queue.tasks[n:]
+    assert len(tasks) == 1
+    assert {b.target for b in tasks[0]} == {"b", "c"}
+    for target in ("b", "c"):
+        mine = [b for b in tasks[0] if b.target == target]
+        assert sum(len(b.ops) for b in mine) == 40 and len(mine) > 8
 
 
 def test_progress_is_not_pinned_by_a_quiet_shard_with_a_batch_in_flight() -> None:
@@ -522,25 +533,3 @@ def test_the_linger_spaces_flushes_only_while_tasks_wait(idle_flush: bool) -> No
     rig.settle()
     for target in rig.targets:
         assert rig.cache(target) == rig.expected()
-
-
-def test_a_flush_pairs_targets_by_shard_when_their_lists_do_not_line_up() -> None:
-    """Batches left from a failed publish come first in their target's list, and a target
-    may skip a shard: the rows still pair each shard's batches across the targets, and
-    each target's batches of one shard keep their order."""
-
-    def b(target: str, shard: int, pos: int) -> tuple[Any, Batch]:
-        return target, Batch("a", target, f"nodes-{shard}", 1, (1, pos - 1), (1, pos), ())
-
-    rank = {f"nodes-{s}": s for s in range(4)}
-    left = [b("b", 3, 1)]  # from a failed publish
-    bs = left + [b("b", s, 2 if s == 3 else 1) for s in range(4)]
-    cs = [b("c", s, 1) for s in (0, 1, 3)]  # c skips shard 2
-    out = _shard_rows([bs, cs], rank)  # type: ignore[arg-type]
-    assert [(t, x.shard[-1], x.pos[1]) for t, x in out] == [
-        ("b", "0", 1), ("c", "0", 1),
-        ("b", "1", 1), ("c", "1", 1),
-        ("b", "2", 1),
-        ("b", "3", 1), ("c", "3", 1),
-        ("b", "3", 2),
-    ]  # fmt: skip
