@@ -14,6 +14,7 @@ from pipeline.protocol.errors import RetryableError
 from pipeline.protocol.fence import Decision, GenRecord
 from pipeline.protocol.layout import RESOURCE_BY_NAME
 from pipeline.protocol.names import draining_key, gen_key, progress_key
+from pipeline.protocol.wire import Batch
 from pipeline.source.drain import drain_removed
 from pipeline.source.feed import SourceFeed
 from pipeline.source.planner import Cause
@@ -138,22 +139,29 @@ def test_a_flush_lists_its_shards_in_one_fixed_order() -> None:
             assert shards == sorted(shards)
 
 
-def test_a_flush_of_many_shards_becomes_tasks_of_one_transaction_each() -> None:
-    """A burst's first flushes touch nearly every shard: the watcher has the publisher cut
-    each into tasks of what one transaction holds per target (operations and a fence per
-    shard), on disjoint shards, which the pool applies side by side."""
+def one_flush(count: int) -> list[list[Batch]]:
+    """The tasks of one flush of *count* new identities, cut as the publisher cuts them,
+    for the two targets of a 16-shard rig."""
     rig = Rig(shards=16)
     fill(rig, nodes=0, identities=0)
     rig.start()
     rig.settle()
     n = len(rig.queue.tasks)
-    ids = [(1 << 16) + 1000 + i for i in range(400)]
-    for i in range(0, 400, 100):  # etcd takes at most 128 operations per transaction
+    ids = [(1 << 16) + 1000 + i for i in range(count)]
+    for i in range(0, count, 100):  # etcd takes at most 128 operations per transaction
         puts = [Put(IDENTITY + str(n).encode(), b"k8s:app=x") for n in ids[i : i + 100]]
         rig.source.txn([], puts)
     rig.step()
     tasks = rig.queue.tasks[n:]
-    assert sum(len(b.ops) for t in tasks for b in t) == 2 * 400  # both targets, one flush
+    assert sum(len(b.ops) for t in tasks for b in t) == 2 * count  # both targets, one flush
+    return tasks
+
+
+def test_a_flush_of_many_shards_becomes_tasks_of_one_transaction_each() -> None:
+    """A burst's first flushes touch nearly every shard: the watcher has the publisher cut
+    each into tasks of what one transaction holds per target (operations and a fence per
+    shard), on disjoint shards, which the pool applies side by side."""
+    tasks = one_flush(400)
     for target in ("b", "c"):
         parts = [[b for b in t if b.target == target] for t in tasks]
         parts = [p for p in parts if p]
@@ -168,17 +176,8 @@ def test_a_flush_of_many_shards_becomes_tasks_of_one_transaction_each() -> None:
 def test_a_small_flush_for_several_targets_is_one_task_of_one_transaction_each() -> None:
     """A flush whose share for each target fits one transaction stays one task of whole
     targets: one transaction per target, however many shards it touches."""
-    rig = Rig(shards=16)
-    fill(rig, nodes=0, identities=0)
-    rig.start()
-    rig.settle()
-    n = len(rig.queue.tasks)
-    ids = [(1 << 16) + 2000 + i for i in range(40)]
-    rig.source.txn([], [Put(IDENTITY + str(i).encode(), b"k8s:app=x") for i in ids])
-    rig.step()
-    tasks = rig.queue.tasks[n:]
+    tasks = one_flush(40)
     assert len(tasks) == 1
-    assert {b.target for b in tasks[0]} == {"b", "c"}
     for target in ("b", "c"):
         mine = [b for b in tasks[0] if b.target == target]
         assert sum(len(b.ops) for b in mine) == 40 and len(mine) > 8
