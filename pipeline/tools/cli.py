@@ -399,6 +399,14 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     pool = args.pool or settings.worker.pool
     if concurrency < 1:
         raise ConfigError("--concurrency", "must be at least 1")
+    if pool == "solo":
+        # the solo pool runs each task in the worker's main process, one at a time: more
+        # slots are more workers (replicas), each with its own connection to the broker
+        if args.concurrency is not None and args.concurrency != 1:
+            raise ConfigError(
+                "--concurrency", "the solo pool runs one task at a time: run more workers instead"
+            )
+        concurrency = 1
     settings.require_signing("kvmesh worker")
     port, bind = settings.metrics.worker_port, settings.metrics.bind
     if port:
@@ -408,7 +416,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         if problem is not None:
             raise ConfigError("metrics.worker_port", f"cannot listen on {bind}:{port}: {problem}")
     if args.check:
-        print(f"ok: would consume {queues} with {concurrency} {pool} processes")
+        slots = f"{concurrency} slot" + ("s" if concurrency != 1 else "")
+        print(f"ok: would consume {queues} with {slots} ({pool} pool)")
         return EXIT_OK
     hostname = args.hostname or f"kvmesh@{socket.gethostname()}"
     argv = [
