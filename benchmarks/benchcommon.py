@@ -155,7 +155,12 @@ def write_json(rows: Any, path: str) -> None:
 
 
 def worker_command(config: Path, concurrency: int, pool: str) -> list[str]:
-    """`kvmesh worker` for a benchmark's config, from this checkout's code."""
+    """`kvmesh worker` for a benchmark's config, from this checkout's code. The solo pool has
+    one slot per worker: *concurrency* of them run side by side, as one group
+    (benchmarks/worker_group.py), each logging "ready." once it consumes."""
+    if pool == "solo" and concurrency > 1:
+        group = (sys.executable, str(Path(__file__).parent / "worker_group.py"), str(concurrency))
+        return [*group, *worker_command(config, 1, pool)]
     return [
         *(sys.executable, "-m", "pipeline", "worker", "--config", str(config)),
         *("--concurrency", str(concurrency), "--pool", pool),

@@ -2,7 +2,7 @@
 burst of changes, with 1, 2, 4 and 8 worker slots, through a link with a round trip.
 
     python benchmarks/scale_workers.py [--keys 50000] [--workers 1 2 4 8]
-        [--delay 0.005] [--pools prefork threads] [--repeat 1] [--json FILE] [--png FILE]
+        [--delay 0.005] [--pools prefork threads solo] [--repeat 1] [--json FILE] [--png FILE]
 
 Each run gets a fresh target etcd behind `benchmarks/delay_proxy.py`, which delays every
 byte by `--delay` seconds each way (default 5 ms: a cross-zone round trip of 10 ms), and a
@@ -41,6 +41,12 @@ source etcd, holding N identity ID keys, and Redis are shared by the runs.
   poll that saw its last key, to within a 20 ms poll). Its ratio is what this machine,
   link and target allow that many processes; kvmesh's backlog ratio can be read against
   it.
+
+`--pools` names how the slots run: `prefork` (the default) is one worker whose main
+process hands each task to one of N pool processes; `threads` is one worker of N threads;
+`solo` is N one-slot workers side by side (`benchmarks/worker_group.py`), each taking its
+tasks from Redis and applying them in its own process, as N replicas of a worker with
+`worker.pool = "solo"` do. The group is paused, resumed and counted as one worker.
 
 The watcher runs with `sync.shards = 16`, so that 8 slots are not capped by the number of
 shards (a shard's batches are applied in order, one at a time).
@@ -302,7 +308,13 @@ def run(
         )
         # Celery logs "ready." once it consumes (a log line, but only as the benchmark's
         # start signal: nothing is measured from it)
-        wait_for("the worker", lambda: "ready." in wlog.read_text(errors="replace"), 60, wlog)
+        wanted = slots if pool == "solo" else 1  # a solo group: every worker's
+        wait_for(
+            "the worker",
+            lambda: wlog.read_text(errors="replace").count("ready.") >= wanted,
+            60,
+            wlog,
+        )
         direct = Etcd(target.cluster())
         t0 = time.monotonic()
         mport = free_port()
@@ -473,7 +485,8 @@ def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def draw(rows: list[dict[str, Any]], png: str) -> None:
     plt = pyplot()
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    pools = list(dict.fromkeys(r["pool"] for r in rows))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5 if len(pools) == 1 else 5))
 
     def line(ax: Any, rs: list[dict[str, Any]], key: str, style: str, label: str) -> None:
         xs = [r["slots"] for r in rs]
@@ -486,7 +499,7 @@ def draw(rows: list[dict[str, Any]], png: str) -> None:
             ax.plot(xs, ys, style, label=label)
 
     summary = medians(rows)
-    for pool in dict.fromkeys(r["pool"] for r in summary):
+    for pool in pools:
         rs = [r for r in summary if r["pool"] == pool]
         line(a, rs, "backlog_keys_per_s", "o-", f"{pool}: backlog")
         line(a, rs, "backlog_sustained_keys_per_s", "^:", f"{pool}: backlog, 10-90%")
@@ -497,7 +510,7 @@ def draw(rows: list[dict[str, Any]], png: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
         ax.set_xlabel("worker slots")
-        ax.legend()
+        ax.legend(loc="upper left", fontsize="small" if len(pools) == 1 else "x-small")
         ax.set_ylim(bottom=0)
     a.set_ylabel("target writes per second")
     b.set_ylabel("initial sync (s)")
@@ -516,7 +529,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--keys", type=int, default=50_000)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--pools", nargs="+", default=["prefork"], choices=["prefork", "threads"])
+    ap.add_argument(
+        "--pools", nargs="+", default=["prefork"], choices=["prefork", "threads", "solo"]
+    )
     ap.add_argument("--delay", type=float, default=0.005, help="seconds each way")
     ap.add_argument("--shards", type=int, default=16, help="sync.shards of the watcher")
     add_sync_option(ap, "idle_flush=false")
