@@ -399,13 +399,15 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     pool = args.pool or settings.worker.pool
     if concurrency < 1:
         raise ConfigError("--concurrency", "must be at least 1")
-    if pool == "solo":
+    if pool == "solo" and concurrency != 1:
         # the solo pool runs each task in the worker's main process, one at a time: more
-        # slots are more workers (replicas), each with its own connection to the broker
-        if args.concurrency is not None and args.concurrency != 1:
-            raise ConfigError(
-                "--concurrency", "the solo pool runs one task at a time: run more workers instead"
-            )
+        # slots are more workers (replicas). Said, not refused: a compose file or a lab
+        # that passes its usual --concurrency keeps working when the pool is set to solo
+        log.warning(
+            "the solo pool has one slot: concurrency %d does not apply (run more workers "
+            "for more slots)",
+            concurrency,
+        )
         concurrency = 1
     settings.require_signing("kvmesh worker")
     port, bind = settings.metrics.worker_port, settings.metrics.bind
