@@ -157,7 +157,7 @@ def write_json(rows: Any, path: str) -> None:
 def worker_command(config: Path, concurrency: int, pool: str) -> list[str]:
     """`kvmesh worker` for a benchmark's config, from this checkout's code. The solo pool has
     one slot per worker: *concurrency* of them run side by side, as one group
-    (benchmarks/worker_group.py), each logging "ready." once it consumes."""
+    (benchmarks/worker_group.py; see workers_ready)."""
     if pool == "solo" and concurrency > 1:
         group = (sys.executable, str(Path(__file__).parent / "worker_group.py"), str(concurrency))
         return [*group, *worker_command(config, 1, pool)]
@@ -165,6 +165,14 @@ def worker_command(config: Path, concurrency: int, pool: str) -> list[str]:
         *(sys.executable, "-m", "pipeline", "worker", "--config", str(config)),
         *("--concurrency", str(concurrency), "--pool", pool),
     ]
+
+
+def workers_ready(log: Path, pool: str, concurrency: int) -> bool:
+    """Whether the workers of worker_command(_, *concurrency*, *pool*), logging to *log*,
+    all consume: Celery logs "ready." once a worker does (a log line, but only as a
+    benchmark's start signal), once per worker of a solo group."""
+    wanted = concurrency if pool == "solo" else 1
+    return log.exists() and log.read_text(errors="replace").count("ready.") >= wanted
 
 
 def code_env(code: Path) -> dict[str, str]:

@@ -4,6 +4,9 @@
     python benchmarks/initial_sync.py [--keys 50000] [--concurrency 2] [--repeat 1]
         [--pool prefork] [--sync KEY=VALUE]... [--skip-mirror] [--nodes 0] [--json FILE]
 
+With `--pool solo`, `--concurrency` solo workers run side by side (before 2026-11-30,
+morning, one solo worker, whatever the concurrency).
+
 Each contender gets a fresh, empty target etcd. kvmesh's worker is started and ready
 before the clock starts (as in a running mesh); the clock then covers the watcher's start,
 its listing, the diff, the publishing and the workers applying every key. make-mirror's clock
@@ -56,6 +59,7 @@ from benchcommon import (
     stop,
     sync_settings,
     worker_command,
+    workers_ready,
     write_json,
 )
 
@@ -79,10 +83,10 @@ def canary_times(etcd: Etcd, t0: float, canaries: dict[str, float]) -> None:
         canaries.setdefault(name, time.monotonic() - t0)
 
 
-def worker_ready(log: Path, timeout: float) -> None:
+def worker_ready(log: Path, pool: str, concurrency: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if log.exists() and "ready." in log.read_text(errors="replace"):
+        if workers_ready(log, pool, concurrency):
             return
         time.sleep(0.05)  # poll interval
     raise SystemExit(f"worker not ready:\n{log.read_text(errors='replace')[-2000:]}")
@@ -206,8 +210,7 @@ def run_kvmesh(
         cfg = pair_config(tmp / "mesh.toml", broker.url, src.url, dst.url, sync_settings(args.sync))
         wlog = tmp / "worker.log"
         worker = spawn(procs, worker_command(cfg, args.concurrency, args.pool), wlog)
-        # Celery logs "ready." once it consumes.
-        worker_ready(wlog, 60)
+        worker_ready(wlog, args.pool, args.concurrency, 60)
         target = Etcd(dst.cluster())
         stats = redis_at(broker.url)
 

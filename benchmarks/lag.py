@@ -5,6 +5,10 @@ target etcd, for kvmesh and for `etcdctl make-mirror`, in the same run, on the s
         [--concurrency 2] [--pool prefork] [--sync KEY=VALUE]... [--skip-mirror]
         [--rounds 1] [--json FILE] [--png FILE] [--trace FILE] [--redraw FILE]
 
+With `--pool solo`, `--concurrency` solo workers run side by side (before 2026-11-30,
+morning, one solo worker, whatever the concurrency: the solo figures in performance.md
+before that date are of one).
+
 Each contender has a source etcd of its own, holding the same `--keys` identity ID keys:
 kvmesh (a watcher and a worker pool) copies its source into one target etcd, make-mirror
 its source into another; both run from the start, and measuring starts once both targets
@@ -62,6 +66,7 @@ from benchcommon import (
     stop,
     sync_settings,
     worker_command,
+    workers_ready,
     write_json,
 )
 
@@ -277,6 +282,11 @@ def main() -> int:
                 dict(os.environ, ETCDCTL_API="3"),
             )
             contenders["make-mirror"] = Etcd(dst_m.cluster())
+        wait_for(
+            "the workers",
+            lambda: workers_ready(tmp / "worker.log", args.pool, args.concurrency),
+            60,
+        )
         for name, etcd in contenders.items():
             wait_for(
                 f"{name}'s initial copy", lambda e=etcd: e.count(CACHE_PREFIX) >= args.keys, 120

@@ -93,6 +93,7 @@ from benchcommon import (
     stop,
     sync_settings,
     worker_command,
+    workers_ready,
     write_json,
 )
 from delay_proxy import late_ms, late_stats
@@ -306,15 +307,8 @@ def run(
             worker_command(cfg, slots, pool),
             wlog,
         )
-        # Celery logs "ready." once it consumes (a log line, but only as the benchmark's
-        # start signal: nothing is measured from it)
-        wanted = slots if pool == "solo" else 1  # a solo group: every worker's
-        wait_for(
-            "the worker",
-            lambda: wlog.read_text(errors="replace").count("ready.") >= wanted,
-            60,
-            wlog,
-        )
+        # nothing is measured from the start signal
+        wait_for("the worker", lambda: workers_ready(wlog, pool, slots), 60, wlog)
         direct = Etcd(target.cluster())
         t0 = time.monotonic()
         mport = free_port()
@@ -488,24 +482,27 @@ def draw(rows: list[dict[str, Any]], png: str) -> None:
     pools = list(dict.fromkeys(r["pool"] for r in rows))
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5 if len(pools) == 1 else 5))
 
-    def line(ax: Any, rs: list[dict[str, Any]], key: str, style: str, label: str) -> None:
+    def line(
+        ax: Any, rs: list[dict[str, Any]], key: str, style: str, label: str, color: str
+    ) -> None:
         xs = [r["slots"] for r in rs]
         ys = [r[key] for r in rs]
         if rs and rs[0]["rounds"] > 1:  # the median, and the rounds' range as a bar
             lo = [y - r[f"{key}_range"][0] for y, r in zip(ys, rs, strict=True)]
             hi = [r[f"{key}_range"][1] - y for y, r in zip(ys, rs, strict=True)]
-            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, capsize=3, label=label)
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, capsize=3, label=label, color=color)
         else:
-            ax.plot(xs, ys, style, label=label)
+            ax.plot(xs, ys, style, label=label, color=color)
 
     summary = medians(rows)
-    for pool in pools:
+    for i, pool in enumerate(pools):  # a colour per pool, a line style per figure
         rs = [r for r in summary if r["pool"] == pool]
-        line(a, rs, "backlog_keys_per_s", "o-", f"{pool}: backlog")
-        line(a, rs, "backlog_sustained_keys_per_s", "^:", f"{pool}: backlog, 10-90%")
-        line(a, rs, "churn_keys_per_s", "s--", f"{pool}: burst")
-        line(a, rs, "bare_keys_per_s", "x-.", f"{pool}: bare transactions (baseline)")
-        line(b, rs, "initial_sync_s", "o-", pool)
+        c = f"C{i}"
+        line(a, rs, "backlog_keys_per_s", "o-", f"{pool}: backlog", c)
+        line(a, rs, "backlog_sustained_keys_per_s", "^:", f"{pool}: backlog, 10-90%", c)
+        line(a, rs, "churn_keys_per_s", "s--", f"{pool}: burst", c)
+        line(a, rs, "bare_keys_per_s", "x-.", f"{pool}: bare transactions (baseline)", c)
+        line(b, rs, "initial_sync_s", "o-", pool, c)
     for ax in (a, b):
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
@@ -563,7 +560,9 @@ def main() -> int:
             flush=True,
         )
         for round_ in range(1, args.repeat + 1):
-            for pool in args.pools:
+            bare_size: int | None = None  # the round's first run's, for all its runs
+            # the pools' order turns around every other round too
+            for pool in args.pools if round_ % 2 else args.pools[::-1]:
                 order = args.workers if round_ % 2 else args.workers[::-1]
                 done: dict[int, dict[str, Any]] = {}
                 for slots in order:
@@ -578,8 +577,9 @@ def main() -> int:
                         args.shards,
                         sync,
                         round_,
-                        next(iter(done.values()))["bare_puts_per_txn"] if done else None,
+                        bare_size,
                     )
+                    bare_size = bare_size or r["bare_puts_per_txn"]
                     r["shards"] = args.shards
                     r["sync"] = sync
                     r["round"] = round_
