@@ -10,6 +10,7 @@ import bisect
 import compileall
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -172,7 +173,11 @@ def workers_ready(log: Path, pool: str, concurrency: int) -> bool:
     all consume: Celery logs "ready." once a worker does (a log line, but only as a
     benchmark's start signal), once per worker of a solo group."""
     wanted = concurrency if pool == "solo" else 1
-    return log.exists() and log.read_text(errors="replace").count("ready.") >= wanted
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return len(_READY.findall(text)) >= wanted
+
+
+_READY = re.compile(r"@\S+ ready\.$", re.MULTILINE)  # Celery's "celery@host ready."
 
 
 def code_env(code: Path) -> dict[str, str]:

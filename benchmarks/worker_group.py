@@ -11,6 +11,7 @@ the first one to end's (128 + the signal, if a signal ended it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,26 +23,33 @@ from pipeline.tools.orphan import wrap
 
 def main(argv: list[str]) -> int:
     n, cmd = int(argv[0]), argv[1:]
-    children: list[subprocess.Popen[bytes]] = []
+    running: set[int] = set()  # reaped by os.wait below only, so that no code is lost
+    stopping = False
 
     def stop(signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
-        for c in children:
-            if c.poll() is None:
-                c.terminate()
+        nonlocal stopping
+        stopping = True
+        for pid in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    # a node name each, as replicas on different hosts have
-    children += [subprocess.Popen(wrap([*cmd, "--hostname", f"slot{i}@%h"])) for i in range(n)]
-    pids = {c.pid: c for c in children}
+    for i in range(n):  # a node name each, as replicas on different hosts have
+        if stopping:
+            break
+        running.add(subprocess.Popen(wrap([*cmd, "--hostname", f"slot{i}@%h"])).pid)
+    if stopping:  # asked while the copies started: the last one may have missed it
+        stop()
     first: int | None = None
-    while pids:
+    while running:
         try:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        if pids.pop(pid, None) is None:
+        if pid not in running:
             continue
+        running.discard(pid)
         code = os.waitstatus_to_exitcode(status)
         if first is None:
             first = 128 - code if code < 0 else code

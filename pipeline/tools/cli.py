@@ -399,15 +399,18 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     pool = args.pool or settings.worker.pool
     if concurrency < 1:
         raise ConfigError("--concurrency", "must be at least 1")
-    if pool == "solo" and concurrency != 1:
+    if pool == "solo":
         # the solo pool runs each task in the worker's main process, one at a time: more
-        # slots are more workers (replicas). Said, not refused: a compose file or a lab
-        # that passes its usual --concurrency keeps working when the pool is set to solo
-        log.warning(
-            "the solo pool has one slot: concurrency %d does not apply (run more workers "
-            "for more slots)",
-            concurrency,
-        )
+        # slots are more workers (replicas). worker.concurrency does not apply to it (its
+        # default, 2, would otherwise warn at every start); a --concurrency asked for on
+        # the command line is said not to, not refused: a compose file or a lab that passes
+        # its usual one keeps working when the pool is set to solo
+        if args.concurrency not in (None, 1):
+            log.warning(
+                "the solo pool has one slot: --concurrency %d does not apply (run more "
+                "workers for more slots)",
+                args.concurrency,
+            )
         concurrency = 1
     settings.require_signing("kvmesh worker")
     port, bind = settings.metrics.worker_port, settings.metrics.bind
