@@ -4,8 +4,8 @@
     python benchmarks/initial_sync.py [--keys 50000] [--concurrency 2] [--repeat 1]
         [--pool prefork] [--sync KEY=VALUE]... [--skip-mirror] [--nodes 0] [--json FILE]
 
-With `--pool solo`, `--concurrency` solo workers run side by side (before 2026-11-30,
-morning, one solo worker, whatever the concurrency).
+With `--pool solo`, `--concurrency` solo workers run side by side (before 99919b8, one
+solo worker, whatever the concurrency).
 
 Each contender gets a fresh, empty target etcd. kvmesh's worker is started and ready
 before the clock starts (as in a running mesh); the clock then covers the watcher's start,

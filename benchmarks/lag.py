@@ -5,9 +5,9 @@ target etcd, for kvmesh and for `etcdctl make-mirror`, in the same run, on the s
         [--concurrency 2] [--pool prefork] [--sync KEY=VALUE]... [--skip-mirror]
         [--rounds 1] [--json FILE] [--png FILE] [--trace FILE] [--redraw FILE]
 
-With `--pool solo`, `--concurrency` solo workers run side by side (before 2026-11-30,
-morning, one solo worker, whatever the concurrency: the solo figures in performance.md
-before that date are of one).
+With `--pool solo`, `--concurrency` solo workers run side by side (before 99919b8, one
+solo worker, whatever the concurrency: the solo figures in performance.md from before are
+of one).
 
 Each contender has a source etcd of its own, holding the same `--keys` identity ID keys:
 kvmesh (a watcher and a worker pool) copies its source into one target etcd, make-mirror

@@ -54,11 +54,10 @@ shards (a shard's batches are applied in order, one at a time).
 On this shared 2-core machine one run's figures move by 10% or more from run to run.
 `--repeat N` measures every worker count N times, in rounds (the order of the counts, and
 of the pools, turned around every other round, so that neither end of a list always runs
-on a warmer or a quieter machine: an even N balances it), compares each count with the first
-one of its own
-round, and prints the median of those ratios. The PNG then shows each count's median
-throughput, with the smallest and the largest figure as a bar (a ratio of those medians
-need not be the median of the rounds' ratios).
+on a warmer or a quieter machine: an even N balances it), compares each count with the
+first one of its own round, and prints the median of those ratios. The PNG then shows
+each count's median throughput, with the smallest and the largest figure as a bar (a ratio
+of those medians need not be the median of the rounds' ratios).
 """
 
 from __future__ import annotations

@@ -261,7 +261,7 @@ def test_worker_metrics_with_the_other_pools(mesh: Mesh, pool: str) -> None:
     """The solo and thread pools serve the metrics too (the solo pool signals a pool
     process start in the main process itself), with their real slot count."""
     seed(mesh, identities=20, endpoints=20)
-    worker = mesh.worker(concurrency=1 if pool == "solo" else 2, metrics=True, pool=pool)
+    worker = mesh.worker(concurrency=2, metrics=True, pool=pool)
     mesh.watcher()
     port = worker.metrics_port
     assert port
