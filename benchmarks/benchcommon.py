@@ -174,10 +174,10 @@ def workers_ready(log: Path, pool: str, concurrency: int) -> bool:
     benchmark's start signal), once per worker of a solo group."""
     wanted = concurrency if pool == "solo" else 1
     text = log.read_text(errors="replace") if log.exists() else ""
-    return len(_READY.findall(text)) >= wanted
+    return len(set(_READY.findall(text))) >= wanted  # by node: a restarted one counts once
 
 
-_READY = re.compile(r"@\S+ ready\.$", re.MULTILINE)  # Celery's "celery@host ready."
+_READY = re.compile(r"(\S+@\S+) ready\.$", re.MULTILINE)  # Celery's "node@host ready."
 
 
 def code_env(code: Path) -> dict[str, str]:

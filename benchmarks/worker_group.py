@@ -24,6 +24,8 @@ from pipeline.tools.orphan import wrap
 def main(argv: list[str]) -> int:
     n, cmd = int(argv[0]), argv[1:]
     running: set[int] = set()  # reaped by os.wait below only, so that no code is lost
+    # the Popen objects, kept: one dropped would be reaped by the next Popen's clean-up
+    children: list[subprocess.Popen[bytes]] = []
     stopping = False
 
     def stop(signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
@@ -38,7 +40,8 @@ def main(argv: list[str]) -> int:
     for i in range(n):  # a node name each, as replicas on different hosts have
         if stopping:
             break
-        running.add(subprocess.Popen(wrap([*cmd, "--hostname", f"slot{i}@%h"])).pid)
+        children.append(subprocess.Popen(wrap([*cmd, "--hostname", f"slot{i}@%h"])))
+        running.add(children[-1].pid)
     if stopping:  # asked while the copies started: the last one may have missed it
         stop()
     first: int | None = None

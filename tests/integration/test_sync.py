@@ -259,7 +259,8 @@ def test_worker_metrics_sum_every_pool_process(mesh: Mesh) -> None:
 @pytest.mark.parametrize("pool", ["solo", "threads"])
 def test_worker_metrics_with_the_other_pools(mesh: Mesh, pool: str) -> None:
     """The solo and thread pools serve the metrics too (the solo pool signals a pool
-    process start in the main process itself), with their real slot count."""
+    process start in the main process itself), with their real slot count: one for a solo
+    worker asked for two, which says so (the warning is the feature)."""
     seed(mesh, identities=20, endpoints=20)
     worker = mesh.worker(concurrency=2, metrics=True, pool=pool)
     mesh.watcher()
@@ -267,6 +268,7 @@ def test_worker_metrics_with_the_other_pools(mesh: Mesh, pool: str) -> None:
     assert port
     eventually(lambda: _get(port, "/readyz")[0] == 200, what=f"the {pool} worker ready")
     assert worker.gauge("kvmesh_worker_concurrency") == (1 if pool == "solo" else 2)
+    assert ("--concurrency 2 does not apply" in worker.output()) == (pool == "solo")
     assert_equal(mesh)
     eventually(
         lambda: worker.metric("kvmesh_worker_ops_applied_total", source_cluster="cluster-a") > 0,
