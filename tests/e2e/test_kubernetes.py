@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 KUSTOMIZATIONS = {
     "base": ROOT / "deploy" / "kubernetes" / "base",
     "clustermesh": ROOT / "deploy" / "kubernetes" / "overlays" / "clustermesh",
+    "solo-workers": ROOT / "deploy" / "kubernetes" / "overlays" / "solo-workers",
 }
 KUBERNETES_VERSION = "1.30.0"  # the oldest release the manifests are meant for
 KEDA = json.loads((ROOT / "tests" / "schemas" / "keda-v1alpha1.json").read_text())
@@ -182,6 +183,22 @@ def test_keda_scales_the_workers_on_every_source_queue(
         assert t["authenticationRef"]["name"] in kinds(objs, "TriggerAuthentication")
     if name == "clustermesh":  # kube-system is Cilium's: it is neither created nor relabelled
         assert not kinds(objs, "Namespace")
+
+
+def test_the_solo_overlay_keeps_the_slot_budget() -> None:
+    """solo-workers: one slot per worker replica where the base has worker.concurrency, so
+    as many more replicas at most, and as many fewer waiting tasks per replica before KEDA
+    adds one: the same slots, scaled at the same depth per slot."""
+    base, solo = render("base"), render("solo-workers")
+    slots = tomllib.loads(mesh_toml(base))["worker"]["concurrency"]
+    assert slots > 1
+    (worker,) = kinds(solo, "Deployment")["kvmesh-worker"]["spec"]["template"]["spec"]["containers"]
+    assert worker["args"][-2:] == ["--pool", "solo"]
+    b = kinds(base, "ScaledObject")["kvmesh-worker"]["spec"]
+    s = kinds(solo, "ScaledObject")["kvmesh-worker"]["spec"]
+    assert s["maxReplicaCount"] == b["maxReplicaCount"] * slots
+    for tb, ts in zip(b["triggers"], s["triggers"], strict=True):
+        assert int(ts["metadata"]["listLength"]) * slots == int(tb["metadata"]["listLength"])
 
 
 def secrets_used(objs: list[dict[str, Any]]) -> set[str]:
