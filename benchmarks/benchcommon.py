@@ -168,6 +168,18 @@ def worker_command(config: Path, concurrency: int, pool: str) -> list[str]:
     ]
 
 
+def wait_for(what: str, check: Any, timeout: float, log: Path | None = None) -> float:
+    """Poll *check* until it holds, and return when it did (time.monotonic()); after
+    *timeout* seconds, exit naming *what*, with the tail of *log* if given."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-1500:] if log and log.exists() else ""
+            raise SystemExit(f"timed out waiting for {what}\n{tail}")
+        time.sleep(0.02)  # poll interval
+    return time.monotonic()
+
+
 def workers_ready(log: Path, pool: str, concurrency: int) -> bool:
     """Whether the workers of worker_command(_, *concurrency*, *pool*), logging to *log*,
     all consume: Celery logs "ready." once a worker does (a log line, but only as a

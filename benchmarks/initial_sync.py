@@ -58,6 +58,7 @@ from benchcommon import (
     spawn,
     stop,
     sync_settings,
+    wait_for,
     worker_command,
     workers_ready,
     write_json,
@@ -81,15 +82,6 @@ def canary_times(etcd: Etcd, t0: float, canaries: dict[str, float]) -> None:
     for key in etcd.keys(f"cilium/synced/{SOURCE}/".encode()):
         name = key.decode().split("/")[-2]
         canaries.setdefault(name, time.monotonic() - t0)
-
-
-def worker_ready(log: Path, pool: str, concurrency: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if workers_ready(log, pool, concurrency):
-            return
-        time.sleep(0.05)  # poll interval
-    raise SystemExit(f"worker not ready:\n{log.read_text(errors='replace')[-2000:]}")
 
 
 def main() -> int:
@@ -210,7 +202,7 @@ def run_kvmesh(
         cfg = pair_config(tmp / "mesh.toml", broker.url, src.url, dst.url, sync_settings(args.sync))
         wlog = tmp / "worker.log"
         worker = spawn(procs, worker_command(cfg, args.concurrency, args.pool), wlog)
-        worker_ready(wlog, args.pool, args.concurrency, 60)
+        wait_for("the workers", lambda: workers_ready(wlog, args.pool, args.concurrency), 60, wlog)
         target = Etcd(dst.cluster())
         stats = redis_at(broker.url)
 

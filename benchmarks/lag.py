@@ -65,6 +65,7 @@ from benchcommon import (
     spawn,
     stop,
     sync_settings,
+    wait_for,
     worker_command,
     workers_ready,
     write_json,
@@ -200,14 +201,6 @@ def judge(
         "reordered_keys": reordered,
         "trace": trace,
     }
-
-
-def wait_for(what: str, check: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.05)  # poll interval
 
 
 def main() -> int:

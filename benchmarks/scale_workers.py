@@ -92,6 +92,7 @@ from benchcommon import (
     spawn,
     stop,
     sync_settings,
+    wait_for,
     worker_command,
     workers_ready,
     write_json,
@@ -121,16 +122,6 @@ def identities(n: int, marker: bytes) -> list[tuple[bytes, bytes]]:
         (ID_PREFIX + str(identity_id(1, i)).encode(), identity_labels(SOURCE, i).encode() + marker)
         for i in range(n)
     ]
-
-
-def wait_for(what: str, check: Any, timeout: float, log: Path | None = None) -> float:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-1500:] if log and log.exists() else ""
-            raise SystemExit(f"timed out waiting for {what}\n{tail}")
-        time.sleep(0.02)  # poll interval
-    return time.monotonic()
 
 
 def runq_seconds(pid: int) -> float:

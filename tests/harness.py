@@ -185,6 +185,20 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def children_argv(self) -> list[list[str]]:
+        """The command lines of the processes it started (a `kvmesh worker` starts its
+        Celery worker as one), from /proc."""
+        pid = self.popen.pid
+        out = []
+        for tasks in Path(f"/proc/{pid}/task").glob("*/children"):
+            for child in tasks.read_text().split():
+                try:
+                    raw = Path(f"/proc/{child}/cmdline").read_bytes()
+                except OSError:  # ended meanwhile
+                    continue
+                out.append(raw.decode(errors="replace").rstrip("\0").split("\0"))
+        return out
+
     def metrics(self) -> dict[str, float]:
         """Its metrics; empty while it does not serve them (not yet, or no longer)."""
         assert self.metrics_port, "this process serves no metrics"

@@ -268,6 +268,9 @@ def test_worker_metrics_with_the_other_pools(mesh: Mesh, pool: str) -> None:
     assert port
     eventually(lambda: _get(port, "/readyz")[0] == 200, what=f"the {pool} worker ready")
     assert worker.gauge("kvmesh_worker_concurrency") == (1 if pool == "solo" else 2)
+    # what Celery was told (its gauge above says 1 for the solo pool whatever it is told)
+    (celery,) = (a for a in worker.children_argv() if "celery" in " ".join(a))
+    assert celery[celery.index("--concurrency") + 1] == ("1" if pool == "solo" else "2")
     assert ("--concurrency 2 does not apply" in worker.output()) == (pool == "solo")
     assert_equal(mesh)
     eventually(
