@@ -11,6 +11,7 @@ import compileall
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -168,16 +169,49 @@ def worker_command(config: Path, concurrency: int, pool: str) -> list[str]:
     ]
 
 
-def wait_for(what: str, check: Any, timeout: float, log: Path | None = None) -> float:
+def wait_for(
+    what: str,
+    check: Any,
+    timeout: float,
+    log: Path | None = None,
+    alive: Iterable[subprocess.Popen[bytes]] = (),
+) -> float:
     """Poll *check* until it holds, and return when it did (time.monotonic()); after
-    *timeout* seconds, exit naming *what*, with the tail of *log* if given."""
+    *timeout* seconds, or as soon as a process of *alive* has ended (check_alive), exit
+    naming *what*, with the tail of *log* if given."""
     deadline = time.monotonic() + timeout
+    alive = list(alive)
     while not check():
+        check_alive(alive, what, log)
         if time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-1500:] if log and log.exists() else ""
-            raise SystemExit(f"timed out waiting for {what}\n{tail}")
+            raise SystemExit(f"waiting for {what}: timed out{_tail(log)}")
         time.sleep(0.02)  # poll interval
     return time.monotonic()
+
+
+def check_alive(
+    procs: Iterable[subprocess.Popen[bytes]], what: str, log: Path | None = None
+) -> None:
+    """Exit naming *what* if a process of *procs* (a run's servers and workers, none of which
+    ends on its own) has ended, with the tail of *log* if given: a benchmark does not go on
+    measuring, or waiting, without it."""
+    for p in procs:
+        if p.poll() is not None:
+            raise SystemExit(
+                f"waiting for {what}: {_shown(p)} ended (code {p.returncode}){_tail(log)}"
+            )
+
+
+def _tail(log: Path | None) -> str:
+    return "\n" + log.read_text(errors="replace")[-1500:] if log and log.exists() else ""
+
+
+def _shown(proc: subprocess.Popen[bytes]) -> str:
+    """A process's command line as spawn() was given it (without wrap()'s prefix), cut short."""
+    args = [str(a) for a in proc.args] if isinstance(proc.args, list) else [str(proc.args)]
+    if args[1:3] == ["-m", "pipeline.tools.orphan"]:
+        args = args[4:]
+    return shlex.join(args)[:200]
 
 
 def workers_ready(log: Path, pool: str, concurrency: int) -> bool:

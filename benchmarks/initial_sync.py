@@ -50,6 +50,7 @@ from benchcommon import (
     add_sync_option,
     applied_ops,
     byte_compile,
+    check_alive,
     cpu_seconds,
     discard,
     mirror_command,
@@ -202,7 +203,9 @@ def run_kvmesh(
         cfg = pair_config(tmp / "mesh.toml", broker.url, src.url, dst.url, sync_settings(args.sync))
         wlog = tmp / "worker.log"
         worker = spawn(procs, worker_command(cfg, args.concurrency, args.pool), wlog)
-        wait_for("the workers", lambda: workers_ready(wlog, args.pool, args.concurrency), 60, wlog)
+        wait_for(
+            "the workers", lambda: workers_ready(wlog, args.pool, args.concurrency), 60, wlog, procs
+        )
         target = Etcd(dst.cluster())
         stats = redis_at(broker.url)
 
@@ -232,6 +235,7 @@ def run_kvmesh(
         t_kvmesh = late = 0.0
         deadline = time.monotonic() + args.timeout
         while (len(canaries) < 5 or not t_kvmesh) and time.monotonic() < deadline:
+            check_alive(procs, "kvmesh's initial sync", wlog)
             if not t_kvmesh:
                 done = applied_ops(stats) >= args.keys and target.count(CACHE_PREFIX) >= args.keys
                 landing.poll()  # after the count: once it says done, this covers every key

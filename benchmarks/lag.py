@@ -279,10 +279,16 @@ def main() -> int:
             "the workers",
             lambda: workers_ready(tmp / "worker.log", args.pool, args.concurrency),
             60,
+            tmp / "worker.log",
+            procs,
         )
         for name, etcd in contenders.items():
             wait_for(
-                f"{name}'s initial copy", lambda e=etcd: e.count(CACHE_PREFIX) >= args.keys, 120
+                f"{name}'s initial copy",
+                lambda e=etcd: e.count(CACHE_PREFIX) >= args.keys,
+                120,
+                None,
+                procs,
             )
         arrivals = {name: Arrivals() for name in contenders}
         for name, etcd in contenders.items():

@@ -282,7 +282,13 @@ def run(
             ],
             tmp / f"proxy-{name}.log",
         )
-        wait_for("the proxy", lambda: b"ready" in (tmp / f"proxy-{name}.log").read_bytes(), 10)
+        wait_for(
+            "the proxy",
+            lambda: b"ready" in (tmp / f"proxy-{name}.log").read_bytes(),
+            10,
+            tmp / f"proxy-{name}.log",
+            procs,
+        )
         (tmp / name).mkdir()
         cfg = pair_config(
             tmp / name / "mesh.toml",
@@ -299,7 +305,7 @@ def run(
             wlog,
         )
         # nothing is measured from the start signal
-        wait_for("the worker", lambda: workers_ready(wlog, pool, slots), 60, wlog)
+        wait_for("the worker", lambda: workers_ready(wlog, pool, slots), 60, wlog, procs)
         direct = Etcd(target.cluster())
         t0 = time.monotonic()
         mport = free_port()
@@ -309,7 +315,9 @@ def run(
             tmp / f"watch-{name}.log",
             dict(os.environ, KVMESH_METRICS_WATCHER_PORT=str(mport)),
         )
-        synced = wait_for("the initial sync", lambda: direct.count(CACHE_PREFIX) >= keys, 600, wlog)
+        synced = wait_for(
+            "the initial sync", lambda: direct.count(CACHE_PREFIX) >= keys, 600, wlog, procs
+        )
         stats = redis_at(broker.url)
         marker = f";run={name}".encode()
         seen = Progress(stats, direct)
@@ -318,7 +326,7 @@ def run(
         t1 = time.monotonic()
         write_items(source, identities(keys, marker))
         written = time.monotonic()
-        wait_for("the churn", lambda: seen.reached(keys), 600, wlog)
+        wait_for("the churn", lambda: seen.reached(keys), 600, wlog, procs)
         busy1, total1 = cpu_times()
         done = seen.land(keys, marker)
 
@@ -347,7 +355,9 @@ def run(
         os.killpg(worker.pid, signal.SIGSTOP)
         try:
             write_items(source, identities(keys, marker2))
-            wait_for("the watcher's publishing", lambda: published() >= base + keys, 600)
+            wait_for(
+                "the watcher's publishing", lambda: published() >= base + keys, 600, None, procs
+            )
             late0 = link_stats(proxy, tmp / f"proxy-{name}.json")
             busy2, total2 = cpu_times()
             assert target.proc is not None
@@ -360,7 +370,7 @@ def run(
             t2 = time.monotonic()
         finally:
             os.killpg(worker.pid, signal.SIGCONT)
-        counted = wait_for("the backlog", lambda: seen2.reached(keys), 600, wlog)
+        counted = wait_for("the backlog", lambda: seen2.reached(keys), 600, wlog, procs)
         busy3, total3 = cpu_times()
         parts1 = (
             cpu_seconds(proxy.pid),
