@@ -1,0 +1,175 @@
+"""The rounds of `scale_workers.py` runs, side by side: each round's ratio of N slots to the
+round's first count, against the CPU every part spent per write in the two runs it compares.
+
+    python benchmarks/scale_rounds.py FILE... [--slots 4] [--pool prefork] [--goal 3.5]
+
+Each FILE is a JSON file `scale_workers.py --json` wrote (a list of runs), or an object
+whose "runs" hold such lists (the files of paired experiments in docs/bench). A round is
+the runs of one pool with one `round` number in one list.
+
+For every round it prints the backlog's ratio and the bare writers', the backlog's writes
+per second at both counts, kvmesh against the bare writers at N slots, and the CPU spent per
+write while the backlog drained: the target etcd's (at both counts), the delay proxy's, the
+worker's per task and the whole machine's (`--cores`, this machine's by default). Then,
+for the rounds under `--goal` and the others, the median of each figure, and its rank
+correlation with the ratio.
+
+The target etcd and the proxy do the same work for a write in every round, so their CPU per
+write moving from round to round says the machine ran them slower or faster (a shared VM's
+cores slow down while a neighbour is busy). It is not a clean probe: both also spend less
+per write the more transactions arrive at once (the target etcd at one slot spends about
+1.8 times what it does at four), so a round that is slow for another reason shows some of it
+too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def runs_of(path: Path) -> list[list[dict[str, Any]]]:
+    """The lists of runs in *path*."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{path}: {exc}") from None
+    if isinstance(data, list):
+        return [data]
+    runs = data.get("runs", {}) if isinstance(data, dict) else {}
+    values = runs.values() if isinstance(runs, dict) else runs
+    return [v for v in values if isinstance(v, list)]
+
+
+def per_1000(run: dict[str, Any], pct_of_core: float) -> float:
+    """Milliseconds of CPU per 1,000 writes while the backlog drained, for a process that
+    used *pct_of_core* percent of a core over the time it was measured (until the workers'
+    count said done); the writes are the backlog's rate over its time."""
+    seconds = run["backlog_s"] + run.get("backlog_count_late_s", 0)
+    keys = run["backlog_keys_per_s"] * run["backlog_s"]
+    return pct_of_core / 100 * seconds / keys * 1e6
+
+
+def ranks(xs: list[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    out = [0.0] * len(xs)
+    i = 0
+    while i < len(order):  # ties share the mean of their ranks
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2
+        i = j + 1
+    return out
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    rx, ry = ranks(xs), ranks(ys)
+    return statistics.correlation(rx, ry) if len(xs) > 2 else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("--slots", type=int, default=4)
+    ap.add_argument("--pool", default="", help="only this pool (default: every pool)")
+    ap.add_argument("--goal", type=float, default=3.5, help="the ratio the rounds are split at")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="of the machine")
+    args = ap.parse_args()
+    rows = []
+    for path in args.files:
+        for runs in runs_of(path):
+            for run in runs:
+                if run["slots"] != args.slots or (args.pool and run["pool"] != args.pool):
+                    continue
+                first = [
+                    r
+                    for r in runs
+                    if r["pool"] == run["pool"]
+                    and r.get("round") == run.get("round")
+                    and r.get("backlog_vs_first") == 1.0
+                ]
+                if len(first) == 1:
+                    rows.append(round_of(path.name, first[0], run, args.cores))
+    if not rows:
+        raise SystemExit(f"no round with {args.slots} slots in {', '.join(map(str, args.files))}")
+    rows.sort(key=lambda r: r["ratio"])
+    print(f"{'file':42} {'pool':8} {'round':>5} {'ratio':>6} {'bare':>6}", end="")
+    print("".join(f" {k:>{w}}" for k, w, _ in COLUMNS))
+    for r in rows:
+        print(
+            f"{r['file'][:42]:42} {r['pool']:8} {r['round']!s:>5} {r['ratio']:6.2f} "
+            f"{r['bare']:6.2f}",
+            end="",
+        )
+        print("".join(f" {r[k]:{w}.{d}f}" for k, w, d in COLUMNS))
+    ratios = [r["ratio"] for r in rows]
+    under = [r for r in rows if r["ratio"] < args.goal]
+    over = [r for r in rows if r["ratio"] >= args.goal]
+    print(
+        f"\n{len(rows)} rounds at {args.slots} slots: median ratio "
+        f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}), "
+        f"{len(under)} under {args.goal}"
+    )
+    print(f"{'median of':44} {'under ' + str(args.goal):>10} {'the others':>10} {'rank corr.':>10}")
+    for key, _, _ in COLUMNS:
+        print(
+            f"{LABELS[key]:44} "
+            + (f"{statistics.median(r[key] for r in under):10.2f} " if under else f"{'-':>10} ")
+            + (f"{statistics.median(r[key] for r in over):10.2f} " if over else f"{'-':>10} ")
+            + f"{spearman(ratios, [r[key] for r in rows]):+10.2f}"
+        )
+
+
+# the figures of a round: (key, width, decimals)
+COLUMNS = (
+    ("first", 8, 0),
+    ("n", 8, 0),
+    ("vs_bare", 7, 2),
+    ("etcd_first", 10, 1),
+    ("etcd_n", 7, 1),
+    ("proxy_n", 7, 1),
+    ("cpu_task", 8, 1),
+    ("machine", 8, 1),
+)
+LABELS = {
+    "first": "writes/s, first count",
+    "n": "writes/s, N slots",
+    "vs_bare": "kvmesh / bare writers at N",
+    "etcd_first": "target etcd, CPU ms per 1,000 writes, first",
+    "etcd_n": "target etcd, CPU ms per 1,000 writes, N",
+    "proxy_n": "delay proxy, CPU ms per 1,000 writes, N",
+    "cpu_task": "worker CPU per task at N, ms",
+    "machine": "machine CPU per write at N, µs",
+}
+
+
+def round_of(name: str, first: dict[str, Any], run: dict[str, Any], cores: int) -> dict[str, Any]:
+    """The figures of one round: its first count's run and its N-slot run."""
+    seconds = run["backlog_s"] + run.get("backlog_count_late_s", 0)
+    keys = run["backlog_keys_per_s"] * run["backlog_s"]
+    return {
+        "file": name,
+        "pool": run["pool"],
+        "round": run.get("round"),
+        "ratio": run["backlog_vs_first"],
+        "bare": run["bare_vs_first"],
+        "first": first["backlog_keys_per_s"],
+        "n": run["backlog_keys_per_s"],
+        "vs_bare": run["backlog_keys_per_s"] / run["bare_keys_per_s"],
+        "etcd_first": per_1000(first, first["backlog_target_etcd_core_pct"]),
+        "etcd_n": per_1000(run, run["backlog_target_etcd_core_pct"]),
+        "proxy_n": per_1000(run, run["backlog_proxy_core_pct"]),
+        "cpu_task": run["backlog_worker_cpu_ms_per_task"],
+        # every process of the machine, every core
+        "machine": run["backlog_cpu_busy_pct"] / 100 * cores * seconds / keys * 1e6,
+    }
+
+
+if __name__ == "__main__":
+    main()
