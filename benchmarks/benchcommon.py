@@ -103,6 +103,11 @@ def sync_settings(pairs: Iterable[str]) -> dict[str, Any]:
     return {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in pairs)}
 
 
+# a process a benchmark watches: one spawn() started, or a server's
+Watched = subprocess.Popen[bytes] | ServerProcess
+_LOGS: dict[int, Path] = {}  # the log of each process spawn() started, by pid
+
+
 def spawn(
     procs: list[subprocess.Popen[bytes]],
     cmd: list[str],
@@ -121,6 +126,7 @@ def spawn(
             start_new_session=True,
         )
     procs.append(p)
+    _LOGS[p.pid] = log
     return p
 
 
@@ -174,31 +180,30 @@ def wait_for(
     check: Any,
     timeout: float,
     log: Path | None = None,
-    alive: Iterable[subprocess.Popen[bytes]] = (),
+    alive: Iterable[Watched] = (),
 ) -> float:
-    """Poll *check* until it holds, and return when it did (time.monotonic()); after
-    *timeout* seconds, or as soon as a process of *alive* has ended (check_alive), exit
-    naming *what*, with the tail of *log* if given."""
+    """Poll *check* until it holds, and return when it did (time.monotonic()). Exit naming
+    *what* after *timeout* seconds, with the tail of *log* if given, or as soon as a process
+    of *alive* has ended (check_alive)."""
     deadline = time.monotonic() + timeout
     alive = list(alive)
     while not check():
-        check_alive(alive, what, log)
+        check_alive(alive, what)
         if time.monotonic() > deadline:
             raise SystemExit(f"waiting for {what}: timed out{_tail(log)}")
         time.sleep(0.02)  # poll interval
     return time.monotonic()
 
 
-def check_alive(
-    procs: Iterable[subprocess.Popen[bytes]], what: str, log: Path | None = None
-) -> None:
-    """Exit naming *what* if a process of *procs* (a run's servers and workers, none of which
-    ends on its own) has ended, with the tail of *log* if given: a benchmark does not go on
-    measuring, or waiting, without it."""
-    for p in procs:
-        if p.poll() is not None:
+def check_alive(procs: Iterable[Watched], what: str) -> None:
+    """Exit naming *what* if a process of *procs* (a run's servers and the processes it
+    spawned, none of which ends on its own) has ended, with its exit code and the tail of
+    its log: a benchmark does not go on measuring, or waiting, without it."""
+    for w in procs:
+        proc, log = (w.proc, w.log_path) if isinstance(w, ServerProcess) else (w, _LOGS.get(w.pid))
+        if proc is not None and proc.poll() is not None:
             raise SystemExit(
-                f"waiting for {what}: {_shown(p)} ended (code {p.returncode}){_tail(log)}"
+                f"waiting for {what}: {_shown(proc)} ended (code {proc.returncode}){_tail(log)}"
             )
 
 
@@ -207,7 +212,7 @@ def _tail(log: Path | None) -> str:
 
 
 def _shown(proc: subprocess.Popen[bytes]) -> str:
-    """A process's command line as spawn() was given it (without wrap()'s prefix), cut short."""
+    """A process's command line as it was given (without wrap()'s prefix), cut short."""
     args = [str(a) for a in proc.args] if isinstance(proc.args, list) else [str(proc.args)]
     if args[1:3] == ["-m", "pipeline.tools.orphan"]:
         args = args[4:]

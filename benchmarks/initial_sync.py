@@ -204,7 +204,11 @@ def run_kvmesh(
         wlog = tmp / "worker.log"
         worker = spawn(procs, worker_command(cfg, args.concurrency, args.pool), wlog)
         wait_for(
-            "the workers", lambda: workers_ready(wlog, args.pool, args.concurrency), 60, wlog, procs
+            "the workers",
+            lambda: workers_ready(wlog, args.pool, args.concurrency),
+            60,
+            wlog,
+            [*procs, src, *servers],
         )
         target = Etcd(dst.cluster())
         stats = redis_at(broker.url)
@@ -235,7 +239,7 @@ def run_kvmesh(
         t_kvmesh = late = 0.0
         deadline = time.monotonic() + args.timeout
         while (len(canaries) < 5 or not t_kvmesh) and time.monotonic() < deadline:
-            check_alive(procs, "kvmesh's initial sync", wlog)
+            check_alive([*procs, src, *servers], "kvmesh's initial sync")
             if not t_kvmesh:
                 done = applied_ops(stats) >= args.keys and target.count(CACHE_PREFIX) >= args.keys
                 landing.poll()  # after the count: once it says done, this covers every key
@@ -280,6 +284,7 @@ def run_mirror(tmp: Path, src: EtcdServer, args: argparse.Namespace) -> float:
         landing = Landing(target)
         deadline = time.monotonic() + args.timeout
         while True:
+            check_alive([*procs, src, dst], "make-mirror's initial sync")
             landing.poll()
             if landing.polls[-1][1] - rev0 >= args.keys and target.count(CACHE_PREFIX) >= args.keys:
                 landing.poll()  # after the count: this one covers every key

@@ -55,8 +55,10 @@ from benchcommon import (
     CACHE_PREFIX,
     ID_PREFIX,
     SOURCE,
+    Watched,
     add_sync_option,
     byte_compile,
+    check_alive,
     discard,
     mirror_command,
     pair_config,
@@ -230,7 +232,7 @@ def main() -> int:
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-lag-"))
     print(f"logs in {tmp}", flush=True)
-    servers: list[Any] = []
+    servers: list[Watched] = []
     procs: list[subprocess.Popen[bytes]] = []
     streams = []
 
@@ -280,7 +282,7 @@ def main() -> int:
             lambda: workers_ready(tmp / "worker.log", args.pool, args.concurrency),
             60,
             tmp / "worker.log",
-            procs,
+            [*procs, *servers],
         )
         for name, etcd in contenders.items():
             wait_for(
@@ -288,7 +290,7 @@ def main() -> int:
                 lambda e=etcd: e.count(CACHE_PREFIX) >= args.keys,
                 120,
                 None,
-                procs,
+                [*procs, *servers],
             )
         arrivals = {name: Arrivals() for name in contenders}
         for name, etcd in contenders.items():
@@ -311,6 +313,7 @@ def main() -> int:
             """Wait until every key's last put arrived (else it counts as lost)."""
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
+                check_alive([*procs, *servers], f"{name}'s last puts")
                 with arrivals[name].lock:
                     seen = arrivals[name].seen
                     if all(

@@ -81,6 +81,7 @@ from benchcommon import (
     ID_PREFIX,
     SOURCE,
     Landing,
+    Watched,
     add_sync_option,
     applied_ops,
     byte_compile,
@@ -270,6 +271,7 @@ def run(
     procs: list[subprocess.Popen[bytes]] = []
     target = EtcdServer(tmp / f"target-{name}")
     target.start()
+    servers: list[Watched] = [target, src, broker]  # watched by the waits, with procs
 
     try:
         port = free_port()
@@ -287,7 +289,7 @@ def run(
             lambda: b"ready" in (tmp / f"proxy-{name}.log").read_bytes(),
             10,
             tmp / f"proxy-{name}.log",
-            procs,
+            [*procs, *servers],
         )
         (tmp / name).mkdir()
         cfg = pair_config(
@@ -305,7 +307,9 @@ def run(
             wlog,
         )
         # nothing is measured from the start signal
-        wait_for("the worker", lambda: workers_ready(wlog, pool, slots), 60, wlog, procs)
+        wait_for(
+            "the worker", lambda: workers_ready(wlog, pool, slots), 60, wlog, [*procs, *servers]
+        )
         direct = Etcd(target.cluster())
         t0 = time.monotonic()
         mport = free_port()
@@ -316,7 +320,11 @@ def run(
             dict(os.environ, KVMESH_METRICS_WATCHER_PORT=str(mport)),
         )
         synced = wait_for(
-            "the initial sync", lambda: direct.count(CACHE_PREFIX) >= keys, 600, wlog, procs
+            "the initial sync",
+            lambda: direct.count(CACHE_PREFIX) >= keys,
+            600,
+            wlog,
+            [*procs, *servers],
         )
         stats = redis_at(broker.url)
         marker = f";run={name}".encode()
@@ -326,7 +334,7 @@ def run(
         t1 = time.monotonic()
         write_items(source, identities(keys, marker))
         written = time.monotonic()
-        wait_for("the churn", lambda: seen.reached(keys), 600, wlog, procs)
+        wait_for("the churn", lambda: seen.reached(keys), 600, wlog, [*procs, *servers])
         busy1, total1 = cpu_times()
         done = seen.land(keys, marker)
 
@@ -356,7 +364,11 @@ def run(
         try:
             write_items(source, identities(keys, marker2))
             wait_for(
-                "the watcher's publishing", lambda: published() >= base + keys, 600, None, procs
+                "the watcher's publishing",
+                lambda: published() >= base + keys,
+                600,
+                None,
+                [*procs, *servers],
             )
             late0 = link_stats(proxy, tmp / f"proxy-{name}.json")
             busy2, total2 = cpu_times()
@@ -370,7 +382,9 @@ def run(
             t2 = time.monotonic()
         finally:
             os.killpg(worker.pid, signal.SIGCONT)
-        counted = wait_for("the backlog", lambda: seen2.reached(keys), 600, wlog, procs)
+        counted = wait_for(
+            "the backlog", lambda: seen2.reached(keys), 600, wlog, [*procs, *servers]
+        )
         busy3, total3 = cpu_times()
         parts1 = (
             cpu_seconds(proxy.pid),
