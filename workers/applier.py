@@ -19,6 +19,8 @@ from workers.store import FenceView, Part, TargetStore
 
 log = logging.getLogger("kvmesh.worker")
 
+# The longest reason a rejection record keeps (the target's words included).
+MAX_REASON = 512
 # A compare that fails means another writer moved the fence or the generation between our
 # read and our write; decide again. Bounded so a livelock cannot pin a worker.
 _MAX_RACES = 50
@@ -327,21 +329,30 @@ def _commit_split(
     the same compare but leaving the fence alone, then move the fence on its own. A part
     that lands early is harmless: the fence still admits nobody but this batch, and a
     redelivery writes the same values again. A single operation still too large is skipped,
-    its key deleted (no stale value stays cached) and recorded for `kvmesh verify`."""
+    its key deleted (no stale value stays cached; a key too large for even its delete is
+    left as it is) and recorded for `kvmesh verify` under a name of fixed size, so that
+    neither the delete nor the record can fail the batch for the key's size."""
     rejected: list[tuple[Operation, str]] = []
 
-    def apply(ops: list[Operation]) -> bool:
+    def apply(ops: list[Operation], skip: bool = True) -> bool:
+        """Commit *ops* in as few guarded parts as the target takes; with *skip*, a single
+        operation it refuses is rejected and its key deleted instead."""
         try:
             return store.commit(batch.source, batch.shard, seen, ops, None, batch.lease)
         except RequestTooLargeError as exc:
             if len(ops) > 1:
                 mid = len(ops) // 2
-                return apply(ops[:mid]) and apply(ops[mid:])
+                return apply(ops[:mid], skip) and apply(ops[mid:], skip)
+            if not skip:
+                raise
             op = ops[0]
             rejected.append((op, f"the target refused {op.size} bytes: {exc}"))
-            return store.commit(
-                batch.source, batch.shard, seen, [Operation(Op.DELETE, op.key)], None
-            )
+            try:
+                return store.commit(
+                    batch.source, batch.shard, seen, [Operation(Op.DELETE, op.key)], None
+                )
+            except RequestTooLargeError:
+                return True  # nor can the target hold a put of that key
 
     if not apply(list(batch.ops)):
         return False
@@ -350,11 +361,15 @@ def _commit_split(
         if on_reject is not None:
             on_reject(op, reason)
         digest = hashlib.sha256(op.value or b"").hexdigest()
+        record = {"reason": reason[:MAX_REASON], "sha256": digest}
         records.append(
-            Operation(
-                Op.PUT,
-                rejected_key(batch.source, op.key),
-                json.dumps({"reason": reason, "sha256": digest}).encode(),
-            )
+            Operation(Op.PUT, rejected_key(batch.source, op.key), json.dumps(record).encode())
         )
-    return store.commit(batch.source, batch.shard, seen, records, fence)
+    # the records, each a few hundred bytes, then the fence: in one transaction when the
+    # target takes it
+    try:
+        return store.commit(batch.source, batch.shard, seen, records, fence)
+    except RequestTooLargeError:
+        if not apply(records, skip=False):
+            return False
+        return store.commit(batch.source, batch.shard, seen, [], fence)

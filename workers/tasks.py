@@ -256,8 +256,9 @@ def register_tasks(app: Any, settings: Settings) -> Any:
 
     def backoff(retries: int) -> float:
         """The wait before a task's retry after *retries* retries: doubling from 0.2 s, at
-        most worker.max_retry_delay."""
-        return min(worker.max_retry_delay, 0.2 * (1 << min(retries, 10)))
+        most worker.max_retry_delay. *retries* comes from the message's headers, which no
+        signature covers: a negative count counts as none."""
+        return min(worker.max_retry_delay, 0.2 * (1 << min(max(retries, 0), 10)))
 
     @app.task(  # type: ignore[untyped-decorator]
         name=TASK_NAME,

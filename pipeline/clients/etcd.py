@@ -162,6 +162,19 @@ def _retryable(exc: BaseException, what: str, cluster: str) -> RetryableError:
     return RetryableError(f"etcd {cluster}: {what} failed: {type(exc).__name__}: {exc}", cluster)
 
 
+def _too_large(code: Any, details: str) -> bool:
+    """Whether etcd refused a request for its size: its own limit (--max-request-bytes,
+    INVALID_ARGUMENT "etcdserver: request is too large"), or gRPC's message size limit on
+    either side ("received message larger than max", "sent message larger than max").
+    RESOURCE_EXHAUSTED alone says nothing of the size: etcd also answers it for a full
+    backend ("etcdserver: mvcc: database space exceeded", which still lets deletes through)
+    and for "too many requests"; those are retried, never taken for an oversized write
+    (the applier deletes a key whose put is too large)."""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return "too large" in details
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details.lower()
+
+
 class Stream(Protocol):
     """A watch, as its owner sees it."""
 
@@ -312,9 +325,7 @@ class Etcd:
                 if code == grpc.StatusCode.UNAUTHENTICATED and self._user and attempt == 1:
                     self._logged_in = False  # the token expired: log in once more
                     continue
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED or (
-                    code == grpc.StatusCode.INVALID_ARGUMENT and "too large" in details
-                ):
+                if _too_large(code, details):
                     raise RequestTooLargeError(f"etcd {self.name}: {details}") from None
                 if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
                     raise LeaseGoneError(f"etcd {self.name}: {details}") from None

@@ -7,7 +7,7 @@ WARNING - STABLE API. Watchers and workers of different versions meet through th
 
 from __future__ import annotations
 
-import base64
+import hashlib
 
 # -- Redis ------------------------------------------------------------------------------------
 
@@ -82,7 +82,10 @@ def rejected_prefix(source: str) -> bytes:
 
 
 def rejected_key(source: str, key: bytes) -> bytes:
-    return rejected_prefix(source) + base64.urlsafe_b64encode(key)
+    """The record of *key*, named by its SHA-256: a key too large for the target must not
+    make its record too large as well. (Records written before 2026-11-30 are named by the
+    key in URL-safe base64; `kvmesh verify` reads both.)"""
+    return rejected_prefix(source) + hashlib.sha256(key).hexdigest().encode()
 
 
 def draining_key(source: str) -> bytes:

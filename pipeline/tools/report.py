@@ -6,7 +6,6 @@ connections."""
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import re
@@ -26,7 +25,7 @@ from pipeline.protocol.layout import (
     canary_key,
     canary_prefix,
 )
-from pipeline.protocol.names import progress_key, queue_name, rejected_prefix
+from pipeline.protocol.names import progress_key, queue_name, rejected_key, rejected_prefix
 from pipeline.protocol.snapshot import Diff, diff
 from pipeline.source.listing import SourceState, read_readiness, read_source, read_target
 
@@ -301,14 +300,18 @@ def refused_by_target(target: Etcd, source: str, missing: dict[bytes, bytes]) ->
     recorded, whose recorded value is still the source's value."""
     out: dict[bytes, str] = {}
     prefix = rejected_prefix(source)
-    for key, raw in target.items(prefix).items():
-        try:
-            name = base64.urlsafe_b64decode(key[len(prefix) :])
-        except (ValueError, binascii.Error):
+    records = {key[len(prefix) :]: raw for key, raw in target.items(prefix).items()}
+    if not records:
+        return out
+    for name, value in missing.items():
+        # named by the key's SHA-256 (rejected_key), or by the key in base64 (before)
+        raw = records.get(rejected_key(source, name)[len(prefix) :])
+        if raw is None:
+            raw = records.get(base64.urlsafe_b64encode(name))
+        if raw is None:
             continue
         record = _record(raw)
-        value = missing.get(name)
-        if value is not None and hashlib.sha256(value).hexdigest() == record.get("sha256"):
+        if hashlib.sha256(value).hexdigest() == record.get("sha256"):
             out[name] = show(str(record.get("reason", "refused by the target")))
     return out
 

@@ -1,22 +1,27 @@
 """The worker's target store against a real etcd: the compares a group transaction makes on
-a guessed fence, and the views a failed one reads back."""
+a guessed fence, and the views a failed one reads back; what the target refuses, for its
+size or for want of space."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.clients.etcd import Etcd
-from pipeline.protocol.fence import FenceRecord, GenRecord
+from pipeline.clients.etcd import Etcd, Put
+from pipeline.protocol.errors import RequestTooLargeError, RetryableError
+from pipeline.protocol.fence import Decision, FenceRecord, GenRecord
 from pipeline.protocol.layout import Op
-from pipeline.protocol.names import fence_key, gen_key
-from pipeline.protocol.wire import Operation
+from pipeline.protocol.names import fence_key, gen_key, rejected_key, rejected_prefix
+from pipeline.protocol.wire import Batch, Operation
+from workers.applier import apply_batch
 from workers.store import EtcdTargetStore, Part
 
-from ..harness import Servers
+from ..harness import Servers, eventually
 
 pytestmark = pytest.mark.integration
 
 KEY = b"cilium/cache/nodes/v1/a/n1"
+QUOTA = 1 << 20  # bytes of backend the out-of-space target may hold
+FILLER = b"f" * 60_000
 
 
 def test_a_guessed_fence_is_compared_by_value_and_a_miss_reads_the_fences_back(
@@ -61,3 +66,77 @@ def test_a_guessed_fence_is_compared_by_value_and_a_miss_reads_the_fences_back(
         "a", gen_rev, [part("nodes-0", FenceRecord(1, (11, 0)), (12, 0))], read_back=["nodes-0"]
     )
     assert landed == 0 and views["nodes-0"].gen == 2
+
+
+def _target(servers: Servers, *args: str) -> tuple[Etcd, EtcdTargetStore]:
+    """A target etcd started with *args*, holding source a's generation (one shard per
+    resource: every node key is in nodes-0) and the fence of nodes-0 at (10, 0)."""
+    etcd = Etcd(servers.etcd(list(args)).cluster("b", 2), timeout=5)
+    etcd.put(gen_key("a"), GenRecord(1, 1, "id", 7).encode())
+    etcd.put(fence_key("a", "nodes-0"), FenceRecord(1, (10, 0)).encode())
+    return etcd, EtcdTargetStore(etcd)
+
+
+def _batch(*ops: Operation) -> Batch:
+    return Batch("a", "b", "nodes-0", 1, (10, 0), (11, 0), ops)
+
+
+def test_a_target_out_of_space_keeps_its_keys_and_the_batch_waits(servers: Servers) -> None:
+    """etcd answers RESOURCE_EXHAUSTED both for a backend over its quota ("database space
+    exceeded", which still lets deletes through) and for a message over gRPC's limit. Only
+    the second is a write too large: a full target is one that cannot write now, so the
+    batch is retried later, and no key is deleted in its place."""
+    etcd, store = _target(servers, "--quota-backend-bytes", str(QUOTA))
+    keys = [f"cilium/cache/nodes/v1/a/node-{i}".encode() for i in range(3)]
+    for k in keys:
+        etcd.put(k, b"old")
+    # fill the backend until etcd raises its no-space alarm (its size grows as the backend
+    # commits, every 100 ms by default: one put per poll)
+    written = iter(range(1 << 20))
+
+    def full() -> bool:
+        try:
+            etcd.put(b"filler/%d" % next(written), FILLER)
+        except RetryableError as exc:
+            assert "space exceeded" in str(exc), exc
+            return True
+        return False
+
+    eventually(full, timeout=60, what="the target's no-space alarm")
+    batch = _batch(*(Operation(Op.PUT, k, b"new") for k in keys))
+    with pytest.raises(RetryableError, match="space exceeded"):
+        apply_batch(store, batch)
+    assert [kv.value if (kv := etcd.get(k)) else None for k in keys] == [b"old"] * 3
+    assert store.read_fence("a", "nodes-0").fence == FenceRecord(1, (10, 0))
+
+
+def test_what_the_target_refuses_for_its_size_is_skipped_and_recorded(servers: Servers) -> None:
+    """A target with a small --max-request-bytes: a value it cannot take, and a key too
+    large for even its delete, are each skipped and recorded (under a name of fixed size);
+    the rest of the batch lands and the fence moves. A request over gRPC's own limit
+    (etcd's plus 512 KiB) is refused for its size as well."""
+    etcd, store = _target(servers, "--max-request-bytes", "4096")
+    small = [f"cilium/cache/nodes/v1/a/node-{i}".encode() for i in range(20)]
+    big_value = b"cilium/cache/nodes/v1/a/big-value"
+    long_key = b"cilium/cache/nodes/v1/a/" + b"k" * 5000
+    etcd.put(big_value, b"old")
+    ops = (
+        *(Operation(Op.PUT, k, b"x" * 100) for k in small),
+        Operation(Op.PUT, big_value, b"y" * 5000),
+        Operation(Op.PUT, long_key, b"z"),
+    )
+    refused: list[bytes] = []
+    decision = apply_batch(store, _batch(*ops), on_reject=lambda op, _r: refused.append(op.key))
+    assert decision is Decision.APPLY
+    assert refused == [big_value, long_key]
+    assert all(etcd.get(k) is not None for k in small)
+    assert etcd.get(big_value) is None  # its stale value deleted
+    assert store.read_fence("a", "nodes-0").fence == FenceRecord(1, (11, 0))
+    assert set(etcd.items(rejected_prefix("a"))) == {
+        rejected_key("a", big_value),
+        rejected_key("a", long_key),
+    }
+    with pytest.raises(RequestTooLargeError, match="too large"):
+        etcd.txn([], [Put(b"kvmesh/x", b"v" * 5000)])
+    with pytest.raises(RequestTooLargeError, match="larger than max"):
+        etcd.txn([], [Put(b"kvmesh/x", b"v" * 600_000)])

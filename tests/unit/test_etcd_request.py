@@ -41,3 +41,20 @@ def test_an_operation_whose_fields_are_all_empty_is_still_chosen() -> None:
     delete, get = built(Delete(b""), Get(b""))
     assert delete.WhichOneof("request") == "request_delete_range"
     assert get.WhichOneof("request") == "request_range"
+
+
+def test_only_a_refusal_for_size_is_taken_for_one() -> None:
+    """etcd's RESOURCE_EXHAUSTED also means a full backend or too many requests: those are
+    retried, never taken for a write too large (whose key the worker would delete)."""
+    import grpc
+
+    from pipeline.clients.etcd import _too_large
+
+    exhausted, invalid = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT
+    assert _too_large(invalid, "etcdserver: request is too large")
+    assert _too_large(exhausted, "grpc: received message larger than max (600100 vs. 528384)")
+    assert _too_large(exhausted, "Sent message larger than max (600100 vs. 4194304)")
+    assert not _too_large(exhausted, "etcdserver: mvcc: database space exceeded")
+    assert not _too_large(exhausted, "etcdserver: too many requests")
+    assert not _too_large(invalid, "etcdserver: key is not provided")
+    assert not _too_large(grpc.StatusCode.UNAVAILABLE, "request is too large")

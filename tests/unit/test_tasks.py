@@ -124,6 +124,21 @@ def test_a_task_retried_for_its_target_deletes_its_payload_and_counts_once(task:
     assert len(broker.calls) == 2 and broker.calls[1] == broker.calls[0]
 
 
+def test_a_negative_retry_count_cannot_lose_a_retry(task: Any) -> None:
+    """The message's retry count is a header no signature covers: a negative one counts as
+    none, and the task's batches still go to their retry."""
+    broker = FakeBroker({REF: signed_text(task)})
+    use(task, broker)
+    task.push_request(retries=-1)
+    try:
+        with pytest.raises(Retry):
+            task({"ref": REF})
+    finally:
+        task.pop_request()
+    ((counts, drop),) = broker.calls
+    assert drop == REF and counts == [(A, B, {"retry_unavailable": 1})]
+
+
 def never_due(task: Any) -> tuple[FakeBroker, Any]:
     """A fake broker for *task*, and its connections with counts that do not fall due
     during the test (sent only when a task or send_counts says so)."""
