@@ -334,15 +334,15 @@ def _commit_split(
     neither the delete nor the record can fail the batch for the key's size."""
     rejected: list[tuple[Operation, str]] = []
 
-    def apply(ops: list[Operation], skip: bool = True) -> bool:
-        """Commit *ops* in as few guarded parts as the target takes; with *skip*, a single
-        operation it refuses is rejected and its key deleted instead."""
+    def apply(ops: list[Operation], lease: int, skip: bool = True) -> bool:
+        """Commit *ops* (puts on *lease*) in as few guarded parts as the target takes; with
+        *skip*, a single operation it refuses is rejected and its key deleted instead."""
         try:
-            return store.commit(batch.source, batch.shard, seen, ops, None, batch.lease)
+            return store.commit(batch.source, batch.shard, seen, ops, None, lease)
         except RequestTooLargeError as exc:
             if len(ops) > 1:
                 mid = len(ops) // 2
-                return apply(ops[:mid], skip) and apply(ops[mid:], skip)
+                return apply(ops[:mid], lease, skip) and apply(ops[mid:], lease, skip)
             if not skip:
                 raise
             op = ops[0]
@@ -352,9 +352,18 @@ def _commit_split(
                     batch.source, batch.shard, seen, [Operation(Op.DELETE, op.key)], None
                 )
             except RequestTooLargeError:
-                return True  # nor can the target hold a put of that key
+                # a put of that key is larger still: only a copy from before the target's
+                # limit was lowered can be there, and it stays
+                log.error(
+                    "%s→%s: key %s is too large for the target even to delete; a copy "
+                    "cached before its limit was lowered would stay",
+                    batch.source,
+                    batch.target,
+                    show_key(op.key),
+                )
+                return True
 
-    if not apply(list(batch.ops)):
+    if not apply(list(batch.ops), batch.lease):
         return False
     records = []
     for op, reason in rejected:
@@ -365,11 +374,11 @@ def _commit_split(
         records.append(
             Operation(Op.PUT, rejected_key(batch.source, op.key), json.dumps(record).encode())
         )
-    # the records, each a few hundred bytes, then the fence: in one transaction when the
-    # target takes it
+    # the records (on no lease: they outlive the cache's), each a few hundred bytes, then
+    # the fence: in one transaction when the target takes it
     try:
         return store.commit(batch.source, batch.shard, seen, records, fence)
     except RequestTooLargeError:
-        if not apply(records, skip=False):
+        if not apply(records, 0, skip=False):
             return False
         return store.commit(batch.source, batch.shard, seen, [], fence)

@@ -254,11 +254,12 @@ def register_tasks(app: Any, settings: Settings) -> Any:
     targets = {c.name for c in settings.targets}
     worker = settings.worker
 
-    def backoff(retries: int) -> float:
+    def backoff(retries: object) -> float:
         """The wait before a task's retry after *retries* retries: doubling from 0.2 s, at
         most worker.max_retry_delay. *retries* comes from the message's headers, which no
-        signature covers: a negative count counts as none."""
-        return min(worker.max_retry_delay, 0.2 * (1 << min(max(retries, 0), 10)))
+        signature covers: anything but a positive count counts as none."""
+        n = retries if isinstance(retries, int) and retries > 0 else 0
+        return min(worker.max_retry_delay, 0.2 * (1 << min(n, 10)))
 
     @app.task(  # type: ignore[untyped-decorator]
         name=TASK_NAME,

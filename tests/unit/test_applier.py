@@ -204,30 +204,35 @@ def test_a_batch_the_target_refuses_is_split_and_the_oversized_key_recorded() ->
     assert len(records) == 1
 
 
-def test_verify_finds_a_refusal_under_either_name() -> None:
-    """`kvmesh verify` reads the records of refused keys named by the key's SHA-256 (since
-    2026-11-30) and those named by the key in base64 (before), and counts a key as refused
-    only while its record holds the value the source still has."""
-    import base64
-    import hashlib
-    import json
+def test_refusal_records_too_many_for_one_transaction_land_in_parts_on_no_lease() -> None:
+    """Refusals whose records together exceed the target's limit are committed in parts
+    before the fence moves, on no lease (a cache lease's end must not take them), while the
+    batch's own keys keep its lease."""
+    from pipeline.protocol.fence import Decision
+    from pipeline.protocol.names import rejected_key
+    from pipeline.protocol.wire import Operation
+    from workers.applier import apply_batch
 
-    from pipeline.protocol.names import rejected_key, rejected_prefix
-    from pipeline.tools.report import refused_by_target
-
-    def record(value: bytes) -> bytes:
-        return json.dumps(
-            {"reason": "too big", "sha256": hashlib.sha256(value).hexdigest()}
-        ).encode()
-
-    target = MemoryEtcd("b")
-    new, old, other = (f"cilium/cache/nodes/v1/a/n{i}".encode() for i in range(3))
-    target.put(rejected_key("a", new), record(b"v1"))
-    target.put(rejected_prefix("a") + base64.urlsafe_b64encode(old), record(b"v2"))
-    missing = {new: b"v1", old: b"v2", other: b"v3"}
-    assert set(refused_by_target(target, "a", missing)) == {new, old}  # type: ignore[arg-type]
-    assert refused_by_target(target, "a", {new: b"changed"}) == {}  # type: ignore[arg-type]
-    assert len(rejected_key("a", b"k" * 100_000)) == len(rejected_key("a", b"k"))
+    store = Store(max_request_bytes=1500)
+    lease = store.etcd.grant_lease(60)
+    store.put(gen_key("a"), GenRecord(1, 1, "id", 7).encode())
+    store.put(fence_key("a", "nodes-0"), FenceRecord(1, (10, 0)).encode())
+    keys = node_keys("nodes-0", 1, 12)
+    big, small = keys[:8], keys[8:]
+    ops = (
+        *(Operation(Op.PUT, k, b"y" * 2000) for k in big),
+        *(Operation(Op.PUT, k, b"x" * 10) for k in small),
+    )
+    batch = Batch("a", "b", "nodes-0", 1, (10, 0), (11, 0), ops, lease=lease)
+    refused: list[bytes] = []
+    decision = apply_batch(store, batch, on_reject=lambda op, _r: refused.append(op.key))
+    assert decision is Decision.APPLY
+    assert refused == big
+    records = [store.etcd.get(rejected_key("a", k)) for k in big]
+    assert sum(len(r.key) + len(r.value) for r in records if r) > 1500  # one txn could not
+    assert all(r is not None and r.lease == 0 for r in records)
+    assert all((kv := store.etcd.get(k)) is not None and kv.lease == lease for k in small)
+    assert store.read_fence("a", "nodes-0").fence == FenceRecord(1, (11, 0))
 
 
 def test_the_layout_is_enforced_whatever_the_signature_says() -> None:
