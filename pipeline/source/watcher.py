@@ -581,8 +581,11 @@ class Watcher:
         one, the source had it and is being rebuilt (a clustermesh-apiserver restarting).
         The cached copy always says syncedCanaries (kvmesh marks it so), so the watcher takes
         the safe side and waits for the source's canaries; a source that does not write them
-        stops being waited for as soon as its config is back without the capability."""
+        stops being waited for as soon as its config is back without the capability. If no
+        target caches one and a target cannot be read, RetryableError: whether the source is
+        rebuilding is not known yet."""
         key = RESOURCE_BY_NAME["config"].cache_prefix(self.source.name)
+        unread: RetryableError | None = None
         for t in self.targets:
             try:
                 kv = t.control.etcd.get(key)
@@ -591,9 +594,20 @@ class Watcher:
                 cfg = parse_cluster_config(
                     kv.key, kv.value, self.layout.cluster_id, self.layout.max_connected_clusters
                 )
-            except (RetryableError, BadInputError):
+            except RetryableError as exc:
+                unread = exc
+                continue
+            except BadInputError:
                 continue
             return Readiness(replace(source_caps(cfg), synced_canaries=True), True)
+        if unread is not None:
+            # a target that could not be read may be the one caching the config: taken for
+            # a source without one, a rebuilding source would have every cache emptied
+            raise RetryableError(
+                f"{self.source.name} has no cluster config, and a target that may cache one "
+                f"cannot be read: {unread}",
+                unread.cluster,
+            )
         return None
 
     def _check_source_canaries(self) -> None:

@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from pipeline.protocol.errors import RetryableError
 from pipeline.protocol.layout import RESOURCES, source_canary_key
 from pipeline.protocol.names import progress_key
 from pipeline.source.planner import Cause
@@ -279,6 +280,32 @@ def test_a_watcher_starting_while_the_source_rebuilds_deletes_nothing() -> None:
     rig.settle()
     for t in rig.targets:
         assert set(before[t]) <= set(rig.cache(t))
+    write_canaries(rig)
+    rig.settle()
+    for t in rig.targets:
+        assert rig.cache(t) == rig.expected()
+
+
+def test_a_watcher_that_cannot_read_the_targets_does_not_take_a_rebuild_for_no_config() -> None:
+    """The same, while no target answers as the watcher starts: whether one caches the
+    source's config is unknown, so the start fails and is tried again (as the watcher's
+    loop does) instead of taking the source for one without a config, whose resync would
+    empty the caches once the targets are back."""
+    rig = synced_rig()
+    before = {t: rig.cache(t) for t in rig.targets}
+    rig.source.wipe()
+    rig.watcher = rig.new_watcher()
+    for t in rig.targets:
+        rig.mesh[t].set_down(True)
+    with pytest.raises(RetryableError, match="cannot be read"):
+        rig.start()
+    for t in rig.targets:
+        rig.mesh[t].set_down(False)
+    rig.start()
+    rig.settle()
+    for t in rig.targets:
+        assert rig.cache(t) == before[t]
+    fill(rig, range(10), range(20), syncedCanaries=True)
     write_canaries(rig)
     rig.settle()
     for t in rig.targets:
