@@ -162,6 +162,21 @@ def _retryable(exc: BaseException, what: str, cluster: str) -> RetryableError:
     return RetryableError(f"etcd {cluster}: {what} failed: {type(exc).__name__}: {exc}", cluster)
 
 
+# what says the endpoint, not the request, failed (as the library counts it)
+_ENDPOINT_DOWN = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
+)
+
+
+def _stale_token(code: Any, details: str) -> bool:
+    """Whether etcd refused the call's token: expired or unknown (UNAUTHENTICATED), or
+    issued before a change to users or roles ("revision of auth store is old", which a JWT
+    token keeps saying until it expires). A new login answers both."""
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return True
+    return code == grpc.StatusCode.INVALID_ARGUMENT and "auth store is old" in details
+
+
 def _too_large(code: Any, details: str) -> bool:
     """Whether etcd refused a request for its size: its own limit (--max-request-bytes,
     INVALID_ARGUMENT "etcdserver: request is too large"), or gRPC's message size limit on
@@ -303,12 +318,22 @@ class Etcd:
                     self._timeout,
                 )
             except grpc.RpcError as exc:
+                self._endpoint_failed(exc.code())
                 raise _retryable(exc, "login", self.name) from None
             self._client.metadata = (("token", resp.token),)
             self._client.call_credentials = grpc.metadata_call_credentials(
                 EtcdTokenCallCredentials(resp.token)
             )
             self._logged_in = True
+
+    def _endpoint_failed(self, code: Any) -> None:
+        """After a call that could not reach its endpoint, take the next of the cluster's
+        endpoints for the calls that follow (the failed one is tried again after a while).
+        The library does this only for the calls it wraps; transactions and logins go to
+        its stubs directly."""
+        if code in _ENDPOINT_DOWN and self._client.endpoint_in_use is not None:
+            self._client.endpoint_in_use.fail()
+            self._client._clear_old_stubs()
 
     def token_expired(self) -> None:
         """A watch was refused for its token: log in again before the next call."""
@@ -322,7 +347,8 @@ class Etcd:
                 return fn()
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
-                if code == grpc.StatusCode.UNAUTHENTICATED and self._user and attempt == 1:
+                self._endpoint_failed(code)
+                if _stale_token(code, details) and self._user and attempt == 1:
                     self._logged_in = False  # the token expired: log in once more
                     continue
                 if _too_large(code, details):

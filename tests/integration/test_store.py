@@ -4,6 +4,8 @@ size or for want of space."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pipeline.clients.etcd import Etcd, Put
@@ -12,6 +14,7 @@ from pipeline.protocol.fence import Decision, FenceRecord, GenRecord
 from pipeline.protocol.layout import Op
 from pipeline.protocol.names import fence_key, gen_key, rejected_key, rejected_prefix
 from pipeline.protocol.wire import Batch, Operation
+from pipeline.tools.servers import free_port
 from workers.applier import apply_batch
 from workers.store import EtcdTargetStore, Part
 
@@ -140,3 +143,29 @@ def test_what_the_target_refuses_for_its_size_is_skipped_and_recorded(servers: S
         etcd.txn([], [Put(b"kvmesh/x", b"v" * 5000)])
     with pytest.raises(RequestTooLargeError, match="larger than max"):
         etcd.txn([], [Put(b"kvmesh/x", b"v" * 600_000)])
+
+
+def test_a_writer_takes_the_next_endpoint_when_its_own_is_down(servers: Servers) -> None:
+    """Transactions go to the client library's stubs directly, past the wrapper that moves
+    to another endpoint when one fails: the client moves on itself, so a target cluster
+    with one member down still takes every worker's writes."""
+    live = servers.etcd()
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    cfg = replace(live.cluster("b", 2), endpoints=(f"http://{dead}", live.url))
+    etcd = Etcd(cfg, timeout=5)
+    etcd._client._current_endpoint_label = dead  # the library picks one at random
+    with pytest.raises(RetryableError):
+        etcd.txn([], [Put(b"kvmesh/x", b"1")])
+
+    def lands() -> bool:
+        try:
+            etcd.txn([], [Put(b"kvmesh/x", b"2")])
+        except RetryableError:
+            return False
+        return True
+
+    eventually(lands, timeout=10, what="a transaction through the live endpoint")
+    for i in range(5):  # and it stays there
+        etcd.txn([], [Put(b"kvmesh/x", b"%d" % i)])
+    kv = etcd.get(b"kvmesh/x")
+    assert kv is not None and kv.value == b"4"

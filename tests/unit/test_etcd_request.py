@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
+import pytest
 from etcd3.etcdrpc import TxnRequest
 
 from pipeline.clients.etcd import Delete, Get, Put, _fill_ops, prefix_end
@@ -46,8 +48,6 @@ def test_an_operation_whose_fields_are_all_empty_is_still_chosen() -> None:
 def test_only_a_refusal_for_size_is_taken_for_one() -> None:
     """etcd's RESOURCE_EXHAUSTED also means a full backend or too many requests: those are
     retried, never taken for a write too large (whose key the worker would delete)."""
-    import grpc
-
     from pipeline.clients.etcd import _too_large
 
     exhausted, invalid = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT
@@ -58,3 +58,52 @@ def test_only_a_refusal_for_size_is_taken_for_one() -> None:
     assert not _too_large(exhausted, "etcdserver: too many requests")
     assert not _too_large(invalid, "etcdserver: key is not provided")
     assert not _too_large(grpc.StatusCode.UNAVAILABLE, "request is too large")
+
+
+class _Refused(grpc.RpcError):
+    """What gRPC raises for a call etcd refused."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize(
+    ("code", "details"),
+    [
+        (grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token"),
+        # a JWT token issued before a change to users or roles, until it expires
+        (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: revision of auth store is old"),
+    ],
+)
+def test_a_refused_token_is_renewed_once_and_the_call_made_again(
+    code: grpc.StatusCode, details: str
+) -> None:
+    from pipeline.clients.etcd import Etcd
+    from pipeline.config import ClusterConfig
+
+    etcd = Etcd(ClusterConfig(name="t", id=1, endpoints=("http://127.0.0.1:9",)))
+    etcd._user = "worker"  # a password user (the login itself is counted, not made)
+    logins: list[int] = []
+
+    def login() -> None:
+        logins.append(1)
+        etcd._logged_in = True
+
+    etcd._login = login  # type: ignore[method-assign]
+    answers: list[object] = [_Refused(code, details), 42]
+
+    def call() -> object:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert etcd._call("txn", call) == 42
+    assert len(logins) == 2
+    etcd.close()
