@@ -291,7 +291,9 @@ class Etcd:
                     parts.port or 2379,
                     secure=parts.scheme == "https",
                     creds=creds,
-                    time_retry=0.5,  # retry a failed endpoint soon: we may only have one
+                    # a failed endpoint is not used for this long while another is there;
+                    # with none other, there is nothing to wait for
+                    time_retry=0.5 if len(cluster.endpoints) > 1 else 0.0,
                     opts=_GRPC_OPTIONS,
                 )
             )
@@ -312,13 +314,14 @@ class Etcd:
         if self._user is None:
             return
         with self._token_lock:
+            label = self._client._current_endpoint_label
             try:
                 resp = self._client.authstub.Authenticate(
                     etcdrpc.AuthenticateRequest(name=self._user, password=self._password),
                     self._timeout,
                 )
             except grpc.RpcError as exc:
-                self._endpoint_failed(exc.code())
+                self._endpoint_failed(exc.code(), label)
                 raise _retryable(exc, "login", self.name) from None
             self._client.metadata = (("token", resp.token),)
             self._client.call_credentials = grpc.metadata_call_credentials(
@@ -326,13 +329,17 @@ class Etcd:
             )
             self._logged_in = True
 
-    def _endpoint_failed(self, code: Any) -> None:
-        """After a call that could not reach its endpoint, take the next of the cluster's
-        endpoints for the calls that follow (the failed one is tried again after a while).
-        The library does this only for the calls it wraps; transactions and logins go to
-        its stubs directly."""
-        if code in _ENDPOINT_DOWN and self._client.endpoint_in_use is not None:
-            self._client.endpoint_in_use.fail()
+    def _endpoint_failed(self, code: Any, label: str) -> None:
+        """After a call to the endpoint *label* that could not reach it, the calls that
+        follow go to another of the cluster's endpoints. The library does this only for the
+        calls it wraps; transactions and logins go to its stubs directly. The endpoint the
+        call went to is the one marked, not whichever is current when its error comes back:
+        calls of other threads still waiting on a dead member must not mark the live one
+        the client moved to meanwhile."""
+        if code not in _ENDPOINT_DOWN or len(self._client.endpoints) < 2:
+            return
+        self._client.endpoints[label].fail()
+        if self._client._current_endpoint_label == label:
             self._client._clear_old_stubs()
 
     def token_expired(self) -> None:
@@ -341,13 +348,15 @@ class Etcd:
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         for attempt in (1, 2):
+            label = self._client._current_endpoint_label
             try:
                 if self._user is not None and not self._logged_in:
                     self._login()
+                    label = self._client._current_endpoint_label
                 return fn()
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
-                self._endpoint_failed(code)
+                self._endpoint_failed(code, label)
                 if _stale_token(code, details) and self._user and attempt == 1:
                     self._logged_in = False  # the token expired: log in once more
                     continue

@@ -14,6 +14,7 @@ target's current generation. One thread (run()) owns all of its state.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -65,6 +66,11 @@ from pipeline.source.planner import (
 from pipeline.source.targets import TargetControl
 
 log = logging.getLogger("kvmesh.watcher")
+
+
+class _NoTargetReachable(RetryableError):
+    """A resync found none of its targets reachable: each still owes it."""
+
 
 _FLUSH_AT = 8192  # pending changes that force a flush before the linger ends
 _PROGRESS_HEARTBEAT = 30.0  # seconds between progress writes when nothing synced changed
@@ -421,7 +427,10 @@ class Watcher:
                 starts.append(start)
         pending = [t for t in self.targets if t.need_resync]
         if pending:
-            starts.append(self._resync(pending) + 1)
+            # none reachable: each still owes its resync, which the ticks retry once it
+            # answers, while the watcher serves the others
+            with contextlib.suppress(_NoTargetReachable):
+                starts.append(self._resync(pending) + 1)
         if not starts:  # no target reachable yet: watch from now; they will be resynced
             starts.append(rev + 1)
         now = self.clock()
@@ -581,15 +590,21 @@ class Watcher:
         one, the source had it and is being rebuilt (a clustermesh-apiserver restarting).
         The cached copy always says syncedCanaries (kvmesh marks it so), so the watcher takes
         the safe side and waits for the source's canaries; a source that does not write them
-        stops being waited for as soon as its config is back without the capability. If no
-        target caches one and a target cannot be read, RetryableError: whether the source is
-        rebuilding is not known yet."""
+        stops being waited for as soon as its config is back without the capability.
+
+        None only when that is known not to be so: no target caches a config, and one that
+        holds the source's generation (it was synced before) has none, or every target
+        answered. Otherwise (no copy found, and a target that may hold one cannot be read)
+        RetryableError: taken for a source without a config, a rebuilding source would have
+        every cache emptied by its resync."""
         key = RESOURCE_BY_NAME["config"].cache_prefix(self.source.name)
         unread: RetryableError | None = None
+        synced_without = False  # a target synced before holds no copy: the source had none
         for t in self.targets:
             try:
                 kv = t.control.etcd.get(key)
                 if kv is None:
+                    synced_without = synced_without or t.control.synced_before()
                     continue
                 cfg = parse_cluster_config(
                     kv.key, kv.value, self.layout.cluster_id, self.layout.max_connected_clusters
@@ -600,9 +615,7 @@ class Watcher:
             except BadInputError:
                 continue
             return Readiness(replace(source_caps(cfg), synced_canaries=True), True)
-        if unread is not None:
-            # a target that could not be read may be the one caching the config: taken for
-            # a source without one, a rebuilding source would have every cache emptied
+        if unread is not None and not synced_without:
             raise RetryableError(
                 f"{self.source.name} has no cluster config, and a target that may cache one "
                 f"cannot be read: {unread}",
@@ -1178,7 +1191,7 @@ class Watcher:
                 )
             )
         if not snapshots:
-            raise RetryableError("no target reachable for the resync")
+            raise _NoTargetReachable("no target reachable for the resync")
         started = self.clock()
         listed = self._listed(rev, snapshots)
         newest: dict[str, tuple[bytes, int]] = {}

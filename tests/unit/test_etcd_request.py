@@ -107,3 +107,34 @@ def test_a_refused_token_is_renewed_once_and_the_call_made_again(
     assert etcd._call("txn", call) == 42
     assert len(logins) == 2
     etcd.close()
+
+
+def test_a_late_failure_marks_the_endpoint_its_call_went_to() -> None:
+    """Calls of other threads still waiting on a dead member fail after the client moved
+    on: they mark that member, not the live one now in use; a cluster of one endpoint
+    never marks it (there is nothing to move to)."""
+    from pipeline.clients.etcd import Etcd
+    from pipeline.config import ClusterConfig
+
+    dead, live = "127.0.0.1:9", "127.0.0.1:10"
+    etcd = Etcd(ClusterConfig(name="t", id=1, endpoints=(f"http://{dead}", f"http://{live}")))
+    client = etcd._client
+    try:
+        client._current_endpoint_label = dead
+        etcd._endpoint_failed(grpc.StatusCode.UNAVAILABLE, dead)
+        assert client.endpoints[dead].is_failed()
+        client.channel  # noqa: B018 - the next call's channel: the client moves on
+        assert client._current_endpoint_label == live
+        etcd._endpoint_failed(grpc.StatusCode.DEADLINE_EXCEEDED, dead)  # a late one
+        assert not client.endpoints[live].is_failed()
+        assert client._current_endpoint_label == live
+        etcd._endpoint_failed(grpc.StatusCode.INVALID_ARGUMENT, live)  # the request's fault
+        assert not client.endpoints[live].is_failed()
+    finally:
+        etcd.close()
+    one = Etcd(ClusterConfig(name="t", id=1, endpoints=(f"http://{dead}",)))
+    try:
+        one._endpoint_failed(grpc.StatusCode.UNAVAILABLE, dead)
+        assert not one._client.endpoints[dead].is_failed()
+    finally:
+        one.close()
