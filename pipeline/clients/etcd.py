@@ -9,7 +9,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, NoReturn, Protocol
 from urllib.parse import urlsplit
 
 import etcd3
@@ -168,6 +168,10 @@ _ENDPOINT_DOWN = frozenset(
 )
 
 
+def _pass_on(exc: grpc.RpcError) -> NoReturn:
+    raise exc
+
+
 def _stale_token(code: Any, details: str) -> bool:
     """Whether etcd refused the call's token: expired or unknown (UNAUTHENTICATED), or
     issued before a change to users or roles ("revision of auth store is old", which a JWT
@@ -282,21 +286,21 @@ class Etcd:
             creds = etcd3.MultiEndpointEtcd3Client.get_secure_creds(
                 cluster.tls.ca_file, who.key_file, who.cert_file
             )
-        endpoints = []
-        for url in cluster.endpoints:
-            parts = urlsplit(url)
-            endpoints.append(
-                etcd3.Endpoint(
-                    parts.hostname,
-                    parts.port or 2379,
-                    secure=parts.scheme == "https",
-                    creds=creds,
-                    # a failed endpoint is not used for this long while another is there;
-                    # with none other, there is nothing to wait for
-                    time_retry=0.5 if len(cluster.endpoints) > 1 else 0.0,
-                    opts=_GRPC_OPTIONS,
-                )
+        urls = [urlsplit(url) for url in cluster.endpoints]
+        # a failed endpoint is not used for this long while another is there; with none
+        # other (the library keys endpoints by host and port), there is nothing to wait for
+        time_retry = 0.5 if len({(u.hostname, u.port or 2379) for u in urls}) > 1 else 0.0
+        endpoints = [
+            etcd3.Endpoint(
+                u.hostname,
+                u.port or 2379,
+                secure=u.scheme == "https",
+                creds=creds,
+                time_retry=time_retry,
+                opts=_GRPC_OPTIONS,
             )
+            for u in urls
+        ]
         try:
             # no user here: the library would log in at once, over the network; we log in
             # lazily and again when the token expires (see _login)
@@ -305,6 +309,10 @@ class Etcd:
             )
         except (grpc.RpcError, etcd3.Etcd3Exception, ValueError) as exc:
             raise _retryable(exc, "connect", self.name) from None
+        # The library marks the endpoint in use failed when an error of a call it wraps
+        # comes back, whichever endpoint that call went to; _call does it for every call,
+        # knowing which one (_endpoint_failed), so the library only passes the error on.
+        self._client._manage_grpc_errors = _pass_on
 
     def close(self) -> None:
         self._client.close()
@@ -314,7 +322,10 @@ class Etcd:
         if self._user is None:
             return
         with self._token_lock:
-            label = self._client._current_endpoint_label
+            try:
+                label = self._endpoint()
+            except (etcd3.Etcd3Exception, ValueError) as exc:
+                raise _retryable(exc, "login", self.name) from None
             try:
                 resp = self._client.authstub.Authenticate(
                     etcdrpc.AuthenticateRequest(name=self._user, password=self._password),
@@ -346,17 +357,23 @@ class Etcd:
         """A watch was refused for its token: log in again before the next call."""
         self._logged_in = False
 
+    def _endpoint(self) -> str:
+        """The endpoint the next call goes to (the library moves off a failed one here)."""
+        self._client.channel  # noqa: B018
+        return str(self._client._current_endpoint_label)
+
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         for attempt in (1, 2):
-            label = self._client._current_endpoint_label
+            label = None
             try:
                 if self._user is not None and not self._logged_in:
                     self._login()
-                    label = self._client._current_endpoint_label
+                label = self._endpoint()
                 return fn()
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
-                self._endpoint_failed(code, label)
+                if label is not None:
+                    self._endpoint_failed(code, label)
                 if _stale_token(code, details) and self._user and attempt == 1:
                     self._logged_in = False  # the token expired: log in once more
                     continue

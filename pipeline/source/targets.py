@@ -57,10 +57,6 @@ class TargetControl:
     def close(self) -> None:
         self.etcd.close()
 
-    def synced_before(self) -> bool:
-        """Whether the target holds a generation of this source (it was synced before)."""
-        return self.etcd.get(gen_key(self.source)) is not None
-
     def read(self) -> TargetRecords:
         _, kvs = self.etcd.scan(state_prefix(self.source), page=self.page)
         raw = {kv.key: (kv.value, kv.mod_revision) for kv in kvs}

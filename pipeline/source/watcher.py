@@ -592,19 +592,17 @@ class Watcher:
         the safe side and waits for the source's canaries; a source that does not write them
         stops being waited for as soon as its config is back without the capability.
 
-        None only when that is known not to be so: no target caches a config, and one that
-        holds the source's generation (it was synced before) has none, or every target
-        answered. Otherwise (no copy found, and a target that may hold one cannot be read)
-        RetryableError: taken for a source without a config, a rebuilding source would have
-        every cache emptied by its resync."""
+        If no target caches one and a target cannot be read, RetryableError: that target may
+        be the one that still caches it (the others' copies may have gone with a lease, or
+        never been written by a first sync cut short), and a rebuilding source taken for one
+        without a config would have every cache emptied by its resync. A source that never
+        has a config then waits for every target to answer before its watcher starts."""
         key = RESOURCE_BY_NAME["config"].cache_prefix(self.source.name)
         unread: RetryableError | None = None
-        synced_without = False  # a target synced before holds no copy: the source had none
         for t in self.targets:
             try:
                 kv = t.control.etcd.get(key)
                 if kv is None:
-                    synced_without = synced_without or t.control.synced_before()
                     continue
                 cfg = parse_cluster_config(
                     kv.key, kv.value, self.layout.cluster_id, self.layout.max_connected_clusters
@@ -615,7 +613,7 @@ class Watcher:
             except BadInputError:
                 continue
             return Readiness(replace(source_caps(cfg), synced_canaries=True), True)
-        if unread is not None and not synced_without:
+        if unread is not None:
             raise RetryableError(
                 f"{self.source.name} has no cluster config, and a target that may cache one "
                 f"cannot be read: {unread}",

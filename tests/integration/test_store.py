@@ -5,6 +5,7 @@ size or for want of space."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -169,3 +170,18 @@ def test_a_writer_takes_the_next_endpoint_when_its_own_is_down(servers: Servers)
         etcd.txn([], [Put(b"kvmesh/x", b"%d" % i)])
     kv = etcd.get(b"kvmesh/x")
     assert kv is not None and kv.value == b"4"
+    # the calls the library wraps (reads, leases) move on the same way
+    etcd._client.endpoints[dead].last_failed = 0
+    etcd._client._current_endpoint_label = dead
+    with pytest.raises(RetryableError):
+        etcd.get(b"kvmesh/x")
+    reads = eventually(lambda: _get_or_none(etcd, b"kvmesh/x"), timeout=10, what="a read")
+    assert reads.value == b"4"
+    etcd.close()
+
+
+def _get_or_none(etcd: Etcd, key: bytes) -> Any:
+    try:
+        return etcd.get(key)
+    except RetryableError:
+        return None

@@ -312,29 +312,6 @@ def test_a_watcher_that_cannot_read_the_targets_does_not_take_a_rebuild_for_no_c
         assert rig.cache(t) == rig.expected()
 
 
-def test_a_source_without_a_config_is_known_by_a_target_synced_before() -> None:
-    """A source that never had a cluster config, one target down as a new watcher starts:
-    the other target, synced from it before and caching no config, says the source had
-    none, so the start goes on for the targets that answer (no rebuild to wait for), and
-    the one down, owing a resync nobody could start, gets it once it answers."""
-    rig = Rig()
-    for i in range(5):
-        rig.source.put(NODE + f"node-{i}".encode(), b'{"name":"node-%d"}' % i)
-    rig.start()
-    rig.settle()
-    down, up = rig.targets
-    rig.source.put(NODE + b"node-new", b'{"name":"node-new"}')
-    rig.watcher = rig.new_watcher()
-    rig.mesh[down].set_down(True)
-    rig.start()  # does not raise: the answer of the target up is conclusive
-    rig.settle()
-    assert rig.cache(up) == rig.expected()
-    rig.mesh[down].set_down(False)
-    rig.clock.advance(120.0)  # past the resync backoff
-    rig.settle()
-    assert rig.cache(down) == rig.expected()
-
-
 def test_deletes_held_by_one_watcher_are_sent_by_the_next() -> None:
     """The watcher that held deletes is gone when the canary appears; its successor finds
     the held record in the targets, resyncs, and the stale keys go."""
