@@ -73,6 +73,15 @@ def back_empty(rig: Rig, seen: int, config_first: bool = False) -> None:
         rig.source.put(b"cilium/cache/nodes/v1/c/node-%d" % i, b"{}")
 
 
+def written_back(rig: Rig) -> None:
+    """The rebuilt source writes everything back, and its canaries: every cache is exact."""
+    fill(rig, range(10), range(20), syncedCanaries=True)
+    write_canaries(rig)
+    rig.settle()
+    for t in rig.targets:
+        assert rig.cache(t) == rig.expected()
+
+
 def cached(rig: Rig, target: str, prefix: bytes) -> set[bytes]:
     return set(rig.mesh[target].items(prefix))
 
@@ -163,11 +172,7 @@ def test_a_source_back_empty_past_the_revision_watched_is_noticed(last_seen: str
     assert rig.resyncs("b", Cause.SOURCE_REPLACED.value) > replaced
     for t in rig.targets:
         assert rig.cache(t) == before[t]
-    fill(rig, range(10), range(20), syncedCanaries=True)
-    write_canaries(rig)
-    rig.settle()
-    for t in rig.targets:
-        assert rig.cache(t) == rig.expected()
+    written_back(rig)
 
 
 def test_a_source_back_with_its_data_is_not_taken_for_another() -> None:
@@ -305,11 +310,7 @@ def test_a_watcher_that_cannot_read_the_targets_does_not_take_a_rebuild_for_no_c
     rig.settle()
     for t in rig.targets:
         assert rig.cache(t) == before[t]
-    fill(rig, range(10), range(20), syncedCanaries=True)
-    write_canaries(rig)
-    rig.settle()
-    for t in rig.targets:
-        assert rig.cache(t) == rig.expected()
+    written_back(rig)
 
 
 def test_deletes_held_by_one_watcher_are_sent_by_the_next() -> None:
