@@ -102,8 +102,7 @@ def test_a_target_out_of_space_keeps_its_keys_and_the_batch_waits(servers: Serve
         try:
             etcd.put(b"filler/%d" % next(written), FILLER)
         except RetryableError as exc:
-            assert "space exceeded" in str(exc), exc
-            return True
+            return "space exceeded" in str(exc)  # anything else: the next poll tries again
         return False
 
     eventually(full, timeout=60, what="the target's no-space alarm")
