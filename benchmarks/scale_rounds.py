@@ -76,13 +76,17 @@ def rounds_of(runs: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str
     return out
 
 
+def writes(run: dict[str, Any]) -> float:
+    """The backlog's writes: its rate over its time."""
+    return float(run["backlog_keys_per_s"] * run["backlog_s"])
+
+
 def per_1000(run: dict[str, Any], pct_of_core: float) -> float:
-    """Milliseconds of CPU per 1,000 writes while the backlog drained, for a process that
-    used *pct_of_core* percent of a core over the time it was measured (until the workers'
-    count said done); the writes are the backlog's rate over its time."""
+    """Milliseconds of CPU per 1,000 writes (microseconds per write) while the backlog
+    drained, for what used *pct_of_core* percent of a core over the time it was measured
+    (until the workers' count said done)."""
     seconds = run["backlog_s"] + run.get("backlog_count_late_s", 0)
-    keys = run["backlog_keys_per_s"] * run["backlog_s"]
-    return pct_of_core / 100 * seconds / keys * 1e6
+    return pct_of_core / 100 * seconds / writes(run) * 1e6
 
 
 def ranks(xs: list[float]) -> list[float]:
@@ -199,8 +203,6 @@ LABELS = {
 
 def round_of(name: str, first: dict[str, Any], run: dict[str, Any], cores: int) -> dict[str, Any]:
     """The figures of one round: its first count's run and its N-slot run."""
-    seconds = run["backlog_s"] + run.get("backlog_count_late_s", 0)
-    keys = run["backlog_keys_per_s"] * run["backlog_s"]
     return {
         "file": name,
         "pool": run["pool"],
@@ -214,9 +216,12 @@ def round_of(name: str, first: dict[str, Any], run: dict[str, Any], cores: int) 
         "etcd_n": per_1000(run, run["backlog_target_etcd_core_pct"]),
         "proxy_n": per_1000(run, run["backlog_proxy_core_pct"]),
         "cpu_task": run["backlog_worker_cpu_ms_per_task"],
-        "worker_w": run["backlog_worker_cpu_ms_per_task"] * run["backlog_tasks"] / keys * 1e3,
+        "worker_w": run["backlog_worker_cpu_ms_per_task"]
+        * run["backlog_tasks"]
+        / writes(run)
+        * 1e3,
         # every process of the machine, every core
-        "machine": run["backlog_cpu_busy_pct"] / 100 * cores * seconds / keys * 1e6,
+        "machine": per_1000(run, run["backlog_cpu_busy_pct"] * cores),
     }
 
 

@@ -4,6 +4,7 @@ size or for want of space."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -156,15 +157,11 @@ def test_a_writer_takes_the_next_endpoint_when_its_own_is_down(servers: Servers)
     etcd._client._current_endpoint_label = dead  # the library picks one at random
     with pytest.raises(RetryableError):
         etcd.txn([], [Put(b"kvmesh/x", b"1")])
-
-    def lands() -> bool:
-        try:
-            etcd.txn([], [Put(b"kvmesh/x", b"2")])
-        except RetryableError:
-            return False
-        return True
-
-    eventually(lands, timeout=10, what="a transaction through the live endpoint")
+    eventually(
+        lambda: _answered(lambda: etcd.txn([], [Put(b"kvmesh/x", b"2")])),
+        timeout=10,
+        what="a transaction through the live endpoint",
+    )
     for i in range(5):  # and it stays there
         etcd.txn([], [Put(b"kvmesh/x", b"%d" % i)])
     kv = etcd.get(b"kvmesh/x")
@@ -174,13 +171,14 @@ def test_a_writer_takes_the_next_endpoint_when_its_own_is_down(servers: Servers)
     etcd._client._current_endpoint_label = dead
     with pytest.raises(RetryableError):
         etcd.get(b"kvmesh/x")
-    reads = eventually(lambda: _get_or_none(etcd, b"kvmesh/x"), timeout=10, what="a read")
+    reads = eventually(lambda: _answered(lambda: etcd.get(b"kvmesh/x")), timeout=10, what="a read")
     assert reads.value == b"4"
     etcd.close()
 
 
-def _get_or_none(etcd: Etcd, key: bytes) -> Any:
+def _answered(call: Callable[[], Any]) -> Any:
+    """What *call* returns, or None if the etcd did not answer it."""
     try:
-        return etcd.get(key)
+        return call()
     except RetryableError:
         return None
