@@ -23,6 +23,8 @@ from pipeline.protocol.errors import (
     LeaseGoneError,
     RequestTooLargeError,
     RetryableError,
+    WatchDeniedError,
+    show_key,
 )
 
 log = logging.getLogger(__name__)
@@ -722,13 +724,13 @@ class WatchStream:
                     raise CompactedError(int(resp.compact_revision))
                 if resp.canceled:
                     reason = str(resp.cancel_reason)
+                    message = f"etcd {self._etcd.name}: watch canceled: {show_key(reason.encode())}"
                     if "permission denied" in reason or "auth" in reason:
-                        # etcd refuses a watch whose token expired with "permission denied"
+                        # etcd refuses a watch whose token expired with "permission denied",
+                        # and one its role may not read the same way
                         self._etcd.token_expired()
-                    raise RetryableError(
-                        f"etcd {self._etcd.name}: watch canceled: {resp.cancel_reason}",
-                        self._etcd.name,
-                    )
+                        raise WatchDeniedError(message, self._etcd.name)
+                    raise RetryableError(message, self._etcd.name)
                 if resp.created and not resp.events:
                     continue
                 for ev in resp.events:

@@ -148,6 +148,11 @@ class RetryableError(KvmeshError):
         self.cluster = cluster
 
 
+class WatchDeniedError(RetryableError):
+    """etcd cancelled a watch for lack of permission: a token that expired (a new one
+    cures it) or a role that may not read the range (nothing kvmesh does cures it)."""
+
+
 class PublishError(RetryableError):
     """The broker refused a publish (unreachable, or out of memory). `published` batches of
     the list went out before it did; the caller keeps the rest."""

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pipeline.clients.etcd import EtcdClient, Event, Stream
-from pipeline.protocol.errors import CompactedError, RetryableError, show_key
+from pipeline.protocol.errors import CompactedError, RetryableError, WatchDeniedError, show_key
 from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES, Resource
 from pipeline.source.planner import Cause
 
@@ -28,6 +28,10 @@ log = logging.getLogger("kvmesh.feed")
 
 INBOX = 256  # watch responses waiting for the watcher, at most
 RETRY_UNREACHABLE = 1.0  # seconds between looks at a source found unreachable
+# A watch refused for lack of permission twice in a row (the second time with a fresh
+# token) waits before its next try: 1 s, doubling up to a minute, until it delivers again.
+RETRY_DENIED = 1.0
+RETRY_DENIED_MAX = 60.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,9 @@ class SourceFeed:
         # that brings it back: a copy of it (check_silence finds a waiting stream silent) is
         # dropped, not retried twice
         self._waiting: dict[str, tuple[_Broken, threading.Timer]] = {}
+        # per resource, how many times in a row its watch was refused for lack of
+        # permission, with nothing delivered in between
+        self.denied: dict[str, int] = {}
 
     # -- streams ----------------------------------------------------------------------------
 
@@ -201,6 +208,7 @@ class SourceFeed:
             return self._broken(item)
         name = item.resource.name
         self.heard[name] = self.clock()
+        self.denied.pop(name, None)
         if item.events:
             self.delivered[name] = max(self.delivered.get(name, 0), item.events[-1].revision)
             self.last_event_rev = max(self.last_event_rev, item.events[-1].revision)
@@ -226,6 +234,22 @@ class SourceFeed:
             return None  # this stream already waits for its next look
         else:  # it just broke
             self.on_failure()
+            if isinstance(exc, WatchDeniedError):
+                refused = self.denied[item.resource] = self.denied.get(item.resource, 0) + 1
+                if refused > 1:
+                    # a fresh token did not help: the role may not read this range. Try
+                    # again now and then (a grant may come), not in a loop of logins
+                    delay = min(RETRY_DENIED * 2 ** min(refused - 2, 16), RETRY_DENIED_MAX)
+                    log.warning(
+                        "%s: watch of %s refused %d times in a row: %s; next try in %.0fs",
+                        self.source,
+                        item.resource,
+                        refused,
+                        exc,
+                        delay,
+                    )
+                    self._retry(item, delay)
+                    return None
             log.warning("%s: watch of %s failed: %s; reconnecting", self.source, item.resource, exc)
         wait = self._unreachable_until - time.monotonic()
         if wait > 0:  # another stream just found the source down: this waits for that look

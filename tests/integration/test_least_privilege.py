@@ -240,6 +240,31 @@ def test_the_read_user_cannot_write_and_the_write_user_cannot_touch_state(
         mesh.stop()
 
 
+def test_a_watch_the_role_may_not_read_is_refused_as_such(servers: Servers) -> None:
+    """etcd cancels a watch on a range the user's role may not read; the client reports it
+    as a refusal (WatchDeniedError), which the feed retries at a widening interval instead
+    of logging in again in a loop (tests/unit/test_feed.py)."""
+    from pipeline.clients.etcd import Etcd
+    from pipeline.config import WRITE, load_settings
+    from pipeline.protocol.errors import WatchDeniedError
+
+    mesh = RbacMesh(servers, n=2)
+    try:
+        settings = load_settings(str(mesh.config), env={})
+        a = settings.cluster("cluster-a")
+        writer = Etcd(a, 5, WRITE)  # the cache side only: no read on cilium/state/
+        errors: list[BaseException] = []
+        stream = writer.watch(
+            b"cilium/state/nodes/v1/", writer.revision() + 1, lambda *_: None, errors.append
+        )
+        eventually(lambda: errors, timeout=30, what="the watch refused")
+        stream.stop()
+        assert isinstance(errors[0], WatchDeniedError), errors
+        assert "permission denied" in str(errors[0])
+    finally:
+        mesh.stop()
+
+
 @pytest.mark.faults  # restarts an etcd and waits out a token: not for the quick loop
 def test_password_users_log_in_again_when_their_token_expires(servers: Servers) -> None:
     """etcd tokens expire (here after 2 s without use): kvmesh logs in again and goes on,

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.protocol.errors import WatchDeniedError
 from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES
 from pipeline.source.feed import Delivered, Lost, SourceFeed, _Broken
 from pipeline.source.planner import Cause, encode_progress, progress_rev, progress_writes
@@ -218,3 +219,51 @@ def test_a_feed_whose_source_is_down_does_not_hold_the_watcher() -> None:
         )
 
     eventually(delivered, timeout=30, what="the write made after the source came back")
+
+
+def test_a_watch_refused_for_its_permission_waits_longer_each_time() -> None:
+    """A watch etcd refuses for lack of permission gets one immediate try (with a fresh
+    token: an expired one is refused the same way); refused again with nothing delivered
+    in between, it waits 1 s, 2 s, 4 s... up to a minute between tries instead of looping
+    through logins, and one response resets the count. The other streams are untouched."""
+    failures: list[None] = []
+    etcd = MemoryEtcd(SOURCE)
+    feed = SourceFeed(etcd, SOURCE, "id", 60, on_failure=lambda: failures.append(None))
+    etcd.put(CONFIG, b'{"id":1}')
+    rev, feed.cluster_id = etcd.header()
+    feed.config_rev = rev
+    feed.start(rev + 1)
+
+    def refuse() -> None:
+        """The nodes stream refused as etcd refuses it, and the feed takes it."""
+        stream = feed.streams["nodes"]
+        error = WatchDeniedError("etcd a: watch canceled: etcdserver: permission denied", "a")
+        feed._put(feed.epoch, _Broken("nodes", error, stream))
+        assert feed.next(0, 100) == []
+
+    others = {name: s for name, s in feed.streams.items() if name != "nodes"}
+    refuse()
+    assert "nodes" not in feed._waiting  # the first refusal: a new stream at once
+    delays = []
+    for _ in range(8):
+        refuse()
+        _, timer = feed._waiting["nodes"]
+        delays.append(timer.interval)
+        timer.cancel()
+        del feed._waiting["nodes"]
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60]
+    feed.denied["nodes"] = 10_000  # months of refusals: still a minute, not an overflow
+    refuse()
+    _, timer = feed._waiting["nodes"]
+    assert timer.interval == 60
+    timer.cancel()
+    del feed._waiting["nodes"]
+    assert len(failures) == 10  # each refusal counted once
+
+    # a response of the stream resets the count: the next refusal is tried again at once
+    feed._put(feed.epoch, Delivered(RESOURCE_BY_NAME["nodes"], [], rev))
+    assert len(feed.next(0, 100)) == 1
+    refuse()
+    assert "nodes" not in feed._waiting
+    assert {name: s for name, s in feed.streams.items() if name != "nodes"} == others
+    feed.stop()
