@@ -294,7 +294,8 @@ class Etcd:
         time_retry = 0.5 if len({(u.hostname, u.port or 2379) for u in urls}) > 1 else 0.0
         endpoints = [
             etcd3.Endpoint(
-                u.hostname,
+                # an IPv6 address keeps its brackets: gRPC reads "host:port"
+                f"[{u.hostname}]" if ":" in (u.hostname or "") else u.hostname,
                 u.port or 2379,
                 secure=u.scheme == "https",
                 creds=creds,

@@ -176,6 +176,20 @@ def test_a_writer_takes_the_next_endpoint_when_its_own_is_down(servers: Servers)
     etcd.close()
 
 
+def test_an_ipv6_endpoint_is_reached(servers: Servers) -> None:
+    """An endpoint written as an IPv6 URL (`http://[::1]:port`) reaches the etcd there."""
+    port = free_port()
+    server = servers.etcd(start=False)
+    # the last --listen-client-urls counts: the server's own URL, and one on IPv6 loopback
+    server.extra_args = ["--listen-client-urls", f"{server.url},http://[::1]:{port}"]
+    server.start()
+    etcd = Etcd(replace(server.cluster("b", 2), endpoints=(f"http://[::1]:{port}",)), timeout=5)
+    etcd.put(b"kvmesh/v6", b"1")
+    kv = etcd.get(b"kvmesh/v6")
+    assert kv is not None and kv.value == b"1"
+    etcd.close()
+
+
 def _answered(call: Callable[[], Any]) -> Any:
     """What *call* returns, or None if the etcd did not answer it."""
     try:
