@@ -31,6 +31,7 @@ from pipeline.protocol.errors import (
     ForbiddenBatchError,
     MalformedBatchError,
     PayloadGoneError,
+    RefusedError,
     RetryableError,
     show_key,
 )
@@ -353,14 +354,16 @@ def register_tasks(app: Any, settings: Settings) -> Any:
                 )
             except _Unavailable as exc:
                 # the other targets of the task go on; this one's batches come back later
-                log.warning(
+                refused = isinstance(exc.cause, RefusedError)
+                log.log(
+                    logging.ERROR if refused else logging.WARNING,
                     "%s→%s: %s; retrying %d batches",
                     first.source,
                     target,
                     exc.cause,
                     len(exc.remaining),
                 )
-                outcomes[target]["retry_unavailable"] += 1
+                outcomes[target]["retry_refused" if refused else "retry_unavailable"] += 1
                 conns.metrics.failed(exc.remaining)
                 unavailable += exc.remaining
         retry: list[Batch] = []

@@ -21,6 +21,7 @@ from pipeline.config import READ, ClusterConfig
 from pipeline.protocol.errors import (
     CompactedError,
     LeaseGoneError,
+    RefusedError,
     RequestTooLargeError,
     RetryableError,
     WatchDeniedError,
@@ -160,7 +161,8 @@ def _retryable(exc: BaseException, what: str, cluster: str) -> RetryableError:
         details = exc.details() if hasattr(exc, "details") else str(exc)
         if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in (details or ""):
             return CompactedError(0)
-        return RetryableError(f"etcd {cluster}: {what} failed: {code}: {details}", cluster)
+        error = RefusedError if _refused(code, details or "") else RetryableError
+        return error(f"etcd {cluster}: {what} failed: {code}: {details}", cluster)
     return RetryableError(f"etcd {cluster}: {what} failed: {type(exc).__name__}: {exc}", cluster)
 
 
@@ -181,6 +183,13 @@ def _stale_token(code: Any, details: str) -> bool:
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return True
     return code == grpc.StatusCode.INVALID_ARGUMENT and "auth store is old" in details
+
+
+def _refused(code: Any, details: str) -> bool:
+    """Whether etcd refused a request that only its operator can make pass (RefusedError)."""
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return True
+    return code == grpc.StatusCode.INVALID_ARGUMENT and "too many operations" in details
 
 
 def _too_large(code: Any, details: str) -> bool:

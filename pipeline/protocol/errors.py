@@ -148,6 +148,14 @@ class RetryableError(KvmeshError):
         self.cluster = cluster
 
 
+class RefusedError(RetryableError):
+    """etcd answered and refused the request for something only its operator can change:
+    a permission the user's role lacks (PERMISSION_DENIED), or fewer operations per
+    transaction than kvmesh sends ("too many operations in txn request", a --max-txn-ops
+    under sync.max_batch_ops + 1). Retried like an etcd that does not answer, and counted
+    apart from one."""
+
+
 class WatchDeniedError(RetryableError):
     """etcd cancelled a watch for lack of permission: a token that expired (a new one
     cures it) or a role that may not read the range (nothing kvmesh does cures it)."""

@@ -216,10 +216,11 @@ def test_the_read_user_cannot_write_and_the_write_user_cannot_touch_state(
     servers: Servers,
 ) -> None:
     """The roles are what they claim: `remote` cannot write anything, `kvmesh` cannot write
-    a cluster's own state or its own cluster config."""
+    a cluster's own state or its own cluster config. Each refusal is a RefusedError, which
+    the worker counts as retry_refused, not as an etcd down."""
     from pipeline.clients.etcd import Etcd
     from pipeline.config import WRITE, load_settings
-    from pipeline.protocol.errors import RetryableError
+    from pipeline.protocol.errors import RefusedError
 
     mesh = RbacMesh(servers, n=2)
     try:
@@ -232,7 +233,7 @@ def test_the_read_user_cannot_write_and_the_write_user_cannot_touch_state(
             (writer, b"cilium/state/nodes/v1/cluster-a/x"),
             (writer, b"cilium/cluster-config/cluster-a"),
         ):
-            with pytest.raises(RetryableError, match="PERMISSION_DENIED"):
+            with pytest.raises(RefusedError, match="PERMISSION_DENIED"):
                 client.put(key, b"x")
         writer.put(b"kvmesh/cluster-b/probe", b"x")
         assert reader.header()[0] > 0  # the read role finds the revision without range on all

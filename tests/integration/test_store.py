@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pipeline.clients.etcd import Etcd, Put
-from pipeline.protocol.errors import RequestTooLargeError, RetryableError
+from pipeline.protocol.errors import RefusedError, RequestTooLargeError, RetryableError
 from pipeline.protocol.fence import Decision, FenceRecord, GenRecord
 from pipeline.protocol.layout import Op
 from pipeline.protocol.names import fence_key, gen_key, rejected_key, rejected_prefix
@@ -173,6 +173,19 @@ def test_a_writer_takes_the_next_endpoint_when_its_own_is_down(servers: Servers)
         etcd.get(b"kvmesh/x")
     reads = eventually(lambda: _answered(lambda: etcd.get(b"kvmesh/x")), timeout=10, what="a read")
     assert reads.value == b"4"
+    etcd.close()
+
+
+def test_a_target_taking_fewer_operations_refuses_as_only_its_operator_can_cure(
+    servers: Servers,
+) -> None:
+    """A target whose --max-txn-ops is under what kvmesh sends refuses the transaction:
+    a RefusedError (retry_refused in the worker), not a size to split or an etcd down."""
+    server = servers.etcd(extra_args=["--max-txn-ops", "16"])
+    etcd = Etcd(server.cluster("b", 2), timeout=5)
+    etcd.txn([], [Put(b"kvmesh/%d" % i, b"v") for i in range(16)])
+    with pytest.raises(RefusedError, match="too many operations"):
+        etcd.txn([], [Put(b"kvmesh/%d" % i, b"v") for i in range(17)])
     etcd.close()
 
 

@@ -10,6 +10,7 @@ import pytest
 from etcd3.etcdrpc import TxnRequest
 
 from pipeline.clients.etcd import Delete, Get, Put, _fill_ops, prefix_end
+from pipeline.protocol.errors import RetryableError
 
 
 def built(*ops: Any) -> list[Any]:
@@ -58,6 +59,27 @@ def test_only_a_refusal_for_size_is_taken_for_one() -> None:
     assert not _too_large(exhausted, "etcdserver: too many requests")
     assert not _too_large(invalid, "etcdserver: key is not provided")
     assert not _too_large(grpc.StatusCode.UNAVAILABLE, "request is too large")
+
+
+def test_what_only_the_operator_can_cure_is_told_from_an_etcd_down() -> None:
+    """A missing permission and a lower --max-txn-ops are RefusedError (the worker counts
+    them as retry_refused); an etcd down, out of space or busy stays a plain retry."""
+    from pipeline.clients.etcd import _retryable
+    from pipeline.protocol.errors import RefusedError
+
+    def kind(code: grpc.StatusCode, details: str) -> type:
+        return type(_retryable(_Refused(code, details), "txn", "b"))
+
+    assert kind(grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied") is RefusedError
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    assert kind(invalid, "etcdserver: too many operations in txn request") is RefusedError
+    for code, details in (
+        (grpc.StatusCode.UNAVAILABLE, "connection refused"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: too many requests"),
+        (invalid, "etcdserver: duplicate key given in txn request"),
+    ):
+        assert kind(code, details) is RetryableError, details
 
 
 class _Refused(grpc.RpcError):

@@ -12,7 +12,7 @@ from celery.exceptions import Retry
 
 from pipeline.clients.celeryapp import create_app
 from pipeline.config import settings_from_mapping
-from pipeline.protocol.errors import RetryableError
+from pipeline.protocol.errors import RefusedError, RetryableError
 from pipeline.protocol.layout import Op
 from pipeline.protocol.names import payload_key
 from pipeline.protocol.wire import Batch, Operation, Signer, encode_task_json
@@ -43,13 +43,16 @@ class FakeBroker:
 
 
 class DownTarget:
-    """A target etcd that does not answer."""
+    """A target etcd that does not answer (or, given an error, answers with it)."""
 
     txn_seconds = 0.0
 
+    def __init__(self, error: RetryableError | None = None) -> None:
+        self.error = error or RetryableError("etcd: unavailable")
+
     def __getattr__(self, name: str) -> Any:
         def down(*args: Any, **kwargs: Any) -> Any:
-            raise RetryableError("etcd: unavailable")
+            raise self.error
 
         return down
 
@@ -122,6 +125,19 @@ def test_a_task_retried_for_its_target_deletes_its_payload_and_counts_once(task:
     with pytest.raises(Retry):
         task({"ref": REF})
     assert len(broker.calls) == 2 and broker.calls[1] == broker.calls[0]
+
+
+def test_a_target_that_refuses_the_write_user_is_counted_apart(task: Any) -> None:
+    """A target that answers PERMISSION_DENIED (or too many operations) is retried like
+    one that does not answer, and counted as retry_refused: only its operator cures it."""
+    broker = FakeBroker({REF: signed_text(task)})
+    use(task, broker)
+    refusal = "etcd b: txn failed: StatusCode.PERMISSION_DENIED: etcdserver: permission denied"
+    task.conns._stores[B] = DownTarget(RefusedError(refusal, B))
+    with pytest.raises(Retry):
+        task({"ref": REF})
+    ((counts, drop),) = broker.calls
+    assert drop == REF and counts == [(A, B, {"retry_refused": 1})]
 
 
 def test_a_negative_retry_count_cannot_lose_a_retry(task: Any) -> None:
