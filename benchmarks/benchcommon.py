@@ -1,7 +1,8 @@
 """What the benchmarks share: a one-pair mesh config and its --sync settings, starting and
 stopping their processes, the make-mirror command, matplotlib (only needed for --png), the
 project's byte code, the CPU time of processes from /proc, the workers' count of applied
-operations, and when writes landed in a target (Landing)."""
+operations, when writes landed in a target (Landing), and what a wait costs the machine
+(WakeProbe)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -236,6 +238,41 @@ def code_env(code: Path) -> dict[str, str]:
     change directory) ahead of whatever PYTHONPATH already names."""
     paths = [str(code.resolve()), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+
+
+class WakeProbe:
+    """A thread that only sleeps, *period* seconds at a time, and counts the CPU it is
+    charged for it: what going to sleep and waking up costs on this machine while the
+    probe runs (benchmarks/call_cost.py; in a virtual machine it moves with the host's
+    load). It costs the machine one wakeup per period."""
+
+    def __init__(self, period: float = 0.012) -> None:
+        self.period = period
+        self._stop = threading.Event()
+        self._cpu = 0.0
+        self._sleeps = 0
+        self._thread = threading.Thread(target=self._run, name="wake-probe", daemon=True)
+
+    def _run(self) -> None:
+        cpu = time.thread_time()
+        while not self._stop.is_set():
+            time.sleep(self.period)
+            self._sleeps += 1
+        self._cpu = time.thread_time() - cpu
+
+    @property
+    def sleeps(self) -> int:
+        return self._sleeps
+
+    def start(self) -> WakeProbe:
+        self._thread.start()
+        return self
+
+    def stop(self) -> float:
+        """Stop; the CPU charged per sleep, in µs (nan if none ended)."""
+        self._stop.set()
+        self._thread.join()
+        return self._cpu / self._sleeps * 1e6 if self._sleeps else float("nan")
 
 
 def applied_ops(stats: Any) -> int:

@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from benchcommon import check_alive, discard, spawn, stop, wait_for  # noqa: E402
+from benchcommon import WakeProbe, check_alive, discard, spawn, stop, wait_for  # noqa: E402
 
 from pipeline.tools.servers import EtcdServer, free_port  # noqa: E402
 
@@ -136,19 +135,11 @@ def code_cost(n: int) -> dict[str, float]:
 
 
 def sleep_cost(seconds: float, n: int) -> float:
-    """The CPU (µs) charged to this thread per sleep of *seconds*, on a thread of its own."""
-    got: list[float] = []
-
-    def run() -> None:
-        cpu = time.thread_time()
-        for _ in range(n):
-            time.sleep(seconds)
-        got.append((time.thread_time() - cpu) / n * 1e6)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    return got[0]
+    """The CPU (µs) charged to a thread of its own per sleep of *seconds*, over *n* sleeps."""
+    probe = WakeProbe(seconds).start()
+    while probe.sleeps < n:
+        time.sleep(0.05)
+    return probe.stop()
 
 
 def call_cost(url: str, calls: int, event_engine: bool) -> dict[str, Any]:

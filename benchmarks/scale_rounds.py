@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import math
 import os
 import statistics
 from pathlib import Path
@@ -160,7 +161,6 @@ def main() -> None:
         print("".join(f" {r[k]:{w}.{d}f}" for k, w, d in COLUMNS))
     ratios = [r["ratio"] for r in rows]
     under = [r for r in rows if r["ratio"] < args.goal]
-    over = [r for r in rows if r["ratio"] >= args.goal]
     print(
         f"\n{len(rows)} rounds at {args.slots} slots: median ratio "
         f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}), "
@@ -168,11 +168,16 @@ def main() -> None:
     )
     print(f"{'median of':44} {'under ' + str(args.goal):>10} {'the others':>10} {'rank corr.':>10}")
     for key, _, _ in COLUMNS:
+        # a figure older runs lack (nan) counts over the rounds that have it
+        has = [r for r in rows if not math.isnan(r[key])]
+        low = [r[key] for r in has if r["ratio"] < args.goal]
+        high = [r[key] for r in has if r["ratio"] >= args.goal]
         print(
             f"{LABELS[key]:44} "
-            + (f"{statistics.median(r[key] for r in under):10.2f} " if under else f"{'-':>10} ")
-            + (f"{statistics.median(r[key] for r in over):10.2f} " if over else f"{'-':>10} ")
-            + f"{spearman(ratios, [r[key] for r in rows]):+10.2f}"
+            + (f"{statistics.median(low):10.2f} " if low else f"{'-':>10} ")
+            + (f"{statistics.median(high):10.2f} " if high else f"{'-':>10} ")
+            + f"{spearman([r['ratio'] for r in has], [r[key] for r in has]):+10.2f}"
+            + (f"  ({len(has)} rounds)" if len(has) < len(rows) else "")
         )
 
 
@@ -187,6 +192,8 @@ COLUMNS = (
     ("cpu_task", 8, 1),
     ("worker_w", 8, 1),
     ("machine", 8, 1),
+    ("wake_first", 10, 1),
+    ("wake_n", 7, 1),
 )
 LABELS = {
     "first": "writes/s, first count",
@@ -198,6 +205,8 @@ LABELS = {
     "cpu_task": "worker CPU per task at N, ms",
     "worker_w": "worker CPU per write at N, µs",
     "machine": "machine CPU per write at N, µs",
+    "wake_first": "CPU per 12 ms sleep, first count, µs",
+    "wake_n": "CPU per 12 ms sleep at N, µs",
 }
 
 
@@ -222,6 +231,9 @@ def round_of(name: str, first: dict[str, Any], run: dict[str, Any], cores: int) 
         * 1e3,
         # every process of the machine, every core
         "machine": per_1000(run, run["backlog_cpu_busy_pct"] * cores),
+        # what a wait cost the machine while the backlog drained (runs since WakeProbe)
+        "wake_first": first.get("backlog_wake_us", math.nan),
+        "wake_n": run.get("backlog_wake_us", math.nan),
     }
 
 

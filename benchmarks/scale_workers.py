@@ -81,6 +81,7 @@ from benchcommon import (
     ID_PREFIX,
     SOURCE,
     Landing,
+    WakeProbe,
     Watched,
     add_sync_option,
     applied_ops,
@@ -379,12 +380,14 @@ def run(
                 session_cpu_seconds(worker.pid),
             )
             waited0 = runq_seconds(proxy.pid)
+            probe = WakeProbe().start()
             t2 = time.monotonic()
         finally:
             os.killpg(worker.pid, signal.SIGCONT)
         counted = wait_for(
             "the backlog", lambda: seen2.reached(keys), 600, wlog, [*procs, *servers]
         )
+        wake_us = probe.stop()
         busy3, total3 = cpu_times()
         parts1 = (
             cpu_seconds(proxy.pid),
@@ -452,6 +455,9 @@ def run(
             # how long the proxy waited for a core, in ms per second of the backlog (its
             # run-queue wait: time its bytes sat unread, not in the figure above)
             "backlog_proxy_runq_ms_per_s": round(1000 * (waited1 - waited0) / (counted - t2), 1),
+            # what a wait cost while the backlog drained: the CPU charged to a thread of this
+            # script per 12 ms sleep (benchcommon.WakeProbe), in µs
+            "backlog_wake_us": round(wake_us, 1),
             # CPU the worker (its main process and its pool) spent on the backlog, per task
             "backlog_worker_cpu_ms_per_task": round(
                 1000 * (parts1[2] - parts0[2]) / max(1, moved.get("tasks_published", 0)), 1
@@ -618,8 +624,10 @@ def main() -> int:
                         f"tasks {r['backlog_tasks']} batches {r['backlog_batches']} "
                         f"gap_wait {r['backlog_gap_waits']} "
                         f"worker CPU/task {r['backlog_worker_cpu_ms_per_task']} ms "
-                        "link late p50/p99 {}/{} ms, proxy waited {} ms/s".format(
-                            *r["backlog_link_late_ms"], r["backlog_proxy_runq_ms_per_s"]
+                        "link late p50/p99 {}/{} ms, proxy waited {} ms/s, a wait {} us".format(
+                            *r["backlog_link_late_ms"],
+                            r["backlog_proxy_runq_ms_per_s"],
+                            r["backlog_wake_us"],
                         ),
                         flush=True,
                     )
