@@ -30,8 +30,10 @@ from pipeline.clients.etcd import (
 from pipeline.protocol.errors import (
     CompactedError,
     LeaseGoneError,
+    RefusedError,
     RequestTooLargeError,
     RetryableError,
+    WatchDeniedError,
 )
 
 _cluster_ids = itertools.count(0x1000)
@@ -109,6 +111,7 @@ class MemoryStream:
         self.on_events, self.on_error = on_events, on_error
         self.progress_asked = False
         self.stopped = False
+        self.refused = False  # cancelled for lack of permission at its next pump
 
     def matches(self, key: bytes) -> bool:
         if self.end is None:
@@ -129,6 +132,15 @@ class MemoryStream:
         if space.down:
             self.stopped = True
             self.on_error(RetryableError(f"etcd {space.name}: unavailable", space.name))
+            return True
+        if self.refused:
+            self.stopped = True
+            self.on_error(
+                WatchDeniedError(
+                    f"etcd {space.name}: watch canceled: etcdserver: permission denied",
+                    space.name,
+                )
+            )
             return True
         if self.next_rev < space.compacted:
             self.stopped = True
@@ -159,6 +171,8 @@ class MemoryEtcd:
         self.name = self.space.name
         self.read_only = read_only
         self.writes = 0  # transactions with a write that this client committed
+        # prefixes this client's role may not read: reads refused, watches cancelled
+        self.unreadable: tuple[bytes, ...] = ()
 
     def reader(self) -> MemoryEtcd:
         """A client of the same keyspace that refuses every write (a `read` role user)."""
@@ -214,13 +228,25 @@ class MemoryEtcd:
 
     def header(self) -> tuple[int, int]:
         self._check()
+        # as Etcd.header: a count-only read of a key the role may read (for `read`, its own
+        # cluster's config)
+        self._may_read(b"cilium/cluster-config/" + self.name.encode())
         return self.space.revision, self.space.cluster_id
 
     def revision(self) -> int:
         return self.header()[0]
 
+    def _may_read(self, key: bytes) -> None:
+        if key.startswith(self.unreadable) and self.unreadable:
+            raise RefusedError(
+                f"etcd {self.name}: range failed: StatusCode.PERMISSION_DENIED: "
+                "etcdserver: permission denied",
+                self.name,
+            )
+
     def get(self, key: bytes) -> KV | None:
         self._check()
+        self._may_read(key)
         v = self.space.current(key)
         if v is None or v.value is None:
             return None
@@ -244,6 +270,7 @@ class MemoryEtcd:
         self, prefix: bytes, revision: int | None = None, page: int = 2000, exact: bool = False
     ) -> tuple[int, Iterator[KV]]:
         self._check()
+        self._may_read(prefix)
         space = self.space
         rev = revision or space.revision
         if rev < space.compacted and revision is not None:
@@ -377,6 +404,9 @@ class MemoryEtcd:
             on_events,
             on_error,
         )
+        if prefix.startswith(self.unreadable) and self.unreadable:
+            # etcd cancels it at once (here, at the next pump)
+            stream.refused = True
         self.space.streams.append(stream)
         return stream
 

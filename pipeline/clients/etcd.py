@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import etcd3
 import grpc
@@ -162,7 +162,9 @@ def _retryable(exc: BaseException, what: str, cluster: str) -> RetryableError:
         if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in (details or ""):
             return CompactedError(0)
         error = RefusedError if _refused(code, details or "") else RetryableError
-        return error(f"etcd {cluster}: {what} failed: {code}: {details}", cluster)
+        # the etcd's own words, escaped: a source cluster's etcd is not trusted
+        said = show_key((details or "").encode(), 300)
+        return error(f"etcd {cluster}: {what} failed: {code}: {said}", cluster)
     return RetryableError(f"etcd {cluster}: {what} failed: {type(exc).__name__}: {exc}", cluster)
 
 
@@ -186,10 +188,14 @@ def _stale_token(code: Any, details: str) -> bool:
 
 
 def _refused(code: Any, details: str) -> bool:
-    """Whether etcd refused a request that only its operator can make pass (RefusedError)."""
-    if code == grpc.StatusCode.PERMISSION_DENIED:
+    """Whether etcd refused a request that only its operator can make pass (RefusedError):
+    a permission the role lacks, more operations than its --max-txn-ops, a login refused
+    (no such user, a wrong password), or a token refused again after a new login."""
+    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
         return True
-    return code == grpc.StatusCode.INVALID_ARGUMENT and "too many operations" in details
+    return code == grpc.StatusCode.INVALID_ARGUMENT and (
+        "too many operations" in details or "authentication failed" in details
+    )
 
 
 def _too_large(code: Any, details: str) -> bool:
@@ -303,8 +309,9 @@ class Etcd:
         time_retry = 0.5 if len({(u.hostname, u.port or 2379) for u in urls}) > 1 else 0.0
         endpoints = [
             etcd3.Endpoint(
-                # an IPv6 address keeps its brackets: gRPC reads "host:port"
-                f"[{u.hostname}]" if ":" in (u.hostname or "") else u.hostname,
+                # an IPv6 address keeps its brackets (gRPC reads "host:port"), and a zone
+                # ID its "%" (a URL spells it "%25")
+                f"[{unquote(u.hostname or '')}]" if ":" in (u.hostname or "") else u.hostname,
                 u.port or 2379,
                 secure=u.scheme == "https",
                 creds=creds,
@@ -736,8 +743,9 @@ class WatchStream:
                     reason = str(resp.cancel_reason)
                     message = f"etcd {self._etcd.name}: watch canceled: {show_key(reason.encode())}"
                     if "permission denied" in reason or "auth" in reason:
-                        # etcd refuses a watch whose token expired with "permission denied",
-                        # and one its role may not read the same way
+                        # a token etcd no longer takes ("invalid auth token", "auth store is
+                        # old", or in some versions "permission denied"), or a range the
+                        # role may not read: a new token first, then the feed's waits
                         self._etcd.token_expired()
                         raise WatchDeniedError(message, self._etcd.name)
                     raise RetryableError(message, self._etcd.name)

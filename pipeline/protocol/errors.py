@@ -150,10 +150,11 @@ class RetryableError(KvmeshError):
 
 class RefusedError(RetryableError):
     """etcd answered and refused the request for something only its operator can change:
-    a permission the user's role lacks (PERMISSION_DENIED), or fewer operations per
+    a permission the user's role lacks (PERMISSION_DENIED), fewer operations per
     transaction than kvmesh sends ("too many operations in txn request", a --max-txn-ops
-    under sync.max_batch_ops + 1). Retried like an etcd that does not answer, and counted
-    apart from one."""
+    under sync.max_batch_ops + 1), or the user's login (no such user, a wrong password, a
+    token refused again after a new login). Retried like an etcd that does not answer,
+    and counted apart from one."""
 
 
 class WatchDeniedError(RetryableError):

@@ -20,7 +20,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pipeline.clients.etcd import EtcdClient, Event, Stream
-from pipeline.protocol.errors import CompactedError, RetryableError, WatchDeniedError, show_key
+from pipeline.protocol.errors import (
+    CompactedError,
+    RefusedError,
+    RetryableError,
+    WatchDeniedError,
+    show_key,
+)
 from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES, Resource
 from pipeline.source.planner import Cause
 
@@ -117,6 +123,8 @@ class SourceFeed:
         # per resource, how many times in a row its watch was refused for lack of
         # permission, with nothing delivered in between
         self.denied: dict[str, int] = {}
+        self._timer = threading.Timer  # what _retry waits with (a test's never fires)
+        self._refused_looks = 0  # looks in a row at the source that it refused
 
     # -- streams ----------------------------------------------------------------------------
 
@@ -131,6 +139,7 @@ class SourceFeed:
         self.anchors = {"config": (self.config_key, self.config_rev)} if self.config_rev else {}
         self.remember(self.listed.values())
         self.listed = {}
+        self.denied = {}  # a new start: a refusal first gets a new token again
         for res in RESOURCES:
             self._start_stream(res, start_rev, epoch)
 
@@ -259,14 +268,23 @@ class SourceFeed:
             replaced = self.replaced()
         except RetryableError as err:
             self.on_failure()
-            log.warning("%s: source unreachable: %s", self.source, err)
             # look again in a while, not in a spin, and without holding the watcher's loop
             # meanwhile: it still ticks, flushes what it has and stops when told to. (A
             # source that does not answer at all holds it for the look itself, up to the
-            # etcd timeout, once per retry_unreachable at most.)
-            self._unreachable_until = time.monotonic() + self.retry_unreachable
-            self._retry(item, self.retry_unreachable)
+            # etcd timeout, once per retry_unreachable at most.) A source that answers and
+            # refuses the read user (its grant on its own cluster config gone, its login
+            # refused) waits longer each time, as a refused watch does
+            delay = self.retry_unreachable
+            if isinstance(err, RefusedError):
+                self._refused_looks += 1
+                delay = min(delay * 2 ** min(self._refused_looks - 1, 16), RETRY_DENIED_MAX)
+                log.warning("%s: source refuses the read user: %s", self.source, err)
+            else:
+                log.warning("%s: source unreachable: %s", self.source, err)
+            self._unreachable_until = time.monotonic() + delay
+            self._retry(item, delay)
             return None
+        self._refused_looks = 0
         if replaced:
             log.warning("%s: the source etcd lost its history (%s)", self.source, replaced)
             return Lost(Cause.SOURCE_REPLACED, replaced)
@@ -288,7 +306,7 @@ class SourceFeed:
             self._put(epoch, item)
 
         epoch = self.epoch
-        timer = threading.Timer(delay, later)
+        timer = self._timer(delay, later)
         timer.daemon = True
         self._waiting[item.resource] = (item, timer)
         timer.start()
@@ -316,7 +334,9 @@ class SourceFeed:
             try:
                 _, kvs = self.etcd.scan(key, mod, exact=True)
                 kv = next(kvs, None)
-            except CompactedError:
+            except (CompactedError, RefusedError):
+                # compacted away, or in a range the role may no longer read (its watch is
+                # refused too, and waits): either way the read proves nothing
                 continue
             if kv is None or kv.mod_revision != mod:
                 return f"{show_key(key)} is not as written at revision {mod}"

@@ -62,8 +62,9 @@ def test_only_a_refusal_for_size_is_taken_for_one() -> None:
 
 
 def test_what_only_the_operator_can_cure_is_told_from_an_etcd_down() -> None:
-    """A missing permission and a lower --max-txn-ops are RefusedError (the worker counts
-    them as retry_refused); an etcd down, out of space or busy stays a plain retry."""
+    """A missing permission, a lower --max-txn-ops and a refused login are RefusedError (the
+    worker counts them as retry_refused); an etcd down, out of space or busy stays a plain
+    retry."""
     from pipeline.clients.etcd import _retryable
     from pipeline.protocol.errors import RefusedError
 
@@ -73,6 +74,14 @@ def test_what_only_the_operator_can_cure_is_told_from_an_etcd_down() -> None:
     assert kind(grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied") is RefusedError
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     assert kind(invalid, "etcdserver: too many operations in txn request") is RefusedError
+    # a login refused, and a token refused again after a new login (_call renews it once)
+    assert kind(invalid, "etcdserver: authentication failed, invalid user ID or password") is (
+        RefusedError
+    )
+    assert kind(grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token") is (RefusedError)
+    # the etcd's words go into log lines: escaped
+    said = str(_retryable(_Refused(invalid, "bad\nWARNING forged\x1b[0m"), "txn", "b"))
+    assert said.endswith(": bad\\x0aWARNING forged\\x1b[0m"), said
     for code, details in (
         (grpc.StatusCode.UNAVAILABLE, "connection refused"),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded"),

@@ -5,13 +5,13 @@ resume; an etcd back empty is, even once its revision passed the one watched."""
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.protocol.errors import WatchDeniedError
+from pipeline.protocol.errors import RetryableError
 from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES
 from pipeline.source.feed import Delivered, Lost, SourceFeed, _Broken
 from pipeline.source.planner import Cause, encode_progress, progress_rev, progress_writes
@@ -221,49 +221,127 @@ def test_a_feed_whose_source_is_down_does_not_hold_the_watcher() -> None:
     eventually(delivered, timeout=30, what="the write made after the source came back")
 
 
+class HeldTimer:
+    """A timer that fires only when a test says so (SourceFeed._timer)."""
+
+    made: ClassVar[list[HeldTimer]] = []
+
+    def __init__(self, interval: float, fn: Any) -> None:
+        self.interval, self.fn, self.daemon, self.cancelled = interval, fn, True, False
+        HeldTimer.made.append(self)
+
+    def start(self) -> None:
+        pass
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def is_alive(self) -> bool:
+        return not self.cancelled
+
+    def fire(self) -> None:
+        assert not self.cancelled
+        self.cancelled = True
+        self.fn()
+
+
 def test_a_watch_refused_for_its_permission_waits_longer_each_time() -> None:
-    """A watch etcd refuses for lack of permission gets one immediate try (with a fresh
-    token: an expired one is refused the same way); refused again with nothing delivered
-    in between, it waits 1 s, 2 s, 4 s... up to a minute between tries instead of looping
-    through logins, and one response resets the count. The other streams are untouched."""
+    """A watch etcd refuses for lack of permission (a grant revoked on a range the feed
+    watched, whose writes it holds as anchors) gets one immediate try with a fresh token
+    (an expired one is refused the same way); the anchor it can no longer read proves
+    nothing and is skipped. Refused again with nothing delivered in between, it waits 1 s,
+    2 s, 4 s... up to a minute between tries instead of looping through logins, and a
+    response resets the count. A stream of another resource that breaks meanwhile is
+    restarted at once: the refused range does not make the source look unreachable."""
     failures: list[None] = []
     etcd = MemoryEtcd(SOURCE)
-    feed = SourceFeed(etcd, SOURCE, "id", 60, on_failure=lambda: failures.append(None))
-    etcd.put(CONFIG, b'{"id":1}')
-    rev, feed.cluster_id = etcd.header()
-    feed.config_rev = rev
-    feed.start(rev + 1)
+    node = KEYS[1]
+    nodes = RESOURCE_BY_NAME["nodes"].source_prefix(SOURCE)
+    feed = started_feed(etcd)
+    feed.on_failure = lambda: failures.append(None)
+    HeldTimer.made = []
+    feed._timer = HeldTimer
+    etcd.put(node, b'{"v":1}')
+    etcd.pump()
+    assert [i for i in feed.next(0, 100) if isinstance(i, Delivered)]
+    assert feed.anchors["nodes"][0] == node  # a write the feed will read back
 
-    def refuse() -> None:
-        """The nodes stream refused as etcd refuses it, and the feed takes it."""
-        stream = feed.streams["nodes"]
-        error = WatchDeniedError("etcd a: watch canceled: etcdserver: permission denied", "a")
-        feed._put(feed.epoch, _Broken("nodes", error, stream))
+    etcd.unreadable = (nodes,)  # the grant revoked: etcd refuses the stream at its reconnect
+    feed.streams["nodes"].refused = True
+
+    def refused_again() -> float:
+        """The nodes stream refused once more; how long it then waits for its next try."""
+        etcd.pump()
         assert feed.next(0, 100) == []
+        assert "nodes" in feed._waiting and feed._unreachable_until == 0
+        return HeldTimer.made[-1].interval
 
-    others = {name: s for name, s in feed.streams.items() if name != "nodes"}
-    refuse()
+    etcd.pump()
+    assert feed.next(0, 100) == []
     assert "nodes" not in feed._waiting  # the first refusal: a new stream at once
-    delays = []
-    for _ in range(8):
-        refuse()
-        _, timer = feed._waiting["nodes"]
-        delays.append(timer.interval)
-        timer.cancel()
-        del feed._waiting["nodes"]
+    delays = [refused_again()]
+    for _ in range(7):
+        HeldTimer.made[-1].fire()  # its next try
+        assert feed.next(0, 100) == []  # a new stream
+        delays.append(refused_again())
     assert delays == [1, 2, 4, 8, 16, 32, 60, 60]
-    feed.denied["nodes"] = 10_000  # months of refusals: still a minute, not an overflow
-    refuse()
-    _, timer = feed._waiting["nodes"]
-    assert timer.interval == 60
-    timer.cancel()
-    del feed._waiting["nodes"]
-    assert len(failures) == 10  # each refusal counted once
+    assert len(failures) == 9  # each refusal counted once
 
-    # a response of the stream resets the count: the next refusal is tried again at once
-    feed._put(feed.epoch, Delivered(RESOURCE_BY_NAME["nodes"], [], rev))
-    assert len(feed.next(0, 100)) == 1
-    refuse()
-    assert "nodes" not in feed._waiting
-    assert {name: s for name, s in feed.streams.items() if name != "nodes"} == others
+    # another resource's stream that breaks meanwhile is back at once
+    services = feed.streams["services"]
+    services.on_error(RetryableError("etcd a: connection reset", "a"))
+    assert feed.next(0, 100) == []
+    assert "services" not in feed._waiting and feed.streams["services"] is not services
+
+    feed.denied["nodes"] = 10_000  # months of refusals: still a minute, not an overflow
+    HeldTimer.made[-1].fire()
+    assert feed.next(0, 100) == []
+    assert refused_again() == 60
+
+    # the grant is back: the next try's stream delivers, and that resets the count
+    etcd.unreadable = ()
+    HeldTimer.made[-1].fire()
+    assert feed.next(0, 100) == []
+    etcd.put(node, b'{"v":2}')
+    etcd.pump()
+    assert [i for i in feed.next(0, 100) if isinstance(i, Delivered)]
+    assert "nodes" not in feed.denied
+    feed.streams["nodes"].refused = True
+    etcd.pump()
+    assert feed.next(0, 100) == []
+    assert "nodes" not in feed._waiting  # a first refusal again: tried at once
+    feed.denied["nodes"] = 5
+    feed.start(etcd.revision() + 1)  # a new start forgets the refusals
+    assert feed.denied == {}
+    feed.stop()
+
+
+def test_a_source_that_refuses_the_read_user_is_looked_at_less_often() -> None:
+    """A source whose read user may not even read its own cluster config (the look that
+    tells a restarted etcd from another one) is looked at again after 1 s, then 2 s, 4 s...
+    up to a minute, not every second for ever; a look that passes resets it."""
+    failures: list[None] = []
+    etcd, feed = down_feed(failures, retry_unreachable=1.0)
+    HeldTimer.made = []
+    feed._timer = HeldTimer
+    etcd.set_down(False)
+    etcd.unreadable = (b"cilium/cluster-config/",)
+    assert feed.next(0, 1000) == []  # every stream broke; the first look is refused
+    # one look for every stream: the others wait for what is left of its wait
+    delays = [round(max(t.interval for t in HeldTimer.made))]
+    for _ in range(7):
+        waiting = [t for t in HeldTimer.made if not t.cancelled]
+        feed._unreachable_until = 0.0  # the wait is over (the held timers stand for it)
+        for t in waiting:
+            t.fire()
+        assert feed.next(0, 1000) == []
+        delays.append(round(max(t.interval for t in HeldTimer.made[-len(waiting) :])))
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert len(failures) == len(RESOURCES) + 8  # the breaks, and each refused look
+    etcd.unreadable = ()
+    feed._unreachable_until = 0.0
+    for t in [t for t in HeldTimer.made if not t.cancelled]:
+        t.fire()
+    assert feed.next(0, 1000) == []
+    assert feed._refused_looks == 0 and not feed._waiting  # every stream watches again
     feed.stop()
