@@ -30,7 +30,7 @@ from pipeline.clients.etcd import (
 from pipeline.protocol.errors import (
     CompactedError,
     LeaseGoneError,
-    RefusedError,
+    PermissionDeniedError,
     RequestTooLargeError,
     RetryableError,
     WatchDeniedError,
@@ -238,7 +238,7 @@ class MemoryEtcd:
 
     def _may_read(self, key: bytes) -> None:
         if key.startswith(self.unreadable) and self.unreadable:
-            raise RefusedError(
+            raise PermissionDeniedError(
                 f"etcd {self.name}: range failed: StatusCode.PERMISSION_DENIED: "
                 "etcdserver: permission denied",
                 self.name,

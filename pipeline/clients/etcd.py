@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import etcd3
 import grpc
@@ -21,6 +21,7 @@ from pipeline.config import READ, ClusterConfig
 from pipeline.protocol.errors import (
     CompactedError,
     LeaseGoneError,
+    PermissionDeniedError,
     RefusedError,
     RequestTooLargeError,
     RetryableError,
@@ -161,7 +162,7 @@ def _retryable(exc: BaseException, what: str, cluster: str) -> RetryableError:
         details = exc.details() if hasattr(exc, "details") else str(exc)
         if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in (details or ""):
             return CompactedError(0)
-        error = RefusedError if _refused(code, details or "") else RetryableError
+        error = _refusal(code, details or "") or RetryableError
         # the etcd's own words, escaped: a source cluster's etcd is not trusted
         said = show_key((details or "").encode(), 300)
         return error(f"etcd {cluster}: {what} failed: {code}: {said}", cluster)
@@ -187,15 +188,20 @@ def _stale_token(code: Any, details: str) -> bool:
     return code == grpc.StatusCode.INVALID_ARGUMENT and "auth store is old" in details
 
 
-def _refused(code: Any, details: str) -> bool:
-    """Whether etcd refused a request that only its operator can make pass (RefusedError):
-    a permission the role lacks, more operations than its --max-txn-ops, a login refused
-    (no such user, a wrong password), or a token refused again after a new login."""
-    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-        return True
-    return code == grpc.StatusCode.INVALID_ARGUMENT and (
+def _refusal(code: Any, details: str) -> type[RefusedError] | None:
+    """The error for a request etcd refused that only its operator can make pass: a range
+    the role lacks (PermissionDeniedError), more operations than its --max-txn-ops, a login
+    refused (no such user, a wrong password), or a token refused again after a new login.
+    None for anything else."""
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDeniedError
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return RefusedError
+    if code == grpc.StatusCode.INVALID_ARGUMENT and (
         "too many operations" in details or "authentication failed" in details
-    )
+    ):
+        return RefusedError
+    return None
 
 
 def _too_large(code: Any, details: str) -> bool:
@@ -309,9 +315,8 @@ class Etcd:
         time_retry = 0.5 if len({(u.hostname, u.port or 2379) for u in urls}) > 1 else 0.0
         endpoints = [
             etcd3.Endpoint(
-                # an IPv6 address keeps its brackets (gRPC reads "host:port"), and a zone
-                # ID its "%" (a URL spells it "%25")
-                f"[{unquote(u.hostname or '')}]" if ":" in (u.hostname or "") else u.hostname,
+                # an IPv6 address keeps its brackets: gRPC reads "host:port"
+                f"[{u.hostname}]" if ":" in (u.hostname or "") else u.hostname,
                 u.port or 2379,
                 secure=u.scheme == "https",
                 creds=creds,

@@ -153,8 +153,13 @@ class RefusedError(RetryableError):
     a permission the user's role lacks (PERMISSION_DENIED), fewer operations per
     transaction than kvmesh sends ("too many operations in txn request", a --max-txn-ops
     under sync.max_batch_ops + 1), or the user's login (no such user, a wrong password, a
-    token refused again after a new login). Retried like an etcd that does not answer,
-    and counted apart from one."""
+    token refused again after a new login: usually a user removed, possibly a member that
+    has not caught up). Retried like an etcd that does not answer, and counted apart from
+    one."""
+
+
+class PermissionDeniedError(RefusedError):
+    """A RefusedError for a range the user's role may not read or write."""
 
 
 class WatchDeniedError(RetryableError):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pipeline.clients.etcd import EtcdClient, Event, Stream
 from pipeline.protocol.errors import (
     CompactedError,
+    PermissionDeniedError,
     RefusedError,
     RetryableError,
     WatchDeniedError,
@@ -139,7 +140,11 @@ class SourceFeed:
         self.anchors = {"config": (self.config_key, self.config_rev)} if self.config_rev else {}
         self.remember(self.listed.values())
         self.listed = {}
-        self.denied = {}  # a new start: a refusal first gets a new token again
+        # a new start (the source listed or resumed): a refusal first gets a new token
+        # again, and a look at the source waits no longer than at first
+        self.denied = {}
+        self._refused_looks = 0
+        self._unreachable_until = 0.0
         for res in RESOURCES:
             self._start_stream(res, start_rev, epoch)
 
@@ -329,17 +334,32 @@ class SourceFeed:
 
     def unseen(self, writes: Iterable[tuple[bytes, int]]) -> str | None:
         """Why the source etcd does not hold one of *writes* (key, revision) at its revision,
-        or None: each is read there (a read compacted away is skipped)."""
+        or None: each is read there. A read compacted away proves nothing and is skipped;
+        so is one the role may no longer make (a grant revoked on that range, whose watch
+        is refused too and waits), as long as another write than the cluster config (which
+        a rebuilt etcd often writes at the same early revision) was read as written. With
+        none, nothing vouches for the etcd: PermissionDeniedError, and the caller looks
+        again later."""
+        refused: list[PermissionDeniedError] = []
+        vouched = False
         for key, mod in writes:
             try:
                 _, kvs = self.etcd.scan(key, mod, exact=True)
                 kv = next(kvs, None)
-            except (CompactedError, RefusedError):
-                # compacted away, or in a range the role may no longer read (its watch is
-                # refused too, and waits): either way the read proves nothing
+            except CompactedError:
+                continue
+            except PermissionDeniedError as exc:
+                refused.append(exc)
                 continue
             if kv is None or kv.mod_revision != mod:
                 return f"{show_key(key)} is not as written at revision {mod}"
+            vouched = vouched or key != self.config_key
+        if refused and not vouched:
+            raise PermissionDeniedError(
+                f"{len(refused)} writes that would vouch for the source's history are in "
+                f"ranges the read user may not read: {refused[0]}",
+                refused[0].cluster,
+            )
         return None
 
     def resource_of(self, key: bytes) -> str | None:

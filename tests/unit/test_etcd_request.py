@@ -66,12 +66,13 @@ def test_what_only_the_operator_can_cure_is_told_from_an_etcd_down() -> None:
     worker counts them as retry_refused); an etcd down, out of space or busy stays a plain
     retry."""
     from pipeline.clients.etcd import _retryable
-    from pipeline.protocol.errors import RefusedError
+    from pipeline.protocol.errors import PermissionDeniedError, RefusedError
 
     def kind(code: grpc.StatusCode, details: str) -> type:
         return type(_retryable(_Refused(code, details), "txn", "b"))
 
-    assert kind(grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied") is RefusedError
+    denied = kind(grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied")
+    assert denied is PermissionDeniedError and issubclass(denied, RefusedError)
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     assert kind(invalid, "etcdserver: too many operations in txn request") is RefusedError
     # a login refused, and a token refused again after a new login (_call renews it once)

@@ -5,6 +5,7 @@ resume; an etcd back empty is, even once its revision passed the one watched."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, ClassVar
 
 import pytest
@@ -262,9 +263,11 @@ def test_a_watch_refused_for_its_permission_waits_longer_each_time() -> None:
     HeldTimer.made = []
     feed._timer = HeldTimer
     etcd.put(node, b'{"v":1}')
+    etcd.put(KEYS[4], b'{"v":1}')  # an identity: a write the role may still read back
     etcd.pump()
     assert [i for i in feed.next(0, 100) if isinstance(i, Delivered)]
     assert feed.anchors["nodes"][0] == node  # a write the feed will read back
+    assert feed.anchors["identities"][0] == KEYS[4]
 
     etcd.unreadable = (nodes,)  # the grant revoked: etcd refuses the stream at its reconnect
     feed.streams["nodes"].refused = True
@@ -316,6 +319,40 @@ def test_a_watch_refused_for_its_permission_waits_longer_each_time() -> None:
     feed.stop()
 
 
+def test_a_refused_range_whose_writes_alone_vouch_for_the_source_holds_the_streams() -> None:
+    """If the only writes the feed can read back to tell this etcd from a rebuilt one are
+    in the range the role may no longer read, nothing vouches for the etcd: the broken
+    streams wait, looked at less and less often, instead of watching what may be another
+    etcd; once a write the role may read vouches for it again, they resume."""
+    etcd = MemoryEtcd(SOURCE)
+    feed = started_feed(etcd)
+    HeldTimer.made = []
+    feed._timer = HeldTimer
+    etcd.put(KEYS[1], b'{"v":1}')
+    etcd.pump()
+    assert [i for i in feed.next(0, 100) if isinstance(i, Delivered)]
+    assert set(feed.anchors) == {"config", "nodes"}  # the config alone proves little
+
+    etcd.unreadable = (RESOURCE_BY_NAME["nodes"].source_prefix(SOURCE),)
+    feed.streams["nodes"].refused = True
+    etcd.pump()
+    assert feed.next(0, 100) == []
+    assert "nodes" in feed._waiting and feed._unreachable_until > 0
+    assert HeldTimer.made[-1].interval == 1
+    services = feed.streams["services"]  # a stream that breaks meanwhile waits too
+    services.on_error(RetryableError("etcd a: connection reset", "a"))
+    assert feed.next(0, 100) == []
+    assert "services" in feed._waiting
+
+    etcd.unreadable = ()  # the grant is back: the node vouches again
+    feed._unreachable_until = 0.0  # the wait is over (the held timers stand for it)
+    for t in [t for t in HeldTimer.made if not t.cancelled]:
+        t.fire()
+    assert feed.next(0, 100) == []
+    assert not feed._waiting and feed._refused_looks == 0
+    feed.stop()
+
+
 def test_a_source_that_refuses_the_read_user_is_looked_at_less_often() -> None:
     """A source whose read user may not even read its own cluster config (the look that
     tells a restarted etcd from another one) is looked at again after 1 s, then 2 s, 4 s...
@@ -344,4 +381,8 @@ def test_a_source_that_refuses_the_read_user_is_looked_at_less_often() -> None:
         t.fire()
     assert feed.next(0, 1000) == []
     assert feed._refused_looks == 0 and not feed._waiting  # every stream watches again
+    # a new start forgets refused looks, and a wait that one left
+    feed._refused_looks, feed._unreachable_until = 7, time.monotonic() + 60
+    feed.start(etcd.revision() + 1)
+    assert feed._refused_looks == 0 and feed._unreachable_until == 0
     feed.stop()
