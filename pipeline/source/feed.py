@@ -41,6 +41,12 @@ RETRY_DENIED = 1.0
 RETRY_DENIED_MAX = 60.0
 
 
+def widening(base: float, n: int) -> float:
+    """The wait before the next try after *n* refusals in a row beyond the first that
+    waits: *base* doubled n times, RETRY_DENIED_MAX at most."""
+    return min(base * float(2 ** min(n, 16)), RETRY_DENIED_MAX)
+
+
 @dataclass(frozen=True)
 class Delivered:
     """A watch response: events (possibly none: a progress notification saying everything
@@ -253,7 +259,7 @@ class SourceFeed:
                 if refused > 1:
                     # a fresh token did not help: the role may not read this range. Try
                     # again now and then (a grant may come), not in a loop of logins
-                    delay = min(RETRY_DENIED * 2 ** min(refused - 2, 16), RETRY_DENIED_MAX)
+                    delay = widening(RETRY_DENIED, refused - 2)
                     log.warning(
                         "%s: watch of %s refused %d times in a row: %s; next try in %.0fs",
                         self.source,
@@ -282,7 +288,7 @@ class SourceFeed:
             delay = self.retry_unreachable
             if isinstance(err, RefusedError):
                 self._refused_looks += 1
-                delay = min(delay * 2 ** min(self._refused_looks - 1, 16), RETRY_DENIED_MAX)
+                delay = widening(delay, self._refused_looks - 1)
                 log.warning("%s: source refuses the read user: %s", self.source, err)
             else:
                 log.warning("%s: source unreachable: %s", self.source, err)
