@@ -157,8 +157,49 @@ def pyplot() -> Any:
     return plt
 
 
-def write_json(rows: Any, path: str) -> None:
-    """Write a benchmark's results to *path* (its directory made if missing), and say so."""
+def _commit(where: Path, *paths: str) -> str | None:
+    """The commit checked out at *where* (short), with "+changes" if *paths* of it differ
+    from that commit; None outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(where), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if changed else "")
+
+
+def provenance(code: Path | None = None) -> dict[str, Any]:
+    """What a result was measured on: the product's commit (the checkout its `pipeline`
+    package is imported from, or *code*), the benchmark scripts' commit, the machine's
+    cores and the time."""
+    import pipeline
+
+    code = code or Path(pipeline.__file__).resolve().parent.parent
+    return {
+        "product": _commit(code, "pipeline", "workers"),
+        "scripts": _commit(Path(__file__).resolve().parent, "."),
+        "cores": os.cpu_count(),
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_json(rows: Any, path: str, code: Path | None = None) -> None:
+    """Write a benchmark's results to *path* (its directory made if missing), and say so.
+    Each row of a list, or the object, gets the `provenance` of the run (a row that has
+    one keeps it: a list written again after each run keeps each row's own)."""
+    where = provenance(code)
+    if isinstance(rows, dict):
+        rows = {**rows, "provenance": rows.get("provenance", where)}
+    elif isinstance(rows, list):
+        for row in rows:
+            if isinstance(row, dict):
+                row.setdefault("provenance", where)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(rows, indent=1) + "\n")
     print(f"wrote {path}")

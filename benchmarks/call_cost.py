@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from benchcommon import WakeProbe, check_alive, discard, spawn, stop, wait_for  # noqa: E402
+from benchcommon import WakeProbe, check_alive, discard, spawn, stop, wait_for, write_json  # noqa: E402
 
 from pipeline.tools.servers import EtcdServer, free_port  # noqa: E402
 
@@ -235,7 +235,7 @@ def main() -> None:
                 f"{cpu:.0f} us of CPU per call, {wall:.2f} ms"
             )
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        write_json({"args": vars(args), "rows": rows}, args.json)
 
 
 if __name__ == "__main__":

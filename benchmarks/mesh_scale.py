@@ -208,7 +208,7 @@ def main() -> int:
         rows.append(r)
         print(" ".join(f"{r[name]!s:>{width}}" for name, width in COLUMNS), flush=True)
     if args.json:
-        write_json(rows, args.json)
+        write_json(rows, args.json, args.code)
     if args.png:
         before = json.loads(Path(args.before).read_text()) if args.before else []
         draw(rows, before, args.png)

@@ -13,9 +13,11 @@ run is its smallest slot count.
 For every round it prints the backlog's ratio and the bare writers', the backlog's writes
 per second at both counts, kvmesh against the bare writers at N slots, and the CPU spent
 while the backlog drained: the target etcd's per write (at both counts), the delay
-proxy's, the worker's (per task and per write) and the whole machine's (`--cores`, this
-machine's by default). Then, for the rounds under `--goal` and the others, the median of
-each figure, and its rank correlation with the ratio.
+proxy's, the worker's (per task and per write) and the whole machine's (the cores a run's
+`provenance` records, else `--cores`, this machine's by default), and, for runs since
+benchcommon.WakeProbe, the CPU a 12 ms sleep cost while the backlog drained. Then, for the
+rounds under `--goal` and the others, the median of each figure, and its rank correlation
+with the ratio.
 
 The target etcd and the proxy do the same work for a write in every round, so their CPU per
 write moving from round to round would show cores that ran slower or faster (a shared VM's
@@ -125,7 +127,12 @@ def main() -> None:
         metavar="PATTERN",
         help="leave out the lists named so (FILE, or FILE:RUN), shell-style; repeatable",
     )
-    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="of the machine")
+    ap.add_argument(
+        "--cores",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="of the machine, for runs whose JSON does not say (before their provenance)",
+    )
     args = ap.parse_args()
     rows, skipped, unpaired = [], 0, 0
     for path in args.files:
@@ -229,8 +236,11 @@ def round_of(name: str, first: dict[str, Any], run: dict[str, Any], cores: int) 
         * run["backlog_tasks"]
         / writes(run)
         * 1e3,
-        # every process of the machine, every core
-        "machine": per_1000(run, run["backlog_cpu_busy_pct"] * cores),
+        # every process of the machine, every core (as the run recorded them, since
+        # its JSON carries its provenance)
+        "machine": per_1000(
+            run, run["backlog_cpu_busy_pct"] * run.get("provenance", {}).get("cores", cores)
+        ),
         # what a wait cost the machine while the backlog drained (runs since WakeProbe)
         "wake_first": first.get("backlog_wake_us", math.nan),
         "wake_n": run.get("backlog_wake_us", math.nan),
