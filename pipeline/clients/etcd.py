@@ -163,10 +163,14 @@ def _retryable(exc: BaseException, what: str, cluster: str) -> RetryableError:
         if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in (details or ""):
             return CompactedError(0)
         error = _refusal(code, details or "") or RetryableError
-        # the etcd's own words, escaped: a source cluster's etcd is not trusted
-        said = show_key((details or "").encode(), 300)
-        return error(f"etcd {cluster}: {what} failed: {code}: {said}", cluster)
+        return error(f"etcd {cluster}: {what} failed: {code}: {_said(details)}", cluster)
     return RetryableError(f"etcd {cluster}: {what} failed: {type(exc).__name__}: {exc}", cluster)
+
+
+def _said(details: str | None) -> str:
+    """An etcd's own words for an error message, escaped and cut: a source cluster's etcd
+    is not trusted, and its words reach log lines and refusal records."""
+    return show_key((details or "").encode(), 300)
 
 
 # what says the endpoint, not the request, failed (as the library counts it)
@@ -402,9 +406,9 @@ class Etcd:
                     self._logged_in = False  # the token expired: log in once more
                     continue
                 if _too_large(code, details):
-                    raise RequestTooLargeError(f"etcd {self.name}: {details}") from None
+                    raise RequestTooLargeError(f"etcd {self.name}: {_said(details)}") from None
                 if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
-                    raise LeaseGoneError(f"etcd {self.name}: {details}") from None
+                    raise LeaseGoneError(f"etcd {self.name}: {_said(details)}") from None
                 raise _retryable(exc, what, self.name) from None
             except (etcd3.Etcd3Exception, ValueError) as exc:
                 raise _retryable(exc, what, self.name) from None

@@ -141,6 +141,28 @@ def test_a_refused_token_is_renewed_once_and_the_call_made_again(
     etcd.close()
 
 
+def test_the_etcd_s_words_are_escaped_in_every_error_made_from_them() -> None:
+    """A request too large and a lease gone are errors of their own, and carry the etcd's
+    words escaped as every other error does (they reach log lines and refusal records)."""
+    from pipeline.clients.etcd import Etcd
+    from pipeline.config import ClusterConfig
+    from pipeline.protocol.errors import LeaseGoneError, RequestTooLargeError
+
+    etcd = Etcd(ClusterConfig(name="t", id=1, endpoints=("http://127.0.0.1:9",)))
+    for code, details, error in (
+        (grpc.StatusCode.INVALID_ARGUMENT, "request is too large\nforged", RequestTooLargeError),
+        (grpc.StatusCode.NOT_FOUND, "lease not found\nforged", LeaseGoneError),
+    ):
+
+        def call(c: grpc.StatusCode = code, d: str = details) -> object:
+            raise _Refused(c, d)
+
+        with pytest.raises(error) as raised:
+            etcd._call("txn", call)
+        assert "\n" not in str(raised.value) and "\\x0aforged" in str(raised.value)
+    etcd.close()
+
+
 def test_a_late_failure_marks_the_endpoint_its_call_went_to() -> None:
     """Calls of other threads still waiting on a dead member fail after the client moved
     on: they mark that member, not the live one now in use; a cluster of one endpoint
