@@ -87,6 +87,7 @@ class _PerProcess:
         self.count_delay = COUNT_DELAY
         self._counts = threading.Condition()
         self._unsent: dict[tuple[str, str], Counter[str]] = {}  # added up per pair
+        self._drops: list[str] = []  # payloads of tasks that ended, to delete with them
         self._due: float | None = None
         self._urgent = False  # an outcome other than ROUTINE_OUTCOMES is among them
         self._sender: threading.Thread | None = None
@@ -97,6 +98,7 @@ class _PerProcess:
             self._stores = {}
             self._counts = threading.Condition()  # a fork copies no thread, and no waiter
             self._unsent, self._due, self._urgent, self._sender = {}, None, False, None
+            self._drops = []
             self._gens = {}
             self._broker = None
 
@@ -170,42 +172,49 @@ class _PerProcess:
             self._urgent = self._urgent or any(
                 n and k not in ROUTINE_OUTCOMES for k, n in outcomes.items()
             )
-            if self._due is None:
-                self._due = time.monotonic() + self.count_delay
-                self._counts.notify()
-            if self._sender is None:
-                sender = threading.Thread(
-                    target=self._send_when_due, name="kvmesh-counts", daemon=True
-                )
-                sender.start()
-                self._sender = sender
+            self._fall_due()
+
+    def _fall_due(self) -> None:
+        """What waits to be sent falls due in count_delay seconds, unless it already has
+        a time; the sender thread is started if there is none. Holding self._counts."""
+        if self._due is None:
+            self._due = time.monotonic() + self.count_delay
+            self._counts.notify()
+        if self._sender is None:
+            sender = threading.Thread(target=self._send_when_due, name="kvmesh-counts", daemon=True)
+            sender.start()
+            self._sender = sender
 
     def flush(self, drop: str | None = None) -> None:
-        """What a task does as it ends. With a payload *drop* to delete (the task's, once it
-        is done with it), or an outcome other than ROUTINE_OUTCOMES among those recorded:
-        send the outcomes recorded so far (and delete the payload) in one round trip.
-        Otherwise only once they are due, else the next task or the sender thread sends
-        them: healthy tasks one after another cost one round trip to Redis per count_delay,
-        not one each. Never raises: counters must not fail a batch, and a payload left
-        behind expires (it runs in a finally: an exception here would hide the task's
-        own)."""
+        """What a task does as it ends; *drop* is the payload it came by reference, to be
+        deleted now that the task is done with it. With an outcome other than
+        ROUTINE_OUTCOMES among those recorded, send everything waiting (outcomes and
+        payloads) in one round trip. Otherwise only once it is due, else the next task or
+        the sender thread sends it: healthy tasks one after another cost one round trip to
+        Redis per count_delay, not one each (a payload outlives its task by that much at
+        most, unless the process is killed first: then its expiry takes it). Never raises:
+        counters must not fail a batch, and a payload left behind expires (it runs in a
+        finally: an exception here would hide the task's own)."""
         self._check_pid()
-        if drop is None:
-            with self._counts:
-                if not self._urgent and (self._due is None or time.monotonic() < self._due):
-                    return
-        self.send_counts(drop)
+        with self._counts:
+            if drop is not None:
+                self._drops.append(drop)
+                self._fall_due()
+            if not self._urgent and (self._due is None or time.monotonic() < self._due):
+                return
+        self.send_counts()
 
-    def send_counts(self, drop: str | None = None) -> None:
-        """Send every outcome recorded and not sent yet (and delete *drop*), now: at the
-        end of a pool process too. Never raises."""
+    def send_counts(self) -> None:
+        """Send every outcome recorded and not sent yet, and delete the payloads of the
+        tasks that ended, now: at the end of a pool process too. Never raises."""
         self._check_pid()  # never what a parent process recorded before a fork
         with self._counts:
             unsent, self._unsent, self._due, self._urgent = self._unsent, {}, None, False
-        if not unsent and drop is None:
+            drops, self._drops = self._drops, []
+        if not unsent and not drops:
             return
         try:
-            self.broker.add_stats([(s, t, c) for (s, t), c in unsent.items()], drop)
+            self.broker.add_stats([(s, t, c) for (s, t), c in unsent.items()], drops)
         except Exception as exc:  # Redis, or making its client
             log.warning(
                 "cannot record outcomes %s: %s",
@@ -301,9 +310,10 @@ def register_tasks(app: Any, settings: Settings) -> Any:
                 raise self.retry(countdown=backoff(self.request.retries)) from None
             return _apply(self, task_id, task)
         finally:
-            # the outcomes, and the payload's delete, in one round trip, whatever happened:
-            # a retry carries its batches itself, and a copy of this task delivered again
-            # finds the payload gone, counts it and stops
+            # the payload is deleted whatever happened (a retry carries its batches itself),
+            # with the outcomes: at once if one is unusual, else once they are due. A copy
+            # of this task delivered again after that finds the payload gone, counts it and
+            # stops; before, it finds its batches landed (the fences)
             conns.flush(drop=ref)
 
     def _apply(self: Any, task_id: str, task: Task) -> str:

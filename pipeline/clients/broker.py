@@ -7,7 +7,7 @@ Built from settings by factories; nothing is read from the environment here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import redis
@@ -87,12 +87,12 @@ class Broker:
         }
 
     def add_stats(
-        self, counts: Iterable[tuple[str, str, Mapping[str, int]]], drop: str | None = None
+        self, counts: Iterable[tuple[str, str, Mapping[str, int]]], drops: Sequence[str] = ()
     ) -> None:
         """Add each (source, target, outcomes) to that pair's outcome counters, and delete
-        the payload string *drop* (a task done with it; see payload), in one round trip.
-        RetryableError if Redis did not answer or refused a counter; a refused delete is
-        left to the payload's expiry."""
+        the payload strings *drops* (of tasks done with them; see payload), in one round
+        trip. RetryableError if Redis did not answer or refused a counter; a refused delete
+        is left to the payloads' expiry."""
 
         def add() -> None:
             pipe = self.client.pipeline(transaction=False)
@@ -100,12 +100,10 @@ class Broker:
                 for outcome, n in outcomes.items():
                     if n:
                         pipe.hincrby(stats_key(source, target), outcome, n)
-            if drop is not None:
-                pipe.delete(drop)
+            if drops:
+                pipe.delete(*drops)
             results = pipe.execute(raise_on_error=False)
-            refused = [
-                r for r in results[: len(results) - (drop is not None)] if isinstance(r, Exception)
-            ]
+            refused = [r for r in results[: len(results) - bool(drops)] if isinstance(r, Exception)]
             if refused:
                 raise refused[0]
 

@@ -30,7 +30,7 @@ class FakeBroker:
 
     def __init__(self, payloads: dict[str, Any]) -> None:
         self.payloads = payloads
-        self.calls: list[tuple[list[tuple[str, str, dict[str, int]]], str | None]] = []
+        self.calls: list[tuple[list[tuple[str, str, dict[str, int]]], list[str]]] = []
 
     def payload(self, key: str, limit: int) -> bytes | None:
         found = self.payloads.get(key)
@@ -38,8 +38,8 @@ class FakeBroker:
             raise found
         return found
 
-    def add_stats(self, counts: Any, drop: str | None = None) -> None:
-        self.calls.append(([(s, t, dict(c)) for s, t, c in counts], drop))
+    def add_stats(self, counts: Any, drops: Any = ()) -> None:
+        self.calls.append(([(s, t, dict(c)) for s, t, c in counts], list(drops)))
 
 
 class DownTarget:
@@ -109,7 +109,7 @@ def test_a_refused_payload_is_deleted_with_its_count(task: Any) -> None:
     broker = FakeBroker({REF: b"\xffnot json"})
     use(task, broker)
     assert task({"ref": REF}) == "malformed"
-    assert broker.calls == [([("-", "-", {"malformed": 1})], REF)]
+    assert broker.calls == [([("-", "-", {"malformed": 1})], [REF])]
 
 
 def test_a_task_retried_for_its_target_deletes_its_payload_and_counts_once(task: Any) -> None:
@@ -121,7 +121,7 @@ def test_a_task_retried_for_its_target_deletes_its_payload_and_counts_once(task:
     with pytest.raises(Retry):
         task({"ref": REF})
     ((counts, drop),) = broker.calls
-    assert drop == REF and counts == [(A, B, {"retry_unavailable": 1})]
+    assert drop == [REF] and counts == [(A, B, {"retry_unavailable": 1})]
     with pytest.raises(Retry):
         task({"ref": REF})
     assert len(broker.calls) == 2 and broker.calls[1] == broker.calls[0]
@@ -137,7 +137,7 @@ def test_a_target_that_refuses_the_write_user_is_counted_apart(task: Any) -> Non
     with pytest.raises(Retry):
         task({"ref": REF})
     ((counts, drop),) = broker.calls
-    assert drop == REF and counts == [(A, B, {"retry_refused": 1})]
+    assert drop == [REF] and counts == [(A, B, {"retry_refused": 1})]
 
 
 def test_a_negative_retry_count_cannot_lose_a_retry(task: Any) -> None:
@@ -152,7 +152,7 @@ def test_a_negative_retry_count_cannot_lose_a_retry(task: Any) -> None:
     finally:
         task.pop_request()
     ((counts, drop),) = broker.calls
-    assert drop == REF and counts == [(A, B, {"retry_unavailable": 1})]
+    assert drop == [REF] and counts == [(A, B, {"retry_unavailable": 1})]
 
 
 def never_due(task: Any) -> tuple[FakeBroker, Any]:
@@ -173,7 +173,41 @@ def test_a_task_with_no_payload_leaves_its_outcomes_until_they_are_due(task: Any
     assert broker.calls == []
     conns.send_counts()  # what a pool process does as it ends
     conns.send_counts()
-    assert broker.calls == [([(A, B, {"applied": 2})], None)]
+    assert broker.calls == [([(A, B, {"applied": 2})], [])]
+
+
+def test_healthy_tasks_delete_their_payloads_with_their_outcomes_when_due(task: Any) -> None:
+    """A healthy task's payload is deleted with the outcomes once they are due, not in a
+    round trip of its own: two such tasks make no round trip, and the send then carries
+    both payloads; an unusual outcome later sends at once whatever waits."""
+    broker, conns = never_due(task)
+    other = payload_key("1" * 32)
+    for ref in (REF, other):
+        conns.record(A, B, Counter({"applied": 1}))
+        conns.flush(drop=ref)
+    assert broker.calls == []
+    conns.send_counts()  # due, or the pool process ends
+    assert broker.calls == [([(A, B, {"applied": 2})], [REF, other])]
+    conns.record(A, B, Counter({"applied": 1}))
+    conns.flush(drop=REF)
+    conns.record(A, B, Counter({"duplicate": 1}))
+    conns.flush(drop=other)
+    assert broker.calls[1:] == [([(A, B, {"applied": 1, "duplicate": 1})], [REF, other])]
+
+
+def test_a_payload_is_deleted_when_due_with_no_task_to_carry_it(task: Any) -> None:
+    """A payload left by a task that recorded nothing (the pool idle after it) is deleted
+    by the sender thread once due."""
+    broker = FakeBroker({})
+    use(task, broker)
+    task.conns.count_delay = 0.05
+    task.conns.flush(drop=REF)
+    eventually(
+        lambda: broker.calls == [([], [REF])],
+        timeout=10,
+        interval=0.01,
+        what="the payload deleted",
+    )
 
 
 def test_a_task_with_an_unusual_outcome_sends_at_once(task: Any) -> None:
@@ -184,7 +218,7 @@ def test_a_task_with_an_unusual_outcome_sends_at_once(task: Any) -> None:
     conns.flush()
     conns.record(A, B, Counter({"duplicate": 1, "applied": 0}))
     conns.flush()
-    assert broker.calls == [([(A, B, {"applied": 1, "duplicate": 1})], None)]
+    assert broker.calls == [([(A, B, {"applied": 1, "duplicate": 1})], [])]
     conns.record(A, B, Counter({"applied": 1}))
     conns.flush()
     assert len(broker.calls) == 1
