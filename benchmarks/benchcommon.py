@@ -22,11 +22,18 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.clients.etcd import Etcd
-from pipeline.protocol.names import stats_key
-from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
-from pipeline.tools.orphan import wrap
-from pipeline.tools.servers import ServerProcess, find_binary, stop_all
+# The checkout these scripts belong to. Its product is what they measure, in this process
+# and in every child spawn() starts, whatever the working directory: a venv's editable
+# install names another checkout (the main one, when a script runs from a worktree).
+ROOT = Path(__file__).resolve().parent.parent
+if sys.path[:1] != [str(ROOT)]:
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.clients.etcd import Etcd  # noqa: E402
+from pipeline.protocol.names import stats_key  # noqa: E402
+from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret  # noqa: E402
+from pipeline.tools.orphan import wrap  # noqa: E402
+from pipeline.tools.servers import ServerProcess, find_binary, stop_all  # noqa: E402
 
 SOURCE = "cluster-a"
 ID_PREFIX = b"cilium/state/identities/v1/id/"
@@ -118,13 +125,15 @@ def spawn(
 ) -> subprocess.Popen[bytes]:
     """Start *cmd* (dying with this process) with its output in *log*, in a session of its
     own: its CPU can be counted by session, and a worker's pool paused as one (killpg).
-    It joins *procs*, for stop()."""
+    It joins *procs*, for stop(). Without *env*, it runs this checkout's product
+    (code_env(ROOT)), not whatever `python -m pipeline` would find from the working
+    directory."""
     with open(log, "wb") as fh:
         p = subprocess.Popen(
             wrap(cmd),
             stdout=fh,
             stderr=subprocess.STDOUT,
-            env=None if env is None else dict(env),
+            env=code_env(ROOT) if env is None else dict(env),
             start_new_session=True,
         )
     procs.append(p)

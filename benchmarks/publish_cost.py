@@ -19,6 +19,7 @@ import tempfile
 import timeit
 from pathlib import Path
 
+import benchcommon  # noqa: F401  # first: it puts this checkout's product on sys.path
 from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
 
