@@ -125,15 +125,17 @@ def spawn(
 ) -> subprocess.Popen[bytes]:
     """Start *cmd* (dying with this process) with its output in *log*, in a session of its
     own: its CPU can be counted by session, and a worker's pool paused as one (killpg).
-    It joins *procs*, for stop(). Without *env*, it runs this checkout's product
-    (code_env(ROOT)), not whatever `python -m pipeline` would find from the working
-    directory."""
+    It joins *procs*, for stop(). It runs this checkout's product, in its directory and
+    with it first on PYTHONPATH (added to *env*, else to this process's environment):
+    `python -m pipeline` would otherwise find the checkout of the working directory, or
+    the one a venv's editable install names."""
     with open(log, "wb") as fh:
         p = subprocess.Popen(
             wrap(cmd),
             stdout=fh,
             stderr=subprocess.STDOUT,
-            env=code_env(ROOT) if env is None else dict(env),
+            env=code_env(ROOT, env),
+            cwd=ROOT,
             start_new_session=True,
         )
     procs.append(p)
@@ -283,11 +285,13 @@ def workers_ready(log: Path, pool: str, concurrency: int) -> bool:
 _READY = re.compile(r"(\S+@\S+) ready\.$", re.MULTILINE)  # Celery's "node@host ready."
 
 
-def code_env(code: Path) -> dict[str, str]:
-    """The environment for a child that must run the checkout at *code* (absolute: children
-    change directory) ahead of whatever PYTHONPATH already names."""
-    paths = [str(code.resolve()), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+def code_env(code: Path, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """*env* (this process's environment by default) for a child that must run the checkout
+    at *code* (absolute: children change directory) ahead of whatever PYTHONPATH already
+    names."""
+    env = dict(os.environ if env is None else env)
+    paths = [str(code.resolve()), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    return dict(env, PYTHONPATH=os.pathsep.join(paths))
 
 
 class WakeProbe:
