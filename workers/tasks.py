@@ -216,9 +216,12 @@ class _PerProcess:
         try:
             self.broker.add_stats([(s, t, c) for (s, t), c in unsent.items()], drops)
         except Exception as exc:  # Redis, or making its client
+            # the payloads are not tried again: their expiry takes them
+            left = f" (payloads left to expire: {len(drops)})" if drops else ""
             log.warning(
-                "cannot record outcomes %s: %s",
+                "cannot record outcomes %s%s: %s",
                 {f"{s}→{t}": dict(c) for (s, t), c in unsent.items()},
+                left,
                 exc,
             )
             self._broker = None

@@ -147,6 +147,20 @@ def test_a_payload_rewritten_in_redis_is_refused(mesh: FaultMesh) -> None:
     assert not any(r.exists(k) for k in forged)  # a refused task's payload is dropped
 
 
+def test_healthy_tasks_delete_their_payloads(mesh: FaultMesh) -> None:
+    """The payloads of tasks that landed are deleted once their tasks are done (with the
+    outcome counters, a moment later), and the mesh is exact."""
+    r = mesh.redis_client()
+    published = payloads_by_reference(mesh)
+    mesh.start_worker()
+    eventually(
+        lambda: not any(r.exists(k) for k in published),
+        timeout=60,
+        what="the payloads of the tasks that landed deleted",
+    )
+    mesh.settle()
+
+
 def test_a_task_whose_payload_is_gone_is_counted_and_the_sync_recovers(
     mesh: FaultMesh,
 ) -> None:

@@ -13,16 +13,19 @@ from typing import Any
 
 import pytest
 
-from pipeline.clients.broker import redis_at
+from pipeline.clients.broker import Broker, redis_at
 from pipeline.clients.celeryapp import create_app, keep_redis_clients
 from pipeline.clients.publisher import RedisPublisher
 from pipeline.config import load_settings
+from pipeline.protocol.errors import RetryableError
 from pipeline.protocol.layout import Op
 from pipeline.protocol.names import (
     CLAIM_CHECK_BYTES,
     PAYLOAD_TTL_SECONDS,
     TASK_NAME,
     is_payload_key,
+    payload_key,
+    stats_key,
 )
 from pipeline.protocol.wire import Batch, Operation, Signer, SigningKeys, encode_task
 from pipeline.tools.meshconfig import mesh_config
@@ -225,6 +228,28 @@ def test_a_large_payload_travels_by_reference(servers: Servers) -> None:
     publisher.publish([batch()])
     assert json.loads(popped(client)["body"])[0] == [encode_task([batch()], signer)]
     assert not list(client.scan_iter("kvmesh:payload:*"))
+    client.close()
+
+
+def test_payloads_are_deleted_with_the_counters(servers: Servers) -> None:
+    """Broker.add_stats adds each pair's counters and deletes every payload named, in one
+    round trip; a counter Redis refuses is raised, and the deletes go through all the
+    same."""
+    client = redis_at(servers.redis().url)
+    broker = Broker(client)
+    names = [payload_key(f"{i:032x}") for i in range(3)]
+    for name in names:
+        client.set(name, b"payload")
+    broker.add_stats([("cluster-a", "cluster-b", {"applied": 2, "grouped": 0})], names[:2])
+    assert [client.exists(n) for n in names] == [0, 0, 1]
+    assert client.hgetall(stats_key("cluster-a", "cluster-b")) == {b"applied": b"2"}
+    broker.add_stats([("cluster-a", "cluster-b", {"applied": 1})])
+    assert client.exists(names[2]) == 1
+    client.set(stats_key("cluster-c", "cluster-b"), b"not a hash")  # HINCRBY refused
+    with pytest.raises(RetryableError):
+        broker.add_stats([("cluster-c", "cluster-b", {"applied": 1})], names[2:])
+    assert client.exists(names[2]) == 0
+    assert client.hgetall(stats_key("cluster-a", "cluster-b")) == {b"applied": b"3"}
     client.close()
 
 

@@ -30,6 +30,7 @@ class FakeBroker:
 
     def __init__(self, payloads: dict[str, Any]) -> None:
         self.payloads = payloads
+        self.fail: Exception | None = None  # what add_stats raises, if set
         self.calls: list[tuple[list[tuple[str, str, dict[str, int]]], list[str]]] = []
 
     def payload(self, key: str, limit: int) -> bytes | None:
@@ -39,6 +40,8 @@ class FakeBroker:
         return found
 
     def add_stats(self, counts: Any, drops: Any = ()) -> None:
+        if self.fail is not None:
+            raise self.fail
         self.calls.append(([(s, t, dict(c)) for s, t, c in counts], list(drops)))
 
 
@@ -193,6 +196,35 @@ def test_healthy_tasks_delete_their_payloads_with_their_outcomes_when_due(task: 
     conns.record(A, B, Counter({"duplicate": 1}))
     conns.flush(drop=other)
     assert broker.calls[1:] == [([(A, B, {"applied": 1, "duplicate": 1})], [REF, other])]
+
+
+def test_a_send_that_fails_gives_its_deletes_up(task: Any) -> None:
+    """If Redis does not take a send, its payload deletes are not held for the next one
+    (the payloads expire): nothing piles up while Redis is away."""
+    broker, conns = never_due(task)
+    other = payload_key("1" * 32)
+    conns.record(A, B, Counter({"applied": 1}))
+    conns.flush(drop=REF)
+    broker.fail = ConnectionError("redis: gone")
+    conns.send_counts()  # never raises
+    broker.fail = None
+    conns._broker = broker  # a failed send drops the client: the fake again
+    conns.record(A, B, Counter({"applied": 1}))
+    conns.flush(drop=other)
+    conns.send_counts()
+    assert broker.calls == [([(A, B, {"applied": 1})], [other])]
+
+
+def test_a_forked_process_never_deletes_its_parents_payloads(task: Any) -> None:
+    """What a process queued before a fork stays with it: the child (a new pool process)
+    starts with nothing to send."""
+    broker, conns = never_due(task)
+    conns.flush(drop=REF)
+    conns._pid = -1  # as in a child after a fork: another pid
+    conns._check_pid()
+    conns._broker = broker
+    conns.send_counts()
+    assert broker.calls == []
 
 
 def test_a_payload_is_deleted_when_due_with_no_task_to_carry_it(task: Any) -> None:
