@@ -20,6 +20,7 @@ environment, and no repr() of a settings object shows them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -227,6 +228,8 @@ def _coerce(section: str, name: str, default: Any, raw: Any) -> Any:
     if isinstance(default, int):
         if isinstance(raw, bool):
             raise ConfigError(where, f"expected an integer, got {raw!r}")
+        if isinstance(raw, float) and not raw.is_integer():  # 1.5, inf, nan
+            raise ConfigError(where, f"expected an integer, got {raw!r}")
         try:
             return int(raw)
         except (TypeError, ValueError):
@@ -235,9 +238,12 @@ def _coerce(section: str, name: str, default: Any, raw: Any) -> Any:
         if isinstance(raw, bool):
             raise ConfigError(where, f"expected a number, got {raw!r}")
         try:
-            return float(raw)
+            value = float(raw)
         except (TypeError, ValueError):
             raise ConfigError(where, f"expected a number, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise ConfigError(where, f"expected a finite number, got {raw!r}")
+        return value
     if isinstance(default, str):
         if not isinstance(raw, str):
             raise ConfigError(where, f"expected a string, got {raw!r}")
@@ -397,7 +403,10 @@ def _cluster(index: int, data: Any, env: Mapping[str, str]) -> ClusterConfig:
     if not isinstance(endpoints, list) or not endpoints:
         raise ConfigError(f"{where}.endpoints", "must be a non-empty list of URLs")
     for ep in endpoints:
-        parts = urlsplit(ep) if isinstance(ep, str) else None
+        try:
+            parts = urlsplit(ep) if isinstance(ep, str) else None
+        except ValueError:  # "Invalid IPv6 URL"
+            parts = None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{where}.endpoints", f"{ep!r} is not an http(s)://host:port URL")
         try:
@@ -478,7 +487,18 @@ def settings_from_mapping(
     if (broker_tls.cert_file is None) != (broker_tls.key_file is None):
         raise ConfigError("broker.tls", "cert_file and key_file must be given together")
     broker = dataclasses.replace(broker, tls=broker_tls)
-    scheme = urlsplit(broker.url).scheme
+    try:
+        parts = urlsplit(broker.url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        # never the URL itself in the message: it may hold the password (a "/" or "@" in a
+        # password that is not percent-encoded is what usually ends up here)
+        raise ConfigError(
+            "broker.url",
+            "cannot be parsed (its host or port); percent-encode reserved characters "
+            "(/ ? # @ :) in the user and password",
+        ) from None
+    scheme = parts.scheme
     if scheme not in ("redis", "rediss"):
         raise ConfigError("broker.url", "must be a redis:// or rediss:// URL")
     if (broker_tls.ca_file or broker_tls.cert_file) and scheme != "rediss":
@@ -519,6 +539,11 @@ def settings_from_mapping(
         raise ConfigError("worker.pool", 'must be "prefork", "threads" or "solo"')
     if worker.concurrency < 1:
         raise ConfigError("worker.concurrency", "must be at least 1")
+    for name in ("gap_wait", "gap_retry_delay", "max_retry_delay"):
+        if getattr(worker, name) < 0:
+            raise ConfigError(f"worker.{name}", "must not be negative")
+    if broker.visibility_timeout <= 0:
+        raise ConfigError("broker.visibility_timeout", "must be positive")
     metrics: MetricsConfig = _section(MetricsConfig, "metrics", data.get("metrics", {}), env)
     for name in ("watcher_port", "worker_port"):
         port = getattr(metrics, name)
@@ -583,4 +608,6 @@ def load_settings(
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{path} is not valid TOML: not UTF-8 text") from None
     return settings_from_mapping(data, env, keys)

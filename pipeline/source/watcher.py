@@ -337,7 +337,17 @@ class Watcher:
                     self.source.name,
                     self.clock() - self._beat,
                 )
-            if hung or not self.lease.renew():
+            try:
+                renewed = not hung and self.lease.renew()
+            except Exception as exc:  # anything: this thread must not end while a term runs
+                log.error(
+                    "%s: renewing the lease failed: %s: %s; letting it go",
+                    self.source.name,
+                    type(exc).__name__,
+                    exc,
+                )
+                renewed = False
+            if not renewed:
                 self._in_term.clear()
                 self._lease_lost.set()
 

@@ -290,6 +290,13 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
         if not settings.targets_of(c.name):
             raise ConfigError("clusters", f"source {c.name} has no target cluster")
     settings.require_signing("kvmesh watch")
+    port, bind = settings.metrics.watcher_port, settings.metrics.bind
+    if args.check and port:
+        from pipeline.clients.metrics_http import can_bind
+
+        problem = can_bind(port, bind)
+        if problem is not None:
+            raise ConfigError("metrics.watcher_port", f"cannot listen on {bind}:{port}: {problem}")
     if args.check:
         print(f"ok: would watch {', '.join(names)}")
         return EXIT_OK

@@ -223,9 +223,10 @@ def test_credential_and_port_mistakes_are_one_line_errors(tmp_path: Path) -> Non
         port = taken.getsockname()[1]
         cfg = tmp_path / "port.toml"
         cfg.write_text(base.replace("{extra}", "") + f"[metrics]\nwatcher_port = {port}\n")
-        res = run("watch", "--config", str(cfg))
-        assert res.returncode == 2 and "metrics.watcher_port" in res.stderr, res.stderr
-        assert "Traceback" not in res.stderr
+        for check in ((), ("--check",)):
+            res = run("watch", "--config", str(cfg), *check)
+            assert res.returncode == 2 and "metrics.watcher_port" in res.stderr, res.stderr
+            assert "Traceback" not in res.stderr
         cfg.write_text(base.replace("{extra}", "") + f"[metrics]\nworker_port = {port}\n")
         res = run("worker", "--config", str(cfg), "--check")
         assert res.returncode == 2 and "metrics.worker_port" in res.stderr, res.stderr

@@ -179,6 +179,20 @@ def test_environment_for_an_unknown_cluster_is_an_error(tmp_path: Path) -> None:
         ),
         (MINIMAL.replace("redis://", "amqp://"), "broker.url"),
         ("[broker]\n", "clusters"),
+        # numbers TOML allows that no setting can take: each a one-line error, not a crash
+        (MINIMAL.replace("shards = 8", "shards = inf"), "sync.shards"),
+        (MINIMAL.replace("shards = 8", "shards = 1.5"), "sync.shards"),
+        (MINIMAL.replace("shards = 8", "leader_ttl = nan"), "sync.leader_ttl"),
+        (MINIMAL.replace("shards = 8", "etcd_timeout = inf"), "sync.etcd_timeout"),
+        (MINIMAL + "[worker]\ngap_wait = -1.0\n", "worker.gap_wait"),
+        (
+            MINIMAL.replace("[sync]", "visibility_timeout = 0.0\n[sync]"),
+            "broker.visibility_timeout",
+        ),
+        (
+            MINIMAL.replace("http://127.0.0.1:22379", "http://[::1:22379"),
+            "clusters[cluster-b].endpoints",
+        ),
     ],
 )
 def test_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
@@ -186,6 +200,18 @@ def test_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(write(tmp_path, text), env={})
     assert err.value.field == field
+
+
+def test_a_broker_url_that_cannot_be_parsed_is_refused_without_its_password(
+    tmp_path: Path,
+) -> None:
+    """A password with a "/" that is not percent-encoded makes the URL's port unreadable;
+    the error names the field and shows nothing of the URL (the password least of all)."""
+    text = MINIMAL.replace("redis://127.0.0.1:6379/0", "redis://:s3cr/et@127.0.0.1:6379/0")
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text), env={})
+    assert err.value.field == "broker.url"
+    assert "s3cr" not in str(err.value) and "et@" not in str(err.value)
 
 
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
@@ -196,6 +222,10 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
         load_settings(write(tmp_path, "[[clusters]\n"), env={})
     with pytest.raises(ConfigError, match="no config file"):
         load_settings(None, env={})
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(MINIMAL.replace("cluster-a", "cluster-\xe9").encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(str(bad), env={})
 
 
 def test_settings_are_frozen() -> None:

@@ -541,3 +541,38 @@ def test_the_linger_spaces_flushes_only_while_tasks_wait(idle_flush: bool) -> No
     rig.settle()
     for target in rig.targets:
         assert rig.cache(target) == rig.expected()
+
+
+class _BrokenLease:
+    """A leader lease whose renewal raises what no Redis client would."""
+
+    def __init__(self) -> None:
+        self.renewals = 0
+
+    def renew(self) -> bool:
+        self.renewals += 1
+        raise RuntimeError("a renewal failed in a way nobody foresaw")
+
+
+def test_a_lease_renewal_that_raises_steps_the_watcher_down_and_the_thread_lives() -> None:
+    """Whatever a renewal raises, the lease thread treats it as a lease not kept: the
+    watcher steps down (and campaigns again later), and the thread keeps running, so that a
+    later term still has its lease renewed and its hung loop seen."""
+    rig = Rig(leader_ttl=1.0)
+    w = rig.watcher
+    lease = _BrokenLease()
+    w.lease = lease  # type: ignore[assignment]
+    w._beat = w.clock()
+    w._in_term.set()
+    keeper = threading.Thread(target=w._renew_loop, daemon=True)
+    keeper.start()
+    try:
+        eventually(w._lease_lost.is_set, timeout=10, interval=0.05, what="the lease let go")
+        assert not w._in_term.is_set()
+        w._lease_lost.clear()
+        w._in_term.set()  # a new term: the same thread renews again
+        eventually(w._lease_lost.is_set, timeout=10, interval=0.05, what="let go again")
+        assert keeper.is_alive() and lease.renewals >= 2
+    finally:
+        w.stop_event.set()
+        keeper.join(10)
