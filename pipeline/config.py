@@ -490,9 +490,13 @@ def settings_from_mapping(
     try:
         parts = urlsplit(broker.url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
+        if (
+            parts.netloc and not parts.hostname
+        ) or "@" in parts.path + parts.query + parts.fragment:
+            raise ValueError("no host, or a user and password cut short")
     except ValueError:
-        # never the URL itself in the message: it may hold the password (a "/" or "@" in a
-        # password that is not percent-encoded is what usually ends up here)
+        # never the URL itself in the message: it may hold the password (a "/", "?" or "#"
+        # in a password that is not percent-encoded is what ends up here)
         raise ConfigError(
             "broker.url",
             "cannot be parsed (its host or port); percent-encode reserved characters "
