@@ -72,6 +72,10 @@ class _PerProcess:
     """Connections made lazily in the process that uses them: gRPC channels and sockets do
     not survive a fork, and prefork workers fork after the app is built."""
 
+    # held while a process takes over the state (_check_pid); a child of a fork gets a new
+    # one (register_at_fork below): another thread may have held the parent's as it forked
+    _pid_lock = threading.Lock()
+
     def __init__(self, settings: Settings, signer: Signer | None) -> None:
         self._settings = settings
         self._signer = signer
@@ -93,14 +97,24 @@ class _PerProcess:
         self._sender: threading.Thread | None = None
 
     def _check_pid(self) -> None:
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._stores = {}
-            self._counts = threading.Condition()  # a fork copies no thread, and no waiter
-            self._unsent, self._due, self._urgent, self._sender = {}, None, False, None
-            self._drops = []
-            self._gens = {}
-            self._broker = None
+        """Start afresh in a process that is not the one that made this state (a fork's
+        child), once: the slots of a thread pool that all begin their first task at once
+        wait for the one that does it, and none of them uses the state half made."""
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        with self._pid_lock:
+            if self._pid != pid:
+                self._reset()
+                self._pid = pid  # last: whoever sees it finds everything made
+
+    def _reset(self) -> None:
+        self._stores = {}
+        self._counts = threading.Condition()  # a fork copies no thread, and no waiter
+        self._unsent, self._due, self._urgent, self._sender = {}, None, False, None
+        self._drops = []
+        self._gens = {}
+        self._broker = None
 
     @property
     def metrics(self) -> WorkerMetrics:
@@ -234,6 +248,9 @@ class _PerProcess:
                 while self._due is None or time.monotonic() < self._due:
                     counts.wait(None if self._due is None else self._due - time.monotonic())
             self.send_counts()
+
+
+os.register_at_fork(after_in_child=lambda: setattr(_PerProcess, "_pid_lock", threading.Lock()))
 
 
 def check_task(task: Task, sources: set[str], targets: set[str]) -> None:

@@ -4,6 +4,7 @@ deletes when it ends, and which outcome counters go with that delete."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -225,6 +226,40 @@ def test_a_forked_process_never_deletes_its_parents_payloads(task: Any) -> None:
     conns._broker = broker
     conns.send_counts()
     assert broker.calls == []
+
+
+def test_slots_that_start_at_once_wait_for_one_fresh_start(
+    task: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a new process, the slots of a thread pool that begin their first tasks at once
+    start the state afresh once, and none goes on before that is done: one that went on
+    would record into state the fresh start then throws away."""
+    conns = task.conns
+    conns._check_pid()
+    original = conns._reset
+    resets: list[int] = []
+    done = threading.Event()
+
+    def slow_reset() -> None:
+        resets.append(1)
+        original()
+        time.sleep(0.2)  # a start that takes a while: the other slots arrive meanwhile
+        done.set()
+
+    monkeypatch.setattr(conns, "_reset", slow_reset)
+    conns._pid = -1  # as in a new process
+    found: list[bool] = []
+
+    def slot() -> None:
+        conns._check_pid()
+        found.append(done.is_set())
+
+    slots = [threading.Thread(target=slot) for _ in range(4)]
+    for t in slots:
+        t.start()
+    for t in slots:
+        t.join(10)
+    assert resets == [1] and found == [True] * 4
 
 
 def test_a_payload_is_deleted_when_due_with_no_task_to_carry_it(task: Any) -> None:
