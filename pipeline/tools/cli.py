@@ -274,6 +274,18 @@ def _task_counter(metrics: Any, source: str) -> Any:
     return count
 
 
+def check_metrics_port(settings: Settings, name: str) -> None:
+    """ConfigError unless the metrics port *name* (watcher_port, worker_port) is off or can
+    be bound now."""
+    port, bind = getattr(settings.metrics, name), settings.metrics.bind
+    if port:
+        from pipeline.clients.metrics_http import can_bind
+
+        problem = can_bind(port, bind)
+        if problem is not None:
+            raise ConfigError(f"metrics.{name}", f"cannot listen on {bind}:{port}: {problem}")
+
+
 def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.clients.broker import redis_client
     from pipeline.clients.lease import RedisLease
@@ -290,14 +302,8 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
         if not settings.targets_of(c.name):
             raise ConfigError("clusters", f"source {c.name} has no target cluster")
     settings.require_signing("kvmesh watch")
-    port, bind = settings.metrics.watcher_port, settings.metrics.bind
-    if args.check and port:
-        from pipeline.clients.metrics_http import can_bind
-
-        problem = can_bind(port, bind)
-        if problem is not None:
-            raise ConfigError("metrics.watcher_port", f"cannot listen on {bind}:{port}: {problem}")
     if args.check:
+        check_metrics_port(settings, "watcher_port")
         print(f"ok: would watch {', '.join(names)}")
         return EXIT_OK
     signer = Signer(settings.signing) if settings.signing else None
@@ -420,13 +426,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             )
         concurrency = 1
     settings.require_signing("kvmesh worker")
-    port, bind = settings.metrics.worker_port, settings.metrics.bind
-    if port:
-        from pipeline.clients.metrics_http import can_bind
-
-        problem = can_bind(port, bind)
-        if problem is not None:
-            raise ConfigError("metrics.worker_port", f"cannot listen on {bind}:{port}: {problem}")
+    check_metrics_port(settings, "worker_port")
     if args.check:
         slots = f"{concurrency} slot" + ("s" if concurrency != 1 else "")
         print(f"ok: would consume {queues} with {slots} ({pool} pool)")

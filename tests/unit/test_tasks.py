@@ -4,7 +4,6 @@ deletes when it ends, and which outcome counters go with that delete."""
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from typing import Any
 
@@ -228,6 +227,21 @@ def test_a_forked_process_never_deletes_its_parents_payloads(task: Any) -> None:
     assert broker.calls == []
 
 
+class _CountingLock:
+    """A lock that counts who came to take it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.attempts = 0
+
+    def __enter__(self) -> None:
+        self.attempts += 1  # before blocking: a slot waiting for the lock is counted
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 def test_slots_that_start_at_once_wait_for_one_fresh_start(
     task: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -237,18 +251,27 @@ def test_slots_that_start_at_once_wait_for_one_fresh_start(
     conns = task.conns
     conns._check_pid()
     original = conns._reset
+    lock = _CountingLock()
+    monkeypatch.setattr(type(conns), "_pid_lock", lock)
     resets: list[int] = []
+    found: list[bool] = []  # per slot that went on: whether the fresh start was done
     done = threading.Event()
 
     def slow_reset() -> None:
         resets.append(1)
         original()
-        time.sleep(0.2)  # a start that takes a while: the other slots arrive meanwhile
+        # the fresh start ends only once every other slot has either gone on or come to
+        # wait for the lock
+        eventually(
+            lambda: lock.attempts + len(found) >= 4,
+            timeout=10,
+            interval=0.01,
+            what="every slot at the fresh start",
+        )
         done.set()
 
     monkeypatch.setattr(conns, "_reset", slow_reset)
     conns._pid = -1  # as in a new process
-    found: list[bool] = []
 
     def slot() -> None:
         conns._check_pid()
