@@ -16,10 +16,12 @@ Three measurements, printed as they come and as medians:
   to sleep and waking up.
 - **an etcd call**: the CPU of a process that makes `--calls` calls in a row through
   kvmesh's client (`Etcd.get` of one key, and `Etcd.txn` of 127 puts of 130 bytes, a
-  worker's usual transaction), per call, with gRPC's default client (its EventEngine) and
-  with `GRPC_EXPERIMENTS=-event_engine_client`, straight to a local etcd and through
-  `delay_proxy.py` (`--delay` each way). Each case runs in a process of its own (gRPC
-  reads the variable when it loads), in an order that turns around every round.
+  worker's usual transaction), per call, with gRPC's EventEngine client (gRPC's default,
+  `GRPC_EXPERIMENTS=event_engine_client`) and without it (`-event_engine_client`, what
+  kvmesh's client sets since 2026-11-30 unless the environment names the experiment),
+  straight to a local etcd and through `delay_proxy.py` (`--delay` each way). Each case
+  runs in a process of its own (gRPC reads the variable when it loads), in an order that
+  turns around every round.
 
 Why it exists: the worker's CPU per write in `scale_workers.py` is several times what its
 Python code takes when timed alone (decoding, checks and building the transaction come to
@@ -144,9 +146,8 @@ def sleep_cost(seconds: float, n: int) -> float:
 
 def call_cost(url: str, calls: int, event_engine: bool) -> dict[str, Any]:
     env = dict(os.environ)
-    env.pop("GRPC_EXPERIMENTS", None)
-    if not event_engine:
-        env["GRPC_EXPERIMENTS"] = "-event_engine_client"
+    # named either way: kvmesh's client turns it off unless the environment says (etcd.py)
+    env["GRPC_EXPERIMENTS"] = "event_engine_client" if event_engine else "-event_engine_client"
     code = CALLER.format(root=str(ROOT), url=url, calls=calls)
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=600

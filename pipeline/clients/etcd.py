@@ -5,12 +5,21 @@ RetryableError; the client library (python-etcd3's API, compiled protobuf) stays
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn, Protocol
 from urllib.parse import urlsplit
+
+# gRPC's EventEngine client passes every call through threads of its own: here about nine
+# thread wakeups per call instead of two, and a quarter more of the client's CPU per call,
+# on a virtual machine where a wakeup costs tens of microseconds (docs/performance.md,
+# "gRPC's EventEngine client"). gRPC reads the setting once, when it is first imported,
+# which in kvmesh's processes is here: so it is set before that, unless the environment
+# already says otherwise (GRPC_EXPERIMENTS, docs/configuration.md).
+os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_client")
 
 import etcd3
 import grpc

@@ -3,6 +3,10 @@ expects, whatever its fields hold."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -192,3 +196,46 @@ def test_a_late_failure_marks_the_endpoint_its_call_went_to() -> None:
         assert not one._client.endpoints[dead].is_failed()
     finally:
         one.close()
+
+
+_SEEN_AT_IMPORT = r"""
+import importlib.abc, os, sys
+
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "grpc" and "grpc" not in sys.modules:
+            print(repr(os.environ.get("GRPC_EXPERIMENTS")))
+        return None
+
+sys.meta_path.insert(0, Watch())
+import %s
+"""
+
+
+@pytest.mark.parametrize("entry", ["pipeline.tools.cli", "workers.app", "pipeline.clients.etcd"])
+@pytest.mark.parametrize("given", [None, "event_engine_client", ""])
+def test_grpc_is_imported_with_its_eventengine_client_off(
+    entry: str, given: str | None, tmp_path: Path
+) -> None:
+    """What gRPC reads when it is first imported, in a fresh process of each entry point
+    (the CLI of watchers and workers, Celery's app module): its EventEngine client off,
+    unless the environment chose."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    if given is not None:
+        env["GRPC_EXPERIMENTS"] = given
+    config = tmp_path / "mesh.toml"  # workers.app loads $KVMESH_CONFIG as it is imported
+    config.write_text(
+        '[broker]\nurl = "redis://127.0.0.1:6379/0"\ninsecure_unsigned = true\n'
+        '[[clusters]]\nname = "a"\nid = 1\nendpoints = ["http://127.0.0.1:2379"]\n'
+        '[[clusters]]\nname = "b"\nid = 2\nendpoints = ["http://127.0.0.1:22379"]\n'
+    )
+    env["KVMESH_CONFIG"] = str(config)
+    out = subprocess.run(
+        [sys.executable, "-c", _SEEN_AT_IMPORT % entry],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    assert out[:1] == [repr("-event_engine_client" if given is None else given)]
