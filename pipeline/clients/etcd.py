@@ -135,11 +135,12 @@ def _compare(c: Compare) -> Any:
     )
 
 
-def _fill_ops(repeated: Any, ops: Sequence[TxnOp]) -> None:
-    """Add *ops* to a transaction's repeated field, each filled in place. Passing messages
-    to a constructor copies each one: for 127 puts that was 205 µs against 89 µs here, in
-    a path that runs for every key written."""
+def _fill_ops(repeated: Any, ops: Sequence[TxnOp]) -> bool:
+    """Add *ops* to a transaction's repeated field, each filled in place; returns whether
+    one of them is a Get. Passing messages to a constructor copies each one: for 127 puts
+    that was 205 µs against 89 µs here, in a path that runs for every key written."""
     add = repeated.add
+    reads = False
     for op in ops:
         if isinstance(op, Put):
             put = add().request_put
@@ -153,6 +154,8 @@ def _fill_ops(repeated: Any, ops: Sequence[TxnOp]) -> None:
                 delete.range_end = prefix_end(op.key)
         else:
             add().request_range.key = op.key
+            reads = True
+    return reads
 
 
 @dataclass(frozen=True)
@@ -539,8 +542,8 @@ class Etcd:
         key it wrote, with no read afterwards to race with) and what each Get of the branch
         that ran read."""
         request = etcdrpc.TxnRequest(compare=[_compare(c) for c in compares])
-        _fill_ops(request.success, ops)
-        _fill_ops(request.failure, failure)
+        reads_on_success = _fill_ops(request.success, ops)
+        reads_on_failure = _fill_ops(request.failure, failure)
 
         def call() -> Any:
             return self._client.kvstub.Txn(
@@ -551,12 +554,15 @@ class Etcd:
             )
 
         resp = self._call("txn", call)
+        succeeded = bool(resp.succeeded)
         reads: list[KV | None] = []
-        for op, r in zip(ops if resp.succeeded else failure, resp.responses, strict=True):
-            if isinstance(op, Get):
-                kvs = r.response_range.kvs
-                reads.append(KV(kvs[0].key, kvs[0].value, kvs[0].mod_revision) if kvs else None)
-        return TxnResult(bool(resp.succeeded), int(resp.header.revision), reads)
+        if reads_on_success if succeeded else reads_on_failure:
+            # only then: a response per put of a full batch is 40-60 µs of Python here
+            for op, r in zip(ops if succeeded else failure, resp.responses, strict=True):
+                if isinstance(op, Get):
+                    kvs = r.response_range.kvs
+                    reads.append(KV(kvs[0].key, kvs[0].value, kvs[0].mod_revision) if kvs else None)
+        return TxnResult(succeeded, int(resp.header.revision), reads)
 
     def keys(self, prefix: bytes, page: int = 2000) -> list[bytes]:
         """The keys under *prefix*, without their values, read in pages."""

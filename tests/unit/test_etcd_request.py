@@ -41,6 +41,14 @@ def test_each_operation_is_the_request_etcd_expects() -> None:
     assert get.request_range.key == b"k4"
 
 
+def test_filling_says_whether_a_read_is_among_the_operations() -> None:
+    """Etcd.txn walks a branch's responses only for its reads: a put's response says
+    nothing it needs, and a full batch's are 40-60 µs of Python."""
+    assert _fill_ops(TxnRequest().success, [Put(b"k", b"v"), Delete(b"d")]) is False
+    assert _fill_ops(TxnRequest().success, []) is False
+    assert _fill_ops(TxnRequest().failure, [Put(b"k", b"v"), Get(b"g")]) is True
+
+
 def test_an_operation_whose_fields_are_all_empty_is_still_chosen() -> None:
     # an empty key leaves every field of the inner request at its default: the operation
     # must still say which request it is (assigning a field marks it chosen, even to its
