@@ -18,7 +18,7 @@ Three measurements, printed as they come and as medians:
   kvmesh's client (`Etcd.get` of one key, and `Etcd.txn` of 127 puts of 130 bytes, a
   worker's usual transaction), per call, with gRPC's EventEngine client (gRPC's default,
   `GRPC_EXPERIMENTS=event_engine_client`) and without it (`-event_engine_client`, what
-  kvmesh's client sets since 2026-11-30 unless the environment names the experiment),
+  kvmesh's client sets since 2026-11-30 unless GRPC_EXPERIMENTS is set),
   straight to a local etcd and through `delay_proxy.py` (`--delay` each way). Each case
   runs in a process of its own (gRPC reads the variable when it loads), in an order that
   turns around every round.
@@ -81,9 +81,8 @@ def code_cost(n: int) -> dict[str, float]:
     import timeit
     import zlib
 
-    from etcd3 import etcdrpc
-
-    from pipeline.clients.etcd import _fill_ops
+    # through kvmesh's client, which sets how gRPC loads before anything imports it
+    from pipeline.clients.etcd import _fill_ops, etcdrpc
     from pipeline.protocol.layout import Op
     from pipeline.protocol.wire import (
         Batch,

@@ -1,8 +1,8 @@
 """The Celery app module for `celery -A workers.app worker`.
 
-This is the one module that reads the environment when imported: Celery's own CLI imports
-it by name, so the config file must come from $KVMESH_CONFIG. `kvmesh worker --config F`
-builds the same app explicitly instead.
+It loads the config when imported: Celery's own CLI imports it by name, so the config file
+must come from $KVMESH_CONFIG. `kvmesh worker --config F` builds the same app explicitly
+instead.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, NoReturn, Protocol
 from urllib.parse import urlsplit
 
 # gRPC's EventEngine client passes every call through threads of its own: here about nine
-# thread wakeups per call instead of two, and a quarter more of the client's CPU per call,
+# context switches per call instead of two, and about 40% more of the client's CPU per call,
 # on a virtual machine where a wakeup costs tens of microseconds (docs/performance.md,
 # "gRPC's EventEngine client"). gRPC reads the setting once, when it is first imported,
 # which in kvmesh's processes is here: so it is set before that, unless the environment
@@ -557,7 +557,7 @@ class Etcd:
         succeeded = bool(resp.succeeded)
         reads: list[KV | None] = []
         if reads_on_success if succeeded else reads_on_failure:
-            # only then: a response per put of a full batch is 40-60 µs of Python here
+            # only then: a response per put of a full batch is 35-55 µs of Python here
             for op, r in zip(ops if succeeded else failure, resp.responses, strict=True):
                 if isinstance(op, Get):
                     kvs = r.response_range.kvs
