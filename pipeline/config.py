@@ -217,6 +217,10 @@ class Settings:
 # loading
 
 
+MAX_SECONDS = 7 * 24 * 3600  # the longest duration a setting may name
+MAX_INTEGER = (1 << 63) - 1
+
+
 def _coerce(section: str, name: str, default: Any, raw: Any) -> Any:
     where = f"{section}.{name}"
     if isinstance(default, bool):
@@ -226,14 +230,22 @@ def _coerce(section: str, name: str, default: Any, raw: Any) -> Any:
             return raw.lower() in ("1", "true", "yes")
         raise ConfigError(where, f"expected a boolean, got {raw!r}")
     if isinstance(default, int):
-        if isinstance(raw, bool):
+        number = raw
+        if isinstance(number, str):  # an environment override: "8" or "8.0", as TOML takes
+            try:
+                number = int(number)
+            except ValueError:
+                try:
+                    number = float(number)
+                except ValueError:
+                    raise ConfigError(where, f"expected an integer, got {raw!r}") from None
+        if isinstance(number, bool) or not isinstance(number, int | float):
             raise ConfigError(where, f"expected an integer, got {raw!r}")
-        if isinstance(raw, float) and not raw.is_integer():  # 1.5, inf, nan
+        if isinstance(number, float) and not number.is_integer():  # 1.5, inf, nan
             raise ConfigError(where, f"expected an integer, got {raw!r}")
-        try:
-            return int(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(where, f"expected an integer, got {raw!r}") from None
+        if abs(number) > MAX_INTEGER:  # etcd's requests carry them as 64-bit integers
+            raise ConfigError(where, f"must be at most {MAX_INTEGER} in size, got {raw!r}")
+        return int(number)
     if isinstance(default, float):
         if isinstance(raw, bool):
             raise ConfigError(where, f"expected a number, got {raw!r}")
@@ -243,6 +255,10 @@ def _coerce(section: str, name: str, default: Any, raw: Any) -> Any:
             raise ConfigError(where, f"expected a number, got {raw!r}") from None
         if not math.isfinite(value):
             raise ConfigError(where, f"expected a finite number, got {raw!r}")
+        # every number of this type is seconds; gRPC turns a deadline of 1e12 s into one
+        # already passed, so each etcd request would fail as timed out
+        if value > MAX_SECONDS:
+            raise ConfigError(where, f"must be at most {MAX_SECONDS} seconds (a week), got {raw!r}")
         return value
     if isinstance(default, str):
         if not isinstance(raw, str):
@@ -519,8 +535,8 @@ def settings_from_mapping(
         raise ConfigError("sync.batches_per_task", "must be from 1 to 64")
     if sync.max_batch_bytes < 1024:
         raise ConfigError("sync.max_batch_bytes", "must be at least 1024")
-    if sync.page_size < 1:
-        raise ConfigError("sync.page_size", "must be positive")
+    if not 1 <= sync.page_size <= 1_000_000:
+        raise ConfigError("sync.page_size", "must be from 1 to 1000000")
     if sync.leader_ttl < 1:
         raise ConfigError("sync.leader_ttl", "must be at least 1 second")
     if sync.stall_timeout <= 0:

@@ -193,6 +193,13 @@ def test_environment_for_an_unknown_cluster_is_an_error(tmp_path: Path) -> None:
             MINIMAL.replace("http://127.0.0.1:22379", "http://[::1:22379"),
             "clusters[cluster-b].endpoints",
         ),
+        # numbers too large to use: gRPC takes a deadline of 1e12 s as one already passed,
+        # and etcd's requests carry integers in 64 bits
+        (MINIMAL.replace("shards = 8", "etcd_timeout = 1e12"), "sync.etcd_timeout"),
+        (MINIMAL + "[worker]\nmax_retry_delay = 604801.0\n", "worker.max_retry_delay"),
+        (MINIMAL.replace("shards = 8", "page_size = 1e300"), "sync.page_size"),
+        (MINIMAL.replace("shards = 8", "page_size = 1000001"), "sync.page_size"),
+        (MINIMAL.replace("shards = 8", "max_queue_depth = 1e20"), "sync.max_queue_depth"),
     ],
 )
 def test_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
@@ -240,3 +247,18 @@ def test_settings_are_frozen() -> None:
     )
     with pytest.raises(AttributeError):
         s.sync.shards = 3  # type: ignore[misc]
+
+
+def test_whole_numbers_and_durations_at_their_limits(tmp_path: Path) -> None:
+    """A whole number is the same from the file and from the environment (8.0 is 8), and
+    the largest values are taken."""
+    text = MINIMAL.replace(
+        "shards = 8", "shards = 8.0\npage_size = 1000000\nresync_interval = 604800"
+    )
+    s = load_settings(write(tmp_path, text), env={"KVMESH_SYNC_MAX_QUEUE_DEPTH": "70.0"})
+    assert (s.sync.shards, s.sync.page_size, s.sync.max_queue_depth) == (8, 1_000_000, 70)
+    assert s.sync.resync_interval == 604800
+    for bad in ("7.5", "many", "inf", "1e20"):
+        with pytest.raises(ConfigError) as err:
+            load_settings(write(tmp_path, MINIMAL), env={"KVMESH_SYNC_MAX_QUEUE_DEPTH": bad})
+        assert err.value.field == "sync.max_queue_depth"
