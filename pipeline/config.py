@@ -126,7 +126,7 @@ class SyncConfig:
     # publish at once, without the linger, while the source's queue is empty (the workers
     # have taken every task): the linger then spaces flushes only while tasks wait
     idle_flush: bool = True
-    page_size: int = 2000  # keys per range request; keeps responses under gRPC's 4 MiB
+    page_size: int = 2000  # keys per range request (etcd.py's scan also pages by bytes)
     stall_timeout: float = 10.0  # a fence that does not move for this long means lost batches
     fence_poll_interval: float = 0.5
     resync_interval: float = 0.0  # periodic anti-entropy; 0 disables it
@@ -221,6 +221,12 @@ MAX_SECONDS = 7 * 24 * 3600  # the longest duration a setting may name
 MAX_INTEGER = (1 << 63) - 1
 
 
+def _shown(raw: Any) -> str:
+    """A value as an error shows it: its repr, cut short."""
+    text = repr(raw)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _coerce(section: str, name: str, default: Any, raw: Any) -> Any:
     where = f"{section}.{name}"
     if isinstance(default, bool):
@@ -231,34 +237,41 @@ def _coerce(section: str, name: str, default: Any, raw: Any) -> Any:
         raise ConfigError(where, f"expected a boolean, got {raw!r}")
     if isinstance(default, int):
         number = raw
+        number = raw
         if isinstance(number, str):  # an environment override: "8" or "8.0", as TOML takes
+            if len(number) > 40:
+                raise ConfigError(where, f"expected an integer, got {_shown(raw)}")
             try:
                 number = int(number)
             except ValueError:
                 try:
                     number = float(number)
                 except ValueError:
-                    raise ConfigError(where, f"expected an integer, got {raw!r}") from None
+                    raise ConfigError(where, f"expected an integer, got {_shown(raw)}") from None
         if isinstance(number, bool) or not isinstance(number, int | float):
-            raise ConfigError(where, f"expected an integer, got {raw!r}")
+            raise ConfigError(where, f"expected an integer, got {_shown(raw)}")
         if isinstance(number, float) and not number.is_integer():  # 1.5, inf, nan
-            raise ConfigError(where, f"expected an integer, got {raw!r}")
-        if abs(number) > MAX_INTEGER:  # etcd's requests carry them as 64-bit integers
-            raise ConfigError(where, f"must be at most {MAX_INTEGER} in size, got {raw!r}")
+            raise ConfigError(where, f"expected an integer, got {_shown(raw)}")
+        if not -MAX_INTEGER - 1 <= number <= MAX_INTEGER:  # etcd's requests carry 64 bits
+            raise ConfigError(where, f"does not fit in 64 bits: {_shown(raw)}")
         return int(number)
     if isinstance(default, float):
         if isinstance(raw, bool):
             raise ConfigError(where, f"expected a number, got {raw!r}")
         try:
             value = float(raw)
+        except OverflowError:  # an integer too large for a float
+            raise ConfigError(where, f"must be at most {MAX_SECONDS} seconds (a week)") from None
         except (TypeError, ValueError):
-            raise ConfigError(where, f"expected a number, got {raw!r}") from None
+            raise ConfigError(where, f"expected a number, got {_shown(raw)}") from None
         if not math.isfinite(value):
-            raise ConfigError(where, f"expected a finite number, got {raw!r}")
+            raise ConfigError(where, f"expected a finite number, got {_shown(raw)}")
         # every number of this type is seconds; gRPC turns a deadline of 1e12 s into one
         # already passed, so each etcd request would fail as timed out
         if value > MAX_SECONDS:
-            raise ConfigError(where, f"must be at most {MAX_SECONDS} seconds (a week), got {raw!r}")
+            raise ConfigError(
+                where, f"must be at most {MAX_SECONDS} seconds (a week), got {_shown(raw)}"
+            )
         return value
     if isinstance(default, str):
         if not isinstance(raw, str):
@@ -549,7 +562,17 @@ def settings_from_mapping(
         )
     if sync.max_connected_clusters not in (255, 511):
         raise ConfigError("sync.max_connected_clusters", "must be 255 or 511, as in Cilium")
-    for name in ("etcd_timeout", "watch_timeout", "fence_poll_interval", "linger", "max_linger"):
+    for name in ("resync_interval", "drain_grace"):
+        if getattr(sync, name) < 0:
+            raise ConfigError(f"sync.{name}", "must not be negative")
+    for name in (
+        "etcd_timeout",
+        "watch_timeout",
+        "fence_poll_interval",
+        "drain_check_interval",
+        "linger",
+        "max_linger",
+    ):
         if getattr(sync, name) < 0 or (
             name not in ("linger", "max_linger") and getattr(sync, name) == 0
         ):
@@ -630,4 +653,6 @@ def load_settings(
         raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError("--config", f"{path} is not valid TOML: not UTF-8 text") from None
+    except ValueError as exc:  # an integer of more than 4,300 digits, which Python refuses
+        raise ConfigError("--config", f"{path} cannot be read: {exc}") from None
     return settings_from_mapping(data, env, keys)

@@ -200,6 +200,11 @@ def test_environment_for_an_unknown_cluster_is_an_error(tmp_path: Path) -> None:
         (MINIMAL.replace("shards = 8", "page_size = 1e300"), "sync.page_size"),
         (MINIMAL.replace("shards = 8", "page_size = 1000001"), "sync.page_size"),
         (MINIMAL.replace("shards = 8", "max_queue_depth = 1e20"), "sync.max_queue_depth"),
+        (MINIMAL.replace("shards = 8", "etcd_timeout = 1" + "0" * 400), "sync.etcd_timeout"),
+        (MINIMAL.replace("shards = 8", "page_size = 1" + "0" * 5000), "--config"),
+        (MINIMAL.replace("shards = 8", "drain_check_interval = 0.0"), "sync.drain_check_interval"),
+        (MINIMAL.replace("shards = 8", "drain_grace = -1.0"), "sync.drain_grace"),
+        (MINIMAL.replace("shards = 8", "resync_interval = -1.0"), "sync.resync_interval"),
     ],
 )
 def test_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
@@ -258,7 +263,7 @@ def test_whole_numbers_and_durations_at_their_limits(tmp_path: Path) -> None:
     s = load_settings(write(tmp_path, text), env={"KVMESH_SYNC_MAX_QUEUE_DEPTH": "70.0"})
     assert (s.sync.shards, s.sync.page_size, s.sync.max_queue_depth) == (8, 1_000_000, 70)
     assert s.sync.resync_interval == 604800
-    for bad in ("7.5", "many", "inf", "1e20"):
+    for bad in ("7.5", "many", "inf", "1e20", "1" * 5000, str(-(1 << 63) - 1)):
         with pytest.raises(ConfigError) as err:
             load_settings(write(tmp_path, MINIMAL), env={"KVMESH_SYNC_MAX_QUEUE_DEPTH": bad})
         assert err.value.field == "sync.max_queue_depth"
