@@ -3,6 +3,8 @@ deletes when it ends, and which outcome counters go with that delete."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections import Counter
 from typing import Any
@@ -372,3 +374,40 @@ def test_a_worker_keeps_what_it_built_at_start_out_of_later_collections(
     monkeypatch.setattr(heap.gc, "freeze", lambda: calls.append("freeze"))
     heap.settle_heap()
     assert calls == ["collect", "freeze"]  # what is garbage already is not kept for good
+
+
+_FORK_WHILE_HELD = r"""
+import os, threading
+from workers.tasks import _PerProcess
+
+held, release = threading.Event(), threading.Event()
+
+def hold():
+    with _PerProcess._pid_lock:
+        held.set()
+        release.wait()
+
+holder = threading.Thread(target=hold)
+holder.start()
+held.wait()
+pid = os.fork()  # while another thread holds the lock, as a pool's fork may happen
+if pid == 0:
+    os._exit(0 if _PerProcess._pid_lock.acquire(timeout=5) else 1)
+release.set()
+holder.join()
+print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_a_child_forked_while_the_start_lock_is_held_gets_a_free_one() -> None:
+    """A fork copies a held lock as held, and no thread of the child would ever release
+    it: the child's first task would hang at its fresh start. The child gets a new lock."""
+    run = subprocess.run(
+        [sys.executable, "-c", _FORK_WHILE_HELD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["child", "0"]
