@@ -237,7 +237,6 @@ def _coerce(section: str, name: str, default: Any, raw: Any) -> Any:
         raise ConfigError(where, f"expected a boolean, got {raw!r}")
     if isinstance(default, int):
         number = raw
-        number = raw
         if isinstance(number, str):  # an environment override: "8" or "8.0", as TOML takes
             if len(number) > 40:
                 raise ConfigError(where, f"expected an integer, got {_shown(raw)}")
