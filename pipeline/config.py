@@ -265,8 +265,11 @@ def _coerce(section: str, name: str, default: Any, raw: Any) -> Any:
             raise ConfigError(where, f"expected a number, got {_shown(raw)}") from None
         if not math.isfinite(value):
             raise ConfigError(where, f"expected a finite number, got {_shown(raw)}")
-        # every number of this type is seconds; gRPC turns a deadline of 1e12 s into one
-        # already passed, so each etcd request would fail as timed out
+        # every number of this type is seconds: none is negative, and none over a week
+        # (gRPC turns a deadline of 1e12 s into one already passed, so each etcd request
+        # would fail as timed out)
+        if value < 0:
+            raise ConfigError(where, "must not be negative")
         if value > MAX_SECONDS:
             raise ConfigError(
                 where, f"must be at most {MAX_SECONDS} seconds (a week), got {_shown(raw)}"
@@ -551,8 +554,6 @@ def settings_from_mapping(
         raise ConfigError("sync.page_size", "must be from 1 to 1000000")
     if sync.leader_ttl < 1:
         raise ConfigError("sync.leader_ttl", "must be at least 1 second")
-    if sync.stall_timeout <= 0:
-        raise ConfigError("sync.stall_timeout", "must be positive")
     if sync.max_queue_depth < 1:
         raise ConfigError("sync.max_queue_depth", "must be at least 1")
     if sync.cache_lease_ttl and not 60 <= sync.cache_lease_ttl <= 86_400:
@@ -561,30 +562,22 @@ def settings_from_mapping(
         )
     if sync.max_connected_clusters not in (255, 511):
         raise ConfigError("sync.max_connected_clusters", "must be 255 or 511, as in Cilium")
-    for name in ("resync_interval", "drain_grace"):
-        if getattr(sync, name) < 0:
-            raise ConfigError(f"sync.{name}", "must not be negative")
+    # durations are never negative (_coerce); these may not be zero either
     for name in (
+        "stall_timeout",
         "etcd_timeout",
         "watch_timeout",
         "fence_poll_interval",
         "drain_check_interval",
-        "linger",
-        "max_linger",
     ):
-        if getattr(sync, name) < 0 or (
-            name not in ("linger", "max_linger") and getattr(sync, name) == 0
-        ):
+        if getattr(sync, name) == 0:
             raise ConfigError(f"sync.{name}", "must be positive")
     worker: WorkerConfig = _section(WorkerConfig, "worker", data.get("worker", {}), env)
     if worker.pool not in ("prefork", "threads", "solo"):
         raise ConfigError("worker.pool", 'must be "prefork", "threads" or "solo"')
     if worker.concurrency < 1:
         raise ConfigError("worker.concurrency", "must be at least 1")
-    for name in ("gap_wait", "gap_retry_delay", "max_retry_delay"):
-        if getattr(worker, name) < 0:
-            raise ConfigError(f"worker.{name}", "must not be negative")
-    if broker.visibility_timeout <= 0:
+    if broker.visibility_timeout == 0:
         raise ConfigError("broker.visibility_timeout", "must be positive")
     metrics: MetricsConfig = _section(MetricsConfig, "metrics", data.get("metrics", {}), env)
     for name in ("watcher_port", "worker_port"):
