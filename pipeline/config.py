@@ -147,6 +147,13 @@ class SyncConfig:
     )
 
 
+# The most pool slots one `kvmesh worker` runs. Each slot of the prefork pool is a process
+# with its own etcd and Redis connections; a larger pool on one machine only shares the same
+# cores among more processes, and a typo (1000000) would have Celery try to fork that many.
+# More slots are more workers, on this machine or others.
+MAX_CONCURRENCY = 256
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     concurrency: int = 2
@@ -575,8 +582,11 @@ def settings_from_mapping(
     worker: WorkerConfig = _section(WorkerConfig, "worker", data.get("worker", {}), env)
     if worker.pool not in ("prefork", "threads", "solo"):
         raise ConfigError("worker.pool", 'must be "prefork", "threads" or "solo"')
-    if worker.concurrency < 1:
-        raise ConfigError("worker.concurrency", "must be at least 1")
+    if not 1 <= worker.concurrency <= MAX_CONCURRENCY:
+        raise ConfigError(
+            "worker.concurrency",
+            f"must be from 1 to {MAX_CONCURRENCY} (more slots are more workers)",
+        )
     if broker.visibility_timeout == 0:
         raise ConfigError("broker.visibility_timeout", "must be positive")
     metrics: MetricsConfig = _section(MetricsConfig, "metrics", data.get("metrics", {}), env)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.clients.etcd import Etcd
-from pipeline.config import READ, WRITE, Settings, load_settings
+from pipeline.config import MAX_CONCURRENCY, READ, WRITE, Settings, load_settings
 from pipeline.heap import settle_heap
 from pipeline.protocol.errors import ConfigError, KvmeshError, RetryableError
 from pipeline.protocol.layout import RESOURCES
@@ -410,8 +410,10 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         )
     concurrency = settings.worker.concurrency if args.concurrency is None else args.concurrency
     pool = args.pool or settings.worker.pool
-    if concurrency < 1:
-        raise ConfigError("--concurrency", "must be at least 1")
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise ConfigError(
+            "--concurrency", f"must be from 1 to {MAX_CONCURRENCY} (more slots are more workers)"
+        )
     if pool == "solo":
         # the solo pool runs each task in the worker's main process, one at a time: more
         # slots are more workers (replicas). worker.concurrency does not apply to it (its

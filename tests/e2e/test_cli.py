@@ -49,8 +49,12 @@ def test_check_mode_validates_without_connecting(mesh: Mesh) -> None:
     assert res.returncode == 0 and "kvmesh.cluster-a,kvmesh.cluster-b" in res.stdout
     res = mesh.cli("watch", "--check", "--source", "nope")
     assert res.returncode == 2 and "nope" in res.stderr
-    res = mesh.cli("worker", "--check", "--concurrency", "0")
-    assert res.returncode == 2 and "--concurrency" in res.stderr, res.stderr
+    for slots in ("0", "257", "1000000"):
+        res = mesh.cli("worker", "--check", "--concurrency", slots)
+        assert res.returncode == 2 and "--concurrency: must be from 1 to 256" in res.stderr
+        assert "Traceback" not in res.stderr, res.stderr
+    res = mesh.cli("worker", "--check", "--concurrency", "256")
+    assert res.returncode == 0 and "with 256 slots" in res.stdout, res.stdout
     # the solo pool has one slot: worker.concurrency (2 here) does not apply, silently; a
     # --concurrency asked for does not either, and the worker says so (the warning is the
     # feature)
