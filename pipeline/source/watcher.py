@@ -204,7 +204,7 @@ class Watcher:
         # The lease is renewed on a thread of its own, so that one slow etcd call of the main
         # loop (up to sync.etcd_timeout; a partitioned target makes several in a row) does
         # not cost the lease. The main loop beats a heart; a loop that has not beaten for
-        # _stuck_after seconds is hung, and then the lease is left to expire.
+        # _stuck_after seconds is hung, and then the lease is released.
         self._in_term = threading.Event()
         self._lease_lost = threading.Event()
         self._beat = 0.0
@@ -350,6 +350,18 @@ class Watcher:
             if not renewed:
                 self._in_term.clear()
                 self._lease_lost.set()
+            if hung:
+                # a standby takes over now, not once the lease's TTL has run out; the hung
+                # loop steps down when (if) it moves again
+                try:
+                    self.lease.release()
+                except Exception as exc:  # anything: this thread must not end
+                    log.error(
+                        "%s: releasing the lease failed: %s: %s",
+                        self.source.name,
+                        type(exc).__name__,
+                        exc,
+                    )
 
     def _keep_leases(self) -> None:
         """Keep the leases of the cached keys alive (sync.cache_lease_ttl), on a thread of

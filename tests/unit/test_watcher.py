@@ -543,6 +543,40 @@ def test_the_linger_spaces_flushes_only_while_tasks_wait(idle_flush: bool) -> No
         assert rig.cache(target) == rig.expected()
 
 
+class _KeptLease:
+    """A leader lease that renews, and counts its releases."""
+
+    def __init__(self) -> None:
+        self.releases = 0
+
+    def renew(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        self.releases += 1
+
+
+def test_a_hung_loop_releases_the_lease_for_a_standby() -> None:
+    """A main loop that has not beaten its heart for _stuck_after seconds is hung: the lease
+    thread stops renewing and releases the lease at once, so that a standby need not wait
+    for its TTL to run out."""
+    rig = Rig(leader_ttl=1.0)
+    w = rig.watcher
+    lease = _KeptLease()
+    w.lease = lease  # type: ignore[assignment]
+    w._beat = w.clock()
+    w._in_term.set()
+    keeper = threading.Thread(target=w._renew_loop, daemon=True)
+    keeper.start()
+    try:
+        rig.clock.advance(w._stuck_after + 1.0)
+        eventually(w._lease_lost.is_set, timeout=10, interval=0.05, what="the lease let go")
+        assert not w._in_term.is_set() and lease.releases == 1
+    finally:
+        w.stop_event.set()
+        keeper.join(10)
+
+
 class _BrokenLease:
     """A leader lease whose renewal raises what no Redis client would."""
 
