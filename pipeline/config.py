@@ -585,7 +585,8 @@ def settings_from_mapping(
     if not 1 <= worker.concurrency <= MAX_CONCURRENCY:
         raise ConfigError(
             "worker.concurrency",
-            f"must be from 1 to {MAX_CONCURRENCY} (more slots are more workers)",
+            f"must be from 1 to {MAX_CONCURRENCY}, got {worker.concurrency} (more slots are "
+            "more workers)",
         )
     if broker.visibility_timeout == 0:
         raise ConfigError("broker.visibility_timeout", "must be positive")

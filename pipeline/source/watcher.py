@@ -326,7 +326,8 @@ class Watcher:
 
     def _renew_loop(self) -> None:
         """Renew the lease every third of its TTL while a term runs and the main loop is
-        not hung; otherwise tell the main loop to step down."""
+        not hung; otherwise tell the main loop to step down. A hung loop's lease is
+        released first, for a standby to take over at once."""
         while not self.stop_event.wait(self.sync.leader_ttl / 3):
             if not self._in_term.is_set():
                 continue
@@ -337,6 +338,18 @@ class Watcher:
                     self.source.name,
                     self.clock() - self._beat,
                 )
+                # released before the loop is told: a loop that moves again meanwhile steps
+                # down and campaigns only after this, so the release cannot take the lease
+                # of its next term
+                try:
+                    self.lease.release()
+                except Exception as exc:  # anything: this thread must not end
+                    log.error(
+                        "%s: releasing the lease failed: %s: %s",
+                        self.source.name,
+                        type(exc).__name__,
+                        exc,
+                    )
             try:
                 renewed = not hung and self.lease.renew()
             except Exception as exc:  # anything: this thread must not end while a term runs
@@ -350,18 +363,6 @@ class Watcher:
             if not renewed:
                 self._in_term.clear()
                 self._lease_lost.set()
-            if hung:
-                # a standby takes over now, not once the lease's TTL has run out; the hung
-                # loop steps down when (if) it moves again
-                try:
-                    self.lease.release()
-                except Exception as exc:  # anything: this thread must not end
-                    log.error(
-                        "%s: releasing the lease failed: %s: %s",
-                        self.source.name,
-                        type(exc).__name__,
-                        exc,
-                    )
 
     def _keep_leases(self) -> None:
         """Keep the leases of the cached keys alive (sync.cache_lease_ttl), on a thread of

@@ -410,9 +410,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         )
     concurrency = settings.worker.concurrency if args.concurrency is None else args.concurrency
     pool = args.pool or settings.worker.pool
-    if not 1 <= concurrency <= MAX_CONCURRENCY:
+    if concurrency < 1:
         raise ConfigError(
-            "--concurrency", f"must be from 1 to {MAX_CONCURRENCY} (more slots are more workers)"
+            "--concurrency", f"must be from 1 to {MAX_CONCURRENCY}, got {concurrency}"
         )
     if pool == "solo":
         # the solo pool runs each task in the worker's main process, one at a time: more
@@ -427,6 +427,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
                 args.concurrency,
             )
         concurrency = 1
+    elif concurrency > MAX_CONCURRENCY:
+        raise ConfigError(
+            "--concurrency",
+            f"must be from 1 to {MAX_CONCURRENCY}, got {concurrency} (more slots are more workers)",
+        )
     settings.require_signing("kvmesh worker")
     check_metrics_port(settings, "worker_port")
     if args.check:
@@ -545,6 +550,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--prometheus", "no prometheus binary on PATH (apt-get install prometheus)"
         )
+    if args.workers > MAX_CONCURRENCY:
+        raise ConfigError("--workers", f"must be from 1 to {MAX_CONCURRENCY}, got {args.workers}")
     if args.workers < 1 or args.identities < 1 or args.churn < 0 or args.duration < 0:
         raise ConfigError(
             "--workers",

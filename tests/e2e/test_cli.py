@@ -39,6 +39,10 @@ def test_config_errors_name_the_field_and_exit_2(tmp_path: Path) -> None:
     res = run("lab", "--data-dir", str(tmp_path), "--duration", "0")
     assert res.returncode == 2 and "--data-dir: must be empty" in res.stderr
     assert "Traceback" not in res.stderr
+    # as many lab workers as one worker may have slots, said before anything starts
+    res = run("lab", "--workers", "300", "--duration", "0")
+    assert res.returncode == 2 and "--workers: must be from 1 to 256, got 300" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_check_mode_validates_without_connecting(mesh: Mesh) -> None:
@@ -51,7 +55,8 @@ def test_check_mode_validates_without_connecting(mesh: Mesh) -> None:
     assert res.returncode == 2 and "nope" in res.stderr
     for slots in ("0", "257", "1000000"):
         res = mesh.cli("worker", "--check", "--concurrency", slots)
-        assert res.returncode == 2 and "--concurrency: must be from 1 to 256" in res.stderr
+        assert res.returncode == 2, res.stderr
+        assert f"--concurrency: must be from 1 to 256, got {slots}" in res.stderr, res.stderr
         assert "Traceback" not in res.stderr, res.stderr
     res = mesh.cli("worker", "--check", "--concurrency", "256")
     assert res.returncode == 0 and "with 256 slots" in res.stdout, res.stdout

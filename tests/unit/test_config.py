@@ -265,6 +265,8 @@ def test_whole_numbers_and_durations_at_their_limits(tmp_path: Path) -> None:
     s = load_settings(write(tmp_path, text), env={"KVMESH_SYNC_MAX_QUEUE_DEPTH": "70.0"})
     assert (s.sync.shards, s.sync.page_size, s.sync.max_queue_depth) == (8, 1_000_000, 70)
     assert s.sync.resync_interval == 604800
+    text = MINIMAL + "[worker]\nconcurrency = 256\n"
+    assert load_settings(write(tmp_path, text), env={}).worker.concurrency == 256
     for bad in ("7.5", "many", "inf", "1e20", "1" * 5000, str(-(1 << 63) - 1)):
         with pytest.raises(ConfigError) as err:
             load_settings(write(tmp_path, MINIMAL), env={"KVMESH_SYNC_MAX_QUEUE_DEPTH": bad})

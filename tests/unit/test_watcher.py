@@ -548,8 +548,10 @@ class _KeptLease:
 
     def __init__(self) -> None:
         self.releases = 0
+        self.renewals = 0
 
     def renew(self) -> bool:
+        self.renewals += 1
         return True
 
     def release(self) -> None:
@@ -571,7 +573,8 @@ def test_a_hung_loop_releases_the_lease_for_a_standby() -> None:
     try:
         rig.clock.advance(w._stuck_after + 1.0)
         eventually(w._lease_lost.is_set, timeout=10, interval=0.05, what="the lease let go")
-        assert not w._in_term.is_set() and lease.releases == 1
+        # released before the loop was told, and not renewed
+        assert not w._in_term.is_set() and (lease.releases, lease.renewals) == (1, 0)
     finally:
         w.stop_event.set()
         keeper.join(10)
@@ -582,10 +585,14 @@ class _BrokenLease:
 
     def __init__(self) -> None:
         self.renewals = 0
+        self.releases = 0
 
     def renew(self) -> bool:
         self.renewals += 1
         raise RuntimeError("a renewal failed in a way nobody foresaw")
+
+    def release(self) -> None:
+        self.releases += 1
 
 
 def test_a_lease_renewal_that_raises_steps_the_watcher_down_and_the_thread_lives() -> None:
@@ -607,6 +614,7 @@ def test_a_lease_renewal_that_raises_steps_the_watcher_down_and_the_thread_lives
         w._in_term.set()  # a new term: the same thread renews again
         eventually(w._lease_lost.is_set, timeout=10, interval=0.05, what="let go again")
         assert keeper.is_alive() and lease.renewals >= 2
+        assert lease.releases == 0  # not hung: the key stays this watcher's to win back
     finally:
         w.stop_event.set()
         keeper.join(10)
