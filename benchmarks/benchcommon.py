@@ -342,6 +342,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def celery_main_cpu_seconds(sid: int) -> float:
+    """User and system CPU seconds so far of the Celery main processes of session *sid*:
+    those running Celery whose parent does not (a prefork worker's main process, which
+    takes the tasks from Redis and hands them to its pool; with the solo pool, the whole
+    worker)."""
+    procs: dict[int, tuple[int, int, bool]] = {}  # pid: (ppid, ticks, runs celery)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) != sid:
+                continue
+            celery = b"celery" in (stat.parent / "cmdline").read_bytes()
+        except OSError:  # ended meanwhile
+            continue
+        procs[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]), celery)
+    ticks = sum(
+        t for ppid, t, celery in procs.values() if celery and not procs.get(ppid, (0, 0, False))[2]
+    )
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def session_cpu_seconds(sid: int) -> float:
     """User and system CPU seconds so far of the processes of session *sid* that are
     still running (a worker's main process and its pool, while the pool lives)."""

@@ -86,6 +86,7 @@ from benchcommon import (
     add_sync_option,
     applied_ops,
     byte_compile,
+    celery_main_cpu_seconds,
     cpu_seconds,
     discard,
     pair_config,
@@ -378,6 +379,7 @@ def run(
                 cpu_seconds(proxy.pid),
                 cpu_seconds(target.proc.pid),
                 session_cpu_seconds(worker.pid),
+                celery_main_cpu_seconds(worker.pid),
             )
             waited0 = runq_seconds(proxy.pid)
             probe = WakeProbe().start()
@@ -393,6 +395,7 @@ def run(
             cpu_seconds(proxy.pid),
             cpu_seconds(target.proc.pid),
             session_cpu_seconds(worker.pid),
+            celery_main_cpu_seconds(worker.pid),
         )
         after = counts()
         waited1 = runq_seconds(proxy.pid)
@@ -461,6 +464,11 @@ def run(
             # CPU the worker (its main process and its pool) spent on the backlog, per task
             "backlog_worker_cpu_ms_per_task": round(
                 1000 * (parts1[2] - parts0[2]) / max(1, moved.get("tasks_published", 0)), 1
+            ),
+            # of which the Celery main process (or processes): with prefork, what takes the
+            # tasks from Redis and hands them to the pool; with solo, the whole worker
+            "backlog_worker_main_cpu_ms_per_task": round(
+                1000 * (parts1[3] - parts0[3]) / max(1, moved.get("tasks_published", 0)), 1
             ),
             # the same writes as bare transactions of as many processes as slots (function
             # bare): what this machine, link and target allow a pool that did nothing else
@@ -624,6 +632,7 @@ def main() -> int:
                         f"tasks {r['backlog_tasks']} batches {r['backlog_batches']} "
                         f"gap_wait {r['backlog_gap_waits']} "
                         f"worker CPU/task {r['backlog_worker_cpu_ms_per_task']} ms "
+                        f"(main {r['backlog_worker_main_cpu_ms_per_task']}) "
                         "link late p50/p99 {}/{} ms, proxy waited {} ms/s, a wait {} us".format(
                             *r["backlog_link_late_ms"],
                             r["backlog_proxy_runq_ms_per_s"],
