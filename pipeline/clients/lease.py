@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import redis
 
+from pipeline.protocol.errors import show_key
 from pipeline.protocol.names import leader_key
 
 # Renew if we own the key; take it again if it is gone. Otherwise return the other value's
@@ -120,11 +121,15 @@ class RedisLease:
         return self._unreachable
 
     def holder(self) -> str | None:
+        """Who holds the lease, for a log line: escaped, since anyone who can write to Redis
+        can write any bytes there."""
         try:
             raw = self._redis.get(self.key)
         except redis.RedisError:
             return None
-        return raw.decode() if isinstance(raw, bytes) else raw
+        if raw is None:
+            return None
+        return show_key(raw if isinstance(raw, bytes) else str(raw).encode(), 100)
 
 
 class AlwaysLeader:
