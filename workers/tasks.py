@@ -649,6 +649,9 @@ def _resync(conns: _PerProcess, batch: Batch, reason: str) -> None:
 # Celery's commands; those that change what a worker does (shutdown, revoke, rate and time
 # limits, pool size, consumers) would let them stop syncing quietly, so a kvmesh worker only
 # answers the ones that read its state (Flower's views and `celery inspect` keep working).
+# Not `hello` either: it reads, but it also merges the sender's list of revoked task IDs
+# into the worker's (what mingle uses it for, which kvmesh workers run without), and a
+# revoked ID is a task dropped unread, its retries too.
 READ_ONLY_CONTROL = frozenset(
     {
         "active",
@@ -659,7 +662,6 @@ READ_ONLY_CONTROL = frozenset(
         "dump_revoked",
         "dump_schedule",
         "dump_tasks",
-        "hello",
         "ping",
         "query_task",
         "registered",

@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import pytest
 
-from pipeline.protocol.names import leader_key
 from pipeline.source.listing import read_source, read_target
 
 from ..harness import eventually, metric_values
@@ -136,29 +135,6 @@ def test_two_watchers_one_active_standby_takes_over(mesh: FaultMesh) -> None:
     mesh.settle()
     assert generations(mesh) == after, "a generation changed after the takeover"
     assert standby.metric(RESUMES) + standby.metric(RESYNCS) == 2
-
-
-def test_a_leader_key_of_any_bytes_stops_no_watcher(mesh: FaultMesh) -> None:
-    """Anyone who can write to Redis can write a source's leader key. A value that is not
-    UTF-8 text (nor printable) held by nobody is shown escaped to a standby, which waits for
-    it to expire like any other value and then takes over."""
-    mesh.watch.kill()
-    # written over the dead watcher's lease without a TTL: the standby's first look gives it
-    # one (sync.leader_ttl), so it is still there when the standby first reads it
-    mesh.redis_client().set(leader_key(A), b"\xff\x1b[2J\nforged line")
-    standby = mesh.watcher("watch2")
-    mesh.base_watcher = standby
-    eventually(
-        lambda: all(standby.gauge("kvmesh_watcher_active", source_cluster=n) == 1 for n in (A, B)),
-        timeout=60,
-        what="the standby active for both sources",
-    )
-    assert standby.alive()
-    # the value was shown as it is, escaped (the escaping is the feature)
-    out = standby.output()
-    assert "standby; \\xff\\x1b[2J\\x0aforged line is active" in out, out
-    assert "\x1b" not in out
-    mesh.settle()
 
 
 def test_redis_lost_with_a_backlog(mesh: FaultMesh) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from pipeline.clients.celeryapp import create_app
-from pipeline.protocol.names import fence_key, gen_key, resync_key
+from pipeline.protocol.names import fence_key, gen_key, leader_key, resync_key
 from pipeline.tools.cilium_state import (
     cluster_config_value,
     identity_id,
@@ -315,11 +315,34 @@ def test_a_lease_key_written_by_hand_neither_stops_nor_blocks_the_watcher(mesh: 
     mesh.settle()
 
 
+def test_a_leader_key_of_any_bytes_stops_no_watcher(mesh: FaultMesh) -> None:
+    """Anyone who can write to Redis can write a source's leader key. A value that is not
+    UTF-8 text (nor printable) held by nobody is shown escaped to a standby, which waits for
+    it to expire like any other value and then takes over."""
+    mesh.watch.kill()
+    # written over the dead watcher's lease without a TTL: the standby's first look gives it
+    # one (sync.leader_ttl), so it is still there when the standby first reads it
+    mesh.redis_client().set(leader_key(A), b"\xff\x1b[2J\nforged line")
+    standby = mesh.watcher("watch2")
+    mesh.base_watcher = standby
+    eventually(
+        lambda: all(standby.gauge("kvmesh_watcher_active", source_cluster=n) == 1 for n in (A, B)),
+        timeout=60,
+        what="the standby active for both sources",
+    )
+    assert standby.alive()
+    # the value was shown as it is, escaped (the escaping is the feature)
+    out = standby.output()
+    assert "standby; \\xff\\x1b[2J\\x0aforged line is active" in out, out
+    assert "\x1b" not in out
+    mesh.settle()
+
+
 def test_remote_control_cannot_stop_the_worker(mesh: FaultMesh) -> None:
     """Anyone who can write to Redis can send Celery's remote-control commands; a kvmesh
-    worker answers only those that read its state, so `shutdown` and `rate_limit` change
-    nothing. And a Celery worker that dies all the same is started again by `kvmesh
-    worker`: the mesh keeps syncing either way."""
+    worker answers only those that read its state, so `shutdown`, `rate_limit` and `hello`
+    (with a list of task IDs to revoke) change nothing. And a Celery worker that dies all
+    the same is started again by `kvmesh worker`: the mesh keeps syncing either way."""
     worker = mesh.base_worker
     assert worker is not None
     app = create_app(mesh.settings)
@@ -331,7 +354,17 @@ def test_remote_control_cannot_stop_the_worker(mesh: FaultMesh) -> None:
     before = eventually(stats, timeout=60, what="the worker answering")
     app.control.shutdown(destination=[worker.node])
     app.control.rate_limit("kvmesh.apply_batch", "1/h", destination=[worker.node])
+    # `hello` would merge a list of task IDs into the worker's revoked ones (dropped unread)
+    victim = "c0ffee00-0000-4000-8000-000000000000"
+    app.control.broadcast(
+        "hello",
+        arguments={"from_node": "intruder@nowhere", "revoked": [victim]},
+        destination=[worker.node],
+    )
     put_and_wait(mesh, b"after-shutdown")
+    # control messages are handled in the order they came: the hello before this
+    revoked = app.control.inspect(destination=[worker.node], timeout=2).revoked() or {}
+    assert worker.node in revoked and victim not in revoked[worker.node], revoked
     after = eventually(stats, timeout=60, what="the worker answering")
     assert after["pid"] == before["pid"], "the worker obeyed a remote shutdown"
     os.kill(int(after["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
