@@ -7,6 +7,7 @@ Built from settings by factories; nothing is read from the environment here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
@@ -52,6 +53,10 @@ def queue_depth(client: redis.Redis, queue: str) -> int:
     return int(sum(pipe.execute()))
 
 
+# what an outcome counter is called (workers write these names only)
+_OUTCOME = re.compile(rb"[a-z][a-z_]{0,63}")
+
+
 class Broker:
     """kvmesh's own reads and writes in the broker's Redis; every Redis error is a
     RetryableError."""
@@ -77,13 +82,14 @@ class Broker:
         return int(self._do("queue depth", lambda: queue_depth(self.client, queue)))
 
     def stats(self, source: str, target: str) -> dict[str, int]:
-        """The workers' outcome counters of one pair; fields that are not counts (written by
-        someone else) are left out."""
+        """The workers' outcome counters of one pair; fields that are no outcome's name or
+        not counts (written by someone else, who could have put escape sequences or line
+        breaks there for `kvmesh status` to print) are left out."""
         raw = self._do("stats", lambda: self.client.hgetall(stats_key(source, target)))
         return {
-            k.decode("ascii", "replace"): int(v)
+            k.decode(): int(v)
             for k, v in raw.items()
-            if v.isdigit() and len(v) < 19
+            if _OUTCOME.fullmatch(k) and v.isdigit() and len(v) < 19
         }
 
     def add_stats(

@@ -250,6 +250,10 @@ def test_payloads_are_deleted_with_the_counters(servers: Servers) -> None:
         broker.add_stats([("cluster-c", "cluster-b", {"applied": 1})], names[2:])
     assert client.exists(names[2]) == 0
     assert client.hgetall(stats_key("cluster-a", "cluster-b")) == {b"applied": b"3"}
+    # what Broker.stats gives `kvmesh status` to print: outcome names only
+    forged = {b"\x1b]0;x\x07\nfake row": 1, b"Applied": 1, b"gap_wait": b"x", b"\xff": 1}
+    client.hset(stats_key("cluster-a", "cluster-b"), mapping=forged)
+    assert broker.stats("cluster-a", "cluster-b") == {"applied": 3}
     client.close()
 
 
