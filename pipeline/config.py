@@ -37,6 +37,11 @@ from pipeline.protocol.wire import SigningKeys
 # Cilium's own rule for cluster names: lowercase DNS label, at most 32 characters.
 CLUSTER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+# The most bytes of keys and values a batch may hold (sync.max_batch_bytes): about etcd's
+# default request limit (1.5 MiB), and small enough that a task of 64 such batches, in
+# base64 inside JSON, stays under the 128 MiB a worker reads for one task
+# (workers.tasks.MAX_PAYLOAD_BYTES; tests/unit/test_wire.py holds the two together).
+MAX_BATCH_BYTES = 1_500_000
 
 
 @dataclass(frozen=True)
@@ -555,8 +560,11 @@ def settings_from_mapping(
         raise ConfigError("sync.max_batch_ops", f"must be from 1 to {MAX_TXN_OPS - 1}")
     if not 1 <= sync.batches_per_task <= 64:
         raise ConfigError("sync.batches_per_task", "must be from 1 to 64")
-    if sync.max_batch_bytes < 1024:
-        raise ConfigError("sync.max_batch_bytes", "must be at least 1024")
+    if not 1024 <= sync.max_batch_bytes <= MAX_BATCH_BYTES:
+        raise ConfigError(
+            "sync.max_batch_bytes",
+            f"must be from 1024 to {MAX_BATCH_BYTES}, got {sync.max_batch_bytes}",
+        )
     if not 1 <= sync.page_size <= 1_000_000:
         raise ConfigError("sync.page_size", "must be from 1 to 1000000")
     if sync.leader_ttl < 1:

@@ -337,3 +337,28 @@ def test_a_worker_reads_only_keys_named_like_payloads() -> None:
         ["kvmesh:payload:"],
     ):
         assert not is_payload_key(other), other
+
+
+def test_a_task_of_full_batches_fits_what_a_worker_reads() -> None:
+    """sync.max_batch_bytes is bounded so that a task of as many batches as a task holds,
+    each of that many bytes of keys and values (the most a batch may have), is no larger
+    than a worker reads for one task: a source that fills a shard with values at the limit
+    cannot make tasks that every worker refuses."""
+    from pipeline.config import MAX_BATCH_BYTES
+    from pipeline.protocol.wire import MAX_BATCHES_PER_TASK, op_size
+    from workers.tasks import MAX_PAYLOAD_BYTES
+
+    key = b"cilium/cache/identities/v1/cluster-a/id/123456"
+    value = b"v" * (MAX_BATCH_BYTES - op_size(key, b""))
+    assert op_size(key, value) == MAX_BATCH_BYTES
+    full = _batch(
+        ops=(Operation(Op.PUT, key, value),),
+        gen=(1 << 63) - 1,
+        prev=((1 << 63) - 2, 1 << 20),
+        pos=((1 << 63) - 1, 1 << 20),
+        lease=(1 << 63) - 1,
+        event_ms=(1 << 53) - 1,
+    )
+    one = len(encode_task_json([full], SIGNER, gap_since_ms=(1 << 53) - 1))
+    # batches of a task add up (a list of operations two batches share is written once)
+    assert MAX_BATCHES_PER_TASK * one <= MAX_PAYLOAD_BYTES
