@@ -19,8 +19,10 @@ payload without `sig`: JSON with sorted keys, no spaces, ASCII only. Redis and F
 transport, not authority: a worker verifies the signature before anything else, and a task
 that anyone could have written or changed on the way is dropped. A payload read from Redis
 by reference in the watcher's own spelling (the canonical bytes with `sig` appended as the
-last member, Signer.signed_json) is verified over its bytes as they came; any other text is
-parsed first and verified over its canonical bytes. Replaying a genuine task is
+last member, Signer.signed_json, the only spelling watchers write there) is verified over
+its bytes as they came, before it is parsed; any other text there is refused unparsed (a
+Redis writer could otherwise make every worker parse up to 128 MiB of JSON, at many times
+that in memory, for nothing). Replaying a genuine task is
 harmless: the fence makes it a duplicate or obsolete.
 
 Several batches travel in one task because Celery's per-task cost, not etcd, bounds a
@@ -228,6 +230,21 @@ class Signer:
         mac.update(b"}")
         return hmac.compare_digest(mac.hexdigest().encode(), m[2])
 
+    def check_text(self, text: bytes) -> None:
+        """Raise UnsignedTaskError, UnknownKeyError or BadSignatureError unless
+        verify_text(text), without parsing *text*: for a payload read by reference, which
+        only watchers write, in the one spelling verify_text takes."""
+        if self.verify_text(text):
+            return
+        m = _SIG_TAIL.fullmatch(text, max(0, len(text) - _SIG_TAIL_LEN))
+        if m is None or not text.startswith(b"{"):
+            if b'"sig"' not in text:
+                raise UnsignedTaskError("the task carries no signature")
+            raise BadSignatureError("its payload is not in the spelling watchers sign")
+        if m[1].decode() not in self._by_id:
+            raise UnknownKeyError(f"signed with key {m[1].decode()!r}, which is not ours")
+        raise BadSignatureError("the signature does not match the content")
+
     def verify(self, payload: dict[str, Any]) -> None:
         """Raise UnsignedTaskError, UnknownKeyError or BadSignatureError unless the payload
         carries a valid signature."""
@@ -339,16 +356,17 @@ def decode_task(payload: Any, signer: Signer | None) -> Task:
 
 
 def decode_task_text(text: bytes, signer: Signer | None) -> Task:
-    """decode_task for a payload still in JSON text (one read from Redis by reference). A
-    text as the watcher writes it is verified as it is (Signer.verify_text), before it is
-    parsed, and not written out again to be verified; any other text is parsed and then
-    verified as decode_task does."""
-    verified = signer is not None and signer.verify_text(text)
+    """decode_task for a payload still in JSON text (one read from Redis by reference). It
+    must be the text as the watcher writes it, verified as it is (Signer.check_text)
+    before it is parsed; any other text is refused unparsed. Without a signer (the
+    insecure unsigned mode) it is parsed as it comes."""
+    if signer is not None:
+        signer.check_text(text)
     try:
         payload = json.loads(text)
     except (ValueError, RecursionError):
         raise MalformedBatchError("its payload is not JSON") from None
-    return decode_task(payload, None if verified else signer)
+    return decode_task(payload, None)
 
 
 def _decode(payload: dict[str, Any]) -> Task:

@@ -109,12 +109,12 @@ def test_a_payload_redis_would_not_hand_over_stays_for_the_retry(task: Any) -> N
 
 
 def test_a_refused_payload_is_deleted_with_its_count(task: Any) -> None:
-    """A payload that is not JSON is refused: its count and its delete go to Redis
-    together, once."""
+    """A payload that is not the watcher's signed text (here not even JSON) is refused:
+    its count and its delete go to Redis together, once."""
     broker = FakeBroker({REF: b"\xffnot json"})
     use(task, broker)
-    assert task({"ref": REF}) == "malformed"
-    assert broker.calls == [([("-", "-", {"malformed": 1})], [REF])]
+    assert task({"ref": REF}) == "unsigned"
+    assert broker.calls == [([("-", "-", {"unsigned": 1})], [REF])]
 
 
 def test_a_task_retried_for_its_target_deletes_its_payload_and_counts_once(task: Any) -> None:
