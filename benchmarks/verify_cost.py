@@ -1,7 +1,7 @@
 """What verifying and decoding one task costs a worker's pool process, for a payload read
 from Redis by reference: its text verified as it came (decode_task_text, what a worker does)
 against the text parsed first and verified over its canonical bytes written out again (the
-way any other spelling is verified, and the only way before).
+way a payload carried in the message itself is verified, and the only way before).
 
     python benchmarks/verify_cost.py [--ops-per-batch 127] [--batches 4] [--rounds 7]
 

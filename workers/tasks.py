@@ -55,8 +55,9 @@ from .applier import MAX_GROUP_BYTES, MAX_GROUP_OPS, apply_batch, apply_group
 log = logging.getLogger("kvmesh.worker")
 
 # The largest payload a worker reads for a task published by reference. A task is at most
-# MAX_BATCHES_PER_TASK (64) batches of up to sync.max_batch_bytes (1 MB by default) each,
-# base64 in JSON: about 90 MB at the very most, a few hundred KB in practice.
+# MAX_BATCHES_PER_TASK (64) batches of up to sync.max_batch_bytes (1 MB by default, at most
+# pipeline.config.MAX_BATCH_BYTES) each, base64 in JSON: about 128 MB at the very most, a
+# few hundred KB in practice.
 MAX_PAYLOAD_BYTES = 128 << 20
 # Seconds a routine outcome waits before it goes to the Redis counters (see flush): one
 # round trip per task was about 12% of a worker's CPU at 200 tasks/s (docs/performance.md).

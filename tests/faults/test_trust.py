@@ -362,9 +362,14 @@ def test_remote_control_cannot_stop_the_worker(mesh: FaultMesh) -> None:
         destination=[worker.node],
     )
     put_and_wait(mesh, b"after-shutdown")
+
     # control messages are handled in the order they came: the hello before this
-    revoked = app.control.inspect(destination=[worker.node], timeout=2).revoked() or {}
-    assert worker.node in revoked and victim not in revoked[worker.node], revoked
+    def revoked() -> tuple[list[str]] | None:
+        reply = app.control.inspect(destination=[worker.node], timeout=2).revoked() or {}
+        return (reply[worker.node],) if worker.node in reply else None  # [] is an answer
+
+    (ids,) = eventually(revoked, timeout=60, what="the worker's revoked IDs")
+    assert victim not in ids, ids
     after = eventually(stats, timeout=60, what="the worker answering")
     assert after["pid"] == before["pid"], "the worker obeyed a remote shutdown"
     os.kill(int(after["pid"]), signal.SIGKILL)  # type: ignore[call-overload]

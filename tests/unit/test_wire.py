@@ -250,7 +250,7 @@ def test_a_payload_text_is_not_parsed_to_be_verified(monkeypatch: pytest.MonkeyP
     """The text the watcher writes is verified by verify_text alone, whichever key of a
     rotation signed it: the long way (verify, which writes the parsed payload out again) is
     not taken for it. Text that verify_text does not take is not parsed at all: a Redis
-    writer's 128 MiB of JSON costs a worker a scan, not a parse."""
+    writer's 128 MiB of JSON costs a worker its read and at most one HMAC, no parse."""
     old, new = b"o" * 64, b"n" * 64
     rotating = Signer(SigningKeys((new, old)))
     called: list[object] = []
