@@ -563,7 +563,20 @@ class Watcher:
         before = self.readiness
         if before is None or source_caps(cfg) == before.caps:
             return
-        self._read_readiness(None)
+        try:
+            self._read_readiness(None)
+        except RetryableError as exc:
+            # a source slow or gone while its config changes must not end the watcher (and
+            # with it every other source's): what changed is read again by the resync owed
+            if exc.cluster == self.source.name:
+                self._source_failed()
+            log.warning(
+                "%s: reading what its new cluster config advertises failed: %s; resyncing",
+                self.source.name,
+                exc,
+            )
+            for t in self.targets:
+                t.owe(Cause.SOURCE_CONFIG)
 
     # -- what the source advertises ----------------------------------------------------------
 

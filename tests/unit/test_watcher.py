@@ -324,6 +324,26 @@ def test_bad_input_is_counted_and_the_rest_syncs() -> None:
     assert rig.cache("b") == rig.expected()
 
 
+def test_a_config_change_read_while_the_source_fails_costs_a_resync_not_the_watcher() -> None:
+    """A cluster config that changes what is synced makes the watcher read what the source
+    advertises; if the source fails right then, the watcher goes on (an error there ended
+    it, and every other source's watcher with it) and owes every target a resync, which
+    reads it again once the source answers."""
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    rig.source.put(CONFIG, b'{"id":1,"capabilities":{"serviceExportsEnabled":true}}')
+    rig.mesh.pump()  # the change reaches the feed
+    rig.source.space.down = True
+    rig.watcher.step(max_wait=0)  # ingests it: the read of the source fails
+    assert all(t.need_resync is Cause.SOURCE_CONFIG for t in rig.watcher.targets)
+    rig.source.space.down = False
+    rig.settle()
+    assert all(rig.resyncs(t, "source_config") == 1 for t in rig.targets)
+    assert rig.cache("b") == rig.expected()
+
+
 def test_a_broker_outage_pauses_publishing_and_loses_nothing() -> None:
     rig = Rig()
     fill(rig, nodes=3, identities=3)
