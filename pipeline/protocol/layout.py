@@ -12,11 +12,12 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from pipeline.protocol.errors import LayoutError
+from pipeline.protocol.errors import LayoutError, show_key
 
 
 class Op(StrEnum):
@@ -246,6 +247,9 @@ def parse_cluster_config(
     caps = cfg.get("capabilities")
     if caps is not None and not isinstance(caps, dict):
         raise LayoutError(key, "cluster config capabilities is not a JSON object")
+    _one_spelling(key, cfg, _CONFIG_FIELDS, "")
+    if caps is not None:
+        _one_spelling(key, caps, [name for name, _ in _CAPABILITY_FIELDS], "capabilities.")
     advertised = max_connected_clusters(cfg)
     if advertised != max_connected:
         raise LayoutError(
@@ -253,6 +257,22 @@ def parse_cluster_config(
             f"cluster config says maxConnectedClusters {advertised}, the mesh {max_connected}",
         )
     return cfg
+
+
+def _one_spelling(key: bytes, obj: dict[str, Any], known: Sequence[str], where: str) -> None:
+    """Refuse a field spelled like a known one but for case ("ID", "Cached"): Cilium's
+    agents (Go's encoding/json) read field names regardless of case, the last one winning,
+    so `{"id":1,"ID":7}` would pass the check of the ID above and reach them as 7, and a
+    "Cached": false after the cached mark kvmesh writes would undo it."""
+    folded = {name.casefold(): name for name in known}
+    for name in obj:
+        same = folded.get(name.casefold())
+        if same is not None and name != same:
+            raise LayoutError(
+                key,
+                f"cluster config field {where}{show_key(name.encode(), 64)} is "
+                f"{where}{same} but for case, which Cilium would read as that",
+            )
 
 
 def max_connected_clusters(cfg: dict[str, Any]) -> int:

@@ -184,6 +184,12 @@ def test_cluster_config_with_a_mistyped_capability_is_rejected() -> None:
         (b'{"id": 1e0}', "not the configured 1"),
         (b'{"id": 1, "x": 1e999}', "finite"),
         (b'{"id": 1, "capabilities": {"maxConnectedClusters": 511}}', "maxConnectedClusters"),
+        # Go reads field names regardless of case (and folds \u017f and \u212a as s and k)
+        (b'{"id": 1, "ID": 7}', "field ID is id but for case"),
+        (b'{"id": 1, "Capabilities": {}}', "field Capabilities is capabilities"),
+        (b'{"id": 1, "capabilities": {"Cached": false}}', "capabilities.Cached is"),
+        (b'{"id": 1, "capabilities": {"MAXCONNECTEDCLUSTERS": 511}}', "capabilities.MAX"),
+        (b'{"id": 1, "capabilities": {"\xc5\xbfyncedCanaries": false}}', "but for case"),
     ],
 )
 def test_hostile_cluster_config_is_rejected(value: bytes, reason: str) -> None:
