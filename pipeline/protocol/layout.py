@@ -384,7 +384,3 @@ def source_canary_key(source: str, resource: Resource) -> bytes:
     """`cilium/synced/<c>/cilium/state/<resource>/v1`: the source wrote all of a resource."""
     assert resource.canary is not None
     return f"cilium/synced/{source}/cilium/state/{resource.canary}/v1".encode()
-
-
-def source_canary_prefix(source: str) -> bytes:
-    return f"cilium/synced/{source}/cilium/state/".encode()

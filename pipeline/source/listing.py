@@ -15,7 +15,7 @@ from pipeline.protocol.layout import (
     Resource,
     SourceCaps,
     parse_cluster_config,
-    source_canary_prefix,
+    source_canary_key,
     source_caps,
 )
 from pipeline.protocol.snapshot import convert
@@ -73,14 +73,14 @@ def read_readiness(etcd: EtcdClient, layout: Layout, revision: int | None = None
             )
         except BadInputError:
             cfg = None
-    _, marks = etcd.scan(source_canary_prefix(layout.source), rev)
-    names = {r.canary: r.name for r in RESOURCES if r.canary is not None}
-    prefix = source_canary_prefix(layout.source)
+    # each canary key on its own: a scan of their prefix would read whatever else the source
+    # put under it, values and all, on every tick while a canary is awaited
     found = set()
-    for kv in marks:
-        canary, _, version = kv.key[len(prefix) :].partition(b"/")
-        if version == b"v1" and canary.decode("ascii", "replace") in names:
-            found.add(names[canary.decode("ascii")])
+    for res in RESOURCES:
+        if res.canary is not None:
+            _, marks = etcd.scan(source_canary_key(layout.source, res), rev, exact=True)
+            if next(marks, None) is not None:
+                found.add(res.name)
     return Readiness(source_caps(cfg), cfg is not None, frozenset(found), config_rev)
 
 

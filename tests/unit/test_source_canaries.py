@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import pytest
 
 from pipeline.protocol.errors import RetryableError
 from pipeline.protocol.layout import RESOURCES, source_canary_key
 from pipeline.protocol.names import progress_key
+from pipeline.source.listing import read_readiness
 from pipeline.source.planner import Cause
 from tests.rig import Rig
 
@@ -429,3 +431,25 @@ def test_terms_that_see_no_change_pass_on_what_the_first_one_saw() -> None:
     assert [rig.resyncs(t, Cause.SOURCE_REPLACED.value) for t in rig.targets] == [1, 1]
     for t in rig.targets:
         assert rig.cache(t) == before[t]
+
+
+def test_the_canaries_are_read_key_by_key() -> None:
+    """While a canary is awaited the source's canaries are read on every tick: each known
+    canary key on its own, so that whatever else the source writes under their prefix
+    (values of any size) is never read."""
+    rig = Rig()
+    fill(rig, range(1), range(1), syncedCanaries=True)
+    write_canaries(rig, "nodes")
+    rig.source.put(b"cilium/synced/a/cilium/state/junk/v1", b"x" * 100_000)
+    rig.source.put(canary("nodes") + b"/more", b"y" * 100_000)
+    read: list[bytes] = []
+    source = rig.source
+
+    class Recording:
+        def scan(self, prefix: bytes, revision: int | None = None, **kw: Any) -> Any:
+            rev, kvs = source.scan(prefix, revision, **kw)
+            return rev, iter([kv for kv in kvs if not read.append(kv.key)])
+
+    ready = read_readiness(Recording(), rig.watcher.layout)  # type: ignore[arg-type]
+    assert ready.canaries == {"nodes"} and ready.config
+    assert sorted(read) == sorted([CONFIG, canary("nodes")])
