@@ -198,6 +198,11 @@ class Layout:
 
 
 MAX_CLUSTER_CONFIG = 64 * 1024  # bytes; Cilium's is about 100
+# A cached copy is written with every character that is not ASCII escaped (\uXXXX, up to
+# six bytes for one), so the copy of a config within the limit may be up to six times as
+# long: read back with this limit, it is still the config it was (a copy refused for its
+# size would leave a watcher that starts on an empty source believing there never was one)
+MAX_CACHED_CLUSTER_CONFIG = 6 * MAX_CLUSTER_CONFIG
 _MAX_DIGITS = 20  # any number in a cluster config fits a uint64
 
 
@@ -219,14 +224,18 @@ def _bounded_int(text: str) -> int:
 
 
 def parse_cluster_config(
-    key: bytes, value: bytes, cluster_id: int, max_connected: int = 255
+    key: bytes,
+    value: bytes,
+    cluster_id: int,
+    max_connected: int = 255,
+    limit: int = MAX_CLUSTER_CONFIG,
 ) -> dict[str, Any]:
     """A source's cluster config, parsed as untrusted input: a JSON object of bounded size,
     with no NaN or Infinity, no number longer than a uint64, nesting Python can parse, an
     `id` equal to the configured cluster ID, and the mesh's maxConnectedClusters (Cilium's
     agents refuse a remote cluster that disagrees). Raises LayoutError with the reason."""
-    if len(value) > MAX_CLUSTER_CONFIG:
-        raise LayoutError(key, f"cluster config of {len(value)} bytes (limit {MAX_CLUSTER_CONFIG})")
+    if len(value) > limit:
+        raise LayoutError(key, f"cluster config of {len(value)} bytes (limit {limit})")
     try:
         cfg = json.loads(
             value,

@@ -32,6 +32,7 @@ from pipeline.protocol.batching import Change, ShardBuffer, make_batches
 from pipeline.protocol.errors import BadInputError, LeaseGoneError, PublishError, RetryableError
 from pipeline.protocol.fence import FenceRecord, GenRecord, Position
 from pipeline.protocol.layout import (
+    MAX_CACHED_CLUSTER_CONFIG,
     RESOURCE_BY_NAME,
     RESOURCES,
     Op,
@@ -641,7 +642,11 @@ class Watcher:
                 if kv is None:
                     continue
                 cfg = parse_cluster_config(
-                    kv.key, kv.value, self.layout.cluster_id, self.layout.max_connected_clusters
+                    kv.key,
+                    kv.value,
+                    self.layout.cluster_id,
+                    self.layout.max_connected_clusters,
+                    MAX_CACHED_CLUSTER_CONFIG,
                 )
             except RetryableError as exc:
                 unread = exc

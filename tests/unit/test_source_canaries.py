@@ -453,3 +453,32 @@ def test_the_canaries_are_read_key_by_key() -> None:
     ready = read_readiness(Recording(), rig.watcher.layout)  # type: ignore[arg-type]
     assert ready.canaries == {"nodes"} and ready.config
     assert sorted(read) == sorted([CONFIG, canary("nodes")])
+
+
+def test_a_large_config_of_other_scripts_still_guards_a_restart() -> None:
+    """The cached copy of a cluster config escapes every character that is not ASCII, and
+    may grow past the limit a source's own config is held to: read back, it is still the
+    config the source had, so a source back empty is still waited for."""
+    rig = Rig()
+    big = json.dumps(
+        {"id": 1, "capabilities": {"syncedCanaries": True}, "note": "é" * 30_000},
+        ensure_ascii=False,
+    ).encode()
+    assert len(big) < 64 * 1024
+    rig.source.put(CONFIG, big)
+    fill_nodes = [NODE + f"node-{i}".encode() for i in range(5)]
+    for key in fill_nodes:
+        rig.source.put(key, b"{}")
+    write_canaries(rig)
+    rig.start()
+    rig.settle()
+    copy = rig.mesh["b"].get(CONFIG)
+    assert copy is not None and len(copy.value) > 64 * 1024  # escaped: about three times
+    before = {t: rig.cache(t) for t in rig.targets}
+    rig.watcher.stop()
+    back_empty(rig, rig.source.revision())  # no config, no canaries, no nodes
+    rig.watcher = rig.new_watcher()
+    rig.start()
+    rig.settle()
+    for t in rig.targets:
+        assert rig.cache(t) == before[t]  # nothing deleted while the source rebuilds
