@@ -265,6 +265,8 @@ class EtcdClient(Protocol):
 
     def keys(self, prefix: bytes, page: int = 2000) -> list[bytes]: ...
 
+    def exists(self, key: bytes, revision: int | None = None) -> bool: ...
+
     def txn(
         self, compares: Sequence[Compare], ops: Sequence[TxnOp], failure: Sequence[Get] = ()
     ) -> TxnResult: ...
@@ -578,6 +580,19 @@ class Etcd:
             if not resp.more or not resp.kvs:
                 return out
             start = resp.kvs[-1].key + b"\0"
+
+    def exists(self, key: bytes, revision: int | None = None) -> bool:
+        """Whether *key* exists (at *revision*; None: now), asked without its value: a
+        count, whatever the value's size."""
+        kwargs: dict[str, Any] = {"count_only": True}
+        if revision:
+            kwargs["revision"] = revision
+
+        def call() -> Any:
+            return self._client.get_range_response(key, None, **kwargs)
+
+        resp = self._call("range", call)
+        return int(resp.count) > 0
 
     def put(self, key: bytes, value: bytes) -> None:
         self.txn([], [Put(key, value)])

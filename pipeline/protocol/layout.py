@@ -198,11 +198,13 @@ class Layout:
 
 
 MAX_CLUSTER_CONFIG = 64 * 1024  # bytes; Cilium's is about 100
-# A cached copy is written with every character that is not ASCII escaped (\uXXXX, up to
-# six bytes for one), so the copy of a config within the limit may be up to six times as
-# long: read back with this limit, it is still the config it was (a copy refused for its
-# size would leave a watcher that starts on an empty source believing there never was one)
-MAX_CACHED_CLUSTER_CONFIG = 6 * MAX_CLUSTER_CONFIG
+# A cached copy is written with every character outside printable ASCII escaped (\uXXXX:
+# six bytes for a byte of DEL, or for two of a Latin letter), and with the two capabilities
+# kvmesh adds, so the copy of a config within the limit may be up to six times as long and
+# a little more: read back with this limit, it is still the config it was (a copy refused
+# for its size would leave a watcher that starts on an empty source believing there never
+# was one)
+MAX_CACHED_CLUSTER_CONFIG = 6 * MAX_CLUSTER_CONFIG + 1024
 _MAX_DIGITS = 20  # any number in a cluster config fits a uint64
 
 

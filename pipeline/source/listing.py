@@ -73,14 +73,14 @@ def read_readiness(etcd: EtcdClient, layout: Layout, revision: int | None = None
             )
         except BadInputError:
             cfg = None
-    # each canary key on its own: a scan of their prefix would read whatever else the source
-    # put under it, values and all, on every tick while a canary is awaited
-    found = set()
-    for res in RESOURCES:
-        if res.canary is not None:
-            _, marks = etcd.scan(source_canary_key(layout.source, res), rev, exact=True)
-            if next(marks, None) is not None:
-                found.add(res.name)
+    # each canary key on its own, and only whether it exists: a scan of their prefix would
+    # read whatever else the source put under it, and a read of a canary its value, on every
+    # tick while a canary is awaited (a value may be as large as the source's etcd takes)
+    found = {
+        res.name
+        for res in RESOURCES
+        if res.canary is not None and etcd.exists(source_canary_key(layout.source, res), rev)
+    }
     return Readiness(source_caps(cfg), cfg is not None, frozenset(found), config_rev)
 
 

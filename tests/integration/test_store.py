@@ -30,6 +30,17 @@ QUOTA = 1 << 20  # bytes of backend the out-of-space target may hold
 FILLER = b"f" * 60_000
 
 
+def test_exists_asks_for_a_count_now_or_at_a_revision(servers: Servers) -> None:
+    """Etcd.exists: whether a key is there, now or at a past revision, without its value."""
+    etcd = Etcd(servers.etcd().cluster("b", 2), timeout=5)
+    etcd.put(KEY, FILLER)
+    rev = etcd.revision()
+    assert etcd.exists(KEY) and etcd.exists(KEY, rev)
+    assert not etcd.exists(KEY + b"/more") and not etcd.exists(KEY[:-1])
+    etcd.delete(KEY)
+    assert not etcd.exists(KEY) and etcd.exists(KEY, rev)
+
+
 def test_a_guessed_fence_is_compared_by_value_and_a_miss_reads_the_fences_back(
     servers: Servers,
 ) -> None:

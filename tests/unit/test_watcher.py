@@ -331,8 +331,11 @@ def test_a_config_change_read_while_the_source_fails_costs_a_resync_not_the_watc
     reads it again once the source answers."""
     rig = Rig()
     fill(rig, nodes=3, identities=3)
+    export = b"cilium/state/serviceexports/v1/a/default/web"
+    rig.source.put(export, b"{}")  # synced once the config enables service exports
     rig.start()
     rig.settle()
+    assert b"cilium/cache/serviceexports/v1/a/default/web" not in rig.cache("b")
     rig.source.put(CONFIG, b'{"id":1,"capabilities":{"serviceExportsEnabled":true}}')
     rig.mesh.pump()  # the change reaches the feed
     rig.source.space.down = True
@@ -342,6 +345,7 @@ def test_a_config_change_read_while_the_source_fails_costs_a_resync_not_the_watc
     rig.settle()
     assert all(rig.resyncs(t, "source_config") == 1 for t in rig.targets)
     assert rig.cache("b") == rig.expected()
+    assert b"cilium/cache/serviceexports/v1/a/default/web" in rig.cache("b")
 
 
 def test_a_broker_outage_pauses_publishing_and_loses_nothing() -> None:
