@@ -76,6 +76,12 @@ class _NoTargetReachable(RetryableError):
 _FLUSH_AT = 8192  # pending changes that force a flush before the linger ends
 _PROGRESS_HEARTBEAT = 30.0  # seconds between progress writes when nothing synced changed
 _TAKE = 512  # feed items taken per pass of the loop, at most
+# Changes a target's outbox may coalesce while publishing is paused. Past it the outbox is
+# dropped and the target resynced (once the queue has room): the outbox keeps a delete for
+# every key touched, so a source that creates and deletes keys faster than the workers keep
+# up would otherwise grow it (and the burst it becomes on resuming) without bound, where a
+# snapshot holds only the keys that exist.
+MAX_OUTBOX_CHANGES = 200_000
 _MAX_MARKS = 256  # flush marks kept per target while their batches are in flight
 # The linger stays sync.linger while at most _KEEPING_UP tasks wait in the source queue (a
 # pool's slots take the next ones at once), and grows by _PER_TASK for each task beyond,
@@ -712,6 +718,7 @@ class Watcher:
         now = self.clock()
         if now < self._publish_after or self._queue_full(now):
             self._flush_deadline = max(self._publish_after, now + 0.5)
+            self._bound_paused(pending)
             return
         # One publish for every target: a task carries batches for several targets, so a
         # flush costs tasks in proportion to what changed, not to the number of targets.
@@ -737,6 +744,7 @@ class Watcher:
         except PublishError as exc:
             self._pause_publishing("broker_error", f"publishing failed: {exc}")
             self._flush_deadline = self._publish_after
+            self._bound_paused(pending)
             return
         self._publish_backoff = 0.0
 
@@ -809,6 +817,25 @@ class Watcher:
             self._pause_publishing("queue_full", f"its queue holds {depth} tasks")
             return True
         return False
+
+    def _bound_paused(self, targets: list[Target]) -> None:
+        """While publishing is paused, a target holding more than MAX_OUTBOX_CHANGES changes
+        (in its outbox, and in batches cut but not published) drops them and is resynced
+        instead, once the queue has room."""
+        for t in targets:
+            held = len(t.outbox) + sum(len(b.ops) for b in t.unsent)
+            if held > MAX_OUTBOX_CHANGES and not t.need_resync:
+                log.warning(
+                    "%s→%s: %d changes held while publishing is paused (over %d); resyncing "
+                    "instead",
+                    self.source.name,
+                    t.name,
+                    held,
+                    MAX_OUTBOX_CHANGES,
+                )
+                t.outbox.drain()
+                t.unsent = []
+                t.owe(Cause.OUTBOX_FULL, f"{held} changes held while publishing was paused")
 
     def _pause_publishing(self, reason: str, why: str) -> None:
         self._publish_backoff = min(max(0.5, self._publish_backoff * 2), 10.0)

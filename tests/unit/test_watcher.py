@@ -15,6 +15,7 @@ from pipeline.protocol.fence import Decision, GenRecord
 from pipeline.protocol.layout import RESOURCE_BY_NAME
 from pipeline.protocol.names import draining_key, gen_key, progress_key
 from pipeline.protocol.wire import Batch
+from pipeline.source import watcher as watcher_module
 from pipeline.source.drain import drain_removed
 from pipeline.source.feed import SourceFeed
 from pipeline.source.planner import Cause
@@ -368,6 +369,38 @@ def test_a_broker_outage_pauses_publishing_and_loses_nothing() -> None:
     for target in rig.targets:
         assert rig.cache(target) == rig.expected()
         assert rig.resyncs(target) == 1  # the first sync's only: nothing was lost
+
+
+def test_an_outbox_past_its_bound_while_paused_becomes_a_resync(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While publishing is paused each target's outbox coalesces what comes, one change per
+    key touched, deletes of keys created meanwhile included: past MAX_OUTBOX_CHANGES it is
+    dropped and the target resynced once the broker takes tasks again, from a snapshot of
+    the keys that exist. The caches end exact."""
+    monkeypatch.setattr(watcher_module, "MAX_OUTBOX_CHANGES", 20)
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    rig.queue.failing = True
+    for i in range(40):  # created and deleted again: 40 deletes to coalesce
+        rig.source.put(NODE + b"passing-%d" % i, b"{}")
+        rig.source.delete(NODE + b"passing-%d" % i)
+        rig.step()
+        rig.clock.advance(0.2)
+        for t in rig.watcher.targets:  # in the outbox, and cut but not published
+            assert len(t.outbox) + sum(len(b.ops) for b in t.unsent) <= 21
+    paused = rig.metric(
+        "kvmesh_watcher_publish_paused_total", source_cluster="a", reason="broker_error"
+    )
+    assert paused >= 1
+    rig.queue.failing = False
+    rig.clock.advance(20.0)
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
+        assert rig.resyncs(target, "outbox_full") == 1
 
 
 @pytest.mark.parametrize("restart", [False, True])
