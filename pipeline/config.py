@@ -138,6 +138,9 @@ class SyncConfig:
     drain_grace: float = 30.0  # seconds between a removed source's config and the rest going
     drain_check_interval: float = 10.0  # how often watchers look for sources to drain
     max_queue_depth: int = 50_000  # above this many queued tasks a watcher stops publishing
+    # changes a target may hold while publishing is paused before they are dropped for a
+    # resync (docs/architecture.md, "Publishing without loss when the broker is full")
+    max_held_changes: int = 500_000
     # Cilium's --max-connected-clusters of the whole mesh: 255, or 511 (cluster IDs then take
     # 9 bits of an identity, shifted by 15 instead of 16)
     max_connected_clusters: int = 255
@@ -571,6 +574,8 @@ def settings_from_mapping(
         raise ConfigError("sync.leader_ttl", "must be at least 1 second")
     if sync.max_queue_depth < 1:
         raise ConfigError("sync.max_queue_depth", "must be at least 1")
+    if sync.max_held_changes < 1:
+        raise ConfigError("sync.max_held_changes", "must be at least 1")
     if sync.cache_lease_ttl and not 60 <= sync.cache_lease_ttl <= 86_400:
         raise ConfigError(
             "sync.cache_lease_ttl", "must be 0 (no lease) or from 60 to 86400 seconds"

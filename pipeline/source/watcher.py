@@ -76,12 +76,6 @@ class _NoTargetReachable(RetryableError):
 _FLUSH_AT = 8192  # pending changes that force a flush before the linger ends
 _PROGRESS_HEARTBEAT = 30.0  # seconds between progress writes when nothing synced changed
 _TAKE = 512  # feed items taken per pass of the loop, at most
-# Changes a target's outbox may coalesce while publishing is paused. Past it the outbox is
-# dropped and the target resynced (once the queue has room): the outbox keeps a delete for
-# every key touched, so a source that creates and deletes keys faster than the workers keep
-# up would otherwise grow it (and the burst it becomes on resuming) without bound, where a
-# snapshot holds only the keys that exist.
-MAX_OUTBOX_CHANGES = 200_000
 _MAX_MARKS = 256  # flush marks kept per target while their batches are in flight
 # The linger stays sync.linger while at most _KEEPING_UP tasks wait in the source queue (a
 # pool's slots take the next ones at once), and grows by _PER_TASK for each task beyond,
@@ -115,7 +109,8 @@ class Target:
     progress_rev: int = 0
     progress_at: float = 0.0  # when the progress record was last written
     # changes owed to this target and not cut into batches yet (its queue is full, or the
-    # broker failing); coalesced per key, so bounded by the keyspace, never by time
+    # broker failing); coalesced per key, which keeps a delete for every key touched: bounded
+    # by sync.max_held_changes while publishing is paused (Watcher._bound_paused)
     outbox: ShardBuffer = field(default_factory=ShardBuffer)
     # batches cut and chained but not known to be published: sent again as they are, so a
     # publish that did land after all is only a duplicate
@@ -698,7 +693,8 @@ class Watcher:
         publish them, unless the broker is full or failing: then publishing pauses, with a
         growing delay, the outboxes keep coalescing what comes meanwhile, and batches already
         cut wait in `unsent` to go out as they are. Nothing is dropped, and no resync is
-        started for it."""
+        started for it, unless a target holds more than sync.max_held_changes meanwhile
+        (_bound_paused)."""
         self._flush_deadline = None
         since = self.buffer.since  # when each shard's oldest change came (drain resets it)
         drained = self.buffer.drain()
@@ -819,19 +815,23 @@ class Watcher:
         return False
 
     def _bound_paused(self, targets: list[Target]) -> None:
-        """While publishing is paused, a target holding more than MAX_OUTBOX_CHANGES changes
-        (in its outbox, and in batches cut but not published) drops them and is resynced
-        instead, once the queue has room."""
+        """While publishing is paused, a target holding more than sync.max_held_changes
+        changes (in its outbox, and in batches cut but not published) drops them and is
+        resynced instead: the outbox keeps a delete for every key touched, so a source that
+        creates and deletes keys faster than the workers keep up would grow it (and the
+        burst it becomes on resuming) without bound, where a snapshot holds only the keys
+        that exist."""
+        limit = self.sync.max_held_changes
         for t in targets:
             held = len(t.outbox) + sum(len(b.ops) for b in t.unsent)
-            if held > MAX_OUTBOX_CHANGES and not t.need_resync:
+            if held > limit and not t.need_resync:
                 log.warning(
                     "%s→%s: %d changes held while publishing is paused (over %d); resyncing "
                     "instead",
                     self.source.name,
                     t.name,
                     held,
-                    MAX_OUTBOX_CHANGES,
+                    limit,
                 )
                 t.outbox.drain()
                 t.unsent = []

@@ -206,6 +206,7 @@ def test_environment_for_an_unknown_cluster_is_an_error(tmp_path: Path) -> None:
         (MINIMAL.replace("shards = 8", "drain_grace = -1.0"), "sync.drain_grace"),
         (MINIMAL.replace("shards = 8", "resync_interval = -1.0"), "sync.resync_interval"),
         (MINIMAL.replace("shards = 8", "max_batch_bytes = 1500001"), "sync.max_batch_bytes"),
+        (MINIMAL.replace("shards = 8", "max_held_changes = 0"), "sync.max_held_changes"),
         (MINIMAL + "[worker]\nconcurrency = 0\n", "worker.concurrency"),
         (MINIMAL + "[worker]\nconcurrency = 257\n", "worker.concurrency"),
     ],

@@ -15,7 +15,6 @@ from pipeline.protocol.fence import Decision, GenRecord
 from pipeline.protocol.layout import RESOURCE_BY_NAME
 from pipeline.protocol.names import draining_key, gen_key, progress_key
 from pipeline.protocol.wire import Batch
-from pipeline.source import watcher as watcher_module
 from pipeline.source.drain import drain_removed
 from pipeline.source.feed import SourceFeed
 from pipeline.source.planner import Cause
@@ -371,15 +370,12 @@ def test_a_broker_outage_pauses_publishing_and_loses_nothing() -> None:
         assert rig.resyncs(target) == 1  # the first sync's only: nothing was lost
 
 
-def test_an_outbox_past_its_bound_while_paused_becomes_a_resync(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_an_outbox_past_its_bound_while_paused_becomes_a_resync() -> None:
     """While publishing is paused each target's outbox coalesces what comes, one change per
-    key touched, deletes of keys created meanwhile included: past MAX_OUTBOX_CHANGES it is
-    dropped and the target resynced once the broker takes tasks again, from a snapshot of
-    the keys that exist. The caches end exact."""
-    monkeypatch.setattr(watcher_module, "MAX_OUTBOX_CHANGES", 20)
-    rig = Rig()
+    key touched, deletes of keys created meanwhile included: past sync.max_held_changes it is
+    dropped and the target resynced, from a snapshot of the keys that exist. The caches
+    end exact."""
+    rig = Rig(max_held_changes=20)
     fill(rig, nodes=3, identities=3)
     rig.start()
     rig.settle()
