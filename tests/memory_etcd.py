@@ -295,14 +295,8 @@ class MemoryEtcd:
         return list(self.items(prefix))
 
     def exists(self, key: bytes, revision: int | None = None) -> bool:
-        self._check()
-        self._may_read(key)
-        space = self.space
-        rev = revision or space.revision
-        if rev < space.compacted and revision is not None:
-            raise CompactedError(rev)
-        v = space.at(key, rev)
-        return v is not None and v.value is not None
+        _, kvs = self.scan(key, revision, exact=True)
+        return next(kvs, None) is not None
 
     def txn(
         self, compares: Sequence[Compare], ops: Sequence[TxnOp], failure: Sequence[Get] = ()

@@ -596,33 +596,43 @@ def test_the_linger_spaces_flushes_only_while_tasks_wait(idle_flush: bool) -> No
         assert rig.cache(target) == rig.expected()
 
 
-class _KeptLease:
-    """A leader lease that renews, and counts its releases."""
+class _CountedLease:
+    """A leader lease that counts its renewals and releases; a broken one's renewal raises
+    what no Redis client would."""
 
-    def __init__(self) -> None:
-        self.releases = 0
+    def __init__(self, broken: bool = False) -> None:
+        self.broken = broken
         self.renewals = 0
+        self.releases = 0
 
     def renew(self) -> bool:
         self.renewals += 1
+        if self.broken:
+            raise RuntimeError("a renewal failed in a way nobody foresaw")
         return True
 
     def release(self) -> None:
         self.releases += 1
 
 
-def test_a_hung_loop_releases_the_lease_for_a_standby() -> None:
-    """A main loop that has not beaten its heart for _stuck_after seconds is hung: the lease
-    thread stops renewing and releases the lease at once, so that a standby need not wait
-    for its TTL to run out."""
+def _renewing(lease: _CountedLease) -> tuple[Rig, _CountedLease, threading.Thread]:
+    """A watcher in a term with *lease*, its lease thread running."""
     rig = Rig(leader_ttl=1.0)
     w = rig.watcher
-    lease = _KeptLease()
     w.lease = lease  # type: ignore[assignment]
     w._beat = w.clock()
     w._in_term.set()
     keeper = threading.Thread(target=w._renew_loop, daemon=True)
     keeper.start()
+    return rig, lease, keeper
+
+
+def test_a_hung_loop_releases_the_lease_for_a_standby() -> None:
+    """A main loop that has not beaten its heart for _stuck_after seconds is hung: the lease
+    thread stops renewing and releases the lease at once, so that a standby need not wait
+    for its TTL to run out."""
+    rig, lease, keeper = _renewing(_CountedLease())
+    w = rig.watcher
     try:
         rig.clock.advance(w._stuck_after + 1.0)
         eventually(w._lease_lost.is_set, timeout=10, interval=0.05, what="the lease let go")
@@ -633,33 +643,12 @@ def test_a_hung_loop_releases_the_lease_for_a_standby() -> None:
         keeper.join(10)
 
 
-class _BrokenLease:
-    """A leader lease whose renewal raises what no Redis client would."""
-
-    def __init__(self) -> None:
-        self.renewals = 0
-        self.releases = 0
-
-    def renew(self) -> bool:
-        self.renewals += 1
-        raise RuntimeError("a renewal failed in a way nobody foresaw")
-
-    def release(self) -> None:
-        self.releases += 1
-
-
 def test_a_lease_renewal_that_raises_steps_the_watcher_down_and_the_thread_lives() -> None:
     """Whatever a renewal raises, the lease thread treats it as a lease not kept: the
     watcher steps down (and campaigns again later), and the thread keeps running, so that a
     later term still has its lease renewed and its hung loop seen."""
-    rig = Rig(leader_ttl=1.0)
+    rig, lease, keeper = _renewing(_CountedLease(broken=True))
     w = rig.watcher
-    lease = _BrokenLease()
-    w.lease = lease  # type: ignore[assignment]
-    w._beat = w.clock()
-    w._in_term.set()
-    keeper = threading.Thread(target=w._renew_loop, daemon=True)
-    keeper.start()
     try:
         eventually(w._lease_lost.is_set, timeout=10, interval=0.05, what="the lease let go")
         assert not w._in_term.is_set()
