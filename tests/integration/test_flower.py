@@ -89,5 +89,11 @@ def test_flower_lists_every_source_queue_behind_basic_auth(mesh: Mesh) -> None:
         assert eventually(depth, timeout=60, what="queue depth 1") == 1
     finally:
         proc.terminate()
-        proc.wait(20)
-        log.close()
+        try:
+            proc.wait(20)  # Flower exits on SIGTERM (pipeline.tools.flowerstop)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # not left running past the test
+            proc.wait(10)
+            raise
+        finally:
+            log.close()
