@@ -162,6 +162,14 @@ class SyncConfig:
 MAX_CONCURRENCY = 256
 
 
+def check_concurrency(where: str, slots: int) -> None:
+    """ConfigError (naming *where*) unless one worker may run *slots* pool slots."""
+    if not 1 <= slots <= MAX_CONCURRENCY:
+        raise ConfigError(
+            where, f"must be from 1 to {MAX_CONCURRENCY}, got {slots} (more slots are more workers)"
+        )
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     concurrency: int = 2
@@ -595,12 +603,7 @@ def settings_from_mapping(
     worker: WorkerConfig = _section(WorkerConfig, "worker", data.get("worker", {}), env)
     if worker.pool not in ("prefork", "threads", "solo"):
         raise ConfigError("worker.pool", 'must be "prefork", "threads" or "solo"')
-    if not 1 <= worker.concurrency <= MAX_CONCURRENCY:
-        raise ConfigError(
-            "worker.concurrency",
-            f"must be from 1 to {MAX_CONCURRENCY}, got {worker.concurrency} (more slots are "
-            "more workers)",
-        )
+    check_concurrency("worker.concurrency", worker.concurrency)
     if broker.visibility_timeout == 0:
         raise ConfigError("broker.visibility_timeout", "must be positive")
     metrics: MetricsConfig = _section(MetricsConfig, "metrics", data.get("metrics", {}), env)

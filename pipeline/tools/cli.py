@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.clients.etcd import Etcd
-from pipeline.config import MAX_CONCURRENCY, READ, WRITE, Settings, load_settings
+from pipeline.config import READ, WRITE, Settings, check_concurrency, load_settings
 from pipeline.heap import settle_heap
 from pipeline.protocol.errors import ConfigError, KvmeshError, RetryableError
 from pipeline.protocol.layout import RESOURCES
@@ -410,10 +410,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         )
     concurrency = settings.worker.concurrency if args.concurrency is None else args.concurrency
     pool = args.pool or settings.worker.pool
-    if concurrency < 1:
-        raise ConfigError(
-            "--concurrency", f"must be from 1 to {MAX_CONCURRENCY}, got {concurrency}"
-        )
+    if concurrency < 1 or pool != "solo":  # the solo pool ignores a --concurrency over 1
+        check_concurrency("--concurrency", concurrency)
     if pool == "solo":
         # the solo pool runs each task in the worker's main process, one at a time: more
         # slots are more workers (replicas). worker.concurrency does not apply to it (its
@@ -427,11 +425,6 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
                 args.concurrency,
             )
         concurrency = 1
-    elif concurrency > MAX_CONCURRENCY:
-        raise ConfigError(
-            "--concurrency",
-            f"must be from 1 to {MAX_CONCURRENCY}, got {concurrency} (more slots are more workers)",
-        )
     settings.require_signing("kvmesh worker")
     check_metrics_port(settings, "worker_port")
     if args.check:
@@ -550,8 +543,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--prometheus", "no prometheus binary on PATH (apt-get install prometheus)"
         )
-    if args.workers > MAX_CONCURRENCY:
-        raise ConfigError("--workers", f"must be from 1 to {MAX_CONCURRENCY}, got {args.workers}")
+    check_concurrency("--workers", args.workers)
     if args.workers < 1 or args.identities < 1 or args.churn < 0 or args.duration < 0:
         raise ConfigError(
             "--workers",
