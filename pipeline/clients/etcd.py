@@ -168,6 +168,23 @@ class Event:
     value: bytes | None  # None for a delete
 
 
+# What an event held in memory costs besides its key's and value's bytes: the object and
+# the two bytes objects' headers (about 150 bytes measured with tracemalloc; rounded up).
+EVENT_OVERHEAD = 200
+# A watch hands its events over in parts of about this many bytes (keys, values and
+# EVENT_OVERHEAD each), ending on a revision's last event: a watch that catches up on a long
+# history gets up to a thousand revisions from etcd in one response, in fragments, which
+# joined could be a gigabyte of values. A single revision larger than this goes whole.
+WATCH_CHUNK_BYTES = 2 << 20
+
+
+def events_bytes(events: Sequence[Event]) -> int:
+    """What *events* cost in memory, as WATCH_CHUNK_BYTES counts it."""
+    return sum(
+        len(ev.key) + (0 if ev.value is None else len(ev.value)) + EVENT_OVERHEAD for ev in events
+    )
+
+
 def _retryable(exc: BaseException, what: str, cluster: str) -> RetryableError:
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if hasattr(exc, "code") else None
@@ -635,9 +652,17 @@ class Etcd:
     ) -> WatchStream:
         """Watch *prefix* from *start_revision* on a thread of its own. `on_events(events,
         header_revision)` gets each response in order (events may be empty: a progress
-        notification saying everything up to header_revision was delivered)."""
+        notification saying everything up to header_revision was delivered), a response
+        of more than WATCH_CHUNK_BYTES in parts that each end on a whole revision (a part
+        before the last says the revision of its last event)."""
         stream = WatchStream(
-            self, prefix, None if exact else prefix_end(prefix), start_revision, on_events, on_error
+            self,
+            prefix,
+            None if exact else prefix_end(prefix),
+            start_revision,
+            on_events,
+            on_error,
+            WATCH_CHUNK_BYTES,
         )
         stream.start()
         return stream
@@ -727,8 +752,10 @@ class WatchStream:
         start_revision: int,
         on_events: Callable[[list[Event], int], None],
         on_error: Callable[[BaseException], None],
+        chunk_bytes: int,
     ) -> None:
         self._etcd = etcd
+        self._chunk = chunk_bytes
         self._key = key
         self._range_end = range_end
         self._start = start_revision
@@ -773,6 +800,7 @@ class WatchStream:
         try:
             self._call = self._etcd._watch_call(self._request_iter())
             events: list[Event] = []
+            size = 0  # of events, as events_bytes counts it
             for resp, fragment in self._call:
                 if self._stopped.is_set():
                     return
@@ -792,15 +820,21 @@ class WatchStream:
                     continue
                 for ev in resp.events:
                     rev = int(ev.kv.mod_revision)
+                    if rev != self._last_rev and size >= self._chunk:
+                        # a new revision after a part's worth: hand over the whole
+                        # revisions before it (all of them delivered, up to the last one)
+                        self._on_events(events, self._last_rev)
+                        events, size = [], 0
                     self._index = self._index + 1 if rev == self._last_rev else 0
                     self._last_rev = rev
-                    events.append(
-                        Event(rev, self._index, ev.kv.key, None if ev.type == 1 else ev.kv.value)
-                    )
+                    kv = ev.kv
+                    key, value = kv.key, None if ev.type == 1 else kv.value
+                    events.append(Event(rev, self._index, key, value))
+                    size += len(key) + (0 if value is None else len(value)) + EVENT_OVERHEAD
                 if fragment:
                     continue  # more of this response follows
                 self._on_events(events, int(resp.header.revision))
-                events = []
+                events, size = [], 0
             if not self._stopped.is_set():
                 raise RetryableError(f"etcd {self._etcd.name}: watch stream ended", self._etcd.name)
         except BaseException as exc:

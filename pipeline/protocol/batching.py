@@ -39,14 +39,19 @@ class ShardBuffer:
     def __init__(self) -> None:
         self._pending: dict[str, dict[bytes, Change]] = {}
         self._count = 0
+        self.bytes = 0  # of the pending changes' keys and values (op_size)
         # per shard, when its oldest pending change was received (Unix ms): carried in the
         # batches cut from it, for the workers' lag histogram; emptied with the changes
         self.since: dict[str, int] = {}
 
     def add(self, shard: str, change: Change, received_ms: int = 0) -> None:
         bucket = self._pending.setdefault(shard, {})
-        if bucket.pop(change.key, None) is None:
+        old = bucket.pop(change.key, None)
+        if old is None:
             self._count += 1
+        else:
+            self.bytes -= op_size(old.key, old.value)
+        self.bytes += op_size(change.key, change.value)
         bucket[change.key] = change  # re-inserted last: dicts keep position order
         if received_ms and (shard not in self.since or received_ms < self.since[shard]):
             self.since[shard] = received_ms
@@ -67,6 +72,7 @@ class ShardBuffer:
         out = {shard: list(b.values()) for shard, b in self._pending.items() if b}
         self._pending = {}
         self._count = 0
+        self.bytes = 0
         self.since = {}
         return out
 

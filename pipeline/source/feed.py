@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from pipeline.clients.etcd import EtcdClient, Event, Stream
+from pipeline.clients.etcd import EtcdClient, Event, Stream, events_bytes
 from pipeline.protocol.errors import (
     CompactedError,
     PermissionDeniedError,
@@ -34,6 +34,10 @@ from pipeline.source.planner import Cause
 log = logging.getLogger("kvmesh.feed")
 
 INBOX = 256  # watch responses waiting for the watcher, at most
+# ... and the bytes of their events (as events_bytes counts them), at most: a response larger
+# than that waits until the inbox is empty, and then goes in alone. The watch hands over
+# parts of about WATCH_CHUNK_BYTES, so this holds several.
+INBOX_BYTES = 16 << 20
 RETRY_UNREACHABLE = 1.0  # seconds between looks at a source found unreachable
 # A watch refused for lack of permission twice in a row (the second time with a fresh
 # token) waits before its next try: 1 s, doubling up to a minute, until it delivers again.
@@ -55,6 +59,7 @@ class Delivered:
     resource: Resource
     events: list[Event]
     header_rev: int
+    size: int = 0  # of the events in memory (events_bytes), counted against INBOX_BYTES
     # when the watch delivered it: Unix ms (carried in the batches for the lag histogram)
     # and the monotonic clock (how long it waited for the watcher, kvstore_events_queue)
     received_ms: int = field(default_factory=lambda: int(time.time() * 1000))
@@ -90,6 +95,7 @@ class SourceFeed:
         inbox: int = INBOX,
         clock: Callable[[], float] = time.monotonic,
         retry_unreachable: float = RETRY_UNREACHABLE,
+        inbox_bytes: int = INBOX_BYTES,
     ) -> None:
         self.etcd = etcd
         self.source = source
@@ -97,6 +103,11 @@ class SourceFeed:
         self.watch_timeout = watch_timeout
         self.on_failure = on_failure  # counts a failed source call or stream
         self.inbox: queue.Queue[tuple[int, Delivered | _Broken | None]] = queue.Queue(inbox)
+        # the bytes of the responses in the inbox (Delivered.size), and the room a watch
+        # thread waits for
+        self.inbox_bytes = inbox_bytes
+        self.queued = 0
+        self._room = threading.Condition()
         self.streams: dict[str, Stream] = {}
         self.clock = clock
         # when each stream was last heard from, as taken from the inbox: a watcher that is
@@ -170,20 +181,37 @@ class SourceFeed:
             self.inbox.put_nowait((self.epoch, None))
 
     def _put(self, epoch: int, item: Delivered | _Broken) -> None:
-        # blocks while the inbox is full (backpressure on the watch thread), but gives up
-        # once the stream was replaced: a replaced stream must not hold its thread
+        # blocks while the inbox is full, in responses or in bytes (backpressure on the
+        # watch thread), but gives up once the stream was replaced: a replaced stream must
+        # not hold its thread
+        size = item.size if isinstance(item, Delivered) else 0
+        if size:
+            with self._room:
+                while self.queued and self.queued + size > self.inbox_bytes:
+                    if epoch != self.epoch:
+                        return
+                    self._room.wait(0.2)
+                self.queued += size
         while epoch == self.epoch:
             try:
                 self.inbox.put((epoch, item), timeout=0.2)
                 return
             except queue.Full:
                 continue
+        self._taken(size)
+
+    def _taken(self, size: int) -> None:
+        """*size* bytes left the inbox (or never went in): room for a waiting watch thread."""
+        if size:
+            with self._room:
+                self.queued -= size
+                self._room.notify_all()
 
     def _start_stream(self, res: Resource, start_rev: int, epoch: int) -> None:
         me: list[Stream] = []
 
         def on_events(events: list[Event], header_rev: int) -> None:
-            self._put(epoch, Delivered(res, events, header_rev))
+            self._put(epoch, Delivered(res, events, header_rev, events_bytes(events)))
 
         def on_error(exc: BaseException) -> None:
             self._put(epoch, _Broken(res.name, exc, me[0] if me else None))
@@ -201,21 +229,27 @@ class SourceFeed:
 
     # -- what the watcher takes -------------------------------------------------------------
 
-    def next(self, timeout: float, limit: int) -> list[FeedItem]:
+    def next(self, timeout: float, limit: int, max_bytes: int | None = None) -> list[FeedItem]:
         """Wait up to *timeout* for something, then take what else is ready, up to *limit*
-        items. Broken streams are handled here: reconnected where they left off, or turned
-        into a Lost item when the source lost its history."""
+        items, and until their events pass *max_bytes* (the inbox's size by default).
+        Broken streams are handled here: reconnected where they left off, or turned into a
+        Lost item when the source lost its history."""
+        max_bytes = self.inbox_bytes if max_bytes is None else max_bytes
         out: list[FeedItem] = []
+        size = 0
         try:
             epoch, item = self.inbox.get(timeout=timeout)
             while True:
+                if isinstance(item, Delivered):
+                    self._taken(item.size)
+                    size += item.size
                 if epoch == self.epoch and item is not None:
                     taken = self._take(item)
                     if taken is not None:
                         out.append(taken)
                         if isinstance(taken, Lost):
                             return out
-                if len(out) >= limit:
+                if len(out) >= limit or size >= max_bytes:
                     return out
                 epoch, item = self.inbox.get_nowait()
         except queue.Empty:

@@ -74,8 +74,13 @@ class _NoTargetReachable(RetryableError):
 
 
 _FLUSH_AT = 8192  # pending changes that force a flush before the linger ends
+# ... or bytes of their keys and values: a task of large values is encoded several times
+# over (base64, JSON, the command to Redis) before it is sent, so a flush holds a few
+# megabytes of them, not thousands
+_FLUSH_BYTES = 8 << 20
 _PROGRESS_HEARTBEAT = 30.0  # seconds between progress writes when nothing synced changed
 _TAKE = 512  # feed items taken per pass of the loop, at most
+_TAKE_BYTES = _FLUSH_BYTES  # ... and their events' bytes (events_bytes): a flush's worth
 _MAX_MARKS = 256  # flush marks kept per target while their batches are in flight
 # The linger stays sync.linger while at most _KEEPING_UP tasks wait in the source queue (a
 # pool's slots take the next ones at once), and grows by _PER_TASK for each task beyond,
@@ -477,7 +482,7 @@ class Watcher:
                 wait = min(wait, _IDLE_LOOK)  # look again whether the workers caught up
         if max_wait is not None:
             wait = min(wait, max_wait)
-        for item in self.feed.next(wait, _TAKE):
+        for item in self.feed.next(wait, _TAKE, _TAKE_BYTES):
             if isinstance(item, Lost):
                 self._restart_all(item.cause, item.detail)
                 return
@@ -486,6 +491,7 @@ class Watcher:
         if self._flush_deadline is not None and (
             now >= self._flush_deadline
             or len(self.buffer) >= _FLUSH_AT
+            or self.buffer.bytes >= _FLUSH_BYTES
             or (self._may_go_early(now) and self._depth(now, _IDLE_LOOK) == 0)
         ):
             self.flush()

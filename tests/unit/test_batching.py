@@ -7,6 +7,7 @@ import pytest
 from pipeline.protocol.batching import Change, ShardBuffer, check_size, cut, make_batches
 from pipeline.protocol.errors import ValueTooLargeError
 from pipeline.protocol.layout import Op
+from pipeline.protocol.wire import op_size
 
 
 def ch(key: str, rev: int, value: bytes | None = b"v", idx: int = 0) -> Change:
@@ -85,3 +86,14 @@ def test_snapshot_batches_are_done_only_at_the_end() -> None:
         snapshot=True,
     )
     assert [b.done for b in batches] == [False, False, True]
+
+
+def test_the_buffer_counts_the_bytes_it_holds() -> None:
+    """A change that replaces an older one of its key counts instead of it."""
+    buf = ShardBuffer()
+    buf.add("s", Change(b"k", Op.PUT, b"x" * 100, (1, 0)))
+    buf.add("s", Change(b"k", Op.PUT, b"x" * 10, (2, 0)))
+    buf.add("t", Change(b"j", Op.DELETE, None, (3, 0)))
+    assert buf.bytes == op_size(b"k", b"x" * 10) + op_size(b"j", None)
+    buf.drain()
+    assert buf.bytes == 0

@@ -15,8 +15,9 @@ from pipeline.protocol.fence import Decision, GenRecord
 from pipeline.protocol.layout import RESOURCE_BY_NAME
 from pipeline.protocol.names import draining_key, gen_key, progress_key
 from pipeline.protocol.wire import Batch
+from pipeline.source import watcher as watcher_module
 from pipeline.source.drain import drain_removed
-from pipeline.source.feed import SourceFeed
+from pipeline.source.feed import Delivered, FeedItem, SourceFeed
 from pipeline.source.planner import Cause
 from tests.harness import eventually
 from tests.memory_etcd import MemoryEtcd
@@ -660,3 +661,74 @@ def test_a_lease_renewal_that_raises_steps_the_watcher_down_and_the_thread_lives
     finally:
         w.stop_event.set()
         keeper.join(10)
+
+
+def test_the_feed_inbox_is_bounded_in_bytes_too() -> None:
+    """Responses larger than the room left in the inbox wait for the watcher; one larger than
+    the whole inbox still goes in, alone."""
+    source = MemoryEtcd("a")
+    feed = SourceFeed(source.reader(), "a", "id", 15.0, on_failure=lambda: None, inbox_bytes=1)
+    feed.start(1)
+    for i in range(3):
+        source.put(NODE + b"n%d" % i, b"{}")
+        source.put(IDENTITY + str((1 << 16) + i).encode(), b"x")
+        source.put(b"cilium/state/services/v1/a/s%d" % i, b"{}")
+    pumping = threading.Thread(target=source.pump)
+    pumping.start()
+    eventually(lambda: feed.inbox.qsize() == 1, what="one response in")
+    pumping.join(0.2)
+    assert pumping.is_alive()  # three streams owe a response, the inbox's bytes take one
+    assert feed.inbox.qsize() == 1
+    assert feed.queued > 1
+    items: list[FeedItem] = []
+    eventually(
+        lambda: items.extend(feed.next(0.1, 10)) or _events(items) == 9,
+        what="every response taken",
+    )
+    pumping.join(5)
+    assert not pumping.is_alive()
+    assert feed.queued == 0
+    feed.stop()
+
+
+def test_the_watcher_takes_about_the_inbox_bytes_at_a_time() -> None:
+    feed = SourceFeed(MemoryEtcd("a").reader(), "a", "id", 15.0, lambda: None, inbox_bytes=1000)
+    nodes = RESOURCE_BY_NAME["nodes"]
+    for size in (500, 500, 0):
+        feed._put(feed.epoch, Delivered(nodes, [], 7, size))
+    assert len(feed.next(0, 10)) == 2
+    assert feed.queued == 0
+    assert len(feed.next(0, 10)) == 1
+
+
+def _events(items: list[FeedItem]) -> int:
+    return sum(len(i.events) for i in items if isinstance(i, Delivered))
+
+
+def test_large_values_are_flushed_before_the_linger_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pending changes are published once their bytes pass a bound, as once their number
+    does, however long the linger."""
+    monkeypatch.setattr(watcher_module, "_FLUSH_BYTES", 10_000)
+    rig = Rig(linger=60.0, idle_flush=False)
+    fill(rig, nodes=1, identities=0)
+    rig.start()
+    rig.settle()
+    value = b'{"name":"' + b"n" * 3000 + b'"}'
+    rig.source.put(NODE + b"first", b"{}")  # after a quiet spell: published at once
+    rig.mesh.pump()
+    rig.watcher.step(max_wait=0)
+    flushes = rig.queue.flushes
+    for i in range(3):  # 9 KB: under the bound, they wait for the linger
+        rig.source.put(NODE + b"big-%d" % i, value)
+    rig.mesh.pump()
+    rig.watcher.step(max_wait=0)
+    assert rig.queue.flushes == flushes
+    assert rig.watcher.buffer.bytes > 9000
+    rig.source.put(NODE + b"big-3", value)  # 12 KB
+    rig.mesh.pump()
+    rig.watcher.step(max_wait=0)
+    assert rig.queue.flushes == flushes + 1
+    assert rig.watcher.buffer.bytes == 0
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
