@@ -134,7 +134,9 @@ class Rig:
             # is a millisecond past the one before (a generation is floored by it, and two
             # opens with a wipe between them are never in the same millisecond)
             wall_ms=lambda: int(self.clock() * 1000) + next(self._ticks),
-            inbox=1_000_000,  # nobody drains a superseded watcher's inbox: it must not block
+            # nobody drains a superseded watcher's inbox: it must not block
+            inbox=1_000_000,
+            inbox_bytes=1 << 40,
         )
 
     @property

@@ -823,6 +823,8 @@ class WatchStream:
                     if rev != self._last_rev and size >= self._chunk:
                         # a new revision after a part's worth: hand over the whole
                         # revisions before it (all of them delivered, up to the last one)
+                        if self._stopped.is_set():
+                            return
                         self._on_events(events, self._last_rev)
                         events, size = [], 0
                     self._index = self._index + 1 if rev == self._last_rev else 0

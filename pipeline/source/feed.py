@@ -11,6 +11,7 @@ one where it left off, and tells the watcher when the source lost the history it
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
@@ -103,11 +104,16 @@ class SourceFeed:
         self.watch_timeout = watch_timeout
         self.on_failure = on_failure  # counts a failed source call or stream
         self.inbox: queue.Queue[tuple[int, Delivered | _Broken | None]] = queue.Queue(inbox)
-        # the bytes of the responses in the inbox (Delivered.size), and the room a watch
-        # thread waits for
+        # the bytes of the responses in the inbox (Delivered.size), the room a watch thread
+        # waits for, and the threads waiting for it, in the order they came
         self.inbox_bytes = inbox_bytes
         self.queued = 0
         self._room = threading.Condition()
+        self._line: collections.deque[object] = collections.deque()
+        # per resource, its responses in the inbox or waiting to go in: such a stream spoke,
+        # however long the watcher takes to get to it (a replaced stream's count as its
+        # resource's until the loop drops them)
+        self.pending: collections.Counter[str] = collections.Counter()
         self.streams: dict[str, Stream] = {}
         self.clock = clock
         # when each stream was last heard from, as taken from the inbox: a watcher that is
@@ -118,11 +124,11 @@ class SourceFeed:
         self.last_event_rev = 0  # newest revision of any event of the watched prefixes
         self.config_rev = 0  # mod revision of the source's cluster config, as last seen
         # Writes the feed saw, to tell the same etcd from another one after a reconnect: per
-        # resource, (key, revision) of the last put of its last response that had one, else
-        # the newest write the last resync listed, or one a target's progress record named
-        # and the term's start read back; and the cluster config as last read. The same
-        # etcd holds each at its revision for ever (until compacted), whatever happened to
-        # the key since.
+        # resource, (key, revision) of the last put of its last response (or part) that had
+        # one, else the newest write the last resync listed, or one a target's progress
+        # record named and the term's start read back; and the cluster config as last
+        # read. The same etcd holds each at its revision for ever (until compacted),
+        # whatever happened to the key since.
         self.anchors: dict[str, tuple[bytes, int]] = {}
         # the newest write of each resource the last resync listed, for the next start()
         self.listed: dict[str, tuple[bytes, int]] = {}
@@ -183,28 +189,48 @@ class SourceFeed:
     def _put(self, epoch: int, item: Delivered | _Broken) -> None:
         # blocks while the inbox is full, in responses or in bytes (backpressure on the
         # watch thread), but gives up once the stream was replaced: a replaced stream must
-        # not hold its thread
-        size = item.size if isinstance(item, Delivered) else 0
-        if size:
-            with self._room:
-                while self.queued and self.queued + size > self.inbox_bytes:
-                    if epoch != self.epoch:
-                        return
-                    self._room.wait(0.2)
-                self.queued += size
+        # not hold its thread. Threads that wait for room in bytes go in the order they
+        # came: a large part is not overtaken for ever by the small ones of other streams
+        if not isinstance(item, Delivered):
+            self._enqueue(epoch, item)
+            return
+        with self._room:
+            self.pending[item.resource.name] += 1
+            if item.size:
+                me = object()
+                self._line.append(me)
+                try:
+                    while self._line[0] is not me or (
+                        self.queued and self.queued + item.size > self.inbox_bytes
+                    ):
+                        if epoch != self.epoch:
+                            self.pending[item.resource.name] -= 1
+                            return
+                        self._room.wait(0.2)
+                    self.queued += item.size
+                finally:
+                    self._line.remove(me)
+                    self._room.notify_all()
+        if not self._enqueue(epoch, item):
+            self._taken(item)
+
+    def _enqueue(self, epoch: int, item: Delivered | _Broken) -> bool:
+        """Put *item* in the inbox, waiting while it is full; False if the stream was
+        replaced meanwhile."""
         while epoch == self.epoch:
             try:
                 self.inbox.put((epoch, item), timeout=0.2)
-                return
+                return True
             except queue.Full:
                 continue
-        self._taken(size)
+        return False
 
-    def _taken(self, size: int) -> None:
-        """*size* bytes left the inbox (or never went in): room for a waiting watch thread."""
-        if size:
-            with self._room:
-                self.queued -= size
+    def _taken(self, item: Delivered) -> None:
+        """*item* left the inbox (or never went in): room for a waiting watch thread."""
+        with self._room:
+            self.queued -= item.size
+            self.pending[item.resource.name] -= 1
+            if item.size:
                 self._room.notify_all()
 
     def _start_stream(self, res: Resource, start_rev: int, epoch: int) -> None:
@@ -241,7 +267,7 @@ class SourceFeed:
             epoch, item = self.inbox.get(timeout=timeout)
             while True:
                 if isinstance(item, Delivered):
-                    self._taken(item.size)
+                    self._taken(item)
                     size += item.size
                 if epoch == self.epoch and item is not None:
                     taken = self._take(item)
@@ -424,13 +450,14 @@ class SourceFeed:
 
     def check_silence(self) -> list[Lost]:
         """Ask every stream how far it delivered; replace one that answered nothing for
-        watch_timeout (a live etcd always answers: this one is cut off)."""
+        watch_timeout (a live etcd always answers: this one is cut off). A stream whose
+        responses wait for the watcher (the loop takes a few megabytes a pass) answered."""
         out: list[Lost] = []
         for name, stream in list(self.streams.items()):
             if name in self._waiting:
                 continue  # broken already, and waiting for its next look at the source
             silent = self.clock() - self.heard.get(name, 0.0)
-            if silent <= self.watch_timeout:
+            if silent <= self.watch_timeout or self.pending[name]:
                 stream.request_progress()
                 continue
             stream.stop()

@@ -46,7 +46,7 @@ from pipeline.protocol.snapshot import SnapshotCutter, convert
 from pipeline.protocol.wire import MAX_BATCHES_PER_TASK, Batch, Signer
 from pipeline.source import resync
 from pipeline.source.drain import drain_removed
-from pipeline.source.feed import INBOX, Delivered, Lost, SourceFeed
+from pipeline.source.feed import INBOX, INBOX_BYTES, Delivered, Lost, SourceFeed
 from pipeline.source.listing import Readiness, read_readiness
 from pipeline.source.metrics import WatcherMetrics
 from pipeline.source.planner import (
@@ -151,6 +151,7 @@ class Watcher:
         etcd: EtcdFactory = Etcd,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         inbox: int = INBOX,
+        inbox_bytes: int = INBOX_BYTES,
     ) -> None:
         self.settings = settings
         self.sync = settings.sync
@@ -174,6 +175,7 @@ class Watcher:
             on_failure=self._source_failed,
             inbox=inbox,
             clock=clock,
+            inbox_bytes=inbox_bytes,
         )
         self.targets = [
             Target(

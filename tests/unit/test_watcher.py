@@ -732,3 +732,57 @@ def test_large_values_are_flushed_before_the_linger_ends(monkeypatch: pytest.Mon
     rig.settle()
     for target in rig.targets:
         assert rig.cache(target) == rig.expected()
+
+
+def test_a_stream_whose_responses_wait_in_the_inbox_is_not_silent() -> None:
+    """The loop takes a few megabytes a pass, so a response can wait in the inbox past the
+    watch timeout; its stream spoke, and is not replaced (a replacement would deliver the
+    waiting revisions again)."""
+    now = [0.0]
+    source = MemoryEtcd("a")
+    feed = SourceFeed(source.reader(), "a", "id", 15.0, lambda: None, clock=lambda: now[0])
+    feed.cluster_id = source.header()[1]
+    feed.start(1)
+    source.put(NODE + b"n1", b"{}")
+    source.pump()
+    assert feed.inbox.qsize() == 1
+    streams = dict(feed.streams)
+    now[0] = 20.0
+    assert feed.check_silence() == []
+    # the others, which said nothing, are replaced; the nodes stream has a response waiting
+    assert feed.streams["nodes"] is streams["nodes"]
+    assert feed.streams["services"] is not streams["services"]
+    assert _events(feed.next(0, 10)) == 1
+    assert feed.pending["nodes"] == 0
+    now[0] = 40.0  # 20 s since the loop took it, and nothing waits: silent
+    feed.check_silence()
+    assert feed.streams["nodes"] is not streams["nodes"]
+    feed.stop()
+
+
+def test_watch_threads_waiting_for_room_go_in_the_order_they_came() -> None:
+    """A small part that fits does not overtake a larger one that waits for room before it."""
+    feed = SourceFeed(MemoryEtcd("a").reader(), "a", "id", 15.0, lambda: None, inbox_bytes=1000)
+    nodes, services = RESOURCE_BY_NAME["nodes"], RESOURCE_BY_NAME["services"]
+    feed._put(feed.epoch, Delivered(nodes, [], 1, 600))
+    large = Delivered(nodes, [], 2, 900)
+    small = Delivered(services, [], 3, 100)  # 700 bytes would fit now
+    threads = [
+        threading.Thread(target=feed._put, args=(feed.epoch, d), daemon=True)
+        for d in (large, small)
+    ]
+    try:
+        threads[0].start()
+        eventually(lambda: len(feed._line) == 1, timeout=10, what="the large part waiting")
+        threads[1].start()
+        eventually(lambda: len(feed._line) == 2, timeout=10, what="the small part behind it")
+        assert feed.inbox.qsize() == 1
+        taken = feed.next(0, 1)
+        for t in threads:
+            t.join(5)
+        assert not any(t.is_alive() for t in threads)
+        taken += feed.next(0, 10)
+        assert [getattr(i, "header_rev", None) for i in taken] == [1, 2, 3]
+        assert feed.queued == 0
+    finally:
+        feed.stop()  # a thread still waiting gives up
