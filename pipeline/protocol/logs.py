@@ -10,6 +10,8 @@ record of its own. Celery's own lines go through the same formatter in a worker.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
@@ -52,3 +54,48 @@ def configure(level: str | int = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+@dataclass
+class _Window:
+    start: float
+    logged: int = 0
+    held: int = 0
+
+
+class LineBudget:
+    """At most *lines* log lines per kind of event in each *window* seconds: a source that
+    holds or writes thousands of bad keys must not fill the log with a line for each (every
+    one is still counted in a metric). What a window held back is said in one line once
+    that window is over (`overdue`)."""
+
+    def __init__(self, lines: int, window: float, clock: Callable[[], float]) -> None:
+        self.lines = lines
+        self.window = window
+        self.clock = clock
+        self._open: dict[str, _Window] = {}
+        self._over: list[tuple[str, int, float]] = []
+
+    def take(self, kind: str) -> bool:
+        """Whether one more line of *kind* may be logged now (if not, it is counted)."""
+        self._close(self.clock())
+        window = self._open.setdefault(kind, _Window(self.clock()))
+        if window.logged < self.lines:
+            window.logged += 1
+            return True
+        window.held += 1
+        return False
+
+    def overdue(self) -> list[tuple[str, int, float]]:
+        """(kind, lines held back, seconds since its window began) of each window that is
+        over and held lines back, once each."""
+        self._close(self.clock())
+        out, self._over = self._over, []
+        return out
+
+    def _close(self, now: float) -> None:
+        for kind, w in list(self._open.items()):
+            if now - w.start >= self.window:
+                del self._open[kind]
+                if w.held:
+                    self._over.append((kind, w.held, now - w.start))

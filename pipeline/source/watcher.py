@@ -41,6 +41,7 @@ from pipeline.protocol.layout import (
     parse_shard,
     source_caps,
 )
+from pipeline.protocol.logs import LineBudget
 from pipeline.protocol.sharding import all_shards, shard_of, shard_resource
 from pipeline.protocol.snapshot import SnapshotCutter, convert
 from pipeline.protocol.wire import MAX_BATCHES_PER_TASK, Batch, Signer
@@ -80,6 +81,9 @@ _FLUSH_AT = 8192  # pending changes that force a flush before the linger ends
 _FLUSH_BYTES = 8 << 20
 _PROGRESS_HEARTBEAT = 30.0  # seconds between progress writes when nothing synced changed
 _TAKE = 512  # feed items taken per pass of the loop, at most
+# Bad input is logged a line per key up to this many lines a minute for each reason; the
+# rest is said in one line a minute (every key is counted in kvmesh_watcher_rejected_total)
+_REJECT_LINES = 100
 _TAKE_BYTES = _FLUSH_BYTES  # ... and their events' bytes (events_bytes): a flush's worth
 _MAX_MARKS = 256  # flush marks kept per target while their batches are in flight
 # The linger stays sync.linger while at most _KEEPING_UP tasks wait in the source queue (a
@@ -161,6 +165,7 @@ class Watcher:
         self.signer = signer  # verifies the workers' resync requests (None: insecure mode)
         self.metrics = metrics or WatcherMetrics()
         self.clock = clock
+        self._reject_lines = LineBudget(_REJECT_LINES, 60.0, clock)
         self.wall_ms = wall_ms
         self.shards = all_shards(settings.sync.shards)
         # a flush lays each target's shards out in this order (by resource, then number)
@@ -692,7 +697,8 @@ class Watcher:
 
     def _reject(self, exc: BadInputError) -> None:
         self.metrics.rejected.labels(self.source.name, exc.kind).inc()
-        log.warning("%s: not synced: %s", self.source.name, exc)
+        if self._reject_lines.take(exc.kind):
+            log.warning("%s: not synced: %s", self.source.name, exc)
 
     # -- publishing --------------------------------------------------------------------------
 
@@ -949,6 +955,17 @@ class Watcher:
                 for t in self.targets:
                     t.owe(Cause.ANTI_ENTROPY)
         self._depth(now)  # keeps kvmesh_watcher_queue_depth fresh in a quiet mesh too
+        for kind, held, seconds in self._reject_lines.overdue():
+            log.warning(
+                "%s: %d more changes not synced as %s in the last %.0fs, counted in "
+                "kvmesh_watcher_rejected_total and not logged one by one (%d lines a minute "
+                "of each reason are)",
+                self.source.name,
+                held,
+                kind,
+                seconds,
+                _REJECT_LINES,
+            )
         try:
             self._check_source_canaries()
         except RetryableError as exc:

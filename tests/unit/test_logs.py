@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.protocol.logs import FORMAT, OneLineFormatter
+from pipeline.protocol.logs import FORMAT, LineBudget, OneLineFormatter
 
 
 @pytest.fixture
@@ -53,3 +53,17 @@ def test_no_line_of_a_traceback_passes_for_a_record(
     assert records[0].endswith("cannot decode task t\\x0a1")
     assert records[1].endswith("where from")
     assert "\t2026-11-29 00:00:00 ERROR forged: line\\x1b[31m'" in lines
+
+
+def test_a_line_budget_holds_back_what_goes_over_and_says_it_once() -> None:
+    now = [0.0]
+    budget = LineBudget(2, 60.0, lambda: now[0])
+    assert [budget.take("layout") for _ in range(5)] == [True, True, False, False, False]
+    assert budget.take("value_too_large")  # each kind has its own
+    now[0] = 59.0
+    assert not budget.take("layout")
+    assert budget.overdue() == []  # its window is not over
+    now[0] = 61.0
+    assert budget.overdue() == [("layout", 4, 61.0)]
+    assert budget.overdue() == []  # said once
+    assert budget.take("layout")  # a new window

@@ -4,6 +4,7 @@ paths that the integration and fault suites cover with processes, here one step 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -786,3 +787,25 @@ def test_watch_threads_waiting_for_room_go_in_the_order_they_came() -> None:
         assert feed.queued == 0
     finally:
         feed.stop()  # a thread still waiting gives up
+
+
+def test_bad_input_is_logged_a_hundred_lines_a_minute_per_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A source of many bad keys logs a hundred of them a minute for each reason and one
+    line for the rest, and counts every one (the lines are the feature here)."""
+    rig = Rig()
+    fill(rig, nodes=1, identities=1)
+    for i in range(115):
+        rig.source.put(IDENTITY + b"00%d" % i, b"x")  # not canonical
+    caplog.set_level(logging.WARNING, logger="kvmesh.watcher")
+    rig.start()
+    rig.settle()
+    assert rig.metric("kvmesh_watcher_rejected_total", source_cluster="a", reason="layout") == 115
+    assert sum(": not synced: " in r.getMessage() for r in caplog.records) == 100
+    rig.tick(61.0)
+    rest = [r.getMessage() for r in caplog.records if "more changes not synced" in r.getMessage()]
+    assert len(rest) == 1
+    assert rest[0].startswith("a: 15 more changes not synced as layout in the last ")
+    rig.tick(61.0)  # said once
+    assert sum("more changes not synced" in r.getMessage() for r in caplog.records) == 1
