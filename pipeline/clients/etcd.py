@@ -174,8 +174,12 @@ EVENT_OVERHEAD = 200
 # A watch hands its events over in parts of about this many bytes (keys, values and
 # EVENT_OVERHEAD each), ending on a revision's last event: a watch that catches up on a long
 # history gets up to a thousand revisions from etcd in one response, in fragments, which
-# joined could be a gigabyte of values. A single revision larger than this goes whole.
+# joined could be a gigabyte of values. A single revision of more than WATCH_SPLIT_PARTS
+# parts' worth (the delete of a whole prefix, or a lease's end, can remove millions of
+# keys at one revision) is handed over in parts of that size; each part but its last says
+# the revision before as its header, since that one is not delivered whole yet.
 WATCH_CHUNK_BYTES = 2 << 20
+WATCH_SPLIT_PARTS = 4
 
 
 def events_bytes(events: Sequence[Event]) -> int:
@@ -654,7 +658,9 @@ class Etcd:
         header_revision)` gets each response in order (events may be empty: a progress
         notification saying everything up to header_revision was delivered), a response
         of more than WATCH_CHUNK_BYTES in parts that each end on a whole revision (a part
-        before the last says the revision of its last event)."""
+        before the last says the revision of its last event), unless one revision alone is
+        larger than WATCH_SPLIT_PARTS parts: a part that ends inside it says the revision
+        before."""
         stream = WatchStream(
             self,
             prefix,
@@ -820,12 +826,16 @@ class WatchStream:
                     continue
                 for ev in resp.events:
                     rev = int(ev.kv.mod_revision)
-                    if rev != self._last_rev and size >= self._chunk:
+                    if size >= self._chunk and (
+                        rev != self._last_rev or size >= WATCH_SPLIT_PARTS * self._chunk
+                    ):
                         # a new revision after a part's worth: hand over the whole
-                        # revisions before it (all of them delivered, up to the last one)
+                        # revisions before it (all of them delivered, up to the last one);
+                        # or a revision too large for one part: what came of it so far
                         if self._stopped.is_set():
                             return
-                        self._on_events(events, self._last_rev)
+                        whole = rev != self._last_rev
+                        self._on_events(events, self._last_rev if whole else self._last_rev - 1)
                         events, size = [], 0
                     self._index = self._index + 1 if rev == self._last_rev else 0
                     self._last_rev = rev

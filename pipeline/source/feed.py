@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pipeline.clients.etcd import EtcdClient, Event, Stream, events_bytes
 from pipeline.protocol.errors import (
@@ -121,6 +121,10 @@ class SourceFeed:
         self.heard: dict[str, float] = {}
         self.epoch = 0
         self.delivered: dict[str, int] = {}  # per resource: every event up to here was seen
+        # per resource, (revision, index) of the last event delivered of a revision that
+        # was not delivered whole yet (see WATCH_SPLIT_PARTS): a stream that starts again
+        # at that revision delivers its first events again
+        self.partial: dict[str, tuple[int, int]] = {}
         self.last_event_rev = 0  # newest revision of any event of the watched prefixes
         self.config_rev = 0  # mod revision of the source's cluster config, as last seen
         # Writes the feed saw, to tell the same etcd from another one after a reconnect: per
@@ -157,6 +161,7 @@ class SourceFeed:
         self.stop()
         epoch = self.epoch
         self.delivered = {r.name: start_rev - 1 for r in RESOURCES}
+        self.partial = {}
         # the cluster config as last read (the term's start, or the resync before) and what
         # that resync listed; the events from start_rev on add the others. Writes kept from
         # before must not vouch for this etcd: it may have been replaced since
@@ -289,8 +294,20 @@ class SourceFeed:
         name = item.resource.name
         self.heard[name] = self.clock()
         self.denied.pop(name, None)
+        cut = self.partial.get(name)
+        if cut is not None and item.events and item.events[0].revision == cut[0]:
+            # a stream started again inside a revision that was delivered in part (the
+            # first parts of a very large one): what was delivered is not delivered twice
+            item = replace(item, events=[ev for ev in item.events if (ev.revision, ev.index) > cut])
         if item.events:
-            self.delivered[name] = max(self.delivered.get(name, 0), item.events[-1].revision)
+            last = item.events[-1]
+            # a part that ends inside a revision says the one before as its header
+            through = min(last.revision, item.header_rev)
+            if through < last.revision:
+                self.partial[name] = (last.revision, last.index)
+            else:
+                self.partial.pop(name, None)
+            self.delivered[name] = max(self.delivered.get(name, 0), through)
             self.last_event_rev = max(self.last_event_rev, item.events[-1].revision)
             if item.resource.single_key:
                 last = item.events[-1]

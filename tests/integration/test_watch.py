@@ -66,3 +66,46 @@ def test_a_long_history_is_handed_over_in_parts_of_whole_revisions(
         assert events_bytes([ev for ev in evs if ev.revision != evs[-1].revision]) < CHUNK
     six = [evs for evs, _ in parts if any(ev.key.startswith(PREFIX + b"six-") for ev in evs)]
     assert len(six) == 1 and sum(ev.key.startswith(PREFIX + b"six-") for ev in six[0]) == 6
+
+
+def test_a_revision_larger_than_the_parts_goes_in_parts_that_say_the_revision_before(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delete of a whole prefix is one revision of as many events as keys: it is handed
+    over in parts too, and a part that ends inside it does not claim it delivered."""
+    chunk = 8 << 10
+    monkeypatch.setattr(etcd_module, "WATCH_CHUNK_BYTES", chunk)
+    etcd = Etcd(servers.etcd().cluster("a", 1), timeout=10)
+    start = etcd.revision() + 1
+    for i in range(40):
+        etcd.txn([], [Put(PREFIX + b"k-%03d-%d" % (i, j), b"v" * 100) for j in range(5)])
+    etcd.delete_prefix(PREFIX)  # 200 deletes at one revision: about 50 KB of events
+    last = etcd.revision()
+    parts: list[tuple[list[Event], int]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def on_events(events: list[Event], header_rev: int) -> None:
+        with lock:
+            parts.append((list(events), header_rev))
+
+    def seen() -> int:
+        with lock:
+            return sum(len(evs) for evs, _ in parts)
+
+    stream = etcd.watch(PREFIX, start, on_events, errors.append)
+    try:
+        eventually(lambda: seen() == 400 or errors, timeout=60, what="every event delivered")
+    finally:
+        stream.stop()
+        etcd.close()
+    assert not errors
+    deletes = [ev for evs, _ in parts for ev in evs if ev.revision == last]
+    assert [ev.index for ev in deletes] == list(range(200))
+    inside = [(evs, h) for evs, h in parts if evs[-1].revision == last and h < last]
+    assert inside  # the delete revision was split
+    for evs, header_rev in parts:
+        if header_rev < evs[-1].revision:
+            assert header_rev == evs[-1].revision - 1
+        # at most the split size, and one event beyond it
+        assert events_bytes(evs[:-1]) < etcd_module.WATCH_SPLIT_PARTS * chunk

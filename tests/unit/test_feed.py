@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.clients.etcd import Event
 from pipeline.protocol.errors import RetryableError
 from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES
 from pipeline.source.feed import Delivered, Lost, SourceFeed, _Broken
@@ -385,4 +386,27 @@ def test_a_source_that_refuses_the_read_user_is_looked_at_less_often() -> None:
     feed._refused_looks, feed._unreachable_until = 7, time.monotonic() + 60
     feed.start(etcd.revision() + 1)
     assert feed._refused_looks == 0 and feed._unreachable_until == 0
+    feed.stop()
+
+
+def test_a_stream_started_again_inside_a_revision_delivered_in_part_skips_what_came() -> None:
+    """The first parts of a very large revision say the revision before as their header; a
+    stream that starts again at that revision delivers its first events again, and the
+    feed drops those."""
+    feed = SourceFeed(MemoryEtcd(SOURCE), SOURCE, "id", watch_timeout=60, on_failure=lambda: None)
+    feed.start(10)
+    nodes = RESOURCE_BY_NAME["nodes"]
+    key = nodes.source_prefix(SOURCE) + b"n"
+
+    def part(*events: tuple[int, int], header: int) -> Delivered:
+        return Delivered(nodes, [Event(r, i, key + b"%d" % i, None) for r, i in events], header)
+
+    first = feed._take(part((12, 0), (12, 1), header=11))
+    assert isinstance(first, Delivered) and len(first.events) == 2
+    assert feed.delivered["nodes"] == 11  # revision 12 not delivered whole yet
+    again = feed._take(part((12, 0), (12, 1), (12, 2), (13, 0), header=13))
+    assert isinstance(again, Delivered)
+    assert [(ev.revision, ev.index) for ev in again.events] == [(12, 2), (13, 0)]
+    assert feed.delivered["nodes"] == 13
+    assert feed.partial == {}
     feed.stop()
