@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -125,6 +126,9 @@ class SourceFeed:
         # was not delivered whole yet (see WATCH_SPLIT_PARTS): a stream that starts again
         # at that revision delivers its first events again
         self.partial: dict[str, tuple[int, int]] = {}
+        # per resource whose stream was started again, the position up to which what it
+        # delivers was delivered before (see _broken)
+        self.replay: dict[str, tuple[int, int]] = {}
         self.last_event_rev = 0  # newest revision of any event of the watched prefixes
         self.config_rev = 0  # mod revision of the source's cluster config, as last seen
         # Writes the feed saw, to tell the same etcd from another one after a reconnect: per
@@ -162,6 +166,7 @@ class SourceFeed:
         epoch = self.epoch
         self.delivered = {r.name: start_rev - 1 for r in RESOURCES}
         self.partial = {}
+        self.replay = {}
         # the cluster config as last read (the term's start, or the resync before) and what
         # that resync listed; the events from start_rev on add the others. Writes kept from
         # before must not vouch for this etcd: it may have been replaced since
@@ -294,11 +299,16 @@ class SourceFeed:
         name = item.resource.name
         self.heard[name] = self.clock()
         self.denied.pop(name, None)
-        cut = self.partial.get(name)
-        if cut is not None and item.events and item.events[0].revision == cut[0]:
-            # a stream started again inside a revision that was delivered in part (the
-            # first parts of a very large one): what was delivered is not delivered twice
-            item = replace(item, events=[ev for ev in item.events if (ev.revision, ev.index) > cut])
+        cut = self.replay.get(name)
+        if cut is not None and item.events:
+            # a stream started again where its last one left off delivers what that one
+            # delivered of the revision it starts at: not delivered twice
+            if (item.events[0].revision, item.events[0].index) <= cut:
+                item = replace(
+                    item, events=[ev for ev in item.events if (ev.revision, ev.index) > cut]
+                )
+            if item.events:
+                del self.replay[name]  # past it
         if item.events:
             last = item.events[-1]
             # a part that ends inside a revision says the one before as its header
@@ -381,9 +391,15 @@ class SourceFeed:
             old.stop()
         # A fresh epoch for just this stream would drop the others' responses, so the
         # replacement keeps the epoch; the failed stream reports nothing more after its error.
-        self._start_stream(
-            RESOURCE_BY_NAME[item.resource], self.delivered[item.resource] + 1, self.epoch
-        )
+        # It starts at the last revision delivered whole, not the one after: etcd says a
+        # watch is compacted only if it starts below the compaction, and a compaction at
+        # exactly the next revision would have taken its deletes (and, in a revision
+        # delivered in part, changed what is left of it) without a word. What it delivers
+        # again of that revision (and of the one delivered in part) is dropped (_take).
+        name = item.resource
+        delivered = self.delivered[name]
+        self.replay[name] = self.partial.get(name, (delivered, sys.maxsize))
+        self._start_stream(RESOURCE_BY_NAME[name], max(1, delivered), self.epoch)
         return None
 
     def _retry(self, item: _Broken, delay: float) -> None:

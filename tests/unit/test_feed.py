@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.clients.etcd import Event
+from pipeline.clients.etcd import Event, Put
 from pipeline.protocol.errors import RetryableError
 from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES
 from pipeline.source.feed import Delivered, Lost, SourceFeed, _Broken
@@ -391,22 +391,44 @@ def test_a_source_that_refuses_the_read_user_is_looked_at_less_often() -> None:
 
 def test_a_stream_started_again_inside_a_revision_delivered_in_part_skips_what_came() -> None:
     """The first parts of a very large revision say the revision before as their header; a
-    stream that starts again at that revision delivers its first events again, and the
-    feed drops those."""
-    feed = SourceFeed(MemoryEtcd(SOURCE), SOURCE, "id", watch_timeout=60, on_failure=lambda: None)
-    feed.start(10)
+    broken stream starts again at that revision before, and the feed drops what it delivers
+    again."""
+    etcd = MemoryEtcd(SOURCE)
+    feed = started_feed(etcd)
     nodes = RESOURCE_BY_NAME["nodes"]
     key = nodes.source_prefix(SOURCE) + b"n"
+    etcd.txn([], [Put(key + b"%d" % i, b"{}") for i in range(3)])
+    rev = etcd.revision()  # three events
 
     def part(*events: tuple[int, int], header: int) -> Delivered:
-        return Delivered(nodes, [Event(r, i, key + b"%d" % i, None) for r, i in events], header)
+        return Delivered(nodes, [Event(r, i, key + b"%d" % i, b"{}") for r, i in events], header)
 
-    first = feed._take(part((12, 0), (12, 1), header=11))
+    first = feed._take(part((rev, 0), (rev, 1), header=rev - 1))
     assert isinstance(first, Delivered) and len(first.events) == 2
-    assert feed.delivered["nodes"] == 11  # revision 12 not delivered whole yet
-    again = feed._take(part((12, 0), (12, 1), (12, 2), (13, 0), header=13))
+    assert feed.delivered["nodes"] == rev - 1  # not delivered whole yet
+    old = feed.streams["nodes"]
+    assert feed._take(_Broken("nodes", RetryableError("cut off", SOURCE), old)) is None
+    assert feed.streams["nodes"] is not old
+    assert feed.streams["nodes"].next_rev == rev - 1  # type: ignore[attr-defined]
+    again = feed._take(part((rev - 1, 0), (rev, 0), (rev, 1), (rev, 2), header=rev))
     assert isinstance(again, Delivered)
-    assert [(ev.revision, ev.index) for ev in again.events] == [(12, 2), (13, 0)]
-    assert feed.delivered["nodes"] == 13
-    assert feed.partial == {}
+    assert [(ev.revision, ev.index) for ev in again.events] == [(rev, 2)]
+    assert feed.delivered["nodes"] == rev
+    assert feed.partial == {} and feed.replay == {}
+    feed.stop()
+
+
+def test_a_broken_stream_finds_a_compaction_at_the_revision_after_its_last() -> None:
+    """etcd says a watch is compacted only if it starts below the compaction; one at the
+    revision right after the last delivered would have taken that revision's deletes. A
+    broken stream starts again at the last revision it delivered, and so learns of it."""
+    etcd = MemoryEtcd(SOURCE)
+    feed = started_feed(etcd)
+    etcd.delete(KEYS[1])  # a node's delete, not delivered yet
+    etcd.compact()
+    old = feed.streams["nodes"]
+    assert feed._take(_Broken("nodes", RetryableError("cut off", SOURCE), old)) is None
+    etcd.pump()
+    lost = [i for i in feed.next(0.1, 10) if isinstance(i, Lost)]
+    assert [i.cause for i in lost] == [Cause.COMPACTED]
     feed.stop()
