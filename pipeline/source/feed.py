@@ -66,6 +66,9 @@ class Delivered:
     # and the monotonic clock (how long it waited for the watcher, kvstore_events_queue)
     received_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     received: float = field(default_factory=time.monotonic)
+    # the stream that delivered it: what a stream replaced meanwhile still delivers is
+    # dropped (its replacement delivers it again, from where the feed left off)
+    stream: Stream | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -247,7 +250,10 @@ class SourceFeed:
         me: list[Stream] = []
 
         def on_events(events: list[Event], header_rev: int) -> None:
-            self._put(epoch, Delivered(res, events, header_rev, events_bytes(events)))
+            part = Delivered(
+                res, events, header_rev, events_bytes(events), stream=me[0] if me else None
+            )
+            self._put(epoch, part)
 
         def on_error(exc: BaseException) -> None:
             self._put(epoch, _Broken(res.name, exc, me[0] if me else None))
@@ -297,6 +303,10 @@ class SourceFeed:
                 return None  # a stream already replaced
             return self._broken(item)
         name = item.resource.name
+        if item.stream is not None and self.streams.get(name) is not item.stream:
+            # a stream replaced at this epoch (found silent while a part was on its way,
+            # say): its replacement starts where the feed left off
+            return None
         self.heard[name] = self.clock()
         self.denied.pop(name, None)
         cut = self.replay.get(name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import pytest
@@ -431,4 +432,24 @@ def test_a_broken_stream_finds_a_compaction_at_the_revision_after_its_last() -> 
     etcd.pump()
     lost = [i for i in feed.next(0.1, 10) if isinstance(i, Lost)]
     assert [i.cause for i in lost] == [Cause.COMPACTED]
+    feed.stop()
+
+
+def test_what_a_replaced_stream_still_delivers_is_dropped() -> None:
+    """A stream replaced at the same epoch (found silent, say) may still have a part on its
+    way; its replacement delivers that again from where the feed left off, so the late part
+    is dropped, not taken after what the replacement delivered."""
+    etcd = MemoryEtcd(SOURCE)
+    feed = started_feed(etcd)
+    nodes = RESOURCE_BY_NAME["nodes"]
+    rev = etcd.revision()
+    old = feed.streams["nodes"]
+    assert feed._take(_Broken("nodes", RetryableError("cut off", SOURCE), old)) is None
+    late = Delivered(nodes, [Event(rev + 1, 0, KEYS[1], b"{}")], rev + 1, stream=old)
+    assert feed._take(late) is None
+    assert feed.delivered["nodes"] == rev
+    current = Delivered(nodes, [Event(rev + 1, 0, KEYS[1], b"{}")], rev + 1)
+    current = replace(current, stream=feed.streams["nodes"])
+    assert feed._take(current) is not None
+    assert feed.delivered["nodes"] == rev + 1
     feed.stop()
