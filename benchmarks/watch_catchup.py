@@ -22,44 +22,27 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
-from benchcommon import code_env, discard
+from benchcommon import SOURCE, discard, pair_config
+from watcher_memory import fresh_servers, metric, spawn_watcher, status_kib
 
 from pipeline.clients.etcd import Etcd
-from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
-from pipeline.tools.orphan import wrap
-from pipeline.tools.servers import EtcdServer, RedisServer, free_port
+from pipeline.tools.servers import free_port
 
-SOURCE = "cluster-a"
 PREFIX = f"cilium/state/services/v1/{SOURCE}/".encode()
 
 
-def status_mib(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise SystemExit(f"no {field} for pid {pid}")
-
-
-def metric(port: int, name: str) -> float:
-    """The sum of a metric's samples from the watcher's endpoint (0 while it is not up)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return 0.0
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
-    )
-
-
 def wait(
-    what: str, check: object, watcher: subprocess.Popen[bytes], log: Path, timeout: float
+    what: str,
+    check: Callable[[], bool],
+    watcher: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float,
 ) -> None:
     t0 = time.monotonic()
-    while not check():  # type: ignore[operator]
+    while not check():
         if watcher.poll() is not None or time.monotonic() - t0 > timeout:
             tail = log.read_text(errors="replace")[-2000:]
             raise SystemExit(f"watch_catchup: {what} did not happen:\n{tail}")
@@ -67,41 +50,19 @@ def wait(
 
 
 def run_case(code: Path, values: int, size: int, tmp: Path, timeout: float) -> dict[str, float]:
-    servers = [EtcdServer(tmp / "source"), EtcdServer(tmp / "target"), RedisServer(tmp / "redis")]
+    src, dst, broker = servers = fresh_servers(tmp)
     watcher: subprocess.Popen[bytes] | None = None
     try:
-        for s in servers:
-            s.start()
-        src, dst, broker = servers
-        assert isinstance(src, EtcdServer) and isinstance(dst, EtcdServer)
-        assert isinstance(broker, RedisServer)
         source = Etcd(src.cluster())
         source.put(PREFIX + b"first", b"{}")
         port = free_port()
-        cfg = tmp / "mesh.toml"
-        cfg.write_text(
-            mesh_config(
-                broker_url=broker.url,
-                signing_key_file=write_secret(tmp / "signing.key", new_signing_key()),
-                clusters=[
-                    {"name": SOURCE, "id": 1, "endpoints": [src.url], "target": False},
-                    {"name": "cluster-b", "id": 2, "endpoints": [dst.url], "source": False},
-                ],
-                # nothing applies the tasks: the queue must not pause publishing, and the
-                # pause must not cost the leader lease
-                sync={"max_queue_depth": 1_000_000, "leader_ttl": 600},
-            )
-            + f"\n[metrics]\nwatcher_port = {port}\n"
-        )
+        # nothing applies the tasks: the queue must not pause publishing, and the pause must
+        # not cost the leader lease
+        sync = {"max_queue_depth": 1_000_000, "leader_ttl": 600}
+        cfg = pair_config(tmp / "mesh.toml", broker.url, src.url, dst.url, sync)
+        cfg.write_text(cfg.read_text() + f"\n[metrics]\nwatcher_port = {port}\n")
         log = tmp / "watch.log"
-        with open(log, "wb") as fh:
-            watcher = subprocess.Popen(
-                wrap([sys.executable, "-m", "pipeline", "watch", "--config", str(cfg)]),
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                cwd=code,
-                env=code_env(code),
-            )
+        watcher = spawn_watcher(code, cfg, log)
         w = watcher
         wait(
             "the first snapshot",
@@ -111,7 +72,7 @@ def run_case(code: Path, values: int, size: int, tmp: Path, timeout: float) -> d
             timeout,
         )
         published = metric(port, "kvmesh_watcher_ops_published_total")
-        before = status_mib(w.pid, "VmHWM")
+        before = status_kib(w.pid, "VmHWM") / 1024
         os.kill(w.pid, signal.SIGSTOP)
         value = b"v" * size
         for i in range(values):
@@ -128,7 +89,7 @@ def run_case(code: Path, values: int, size: int, tmp: Path, timeout: float) -> d
         )
         return {
             "peak_before_mib": before,
-            "peak_mib": status_mib(w.pid, "VmHWM"),
+            "peak_mib": status_kib(w.pid, "VmHWM") / 1024,
             "seconds": time.monotonic() - t0,
             "resyncs": metric(port, "kvmesh_watcher_resyncs_total"),
         }

@@ -41,30 +41,51 @@ def status_kib(pid: int, field: str) -> int:
     raise SystemExit(f"no {field} for pid {pid}")
 
 
-def resyncs(port: int) -> float:
-    """kvmesh_watcher_resyncs_total, summed, from the watcher's metrics endpoint (0 while it
-    is not up yet)."""
+def metric(port: int, name: str) -> float:
+    """The sum of a metric's samples from the watcher's endpoint at *port* (0 while it is
+    not up yet)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
             text = resp.read().decode()
     except OSError:
         return 0.0
     return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("kvmesh_watcher_resyncs_total{")
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
     )
 
 
-def run_case(keys: int, prefilled: bool, code: Path, tmp: Path, timeout: float) -> dict[str, float]:
-    servers = [EtcdServer(tmp / "source"), EtcdServer(tmp / "target"), RedisServer(tmp / "redis")]
-    watcher: subprocess.Popen[bytes] | None = None
+def resyncs(port: int) -> float:
+    return metric(port, "kvmesh_watcher_resyncs_total")
+
+
+def fresh_servers(tmp: Path) -> tuple[EtcdServer, EtcdServer, RedisServer]:
+    """A source etcd, a target etcd and Redis, started in *tmp* (all stopped if one fails)."""
+    servers = (EtcdServer(tmp / "source"), EtcdServer(tmp / "target"), RedisServer(tmp / "redis"))
     try:
         for s in servers:
             s.start()
-        src, dst, broker = servers
-        assert isinstance(src, EtcdServer) and isinstance(dst, EtcdServer)
-        assert isinstance(broker, RedisServer)
+    except BaseException:
+        discard(*servers)
+        raise
+    return servers
+
+
+def spawn_watcher(code: Path, cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`kvmesh watch` of the checkout *code* in a process of its own, its output in *log*."""
+    with open(log, "wb") as fh:
+        return subprocess.Popen(
+            wrap([sys.executable, "-m", "pipeline", "watch", "--config", str(cfg)]),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=code,
+            env=code_env(code),
+        )
+
+
+def run_case(keys: int, prefilled: bool, code: Path, tmp: Path, timeout: float) -> dict[str, float]:
+    src, dst, broker = servers = fresh_servers(tmp)
+    watcher: subprocess.Popen[bytes] | None = None
+    try:
         items = [
             (ID_PREFIX + str(identity_id(1, i)).encode(), identity_labels(SOURCE, i).encode())
             for i in range(keys)
@@ -89,14 +110,7 @@ def run_case(keys: int, prefilled: bool, code: Path, tmp: Path, timeout: float) 
             )
             + f"\n[metrics]\nwatcher_port = {port}\n"
         )
-        with open(tmp / "watch.log", "wb") as log:
-            watcher = subprocess.Popen(
-                wrap([sys.executable, "-m", "pipeline", "watch", "--config", str(cfg)]),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=code,
-                env=code_env(code),
-            )
+        watcher = spawn_watcher(code, cfg, tmp / "watch.log")
         t0 = time.monotonic()
         while resyncs(port) < 1:
             if watcher.poll() is not None or time.monotonic() - t0 > timeout:

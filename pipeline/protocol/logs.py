@@ -78,8 +78,11 @@ class LineBudget:
 
     def take(self, kind: str) -> bool:
         """Whether one more line of *kind* may be logged now (if not, it is counted)."""
-        self._close(self.clock())
-        window = self._open.setdefault(kind, _Window(self.clock()))
+        now = self.clock()
+        self._close(now)
+        window = self._open.get(kind)
+        if window is None:
+            window = self._open[kind] = _Window(now)
         if window.logged < self.lines:
             window.logged += 1
             return True

@@ -32,26 +32,8 @@ def test_a_long_history_is_handed_over_in_parts_of_whole_revisions(
     for i in range(12):
         etcd.put(PREFIX + b"two-%d" % i, VALUE)
     last = etcd.revision()
-    parts: list[tuple[list[Event], int]] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def on_events(events: list[Event], header_rev: int) -> None:
-        with lock:
-            parts.append((list(events), header_rev))
-
-    def seen() -> int:
-        with lock:
-            return sum(len(evs) for evs, _ in parts)
-
     # the watch starts behind: etcd sends the whole history at once
-    stream = etcd.watch(PREFIX, start, on_events, errors.append)
-    try:
-        eventually(lambda: seen() == 42 or errors, timeout=60, what="every event delivered")
-    finally:
-        stream.stop()
-        etcd.close()
-    assert not errors
+    parts = _watched(etcd, start, 42)
     events = [ev for evs, _ in parts for ev in evs]
     assert [ev.revision for ev in events] == sorted(ev.revision for ev in events)
     assert [ev.revision for ev in events][-1] == last
@@ -81,6 +63,21 @@ def test_a_revision_larger_than_the_parts_goes_in_parts_that_say_the_revision_be
         etcd.txn([], [Put(PREFIX + b"k-%03d-%d" % (i, j), b"v" * 100) for j in range(5)])
     etcd.delete_prefix(PREFIX)  # 200 deletes at one revision: about 50 KB of events
     last = etcd.revision()
+    parts = _watched(etcd, start, 400)
+    deletes = [ev for evs, _ in parts for ev in evs if ev.revision == last]
+    assert [ev.index for ev in deletes] == list(range(200))
+    inside = [(evs, h) for evs, h in parts if evs[-1].revision == last and h < last]
+    assert inside  # the delete revision was split
+    for evs, header_rev in parts:
+        if header_rev < evs[-1].revision:
+            assert header_rev == evs[-1].revision - 1
+        # at most the split size, and one event beyond it
+        assert events_bytes(evs[:-1]) < etcd_module.WATCH_SPLIT_PARTS * chunk
+
+
+def _watched(etcd: Etcd, start: int, count: int) -> list[tuple[list[Event], int]]:
+    """What a watch of PREFIX from *start* hands over, (events, header revision) per part,
+    until *count* events came; then the watch and the client are closed."""
     parts: list[tuple[list[Event], int]] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -95,17 +92,9 @@ def test_a_revision_larger_than_the_parts_goes_in_parts_that_say_the_revision_be
 
     stream = etcd.watch(PREFIX, start, on_events, errors.append)
     try:
-        eventually(lambda: seen() == 400 or errors, timeout=60, what="every event delivered")
+        eventually(lambda: seen() == count or errors, timeout=60, what="every event delivered")
     finally:
         stream.stop()
         etcd.close()
     assert not errors
-    deletes = [ev for evs, _ in parts for ev in evs if ev.revision == last]
-    assert [ev.index for ev in deletes] == list(range(200))
-    inside = [(evs, h) for evs, h in parts if evs[-1].revision == last and h < last]
-    assert inside  # the delete revision was split
-    for evs, header_rev in parts:
-        if header_rev < evs[-1].revision:
-            assert header_rev == evs[-1].revision - 1
-        # at most the split size, and one event beyond it
-        assert events_bytes(evs[:-1]) < etcd_module.WATCH_SPLIT_PARTS * chunk
+    return parts

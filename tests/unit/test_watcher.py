@@ -505,12 +505,7 @@ def test_the_feed_inbox_is_bounded_and_holds_back_the_watch() -> None:
     source = MemoryEtcd("a")
     feed = SourceFeed(source.reader(), "a", "id", 15.0, on_failure=lambda: None, inbox=2)
     feed.start(1)
-    for i in range(3):
-        source.put(NODE + b"n%d" % i, b"{}")
-        source.put(IDENTITY + str((1 << 16) + i).encode(), b"x")
-        source.put(b"cilium/state/services/v1/a/s%d" % i, b"{}")
-    pumping = threading.Thread(target=source.pump)
-    pumping.start()
+    pumping = _three_streams_owing(source)
     eventually(lambda: feed.inbox.qsize() == 2, what="the inbox full")
     pumping.join(0.2)
     assert pumping.is_alive()  # three streams owe a response, the inbox takes two
@@ -670,12 +665,7 @@ def test_the_feed_inbox_is_bounded_in_bytes_too() -> None:
     source = MemoryEtcd("a")
     feed = SourceFeed(source.reader(), "a", "id", 15.0, on_failure=lambda: None, inbox_bytes=1)
     feed.start(1)
-    for i in range(3):
-        source.put(NODE + b"n%d" % i, b"{}")
-        source.put(IDENTITY + str((1 << 16) + i).encode(), b"x")
-        source.put(b"cilium/state/services/v1/a/s%d" % i, b"{}")
-    pumping = threading.Thread(target=source.pump)
-    pumping.start()
+    pumping = _three_streams_owing(source)
     eventually(lambda: feed.inbox.qsize() == 1, what="one response in")
     pumping.join(0.2)
     assert pumping.is_alive()  # three streams owe a response, the inbox's bytes take one
@@ -809,3 +799,15 @@ def test_bad_input_is_logged_a_hundred_lines_a_minute_per_reason(
     assert rest[0].startswith("a: 15 more changes not synced as layout in the last ")
     rig.tick(61.0)  # said once
     assert sum("more changes not synced" in r.getMessage() for r in caplog.records) == 1
+
+
+def _three_streams_owing(source: MemoryEtcd) -> threading.Thread:
+    """Three writes to each of three resources, and a thread pumping the responses their
+    streams owe into the feed (it blocks while the inbox has no room)."""
+    for i in range(3):
+        source.put(NODE + b"n%d" % i, b"{}")
+        source.put(IDENTITY + str((1 << 16) + i).encode(), b"x")
+        source.put(b"cilium/state/services/v1/a/s%d" % i, b"{}")
+    pumping = threading.Thread(target=source.pump)
+    pumping.start()
+    return pumping
