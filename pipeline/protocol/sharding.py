@@ -7,7 +7,7 @@ The hash is stable across processes and restarts (Python's hash() is salted; thi
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from pipeline.protocol.layout import RESOURCES, Resource
 
@@ -35,6 +35,17 @@ def all_in_shard(resource: Resource, keys: Iterable[bytes], shards: int, index: 
 def shard_of(resource: Resource, key: bytes, shards: int) -> str:
     """The shard name of a source key, e.g. `identities-3`."""
     return f"{resource.name}-{shard_index(resource, key, shards)}"
+
+
+def shard_namer(resource: Resource, shards: int) -> Callable[[bytes], str]:
+    """shard_of for many keys of one resource, its names made once (a resync names the
+    shard of every key it lists)."""
+    n = shard_count(resource, shards)
+    names = [f"{resource.name}-{i}" for i in range(n)]
+    if n == 1:
+        return lambda _key: names[0]
+    crc32 = zlib.crc32
+    return lambda key: names[crc32(key) % n]
 
 
 def all_shards(shards: int) -> list[str]:

@@ -6,15 +6,15 @@ that turns that difference into chained snapshot batches. Shared by the watcher'
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
-from pipeline.protocol.batching import Change, check_size, overflows
+from pipeline.protocol.batching import check_size, overflows
 from pipeline.protocol.errors import BadInputError, LayoutError
 from pipeline.protocol.fence import Position
 from pipeline.protocol.layout import RESOURCES, Layout, Op, Resource
 from pipeline.protocol.sharding import shard_of
-from pipeline.protocol.wire import Batch, op_size
+from pipeline.protocol.wire import Batch, Operation, op_size
 
 
 def convert(
@@ -60,9 +60,22 @@ class Merger:
         self._actual = actual
         self._head = next(actual, None)
 
-    def push(self, key: bytes, value: bytes) -> Iterator[tuple[bytes, bytes | None, bool]]:
+    def push(self, key: bytes, value: bytes) -> Iterable[tuple[bytes, bytes | None, bool]]:
         """The differences up to *key*: (key, None, False) for each key only the target
-        holds, then (key, value, missing) if the target lacks *key* or holds another value."""
+        holds, then (key, value, missing) if the target lacks *key* or holds another value.
+        This runs once per source key and target: the usual cases (the target holds the key,
+        or lacks it and nothing before it) answer without a generator; keys only the target
+        holds stream out one at a time, however many there are."""
+        head = self._head
+        if head is None or head[0] > key:
+            return ((key, value, True),)
+        if head[0] == key:
+            self._head = next(self._actual, None)
+            return ((key, value, False),) if head[1] != value else ()
+        return self._past(key, value)
+
+    def _past(self, key: bytes, value: bytes) -> Iterator[tuple[bytes, bytes | None, bool]]:
+        """push() when the target holds keys before *key*."""
         while self._head is not None and self._head[0] < key:
             yield self._head[0], None, False
             self._head = next(self._actual, None)
@@ -128,58 +141,47 @@ class SnapshotCutter:
     ) -> None:
         self._source, self._target, self._gen, self._rev = source, target, gen, revision
         self._max_ops, self._max_bytes = max_ops, max_bytes
-        self._pending: dict[str, list[Change]] = {}
-        self._pending_bytes: dict[str, int] = {}
-        self._held: dict[str, Batch] = {}
-        self._prev: dict[str, Position] = {}
-        self._index: dict[str, int] = {}
+        self._shards: dict[str, _Shard] = {}
         self.missing = self.different = self.extra = 0
 
-    def _add(self, key: bytes, op: Op, value: bytes | None, shard: str) -> list[Batch]:
-        index = self._index.get(shard, 0) + 1
-        self._index[shard] = index
-        change = Change(key, op, value, (self._rev, index))
-        pending = self._pending.setdefault(shard, [])
+    def _add(self, key: bytes, op: Op, value: bytes | None, shard: str) -> Sequence[Batch]:
+        # once per key written: one look-up of the shard's state, and the operation made
+        # as it is sent (no intermediate Change)
+        st = self._shards.get(shard)
+        if st is None:
+            st = self._shards[shard] = _Shard((self._rev, 0))
         size = op_size(key, value)
-        out: list[Batch] = []
-        if overflows(
-            len(pending), self._pending_bytes.get(shard, 0), size, self._max_ops, self._max_bytes
-        ):
-            out = self._cut(shard, done=False)
-        self._pending.setdefault(shard, []).append(change)
-        self._pending_bytes[shard] = self._pending_bytes.get(shard, 0) + size
+        out: Sequence[Batch] = ()
+        if overflows(len(st.ops), st.bytes, size, self._max_ops, self._max_bytes):
+            out = self._cut(shard, st, done=False)
+        st.ops.append(Operation(op, key, value))
+        st.bytes += size
+        st.index += 1
         return out
 
-    def _cut(self, shard: str, done: bool) -> list[Batch]:
-        """Close the shard's pending changes into a batch; release the one held before."""
-        changes = self._pending.pop(shard, [])
-        self._pending_bytes[shard] = 0
+    def _cut(self, shard: str, st: _Shard, done: bool) -> list[Batch]:
+        """Close the shard's pending operations into a batch; release the one held before."""
+        ops, st.ops, st.bytes = st.ops, [], 0
         out: list[Batch] = []
-        held = self._held.pop(shard, None)
+        held, st.held = st.held, None
         if held is not None:
             out.append(held)
-        if changes:
-            prev = self._prev.get(shard, (self._rev, 0))
+        if ops:
+            pos = (self._rev, st.index)
             batch = Batch(
-                self._source,
-                self._target,
-                shard,
-                self._gen,
-                prev,
-                changes[-1].pos,
-                tuple(c.operation for c in changes),
-                done=done,
+                self._source, self._target, shard, self._gen, st.prev, pos, tuple(ops), done=done
             )
-            self._prev[shard] = batch.pos
+            st.prev = pos
+            st.changed = True
             if done:
                 out.append(batch)
             else:
-                self._held[shard] = batch
+                st.held = batch
         elif held is not None and done:
             out[-1] = replace(held, done=True)
         return out
 
-    def put(self, key: bytes, value: bytes, shard: str, missing: bool) -> list[Batch]:
+    def put(self, key: bytes, value: bytes, shard: str, missing: bool) -> Sequence[Batch]:
         """The target lacks *key* (missing) or holds another value."""
         if missing:
             self.missing += 1
@@ -187,7 +189,7 @@ class SnapshotCutter:
             self.different += 1
         return self._add(key, Op.PUT, value, shard)
 
-    def delete(self, key: bytes, shard: str) -> list[Batch]:
+    def delete(self, key: bytes, shard: str) -> Sequence[Batch]:
         """Only the target holds *key*."""
         self.extra += 1
         return self._add(key, Op.DELETE, None, shard)
@@ -196,11 +198,26 @@ class SnapshotCutter:
         """Close every shard (or only *resource*'s shards, once it is listed: its canary
         then need not wait for the resources listed after it)."""
         out: list[Batch] = []
-        for shard in sorted(set(self._pending) | set(self._held)):
+        for shard in sorted(self._shards):
             if resource is None or shard.rpartition("-")[0] == resource:
-                out += self._cut(shard, done=True)
+                out += self._cut(shard, self._shards[shard], done=True)
         return out
 
     def last_positions(self) -> dict[str, Position]:
         """The pos of each shard's final batch (shards without changes are absent)."""
-        return dict(self._prev)
+        return {shard: st.prev for shard, st in self._shards.items() if st.changed}
+
+
+class _Shard:
+    """A shard's side of a SnapshotCutter: its pending operations (and their bytes), the
+    index of the last one, the batch held back and the pos of the last batch cut."""
+
+    __slots__ = ("bytes", "changed", "held", "index", "ops", "prev")
+
+    def __init__(self, start: Position) -> None:
+        self.ops: list[Operation] = []
+        self.bytes = 0
+        self.index = 0
+        self.held: Batch | None = None
+        self.prev = start
+        self.changed = False  # a batch was cut

@@ -10,13 +10,13 @@ with the number of targets, not with the number of keys.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.clients.etcd import EtcdClient
 from pipeline.protocol.errors import BadInputError, RetryableError
 from pipeline.protocol.layout import RESOURCES, Layout, Resource, SourceCaps
-from pipeline.protocol.sharding import shard_of
+from pipeline.protocol.sharding import shard_namer
 from pipeline.protocol.snapshot import Merger, SnapshotCutter
 from pipeline.protocol.wire import Batch
 from pipeline.source.listing import Readiness, iter_resource
@@ -25,6 +25,10 @@ from pipeline.source.targets import TargetControl
 log = logging.getLogger("kvmesh.resync")
 
 PUBLISH_EVERY = 32  # batches gathered per target before they are published
+# ... except at the start, when the workers have nothing to do yet: the first publish goes
+# at this many (a task's worth at the default sync.batches_per_task), the next at twice
+# as many, and so on up to PUBLISH_EVERY (a resource's forced last publish is no step)
+PUBLISH_FIRST = 8
 
 
 @dataclass
@@ -37,11 +41,16 @@ class Snapshot:
     failed: str = ""  # why this target's snapshot stopped (then it stays owed a resync)
     held: int = 0  # keys only the target holds, kept while their source canary is missing
     outbox: list[Batch] = field(default_factory=list)
+    gather: int = PUBLISH_FIRST  # batches gathered before the next publish
 
-    def send(self, batches: list[Batch], force: bool = False) -> None:
-        self.outbox.extend(batches)
-        if self.failed or not self.outbox or (len(self.outbox) < PUBLISH_EVERY and not force):
+    def send(self, batches: Sequence[Batch], force: bool = False) -> None:
+        if self.failed:  # nothing more is published for this target: its batches go
             return
+        self.outbox.extend(batches)
+        if not self.outbox or (len(self.outbox) < self.gather and not force):
+            return
+        if not force:  # a resource's last batches do not count as the ramp's steps
+            self.gather = min(PUBLISH_EVERY, 2 * self.gather)
         try:
             self.publish(self.outbox)
         except RetryableError as exc:
@@ -97,6 +106,7 @@ def run(
     for res in RESOURCES:
         hold = res.name in waiting or (res.single_key and bool(waiting))
         mergers = [Merger(_cache(snap, res)) for snap in snapshots]
+        shard_of = shard_namer(res, shard_count)
         rows: Iterator[tuple[bytes, bytes]] = iter(())
         if ready.caps.syncs(res):
             rows = iter_resource(
@@ -112,13 +122,13 @@ def run(
         for key, value in rows:
             for snap, merger in zip(snapshots, mergers, strict=True):
                 if not snap.failed:
-                    _feed(snap, res, merger.push(key, value), shard_count, hold)
+                    _feed(snap, merger.push(key, value), shard_of, hold)
             listed += 1
             if listed % 5000 == 0 and not keep_going():
                 raise RetryableError("lost the lease during a resync")
         for snap, merger in zip(snapshots, mergers, strict=True):
             if not snap.failed:
-                _feed(snap, res, merger.rest(), shard_count, hold)
+                _feed(snap, merger.rest(), shard_of, hold)
                 snap.send(snap.cutter.finish(res.name), force=True)
         on_listed(res)
     for snap in snapshots:
@@ -127,17 +137,19 @@ def run(
 
 def _feed(
     snap: Snapshot,
-    res: Resource,
-    differences: Iterator[tuple[bytes, bytes | None, bool]],
-    shard_count: int,
+    differences: Iterable[tuple[bytes, bytes | None, bool]],
+    shard_of: Callable[[bytes], str],
     hold: bool,
 ) -> None:
     for key, value, missing in differences:
-        shard = shard_of(res, key, shard_count)
         if value is None:
             if hold:
                 snap.held += 1
                 continue
-            snap.send(snap.cutter.delete(key, shard))
+            batches = snap.cutter.delete(key, shard_of(key))
         else:
-            snap.send(snap.cutter.put(key, value, shard, missing))
+            batches = snap.cutter.put(key, value, shard_of(key), missing)
+        if batches:
+            snap.send(batches)
+            if snap.failed:
+                return

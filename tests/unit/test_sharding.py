@@ -11,6 +11,7 @@ from pipeline.protocol.sharding import (
     all_in_shard,
     all_shards,
     shard_index,
+    shard_namer,
     shard_of,
     shard_resource,
 )
@@ -69,3 +70,12 @@ def test_all_in_shard_agrees_with_shard_index() -> None:
     single = RESOURCE_BY_NAME["config"]
     assert all_in_shard(single, [b"anything"], 16, 0)
     assert not all_in_shard(single, [b"anything"], 16, 1)
+
+
+def test_shard_namer_agrees_with_shard_of() -> None:
+    """A resync's namer, made once per resource, names every key's shard as shard_of does."""
+    keys = [f"cilium/cache/identities/v1/a/id/{i}".encode() for i in range(400)]
+    for res in (IDS, RESOURCE_BY_NAME["config"]):
+        for shards in (1, 3, 16):
+            name = shard_namer(res, shards)
+            assert [name(k) for k in keys] == [shard_of(res, k, shards) for k in keys]
