@@ -62,8 +62,10 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
-@dataclass(frozen=True)
-class KV:
+class KV(NamedTuple):
+    """One key as read. A named tuple: a listing makes one per key, in under half the time
+    of a frozen dataclass."""
+
     key: bytes
     value: bytes
     mod_revision: int
