@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pipeline.clients.publisher import MAX_OPS_PER_TASK, group_batches
+from pipeline.clients.publisher import group_batches
 from pipeline.config import Settings, settings_from_mapping
 from pipeline.protocol.errors import BadInputError, PublishError
 from pipeline.protocol.fence import Decision
@@ -84,14 +84,10 @@ class Queue:
         self.flushes = 0  # calls of publish: one per flush of the watcher
         self.tasks: list[list[Batch]] = []  # the batches as the publisher cuts them into tasks
 
-    def publish(
-        self, batches: Sequence[Batch], per_task: int = 0, txn_ops: int = 0, task_ops: int = 0
-    ) -> None:
+    def publish(self, batches: Sequence[Batch], per_task: int = 0, txn_ops: int = 0) -> None:
         if self.failing:
             raise PublishError("broker down", 0)
-        self.tasks += group_batches(
-            batches, per_task or self.per_task, task_ops or MAX_OPS_PER_TASK, txn_ops=txn_ops
-        )
+        self.tasks += group_batches(batches, per_task or self.per_task, txn_ops=txn_ops)
         self.batches.extend(batches)
         self.seen.extend(batches)
         self.published += len(batches)

@@ -22,12 +22,9 @@ from pipeline.protocol.wire import Batch, Signer, encode_task_json
 
 
 class Publisher(Protocol):
-    def publish(
-        self, batches: Sequence[Batch], per_task: int = 0, txn_ops: int = 0, task_ops: int = 0
-    ) -> None:
-        """Publish the batches, *per_task* to a task (0: sync.batches_per_task) and about
-        *task_ops* operations to a task (0: MAX_OPS_PER_TASK); *txn_ops*: see
-        group_batches."""
+    def publish(self, batches: Sequence[Batch], per_task: int = 0, txn_ops: int = 0) -> None:
+        """Publish the batches, *per_task* to a task (0: sync.batches_per_task); *txn_ops*:
+        see group_batches."""
         ...
 
     def backlog(self) -> int:
@@ -42,13 +39,6 @@ class Publisher(Protocol):
 # a backlog about a tenth slower, and its start (small flushes that chain) half again as
 # slow (docs/performance.md).
 MAX_OPS_PER_TASK = 512
-# ... except in a resync's snapshot, whose full batches go to tasks of 8 transactions: an
-# initial sync then makes half as many tasks, and the workers' cost per task (Celery's
-# hand-off, the payload's read from Redis, the counts) is paid half as often. The snapshot
-# of a pair is published for its target alone, so a task holds that target's batches only,
-# and TXNS_PER_TASK (workers/tasks.py) already waits that long for a predecessor's task
-# (docs/performance.md, initial sync: "A snapshot's tasks twice as large").
-SNAPSHOT_OPS_PER_TASK = 1024
 
 
 def group_batches(
@@ -200,18 +190,11 @@ class RedisPublisher:
         except redis.RedisError as exc:
             raise RetryableError(f"reading the depth of {self._queue} failed: {exc}") from None
 
-    def publish(
-        self, batches: Sequence[Batch], per_task: int = 0, txn_ops: int = 0, task_ops: int = 0
-    ) -> None:
+    def publish(self, batches: Sequence[Batch], per_task: int = 0, txn_ops: int = 0) -> None:
         """Publish every batch, or raise PublishError saying how many went out first."""
         sent = 0
         try:
-            for group in group_batches(
-                batches,
-                per_task or self._per_task,
-                task_ops or MAX_OPS_PER_TASK,
-                txn_ops=txn_ops,
-            ):
+            for group in group_batches(batches, per_task or self._per_task, txn_ops=txn_ops):
                 first = group[0]
                 payload = encode_task_json(group, self._signer)
                 targets = sorted({b.target for b in group})

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 
 from pipeline.clients.etcd import Etcd, EtcdClient
 from pipeline.clients.lease import AlwaysLeader, Lease
-from pipeline.clients.publisher import MAX_OPS_PER_TASK, SNAPSHOT_OPS_PER_TASK, Publisher
+from pipeline.clients.publisher import MAX_OPS_PER_TASK, Publisher
 from pipeline.config import READ, WRITE, ClusterConfig, Settings
 from pipeline.protocol.batching import Change, ShardBuffer, make_batches
 from pipeline.protocol.errors import BadInputError, LeaseGoneError, PublishError, RetryableError
@@ -1415,7 +1415,7 @@ class Watcher:
     def _snapshot_publisher(self, t: Target) -> Callable[[list[Batch]], None]:
         def publish(batches: list[Batch]) -> None:
             batches = self._on_leases(t, batches)
-            self.publisher.publish(batches, task_ops=SNAPSHOT_OPS_PER_TASK)
+            self.publisher.publish(batches)
             self._count_published(t, batches)
 
         return publish

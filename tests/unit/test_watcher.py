@@ -11,7 +11,6 @@ import time
 import pytest
 
 from pipeline.clients.etcd import ModIs, Put
-from pipeline.clients.publisher import MAX_OPS_PER_TASK, SNAPSHOT_OPS_PER_TASK
 from pipeline.protocol.errors import RetryableError
 from pipeline.protocol.fence import Decision, GenRecord
 from pipeline.protocol.layout import RESOURCE_BY_NAME
@@ -140,28 +139,6 @@ def test_a_flush_lists_its_shards_in_one_fixed_order() -> None:
             shards = [int(b.shard.split("-")[1]) for b in rig.queue.seen[n:] if b.target == target]
             assert len(shards) == 12
             assert shards == sorted(shards)
-
-
-def test_a_snapshot_goes_in_tasks_twice_the_size_of_a_flush() -> None:
-    """A resync's full batches go to tasks of up to SNAPSHOT_OPS_PER_TASK operations (an
-    initial sync makes half as many tasks), each of one target; a flush's stay within
-    MAX_OPS_PER_TASK."""
-    rig = Rig(shards=2)
-    fill(rig, nodes=0, identities=3000)
-    rig.start()
-    rig.settle()
-    snapshot = list(rig.queue.tasks)
-    sizes = [sum(len(b.ops) for b in t) for t in snapshot]
-    assert MAX_OPS_PER_TASK < max(sizes) <= SNAPSHOT_OPS_PER_TASK
-    assert all(len({b.target for b in t}) == 1 for t in snapshot)
-    ids = [(1 << 16) + 5000 + i for i in range(2000)]
-    for i in range(0, len(ids), 100):
-        puts = [Put(IDENTITY + str(n).encode(), b"k8s:app=y") for n in ids[i : i + 100]]
-        rig.source.txn([], puts)
-    rig.settle()
-    flushed = rig.queue.tasks[len(snapshot) :]
-    assert sum(len(b.ops) for t in flushed for b in t) == 2 * len(ids)
-    assert max(sum(len(b.ops) for b in t) for t in flushed) <= MAX_OPS_PER_TASK
 
 
 def one_flush(count: int) -> list[list[Batch]]:
