@@ -26,8 +26,8 @@ log = logging.getLogger("kvmesh.resync")
 
 PUBLISH_EVERY = 32  # batches gathered per target before they are published
 # ... except at the start, when the workers have nothing to do yet: the first publish goes
-# at this many (a task's worth at the default sync.batches_per_task), the next at twice
-# as many, and so on up to PUBLISH_EVERY (a resource's forced last publish is no step)
+# at this many (two tasks of full batches, MAX_OPS_PER_TASK), the next at twice as many,
+# and so on up to PUBLISH_EVERY (a resource's forced last publish is no step)
 PUBLISH_FIRST = 8
 
 
