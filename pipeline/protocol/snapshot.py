@@ -7,7 +7,7 @@ that turns that difference into chained snapshot batches. Shared by the watcher'
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pipeline.protocol.batching import check_size, overflows
 from pipeline.protocol.errors import BadInputError, LayoutError
@@ -172,13 +172,12 @@ class SnapshotCutter:
                 self._source, self._target, shard, self._gen, st.prev, pos, tuple(ops), done=done
             )
             st.prev = pos
-            st.changed = True
             if done:
                 out.append(batch)
             else:
                 st.held = batch
-        elif held is not None and done:
-            out[-1] = replace(held, done=True)
+        # (a held batch always has pending operations after it: _add appends one at once,
+        # so the last batch cut for a shard is the one that says done)
         return out
 
     def put(self, key: bytes, value: bytes, shard: str, missing: bool) -> Sequence[Batch]:
@@ -205,19 +204,18 @@ class SnapshotCutter:
 
     def last_positions(self) -> dict[str, Position]:
         """The pos of each shard's final batch (shards without changes are absent)."""
-        return {shard: st.prev for shard, st in self._shards.items() if st.changed}
+        return {shard: st.prev for shard, st in self._shards.items() if st.prev[1]}
 
 
 class _Shard:
     """A shard's side of a SnapshotCutter: its pending operations (and their bytes), the
     index of the last one, the batch held back and the pos of the last batch cut."""
 
-    __slots__ = ("bytes", "changed", "held", "index", "ops", "prev")
+    __slots__ = ("bytes", "held", "index", "ops", "prev")
 
     def __init__(self, start: Position) -> None:
         self.ops: list[Operation] = []
         self.bytes = 0
         self.index = 0
         self.held: Batch | None = None
-        self.prev = start
-        self.changed = False  # a batch was cut
+        self.prev = start  # (R, 0) until a batch is cut: a batch's pos has an index of 1 or more

@@ -502,10 +502,7 @@ def test_drain_removes_a_source_that_left() -> None:
 def test_the_feed_inbox_is_bounded_and_holds_back_the_watch() -> None:
     """A watcher that falls behind makes the watch threads wait, instead of queueing every
     response in memory."""
-    source = MemoryEtcd("a")
-    feed = SourceFeed(source.reader(), "a", "id", 15.0, on_failure=lambda: None, inbox=2)
-    feed.start(1)
-    pumping = _three_streams_owing(source)
+    feed, pumping = _three_streams_owing(inbox=2)
     eventually(lambda: feed.inbox.qsize() == 2, what="the inbox full")
     pumping.join(0.2)
     assert pumping.is_alive()  # three streams owe a response, the inbox takes two
@@ -662,10 +659,7 @@ def test_a_lease_renewal_that_raises_steps_the_watcher_down_and_the_thread_lives
 def test_the_feed_inbox_is_bounded_in_bytes_too() -> None:
     """Responses larger than the room left in the inbox wait for the watcher; one larger than
     the whole inbox still goes in, alone."""
-    source = MemoryEtcd("a")
-    feed = SourceFeed(source.reader(), "a", "id", 15.0, on_failure=lambda: None, inbox_bytes=1)
-    feed.start(1)
-    pumping = _three_streams_owing(source)
+    feed, pumping = _three_streams_owing(inbox_bytes=1)
     eventually(lambda: feed.inbox.qsize() == 1, what="one response in")
     pumping.join(0.2)
     assert pumping.is_alive()  # three streams owe a response, the inbox's bytes take one
@@ -801,13 +795,17 @@ def test_bad_input_is_logged_a_hundred_lines_a_minute_per_reason(
     assert sum("more changes not synced" in r.getMessage() for r in caplog.records) == 1
 
 
-def _three_streams_owing(source: MemoryEtcd) -> threading.Thread:
-    """Three writes to each of three resources, and a thread pumping the responses their
-    streams owe into the feed (it blocks while the inbox has no room)."""
+def _three_streams_owing(**bounds: int) -> tuple[SourceFeed, threading.Thread]:
+    """A started feed with the inbox *bounds* given, three writes to each of three
+    resources, and a thread pumping the responses their streams owe into the feed (it
+    blocks while the inbox has no room)."""
+    source = MemoryEtcd("a")
+    feed = SourceFeed(source.reader(), "a", "id", 15.0, on_failure=lambda: None, **bounds)
+    feed.start(1)
     for i in range(3):
         source.put(NODE + b"n%d" % i, b"{}")
         source.put(IDENTITY + str((1 << 16) + i).encode(), b"x")
         source.put(b"cilium/state/services/v1/a/s%d" % i, b"{}")
     pumping = threading.Thread(target=source.pump)
     pumping.start()
-    return pumping
+    return feed, pumping
