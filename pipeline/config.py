@@ -141,6 +141,10 @@ class SyncConfig:
     # changes a target may hold while publishing is paused before they are dropped for a
     # resync (docs/architecture.md, "Publishing without loss when the broker is full")
     max_held_changes: int = 500_000
+    # ... and the bytes of their keys and values (op_size): a source of large values would
+    # otherwise have the watcher hold a copy of its keyspace (the targets share it), and
+    # more while the broker fails
+    max_held_bytes: int = 256 * 1024 * 1024
     # Cilium's --max-connected-clusters of the whole mesh: 255, or 511 (cluster IDs then take
     # 9 bits of an identity, shifted by 15 instead of 16)
     max_connected_clusters: int = 255
@@ -584,6 +588,8 @@ def settings_from_mapping(
         raise ConfigError("sync.max_queue_depth", "must be at least 1")
     if sync.max_held_changes < 1:
         raise ConfigError("sync.max_held_changes", "must be at least 1")
+    if sync.max_held_bytes < MAX_BATCH_BYTES:
+        raise ConfigError("sync.max_held_bytes", f"must be at least {MAX_BATCH_BYTES}")
     if sync.cache_lease_ttl and not 60 <= sync.cache_lease_ttl <= 86_400:
         raise ConfigError(
             "sync.cache_lease_ttl", "must be 0 (no lease) or from 60 to 86400 seconds"

@@ -42,6 +42,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple
 
 from pipeline.protocol.errors import (
@@ -91,6 +92,11 @@ class Batch:
     # when the watcher received the oldest source event in the batch (Unix ms; 0: none, a
     # snapshot). Workers measure kvmesh_sync_lag_seconds from it; it decides nothing.
     event_ms: int = 0
+
+    @cached_property
+    def size(self) -> int:
+        """Bytes its operations add to a request (op_size of each), summed once."""
+        return sum(op_size(o.key, o.value) for o in self.ops)
 
     def encode(self, ops: Any = None) -> dict[str, Any]:
         """The batch's JSON object; *ops*, if given, stands for its encoded operations (a

@@ -50,7 +50,7 @@ class Cause(StrEnum):
     SOURCE_CANARY = "source_canary"  # a resource's source canary appeared: send held deletes
     SOURCE_CONFIG = "source_config"  # the source's capabilities changed what is synced
     LEASE_EXPIRED = "lease_expired"  # a lease of cached keys ended, and its keys with it
-    OUTBOX_FULL = "outbox_full"  # too many changes coalesced while publishing was paused
+    OUTBOX_FULL = "outbox_full"  # too many changes (or bytes) held while publishing was paused
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,8 @@ class Target:
     progress_at: float = 0.0  # when the progress record was last written
     # changes owed to this target and not cut into batches yet (its queue is full, or the
     # broker failing); coalesced per key, which keeps a delete for every key touched: bounded
-    # by sync.max_held_changes while publishing is paused (Watcher._bound_paused)
+    # by sync.max_held_changes and sync.max_held_bytes while publishing is paused
+    # (Watcher._bound_paused)
     outbox: ShardBuffer = field(default_factory=ShardBuffer)
     # batches cut and chained but not known to be published: sent again as they are, so a
     # publish that did land after all is only a duplicate
@@ -135,6 +136,14 @@ class Target:
     @property
     def name(self) -> str:
         return self.control.name
+
+    def held(self) -> tuple[int, int]:
+        """The changes held for this target and not published (its outbox, and batches cut
+        but not published), and the bytes of their keys and values (op_size)."""
+        return (
+            len(self.outbox) + sum(len(b.ops) for b in self.unsent),
+            self.outbox.bytes + sum(b.size for b in self.unsent),
+        )
 
     def owe(self, cause: Cause, detail: str = "") -> None:
         """Mark the target for a resync (a cause already owed is kept)."""
@@ -707,8 +716,8 @@ class Watcher:
         publish them, unless the broker is full or failing: then publishing pauses, with a
         growing delay, the outboxes keep coalescing what comes meanwhile, and batches already
         cut wait in `unsent` to go out as they are. Nothing is dropped, and no resync is
-        started for it, unless a target holds more than sync.max_held_changes meanwhile
-        (_bound_paused)."""
+        started for it, unless a target holds more than sync.max_held_changes or
+        sync.max_held_bytes meanwhile (_bound_paused)."""
         self._flush_deadline = None
         since = self.buffer.since  # when each shard's oldest change came (drain resets it)
         drained = self.buffer.drain()
@@ -830,26 +839,29 @@ class Watcher:
 
     def _bound_paused(self, targets: list[Target]) -> None:
         """While publishing is paused, a target holding more than sync.max_held_changes
-        changes (in its outbox, and in batches cut but not published) drops them and is
-        resynced instead: the outbox keeps a delete for every key touched, so a source that
-        creates and deletes keys faster than the workers keep up would grow it (and the
-        burst it becomes on resuming) without bound, where a snapshot holds only the keys
-        that exist."""
-        limit = self.sync.max_held_changes
+        changes, or more than sync.max_held_bytes of their keys and values (in its outbox,
+        and in batches cut but not published), drops them and is resynced instead: the
+        outbox keeps a delete for every key touched, so a source that creates and deletes
+        keys faster than the workers keep up would grow it (and the burst it becomes on
+        resuming) without bound, where a snapshot holds only the keys that exist; and a
+        source of large values would have it hold a copy of all of them."""
+        limit, limit_bytes = self.sync.max_held_changes, self.sync.max_held_bytes
         for t in targets:
-            held = len(t.outbox) + sum(len(b.ops) for b in t.unsent)
-            if held > limit and not t.need_resync:
-                log.warning(
-                    "%s→%s: %d changes held while publishing is paused (over %d); resyncing "
-                    "instead",
-                    self.source.name,
-                    t.name,
-                    held,
-                    limit,
+            if t.need_resync:
+                continue
+            held, size = t.held()
+            if held > limit:
+                why = f"{held} changes held while publishing was paused (over {limit})"
+            elif size > limit_bytes:
+                why = (
+                    f"{size} bytes of changes held while publishing was paused (over {limit_bytes})"
                 )
-                t.outbox.drain()
-                t.unsent = []
-                t.owe(Cause.OUTBOX_FULL, f"{held} changes held while publishing was paused")
+            else:
+                continue
+            log.warning("%s→%s: %s; resyncing instead", self.source.name, t.name, why)
+            t.outbox.drain()
+            t.unsent = []
+            t.owe(Cause.OUTBOX_FULL, why)
 
     def _pause_publishing(self, reason: str, why: str) -> None:
         self._publish_backoff = min(max(0.5, self._publish_backoff * 2), 10.0)

@@ -207,6 +207,7 @@ def test_environment_for_an_unknown_cluster_is_an_error(tmp_path: Path) -> None:
         (MINIMAL.replace("shards = 8", "resync_interval = -1.0"), "sync.resync_interval"),
         (MINIMAL.replace("shards = 8", "max_batch_bytes = 1500001"), "sync.max_batch_bytes"),
         (MINIMAL.replace("shards = 8", "max_held_changes = 0"), "sync.max_held_changes"),
+        (MINIMAL.replace("shards = 8", "max_held_bytes = 1000"), "sync.max_held_bytes"),
         (MINIMAL + "[worker]\nconcurrency = 0\n", "worker.concurrency"),
         (MINIMAL + "[worker]\nconcurrency = 257\n", "worker.concurrency"),
     ],

@@ -388,11 +388,36 @@ def test_an_outbox_past_its_bound_while_paused_becomes_a_resync() -> None:
         rig.step()
         rig.clock.advance(0.2)
         for t in rig.watcher.targets:  # in the outbox, and cut but not published
-            assert len(t.outbox) + sum(len(b.ops) for b in t.unsent) <= 21
+            assert t.held()[0] <= 20
     paused = rig.metric(
         "kvmesh_watcher_publish_paused_total", source_cluster="a", reason="broker_error"
     )
     assert paused >= 1
+    rig.queue.failing = False
+    rig.clock.advance(20.0)
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
+        assert rig.resyncs(target, "outbox_full") == 1
+
+
+def test_large_values_held_while_paused_are_bounded_in_bytes() -> None:
+    """A source of large values fills a target's outbox in bytes long before it does in
+    number: past sync.max_held_bytes of keys and values held while publishing is paused,
+    they are dropped and the target resynced. The caches end exact."""
+    limit = 1_500_000
+    rig = Rig(max_held_bytes=limit)
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    rig.queue.failing = True
+    big = b'{"name":"' + b"n" * 200_000 + b'"}'
+    for i in range(12):  # 2.4 MB in all, 12 changes: far under sync.max_held_changes
+        rig.source.put(NODE + b"large-%d" % i, big)
+        rig.step()
+        rig.clock.advance(0.2)
+        for t in rig.watcher.targets:  # in the outbox, and cut but not published
+            assert t.held()[1] <= limit
     rig.queue.failing = False
     rig.clock.advance(20.0)
     rig.settle()
