@@ -37,6 +37,7 @@ from pipeline.protocol.errors import (
 )
 from pipeline.protocol.fence import Decision, FenceRecord, decide
 from pipeline.protocol.layout import may_write, parse_shard
+from pipeline.protocol.logs import LineBudget
 from pipeline.protocol.names import TASK_NAME, is_payload_key, queue_name
 from pipeline.protocol.wire import (
     Batch,
@@ -67,6 +68,11 @@ COUNT_DELAY = 0.25
 # What every healthy task records. Any other outcome (a duplicate, a retry, a rejection...)
 # is the exception an operator looks for: a task that records one sends at once.
 ROUTINE_OUTCOMES = frozenset({"applied", "grouped", "ops_applied"})
+# Task messages refused before anything is applied (malformed, unsigned, forged: anyone who
+# can write to Redis can send them) are logged a line each up to this many lines a minute
+# for each reason in each process; the rest are said in one line once that minute is over
+# (every one is counted in kvmesh_worker_tasks_rejected_total)
+_REJECT_LINES = 100
 
 
 class _PerProcess:
@@ -96,6 +102,8 @@ class _PerProcess:
         self._due: float | None = None
         self._urgent = False  # an outcome other than ROUTINE_OUTCOMES is among them
         self._sender: threading.Thread | None = None
+        self._lines = LineBudget(_REJECT_LINES, 60.0, time.monotonic)
+        self._lines_lock = threading.Lock()  # a thread pool's slots share the budget
 
     def _check_pid(self) -> None:
         """Start afresh in a process that is not the one that made this state (a fork's
@@ -116,6 +124,7 @@ class _PerProcess:
         self._drops = []
         self._gens = {}
         self._broker = None
+        self._lines_lock = threading.Lock()  # as _counts: a fork copies no holder
 
     @property
     def metrics(self) -> WorkerMetrics:
@@ -171,6 +180,28 @@ class _PerProcess:
             raise MalformedBatchError(f"its payload is over {MAX_PAYLOAD_BYTES} bytes")
         return raw
 
+    def may_log_refused(self, reason: str) -> bool:
+        """Whether a task refused for *reason* may have its line in the log now (see
+        _REJECT_LINES; *reason* is one of the error kinds, a fixed few)."""
+        self._check_pid()
+        with self._lines_lock:
+            return self._lines.take(reason)
+
+    def _say_held_back(self) -> None:
+        """One line for each reason whose minute is over and held lines back."""
+        with self._lines_lock:
+            over = self._lines.overdue()
+        for reason, held, seconds in over:
+            log.error(
+                "%d more tasks rejected as %s in the last %.0fs, counted in "
+                "kvmesh_worker_tasks_rejected_total and not logged one by one (%d lines a "
+                "minute of each reason are)",
+                held,
+                reason,
+                seconds,
+                _REJECT_LINES,
+            )
+
     def count(self, source: str, target: str, outcome: str) -> None:
         self.record(source, target, Counter({outcome: 1}))
 
@@ -209,8 +240,10 @@ class _PerProcess:
         Redis per count_delay, not one each (a payload outlives its task by that much at
         most, unless the process is killed first: then its expiry takes it). Never raises:
         counters must not fail a batch, and a payload left behind expires (it runs in a
-        finally: an exception here would hide the task's own)."""
+        finally: an exception here would hide the task's own). The lines of refused tasks
+        held back in a minute that is over are said here, as the next task ends."""
         self._check_pid()
+        self._say_held_back()
         with self._counts:
             if drop is not None:
                 self._drops.append(drop)
@@ -319,7 +352,8 @@ def register_tasks(app: Any, settings: Settings) -> Any:
                 else:
                     task = decode_task(payload, signer)  # verifies the signature first
             except MalformedBatchError as exc:
-                log.error("rejected task %s: %s: %s", task_id, exc.kind, exc.reason)
+                if conns.may_log_refused(exc.kind):
+                    log.error("rejected task %s: %s: %s", task_id, exc.kind, exc.reason)
                 conns.count("-", "-", exc.kind)
                 return exc.kind
             except RetryableError as exc:  # Redis did not answer or refused

@@ -3,6 +3,7 @@ deletes when it ends, and which outcome counters go with that delete."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -130,6 +131,41 @@ def test_a_task_retried_for_its_target_deletes_its_payload_and_counts_once(task:
     with pytest.raises(Retry):
         task({"ref": REF})
     assert len(broker.calls) == 2 and broker.calls[1] == broker.calls[0]
+
+
+def test_refused_tasks_are_logged_a_hundred_a_minute_for_each_reason(
+    task: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who can write to Redis can send tasks a worker refuses. Each is counted, and
+    logged a line each up to 100 a minute for each reason; the rest are said in one line
+    once their minute is over, as the next task ends. The log line is the feature here."""
+    broker = FakeBroker({})
+    use(task, broker)
+    now = [1000.0]
+    task.conns._lines.clock = lambda: now[0]
+
+    def lines(text: str) -> int:
+        return sum(text in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level(logging.ERROR, logger="kvmesh.worker"):
+        for _ in range(130):
+            assert task({"batches": []}) == "unsigned"
+        for _ in range(3):
+            assert task() == "malformed"
+        assert lines("rejected task") == 103
+        assert lines("more tasks rejected") == 0
+        now[0] += 61.0
+        assert task() == "malformed"  # a new minute: logged, and the last one's summary said
+        assert lines("rejected task") == 104
+        (said,) = [
+            r.getMessage() for r in caplog.records if "more tasks rejected" in r.getMessage()
+        ]
+        assert said.startswith("30 more tasks rejected as unsigned in the last 61s")
+    counted = Counter[str]()
+    for counts, _ in broker.calls:
+        for _, _, c in counts:
+            counted.update(c)
+    assert counted == {"unsigned": 130, "malformed": 4}
 
 
 def test_a_target_that_refuses_the_write_user_is_counted_apart(task: Any) -> None:
