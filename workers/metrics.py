@@ -67,7 +67,8 @@ class WorkerMetrics:
         self.rejected_tasks = Counter(
             "kvmesh_worker_tasks_rejected_total",
             "Task messages dropped before anything was applied (reason: malformed, unsigned, "
-            "bad_signature, unknown_key)",
+            "bad_signature, unknown_key, payload_gone; refused by Celery: unknown_task, "
+            "undecodable, invalid_task, unknown_format)",
             ["reason"],
             registry=r,
         )

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.clients.broker import Broker
 from pipeline.clients.celeryapp import (
+    budget_refusal_lines,
     create_app,
     keep_redis_clients,
     on_worker_lifecycle,
@@ -102,8 +103,7 @@ class _PerProcess:
         self._due: float | None = None
         self._urgent = False  # an outcome other than ROUTINE_OUTCOMES is among them
         self._sender: threading.Thread | None = None
-        self._lines = LineBudget(_REJECT_LINES, 60.0, time.monotonic)
-        self._lines_lock = threading.Lock()  # a thread pool's slots share the budget
+        self.refusals = RefusalLines()
 
     def _check_pid(self) -> None:
         """Start afresh in a process that is not the one that made this state (a fork's
@@ -124,7 +124,7 @@ class _PerProcess:
         self._drops = []
         self._gens = {}
         self._broker = None
-        self._lines_lock = threading.Lock()  # as _counts: a fork copies no holder
+        self.refusals = RefusalLines()  # a fork copies no thread, and no holder of a lock
 
     @property
     def metrics(self) -> WorkerMetrics:
@@ -184,23 +184,7 @@ class _PerProcess:
         """Whether a task refused for *reason* may have its line in the log now (see
         _REJECT_LINES; *reason* is one of the error kinds, a fixed few)."""
         self._check_pid()
-        with self._lines_lock:
-            return self._lines.take(reason)
-
-    def _say_held_back(self) -> None:
-        """One line for each reason whose minute is over and held lines back."""
-        with self._lines_lock:
-            over = self._lines.overdue()
-        for reason, held, seconds in over:
-            log.error(
-                "%d more tasks rejected as %s in the last %.0fs, counted in "
-                "kvmesh_worker_tasks_rejected_total and not logged one by one (%d lines a "
-                "minute of each reason are)",
-                held,
-                reason,
-                seconds,
-                _REJECT_LINES,
-            )
+        return self.refusals.take(reason)
 
     def count(self, source: str, target: str, outcome: str) -> None:
         self.record(source, target, Counter({outcome: 1}))
@@ -240,10 +224,8 @@ class _PerProcess:
         Redis per count_delay, not one each (a payload outlives its task by that much at
         most, unless the process is killed first: then its expiry takes it). Never raises:
         counters must not fail a batch, and a payload left behind expires (it runs in a
-        finally: an exception here would hide the task's own). The lines of refused tasks
-        held back in a minute that is over are said here, as the next task ends."""
+        finally: an exception here would hide the task's own)."""
         self._check_pid()
-        self._say_held_back()
         with self._counts:
             if drop is not None:
                 self._drops.append(drop)
@@ -285,6 +267,57 @@ class _PerProcess:
 
 
 os.register_at_fork(after_in_child=lambda: setattr(_PerProcess, "_pid_lock", threading.Lock()))
+
+
+class RefusalLines:
+    """The log budget of the task messages one process refuses (_REJECT_LINES a minute for
+    each reason): the rest of a minute's are said in one line per reason once that minute
+    is over, by a thread of the process started at the first line held back (it looks four
+    times a minute), and when the process ends (say(every=True))."""
+
+    def __init__(
+        self,
+        lines: int = _REJECT_LINES,
+        window: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._budget = LineBudget(lines, window, clock)
+        self._lock = threading.Lock()  # a thread pool's slots share the budget
+        self._sayer: threading.Thread | None = None
+
+    def take(self, reason: str) -> bool:
+        """Whether one more line of *reason* may be logged now (if not, it is held back)."""
+        with self._lock:
+            if self._budget.take(reason):
+                return True
+            if self._sayer is None:
+                self._sayer = threading.Thread(
+                    target=self._say_when_due, name="kvmesh-refusals", daemon=True
+                )
+                self._sayer.start()
+            return False
+
+    def say(self, every: bool = False) -> None:
+        """One line for each reason whose minute is over (with *every*: or not) and held
+        lines back. Never raises."""
+        with self._lock:
+            over = self._budget.overdue(every)
+        window = self._budget.window
+        for reason, held, seconds in over:
+            log.error(
+                "%d more tasks rejected as %s in the last %.0fs, counted in "
+                "kvmesh_worker_tasks_rejected_total and not logged one by one (%d lines a "
+                "minute of each reason are)",
+                held,
+                reason,
+                min(seconds, window),  # said up to a quarter of a window late
+                self._budget.lines,
+            )
+
+    def _say_when_due(self) -> None:
+        while True:
+            time.sleep(self._budget.window / 4)
+            self.say()
 
 
 def check_task(task: Task, sources: set[str], targets: set[str]) -> None:
@@ -763,14 +796,22 @@ def create_worker_app(settings: Settings) -> Any:
                 s.socket.close()
 
     def process_ended(pid: int) -> None:
-        task.conns.send_counts()  # in the pool process that ends
+        task.conns.refusals.say(every=True)  # in the pool process that ends
+        task.conns.send_counts()
         exporter.process_ended(pid)
 
+    def shutdown() -> None:
+        task.conns.refusals.say(every=True)
+        task.conns.send_counts()
+
+    # Celery's own lines for the messages it refuses before any task runs: counted, cut
+    # short, under the same budget (in the main process, which receives the messages)
+    budget_refusal_lines(task.conns.may_log_refused, lambda kind: task.conns.count("-", "-", kind))
     on_worker_lifecycle(
         init=init,
         ready=ready,
         process_started=process_started,
         process_ended=process_ended,
-        shutdown=task.conns.send_counts,
+        shutdown=shutdown,
     )
     return app

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, signals
+from celery.worker.consumer import consumer as celery_consumer
 from celery.worker.control import Panel
 from kombu import Queue  # type: ignore[attr-defined]  # re-exported lazily
 from kombu.transport import TRANSPORT_ALIASES, _transport_cache
@@ -72,6 +73,66 @@ def on_worker_logging(configure: Callable[[Any], None]) -> None:
     # would be gone before the worker sends the signal (Celery's format would log what
     # a task carries, its ID included, as it came)
     signals.setup_logging.connect(_setup, weak=False)
+
+
+# What Celery's consumer logs for a message it refuses before any task runs, by the reason
+# it is counted under in kvmesh_worker_tasks_rejected_total
+_REFUSALS = {
+    celery_consumer.UNKNOWN_FORMAT: "unknown_format",
+    celery_consumer.UNKNOWN_TASK_ERROR: "unknown_task",
+    celery_consumer.INVALID_TASK_ERROR: "invalid_task",
+    celery_consumer.MESSAGE_DECODE_ERROR: "undecodable",
+}
+REFUSAL_CHARS = 1024  # of such a line's text, kept
+_refusals_installed: list[Callable[[], None]] = []  # what undoes the last installation
+
+
+def budget_refusal_lines(take: Callable[[str], bool], count: Callable[[str], None]) -> None:
+    """Celery's consumer logs each message it refuses before any task runs (an unknown task
+    name, a body it cannot decode, an invalid or unknown message) with a traceback, the body
+    and the headers, which whoever can write to Redis chooses, as often as it likes. Here
+    each such message is counted (*count(reason)*), and its line is cut to REFUSAL_CHARS
+    characters without the traceback and let through only while *take(reason)* allows.
+
+    Celery's decoding error is counted here (its CRITICAL line always passes the logger's
+    level); the other three by Celery's signals, whatever the level. A second call replaces
+    what the first installed (one worker app per process; tests make several)."""
+    while _refusals_installed:
+        _refusals_installed.pop()()
+
+    def refuse(record: logging.LogRecord) -> bool:
+        # record.msg: one of Celery's own constants, never text of the message
+        reason = _REFUSALS.get(record.msg) if isinstance(record.msg, str) else None
+        if reason is None:
+            return True
+        if reason == "undecodable":
+            count(reason)
+        if not take(reason):
+            return False
+        text = record.getMessage()
+        if len(text) > REFUSAL_CHARS:
+            text = f"{text[:REFUSAL_CHARS]}... ({len(text)} characters)"
+        record.msg, record.args = text, None
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+    def unknown(**_: Any) -> None:
+        count("unknown_task")
+
+    def rejected(exc: object = None, **_: Any) -> None:
+        count("unknown_format" if exc is None else "invalid_task")
+
+    logger = logging.getLogger(celery_consumer.__name__)
+    logger.addFilter(refuse)
+    signals.task_unknown.connect(unknown, weak=False)
+    signals.task_rejected.connect(rejected, weak=False)
+
+    def undo() -> None:
+        logger.removeFilter(refuse)
+        signals.task_unknown.disconnect(unknown)
+        signals.task_rejected.disconnect(rejected)
+
+    _refusals_installed.append(undo)
 
 
 # Celery's lines for each task: received (main process), succeeded and retried (pool).

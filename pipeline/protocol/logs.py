@@ -89,16 +89,17 @@ class LineBudget:
         window.held += 1
         return False
 
-    def overdue(self) -> list[tuple[str, int, float]]:
+    def overdue(self, every: bool = False) -> list[tuple[str, int, float]]:
         """(kind, lines held back, seconds since its window began) of each window that is
-        over and held lines back, once each."""
-        self._close(self.clock())
+        over and held lines back, once each; with *every*, of every window, over or not
+        (a process that ends says what it held back)."""
+        self._close(self.clock(), every)
         out, self._over = self._over, []
         return out
 
-    def _close(self, now: float) -> None:
+    def _close(self, now: float, every: bool = False) -> None:
         for kind, w in list(self._open.items()):
-            if now - w.start >= self.window:
+            if every or now - w.start >= self.window:
                 del self._open[kind]
                 if w.held:
                     self._over.append((kind, w.held, now - w.start))

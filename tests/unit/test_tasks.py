@@ -11,15 +11,18 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from celery import signals
 from celery.exceptions import Retry
+from celery.worker.consumer import consumer as celery_consumer
 
-from pipeline.clients.celeryapp import create_app
+from pipeline.clients import celeryapp
+from pipeline.clients.celeryapp import REFUSAL_CHARS, budget_refusal_lines, create_app
 from pipeline.config import settings_from_mapping
 from pipeline.protocol.errors import RefusedError, RetryableError
 from pipeline.protocol.layout import Op
 from pipeline.protocol.names import payload_key
 from pipeline.protocol.wire import Batch, Operation, Signer, encode_task_json
-from workers.tasks import register_tasks
+from workers.tasks import RefusalLines, register_tasks
 
 from ..harness import eventually
 
@@ -138,34 +141,100 @@ def test_refused_tasks_are_logged_a_hundred_a_minute_for_each_reason(
 ) -> None:
     """Anyone who can write to Redis can send tasks a worker refuses. Each is counted, and
     logged a line each up to 100 a minute for each reason; the rest are said in one line
-    once their minute is over, as the next task ends. The log line is the feature here."""
+    once their minute is over. The log line is the feature here."""
     broker = FakeBroker({})
     use(task, broker)
     now = [1000.0]
-    task.conns._lines.clock = lambda: now[0]
+    task.conns.refusals._budget.clock = lambda: now[0]
 
-    def lines(text: str) -> int:
-        return sum(text in r.getMessage() for r in caplog.records)
+    def lines(text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
     with caplog.at_level(logging.ERROR, logger="kvmesh.worker"):
         for _ in range(130):
             assert task({"batches": []}) == "unsigned"
         for _ in range(3):
             assert task() == "malformed"
-        assert lines("rejected task") == 103
-        assert lines("more tasks rejected") == 0
+        assert len(lines("rejected task")) == 103
+        task.conns.refusals.say()  # what the process's thread does four times a minute
+        assert lines("more tasks rejected") == []  # the minute is not over
         now[0] += 61.0
-        assert task() == "malformed"  # a new minute: logged, and the last one's summary said
-        assert lines("rejected task") == 104
-        (said,) = [
-            r.getMessage() for r in caplog.records if "more tasks rejected" in r.getMessage()
-        ]
-        assert said.startswith("30 more tasks rejected as unsigned in the last 61s")
+        task.conns.refusals.say()
+        assert task() == "malformed"  # a new minute: logged
+        assert len(lines("rejected task")) == 104
+        (said,) = lines("more tasks rejected")
+        assert said.startswith("30 more tasks rejected as unsigned in the last 60s")
     counted = Counter[str]()
     for counts, _ in broker.calls:
         for _, _, c in counts:
             counted.update(c)
     assert counted == {"unsigned": 130, "malformed": 4}
+
+
+def test_what_a_minute_held_back_is_said_by_a_thread_and_at_the_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No task needs to come after a flood for its held-back lines to be said: a thread of
+    the process says them once the minute is over. A process that ends says what its
+    minute held back so far."""
+    with caplog.at_level(logging.ERROR, logger="kvmesh.worker"):
+        lines = RefusalLines(lines=1, window=0.2)
+        assert [lines.take("unsigned") for _ in range(3)] == [True, False, False]
+        eventually(
+            lambda: any(
+                "2 more tasks rejected as unsigned" in r.getMessage() for r in caplog.records
+            ),
+            timeout=10,
+            what="the held-back lines said by the thread",
+        )
+        ending = RefusalLines(lines=1, window=3600)
+        for _ in range(4):
+            ending.take("bad_signature")
+        ending.say(every=True)
+        assert any(
+            "3 more tasks rejected as bad_signature" in r.getMessage() for r in caplog.records
+        )
+
+
+def test_celerys_lines_for_refused_messages_are_counted_short_and_budgeted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Celery logs a message it refuses before any task runs (here: an unknown task name,
+    and a body it cannot decode) with a traceback and the message's headers, which whoever
+    writes to Redis chooses. Each is counted, and its line is short, without the
+    traceback, and under the budget of its reason."""
+    counted: Counter[str] = Counter()
+    lines = RefusalLines(lines=2)
+    budget_refusal_lines(lines.take, lambda reason: counted.update([reason]))
+    logger = logging.getLogger(celery_consumer.__name__)
+    try:
+        with caplog.at_level(logging.INFO, logger=celery_consumer.__name__):
+            for _ in range(5):
+                try:
+                    raise KeyError("forged.task")
+                except KeyError as exc:
+                    logger.error(
+                        celery_consumer.UNKNOWN_TASK_ERROR,
+                        exc,
+                        "body",
+                        {"forged": "h" * 100_000},
+                        {},
+                        exc_info=True,
+                    )
+            signals.task_unknown.send(sender=None, message=None, exc=None, name="x", id="1")
+            logger.critical(
+                celery_consumer.MESSAGE_DECODE_ERROR, "boom", "x", "y", "{}", "body", exc_info=True
+            )
+            logger.warning("a line of Celery's that is no refusal")
+        refused = [r for r in caplog.records if r.name == celery_consumer.__name__]
+        assert len(refused) == 4  # two unknown-task lines, the decoding error, the other line
+        for r in refused[:3]:
+            assert r.exc_info is None and len(r.getMessage()) <= REFUSAL_CHARS + 40
+        assert "h" * 100 in refused[0].getMessage()  # what the message said, cut short
+        assert counted == {"unknown_task": 1, "undecodable": 1}
+    finally:  # what it installed in this process goes
+        while celeryapp._refusals_installed:
+            celeryapp._refusals_installed.pop()()
 
 
 def test_a_target_that_refuses_the_write_user_is_counted_apart(task: Any) -> None:
