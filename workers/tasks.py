@@ -186,6 +186,13 @@ class _PerProcess:
         self._check_pid()
         return self.refusals.take(reason)
 
+    def end_process(self) -> None:
+        """What a process does as it ends: say the refused tasks' lines held back, and send
+        the outcomes not sent yet (of this process: never a parent's before a fork)."""
+        self._check_pid()
+        self.refusals.say(every=True)
+        self.send_counts()
+
     def count(self, source: str, target: str, outcome: str) -> None:
         self.record(source, target, Counter({outcome: 1}))
 
@@ -284,6 +291,7 @@ class RefusalLines:
         self._budget = LineBudget(lines, window, clock)
         self._lock = threading.Lock()  # a thread pool's slots share the budget
         self._sayer: threading.Thread | None = None
+        self._closed = threading.Event()
 
     def take(self, reason: str) -> bool:
         """Whether one more line of *reason* may be logged now (if not, it is held back)."""
@@ -314,9 +322,12 @@ class RefusalLines:
                 self._budget.lines,
             )
 
+    def close(self) -> None:
+        """Stop the thread that says the held-back lines (what is held stays unsaid)."""
+        self._closed.set()
+
     def _say_when_due(self) -> None:
-        while True:
-            time.sleep(self._budget.window / 4)
+        while not self._closed.wait(self._budget.window / 4):
             self.say()
 
 
@@ -796,13 +807,8 @@ def create_worker_app(settings: Settings) -> Any:
                 s.socket.close()
 
     def process_ended(pid: int) -> None:
-        task.conns.refusals.say(every=True)  # in the pool process that ends
-        task.conns.send_counts()
+        task.conns.end_process()  # in the pool process that ends
         exporter.process_ended(pid)
-
-    def shutdown() -> None:
-        task.conns.refusals.say(every=True)
-        task.conns.send_counts()
 
     # Celery's own lines for the messages it refuses before any task runs: counted, cut
     # short, under the same budget (in the main process, which receives the messages)
@@ -812,6 +818,6 @@ def create_worker_app(settings: Settings) -> Any:
         ready=ready,
         process_started=process_started,
         process_ended=process_ended,
-        shutdown=shutdown,
+        shutdown=task.conns.end_process,
     )
     return app

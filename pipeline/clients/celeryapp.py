@@ -20,6 +20,7 @@ from kombu.transport import TRANSPORT_ALIASES, _transport_cache
 from kombu.transport import redis as kombu_redis
 
 from pipeline.config import Settings
+from pipeline.protocol.logs import one_line
 from pipeline.protocol.names import queue_name
 
 
@@ -105,14 +106,19 @@ def budget_refusal_lines(take: Callable[[str], bool], count: Callable[[str], Non
         reason = _REFUSALS.get(record.msg) if isinstance(record.msg, str) else None
         if reason is None:
             return True
-        if reason == "undecodable":
-            count(reason)
-        if not take(reason):
-            return False
-        text = record.getMessage()
+        # logging does not catch what a filter raises: it would reach Celery's consumer
+        # and stop the worker, so nothing here may raise
+        try:
+            if reason == "undecodable":
+                count(reason)
+            if not take(reason):
+                return False
+            text = one_line(record.getMessage())  # escaped first: then cut
+        except Exception as exc:  # text that does not print, a count that failed
+            text = f"{record.msg.splitlines()[0]} (not shown: {type(exc).__name__})"
         if len(text) > REFUSAL_CHARS:
             text = f"{text[:REFUSAL_CHARS]}... ({len(text)} characters)"
-        record.msg, record.args = text, None
+        record.msg, record.args = text, ()
         record.exc_info, record.exc_text, record.stack_info = None, None, None
         return True
 

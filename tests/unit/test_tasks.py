@@ -177,23 +177,27 @@ def test_what_a_minute_held_back_is_said_by_a_thread_and_at_the_end(
     """No task needs to come after a flood for its held-back lines to be said: a thread of
     the process says them once the minute is over. A process that ends says what its
     minute held back so far."""
-    with caplog.at_level(logging.ERROR, logger="kvmesh.worker"):
-        lines = RefusalLines(lines=1, window=0.2)
-        assert [lines.take("unsigned") for _ in range(3)] == [True, False, False]
-        eventually(
-            lambda: any(
-                "2 more tasks rejected as unsigned" in r.getMessage() for r in caplog.records
-            ),
-            timeout=10,
-            what="the held-back lines said by the thread",
-        )
-        ending = RefusalLines(lines=1, window=3600)
-        for _ in range(4):
-            ending.take("bad_signature")
-        ending.say(every=True)
-        assert any(
-            "3 more tasks rejected as bad_signature" in r.getMessage() for r in caplog.records
-        )
+    lines = RefusalLines(lines=1, window=0.2)
+    ending = RefusalLines(lines=1, window=3600)
+    try:
+        with caplog.at_level(logging.ERROR, logger="kvmesh.worker"):
+            assert [lines.take("unsigned") for _ in range(3)] == [True, False, False]
+            eventually(
+                lambda: any(
+                    "2 more tasks rejected as unsigned" in r.getMessage() for r in caplog.records
+                ),
+                timeout=10,
+                what="the held-back lines said by the thread",
+            )
+            for _ in range(4):
+                ending.take("bad_signature")
+            ending.say(every=True)
+            assert any(
+                "3 more tasks rejected as bad_signature" in r.getMessage() for r in caplog.records
+            )
+    finally:  # their threads would say lines into later tests
+        lines.close()
+        ending.close()
 
 
 def test_celerys_lines_for_refused_messages_are_counted_short_and_budgeted(
@@ -222,17 +226,29 @@ def test_celerys_lines_for_refused_messages_are_counted_short_and_budgeted(
                         exc_info=True,
                     )
             signals.task_unknown.send(sender=None, message=None, exc=None, name="x", id="1")
+            signals.task_rejected.send(sender=None, message=None, exc=None)
+            signals.task_rejected.send(sender=None, message=None, exc=ValueError("pickle"))
+            # a line whose text does not print (here: too few arguments) passes, short
+            logger.warning(celery_consumer.UNKNOWN_FORMAT, 1, 2, 3)
             logger.critical(
                 celery_consumer.MESSAGE_DECODE_ERROR, "boom", "x", "y", "{}", "body", exc_info=True
             )
             logger.warning("a line of Celery's that is no refusal")
         refused = [r for r in caplog.records if r.name == celery_consumer.__name__]
-        assert len(refused) == 4  # two unknown-task lines, the decoding error, the other line
-        for r in refused[:3]:
+        # two unknown-task lines, the unprintable one, the decoding error, the other line
+        assert len(refused) == 5
+        for r in refused[:4]:
             assert r.exc_info is None and len(r.getMessage()) <= REFUSAL_CHARS + 40
         assert "h" * 100 in refused[0].getMessage()  # what the message said, cut short
-        assert counted == {"unknown_task": 1, "undecodable": 1}
-    finally:  # what it installed in this process goes
+        assert "not shown: TypeError" in refused[2].getMessage()
+        assert counted == {
+            "unknown_task": 1,
+            "unknown_format": 1,
+            "invalid_task": 1,
+            "undecodable": 1,
+        }
+    finally:  # what it installed in this process goes, and the budget's thread
+        lines.close()
         while celeryapp._refusals_installed:
             celeryapp._refusals_installed.pop()()
 
@@ -467,6 +483,7 @@ def test_a_worker_keeps_what_it_built_at_start_out_of_later_collections(
     monkeypatch.setattr(tasks, "on_worker_lifecycle", lambda **kw: hooks.update(kw))
     monkeypatch.setattr(tasks, "keep_redis_clients", lambda: None)
     monkeypatch.setattr(tasks, "restrict_remote_control", lambda allowed: None)
+    monkeypatch.setattr(tasks, "budget_refusal_lines", lambda take, count: None)
     monkeypatch.setattr(tasks, "settle_heap", lambda: calls.append("settle"))
     tasks.create_worker_app(pair_settings(metrics={"worker_port": 0}))
     hooks["init"](2)
