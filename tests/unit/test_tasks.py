@@ -228,7 +228,7 @@ def test_celerys_lines_for_refused_messages_are_counted_short_and_budgeted(
             signals.task_unknown.send(sender=None, message=None, exc=None, name="x", id="1")
             signals.task_rejected.send(sender=None, message=None, exc=None)
             signals.task_rejected.send(sender=None, message=None, exc=ValueError("pickle"))
-            # a line whose text does not print (here: too few arguments) passes, short
+            # a line whose text does not print (here: too many arguments) passes, short
             logger.warning(celery_consumer.UNKNOWN_FORMAT, 1, 2, 3)
             logger.critical(
                 celery_consumer.MESSAGE_DECODE_ERROR, "boom", "x", "y", "{}", "body", exc_info=True
