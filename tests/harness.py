@@ -185,6 +185,15 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def children_pids(self) -> list[int]:
+        """The PIDs of the processes it started, from /proc."""
+        pid = self.popen.pid
+        return sorted(
+            int(child)
+            for tasks in Path(f"/proc/{pid}/task").glob("*/children")
+            for child in tasks.read_text().split()
+        )
+
     def children_argv(self) -> list[list[str]]:
         """The command lines of the processes it started (a `kvmesh worker` starts its
         Celery worker as one), from /proc."""

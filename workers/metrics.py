@@ -68,7 +68,7 @@ class WorkerMetrics:
             "kvmesh_worker_tasks_rejected_total",
             "Task messages dropped before anything was applied (reason: malformed, unsigned, "
             "bad_signature, unknown_key, payload_gone; refused by Celery: unknown_task, "
-            "undecodable, invalid_task, unknown_format)",
+            "undecodable, invalid_task, unknown_format, unreceivable)",
             ["reason"],
             registry=r,
         )

@@ -761,6 +761,8 @@ def create_worker_app(settings: Settings) -> Any:
     """The Celery app with the apply task registered: what a worker process runs."""
     keep_redis_clients()
     app = create_app(settings)
+    # messages whose shape Celery's receiving code trips on are refused (GuardedConsumer)
+    app.conf.worker_consumer = "pipeline.clients.celeryapp:GuardedConsumer"
     task = register_tasks(app, settings)
     restrict_remote_control(READ_ONLY_CONTROL)
     exporter = Exporter()

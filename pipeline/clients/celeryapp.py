@@ -76,6 +76,8 @@ def on_worker_logging(configure: Callable[[Any], None]) -> None:
     signals.setup_logging.connect(_setup, weak=False)
 
 
+log = logging.getLogger("kvmesh.worker")
+
 # What Celery's consumer logs for a message it refuses before any task runs, by the reason
 # it is counted under in kvmesh_worker_tasks_rejected_total
 _REFUSALS = {
@@ -86,6 +88,116 @@ _REFUSALS = {
 }
 REFUSAL_CHARS = 1024  # of such a line's text, kept
 _refusals_installed: list[Callable[[], None]] = []  # what undoes the last installation
+# (take, count) of the installed budget, for the messages Celery's receiving code trips on
+_refusal_budget: list[tuple[Callable[[str], bool], Callable[[str], None]]] = []
+
+
+def _optional(value: object, kinds: tuple[type, ...]) -> bool:
+    return value is None or (isinstance(value, kinds) and not isinstance(value, bool))
+
+
+def task_message_error(headers: object, body: object) -> str | None:
+    """Why a message is not a task message in Celery's protocol 2 as watchers and Celery's
+    retries publish it, in what Celery's receiving code reads without checking (None: it
+    is). Celery trusts these: a task ID or name that was not there, a body of another
+    shape (a dict brings headers of its own), time limits that were not two numbers, stamps
+    that were not a list made it raise, at once or later, in the pool, or hold a slot of the
+    pool for good. *body* is None when it did not decode: Celery refuses it then."""
+    if not isinstance(headers, dict):
+        return "its headers are not a mapping"
+    for name in ("id", "task"):
+        if not isinstance(headers.get(name), str):
+            return f"its header {name!r} is not a string"
+    limits = headers.get("timelimit")
+    if limits is not None and not (
+        isinstance(limits, list)
+        and len(limits) == 2
+        and all(x is None or (_optional(x, (int, float)) and 0 < x < 1e9) for x in limits)
+    ):
+        return "its header 'timelimit' is not two limits"
+    for name in ("eta", "expires", "shadow", "root_id", "parent_id", "group"):
+        if not _optional(headers.get(name), (str,)):
+            return f"its header {name!r} is not text"
+    for name in ("retries", "group_index", "replaced_task_nesting"):
+        if not _optional(headers.get(name), (int,)):
+            return f"its header {name!r} is not a number"
+    for name in ("argsrepr", "kwargsrepr"):
+        if not _optional(headers.get(name), (str,)):
+            return f"its header {name!r} is not text"
+    if not isinstance(headers.get("ignore_result"), (bool, type(None))):
+        return "its header 'ignore_result' is not a flag"
+    stamped = headers.get("stamped_headers")
+    if stamped is not None and not (
+        isinstance(stamped, list) and all(isinstance(x, str) for x in stamped)
+    ):
+        return "its header 'stamped_headers' is not a list of names"
+    if not isinstance(headers.get("stamps"), (dict, type(None))):
+        return "its header 'stamps' is not a mapping"
+    if body is not None and not (
+        isinstance(body, list)
+        and len(body) == 3
+        and isinstance(body[0], list)
+        and isinstance(body[1], dict)
+        and isinstance(body[2], (dict, type(None)))
+    ):
+        return "its body is not [args, kwargs, embed]"
+    return None
+
+
+class GuardedConsumer(celery_consumer.Consumer):  # type: ignore[misc]
+    """Celery's consumer, which refuses a message whose headers Celery's own receiving code
+    would trip on (task_message_error) before that code sees it, and catches what receiving
+    a message raises otherwise: such an exception used to stop the worker, and the message,
+    put back as it stopped, stopped the next one. Each such message is counted
+    (`unreceivable`), logged on one line under the refusals' budget, and dropped. The
+    broker connection's errors still go to Celery, which reconnects; but KeyError, which
+    kombu counts among them and which a message's shape can raise, is the message's."""
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
+        receive = super().create_task_handler(*args, **kwargs)
+        broker_errors = tuple(e for e in self.connection_errors if not issubclass(e, LookupError))
+
+        def on_task_received(message: Any) -> Any:
+            why: str | BaseException | None
+            try:
+                try:
+                    body = message.payload  # decoded once: Celery reads the same
+                except Exception:  # what does not decode, Celery refuses and counts
+                    body = None
+                why = task_message_error(message.headers, body)
+                if why is None:
+                    return receive(message)
+            except broker_errors:
+                raise
+            except MemoryError:
+                raise
+            except Exception as exc:  # what a message's shape made Celery raise
+                why = exc
+            refused_message(message, why)
+            return None
+
+        return on_task_received
+
+
+def refused_message(message: Any, why: str | BaseException) -> None:
+    """Drop, count and log (under the budget) a message Celery cannot receive. Never
+    raises."""
+    try:
+        if not message.acknowledged:
+            message.reject(requeue=False)
+        take, count = _refusal_budget[-1] if _refusal_budget else (lambda r: True, lambda r: None)
+        count("unreceivable")
+        if take("unreceivable"):
+            if isinstance(why, BaseException):
+                why = f"{type(why).__name__}: {why}"
+            queue = (getattr(message, "delivery_info", None) or {}).get("routing_key")
+            log.error(
+                "refused a message Celery could not receive (queue %s): %s",
+                one_line(str(queue))[:200],
+                one_line(why)[:REFUSAL_CHARS],
+            )
+    except Exception as again:  # dropping it failed: it comes back after the visibility timeout
+        log.error("dropping a message Celery could not receive failed: %s", type(again).__name__)
 
 
 def budget_refusal_lines(take: Callable[[str], bool], count: Callable[[str], None]) -> None:
@@ -130,11 +242,13 @@ def budget_refusal_lines(take: Callable[[str], bool], count: Callable[[str], Non
 
     logger = logging.getLogger(celery_consumer.__name__)
     logger.addFilter(refuse)
+    _refusal_budget.append((take, count))
     signals.task_unknown.connect(unknown, weak=False)
     signals.task_rejected.connect(rejected, weak=False)
 
     def undo() -> None:
         logger.removeFilter(refuse)
+        _refusal_budget.clear()
         signals.task_unknown.disconnect(unknown)
         signals.task_rejected.disconnect(rejected)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from kombu import Connection, Exchange, Producer, Queue
@@ -200,3 +201,58 @@ def test_megabytes_of_values_are_listed_and_watched_in_parts(
     )
     assert w2.metric("kvmesh_watcher_source_failures_total", source_cluster="cluster-a") == 0
     mesh.wait_equal(300)
+
+
+def test_messages_that_trip_celerys_consumer_stop_no_worker(mesh: FaultMesh) -> None:
+    """Messages whoever can write to Redis may send, shaped to make Celery's own receiving
+    code fail (no task ID, of a known task or an unknown one; a body that is a bare number,
+    or a mapping with headers of its own; time limits that are not two numbers; stamps that
+    are not a list; more of some than the pool has slots): each is refused, counted and
+    dropped, and the same Celery worker goes on syncing."""
+    before = mesh.stats("-", "-")
+    worker = mesh.base_worker
+    assert worker is not None
+    celery_before = worker.children_pids()
+    assert celery_before
+    queue = Queue(
+        "kvmesh.cluster-a",
+        Exchange("kvmesh.cluster-a", type="direct"),
+        routing_key="kvmesh.cluster-a",
+    )
+    known = {"lang": "py", "task": "kvmesh.apply_batch"}
+    shapes: list[tuple[dict[str, Any], Any]] = [
+        ({"lang": "py", "task": "no.such.task"}, [[], {}, {}]),
+        ({"lang": "py", "task": "no.such.task"}, {}),
+        (known, [[], {}, {}]),
+        (dict(known, id="bad-4"), 5),
+        (dict(known, id="bad-5", timelimit=["a", None]), [[], {}, {}]),
+    ]
+    for i in range(3):  # more of each than the pool has slots
+        shapes += [
+            (dict(known, id=f"bad-limit-{i}", timelimit=5), [[], {}, {}]),
+            (dict(known, id=f"bad-body-{i}"), {"args": [], "kwargs": {}, "timelimit": 5}),
+            (dict(known, id=f"bad-stamps-{i}", stamped_headers=5), [[], {}, {}]),
+        ]
+    with Connection(mesh.redis.url) as conn:
+        producer = Producer(conn)
+        for headers, body in shapes:
+            producer.publish(
+                body,
+                serializer="json",
+                headers=headers,
+                exchange=queue.exchange,
+                routing_key=queue.routing_key,
+                declare=[queue],
+            )
+    eventually(
+        lambda: (
+            mesh.stats("-", "-").get("unreceivable", 0)
+            >= before.get("unreceivable", 0) + len(shapes)
+        ),
+        timeout=60,
+        what="every such message counted as unreceivable",
+    )
+    mesh.client(0).put(b"cilium/state/nodes/v1/cluster-a/after-tripwires", b"{}")
+    mesh.settle()
+    assert mesh.client(1).get(b"cilium/cache/nodes/v1/cluster-a/after-tripwires") is not None
+    assert worker.children_pids() == celery_before  # no Celery worker stopped and restarted

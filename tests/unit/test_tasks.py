@@ -253,6 +253,42 @@ def test_celerys_lines_for_refused_messages_are_counted_short_and_budgeted(
             celeryapp._refusals_installed.pop()()
 
 
+def test_genuine_task_messages_pass_the_shape_check_and_odd_ones_do_not() -> None:
+    """What a watcher publishes, and a retry as Celery writes it, pass GuardedConsumer's
+    check; headers or a body that Celery's receiving code would trip on do not."""
+    import json as _json
+
+    from pipeline.clients.celeryapp import task_message_error
+    from pipeline.clients.publisher import task_message
+
+    message = _json.loads(task_message("kvmesh.a", '{"v":1}', "[a->b]", "gen1@host"))
+    headers, body = message["headers"], _json.loads(message["body"])
+    assert task_message_error(headers, body) is None
+    retry = dict(headers, retries=3, eta="2026-11-30T23:00:00.000000+00:00")
+    assert task_message_error(retry, body) is None
+    assert task_message_error(headers, None) is None  # undecodable: Celery refuses it
+    odd: list[tuple[dict[str, Any], Any]] = [
+        ({k: v for k, v in headers.items() if k != "id"}, body),
+        (dict(headers, task=5), body),
+        (dict(headers, timelimit=5), body),
+        (dict(headers, timelimit=["a", None]), body),
+        (dict(headers, timelimit=[True, None]), body),
+        (dict(headers, eta=5), body),
+        (dict(headers, shadow=[]), body),
+        (dict(headers, retries="1"), body),
+        (dict(headers, stamped_headers=5), body),
+        (dict(headers, stamped_headers=[[1]]), body),
+        (dict(headers, stamps=[]), body),
+        (dict(headers, ignore_result="yes"), body),
+        (headers, {"args": [], "kwargs": {}, "timelimit": 5}),  # a body with headers of its own
+        (headers, 5),
+        (headers, [[], {}, 5]),
+        ([], body),
+    ]
+    for h, b in odd:
+        assert task_message_error(h, b) is not None, (h, b)
+
+
 def test_a_target_that_refuses_the_write_user_is_counted_apart(task: Any) -> None:
     """A target that answers PERMISSION_DENIED (or too many operations) is retried like
     one that does not answer, and counted as retry_refused: only its operator cures it."""
