@@ -372,6 +372,17 @@ def test_a_broker_outage_pauses_publishing_and_loses_nothing() -> None:
         assert rig.resyncs(target) == 1  # the first sync's only: nothing was lost
 
 
+def _resume_and_see_one_outbox_resync(rig: Rig) -> None:
+    """The broker answers again: each target was resynced once for what it held while
+    publishing was paused, and the caches end exact."""
+    rig.queue.failing = False
+    rig.clock.advance(20.0)
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
+        assert rig.resyncs(target, "outbox_full") == 1
+
+
 def test_an_outbox_past_its_bound_while_paused_becomes_a_resync() -> None:
     """While publishing is paused each target's outbox coalesces what comes, one change per
     key touched, deletes of keys created meanwhile included: past sync.max_held_changes it is
@@ -393,12 +404,7 @@ def test_an_outbox_past_its_bound_while_paused_becomes_a_resync() -> None:
         "kvmesh_watcher_publish_paused_total", source_cluster="a", reason="broker_error"
     )
     assert paused >= 1
-    rig.queue.failing = False
-    rig.clock.advance(20.0)
-    rig.settle()
-    for target in rig.targets:
-        assert rig.cache(target) == rig.expected()
-        assert rig.resyncs(target, "outbox_full") == 1
+    _resume_and_see_one_outbox_resync(rig)
 
 
 def test_large_values_held_while_paused_are_bounded_in_bytes() -> None:
@@ -418,12 +424,7 @@ def test_large_values_held_while_paused_are_bounded_in_bytes() -> None:
         rig.clock.advance(0.2)
         for t in rig.watcher.targets:  # in the outbox, and cut but not published
             assert t.held()[1] <= limit
-    rig.queue.failing = False
-    rig.clock.advance(20.0)
-    rig.settle()
-    for target in rig.targets:
-        assert rig.cache(target) == rig.expected()
-        assert rig.resyncs(target, "outbox_full") == 1
+    _resume_and_see_one_outbox_resync(rig)
 
 
 @pytest.mark.parametrize("restart", [False, True])
