@@ -87,9 +87,8 @@ _REFUSALS = {
     celery_consumer.MESSAGE_DECODE_ERROR: "undecodable",
 }
 REFUSAL_CHARS = 1024  # of such a line's text, kept
-_refusals_installed: list[Callable[[], None]] = []  # what undoes the last installation
-# (take, count) of the installed budget, for the messages Celery's receiving code trips on
-_refusal_budget: list[tuple[Callable[[str], bool], Callable[[str], None]]] = []
+# what budget_refusal_lines installed in this process: (take, count, undo), or nothing
+_refusals: list[tuple[Callable[[str], bool], Callable[[str], None], Callable[[], None]]] = []
 
 
 def _optional(value: object, kinds: tuple[type, ...]) -> bool:
@@ -185,7 +184,7 @@ def refused_message(message: Any, why: str | BaseException) -> None:
     try:
         if not message.acknowledged:
             message.reject(requeue=False)
-        take, count = _refusal_budget[-1] if _refusal_budget else (lambda r: True, lambda r: None)
+        take, count = _refusals[0][:2] if _refusals else (lambda r: True, lambda r: None)
         count("unreceivable")
         if take("unreceivable"):
             if isinstance(why, BaseException):
@@ -210,8 +209,7 @@ def budget_refusal_lines(take: Callable[[str], bool], count: Callable[[str], Non
     Celery's decoding error is counted here (its CRITICAL line always passes the logger's
     level); the other three by Celery's signals, whatever the level. A second call replaces
     what the first installed (one worker app per process; tests make several)."""
-    while _refusals_installed:
-        _refusals_installed.pop()()
+    unbudget_refusal_lines()
 
     def refuse(record: logging.LogRecord) -> bool:
         # record.msg: one of Celery's own constants, never text of the message
@@ -242,17 +240,21 @@ def budget_refusal_lines(take: Callable[[str], bool], count: Callable[[str], Non
 
     logger = logging.getLogger(celery_consumer.__name__)
     logger.addFilter(refuse)
-    _refusal_budget.append((take, count))
     signals.task_unknown.connect(unknown, weak=False)
     signals.task_rejected.connect(rejected, weak=False)
 
     def undo() -> None:
         logger.removeFilter(refuse)
-        _refusal_budget.clear()
         signals.task_unknown.disconnect(unknown)
         signals.task_rejected.disconnect(rejected)
 
-    _refusals_installed.append(undo)
+    _refusals.append((take, count, undo))
+
+
+def unbudget_refusal_lines() -> None:
+    """Undo what budget_refusal_lines installed in this process, if anything."""
+    while _refusals:
+        _refusals.pop()[2]()
 
 
 # Celery's lines for each task: received (main process), succeeded and retried (pool).

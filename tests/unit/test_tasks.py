@@ -15,8 +15,12 @@ from celery import signals
 from celery.exceptions import Retry
 from celery.worker.consumer import consumer as celery_consumer
 
-from pipeline.clients import celeryapp
-from pipeline.clients.celeryapp import REFUSAL_CHARS, budget_refusal_lines, create_app
+from pipeline.clients.celeryapp import (
+    REFUSAL_CHARS,
+    budget_refusal_lines,
+    create_app,
+    unbudget_refusal_lines,
+)
 from pipeline.config import settings_from_mapping
 from pipeline.protocol.errors import RefusedError, RetryableError
 from pipeline.protocol.layout import Op
@@ -249,8 +253,7 @@ def test_celerys_lines_for_refused_messages_are_counted_short_and_budgeted(
         }
     finally:  # what it installed in this process goes, and the budget's thread
         lines.close()
-        while celeryapp._refusals_installed:
-            celeryapp._refusals_installed.pop()()
+        unbudget_refusal_lines()
 
 
 def test_genuine_task_messages_pass_the_shape_check_and_odd_ones_do_not() -> None:
