@@ -26,7 +26,7 @@ Three measurements, printed as they come and as medians:
 Why it exists: the worker's CPU per write in `scale_workers.py` is several times what its
 Python code takes when timed alone (decoding, checks and building the transaction come to
 about 3-4 us per write here), and the rounds in which four slots scale worst are those in
-which every process spent more CPU per write (performance.md). This shows where the rest
+which every process spent more CPU per write (performance-log.md). This shows where the rest
 goes on a machine where entering the kernel is dear.
 """
 

@@ -6,7 +6,7 @@ target etcd, for kvmesh and for `etcdctl make-mirror`, in the same run, on the s
         [--rounds 1] [--json FILE] [--png FILE] [--trace FILE] [--redraw FILE]
 
 With `--pool solo`, `--concurrency` solo workers run side by side (before 99919b8, one
-solo worker, whatever the concurrency: the solo figures in performance.md from before are
+solo worker, whatever the concurrency: the solo figures in performance-log.md from before are
 of one).
 
 Each contender has a source etcd of its own, holding the same `--keys` identity ID keys:

@@ -11,7 +11,7 @@ what one response costs. Rounds alternate the two, and the script prints each ro
 the median.
 
 Why it exists: a watch in every pool process, on the fences of each target, was tried on
-2026-11-30 (performance.md), and it cost more CPU than the waits it saved. This gives the
+2026-11-30 (performance-log.md), and it cost more CPU than the waits it saved. This gives the
 number behind that, and what the watcher pays per source event at a low rate (when each
 change is a response of its own).
 """

@@ -11,7 +11,7 @@ def settle_heap() -> None:
     already. Full collections of them took 55 ms over the watcher's initial sync of 50,000
     keys (18-26 ms with this), and 54-67 ms each, three times in a run of lag.py, in the
     worker's main process, which hands every message to the pool and acknowledges it
-    (docs/performance.md).
+    (docs/performance-log.md).
 
     The price: an object frozen here that later becomes garbage inside a cycle is never
     freed. That happens once at most, for what lives at the start and is replaced later

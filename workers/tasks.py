@@ -62,7 +62,7 @@ log = logging.getLogger("kvmesh.worker")
 # few hundred KB in practice.
 MAX_PAYLOAD_BYTES = 128 << 20
 # Seconds a routine outcome waits before it goes to the Redis counters (see flush): one
-# round trip per task was about 12% of a worker's CPU at 200 tasks/s (docs/performance.md).
+# round trip per task was about 12% of a worker's CPU at 200 tasks/s (docs/performance-log.md).
 # `kvmesh status` is normally this much behind at most; a pool process that is killed
 # loses what it had not sent.
 COUNT_DELAY = 0.25

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 # gRPC's EventEngine client passes every call through threads of its own: here about nine
 # context switches per call instead of two, and about 40% more of the client's CPU per call,
-# on a virtual machine where a wakeup costs tens of microseconds (docs/performance.md,
+# on a virtual machine where a wakeup costs tens of microseconds (docs/performance-log.md,
 # "gRPC's EventEngine client off, adopted"). gRPC reads the setting once, when first imported,
 # which in kvmesh's processes is here: so it is set before that, unless the environment
 # already says otherwise (GRPC_EXPERIMENTS, docs/configuration.md).

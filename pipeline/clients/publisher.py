@@ -37,7 +37,7 @@ class Publisher(Protocol):
 # over several tasks (and workers), while many small batches (one per target) share one.
 # 4 transactions of full batches: with 8 (1,024), a pool through a 10 ms round trip drained
 # a backlog about a tenth slower, and its start (small flushes that chain) half again as
-# slow (docs/performance.md).
+# slow (docs/performance-log.md).
 MAX_OPS_PER_TASK = 512
 
 
@@ -56,7 +56,7 @@ def group_batches(
     and its fence). The batches of several shards that one transaction cannot hold go to
     tasks of their own, which touch other shards and which the pool applies side by side,
     instead of one after another in one task. Each flush of a burst's start touches
-    most shards, and the next flush's task follows it in all of them (docs/performance.md).
+    most shards, and the next flush's task follows it in all of them (docs/performance-log.md).
     The limit is counted per target. The watcher lists a flush target by target, so a
     target's share larger than one transaction goes to tasks of that target alone."""
     groups: list[list[Batch]] = []
@@ -160,7 +160,7 @@ class RedisPublisher:
     """Publishes tasks by pushing Celery's message format onto the queue's Redis list, as
     kombu does, without Celery: a watcher never imports Celery or kombu (0.1 s of its start)
     and a task takes about 40% less time to publish than through `send_task`
-    (docs/performance.md)."""
+    (docs/performance-log.md)."""
 
     def __init__(
         self,
@@ -184,7 +184,7 @@ class RedisPublisher:
         priority 0, and kombu gives a task back (a worker lost) to the list of its priority,
         so the priority sub-queues that queue_depth adds up stay empty here. A watcher looks
         at its queue before most flushes; the ten LLENs of queue_depth cost it twice the
-        CPU of one (docs/performance.md)."""
+        CPU of one (docs/performance-log.md)."""
         try:
             return int(self._redis.llen(self._queue))
         except redis.RedisError as exc:

@@ -744,7 +744,7 @@ class Watcher:
         # Target by target: a flush's share for one target mostly fits one transaction, and
         # a task then holds whole targets, each one transaction (in rows of one shard
         # across the targets, 64 batches to a task would split each target's share over
-        # several tasks and transactions; docs/performance.md).
+        # several tasks and transactions; docs/performance-log.md).
         out: list[tuple[Target, Batch]] = []
         for t in pending:
             unsent, t.unsent = t.unsent, []
