@@ -131,6 +131,10 @@ class SyncConfig:
     # publish at once, without the linger, while the source's queue is empty (the workers
     # have taken every task): the linger then spaces flushes only while tasks wait
     idle_flush: bool = True
+    # ... but only while the source's changes come slower than this many a second (0: at
+    # any rate): faster, a linger gathers several in a task for about as much latency,
+    # where flushing each as it came would cost the workers a task per change or two
+    idle_flush_max_rate: int = 500
     page_size: int = 2000  # keys per range request (etcd.py's scan also pages by bytes)
     stall_timeout: float = 10.0  # a fence that does not move for this long means lost batches
     fence_poll_interval: float = 0.5
@@ -584,6 +588,10 @@ def settings_from_mapping(
         raise ConfigError("sync.page_size", "must be from 1 to 1000000")
     if sync.leader_ttl < 1:
         raise ConfigError("sync.leader_ttl", "must be at least 1 second")
+    # every change counts 10 a second the moment it comes (a window of 0.1 s): a lower limit
+    # would stop the idle flush at the first change
+    if sync.idle_flush_max_rate and not 50 <= sync.idle_flush_max_rate <= 10_000_000:
+        raise ConfigError("sync.idle_flush_max_rate", "must be 0 (no limit) or from 50 to 10000000")
     if sync.max_queue_depth < 1:
         raise ConfigError("sync.max_queue_depth", "must be at least 1")
     if sync.max_held_changes < 1:

@@ -98,6 +98,9 @@ _DEPTH_EVERY = 0.1  # seconds between two reads of the queue depth
 # and at most _KEEPING_UP tasks wait, the queue is looked at this often, to publish as
 # soon as it empties; with more waiting, only when the linger ends.
 _IDLE_LOOK = 0.002
+# The source's rate of changes, for sync.idle_flush_max_rate, is a moving average over
+# about this many seconds (an exponentially decaying count)
+_RATE_WINDOW = 0.1
 _LOOK_DURING_RESYNC = 0.1  # seconds between looks for complete resources while listing
 
 EtcdFactory = Callable[[ClusterConfig, float, str], EtcdClient]
@@ -215,6 +218,9 @@ class Watcher:
         self._next_antientropy = 0.0
         self._next_drain = 0.0
         self._publish_after = 0.0  # publishing paused until then (broker full or failing)
+        # the source's recent changes a second (_arrival_rate), as of _rate_at
+        self._rate = 0.0
+        self._rate_at = 0.0
         self._publish_backoff = 0.0
         self._queue_sample = (0.0, 0)  # (when, depth) of the last look at the queue
         self._resync_after = 0.0  # failed resyncs back off until then
@@ -535,6 +541,12 @@ class Watcher:
                         child.observe(waited)
         if self.readiness is not None and not self.readiness.caps.syncs(resource):
             return  # the source does not advertise it: its cache is drained, not synced
+        if item.events:
+            # the source's pace, for the idle flush: every event, those that end up held
+            # or rejected too (which only leans towards lingering)
+            now = self.clock()
+            self._rate = self._arrival_rate(now) + len(item.events) / _RATE_WINDOW
+            self._rate_at = now
         waiting = self.waiting
         hold = resource.name in waiting or (resource.single_key and bool(waiting))
         for ev in item.events:
@@ -802,17 +814,33 @@ class Watcher:
 
     def _idle_flush(self, now: float) -> bool:
         """Whether a flush may skip the linger once the queue is empty (sync.idle_flush):
-        publishing is open, and fewer changes wait than there are shards. A flush touches
-        one batch per shard it has changes for, and the next flush's batches of those
-        shards wait for it: a few changes touch a few shards and their tasks mostly run
-        side by side, while a burst published piecemeal as fast as it comes would chain
-        every shard from task to task (the linger lets it gather instead)."""
+        publishing is open, fewer changes wait than there are shards, and the source's
+        changes come slower than sync.idle_flush_max_rate. A flush touches one batch per
+        shard it has changes for, and the next flush's batches of those shards wait for it:
+        a few changes touch a few shards and their tasks mostly run side by side, while a
+        burst published piecemeal as fast as it comes would chain every shard from task to
+        task (the linger lets it gather instead). A steady stream of changes is the same
+        at a smaller scale: fast workers empty the queue between two of its changes, and
+        each flush would then carry one or two changes, a task each, whose fixed cost
+        (Redis, the worker's hand-over, a transaction) is what the workers then spend
+        their time on; lingering gathers several for about as much latency."""
+        limit = self.sync.idle_flush_max_rate
         return (
             self.sync.idle_flush
             and self.sync.linger > 0
             and now >= self._publish_after
             and len(self.buffer) < max(2, self.sync.shards)
+            and (not limit or self._arrival_rate(now) < limit)
         )
+
+    def _arrival_rate(self, now: float) -> float:
+        """The source's changes a second, lately: each change delivered counts
+        1/_RATE_WINDOW and fades by e every _RATE_WINDOW seconds, so a steady rate reads as
+        itself and a quiet spell of a few windows as nothing."""
+        elapsed = now - self._rate_at
+        if elapsed <= 0:
+            return self._rate
+        return self._rate * math.exp(-elapsed / _RATE_WINDOW)
 
     def _depth(self, now: float, max_age: float = _DEPTH_EVERY) -> int:
         """The source queue's depth, read from Redis unless a sample is fresher than

@@ -616,6 +616,80 @@ def test_the_linger_spaces_flushes_only_while_tasks_wait(idle_flush: bool) -> No
         assert rig.cache(target) == rig.expected()
 
 
+def test_a_steady_stream_of_changes_lingers_even_with_the_queue_empty() -> None:
+    """The idle flush publishes a change at once while the queue is empty, unless the
+    source's changes come faster than sync.idle_flush_max_rate: then each flush waits out
+    the linger, and one task carries what came meanwhile. After a quiet spell a change
+    goes at once again."""
+    rig = Rig(linger=0.01, idle_flush=True, idle_flush_max_rate=100)
+    fill(rig, nodes=2, identities=0)
+    rig.start()
+    rig.settle()
+    w = rig.watcher
+    rig.clock.advance(1.0)  # a quiet spell
+    counter = iter(range(1000))
+
+    def change() -> int:
+        """Put a node, run one pass of the loop, let the workers take what it published
+        and move the clock on 2.5 ms (400 changes a second; the queue's length is looked at
+        again 2 ms after a flush); the flushes so far."""
+        rig.source.put(NODE + b"n%d" % next(counter), b"{}")
+        rig.mesh.pump()
+        w.step(max_wait=0)
+        rig.work()
+        rig.clock.advance(0.0025)
+        return rig.queue.flushes
+
+    flushes = rig.queue.flushes
+    assert change() == flushes + 1  # the first goes at once (10 a second, lately)
+    assert change() == flushes + 2  # so does the second (about 20 a second)
+    # ... until the rate passes 100 a second, at the 12th change: from then on the queue
+    # is empty at every pass, and still the changes wait for the linger
+    for _ in range(9):
+        change()
+    assert rig.queue.flushes == flushes + 11
+    before = rig.queue.flushes
+    for _ in range(20):
+        change()
+    # 50 ms of changes: a flush per 10 ms of linger, not one per change
+    assert 4 <= rig.queue.flushes - before <= 6
+    rig.clock.advance(1.0)  # quiet again: the rate fades
+    w.step(max_wait=0)
+    rig.work()
+    flushes = rig.queue.flushes
+    assert change() == flushes + 1
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
+
+
+@pytest.mark.parametrize("limit", [0, 500])
+def test_with_no_rate_limit_the_idle_flush_sends_every_change_at_once(limit: int) -> None:
+    """sync.idle_flush_max_rate = 0: the idle flush applies at any rate. Three changes
+    every 2.5 ms (1,200 a second; fewer than the rig's four shards) then make a flush each,
+    where the default limit of 500 has them linger once the rate's average has risen past
+    it."""
+    rig = Rig(linger=0.01, idle_flush=True, idle_flush_max_rate=limit)
+    fill(rig, nodes=2, identities=0)
+    rig.start()
+    rig.settle()
+    w = rig.watcher
+    rig.clock.advance(1.0)
+    flushes = rig.queue.flushes
+    for i in range(60):
+        rig.source.txn([], [Put(NODE + b"n%d-%d" % (i, j), b"{}") for j in range(3)])
+        rig.mesh.pump()
+        w.step(max_wait=0)
+        rig.work()
+        rig.clock.advance(0.0025)
+    if limit:
+        # idle until the average passed 500 a second (at the 22nd step), then a flush per
+        # linger (every fourth step)
+        assert rig.queue.flushes - flushes < 60 - 20
+    else:
+        assert rig.queue.flushes == flushes + 60
+
+
 class _CountedLease:
     """A leader lease that counts its renewals and releases; a broken one's renewal raises
     what no Redis client would."""
