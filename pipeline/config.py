@@ -142,6 +142,9 @@ class SyncConfig:
     drain_grace: float = 30.0  # seconds between a removed source's config and the rest going
     drain_check_interval: float = 10.0  # how often watchers look for sources to drain
     max_queue_depth: int = 50_000  # above this many queued tasks a watcher stops publishing
+    # ... or above this many bytes of them in the broker: a source of large values would
+    # otherwise fill Redis, and every source's publishing would stop with it
+    max_queue_bytes: int = 256 * 1024 * 1024
     # changes a target may hold while publishing is paused before they are dropped for a
     # resync (docs/architecture.md, "Publishing without loss when the broker is full")
     max_held_changes: int = 500_000
@@ -594,6 +597,8 @@ def settings_from_mapping(
         raise ConfigError("sync.idle_flush_max_rate", "must be 0 (no limit) or from 50 to 10000000")
     if sync.max_queue_depth < 1:
         raise ConfigError("sync.max_queue_depth", "must be at least 1")
+    if sync.max_queue_bytes < MAX_BATCH_BYTES:
+        raise ConfigError("sync.max_queue_bytes", f"must be at least {MAX_BATCH_BYTES}")
     if sync.max_held_changes < 1:
         raise ConfigError("sync.max_held_changes", "must be at least 1")
     if sync.max_held_bytes < MAX_BATCH_BYTES:

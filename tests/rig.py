@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.clients.publisher import group_batches
 from pipeline.config import Settings, settings_from_mapping
-from pipeline.protocol.errors import BadInputError, PublishError
+from pipeline.protocol.errors import BadInputError, PublishError, QueueFullError
 from pipeline.protocol.fence import Decision
 from pipeline.protocol.wire import Batch
 from pipeline.source.listing import read_source, read_target
@@ -84,17 +84,32 @@ class Queue:
         self.flushes = 0  # calls of publish: one per flush of the watcher
         self.tasks: list[list[Batch]] = []  # the batches as the publisher cuts them into tasks
 
-    def publish(self, batches: Sequence[Batch], per_task: int = 0, txn_ops: int = 0) -> None:
+    def publish(
+        self,
+        batches: Sequence[Batch],
+        per_task: int = 0,
+        txn_ops: int = 0,
+        budget: int | None = None,
+    ) -> None:
         if self.failing:
             raise PublishError("broker down", 0)
-        self.tasks += group_batches(batches, per_task or self.per_task, txn_ops=txn_ops)
-        self.batches.extend(batches)
-        self.seen.extend(batches)
-        self.published += len(batches)
         self.flushes += 1
+        sent = spent = 0
+        for task in group_batches(batches, per_task or self.per_task, txn_ops=txn_ops):
+            if budget is not None and sent and spent >= budget:
+                raise QueueFullError("the queue holds its bytes", sent)
+            self.tasks.append(task)
+            self.batches.extend(task)
+            self.seen.extend(task)
+            self.published += len(task)
+            sent += len(task)
+            spent += sum(b.size for b in task)
 
     def backlog(self) -> int:
         return len(self.batches)
+
+    def queued_bytes(self) -> int:
+        return sum(b.size for b in self.batches)
 
 
 class Rig:

@@ -6,12 +6,13 @@ import json
 import os
 import socket
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import redis
 
-from pipeline.protocol.errors import PublishError, RetryableError
+from pipeline.protocol.errors import PublishError, QueueFullError, RetryableError
 from pipeline.protocol.names import (
     CLAIM_CHECK_BYTES,
     PAYLOAD_TTL_SECONDS,
@@ -22,13 +23,28 @@ from pipeline.protocol.wire import Batch, Signer, encode_task_json
 
 
 class Publisher(Protocol):
-    def publish(self, batches: Sequence[Batch], per_task: int = 0, txn_ops: int = 0) -> None:
+    def publish(
+        self,
+        batches: Sequence[Batch],
+        per_task: int = 0,
+        txn_ops: int = 0,
+        budget: int | None = None,
+    ) -> None:
         """Publish the batches, *per_task* to a task (0: sync.batches_per_task); *txn_ops*:
-        see group_batches."""
+        see group_batches. With a *budget*, stop before a task once the tasks published by
+        this call have cost the broker that many bytes (the first always goes), raising
+        QueueFullError with the batches that went out."""
         ...
 
     def backlog(self) -> int:
         """Tasks waiting in the queue (not counting those a worker holds)."""
+        ...
+
+    def queued_bytes(self) -> int:
+        """What the tasks waiting in the queue at the last backlog() cost the broker, in
+        bytes: the newest tasks this publisher wrote, as many as the queue held (an
+        estimate: a task it did not write, a worker's retry say, stands for one of its
+        own), and those it published since."""
         ...
 
 
@@ -178,6 +194,11 @@ class RedisPublisher:
         # Redis for it (the message as pushed, and the payload stored by reference)
         self._on_task = on_task
         self._origin = f"gen{os.getpid()}@{socket.gethostname()}"
+        # the bytes written for each task published, the newest first, as long as the queue
+        # may still hold it, and their sum: kombu's workers take the oldest task first, so a
+        # queue of N tasks holds the N newest
+        self._written: deque[int] = deque()
+        self._queued = 0
 
     def backlog(self) -> int:
         """The length of the queue's list, one LLEN: every task a watcher publishes has
@@ -186,15 +207,40 @@ class RedisPublisher:
         at its queue before most flushes; the ten LLENs of queue_depth cost it twice the
         CPU of one (docs/performance-log.md)."""
         try:
-            return int(self._redis.llen(self._queue))
+            depth = int(self._redis.llen(self._queue))
         except redis.RedisError as exc:
+            # what the queue holds is unknown: the bytes are forgotten, so that a queue
+            # whose length cannot be read (a broker user without LLEN, say) never holds a
+            # pause for good; neither bound applies until it can be read again
+            self._written.clear()
+            self._queued = 0
             raise RetryableError(f"reading the depth of {self._queue} failed: {exc}") from None
+        while len(self._written) > depth:  # taken by workers
+            self._queued -= self._written.pop()
+        return depth
 
-    def publish(self, batches: Sequence[Batch], per_task: int = 0, txn_ops: int = 0) -> None:
-        """Publish every batch, or raise PublishError saying how many went out first."""
-        sent = 0
+    def queued_bytes(self) -> int:
+        """The bytes written for the tasks the queue held at the last backlog() (payloads
+        by reference included): the newest this publisher published, as many as the queue
+        held, and those it published since."""
+        return self._queued
+
+    def publish(
+        self,
+        batches: Sequence[Batch],
+        per_task: int = 0,
+        txn_ops: int = 0,
+        budget: int | None = None,
+    ) -> None:
+        """Publish every batch, or raise PublishError saying how many went out first
+        (QueueFullError once the tasks published have cost *budget* bytes)."""
+        sent = spent = 0
         try:
             for group in group_batches(batches, per_task or self._per_task, txn_ops=txn_ops):
+                if budget is not None and sent and spent >= budget:
+                    raise QueueFullError(
+                        f"{self._queue} holds as many bytes of tasks as it may", sent
+                    )
                 first = group[0]
                 payload = encode_task_json(group, self._signer)
                 targets = sorted({b.target for b in group})
@@ -224,6 +270,9 @@ class RedisPublisher:
                     pipe.execute()
                     written = len(message) + len(payload)
                 sent += len(group)
+                spent += written
+                self._written.appendleft(written)
+                self._queued += written
                 if self._on_task is not None:
                     self._on_task(len(payload), written)
         except (OSError, redis.RedisError) as exc:

@@ -176,6 +176,11 @@ class PublishError(RetryableError):
         self.published = published
 
 
+class QueueFullError(PublishError):
+    """A publish stopped at its byte budget: the source's queue holds as much of this
+    watcher's tasks as sync.max_queue_bytes allows. `published` batches went out."""
+
+
 class CompactedError(RetryableError):
     """The revision asked for is older than the store's compaction point."""
 

@@ -106,8 +106,8 @@ class WatcherMetrics:
         self.publish_paused = Counter(
             "kvmesh_watcher_publish_paused_total",
             "Times publishing paused (reason: queue_full, the source queue held "
-            "sync.max_queue_depth tasks; broker_error, the broker refused a publish: out of "
-            "memory, unreachable)",
+            "sync.max_queue_depth tasks or sync.max_queue_bytes of them; broker_error, the "
+            "broker refused a publish: out of memory, unreachable)",
             ["source_cluster", "reason"],
             registry=r,
         )
@@ -166,6 +166,13 @@ class WatcherMetrics:
         self.queue_depth = Gauge(
             "kvmesh_watcher_queue_depth",
             "Tasks waiting in the source's queue, as the active watcher last read it",
+            ["source_cluster"],
+            registry=r,
+        )
+        self.queue_bytes = Gauge(
+            "kvmesh_watcher_queue_bytes",
+            "Bytes written to the broker for the tasks waiting in the source's queue, of "
+            "those this watcher published, as it last read the queue's depth",
             ["source_cluster"],
             registry=r,
         )

@@ -29,7 +29,13 @@ from pipeline.clients.lease import AlwaysLeader, Lease
 from pipeline.clients.publisher import MAX_OPS_PER_TASK, Publisher
 from pipeline.config import READ, WRITE, ClusterConfig, Settings
 from pipeline.protocol.batching import Change, ShardBuffer, make_batches
-from pipeline.protocol.errors import BadInputError, LeaseGoneError, PublishError, RetryableError
+from pipeline.protocol.errors import (
+    BadInputError,
+    LeaseGoneError,
+    PublishError,
+    QueueFullError,
+    RetryableError,
+)
 from pipeline.protocol.fence import FenceRecord, GenRecord, Position
 from pipeline.protocol.layout import (
     MAX_CACHED_CLUSTER_CONFIG,
@@ -218,6 +224,9 @@ class Watcher:
         self._next_antientropy = 0.0
         self._next_drain = 0.0
         self._publish_after = 0.0  # publishing paused until then (broker full or failing)
+        # how a snapshot waits for room in the queue: True once the watcher stops (a test
+        # lets its workers run instead)
+        self._room_wait: Callable[[float], bool] = self.stop_event.wait
         # the source's recent changes a second (_arrival_rate), as of _rate_at
         self._rate = 0.0
         self._rate_at = 0.0
@@ -771,7 +780,14 @@ class Watcher:
         if self.sync.idle_flush:
             self._queue_sample = (-math.inf, self._queue_sample[1])
         try:
-            self._send(out)
+            # the flush may fill what room the queue has left, and a task more: what does
+            # not fit waits in unsent, as after a failed publish
+            self._send(out, self.sync.max_queue_bytes - self.publisher.queued_bytes())
+        except QueueFullError as exc:
+            self._pause_publishing("queue_full", f"{exc} ({exc.published} batches went out)")
+            self._flush_deadline = self._publish_after
+            self._bound_paused(pending)
+            return
         except PublishError as exc:
             self._pause_publishing("broker_error", f"publishing failed: {exc}")
             self._flush_deadline = self._publish_after
@@ -853,15 +869,24 @@ class Watcher:
                 depth = 0  # the publish itself will tell
             else:
                 self.metrics.queue_depth.labels(self.source.name).set(depth)
+                self.metrics.queue_bytes.labels(self.source.name).set(self.publisher.queued_bytes())
             self._queue_sample = (now, depth)
         return depth
 
     def _queue_full(self, now: float) -> bool:
-        """Whether the source queue holds sync.max_queue_depth tasks or more (looked at no
-        more often than every _DEPTH_EVERY seconds)."""
+        """Whether the source queue holds sync.max_queue_depth tasks or more, or
+        sync.max_queue_bytes of this watcher's tasks (looked at no more often than every
+        _DEPTH_EVERY seconds). Redis is every source's: one whose large values filled it
+        would stop every watcher's publishing, where this bound stops its own."""
         depth = self._depth(now)
         if depth >= self.sync.max_queue_depth:
             self._pause_publishing("queue_full", f"its queue holds {depth} tasks")
+            return True
+        size = self.publisher.queued_bytes()
+        if size >= self.sync.max_queue_bytes:
+            self._pause_publishing(
+                "queue_full", f"its queue holds {size} bytes of tasks ({depth} tasks)"
+            )
             return True
         return False
 
@@ -950,11 +975,11 @@ class Watcher:
             out.append(replace(b, lease=leases.take(puts, t.pair.gen, t.pair.chain)) if puts else b)
         return out
 
-    def _send(self, out: list[tuple[Target, Batch]]) -> None:
-        """Publish batches already chained; on a failure each target keeps the rest of its
-        own in t.unsent, in order. A publish the broker took although it reported an error
-        is then sent twice, which the fence makes a duplicate: the batch is the same, never
-        re-cut."""
+    def _send(self, out: list[tuple[Target, Batch]], budget: int | None = None) -> None:
+        """Publish batches already chained, up to *budget* bytes and a task (see
+        Publisher.publish); on a failure each target keeps the rest of its own in t.unsent,
+        in order. A publish the broker took although it reported an error is then sent
+        twice, which the fence makes a duplicate: the batch is the same, never re-cut."""
         if not out:
             return
         published = len(out)
@@ -964,7 +989,10 @@ class Watcher:
             # no more than one transaction holds; a snapshot keeps sync.batches_per_task,
             # so that its large batches spread over the workers
             self.publisher.publish(
-                [b for _, b in out], MAX_BATCHES_PER_TASK, txn_ops=self.sync.max_batch_ops + 1
+                [b for _, b in out],
+                MAX_BATCHES_PER_TASK,
+                txn_ops=self.sync.max_batch_ops + 1,
+                budget=budget,
             )
         except PublishError as exc:
             published = exc.published
@@ -1455,10 +1483,45 @@ class Watcher:
     def _snapshot_publisher(self, t: Target) -> Callable[[list[Batch]], None]:
         def publish(batches: list[Batch]) -> None:
             batches = self._on_leases(t, batches)
-            self.publisher.publish(batches)
-            self._count_published(t, batches)
+            while batches:
+                # a snapshot is every key that differs, for every target: into a queue
+                # without room it would fill Redis, so it waits for the workers instead
+                self._wait_for_room(t)
+                room = self.sync.max_queue_bytes - self.publisher.queued_bytes()
+                try:
+                    self.publisher.publish(batches, budget=room)
+                    sent = len(batches)
+                except QueueFullError as exc:
+                    sent = exc.published
+                self._count_published(t, batches[:sent])
+                batches = batches[sent:]
 
         return publish
+
+    def _wait_for_room(self, t: Target) -> None:
+        """Return once the source queue holds less than sync.max_queue_bytes of this
+        watcher's tasks, looking at its length every _DEPTH_EVERY seconds; raise
+        RetryableError if the watcher stops or loses its lease meanwhile (the target then
+        stays owed its resync). The wait beats the loop's heart: waiting for the workers is
+        no hang."""
+        waited = False
+        while True:
+            self._depth(self.clock())
+            size = self.publisher.queued_bytes()
+            if size < self.sync.max_queue_bytes:
+                return
+            if not waited:
+                waited = True
+                self.metrics.publish_paused.labels(self.source.name, "queue_full").inc()
+                log.warning(
+                    "%s→%s: the snapshot waits for the workers: the queue holds %d bytes of tasks",
+                    self.source.name,
+                    t.name,
+                    size,
+                )
+            self._beat = self.clock()
+            if self._room_wait(_DEPTH_EVERY) or self._lease_lost.is_set():
+                raise RetryableError("the snapshot stopped waiting for room in the queue")
 
     def _restart_all(self, cause: Cause, detail: str) -> None:
         """The source lost the history the feed watched: resync every target, watch anew."""

@@ -7,6 +7,7 @@ again with the same body. Every end-to-end test has a Celery worker consume thes
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -278,3 +279,36 @@ def test_a_flush_is_cut_into_tasks_of_one_transaction_each(servers: Servers) -> 
     RedisPublisher(QUEUE, client, None).publish(flush, 64)
     assert client.llen(QUEUE) == 1
     client.delete(QUEUE)
+
+
+def test_the_bytes_in_the_queue_are_those_of_the_newest_tasks(servers: Servers) -> None:
+    """queued_bytes counts what was written for each task (the message, and a payload
+    stored by reference) until the queue's length, at the next look, says a worker took
+    it: kombu's consumers take the oldest first, so what the queue holds is the newest."""
+    redis = servers.redis()
+    client = redis_at(redis.url)
+    written: list[int] = []
+    publisher = RedisPublisher(
+        QUEUE,
+        client,
+        Signer(SigningKeys((b"k" * 32,))),
+        on_task=lambda _payload, size: written.append(size),
+    )
+    big = Operation(Op.PUT, b"cilium/cache/nodes/v1/cluster-a/big", b"v" * CLAIM_CHECK_BYTES)
+    large = dataclasses.replace(batch(), ops=(big,))
+    for b in (batch(), large, batch()):
+        publisher.publish([b])
+    assert len(written) == 3 and written[1] > CLAIM_CHECK_BYTES  # its payload counts too
+    assert publisher.queued_bytes() == sum(written)  # no look since: as published
+    assert publisher.backlog() == 3
+    assert publisher.queued_bytes() == sum(written)
+    client.rpop(QUEUE)  # a worker takes the oldest
+    assert publisher.backlog() == 2
+    assert publisher.queued_bytes() == written[1] + written[2]
+    client.rpop(QUEUE)
+    client.rpop(QUEUE)
+    assert publisher.backlog() == 0
+    assert publisher.queued_bytes() == 0
+    for key in client.scan_iter(match="kvmesh:payload:*"):
+        client.delete(key)  # the large task's, which no worker took
+    client.close()

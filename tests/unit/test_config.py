@@ -208,6 +208,7 @@ def test_environment_for_an_unknown_cluster_is_an_error(tmp_path: Path) -> None:
         (MINIMAL.replace("shards = 8", "max_batch_bytes = 1500001"), "sync.max_batch_bytes"),
         (MINIMAL.replace("shards = 8", "max_held_changes = 0"), "sync.max_held_changes"),
         (MINIMAL.replace("shards = 8", "max_held_bytes = 1000"), "sync.max_held_bytes"),
+        (MINIMAL.replace("shards = 8", "max_queue_bytes = 1000"), "sync.max_queue_bytes"),
         (MINIMAL.replace("shards = 8", "idle_flush_max_rate = -1"), "sync.idle_flush_max_rate"),
         (MINIMAL.replace("shards = 8", "idle_flush_max_rate = 49"), "sync.idle_flush_max_rate"),
         (MINIMAL + "[worker]\nconcurrency = 0\n", "worker.concurrency"),

@@ -427,6 +427,111 @@ def test_large_values_held_while_paused_are_bounded_in_bytes() -> None:
     _resume_and_see_one_outbox_resync(rig)
 
 
+BIG = b'{"name":"' + b"n" * 200_000 + b'"}'  # a node of 200 KB
+QUEUE_LIMIT = 1_500_000  # the least sync.max_queue_bytes
+
+
+def _largest_task(rig: Rig) -> int:
+    return max(sum(b.size for b in task) for task in rig.queue.tasks)
+
+
+def _drain_and_see_no_resync(rig: Rig) -> None:
+    """The workers take what waits and the pause runs out: the caches end exact, with no
+    resync but the first sync's (nothing was dropped)."""
+    rig.work()
+    rig.clock.advance(20.0)
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
+        assert rig.resyncs(target) == 1
+
+
+def test_large_values_pause_publishing_at_the_queues_bytes() -> None:
+    """A source of large values fills Redis in bytes long before its queue holds
+    sync.max_queue_depth tasks: once the tasks waiting in its queue hold
+    sync.max_queue_bytes, its watcher stops publishing (queue_full) and keeps the changes,
+    coalesced, until the workers have taken enough."""
+    rig = Rig(max_queue_bytes=QUEUE_LIMIT)
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    for i in range(12):  # 2.4 MB for each of the two targets, the workers away
+        rig.source.put(NODE + b"large-%d" % i, BIG)
+        rig.step()
+        rig.clock.advance(0.2)
+        assert rig.queue.queued_bytes() < QUEUE_LIMIT + _largest_task(rig)
+    assert rig.queue.queued_bytes() >= QUEUE_LIMIT
+    paused = rig.metric(
+        "kvmesh_watcher_publish_paused_total", source_cluster="a", reason="queue_full"
+    )
+    assert paused >= 1
+    assert rig.metric("kvmesh_watcher_queue_bytes", source_cluster="a") >= QUEUE_LIMIT
+    _drain_and_see_no_resync(rig)
+
+
+def test_one_large_flush_stops_at_the_queues_bytes() -> None:
+    """A flush larger than the room left in the queue publishes until it is full, and a
+    task more: the rest waits, as after a broker's refusal, and goes once there is room."""
+    rig = Rig(max_queue_bytes=QUEUE_LIMIT)
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    value = b'{"name":"' + b"n" * 20_000 + b'"}'
+    for i in range(300):
+        rig.source.put(NODE + b"mid-%d" % i, value)
+    rig.step()  # one flush of 12 MB, in tasks of a transaction's worth for each target
+    assert QUEUE_LIMIT <= rig.queue.queued_bytes() < QUEUE_LIMIT + _largest_task(rig)
+    assert any(t.unsent for t in rig.watcher.targets)
+    paused = rig.metric(
+        "kvmesh_watcher_publish_paused_total", source_cluster="a", reason="queue_full"
+    )
+    assert paused == 1
+    _drain_and_see_no_resync(rig)
+
+
+def test_a_snapshot_waits_for_room_in_the_queue() -> None:
+    """A resync publishes every key that differs, for every target: it fills the queue up
+    to sync.max_queue_bytes, and a task more, then waits for the workers instead of
+    filling Redis."""
+    rig = Rig(max_queue_bytes=QUEUE_LIMIT)
+    fill(rig, nodes=3, identities=3)
+    for i in range(12):  # 2.4 MB for each of the two targets' first sync
+        rig.source.put(NODE + b"large-%d" % i, BIG)
+    held: list[int] = []
+
+    def workers_run(seconds: float) -> bool:
+        """The wait: note what the queue holds, let the workers take it and time pass."""
+        held.append(rig.queue.queued_bytes())
+        rig.work()
+        rig.clock.advance(seconds)
+        return False
+
+    rig.watcher._room_wait = workers_run
+    rig.start()
+    assert held, "the snapshot never waited"
+    assert max(held) < QUEUE_LIMIT + _largest_task(rig)
+    paused = rig.metric(
+        "kvmesh_watcher_publish_paused_total", source_cluster="a", reason="queue_full"
+    )
+    assert paused >= 1
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
+        assert rig.resyncs(target) == 1
+
+
+def test_a_snapshot_that_waits_stops_with_the_watcher() -> None:
+    """A snapshot waiting for room ends when the watcher stops: the target stays owed its
+    resync."""
+    rig = Rig(max_queue_bytes=QUEUE_LIMIT)
+    fill(rig, nodes=3, identities=3)
+    for i in range(12):
+        rig.source.put(NODE + b"large-%d" % i, BIG)
+    rig.watcher._room_wait = lambda seconds: True  # stopped
+    rig.start()
+    assert all(t.need_resync for t in rig.watcher.targets)
+
+
 @pytest.mark.parametrize("restart", [False, True])
 def test_an_unreachable_target_does_not_hold_up_the_others(restart: bool) -> None:
     """A target down as the watcher starts is resynced once it answers, and holds up no
