@@ -83,6 +83,7 @@ class Queue:
         self.published = 0
         self.flushes = 0  # calls of publish: one per flush of the watcher
         self.tasks: list[list[Batch]] = []  # the batches as the publisher cuts them into tasks
+        self._bytes_looked = self._bytes_since = 0  # see queued_bytes
 
     def publish(
         self,
@@ -104,11 +105,19 @@ class Queue:
             self.published += len(task)
             sent += len(task)
             spent += sum(b.size for b in task)
+            self._bytes_since += sum(b.size for b in task)
 
     def backlog(self) -> int:
+        self._bytes_looked, self._bytes_since = self.bytes(), 0
         return len(self.batches)
 
     def queued_bytes(self) -> int:
+        """As a RedisPublisher tells it: what the queue held at the last backlog(), and
+        what was published since."""
+        return self._bytes_looked + self._bytes_since
+
+    def bytes(self) -> int:
+        """What the queue holds now."""
         return sum(b.size for b in self.batches)
 
 

@@ -172,6 +172,11 @@ def task_message(queue: str, payload_json: str, argsrepr: str, origin: str) -> s
     )
 
 
+# The most tasks whose bytes a publisher remembers (more than sync.max_queue_depth holds by
+# default): while the queue's length cannot be read they are not forgotten otherwise.
+_REMEMBERED = 100_000
+
+
 class RedisPublisher:
     """Publishes tasks by pushing Celery's message format onto the queue's Redis list, as
     kombu does, without Celery: a watcher never imports Celery or kombu (0.1 s of its start)
@@ -199,6 +204,7 @@ class RedisPublisher:
         # queue of N tasks holds the N newest
         self._written: deque[int] = deque()
         self._queued = 0
+        self._unread = False  # the last look at the queue's length failed
 
     def backlog(self) -> int:
         """The length of the queue's list, one LLEN: every task a watcher publishes has
@@ -209,12 +215,12 @@ class RedisPublisher:
         try:
             depth = int(self._redis.llen(self._queue))
         except redis.RedisError as exc:
-            # what the queue holds is unknown: the bytes are forgotten, so that a queue
-            # whose length cannot be read (a broker user without LLEN, say) never holds a
-            # pause for good; neither bound applies until it can be read again
-            self._written.clear()
-            self._queued = 0
+            # what the queue holds is unknown until it can be read again: no figure, so
+            # that a queue whose length cannot be read (a broker user without LLEN, say)
+            # never holds a pause for good, as the depth bound does not either
+            self._unread = True
             raise RetryableError(f"reading the depth of {self._queue} failed: {exc}") from None
+        self._unread = False
         while len(self._written) > depth:  # taken by workers
             self._queued -= self._written.pop()
         return depth
@@ -222,8 +228,8 @@ class RedisPublisher:
     def queued_bytes(self) -> int:
         """The bytes written for the tasks the queue held at the last backlog() (payloads
         by reference included): the newest this publisher published, as many as the queue
-        held, and those it published since."""
-        return self._queued
+        held, and those it published since; 0 while its length cannot be read."""
+        return 0 if self._unread else self._queued
 
     def publish(
         self,
@@ -273,6 +279,8 @@ class RedisPublisher:
                 spent += written
                 self._written.appendleft(written)
                 self._queued += written
+                if len(self._written) > _REMEMBERED:  # the queue's length went unread
+                    self._queued -= self._written.pop()
                 if self._on_task is not None:
                     self._on_task(len(payload), written)
         except (OSError, redis.RedisError) as exc:

@@ -227,6 +227,7 @@ class Watcher:
         # how a snapshot waits for room in the queue: True once the watcher stops (a test
         # lets its workers run instead)
         self._room_wait: Callable[[float], bool] = self.stop_event.wait
+        self._room_logged = -math.inf  # when a snapshot last said it waits for room
         # the source's recent changes a second (_arrival_rate), as of _rate_at
         self._rate = 0.0
         self._rate_at = 0.0
@@ -361,6 +362,7 @@ class Watcher:
                 self.metrics.scope_synced.labels(res.scope, src, action).set(0)
             self.metrics.sync_queue.labels(res.scope, src).set(0)
         self.metrics.queue_depth.labels(src).set(0)  # another watcher reads it now
+        self.metrics.queue_bytes.labels(src).set(0)
 
     def _renew_loop(self) -> None:
         """Renew the lease every third of its TTL while a term runs and the main loop is
@@ -1363,7 +1365,7 @@ class Watcher:
             page=self.sync.page_size,
             max_bytes=self.sync.max_batch_bytes,
             on_reject=self._reject,
-            keep_going=lambda: self._keep_lease() and listed(None),
+            keep_going=lambda: not self.stop_event.is_set() and self._keep_lease() and listed(None),
             readiness=ready,
             on_listed=listed,
             newest=newest,
@@ -1499,26 +1501,33 @@ class Watcher:
         return publish
 
     def _wait_for_room(self, t: Target) -> None:
-        """Return once the source queue holds less than sync.max_queue_bytes of this
-        watcher's tasks, looking at its length every _DEPTH_EVERY seconds; raise
-        RetryableError if the watcher stops or loses its lease meanwhile (the target then
-        stays owed its resync). The wait beats the loop's heart: waiting for the workers is
-        no hang."""
+        """Return once the source queue holds fewer than sync.max_queue_depth tasks and
+        less than sync.max_queue_bytes of this watcher's, looking at its length every
+        _DEPTH_EVERY seconds; raise RetryableError if the watcher stops or loses its lease
+        meanwhile (the target then stays owed its resync). The wait beats the loop's heart:
+        waiting for the workers is no hang."""
         waited = False
         while True:
-            self._depth(self.clock())
+            # a fresh look each time (a publish of a snapshot is tens of batches): the
+            # tasks published since a look count in the bytes, but not in the depth
+            depth = self._depth(self.clock(), 0.0)
             size = self.publisher.queued_bytes()
-            if size < self.sync.max_queue_bytes:
+            if depth < self.sync.max_queue_depth and size < self.sync.max_queue_bytes:
                 return
             if not waited:
                 waited = True
                 self.metrics.publish_paused.labels(self.source.name, "queue_full").inc()
-                log.warning(
-                    "%s→%s: the snapshot waits for the workers: the queue holds %d bytes of tasks",
-                    self.source.name,
-                    t.name,
-                    size,
-                )
+                now = self.clock()
+                if now >= self._room_logged + 10.0:  # a large snapshot waits many times
+                    self._room_logged = now
+                    log.warning(
+                        "%s→%s: the snapshot waits for the workers: the queue holds %d tasks, "
+                        "%d bytes of them",
+                        self.source.name,
+                        t.name,
+                        depth,
+                        size,
+                    )
             self._beat = self.clock()
             if self._room_wait(_DEPTH_EVERY) or self._lease_lost.is_set():
                 raise RetryableError("the snapshot stopped waiting for room in the queue")

@@ -18,7 +18,7 @@ from pipeline.clients.broker import Broker, redis_at
 from pipeline.clients.celeryapp import create_app, keep_redis_clients
 from pipeline.clients.publisher import RedisPublisher
 from pipeline.config import load_settings
-from pipeline.protocol.errors import RetryableError
+from pipeline.protocol.errors import QueueFullError, RetryableError
 from pipeline.protocol.layout import Op
 from pipeline.protocol.names import (
     CLAIM_CHECK_BYTES,
@@ -312,3 +312,42 @@ def test_the_bytes_in_the_queue_are_those_of_the_newest_tasks(servers: Servers) 
     for key in client.scan_iter(match="kvmesh:payload:*"):
         client.delete(key)  # the large task's, which no worker took
     client.close()
+
+
+def test_a_budget_stops_a_publish_before_the_next_task(servers: Servers) -> None:
+    """With a byte budget, the first task always goes, and the publish stops before the
+    next once the tasks sent have used it: QueueFullError says how many batches went."""
+    redis = servers.redis()
+    client = redis_at(redis.url)
+    client.delete(QUEUE)
+    publisher = RedisPublisher(QUEUE, client, Signer(SigningKeys((b"k" * 32,))))
+    batches = [dataclasses.replace(batch(), shard=f"nodes-{i}") for i in range(3)]
+    with pytest.raises(QueueFullError) as err:
+        publisher.publish(batches, per_task=1, budget=1)
+    assert err.value.published == 1
+    assert publisher.backlog() == 1
+    publisher.publish(batches[1:], per_task=1, budget=1 << 30)
+    assert publisher.backlog() == 3
+    client.delete(QUEUE)
+    client.close()
+
+
+def test_a_queue_whose_length_cannot_be_read_has_no_figure(servers: Servers) -> None:
+    """A broker user refused LLEN: the publisher cannot tell what its queue holds, and says
+    0 rather than a figure that would only grow (and hold a pause for good)."""
+    redis = servers.redis()
+    admin = redis_at(redis.url)
+    admin.delete(QUEUE)
+    admin.execute_command("ACL", "SETUSER", "nollen", "on", ">pw", "~*", "+@all", "-llen")
+    host, port = redis.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    client = redis_at(f"redis://nollen:pw@{host}:{port}/0")
+    publisher = RedisPublisher(QUEUE, client, Signer(SigningKeys((b"k" * 32,))))
+    publisher.publish([batch()])
+    assert publisher.queued_bytes() > 0
+    with pytest.raises(RetryableError):
+        publisher.backlog()
+    assert publisher.queued_bytes() == 0
+    client.close()
+    admin.execute_command("ACL", "DELUSER", "nollen")
+    admin.delete(QUEUE)
+    admin.close()

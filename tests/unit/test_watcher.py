@@ -459,8 +459,8 @@ def test_large_values_pause_publishing_at_the_queues_bytes() -> None:
         rig.source.put(NODE + b"large-%d" % i, BIG)
         rig.step()
         rig.clock.advance(0.2)
-        assert rig.queue.queued_bytes() < QUEUE_LIMIT + _largest_task(rig)
-    assert rig.queue.queued_bytes() >= QUEUE_LIMIT
+        assert rig.queue.bytes() < QUEUE_LIMIT + _largest_task(rig)
+    assert rig.queue.bytes() >= QUEUE_LIMIT
     paused = rig.metric(
         "kvmesh_watcher_publish_paused_total", source_cluster="a", reason="queue_full"
     )
@@ -480,7 +480,7 @@ def test_one_large_flush_stops_at_the_queues_bytes() -> None:
     for i in range(300):
         rig.source.put(NODE + b"mid-%d" % i, value)
     rig.step()  # one flush of 12 MB, in tasks of a transaction's worth for each target
-    assert QUEUE_LIMIT <= rig.queue.queued_bytes() < QUEUE_LIMIT + _largest_task(rig)
+    assert QUEUE_LIMIT <= rig.queue.bytes() < QUEUE_LIMIT + _largest_task(rig)
     assert any(t.unsent for t in rig.watcher.targets)
     paused = rig.metric(
         "kvmesh_watcher_publish_paused_total", source_cluster="a", reason="queue_full"
@@ -501,7 +501,7 @@ def test_a_snapshot_waits_for_room_in_the_queue() -> None:
 
     def workers_run(seconds: float) -> bool:
         """The wait: note what the queue holds, let the workers take it and time pass."""
-        held.append(rig.queue.queued_bytes())
+        held.append(rig.queue.bytes())
         rig.work()
         rig.clock.advance(seconds)
         return False
@@ -518,6 +518,66 @@ def test_a_snapshot_waits_for_room_in_the_queue() -> None:
     for target in rig.targets:
         assert rig.cache(target) == rig.expected()
         assert rig.resyncs(target) == 1
+
+
+def test_a_long_wait_for_room_is_no_silence_of_the_watch() -> None:
+    """While a resync's snapshot waits for the workers, the loop asks the watch's streams
+    nothing; once it goes on, the answers that came meanwhile count, and no stream is
+    taken for cut off (which would count a source failure and replace every stream)."""
+    from pipeline.source.planner import Cause
+
+    rig = Rig(max_queue_bytes=QUEUE_LIMIT)
+    fill(rig, nodes=3, identities=3)
+    for i in range(12):
+        rig.source.put(NODE + b"large-%d" % i, BIG)
+    away = [0.1]  # how long each wait takes
+
+    def workers_run(seconds: float) -> bool:
+        rig.work()
+        rig.clock.advance(away[0])
+        return False
+
+    rig.watcher._room_wait = workers_run
+    rig.start()  # the first sync waits too, briefly
+    rig.settle()
+    away[0] = 30.0  # now each look comes after longer than sync.watch_timeout
+    for t in rig.watcher.targets:
+        t.need_resync = None
+        t.owe(Cause.ANTI_ENTROPY)  # every large value again, for each target
+    for target in rig.targets:  # the caches lost them: the snapshot carries them again
+        for i in range(12):
+            rig.mesh[target].delete(b"cilium/cache/nodes/v1/a/large-%d" % i)
+    failures = rig.metric("kvmesh_watcher_source_failures_total", source_cluster="a")
+    rig.tick()  # the fence poll starts the resync, which waits
+    assert rig.metric(
+        "kvmesh_watcher_publish_paused_total", source_cluster="a", reason="queue_full"
+    )
+    rig.tick(0.0)  # the next poll asks the streams how far they are
+    assert rig.metric("kvmesh_watcher_source_failures_total", source_cluster="a") == failures
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
+
+
+def test_a_snapshot_waits_for_room_in_tasks_too() -> None:
+    """A snapshot into a queue holding sync.max_queue_depth tasks waits for the workers as
+    well, whatever their bytes."""
+    rig = Rig(max_queue_depth=3)
+    fill(rig, nodes=400, identities=3)  # more than a publish of each target's snapshot
+    depths: list[int] = []
+
+    def workers_run(seconds: float) -> bool:
+        depths.append(len(rig.queue.batches))
+        rig.work()
+        rig.clock.advance(seconds)
+        return False
+
+    rig.watcher._room_wait = workers_run
+    rig.start()
+    assert depths and min(depths) >= 3
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
 
 
 def test_a_snapshot_that_waits_stops_with_the_watcher() -> None:
