@@ -44,7 +44,7 @@ class Publisher(Protocol):
         """What the tasks waiting in the queue at the last backlog() cost the broker, in
         bytes: the newest tasks this publisher wrote, as many as the queue held (an
         estimate: a task it did not write, a worker's retry say, stands for one of its
-        own), and those it published since."""
+        own), and those it published since; 0 while the queue's length cannot be read."""
         ...
 
 

@@ -838,10 +838,11 @@ class Watcher:
         a few changes touch a few shards and their tasks mostly run side by side, while a
         burst published piecemeal as fast as it comes would chain every shard from task to
         task (the linger lets it gather instead). A steady stream of changes is the same
-        at a smaller scale: fast workers empty the queue between two of its changes, and
-        each flush would then carry one or two changes, a task each, whose fixed cost
-        (Redis, the worker's hand-over, a transaction) is what the workers then spend
-        their time on; lingering gathers several for about as much latency."""
+        at a smaller scale: fast workers empty the queue between two of its flushes, and
+        each flush would then carry a few changes, a task each, whose fixed cost (Redis,
+        the worker's hand-over, a transaction) is what the workers then spend their time
+        on; lingering gathers ten or more, for no more latency where that cost is what
+        keeps the cores busy (docs/performance-log.md, 2026-12-01)."""
         limit = self.sync.idle_flush_max_rate
         return (
             self.sync.idle_flush
