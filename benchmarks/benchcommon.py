@@ -336,6 +336,20 @@ def applied_ops(stats: Any) -> int:
     return int(stats.hget(stats_key(SOURCE, "cluster-b"), "ops_applied") or 0)
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """How many cores the machine kept busy on average between two cpu_times() (None if
+    no time passed between them)."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total * (os.cpu_count() or 1) if total > 0 else None
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU seconds of one process so far, from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

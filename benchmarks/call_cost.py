@@ -135,6 +135,73 @@ def code_cost(n: int) -> dict[str, float]:
     return {name: timeit.timeit(f, number=n) / n / writes * 1e6 for name, f in steps.items()}
 
 
+def watcher_code_cost(keys: int, n: int) -> dict[str, float]:
+    """µs per key of the watcher's own code in a resync into an empty target: the listing's
+    rewrite and checks, the merge, the cut into batches (`resync`, the source read from
+    memory and nothing published), then the same with each batch grouped into tasks,
+    encoded and signed (`resync+encode`)."""
+    import timeit
+
+    from pipeline.clients.etcd import KV
+    from pipeline.clients.publisher import group_batches
+    from pipeline.protocol.layout import RESOURCES, Layout
+    from pipeline.protocol.snapshot import SnapshotCutter
+    from pipeline.protocol.wire import Batch, Signer, SigningKeys, encode_task_json
+    from pipeline.source import resync
+
+    ids = sorted(b"%d" % ((1 << 16) + i) for i in range(keys))
+    listing = [
+        KV(b"cilium/state/identities/v1/id/" + k, b'{"k8s:app":"a%d","k8s:io...":"x"}' % i, 9, 0)
+        for i, k in enumerate(ids)
+    ]
+    signer = Signer(SigningKeys((os.urandom(32),)))
+
+    prefixes = [res.source_prefix("c1") for res in RESOURCES]
+    by_prefix = {p: [kv for kv in listing if kv.key.startswith(p)] for p in prefixes}
+
+    class Source:  # the listing, from memory: the resources other than identities are empty
+        def scan(self, prefix: bytes, revision: Any = None, page: int = 0, exact: bool = False):  # type: ignore[no-untyped-def]
+            return revision, iter(by_prefix.get(prefix, ()))
+
+    class Control:
+        source, name = "c1", "c2"
+
+        class leases:
+            @staticmethod
+            def mine(lease: int) -> bool:
+                return True
+
+        def cache(self, res: Any) -> Any:
+            return iter(())
+
+    def run(encode: bool) -> None:
+        def publish(batches: list[Batch]) -> None:
+            if encode:
+                for group in group_batches(batches, 8):
+                    encode_task_json(group, signer)
+
+        cutter = SnapshotCutter(
+            source="c1", target="c2", gen=1, revision=10, max_ops=127, max_bytes=1 << 20
+        )
+        snap = resync.Snapshot(Control(), cutter, publish)  # type: ignore[arg-type]
+        resync.run(
+            Source(),  # type: ignore[arg-type]
+            Layout("c1", 1),
+            10,
+            [snap],
+            shard_count=16,
+            page=2000,
+            max_bytes=1 << 20,
+            on_reject=print,
+            keep_going=lambda: True,
+        )
+
+    identities = next(r for r in RESOURCES if r.name == "identities")
+    assert len(by_prefix[identities.source_prefix("c1")]) == keys  # every key is listed
+    steps = {"resync": lambda: run(False), "resync+encode": lambda: run(True)}
+    return {name: timeit.timeit(f, number=n) / n / keys * 1e6 for name, f in steps.items()}
+
+
 def sleep_cost(seconds: float, n: int) -> float:
     """The CPU (µs) charged to a thread of its own per sleep of *seconds*, over *n* sleeps."""
     probe = WakeProbe(seconds).start()
@@ -155,13 +222,35 @@ def call_cost(url: str, calls: int, event_engine: bool) -> dict[str, Any]:
     return result
 
 
+def code_only(repeat: int, out: str | None) -> None:
+    """The code measurements alone, *repeat* times, and their medians (to *out* too)."""
+    rows = []
+    for r in range(repeat):
+        rows.append({**code_cost(100), **watcher_code_cost(20000, 3)})
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()))
+    print("medians (us per write for the worker, per key for the watcher):")
+    medians = {name: statistics.median(row[name] for row in rows) for name in rows[0]}
+    for name, value in medians.items():
+        print(f"  {name}: {value:.2f}")
+    if out:
+        write_json({"rows": rows, "medians": medians}, out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=500)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--delay", type=float, default=0.005, help="the proxy's delay each way, s")
     ap.add_argument("--json")
+    ap.add_argument(
+        "--code-only",
+        action="store_true",
+        help="time the worker's and the watcher's code only (no etcd, no sleeps)",
+    )
     args = ap.parse_args()
+    if args.code_only:
+        code_only(args.repeat, args.json)
+        return
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-call-cost-"))
     server = EtcdServer(tmp / "etcd")
     procs: list[subprocess.Popen[bytes]] = []

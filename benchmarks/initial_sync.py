@@ -49,9 +49,11 @@ from benchcommon import (
     Landing,
     add_sync_option,
     applied_ops,
+    busy_cores,
     byte_compile,
     check_alive,
     cpu_seconds,
+    cpu_times,
     discard,
     mirror_command,
     pair_config,
@@ -136,7 +138,7 @@ def main() -> int:
         for i in range(args.repeat):
             run = tmp / f"run-{i + 1}"
             run.mkdir()
-            t_kvmesh, used, late = run_kvmesh(run, src, args)
+            t_kvmesh, used, late, busy = run_kvmesh(run, src, args)
             kvmesh_times.append(t_kvmesh)
             runs.append(
                 {
@@ -145,6 +147,7 @@ def main() -> int:
                     "kvmesh_cpu_s": {k: round(v, 2) for k, v in used.items()},
                     # how much later the workers' count said the target held every key
                     "kvmesh_count_late_s": round(late, 3),
+                    **busy,
                 }
             )
             print(f"kvmesh:      {t_kvmesh:7.2f} s  ({args.keys / t_kvmesh:9.0f} keys/s)")
@@ -187,12 +190,13 @@ def main() -> int:
 
 def run_kvmesh(
     tmp: Path, src: EtcdServer, args: argparse.Namespace
-) -> tuple[float, dict[str, float], float]:
+) -> tuple[float, dict[str, float], float, dict[str, float | None]]:
     """kvmesh's initial sync into a fresh target etcd, with a fresh Redis: seconds, the CPU
     seconds each process (or a worker's session: main process and pool) spent from the
     clock's start until the end was seen (a poll or two after the last key landed, the
-    target etcd's and Redis's including what this script polls), and how much later than
-    the last key the workers' count said so."""
+    target etcd's and Redis's including what this script polls), how much later than
+    the last key the workers' count said so, and how busy the machine was before the first
+    canary and after."""
     procs: list[subprocess.Popen[bytes]] = []
     dst = EtcdServer(tmp / "target-kvmesh")
     broker = RedisServer(tmp / "redis")
@@ -223,6 +227,7 @@ def run_kvmesh(
 
         cpu0 = cpu()
         t0 = time.monotonic()
+        machine = [(t0, cpu_times())]  # the machine's CPU at each poll
         watcher = spawn(
             procs,
             [sys.executable, "-m", "pipeline", "watch", "--config", str(cfg)],
@@ -251,14 +256,33 @@ def run_kvmesh(
                     late = seen - t0 - t_kvmesh
                     print(f"kvmesh's end seen {late:.2f} s after the last key landed")
             canary_times(target, t0, canaries)
+            machine.append((time.monotonic(), cpu_times()))
             time.sleep(0.02)  # poll interval
         if not t_kvmesh:
             raise SystemExit(f"timed out: the target holds {target.count(CACHE_PREFIX)} keys")
         order = ", ".join(f"{n} {t:.2f} s" for n, t in sorted(canaries.items(), key=lambda x: x[1]))
         print(f"kvmesh target canaries: {order}")
+        # the canaries of the empty resources are the first keys the watcher writes: until
+        # then it starts alone, and the workers wait; then every process works until the
+        # last key lands (the polls after that, until the end was seen, are left out)
+        first = min(canaries.values())
+        start = next(m for t, m in machine if t - t0 >= first)
+        last = [m for t, m in machine if t - t0 <= t_kvmesh][-1]
+        before, after = busy_cores(machine[0][1], start), busy_cores(start, last)
+        busy = {
+            "first_canary_s": round(first, 3),
+            "busy_cores_until_first_canary": None if before is None else round(before, 2),
+            # none if the first canary came as late as the last key
+            "busy_cores_after": None if after is None or first >= t_kvmesh else round(after, 2),
+        }
+        print(
+            f"machine busy: {busy['busy_cores_until_first_canary']} cores until the first "
+            f"canary was seen ({first:.2f} s), {busy['busy_cores_after']} from then until "
+            "the last poll before the last key landed"
+        )
         stats.close()
         target.close()
-        return t_kvmesh, used, late
+        return t_kvmesh, used, late, busy
     finally:
         stop(procs)
         discard(*servers)

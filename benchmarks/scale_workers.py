@@ -88,6 +88,7 @@ from benchcommon import (
     byte_compile,
     celery_main_cpu_seconds,
     cpu_seconds,
+    cpu_times,
     discard,
     pair_config,
     pyplot,
@@ -111,13 +112,6 @@ from pipeline.tools.lab.view import scrape
 from pipeline.tools.servers import EtcdServer, RedisServer, free_port
 
 HERE = Path(__file__).resolve().parent
-
-
-def cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle and iowait
-    return sum(fields) - idle, sum(fields)
 
 
 def identities(n: int, marker: bytes) -> list[tuple[bytes, bytes]]:

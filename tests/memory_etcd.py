@@ -25,6 +25,7 @@ from pipeline.clients.etcd import (
     TxnOp,
     TxnResult,
     ValueIs,
+    expand_writes,
     prefix_end,
 )
 from pipeline.protocol.errors import (
@@ -303,6 +304,7 @@ class MemoryEtcd:
     ) -> TxnResult:
         self._check()
         space = self.space
+        ops = expand_writes(ops)  # etcd counts and checks every key of a Writes
         writes = [op for op in ops if not isinstance(op, Get)]
         if writes and self.read_only:
             raise RetryableError(f"etcd {self.name}: permission denied", self.name)

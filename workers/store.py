@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline.clients.etcd import KV, Compare, Delete, EtcdClient, Get, ModIs, Put, TxnOp, ValueIs
+from pipeline.clients.etcd import KV, Compare, EtcdClient, Get, ModIs, Put, TxnOp, ValueIs, Writes
 from pipeline.protocol.errors import CorruptRecordError
 from pipeline.protocol.fence import FenceRecord, GenRecord
-from pipeline.protocol.layout import Op
 from pipeline.protocol.names import fence_key, gen_key, resync_key
 from pipeline.protocol.wire import Operation, Signer
 
@@ -128,7 +127,10 @@ def _views(shards: Sequence[str], reads: Sequence[KV | None]) -> dict[str, Fence
 
 
 def _ops(ops: Sequence[Operation], lease: int) -> list[TxnOp]:
-    return [Put(o.key, o.value or b"", lease) if o.op is Op.PUT else Delete(o.key) for o in ops]
+    """A batch's operations as they go to etcd, in one Writes: an Operation's value is None
+    for a delete and bytes for a put (decode_task makes every put's value, even an empty
+    one)."""
+    return [Writes(ops, lease)]
 
 
 def _resync_request(gen: int, reason: str, signer: Signer | None) -> bytes:

@@ -95,7 +95,43 @@ class Get:
     key: bytes
 
 
-TxnOp = Put | Delete | Get
+class KeyValue(Protocol):
+    """What Writes takes for each key: a value of None deletes the key."""
+
+    @property
+    def key(self) -> bytes: ...
+
+    @property
+    def value(self) -> bytes | None: ...
+
+
+class Writes(NamedTuple):
+    """Many puts and deletes in one operation of a transaction, each an item with a key
+    and a value (None: delete the key), the puts on *lease* (0: none). It counts as one
+    operation of etcd's per key, as if each item were a Put or a Delete of its own.
+    Workers write every key with it: filling the request from their own operations,
+    without a Put made for each key, takes half the time (docs/performance-log.md)."""
+
+    items: Sequence[KeyValue]
+    lease: int = 0
+
+
+TxnOp = Put | Delete | Get | Writes
+
+
+def expand_writes(ops: Sequence[TxnOp]) -> list[Put | Delete | Get]:
+    """*ops* with each Writes as the Puts and Deletes it stands for, in its items' order:
+    what etcd receives, one operation per key."""
+    out: list[Put | Delete | Get] = []
+    for op in ops:
+        if isinstance(op, Writes):
+            out.extend(
+                Delete(i.key) if i.value is None else Put(i.key, i.value, op.lease)
+                for i in op.items
+            )
+        else:
+            out.append(op)
+    return out
 
 
 @dataclass(frozen=True)
@@ -144,7 +180,17 @@ def _fill_ops(repeated: Any, ops: Sequence[TxnOp]) -> bool:
     add = repeated.add
     reads = False
     for op in ops:
-        if isinstance(op, Put):
+        if isinstance(op, Writes):
+            lease = op.lease
+            for item in op.items:
+                if item.value is None:
+                    add().request_delete_range.key = item.key
+                else:
+                    put = add().request_put
+                    put.key, put.value = item.key, item.value
+                    if lease:
+                        put.lease = lease
+        elif isinstance(op, Put):
             put = add().request_put
             put.key, put.value = op.key, op.value
             if op.lease:
@@ -583,7 +629,8 @@ class Etcd:
         reads: list[KV | None] = []
         if reads_on_success if succeeded else reads_on_failure:
             # only then: a response per put of a full batch is 35-55 µs of Python here
-            for op, r in zip(ops if succeeded else failure, resp.responses, strict=True):
+            branch = expand_writes(ops) if succeeded else failure
+            for op, r in zip(branch, resp.responses, strict=True):
                 if isinstance(op, Get):
                     kvs = r.response_range.kvs
                     reads.append(KV(kvs[0].key, kvs[0].value, kvs[0].mod_revision) if kvs else None)

@@ -14,7 +14,7 @@ from pipeline.protocol.errors import BadInputError, LayoutError
 from pipeline.protocol.fence import Position
 from pipeline.protocol.layout import RESOURCES, Layout, Op, Resource
 from pipeline.protocol.sharding import shard_of
-from pipeline.protocol.wire import Batch, Operation, op_size
+from pipeline.protocol.wire import Batch, Operation, new_operation, op_size
 
 
 def convert(
@@ -154,7 +154,7 @@ class SnapshotCutter:
         out: Sequence[Batch] = ()
         if overflows(len(st.ops), st.bytes, size, self._max_ops, self._max_bytes):
             out = self._cut(shard, st, done=False)
-        st.ops.append(Operation(op, key, value))
+        st.ops.append(new_operation((op, key, value)))
         st.bytes += size
         st.index += 1
         return out

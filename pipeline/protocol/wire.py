@@ -40,10 +40,11 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any, NamedTuple
+from functools import cached_property, partial
+from itertools import chain
+from typing import Any, NamedTuple, cast
 
 from pipeline.protocol.errors import (
     BadSignatureError,
@@ -66,11 +67,21 @@ class Operation(NamedTuple):
 
     op: Op
     key: bytes
-    value: bytes | None = None  # None for deletes
+    # None for a delete, and only for one: a put's value is bytes, if empty (what a worker
+    # writes is decided by it: Writes deletes a key whose value is None)
+    value: bytes | None = None
 
     @property
     def size(self) -> int:
         return op_size(self.key, self.value)
+
+
+# An Operation made as a tuple is, without the Python call of a named tuple's constructor:
+# new_operation((op, key, value)), in about half the time, where one is made per key (a
+# worker decoding a task, a watcher cutting a snapshot)
+new_operation = cast(
+    Callable[[tuple[Op, bytes, bytes | None]], Operation], partial(tuple.__new__, Operation)
+)
 
 
 def op_size(key: bytes, value: bytes | None) -> int:
@@ -117,12 +128,19 @@ class Batch:
         }
 
 
-def _b64e(data: bytes) -> str:
-    return binascii.b2a_base64(data, newline=False).decode("ascii")
-
-
 def encode_ops(ops: Sequence[Operation]) -> list[list[str | None]]:
-    return [[o.op.value, _b64e(o.key), None if o.value is None else _b64e(o.value)] for o in ops]
+    """[kind, key, value] of each operation, once per key a watcher publishes: the kind is
+    the Op itself, a str that JSON writes as its value, and base64 is called in place: a
+    third less time than through Op.value and a helper of our own."""
+    b2a = binascii.b2a_base64
+    return [
+        [
+            op,
+            b2a(key, newline=False).decode(),
+            None if value is None else b2a(value, newline=False).decode(),
+        ]
+        for op, key, value in ops
+    ]
 
 
 def _pos(payload: dict[str, Any], name: str) -> Position:
@@ -413,6 +431,49 @@ def _ops(raw_ops: Any, where: str = "field 'ops'") -> tuple[Operation, ...]:
     """Decode one list of operations: [kind, key, value], each key once."""
     if not isinstance(raw_ops, list):
         raise MalformedBatchError(f"{where} must be a list")
+    # when the quick pass fails, the checked one gives the same verdict, with its reason
+    try:
+        ops = _well_formed_ops(raw_ops)
+    except (TypeError, ValueError):  # binascii.Error is a ValueError
+        return _checked_ops(raw_ops)
+    if len({o.key for o in ops}) == len(ops):
+        return ops
+    del ops  # (a key twice) not held while the list is decoded again
+    return _checked_ops(raw_ops)
+
+
+def _well_formed_ops(raw_ops: list[Any]) -> tuple[Operation, ...]:
+    """The operations of a list in which each is well formed, as _checked_ops decodes them,
+    in about half its time (a worker decodes every key it writes); anything else raises
+    TypeError or ValueError. Each must be a list (unpacking alone would take a string, or
+    an object, of three members), and each member a string or null: a2b_base64 in strict
+    mode then takes what _b64 does (which takes no bytes)."""
+    if raw_ops and set(map(type, raw_ops)) != {list}:
+        raise TypeError("an operation is not a list")
+    if not set(map(type, chain.from_iterable(raw_ops))) <= _STR_OR_NULL:
+        raise TypeError("a member of an operation is neither a string nor null")
+    a2b, new, put, delete = binascii.a2b_base64, new_operation, Op.PUT, Op.DELETE
+    return tuple(
+        [
+            new((put, a2b(key, strict_mode=True), a2b(value, strict_mode=True)))
+            if kind == _PUT
+            else new((delete, a2b(key, strict_mode=True), None))
+            if kind == _DELETE
+            else _unknown_kind()
+            for kind, key, value in raw_ops
+        ]
+    )
+
+
+_STR_OR_NULL = {str, type(None)}
+
+
+def _unknown_kind() -> Operation:
+    raise ValueError("an operation of unknown kind")
+
+
+def _checked_ops(raw_ops: list[Any]) -> tuple[Operation, ...]:
+    """_ops one operation at a time: the first that is malformed names the error."""
     ops: list[Operation] = []
     for i, raw in enumerate(raw_ops):
         if not isinstance(raw, list) or len(raw) != 3:

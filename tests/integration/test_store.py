@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.clients.etcd import Etcd, Put
+from pipeline.clients.etcd import Etcd, Get, Put, Writes
 from pipeline.protocol.errors import RefusedError, RequestTooLargeError, RetryableError
 from pipeline.protocol.fence import Decision, FenceRecord, GenRecord
 from pipeline.protocol.layout import Op
@@ -198,6 +198,38 @@ def test_a_target_taking_fewer_operations_refuses_as_only_its_operator_can_cure(
     etcd.txn([], [Put(b"kvmesh/%d" % i, b"v") for i in range(16)])
     with pytest.raises(RefusedError, match="too many operations"):
         etcd.txn([], [Put(b"kvmesh/%d" % i, b"v") for i in range(17)])
+    # a Writes is one operation of etcd's per key it holds
+    puts = [Operation(Op.PUT, b"kvmesh/%d" % i, b"w") for i in range(16)]
+    etcd.txn([], [Writes(puts[:15]), Get(b"kvmesh/0")])
+    with pytest.raises(RefusedError, match="too many operations"):
+        etcd.txn([], [Writes(puts), Get(b"kvmesh/0")])
+    etcd.close()
+
+
+def test_a_transaction_of_writes_puts_deletes_and_reads_what_follows(servers: Servers) -> None:
+    """A Writes in a transaction puts each item on its lease and deletes those without a
+    value; the reads after it in the same branch come back in their order, matched with
+    their own responses and not with the Writes' (one per key)."""
+    etcd = Etcd(servers.etcd().cluster("b", 2), timeout=5)
+    lease = etcd.grant_lease(60)
+    etcd.put(b"kvmesh/gone", b"old")
+    items = [
+        Operation(Op.PUT, b"kvmesh/a", b"1"),
+        Operation(Op.DELETE, b"kvmesh/gone"),
+        Operation(Op.PUT, b"kvmesh/empty", b""),
+    ]
+    result = etcd.txn(
+        [], [Get(b"kvmesh/gone"), Writes(items, lease), Get(b"kvmesh/a"), Get(b"kvmesh/none")]
+    )
+    assert result.succeeded
+    before, after, none = result.reads
+    assert before is not None and before.value == b"old"
+    assert after is not None and (after.value, after.mod_revision) == (b"1", result.revision)
+    assert none is None
+    assert etcd.get(b"kvmesh/gone") is None
+    assert etcd.lease_keys(lease) == 2  # the two puts, and not the delete
+    empty = etcd.get(b"kvmesh/empty")
+    assert empty is not None and empty.value == b""
     etcd.close()
 
 

@@ -13,8 +13,10 @@ import grpc
 import pytest
 from etcd3.etcdrpc import TxnRequest
 
-from pipeline.clients.etcd import Delete, Get, Put, _fill_ops, prefix_end
+from pipeline.clients.etcd import Delete, Get, Put, Writes, _fill_ops, expand_writes, prefix_end
 from pipeline.protocol.errors import RetryableError
+from pipeline.protocol.layout import Op
+from pipeline.protocol.wire import Operation
 
 
 def built(*ops: Any) -> list[Any]:
@@ -39,6 +41,41 @@ def test_each_operation_is_the_request_etcd_expects() -> None:
     assert prefix.request_delete_range.range_end == prefix_end(b"dir/")
     assert get.WhichOneof("request") == "request_range"
     assert get.request_range.key == b"k4"
+
+
+def test_writes_are_the_requests_of_their_puts_and_deletes() -> None:
+    """A Writes fills the very requests a Put (on its lease) or a Delete of each item would,
+    in the items' order; expand_writes says which, for the fake etcd and for matching a
+    branch's responses."""
+    items = [
+        Operation(Op.PUT, b"k1", b"v1"),
+        Operation(Op.DELETE, b"k2"),
+        Operation(Op.PUT, b"k3", b""),
+    ]
+    for lease in (0, 7):
+        one_by_one = [Put(b"k1", b"v1", lease), Delete(b"k2"), Put(b"k3", b"", lease)]
+        assert expand_writes([Get(b"g"), Writes(items, lease)]) == [Get(b"g"), *one_by_one]
+        request, expected = TxnRequest(), TxnRequest()
+        assert _fill_ops(request.success, [Writes(items, lease), Get(b"g")]) is True
+        _fill_ops(expected.success, [*one_by_one, Get(b"g")])
+        assert request.SerializeToString() == expected.SerializeToString()
+    empty = built(Writes([Operation(Op.PUT, b"", b"")]))[0]
+    assert empty.WhichOneof("request") == "request_put"
+
+
+def test_the_fake_etcd_counts_and_applies_each_item_of_writes() -> None:
+    """The in-memory etcd of the unit tests takes a Writes as etcd does: 128 keys at most
+    in all, each key once, each item a put or a delete."""
+    from tests.memory_etcd import MemoryEtcd
+
+    etcd = MemoryEtcd("t")
+    etcd.put(b"k/gone", b"old")
+    puts = [Operation(Op.PUT, b"k/%d" % i, b"v") for i in range(128)]
+    etcd.txn([], [Writes([*puts[:126], Operation(Op.DELETE, b"k/gone")]), Get(b"k/0")])
+    assert etcd.get(b"k/gone") is None and etcd.count(b"k/") == 126
+    for ops in ([Writes(puts), Get(b"k/0")], [Writes(puts[:2]), Put(b"k/1", b"again")]):
+        with pytest.raises(RetryableError):
+            etcd.txn([], ops)
 
 
 def test_filling_says_whether_a_read_is_among_the_operations() -> None:

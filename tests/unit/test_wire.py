@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.protocol.errors import (
     BadSignatureError,
@@ -183,6 +186,112 @@ def test_malformed_payloads_are_rejected_with_a_reason(mutate, reason: str) -> N
     mutate(payload)
     with pytest.raises(MalformedBatchError, match=reason):
         decode_task(SIGNER.sign(payload), SIGNER)
+
+
+_OP_LISTS = [
+    [],
+    [["p", "a2V5", "dmFs"], ["d", "Z29uZQ==", None], ["p", "", ""], ["d", "eA==", "ignored"]],
+    [["p", "a2V5", "dmFs"], ["p", "a2V5", "b3RoZXI="]],  # a key twice
+    ["pAB"],  # a string of three characters unpacks to three
+    [{"p": 0, "QUFB": 0, "": 0}],  # so does an object of three members: a put of AAA
+    [("p", "QUFB", "")],  # (not JSON: decode_task may be handed a payload from elsewhere)
+    [["p", "QUFB"]],
+    [["p", "QUFB", "", ""]],
+    [["p", "QUFB", None]],
+    [["p", None, ""]],
+    [["p", 7, ""]],
+    [["p", ["QUFB"], ""]],
+    [["d", "QUFB", 7]],
+    [["x", "QUFB", ""]],
+    [[None, "QUFB", ""]],
+    [["p", "QUF", ""]],  # padding missing
+    [["p", "QU=B", ""]],  # padding inside
+    [["p", "QUFB\n", ""]],
+    [["p", "QUFBé", ""]],  # not ASCII
+    [["p", "QUFB", "not base64!"]],
+    [["p", "QUFB", ""], "p"],
+    [["d", "QUFB", None], 7],
+    [["p", "QUFB", ""], None],
+    [["p", b"QUFB", ""]],  # bytes are no JSON value; a2b_base64 would take them
+    [["p", "QUFB", bytearray(b"")]],
+]
+
+
+@pytest.mark.parametrize("raw", _OP_LISTS)
+def test_operations_decode_alike_on_both_paths(raw: list) -> None:  # type: ignore[type-arg]
+    """A worker decodes a list of well-formed operations in one pass (_well_formed_ops),
+    and any other list one operation at a time (_checked_ops), which names what is wrong:
+    for every list both give the same operations, or the first refuses what the second
+    does, with the second's reason."""
+    from pipeline.protocol.wire import _checked_ops, _ops
+
+    try:
+        expected: object = _checked_ops(raw)
+    except MalformedBatchError as exc:
+        expected = str(exc)
+    try:
+        got: object = _ops(raw)
+    except MalformedBatchError as exc:
+        got = str(exc)
+    assert got == expected
+    if isinstance(got, tuple):  # == would take a str for an Op and a bytearray for bytes
+        assert isinstance(expected, tuple)
+        assert [tuple(map(type, o)) for o in got] == [tuple(map(type, o)) for o in expected]
+        assert all(type(o) is Operation for o in got)
+
+
+_B64 = st.binary(max_size=6).map(lambda b: base64.b64encode(b).decode())
+_MEMBER = st.one_of(
+    _B64,
+    st.sampled_from(["p", "d", "x", "", "QUF", "QU=B", "QUFB\n", "é"]),
+    st.none(),
+    st.integers(),
+    st.booleans(),
+    st.binary(max_size=4),
+    st.lists(_B64, max_size=2),
+)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from(["p", "d"]), _B64, st.one_of(_B64, st.none())).map(list),
+            st.lists(_MEMBER, max_size=4),
+            _MEMBER,
+            st.dictionaries(_B64, _MEMBER, max_size=3),
+        ),
+        max_size=5,
+    )
+)
+@settings(max_examples=400, deadline=None)
+def test_operations_decode_alike_on_both_paths_whatever_they_hold(raw: list) -> None:  # type: ignore[type-arg]
+    test_operations_decode_alike_on_both_paths(raw)
+
+
+def test_the_signed_text_of_a_task_is_what_it_was() -> None:
+    """The bytes a watcher signs and publishes for a task, pinned: a watcher and a worker of
+    different versions (a rolling upgrade) must spell and sign the same task alike."""
+    ops = (
+        Operation(Op.PUT, b"\xff\x00k", b"\x80v"),
+        Operation(Op.PUT, b"e", b""),
+        Operation(Op.DELETE, b"gone"),
+    )
+    one = _batch(ops=ops)
+    assert encode_task_json([one], SIGNER) == (
+        '{"batches":[{"gen":2,"ops":[["p","/wBr","gHY="],["p","ZQ==",""],["d","Z29uZQ==",null]],'
+        '"pos":[12,1],"prev":[10,0],"shard":"nodes-1","target":"b"}],"source":"a","v":3,'
+        '"sig":{"kid":"923e473a223c0c09",'
+        '"hmac":"947937c55090f6893137117902edf334c513b9959e867ae0af8e9304d44847cd"}}'
+    )
+    shared = [_batch(ops=ops, lease=7, event_ms=1764300000123), _batch(ops=ops, target="c")]
+    assert encode_task_json(shared, SIGNER, gap_since_ms=1234) == (
+        '{"batches":[{"gen":2,"lease":7,"ops":0,"pos":[12,1],"prev":[10,0],"shard":"nodes-1",'
+        '"t":1764300000123,"target":"b"},{"gen":2,"ops":0,"pos":[12,1],"prev":[10,0],'
+        '"shard":"nodes-1","target":"c"}],"gap_since":1234,"ops":[[["p","/wBr","gHY="],'
+        '["p","ZQ==",""],["d","Z29uZQ==",null]]],"source":"a","v":3,'
+        '"sig":{"kid":"923e473a223c0c09",'
+        '"hmac":"3905c9b503051440ec3fc0e12126fd16ac5a4c7e906a8255cbd3850f26e32343"}}'
+    )
 
 
 def test_non_object_payload_is_rejected() -> None:
