@@ -1,13 +1,15 @@
 """What a blocking wait and one etcd call cost a process's CPU on this machine.
 
     python benchmarks/call_cost.py [--calls 500] [--repeat 3] [--delay 0.005] [--json FILE]
+    python benchmarks/call_cost.py --code-only [--repeat 3] [--json FILE]
 
 Three measurements, printed as they come and as medians:
 
 - **the worker's code alone**: per write, on a signed task of four full batches of one
   shard each (127 puts of 130 bytes), the time to verify and decode it
   (`decode_task_text`), to check it against the layout (`check_task`) and the shards
-  (`in_its_shard`), and to build its transactions' requests (no call is made);
+  (`in_its_shard`), and to build its transactions' requests (no call is made; with
+  `--code-only`, only this: `resync_cost.py` does the same for the watcher's resync);
 
 - **a wakeup**: the CPU time of a thread that only sleeps, per `time.sleep` of 0, 1 ms and
   12 ms (a 12 ms sleep is about what a worker's thread does while one transaction crosses
@@ -135,73 +137,6 @@ def code_cost(n: int) -> dict[str, float]:
     return {name: timeit.timeit(f, number=n) / n / writes * 1e6 for name, f in steps.items()}
 
 
-def watcher_code_cost(keys: int, n: int) -> dict[str, float]:
-    """µs per key of the watcher's own code in a resync into an empty target: the listing's
-    rewrite and checks, the merge, the cut into batches (`resync`, the source read from
-    memory and nothing published), then the same with each batch grouped into tasks,
-    encoded and signed (`resync+encode`)."""
-    import timeit
-
-    from pipeline.clients.etcd import KV
-    from pipeline.clients.publisher import group_batches
-    from pipeline.protocol.layout import RESOURCES, Layout
-    from pipeline.protocol.snapshot import SnapshotCutter
-    from pipeline.protocol.wire import Batch, Signer, SigningKeys, encode_task_json
-    from pipeline.source import resync
-
-    ids = sorted(b"%d" % ((1 << 16) + i) for i in range(keys))
-    listing = [
-        KV(b"cilium/state/identities/v1/id/" + k, b'{"k8s:app":"a%d","k8s:io...":"x"}' % i, 9, 0)
-        for i, k in enumerate(ids)
-    ]
-    signer = Signer(SigningKeys((os.urandom(32),)))
-
-    prefixes = [res.source_prefix("c1") for res in RESOURCES]
-    by_prefix = {p: [kv for kv in listing if kv.key.startswith(p)] for p in prefixes}
-
-    class Source:  # the listing, from memory: the resources other than identities are empty
-        def scan(self, prefix: bytes, revision: Any = None, page: int = 0, exact: bool = False):  # type: ignore[no-untyped-def]
-            return revision, iter(by_prefix.get(prefix, ()))
-
-    class Control:
-        source, name = "c1", "c2"
-
-        class leases:
-            @staticmethod
-            def mine(lease: int) -> bool:
-                return True
-
-        def cache(self, res: Any) -> Any:
-            return iter(())
-
-    def run(encode: bool) -> None:
-        def publish(batches: list[Batch]) -> None:
-            if encode:
-                for group in group_batches(batches, 8):
-                    encode_task_json(group, signer)
-
-        cutter = SnapshotCutter(
-            source="c1", target="c2", gen=1, revision=10, max_ops=127, max_bytes=1 << 20
-        )
-        snap = resync.Snapshot(Control(), cutter, publish)  # type: ignore[arg-type]
-        resync.run(
-            Source(),  # type: ignore[arg-type]
-            Layout("c1", 1),
-            10,
-            [snap],
-            shard_count=16,
-            page=2000,
-            max_bytes=1 << 20,
-            on_reject=print,
-            keep_going=lambda: True,
-        )
-
-    identities = next(r for r in RESOURCES if r.name == "identities")
-    assert len(by_prefix[identities.source_prefix("c1")]) == keys  # every key is listed
-    steps = {"resync": lambda: run(False), "resync+encode": lambda: run(True)}
-    return {name: timeit.timeit(f, number=n) / n / keys * 1e6 for name, f in steps.items()}
-
-
 def sleep_cost(seconds: float, n: int) -> float:
     """The CPU (µs) charged to a thread of its own per sleep of *seconds*, over *n* sleeps."""
     probe = WakeProbe(seconds).start()
@@ -226,9 +161,9 @@ def code_only(repeat: int, out: str | None) -> None:
     """The code measurements alone, *repeat* times, and their medians (to *out* too)."""
     rows = []
     for r in range(repeat):
-        rows.append({**code_cost(100), **watcher_code_cost(20000, 3)})
+        rows.append(code_cost(100))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()))
-    print("medians (us per write for the worker, per key for the watcher):")
+    print("medians (us per write):")
     medians = {name: statistics.median(row[name] for row in rows) for name in rows[0]}
     for name, value in medians.items():
         print(f"  {name}: {value:.2f}")
@@ -245,7 +180,7 @@ def main() -> None:
     ap.add_argument(
         "--code-only",
         action="store_true",
-        help="time the worker's and the watcher's code only (no etcd, no sleeps)",
+        help="time the worker's code only (no etcd, no sleeps)",
     )
     args = ap.parse_args()
     if args.code_only:
