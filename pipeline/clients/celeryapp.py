@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, signals
+from celery.utils.time import maybe_iso8601
 from celery.worker.consumer import consumer as celery_consumer
 from celery.worker.control import Panel
 from kombu import Queue  # type: ignore[attr-defined]  # re-exported lazily
@@ -95,6 +96,20 @@ def _optional(value: object, kinds: tuple[type, ...]) -> bool:
     return value is None or (isinstance(value, kinds) and not isinstance(value, bool))
 
 
+def _schedulable(text: str) -> bool:
+    """Whether Celery can turn *text*, an ISO 8601 time (a retry's eta), into a timestamp
+    of the worker's clock: one within a day of the ends of what a datetime holds (year 1 or
+    9999 with an offset) overflows, and Celery then logs a traceback for each such message
+    outside every budget. A retry's eta is seconds away; 1970 to 9998 takes any clock."""
+    if len(text) > 64:  # the longest ISO 8601 time is about 40 characters
+        return False
+    try:
+        when = maybe_iso8601(text)
+    except (ValueError, TypeError, OverflowError, AttributeError):
+        return False
+    return when is not None and 1970 <= when.year <= 9998
+
+
 def task_message_error(headers: object, body: object) -> str | None:
     """Why a message is not a task message in Celery's protocol 2 as watchers and Celery's
     retries publish it, in what Celery's receiving code reads without checking (None: it
@@ -117,6 +132,9 @@ def task_message_error(headers: object, body: object) -> str | None:
     for name in ("eta", "expires", "shadow", "root_id", "parent_id", "group"):
         if not _optional(headers.get(name), (str,)):
             return f"its header {name!r} is not text"
+    for name in ("eta", "expires"):
+        if headers.get(name) is not None and not _schedulable(headers[name]):
+            return f"its header {name!r} is not a time from 1970 to 9998"
     for name in ("retries", "group_index", "replaced_task_nesting"):
         if not _optional(headers.get(name), (int,)):
             return f"its header {name!r} is not a number"

@@ -208,8 +208,8 @@ def test_messages_that_trip_celerys_consumer_stop_no_worker(mesh: FaultMesh) -> 
     """Messages whoever can write to Redis may send, shaped to make Celery's own receiving
     code fail (no task ID, of a known task or an unknown one; a body that is a bare number,
     or a mapping with headers of its own; time limits that are not two numbers; stamps that
-    are not a list; more of some than the pool has slots): each is refused, counted and
-    dropped, and the same Celery worker goes on syncing."""
+    are not a list; an eta out of the clock's range; more of some than the pool has slots):
+    each is refused, counted and dropped, and the same Celery worker goes on syncing."""
     before = mesh.stats("-", "-")
     worker = mesh.base_worker
     assert worker is not None
@@ -227,6 +227,8 @@ def test_messages_that_trip_celerys_consumer_stop_no_worker(mesh: FaultMesh) -> 
         (known, [[], {}, {}]),
         (dict(known, id="bad-4"), 5),
         (dict(known, id="bad-5", timelimit=["a", None]), [[], {}, {}]),
+        # an eta Celery parses and cannot convert to its clock: it logged a traceback
+        (dict(known, id="bad-6", eta="0001-01-01T00:00:00+14:00"), [[], {}, {}]),
     ]
     for i in range(3):  # more of each than the pool has slots
         shapes += [

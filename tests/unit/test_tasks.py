@@ -269,6 +269,7 @@ def test_genuine_task_messages_pass_the_shape_check_and_odd_ones_do_not() -> Non
     assert task_message_error(headers, body) is None
     retry = dict(headers, retries=3, eta="2026-11-30T23:00:00.000000+00:00")
     assert task_message_error(retry, body) is None
+    assert task_message_error(dict(retry, expires="2026-12-01T00:00:00+01:00"), body) is None
     assert task_message_error(headers, None) is None  # undecodable: Celery refuses it
     odd: list[tuple[dict[str, Any], Any]] = [
         ({k: v for k, v in headers.items() if k != "id"}, body),
@@ -277,6 +278,15 @@ def test_genuine_task_messages_pass_the_shape_check_and_odd_ones_do_not() -> Non
         (dict(headers, timelimit=["a", None]), body),
         (dict(headers, timelimit=[True, None]), body),
         (dict(headers, eta=5), body),
+        # times Celery parses and then cannot convert (a traceback per message, unbudgeted),
+        # or cannot parse
+        (dict(headers, eta="0001-01-01T00:00:00+14:00"), body),
+        (dict(headers, eta="9999-12-31T23:59:59-14:00"), body),
+        (dict(headers, eta="1969-12-31T23:59:59+00:00"), body),
+        (dict(headers, eta="not a time"), body),
+        (dict(headers, eta=""), body),
+        (dict(headers, eta="2026-11-30T23:00:00" + "0" * 100), body),
+        (dict(headers, expires="0001-01-01T00:00:00+14:00"), body),
         (dict(headers, shadow=[]), body),
         (dict(headers, retries="1"), body),
         (dict(headers, stamped_headers=5), body),
