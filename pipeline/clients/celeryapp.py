@@ -97,10 +97,11 @@ def _optional(value: object, kinds: tuple[type, ...]) -> bool:
 
 
 def _schedulable(text: str) -> bool:
-    """Whether Celery can turn *text*, an ISO 8601 time (a retry's eta), into a timestamp
-    of the worker's clock: one within a day of the ends of what a datetime holds (year 1 or
-    9999 with an offset) overflows, and Celery then logs a traceback for each such message
-    outside every budget. A retry's eta is seconds away; 1970 to 9998 takes any clock."""
+    """Whether *text* is an ISO 8601 time Celery can work with as an eta or expires: one
+    within a day of the ends of what a datetime holds (year 1 or 9999 with an offset)
+    overflows when Celery turns an eta into its clock's timestamp (and it logged a traceback
+    for each such message, outside every budget) or works out a retry's expiry. A retry's
+    eta is seconds away; 1970 to 9998 takes any clock."""
     if len(text) > 64:  # the longest ISO 8601 time is about 40 characters
         return False
     try:

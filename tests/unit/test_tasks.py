@@ -270,6 +270,14 @@ def test_genuine_task_messages_pass_the_shape_check_and_odd_ones_do_not() -> Non
     retry = dict(headers, retries=3, eta="2026-11-30T23:00:00.000000+00:00")
     assert task_message_error(retry, body) is None
     assert task_message_error(dict(retry, expires="2026-12-01T00:00:00+01:00"), body) is None
+    # the range's ends, with the widest offsets: taken, and Celery converts them as it
+    # converts a retry's eta for its timer
+    from celery.utils.time import maybe_iso8601, maybe_make_aware, timezone
+    from kombu.asynchronous.timer import to_timestamp
+
+    for edge in ("1970-01-01T00:00:00+23:59", "9998-12-31T23:59:59.999999-23:59"):
+        assert task_message_error(dict(retry, eta=edge, expires=edge), body) is None
+        to_timestamp(timezone.to_system(maybe_make_aware(maybe_iso8601(edge), timezone.local)))
     assert task_message_error(headers, None) is None  # undecodable: Celery refuses it
     odd: list[tuple[dict[str, Any], Any]] = [
         ({k: v for k, v in headers.items() if k != "id"}, body),
@@ -285,7 +293,7 @@ def test_genuine_task_messages_pass_the_shape_check_and_odd_ones_do_not() -> Non
         (dict(headers, eta="1969-12-31T23:59:59+00:00"), body),
         (dict(headers, eta="not a time"), body),
         (dict(headers, eta=""), body),
-        (dict(headers, eta="2026-11-30T23:00:00" + "0" * 100), body),
+        (dict(headers, eta="2026-11-30T23:00:00." + "0" * 100 + "+00:00"), body),  # too long
         (dict(headers, expires="0001-01-01T00:00:00+14:00"), body),
         (dict(headers, shadow=[]), body),
         (dict(headers, retries="1"), body),
