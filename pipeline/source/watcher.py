@@ -784,7 +784,7 @@ class Watcher:
         try:
             # the flush may fill what room the queue has left, and a task more: what does
             # not fit waits in unsent, as after a failed publish
-            self._send(out, self.sync.max_queue_bytes - self.publisher.queued_bytes())
+            self._send(out, self._room())
         except QueueFullError as exc:
             self._pause_publishing("queue_full", f"{exc} ({exc.published} batches went out)")
             self._flush_deadline = self._publish_after
@@ -881,17 +881,25 @@ class Watcher:
         sync.max_queue_bytes of this watcher's tasks (looked at no more often than every
         _DEPTH_EVERY seconds). Redis is every source's: one whose large values filled it
         would stop every watcher's publishing, where this bound stops its own."""
-        depth = self._depth(now)
-        if depth >= self.sync.max_queue_depth:
-            self._pause_publishing("queue_full", f"its queue holds {depth} tasks")
-            return True
+        full = self._at_bound(self._depth(now))
+        if full:
+            self._pause_publishing("queue_full", full)
+        return bool(full)
+
+    def _at_bound(self, depth: int) -> str:
+        """Why a queue of *depth* tasks, and of this watcher's tasks' bytes as last read,
+        is at one of its bounds (sync.max_queue_depth, sync.max_queue_bytes); "" if it is
+        at neither."""
         size = self.publisher.queued_bytes()
+        if depth >= self.sync.max_queue_depth:
+            return f"its queue holds {depth} tasks"
         if size >= self.sync.max_queue_bytes:
-            self._pause_publishing(
-                "queue_full", f"its queue holds {size} bytes of tasks ({depth} tasks)"
-            )
-            return True
-        return False
+            return f"its queue holds {size} bytes of tasks ({depth} tasks)"
+        return ""
+
+    def _room(self) -> int:
+        """The bytes of tasks the queue may still take (sync.max_queue_bytes), as last read."""
+        return self.sync.max_queue_bytes - self.publisher.queued_bytes()
 
     def _bound_paused(self, targets: list[Target]) -> None:
         """While publishing is paused, a target holding more than sync.max_held_changes
@@ -1490,9 +1498,8 @@ class Watcher:
                 # a snapshot is every key that differs, for every target: into a queue
                 # without room it would fill Redis, so it waits for the workers instead
                 self._wait_for_room(t)
-                room = self.sync.max_queue_bytes - self.publisher.queued_bytes()
                 try:
-                    self.publisher.publish(batches, budget=room)
+                    self.publisher.publish(batches, budget=self._room())
                     sent = len(batches)
                 except QueueFullError as exc:
                     sent = exc.published
@@ -1512,8 +1519,7 @@ class Watcher:
             # a fresh look each time (a publish of a snapshot is tens of batches): the
             # tasks published since a look count in the bytes, but not in the depth
             depth = self._depth(self.clock(), 0.0)
-            size = self.publisher.queued_bytes()
-            if depth < self.sync.max_queue_depth and size < self.sync.max_queue_bytes:
+            if not self._at_bound(depth):
                 return
             if not waited:
                 waited = True
@@ -1527,7 +1533,7 @@ class Watcher:
                         self.source.name,
                         t.name,
                         depth,
-                        size,
+                        self.publisher.queued_bytes(),
                     )
             self._beat = self.clock()
             if self._room_wait(_DEPTH_EVERY) or self._lease_lost.is_set():
