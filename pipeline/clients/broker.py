@@ -17,6 +17,17 @@ from pipeline.config import Settings
 from pipeline.protocol.errors import RetryableError
 from pipeline.protocol.names import stats_key
 
+# A connection does not name its library to Redis (CLIENT SETINFO): that is two more round
+# trips per connection, each a failed call in the commandstats of a Redis older than 7.2,
+# and redis-py looks its own version up in the installed packages' metadata for each, 3-4 ms
+# of CPU in a fresh process (a watcher's start, a pool process's first task). A redis-py
+# with DriverInfo takes driver_info=None for that; the older ones lib_name and lib_version.
+_QUIET: dict[str, Any] = (
+    {"driver_info": None}
+    if hasattr(redis, "DriverInfo")
+    else {"lib_name": None, "lib_version": None}
+)
+
 
 def redis_at(
     url: str,
@@ -27,6 +38,7 @@ def redis_at(
 ) -> redis.Redis:
     """A Redis client for *url* (user and password in it), with TLS files for rediss://."""
     kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    kwargs.update(_QUIET)
     if url.startswith("rediss://"):
         kwargs.update(
             ssl_cert_reqs="required",

@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from redis import Redis
 
 from pipeline.clients.broker import Broker, redis_at
 from pipeline.clients.celeryapp import create_app, keep_redis_clients
@@ -199,6 +201,22 @@ def test_the_worker_transport_keeps_one_client_while_its_pool_lasts(
         assert fresh is not kept
         assert fresh.connection_pool is channel.pool
         assert fresh.ping()
+
+
+def test_kvmeshs_redis_clients_send_no_library_info(servers: Servers) -> None:
+    """kvmesh's own Redis clients connect without CLIENT SETINFO (see broker._QUIET): a
+    fresh connection of theirs makes two CLIENT calls fewer than one with redis-py's
+    defaults (this Redis, older than 7.2, counts them, failed, in its commandstats)."""
+    url = servers.redis().url
+    probe = redis_at(url)
+
+    def client_calls(connect: Callable[[], Any]) -> int:
+        probe.config_resetstat()
+        assert connect().ping()
+        stats = probe.info("commandstats")
+        return int(stats.get("cmdstat_client", {}).get("calls", 0))
+
+    assert client_calls(lambda: redis_at(url)) == client_calls(lambda: Redis.from_url(url)) - 2
 
 
 def test_a_large_payload_travels_by_reference(servers: Servers) -> None:
