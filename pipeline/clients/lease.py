@@ -49,6 +49,33 @@ _RELEASE = (
 )
 
 
+# Whether a source's lease has a value. One whose TTL is missing or longer than a lease's is
+# given a lease's TTL here, as _RENEW gives it: a value nobody renews (written by hand, say)
+# is gone within one TTL.
+_HELD = """
+if redis.call('exists', KEYS[1]) == 0 then
+  return 0
+end
+local ttl = redis.call('pttl', KEYS[1])
+if ttl < 0 or ttl > tonumber(ARGV[1]) then
+  redis.call('pexpire', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
+
+def lease_held(client: redis.Redis, source: str, ttl: float) -> bool | None:
+    """Whether a watcher may be active for *source*: its lease key holds a value (a live
+    watcher renews it; any other is gone within *ttl* seconds). None if Redis did not say.
+    A watcher does not drain a source that another may still be syncing (drain.py)."""
+    r: Any = client
+    try:
+        held = r.eval(_HELD, 1, leader_key(source), int(ttl * 1000))
+    except redis.RedisError:
+        return None
+    return bool(int(held))
+
+
 class Lease(Protocol):
     owner: str  # who this lease would name as the holder (for logs)
 

@@ -7,6 +7,13 @@ idempotent, so several watchers doing it at once agree. Each step is one transac
 compares the records it read: a source added back meanwhile (its watcher opened a
 generation and cleared the drain record) is left alone, even by a watcher still running
 with the old config.
+
+Watchers whose configs differ run side by side during a rolling update, and one with the
+old config would drain a source just added. So no step is taken while a watcher may be
+syncing the source (its lease in Redis has a value, or Redis does not answer): a removed
+source is drained once its last watcher is gone. A drain that began anyway (the lease was
+read just before the source's watcher took it) is ended by that watcher, whose fence poll
+sees the drain record and resyncs the target (planner.Cause.DRAINING).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from pipeline.clients.etcd import Delete, EtcdClient, ModIs, Put, TxnOp
 from pipeline.config import CLUSTER_NAME
@@ -54,12 +61,16 @@ def drain_removed(
     configured: Collection[str],
     grace: float,
     now: float | None = None,
+    watched: Callable[[str], bool | None] = lambda _source: False,
 ) -> list[str]:
-    """Advance the drain of every source this target caches that is not *configured*.
+    """Advance the drain of every source this target caches that is not *configured* and
+    that no watcher may be syncing (*watched* says False: True or None leave it as it is).
     Returns the sources fully drained by this call."""
     now = time.time() if now is None else now
     done = []
     for source in sorted(managed_sources(target) - set(configured) - {target_name}):
+        if watched(source) is not False:
+            continue
         gen = target.get(gen_key(source))
         gen_rev = gen.mod_revision if gen is not None else 0
         record = target.get(draining_key(source))

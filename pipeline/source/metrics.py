@@ -155,6 +155,13 @@ class WatcherMetrics:
             registry=r,
         )
 
+        self.drain_waits = Counter(
+            "kvmesh_watcher_drain_waits_total",
+            "Drain checks that left a source missing from the config alone, because a watcher "
+            "may still be syncing it (its lease has a value, or Redis did not answer)",
+            ["source_cluster", "target_cluster"],
+            registry=r,
+        )
         self.errors = Counter(
             "kvmesh_watcher_errors_total",
             "Unexpected errors the watcher survived (where: fence_poll, drain); each is "

@@ -21,7 +21,14 @@ from typing import TypeVar
 from pipeline.protocol.errors import CorruptRecordError, MalformedBatchError
 from pipeline.protocol.fence import FenceRecord, GenRecord, Position
 from pipeline.protocol.layout import RESOURCES
-from pipeline.protocol.names import fence_key, gen_key, held_key, progress_key, resync_key
+from pipeline.protocol.names import (
+    draining_key,
+    fence_key,
+    gen_key,
+    held_key,
+    progress_key,
+    resync_key,
+)
 from pipeline.protocol.sharding import shard_resource
 from pipeline.protocol.wire import Signer
 
@@ -51,6 +58,7 @@ class Cause(StrEnum):
     SOURCE_CONFIG = "source_config"  # the source's capabilities changed what is synced
     LEASE_EXPIRED = "lease_expired"  # a lease of cached keys ended, and its keys with it
     OUTBOX_FULL = "outbox_full"  # too many changes (or bytes) held while publishing was paused
+    DRAINING = "draining"  # a watcher whose config lacks this source began draining it
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,7 @@ class TargetRecords:
     request: Request | None
     corrupt: str = ""
     held: bool = False  # deletes were held for a missing source canary (names.held_key)
+    draining: bool = False  # a drain of this source began (names.draining_key)
 
 
 def read_records(
@@ -103,6 +112,7 @@ def read_records(
     req = raw.get(resync_key(source))
     progress = raw.get(progress_key(source))
     held = held_key(source) in raw
+    draining = draining_key(source) in raw
     return TargetRecords(
         gen=gen,
         gen_rev=gen_raw[1] if gen_raw is not None else 0,
@@ -111,6 +121,7 @@ def read_records(
         request=Request(_request_gen(req[0], signer), req[1]) if req is not None else None,
         corrupt=corrupt,
         held=held,
+        draining=draining,
     )
 
 
@@ -255,6 +266,9 @@ def plan_start(records: TargetRecords, facts: SourceFacts) -> Resume | Resync:
         return Resync(Cause.CORRUPT_RECORD, records.corrupt)
     if old is None:
         return Resync(Cause.NO_GENERATION)
+    if records.draining:
+        # the drain took the cluster config at least, which no resume would write again
+        return Resync(Cause.DRAINING, "a drain of this source had begun")
     if (old.shards, old.identities) != (facts.shard_count, facts.identities):
         return Resync(Cause.SETTINGS_CHANGED)
     if old.source_cluster_id != facts.source_cluster_id:
@@ -335,6 +349,13 @@ def assess(
             Resync(
                 Cause.GENERATION_MOVED, f"generation moved to {records.gen.gen} under {pair.gen}"
             )
+        )
+    if records.draining:
+        # a watcher still running a config without this source began its drain (the
+        # cluster config is gone already): a new generation ends it, and its resync puts
+        # back what the drain took (drain.py leaves a source it finds watched alone after)
+        return Assessment(
+            Resync(Cause.DRAINING, "a watcher whose config lacks this source began draining it")
         )
     request = None
     if records.request is not None:

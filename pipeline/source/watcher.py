@@ -174,6 +174,7 @@ class Watcher:
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         inbox: int = INBOX,
         inbox_bytes: int = INBOX_BYTES,
+        watched: Callable[[str], bool | None] = lambda _source: False,
     ) -> None:
         self.settings = settings
         self.sync = settings.sync
@@ -236,6 +237,10 @@ class Watcher:
         self._resync_after = 0.0  # failed resyncs back off until then
         self._resync_backoff = 0.0
         self._drain_clients: dict[str, EtcdClient] = {}
+        # whether a watcher may be syncing a source (clients.lease.lease_held): the drain
+        # leaves such a source alone; and the sources whose wait was logged
+        self._watched = watched
+        self._drain_waits_said: set[str] = set()
         self.readiness: Readiness | None = None  # what the source advertised, last read
         self.lease: Lease = lease or AlwaysLeader()
         self._standby_logged = False
@@ -1228,8 +1233,27 @@ class Watcher:
                     self._drain_clients[c.name] = self._etcd(c, self.sync.etcd_timeout, WRITE)
                 clients[c.name] = self._drain_clients[c.name]
         for name, client in clients.items():
+
+            def watched(source: str, target: str = name) -> bool | None:
+                busy = self._watched(source)
+                if busy is not False:
+                    self.metrics.drain_waits.labels(source, target).inc()
+                    if source not in self._drain_waits_said:
+                        self._drain_waits_said.add(source)
+                        log.warning(
+                            "%s: source %s is not in this watcher's config, but a watcher may "
+                            "still be syncing it (%s): it is not drained while that lasts. Do "
+                            "all kvmesh watch processes run the same config?",
+                            target,
+                            source,
+                            "Redis did not answer" if busy is None else "its lease has a value",
+                        )
+                else:
+                    self._drain_waits_said.discard(source)
+                return busy
+
             try:
-                drain_removed(client, name, configured, self.sync.drain_grace)
+                drain_removed(client, name, configured, self.sync.drain_grace, watched=watched)
             except RetryableError as exc:
                 log.warning("%s: drain check failed: %s", name, exc)
             except Exception:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -17,7 +18,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.clients.etcd import Etcd
-from pipeline.config import READ, WRITE, Settings, check_concurrency, load_settings
+from pipeline.config import (
+    READ,
+    WRITE,
+    ClusterConfig,
+    Settings,
+    check_concurrency,
+    load_settings,
+)
 from pipeline.heap import settle_heap
 from pipeline.protocol.errors import ConfigError, KvmeshError, RetryableError
 from pipeline.protocol.layout import RESOURCES
@@ -288,7 +296,7 @@ def check_metrics_port(settings: Settings, name: str) -> None:
 
 def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.clients.broker import redis_client
-    from pipeline.clients.lease import RedisLease
+    from pipeline.clients.lease import RedisLease, lease_held
     from pipeline.clients.publisher import RedisPublisher
     from pipeline.protocol.wire import Signer
     from pipeline.source.metrics import WatcherMetrics
@@ -324,8 +332,10 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
                 f"cannot listen on {settings.metrics.bind}:{settings.metrics.watcher_port}: "
                 f"{exc.strerror}",
             ) from None
-    watchers += [
-        Watcher(
+
+    def watcher(c: ClusterConfig) -> Watcher:
+        leases = redis_client(settings)  # the lease, and the drain's look at other leases
+        return Watcher(
             settings,
             c,
             RedisPublisher(
@@ -336,11 +346,12 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
                 on_task=_task_counter(metrics, c.name),
             ),
             metrics,
-            lease=RedisLease(redis_client(settings), c.name, settings.sync.leader_ttl),
+            lease=RedisLease(leases, c.name, settings.sync.leader_ttl),
             signer=signer,
+            watched=functools.partial(lease_held, leases, ttl=settings.sync.leader_ttl),
         )
-        for c in sources
-    ]
+
+    watchers += [watcher(c) for c in sources]
     metrics.remote_clusters.set(len(watchers))
 
     def stop(signum: int, _frame: Any) -> None:

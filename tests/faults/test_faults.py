@@ -27,6 +27,7 @@ pytestmark = pytest.mark.faults
 A, B = "cluster-a", "cluster-b"
 RESYNCS = "kvmesh_watcher_resyncs_total"
 RESUMES = "kvmesh_watcher_resumes_total"
+DRAIN_WAITS = "kvmesh_watcher_drain_waits_total"
 
 
 def generations(mesh: FaultMesh) -> dict[tuple[str, str], int | None]:
@@ -317,6 +318,41 @@ def test_source_removed_from_the_config_is_drained(own_mesh: Callable[..., Fault
     lines = mesh.settle()
     assert any(ln.startswith("cluster-b -> cluster-a: EQUAL") for ln in lines), lines
     assert not any(ln.startswith("cluster-a -> cluster-b") for ln in lines), lines
+
+
+def test_watchers_whose_configs_differ_drain_nothing_the_other_syncs(mesh: FaultMesh) -> None:
+    """A rolling update that adds a cluster runs watchers of the old and the new config side
+    by side. Here each of two watchers has a config without the other's source: each sees
+    that source cached in its targets and missing from its config, and leaves it alone,
+    for the other's lease has a value. Nothing is drained, and every cache stays exact."""
+    mesh.watch.stop()
+    text = mesh.config.read_text()
+    only = {}
+    for name, other in ((A, B), (B, A)):
+        only[name] = mesh.config.with_name(f"only-{name}.toml")
+        only[name].write_text(
+            text.replace(f'name = "{other}"\n', f'name = "{other}"\nsource = false\n')
+        )
+    watch_a = mesh.watcher("watch-only-a", config=only[A])
+    watch_b = mesh.watcher("watch-only-b", config=only[B])
+
+    def waited_twice() -> bool:
+        return (
+            watch_a.metric(DRAIN_WAITS, source_cluster=B) >= 2
+            and watch_b.metric(DRAIN_WAITS, source_cluster=A) >= 2
+        )
+
+    eventually(waited_twice, timeout=60, what="each watcher leaving the other's source alone")
+    lines = mesh.settle()
+    for s, t in ((A, B), (B, A)):
+        assert any(ln.startswith(f"{s} -> {t}: EQUAL") for ln in lines), lines
+    for i, name in ((0, B), (1, A)):
+        target = mesh.client(i)
+        assert target.get(f"cilium/cluster-config/{name}".encode()) is not None
+        assert target.get(f"kvmesh/{name}/draining".encode()) is None
+    # one generation per watcher, opened as it began: no drain made it open another
+    for w in (watch_a, watch_b):
+        assert w.metric(RESUMES) + w.metric(RESYNCS) == 1, w.metrics()
 
 
 def test_anti_entropy_repairs_unreported_drift(mesh: FaultMesh) -> None:

@@ -690,6 +690,68 @@ def test_drain_removes_a_source_that_left() -> None:
     assert target.get(b"cilium/cache/nodes/v1/a/n1") is not None
 
 
+@pytest.mark.parametrize("watched", [True, None])
+def test_drain_leaves_alone_a_source_a_watcher_may_still_sync(watched: bool | None) -> None:
+    """A source missing from this watcher's config is not drained while another watcher may
+    be syncing it (its lease has a value: True; Redis did not answer: None), neither its
+    first step nor its last; once nobody may, the drain begins."""
+    target = MemoryEtcd("b")
+    target.put(gen_key("x"), GenRecord(1, 4, "id", 1).encode())
+    target.put(b"cilium/cluster-config/x", b'{"id":9}')
+    target.put(gen_key("y"), GenRecord(1, 4, "id", 1).encode())
+    target.put(draining_key("y"), b'{"since": 0}')
+    target.put(b"cilium/cache/nodes/v1/y/n1", b"{}")
+    before = target.items(b"")
+    asked: list[str] = []
+
+    def busy(source: str) -> bool | None:
+        asked.append(source)
+        return watched
+
+    assert drain_removed(target, "b", ["a", "b"], grace=10.0, now=100.0, watched=busy) == []
+    assert sorted(asked) == ["x", "y"]
+    assert target.items(b"") == before
+    assert drain_removed(target, "b", ["a", "b"], grace=10.0, now=100.0) == ["y"]
+    assert target.get(b"cilium/cluster-config/x") is None
+    assert target.get(draining_key("x")) is not None
+
+
+def test_a_drain_begun_under_a_running_watcher_is_ended_by_it() -> None:
+    """A watcher with an older config began draining this source (the lease was read just
+    before this watcher took it): the cluster config is gone and a drain record written.
+    This watcher's next fence poll resyncs the target, which ends the drain and puts back
+    what it took."""
+    rig = Rig()
+    fill(rig, nodes=5, identities=5)
+    rig.start()
+    rig.settle()
+    drain_removed(rig.mesh["b"], "b", ["b", "c"], grace=3600.0, now=time.time())
+    assert rig.mesh["b"].get(draining_key("a")) is not None
+    assert CONFIG not in rig.cache("b")
+    rig.settle()
+    assert rig.mesh["b"].get(draining_key("a")) is None
+    assert rig.cache("b") == rig.expected()
+    assert rig.resyncs("b", Cause.DRAINING.value) == 1
+
+
+def test_a_new_term_over_a_drain_begun_resyncs_instead_of_resuming() -> None:
+    """A drain began while no watcher ran this source: the next term does not resume from
+    the fences (that would leave the cluster config the drain took away out) but resyncs."""
+    rig = Rig()
+    fill(rig, nodes=5, identities=5)
+    rig.start()
+    rig.settle()
+    rig.watcher.close()
+    drain_removed(rig.mesh["b"], "b", ["b", "c"], grace=3600.0, now=time.time())
+    rig.watcher = rig.new_watcher()
+    rig.start()
+    rig.settle()
+    assert rig.mesh["b"].get(draining_key("a")) is None
+    assert rig.cache("b") == rig.expected()
+    assert rig.resyncs("b", Cause.DRAINING.value) == 1
+    assert rig.resyncs("c") == 0  # the target no drain touched resumes
+
+
 def test_the_feed_inbox_is_bounded_and_holds_back_the_watch() -> None:
     """A watcher that falls behind makes the watch threads wait, instead of queueing every
     response in memory."""
