@@ -161,6 +161,7 @@ class Rig:
             # nobody drains a superseded watcher's inbox: it must not block
             inbox=1_000_000,
             inbox_bytes=1 << 40,
+            watched=lambda _source: False,  # no other watcher runs
         )
 
     @property

@@ -3,7 +3,9 @@ standby watcher takes over once it expires.
 
 Safety does not rest on the lease: generations in the targets already make a superseded
 watcher's batches obsolete. The lease keeps two watchers from superseding each other over and
-over. A watcher that cannot reach Redis steps down at once and waits as a standby.
+over. One thing does rest on it: a watcher whose config lacks a source does not drain that
+source while its lease has a value (lease_held, and pipeline/source/drain.py). A watcher
+that cannot reach Redis steps down at once and waits as a standby.
 
 Anyone who can write to Redis can write the lease key, so a value that is not ours is not
 believed at once: a value that no live watcher renews (its TTL never goes up) is given a TTL
@@ -49,15 +51,15 @@ _RELEASE = (
 )
 
 
-# Whether a source's lease has a value. One whose TTL is missing or longer than a lease's is
-# given a lease's TTL here, as _RENEW gives it: a value nobody renews (written by hand, say)
-# is gone within one TTL.
+# Whether a source's lease has a value. One without a TTL is given a lease's TTL, as _RENEW
+# gives it: a value nobody renews (written by hand, say) is gone within one TTL. A TTL is
+# never shortened: a live watcher of a longer sync.leader_ttl (a config being rolled out)
+# must not lose its lease between two renewals.
 _HELD = """
 if redis.call('exists', KEYS[1]) == 0 then
   return 0
 end
-local ttl = redis.call('pttl', KEYS[1])
-if ttl < 0 or ttl > tonumber(ARGV[1]) then
+if redis.call('pttl', KEYS[1]) < 0 then
   redis.call('pexpire', KEYS[1], ARGV[1])
 end
 return 1
@@ -66,8 +68,9 @@ return 1
 
 def lease_held(client: redis.Redis, source: str, ttl: float) -> bool | None:
     """Whether a watcher may be active for *source*: its lease key holds a value (a live
-    watcher renews it; any other is gone within *ttl* seconds). None if Redis did not say.
-    A watcher does not drain a source that another may still be syncing (drain.py)."""
+    watcher renews it; one with no TTL is given *ttl* seconds). None if Redis did not say
+    (unreachable, or refusing the script). A watcher does not drain a source that another
+    may still be syncing (drain.py)."""
     r: Any = client
     try:
         held = r.eval(_HELD, 1, leader_key(source), int(ttl * 1000))

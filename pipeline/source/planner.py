@@ -82,7 +82,9 @@ class TargetRecords:
     request: Request | None
     corrupt: str = ""
     held: bool = False  # deletes were held for a missing source canary (names.held_key)
-    draining: bool = False  # a drain of this source began (names.draining_key)
+    # a drain of this source began (names.draining_key): its record's mod revision, 0 when
+    # there is none (opening a generation deletes it under that compare)
+    draining_rev: int = 0
 
 
 def read_records(
@@ -112,7 +114,7 @@ def read_records(
     req = raw.get(resync_key(source))
     progress = raw.get(progress_key(source))
     held = held_key(source) in raw
-    draining = draining_key(source) in raw
+    draining = raw.get(draining_key(source))
     return TargetRecords(
         gen=gen,
         gen_rev=gen_raw[1] if gen_raw is not None else 0,
@@ -121,7 +123,7 @@ def read_records(
         request=Request(_request_gen(req[0], signer), req[1]) if req is not None else None,
         corrupt=corrupt,
         held=held,
-        draining=draining,
+        draining_rev=draining[1] if draining is not None else 0,
     )
 
 
@@ -266,7 +268,7 @@ def plan_start(records: TargetRecords, facts: SourceFacts) -> Resume | Resync:
         return Resync(Cause.CORRUPT_RECORD, records.corrupt)
     if old is None:
         return Resync(Cause.NO_GENERATION)
-    if records.draining:
+    if records.draining_rev:
         # the drain took the cluster config at least, which no resume would write again
         return Resync(Cause.DRAINING, "a drain of this source had begun")
     if (old.shards, old.identities) != (facts.shard_count, facts.identities):
@@ -350,7 +352,7 @@ def assess(
                 Cause.GENERATION_MOVED, f"generation moved to {records.gen.gen} under {pair.gen}"
             )
         )
-    if records.draining:
+    if records.draining_rev:
         # a watcher still running a config without this source began its drain (the
         # cluster config is gone already): a new generation ends it, and its resync puts
         # back what the drain took (drain.py leaves a source it finds watched alone after)

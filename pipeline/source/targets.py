@@ -63,15 +63,22 @@ class TargetControl:
         return read_records(raw, self.source, self.shards, self.signer, int(time.time() * 1000))
 
     def open_generation(self, records: TargetRecords, record: GenRecord) -> int:
-        """Compare-and-swap the generation record (against what *records* read); returns
-        the revision it was written at. A source back in the config stops being drained."""
+        """Compare-and-swap the generation record, and delete a drain record, against what
+        *records* read; returns the revision it was written at. A source back in the config
+        stops being drained. A drain that began since the read fails the open: the next
+        try reads its record and resyncs (planner.plan_start), which puts back the cluster
+        config that the drain took first; a resume would not."""
         opened = self.etcd.txn(
-            [ModIs(gen_key(self.source), records.gen_rev)],
-            [Put(gen_key(self.source), record.encode())],
+            [
+                ModIs(gen_key(self.source), records.gen_rev),
+                ModIs(draining_key(self.source), records.draining_rev),
+            ],
+            [Put(gen_key(self.source), record.encode()), Delete(draining_key(self.source))],
         )
         if not opened.succeeded:
-            raise RetryableError(f"target {self.name}: generation record changed while opening one")
-        self.etcd.delete(draining_key(self.source))
+            raise RetryableError(
+                f"target {self.name}: generation or drain record changed while opening a generation"
+            )
         return opened.revision
 
     def write_fences(self, gen_rev: int, fences: dict[str, FenceRecord]) -> None:

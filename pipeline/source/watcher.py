@@ -174,7 +174,8 @@ class Watcher:
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         inbox: int = INBOX,
         inbox_bytes: int = INBOX_BYTES,
-        watched: Callable[[str], bool | None] = lambda _source: False,
+        *,
+        watched: Callable[[str], bool | None],
     ) -> None:
         self.settings = settings
         self.sync = settings.sync
@@ -1232,28 +1233,34 @@ class Watcher:
                 if c.name not in self._drain_clients:
                     self._drain_clients[c.name] = self._etcd(c, self.sync.etcd_timeout, WRITE)
                 clients[c.name] = self._drain_clients[c.name]
+        verdicts: dict[str, bool | None] = {}  # one look at each source's lease a check
+
+        def watched(source: str) -> bool | None:
+            if source not in verdicts:
+                verdicts[source] = busy = self._watched(source)
+                if busy is False:
+                    self._drain_waits_said.discard(source)
+                elif source not in self._drain_waits_said:
+                    self._drain_waits_said.add(source)
+                    log.warning(
+                        "source %s is not in this watcher's config, but a watcher may still "
+                        "be syncing it (%s): it is not drained while that lasts. Do all kvmesh "
+                        "watch processes run the same config?",
+                        source,
+                        "Redis gave no answer" if busy is None else "its lease has a value",
+                    )
+            return verdicts[source]
+
         for name, client in clients.items():
 
-            def watched(source: str, target: str = name) -> bool | None:
-                busy = self._watched(source)
+            def counted(source: str, target: str = name) -> bool | None:
+                busy = watched(source)
                 if busy is not False:
                     self.metrics.drain_waits.labels(source, target).inc()
-                    if source not in self._drain_waits_said:
-                        self._drain_waits_said.add(source)
-                        log.warning(
-                            "%s: source %s is not in this watcher's config, but a watcher may "
-                            "still be syncing it (%s): it is not drained while that lasts. Do "
-                            "all kvmesh watch processes run the same config?",
-                            target,
-                            source,
-                            "Redis did not answer" if busy is None else "its lease has a value",
-                        )
-                else:
-                    self._drain_waits_said.discard(source)
                 return busy
 
             try:
-                drain_removed(client, name, configured, self.sync.drain_grace, watched=watched)
+                drain_removed(client, name, configured, self.sync.drain_grace, watched=counted)
             except RetryableError as exc:
                 log.warning("%s: drain check failed: %s", name, exc)
             except Exception:

@@ -26,14 +26,21 @@ def test_a_source_is_watched_while_its_lease_has_a_value(servers: Servers) -> No
     assert lease_held(client, "cluster-x", ttl=5) is False
 
 
-def test_a_lease_value_nobody_renews_counts_for_one_ttl_at_most(servers: Servers) -> None:
-    """A value written by hand, with no TTL or a long one, is taken as held, and given the
-    lease's TTL: it cannot keep a drain waiting for longer unless someone keeps writing it."""
+def test_a_lease_value_without_a_ttl_is_given_one_and_no_ttl_is_shortened(
+    servers: Servers,
+) -> None:
+    """A value written by hand with no TTL is taken as held and given the lease's TTL: it
+    cannot keep a drain waiting for long unless someone keeps writing it. A value with a
+    TTL keeps it, however long: a watcher with a longer sync.leader_ttl must not lose its
+    lease between renewals to another's look."""
     client = redis_at(servers.redis().url)
-    for ex in (None, 3600):
-        client.set(leader_key("cluster-x"), b"\xff written by hand", ex=ex)
-        assert lease_held(client, "cluster-x", ttl=5) is True
-        assert 0 < client.pttl(leader_key("cluster-x")) <= 5000
+    key = leader_key("cluster-x")
+    client.set(key, b"\xff written by hand")
+    assert lease_held(client, "cluster-x", ttl=5) is True
+    assert 0 < client.pttl(key) <= 5000
+    client.set(key, b"a watcher of a longer leader_ttl", px=60_000)
+    assert lease_held(client, "cluster-x", ttl=5) is True
+    assert client.pttl(key) > 55_000
 
 
 def test_no_answer_from_redis_is_no_verdict(servers: Servers) -> None:

@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -750,6 +751,38 @@ def test_a_new_term_over_a_drain_begun_resyncs_instead_of_resuming() -> None:
     assert rig.cache("b") == rig.expected()
     assert rig.resyncs("b", Cause.DRAINING.value) == 1
     assert rig.resyncs("c") == 0  # the target no drain touched resumes
+
+
+def test_a_drain_begun_between_a_terms_read_and_its_open_is_ended_too() -> None:
+    """A new term read the target's records (no drain record: it would resume), then a
+    watcher with an older config began draining the source, taking its cluster config.
+    The open, guarded by the drain record as read, fails, and the target is resynced, which
+    puts the cluster config back (a resume would have left it out for good)."""
+    rig = Rig()
+    fill(rig, nodes=5, identities=5)
+    rig.start()
+    rig.settle()
+    rig.watcher.close()
+    rig.watcher = rig.new_watcher()
+    control = next(t.control for t in rig.watcher.targets if t.name == "b")
+    original = control.read
+    drains: list[float] = []
+
+    def read_then_drain() -> Any:
+        records = original()
+        if not drains:
+            drains.append(time.time())
+            drain_removed(rig.mesh["b"], "b", ["b", "c"], grace=3600.0, now=drains[0])
+        return records
+
+    control.read = read_then_drain  # type: ignore[method-assign]
+    rig.start()
+    rig.settle()
+    assert drains, "the term read no records"
+    assert rig.mesh["b"].get(draining_key("a")) is None
+    assert rig.cache("b") == rig.expected()
+    # the failed open leaves the target owed a resync, as any failure at a term's start
+    assert rig.resyncs("b", Cause.START.value) == rig.resyncs("b") == 1
 
 
 def test_the_feed_inbox_is_bounded_and_holds_back_the_watch() -> None:
