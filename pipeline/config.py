@@ -619,6 +619,13 @@ def settings_from_mapping(
     ):
         if getattr(sync, name) == 0:
             raise ConfigError(f"sync.{name}", "must be positive")
+    if sync.watch_timeout < 2 * sync.fence_poll_interval:
+        # a quiet watch is asked for its progress once a fence poll: answered at once, it
+        # is heard from about once an interval, and must not look silent in between
+        raise ConfigError(
+            "sync.watch_timeout",
+            f"must be at least twice sync.fence_poll_interval ({sync.fence_poll_interval:g}s)",
+        )
     worker: WorkerConfig = _section(WorkerConfig, "worker", data.get("worker", {}), env)
     if worker.pool not in ("prefork", "threads", "solo"):
         raise ConfigError("worker.pool", 'must be "prefork", "threads" or "solo"')

@@ -4,6 +4,7 @@ valid CLI invocation against the config it mounts, and that config names its ser
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,14 @@ def test_upstream_images_are_pinned_and_stores_have_healthchecks(compose: dict[s
     # the password reaches Redis through a config file, never its command line
     assert "requirepass" in redis and "--requirepass" not in redis
     assert "$$(cat /run/secrets/redis_password)" in redis
+
+
+def test_redis_has_a_memory_limit_and_evicts_nothing(compose: dict[str, Any]) -> None:
+    """Redis refuses writes at its limit (the watchers pause) rather than growing until the
+    machine kills it, and never evicts a queued task or its payload."""
+    command = " ".join(compose["services"]["redis"]["command"])
+    assert "--maxmemory-policy noeviction" in command
+    assert re.search(r"--maxmemory [1-9][0-9]*[mg]b\b", command), command
 
 
 def test_worker_scales_and_flower_uses_an_env_file(compose: dict[str, Any]) -> None:

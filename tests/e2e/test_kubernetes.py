@@ -129,6 +129,30 @@ def test_watchers_and_workers_probe_health_and_readiness_and_are_scraped(
     assert budgets["kvmesh-watcher"]["spec"]["minAvailable"] == 1
 
 
+_UNITS = {"gb": 1 << 30, "mb": 1 << 20, "Gi": 1 << 30, "Mi": 1 << 20}
+
+
+def _bytes(size: str) -> int:
+    number = size.rstrip("bgimkBGIMK")
+    return int(number) * _UNITS[size[len(number) :]]
+
+
+def test_redis_refuses_writes_before_its_container_runs_out_of_memory(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """Redis's own limit lies well under the container's: at it Redis refuses writes (the
+    watchers pause, `broker_error`) instead of being killed and killed again as it reloads
+    its append-only file. Half the limit leaves room for the fork of an AOF rewrite."""
+    _, objs = rendered
+    (redis,) = pods(objs)["kvmesh-redis"]["containers"]
+    command = " ".join(redis["args"])
+    policy = re.search(r"--maxmemory-policy (\S+)", command)
+    assert policy is not None and policy.group(1) == "noeviction", command
+    limit = re.search(r"--maxmemory (\S+)", command)
+    assert limit is not None, command
+    assert 0 < _bytes(limit.group(1)) <= _bytes(redis["resources"]["limits"]["memory"]) // 2
+
+
 def test_every_pod_has_a_network_policy(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     _, objs = rendered
     selected = {

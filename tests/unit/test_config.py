@@ -211,6 +211,12 @@ def test_environment_for_an_unknown_cluster_is_an_error(tmp_path: Path) -> None:
         (MINIMAL.replace("shards = 8", "max_queue_bytes = 1000"), "sync.max_queue_bytes"),
         (MINIMAL.replace("shards = 8", "idle_flush_max_rate = -1"), "sync.idle_flush_max_rate"),
         (MINIMAL.replace("shards = 8", "idle_flush_max_rate = 49"), "sync.idle_flush_max_rate"),
+        # a quiet watch is asked for its progress once a fence poll
+        (MINIMAL.replace("shards = 8", "fence_poll_interval = 20.0"), "sync.watch_timeout"),
+        (
+            MINIMAL.replace("shards = 8", "fence_poll_interval = 3.0\nwatch_timeout = 5.0"),
+            "sync.watch_timeout",
+        ),
         (MINIMAL + "[worker]\nconcurrency = 0\n", "worker.concurrency"),
         (MINIMAL + "[worker]\nconcurrency = 257\n", "worker.concurrency"),
     ],
