@@ -147,6 +147,13 @@ class WatcherMetrics:
             ["source_cluster", "resource"],
             registry=r,
         )
+        self.config_refused = Gauge(
+            "kvmesh_watcher_source_config_refused",
+            "1 while the source holds a cluster config kvmesh refuses (an id other than the "
+            "configured one, another maxConnectedClusters, not JSON...): no target gets it",
+            ["source_cluster"],
+            registry=r,
+        )
         self.held_deletes = Counter(
             "kvmesh_watcher_held_deletes_total",
             "Deletes not sent while their resource waited for its source canary (the resync "

@@ -572,8 +572,11 @@ class Watcher:
                 # its canary deletes what is still gone then
                 self._hold()
                 continue
-            if resource.single_key and ev.value is not None:
-                self._config_changed(ev.key, ev.value)
+            if resource.single_key:
+                if ev.value is not None:
+                    self._config_changed(ev.key, ev.value)
+                else:
+                    self._config_refused(False)  # none at all is no refused one
             try:
                 tkey, tvalue = convert(
                     self.layout, resource, ev.key, ev.value, self.sync.max_batch_bytes
@@ -612,7 +615,9 @@ class Watcher:
                 key, value, self.layout.cluster_id, self.layout.max_connected_clusters
             )
         except BadInputError:
+            self._config_refused(True)
             return  # rejected where it is converted
+        self._config_refused(False)
         before = self.readiness
         if before is None or source_caps(cfg) == before.caps:
             return
@@ -633,6 +638,12 @@ class Watcher:
 
     # -- what the source advertises ----------------------------------------------------------
 
+    def _config_refused(self, refused: bool) -> None:
+        """Whether the source's cluster config is one kvmesh refuses (each refusal is also
+        logged and counted as a rejected key): an operator must learn that no target gets
+        it, which more often than not means the mesh config names the wrong cluster ID."""
+        self.metrics.config_refused.labels(self.source.name).set(int(refused))
+
     @property
     def waiting(self) -> frozenset[str]:
         """Resources waiting for their source canary."""
@@ -644,6 +655,8 @@ class Watcher:
         being resynced right now is covered by that resync)."""
         before = self.readiness
         raw = read_readiness(self.feed.etcd, self.layout, rev)
+        # a config key there that did not parse is one kvmesh refuses
+        self._config_refused(bool(raw.config_rev) and not raw.config)
         if before is None and not raw.config:
             before = self._cached_readiness()
         ready = raw.carried(before)

@@ -286,6 +286,36 @@ def test_duplicated_and_reordered_tasks_change_nothing() -> None:
     assert rig.cache("b") == rig.expected()
 
 
+def test_a_refused_cluster_config_is_a_gauge_not_only_a_rejected_key() -> None:
+    """A source whose cluster config kvmesh refuses (here its id, then its
+    maxConnectedClusters, disagree with the mesh config) keeps syncing everything else, and
+    kvmesh_watcher_source_config_refused says so while it lasts: at a term's start, and as
+    the config changes."""
+    rig = Rig()
+    fill(rig, nodes=3, identities=0)
+    rig.source.put(CONFIG, b'{"id":7}')
+    rig.start()
+    rig.settle()
+
+    def refused() -> float:
+        return rig.metric("kvmesh_watcher_source_config_refused", source_cluster="a")
+
+    assert refused() == 1
+    assert CONFIG not in rig.cache("b") and rig.cache("b") == rig.expected()
+    for value, expected in (
+        (b'{"id":1}', 0),
+        (b'{"id":1,"capabilities":{"maxConnectedClusters":511}}', 1),
+        (None, 0),
+    ):
+        if value is None:
+            rig.source.delete(CONFIG)
+        else:
+            rig.source.put(CONFIG, value)
+        rig.settle()
+        assert refused() == expected, value
+        assert rig.cache("b") == rig.expected()
+
+
 def test_a_compacted_source_resyncs_every_target() -> None:
     rig = Rig()
     fill(rig, nodes=5, identities=5)
