@@ -22,7 +22,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from pipeline.clients.etcd import Etcd, EtcdClient
 from pipeline.clients.lease import AlwaysLeader, Lease
@@ -108,8 +110,23 @@ _IDLE_LOOK = 0.002
 # about this many seconds (an exponentially decaying count)
 _RATE_WINDOW = 0.1
 _LOOK_DURING_RESYNC = 0.1  # seconds between looks for complete resources while listing
+# A target whose fence poll fails is polled again after 1 s, then twice as long each time up
+# to this: one that does not answer costs the loop a sync.etcd_timeout only that often
+_POLL_BACKOFF_MAX = 30.0
+_POLLERS = 32  # threads that read the targets' records side by side, at most
 
 EtcdFactory = Callable[[ClusterConfig, float, str], EtcdClient]
+
+
+_R = TypeVar("_R")
+
+
+def _call(fn: Callable[[], _R]) -> _R | Exception:
+    """fn(), or the exception it raised: a poller thread hands either back to the loop."""
+    try:
+        return fn()
+    except Exception as exc:
+        return exc
 
 
 @dataclass
@@ -141,6 +158,8 @@ class Target:
     # fence reaches that chain, every synced event up to revision D has landed
     marks: deque[tuple[int, int, dict[str, Position]]] = field(default_factory=deque)
     mark_through: tuple[int, int] = (0, 0)  # (generation, D) of the newest landed mark
+    poll_after: float = 0.0  # its fence poll waits until then after a failed one
+    poll_backoff: float = 0.0
 
     @property
     def name(self) -> str:
@@ -238,6 +257,7 @@ class Watcher:
         self._resync_after = 0.0  # failed resyncs back off until then
         self._resync_backoff = 0.0
         self._drain_clients: dict[str, EtcdClient] = {}
+        self._pollers: ThreadPoolExecutor | None = None  # made for a second target's poll
         # whether a watcher may be syncing a source (clients.lease.lease_held): the drain
         # leaves such a source alone; and the sources whose wait was logged
         self._watched = watched
@@ -303,6 +323,8 @@ class Watcher:
             t.control.close()
         for client in self._drain_clients.values():
             client.close()
+        if self._pollers is not None:
+            self._pollers.shutdown(wait=False)
 
     def run(self) -> None:
         """Run until stop() is called: wait as a standby until this watcher holds the
@@ -1072,13 +1094,22 @@ class Watcher:
             if t.control.leases.lost.is_set():
                 t.control.leases.lost.clear()
                 t.owe(Cause.LEASE_EXPIRED, "a lease of its cached keys ended")
-        for t in self.targets:
-            if t.need_resync:
-                continue
+        polled = [t for t in self.targets if not t.need_resync and now >= t.poll_after]
+        for t, records in zip(polled, self._read_records(polled), strict=True):
             try:
-                self._poll(t, now)
+                if isinstance(records, Exception):
+                    raise records
+                self._poll(t, now, records)
             except RetryableError as exc:
-                log.warning("%s→%s: fence poll failed: %s", self.source.name, t.name, exc)
+                t.poll_backoff = min(max(1.0, t.poll_backoff * 2), _POLL_BACKOFF_MAX)
+                t.poll_after = now + t.poll_backoff
+                log.warning(
+                    "%s→%s: fence poll failed: %s; next poll in %.0fs",
+                    self.source.name,
+                    t.name,
+                    exc,
+                    t.poll_backoff,
+                )
             except Exception:
                 # A target's records are input too: whatever they make fail, this target
                 # is resynced (which rewrites them) and the others go on.
@@ -1144,9 +1175,22 @@ class Watcher:
                 written = all(res.name in t.pair.canaried for t in self.targets)
                 self.metrics.scope_synced.labels(res.scope, src, "write").set(int(written))
 
-    def _poll(self, t: Target, now: float) -> None:
+    def _read_records(self, targets: list[Target]) -> list[TargetRecords | Exception]:
+        """Each target's records, or what reading them raised. Several targets are read side
+        by side: targets that do not answer (packets dropped) hold the poll up for one
+        sync.etcd_timeout, not one each, and the pairs that do answer keep their pace."""
+        if len(targets) <= 1:
+            return [_call(t.control.read) for t in targets]
+        if self._pollers is None:
+            self._pollers = ThreadPoolExecutor(
+                min(_POLLERS, len(self.targets)), thread_name_prefix=f"poll:{self.source.name}"
+            )
+        pending = [self._pollers.submit(_call, t.control.read) for t in targets]
+        return [f.result() for f in pending]
+
+    def _poll(self, t: Target, now: float, records: TargetRecords) -> None:
         src = self.source.name
-        records = t.control.read()
+        t.poll_backoff = 0.0
         found = assess(records, t.pair, now, self.sync.stall_timeout, self.waiting)
         if found.request is not None:
             mod_revision, outcome = found.request
@@ -1228,7 +1272,10 @@ class Watcher:
     def _space_resyncs(self, t: Target, now: float) -> None:
         """Resyncs of one target that follow each other closely come ever further apart
         (up to 5 min): whatever keeps causing them (a worker that keeps asking, records
-        someone keeps breaking) must not turn into a listing of the source every second."""
+        someone keeps breaking) must not turn into a listing of the source every second.
+        Called once a resync is done: the target answered, and its fence poll waits no
+        more."""
+        t.poll_after = t.poll_backoff = 0.0
         if now - t.last_resync_at < 60.0:
             t.resync_spacing = min(max(1.0, t.resync_spacing * 2), 300.0)
         else:
@@ -1241,8 +1288,13 @@ class Watcher:
         target that is no other source's target, its own cluster, must be drained too)."""
         configured = [c.name for c in self.settings.sources]
         clients = {t.name: t.control.etcd for t in self.targets}
+        now = self.clock()
+        # a target of this source whose fence poll waits after failing is left out too
+        skipped = {t.name for t in self.targets if t.poll_after > now}
         for c in self.settings.targets:
-            if c.name not in clients:
+            if c.name in skipped:
+                clients.pop(c.name, None)
+            elif c.name not in clients:
                 if c.name not in self._drain_clients:
                     self._drain_clients[c.name] = self._etcd(c, self.sync.etcd_timeout, WRITE)
                 clients[c.name] = self._drain_clients[c.name]

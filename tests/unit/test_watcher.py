@@ -645,6 +645,72 @@ def test_an_unreachable_target_does_not_hold_up_the_others(restart: bool) -> Non
     assert rig.cache("c") == rig.expected()
 
 
+def test_the_targets_records_are_read_side_by_side() -> None:
+    """The fence poll reads every target's records at once, not one after another: a
+    target that does not answer (its packets dropped) would otherwise hold up the poll of
+    every other pair for a sync.etcd_timeout each. Here each read waits for the other."""
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    met = threading.Barrier(len(rig.targets), timeout=10)
+    reads: list[str] = []
+    for t in rig.watcher.targets:
+
+        def read(control: Any = t.control, original: Any = t.control.read) -> Any:
+            met.wait()  # BrokenBarrierError, a failed poll, if the other read is not under way
+            reads.append(control.name)
+            return original()
+
+        t.control.read = read  # type: ignore[method-assign]
+    rig.tick()
+    assert reads and reads.count("b") == reads.count("c") == len(reads) / 2
+    assert rig.metric("kvmesh_watcher_errors_total", source_cluster="a", where="fence_poll") == 0
+    assert all(t.need_resync is None for t in rig.watcher.targets)
+
+
+def test_a_target_whose_poll_fails_is_polled_ever_less_often_until_it_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A target that stops answering after its initial sync costs the loop a failed read
+    after 1 s, then 2, 4... (up to 30 s), while the other target is polled at every tick;
+    the drain check leaves it out meanwhile. Once it answers again, it is polled at every
+    tick too."""
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    reads: dict[str, int] = {name: 0 for name in rig.targets}
+    for t in rig.watcher.targets:
+
+        def read(control: Any = t.control, original: Any = t.control.read) -> Any:
+            reads[control.name] += 1
+            return original()
+
+        t.control.read = read  # type: ignore[method-assign]
+    rig.mesh["c"].set_down(True)
+    for _ in range(16):  # 8 s of polls, one every 0.5 s or more often
+        rig.tick()
+    assert reads["b"] >= 16
+    assert reads["c"] == 4  # at 0, 1, 3 and 7 s
+    drained: list[str] = []
+    monkeypatch.setattr(
+        watcher_module, "drain_removed", lambda _client, name, *_a, **_k: drained.append(name)
+    )
+    rig.watcher._next_drain = 0.0  # a drain check at the next poll
+    rig.tick()
+    assert "b" in drained and "c" not in drained
+    rig.mesh["c"].set_down(False)
+    rig.tick(8.0)  # past the 8 s it waits now
+    before = dict(reads)
+    for _ in range(4):
+        rig.tick()
+    assert reads["c"] - before["c"] == reads["b"] - before["b"] >= 4
+    rig.source.put(NODE + b"after", b"{}")
+    rig.settle()
+    assert rig.cache("c") == rig.expected()
+
+
 def test_a_superseded_watcher_writes_nothing() -> None:
     """A second watcher takes over (a lease lost to a partition): what the first still
     publishes is refused by the fences, and the target converges on the second's view."""
