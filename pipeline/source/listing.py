@@ -37,6 +37,7 @@ class Readiness:
     config: bool  # the source holds a cluster config kvmesh could read
     canaries: frozenset[str] = frozenset()
     config_rev: int = 0  # the mod revision of its cluster config key (readable or not); 0: none
+    refused: str = ""  # why the cluster config there is refused (bad input), if it is
 
     def waiting(self) -> frozenset[str]:
         """Resources whose deletes and target canary must wait for their source canary:
@@ -55,7 +56,7 @@ class Readiness:
         still holds until it writes its config again."""
         if self.config or before is None or not before.config:
             return self
-        return Readiness(before.caps, True, self.canaries, self.config_rev)
+        return Readiness(before.caps, True, self.canaries, self.config_rev, self.refused)
 
 
 def read_readiness(etcd: EtcdClient, layout: Layout, revision: int | None = None) -> Readiness:
@@ -65,14 +66,15 @@ def read_readiness(etcd: EtcdClient, layout: Layout, revision: int | None = None
     rev, kvs = etcd.scan(config.source_prefix(layout.source), revision, exact=True)
     cfg = None
     config_rev = 0
+    refused = ""
     for kv in kvs:
         config_rev = kv.mod_revision
         try:
             cfg = parse_cluster_config(
                 kv.key, kv.value, layout.cluster_id, layout.max_connected_clusters
             )
-        except BadInputError:
-            cfg = None
+        except BadInputError as exc:
+            cfg, refused = None, str(exc)
     # each canary key on its own, and only whether it exists: a scan of their prefix would
     # read whatever else the source put under it, and a read of a canary its value, on every
     # tick while a canary is awaited (a value may be as large as the source's etcd takes)
@@ -81,7 +83,7 @@ def read_readiness(etcd: EtcdClient, layout: Layout, revision: int | None = None
         for res in RESOURCES
         if res.canary is not None and etcd.exists(source_canary_key(layout.source, res), rev)
     }
-    return Readiness(source_caps(cfg), cfg is not None, frozenset(found), config_rev)
+    return Readiness(source_caps(cfg), cfg is not None, frozenset(found), config_rev, refused)
 
 
 def iter_resource(

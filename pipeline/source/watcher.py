@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -111,9 +111,11 @@ _IDLE_LOOK = 0.002
 _RATE_WINDOW = 0.1
 _LOOK_DURING_RESYNC = 0.1  # seconds between looks for complete resources while listing
 # A target whose fence poll fails is polled again after 1 s, then twice as long each time up
-# to this: one that does not answer costs the loop a sync.etcd_timeout only that often
+# to this
 _POLL_BACKOFF_MAX = 30.0
-_POLLERS = 32  # threads that read the targets' records side by side, at most
+# The fence poll waits this long at most for the targets' reads; one still under way then
+# (a target that drops packets makes it last sync.etcd_timeout) is taken up by a later poll
+_POLL_WAIT = 1.0
 
 EtcdFactory = Callable[[ClusterConfig, float, str], EtcdClient]
 
@@ -127,6 +129,12 @@ def _call(fn: Callable[[], _R]) -> _R | Exception:
         return fn()
     except Exception as exc:
         return exc
+
+
+# The threads that read the targets' records for the fence polls of every watcher of the
+# process (made as reads come, up to 64): a read waits on the network, and keeps a thread for
+# sync.etcd_timeout at most
+_POLLERS = ThreadPoolExecutor(64, thread_name_prefix="fence-poll")
 
 
 @dataclass
@@ -159,7 +167,11 @@ class Target:
     marks: deque[tuple[int, int, dict[str, Position]]] = field(default_factory=deque)
     mark_through: tuple[int, int] = (0, 0)  # (generation, D) of the newest landed mark
     poll_after: float = 0.0  # its fence poll waits until then after a failed one
-    poll_backoff: float = 0.0
+    poll_backoff: float = 0.0  # seconds it waited after the last poll, 0 after one that worked
+    # the read of its records under way, and the generation it began under (a read that
+    # comes back after a new generation opened says nothing of it)
+    reading: Future[TargetRecords | Exception] | None = None
+    reading_gen: int = 0
 
     @property
     def name(self) -> str:
@@ -257,10 +269,10 @@ class Watcher:
         self._resync_after = 0.0  # failed resyncs back off until then
         self._resync_backoff = 0.0
         self._drain_clients: dict[str, EtcdClient] = {}
-        self._pollers: ThreadPoolExecutor | None = None  # made for a second target's poll
         # whether a watcher may be syncing a source (clients.lease.lease_held): the drain
         # leaves such a source alone; and the sources whose wait was logged
         self._watched = watched
+        self._refused = False  # the source's cluster config is refused (_config_refused)
         self._drain_waits_said: set[str] = set()
         self.readiness: Readiness | None = None  # what the source advertised, last read
         self.lease: Lease = lease or AlwaysLeader()
@@ -323,8 +335,6 @@ class Watcher:
             t.control.close()
         for client in self._drain_clients.values():
             client.close()
-        if self._pollers is not None:
-            self._pollers.shutdown(wait=False)
 
     def run(self) -> None:
         """Run until stop() is called: wait as a standby until this watcher holds the
@@ -381,8 +391,10 @@ class Watcher:
         self.metrics.last_failure.labels(src).set(time.time())
 
     def _stepped_down(self) -> None:
-        """A standby is ready for nothing: its readiness gauges fall to 0."""
+        """A standby is ready for nothing: its readiness gauges fall to 0, and it says
+        nothing of its source's cluster config (the active watcher does)."""
         src = self.source.name
+        self._config_refused(False)
         for t in self.targets:
             self.metrics.readiness.labels(src, t.name).set(0)
         for res in RESOURCES:
@@ -660,10 +672,18 @@ class Watcher:
 
     # -- what the source advertises ----------------------------------------------------------
 
-    def _config_refused(self, refused: bool) -> None:
-        """Whether the source's cluster config is one kvmesh refuses (each refusal is also
-        logged and counted as a rejected key): an operator must learn that no target gets
-        it, which more often than not means the mesh config names the wrong cluster ID."""
+    def _config_refused(self, refused: bool, reason: str = "") -> None:
+        """Whether the source's cluster config is one kvmesh refuses: an operator must learn
+        that no target gets it, which more often than not means the mesh config names the
+        wrong cluster ID. A refusal found as the config changes is logged and counted as a
+        rejected key where it is converted; one found by a read of what the source
+        advertises (a term's start, which may resume and convert nothing) is logged here,
+        once until the config is taken again."""
+        if refused and reason and not self._refused:
+            log.warning(
+                "%s: cluster config refused, no target gets it: %s", self.source.name, reason
+            )
+        self._refused = refused
         self.metrics.config_refused.labels(self.source.name).set(int(refused))
 
     @property
@@ -677,8 +697,7 @@ class Watcher:
         being resynced right now is covered by that resync)."""
         before = self.readiness
         raw = read_readiness(self.feed.etcd, self.layout, rev)
-        # a config key there that did not parse is one kvmesh refuses
-        self._config_refused(bool(raw.config_rev) and not raw.config)
+        self._config_refused(bool(raw.refused), raw.refused)
         if before is None and not raw.config:
             before = self._cached_readiness()
         ready = raw.carried(before)
@@ -1094,15 +1113,14 @@ class Watcher:
             if t.control.leases.lost.is_set():
                 t.control.leases.lost.clear()
                 t.owe(Cause.LEASE_EXPIRED, "a lease of its cached keys ended")
-        polled = [t for t in self.targets if not t.need_resync and now >= t.poll_after]
-        for t, records in zip(polled, self._read_records(polled), strict=True):
+        for t, records in self._read_records(now):
             try:
                 if isinstance(records, Exception):
                     raise records
                 self._poll(t, now, records)
             except RetryableError as exc:
                 t.poll_backoff = min(max(1.0, t.poll_backoff * 2), _POLL_BACKOFF_MAX)
-                t.poll_after = now + t.poll_backoff
+                t.poll_after = self.clock() + t.poll_backoff
                 log.warning(
                     "%s→%s: fence poll failed: %s; next poll in %.0fs",
                     self.source.name,
@@ -1116,6 +1134,8 @@ class Watcher:
                 log.exception("%s→%s: fence poll failed", self.source.name, t.name)
                 self.metrics.errors.labels(self.source.name, "fence_poll").inc()
                 t.owe(Cause.CORRUPT_RECORD, "the fence poll failed")
+            else:
+                t.poll_backoff = 0.0  # its reads and writes went through
         self._kvstore_gauges()
         if now >= self._next_drain:
             self._next_drain = now + self.sync.drain_check_interval
@@ -1175,22 +1195,33 @@ class Watcher:
                 written = all(res.name in t.pair.canaried for t in self.targets)
                 self.metrics.scope_synced.labels(res.scope, src, "write").set(int(written))
 
-    def _read_records(self, targets: list[Target]) -> list[TargetRecords | Exception]:
-        """Each target's records, or what reading them raised. Several targets are read side
-        by side: targets that do not answer (packets dropped) hold the poll up for one
-        sync.etcd_timeout, not one each, and the pairs that do answer keep their pace."""
-        if len(targets) <= 1:
-            return [_call(t.control.read) for t in targets]
-        if self._pollers is None:
-            self._pollers = ThreadPoolExecutor(
-                min(_POLLERS, len(self.targets)), thread_name_prefix=f"poll:{self.source.name}"
-            )
-        pending = [self._pollers.submit(_call, t.control.read) for t in targets]
-        return [f.result() for f in pending]
+    def _read_records(self, now: float) -> list[tuple[Target, TargetRecords | Exception]]:
+        """The records of each target due for a poll, or what reading them raised. The reads
+        go side by side on the process's poller threads, and the poll waits _POLL_WAIT at
+        most for those it began: a target that drops packets, whose read lasts
+        sync.etcd_timeout, holds up neither the other pairs' polls nor the loop (for longer
+        than that, once). Its read is taken up by the first poll after it is over, unless
+        the target was owed a resync or opened a generation meanwhile."""
+        fresh = []
+        for t in self.targets:
+            if t.reading is None and not t.need_resync and now >= t.poll_after:
+                t.reading = _POLLERS.submit(_call, t.control.read)
+                t.reading_gen = t.pair.gen
+                fresh.append(t.reading)
+        if fresh:  # a read still under way from an earlier poll is not waited for again
+            wait(fresh, timeout=_POLL_WAIT)
+        out: list[tuple[Target, TargetRecords | Exception]] = []
+        for t in self.targets:
+            if t.reading is None or not t.reading.done():
+                continue
+            records = t.reading.result()
+            t.reading = None
+            if not t.need_resync and t.pair.gen == t.reading_gen:
+                out.append((t, records))
+        return out
 
     def _poll(self, t: Target, now: float, records: TargetRecords) -> None:
         src = self.source.name
-        t.poll_backoff = 0.0
         found = assess(records, t.pair, now, self.sync.stall_timeout, self.waiting)
         if found.request is not None:
             mod_revision, outcome = found.request
@@ -1272,10 +1303,7 @@ class Watcher:
     def _space_resyncs(self, t: Target, now: float) -> None:
         """Resyncs of one target that follow each other closely come ever further apart
         (up to 5 min): whatever keeps causing them (a worker that keeps asking, records
-        someone keeps breaking) must not turn into a listing of the source every second.
-        Called once a resync is done: the target answered, and its fence poll waits no
-        more."""
-        t.poll_after = t.poll_backoff = 0.0
+        someone keeps breaking) must not turn into a listing of the source every second."""
         if now - t.last_resync_at < 60.0:
             t.resync_spacing = min(max(1.0, t.resync_spacing * 2), 300.0)
         else:
@@ -1288,9 +1316,14 @@ class Watcher:
         target that is no other source's target, its own cluster, must be drained too)."""
         configured = [c.name for c in self.settings.sources]
         clients = {t.name: t.control.etcd for t in self.targets}
-        now = self.clock()
-        # a target of this source whose fence poll waits after failing is left out too
-        skipped = {t.name for t in self.targets if t.poll_after > now}
+        # a target of this source that did not answer its last poll, or is still reading,
+        # or could not be reached to open a generation, is left out: it would hold the
+        # loop up for a sync.etcd_timeout a call
+        skipped = {
+            t.name
+            for t in self.targets
+            if t.poll_backoff or t.reading is not None or t.need_resync is Cause.TARGET_UNAVAILABLE
+        }
         for c in self.settings.targets:
             if c.name in skipped:
                 clients.pop(c.name, None)
@@ -1386,6 +1419,7 @@ class Watcher:
         gen = new_generation(records, t.pair.gen, self.wall_ms())
         record = GenRecord(gen, self.sync.shards, self.sync.identities, self.feed.cluster_id)
         t.gen_rev = t.control.open_generation(records, record)
+        t.poll_after = t.poll_backoff = 0.0  # it answers: its fence poll waits no more
         t.pair = PairState(gen=gen, chain={s: (0, 0) for s in self.shards})
         t.outbox.drain()  # owed to the old generation: the new one starts from its fences
         t.unsent = []

@@ -302,6 +302,14 @@ def test_a_refused_cluster_config_is_a_gauge_not_only_a_rejected_key() -> None:
 
     assert refused() == 1
     assert CONFIG not in rig.cache("b") and rig.cache("b") == rig.expected()
+    rig.watcher._stepped_down()  # a standby says nothing of it
+    assert refused() == 0
+    # a new term that resumes, converting nothing, finds it refused too
+    rig.watcher.close()
+    rig.watcher = rig.new_watcher()
+    rig.start()
+    rig.settle()
+    assert rig.resyncs("b") == 0 and refused() == 1
     for value, expected in (
         (b'{"id":1}', 0),
         (b'{"id":1,"capabilities":{"maxConnectedClusters":511}}', 1),
@@ -669,6 +677,44 @@ def test_the_targets_records_are_read_side_by_side() -> None:
     assert all(t.need_resync is None for t in rig.watcher.targets)
 
 
+def test_a_read_that_hangs_holds_up_neither_the_loop_nor_the_other_target() -> None:
+    """A target's read that does not come back (its packets dropped: the call lasts
+    sync.etcd_timeout) is begun once and left under way: the polls that follow go on with
+    the other target, and the one that comes after the read is over takes its records up."""
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    reads: dict[str, int] = {name: 0 for name in rig.targets}
+    release = threading.Event()
+    for t in rig.watcher.targets:
+
+        def read(control: Any = t.control, original: Any = t.control.read) -> Any:
+            reads[control.name] += 1
+            if control.name == "c":
+                release.wait(10)
+            return original()
+
+        t.control.read = read  # type: ignore[method-assign]
+    c = next(t for t in rig.watcher.targets if t.name == "c")
+    try:
+        for _ in range(5):
+            rig.tick()
+        assert reads["c"] == 1 and reads["b"] >= 5
+        assert c.reading is not None and not c.reading.done()
+    finally:
+        release.set()
+    eventually(lambda: c.reading is not None and c.reading.done(), what="c's read over")
+    rig.watcher.tick()  # one poll: it takes the records up
+    assert c.reading is None and reads["c"] == 1
+    assert c.poll_backoff == 0.0 and c.need_resync is None
+    rig.watcher.tick()  # and the next reads them again
+    assert reads["c"] == 2
+    rig.source.put(NODE + b"after", b"{}")
+    rig.settle()
+    assert rig.cache("c") == rig.expected()
+
+
 def test_a_target_whose_poll_fails_is_polled_ever_less_often_until_it_answers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -693,6 +739,27 @@ def test_a_target_whose_poll_fails_is_polled_ever_less_often_until_it_answers(
         rig.tick()
     assert reads["b"] >= 16
     assert reads["c"] == 4  # at 0, 1, 3 and 7 s
+    # the wait counts from the end of the failed read, not from its start: one that took
+    # sync.etcd_timeout (packets dropped) is not tried again at once
+    spans: list[tuple[float, float]] = []
+    c = next(t.control for t in rig.watcher.targets if t.name == "c")
+    failing = c.read
+
+    def slow_failure() -> Any:
+        begun = rig.clock()
+        rig.clock.advance(rig.settings.sync.etcd_timeout)
+        spans.append((begun, rig.clock()))
+        return failing()
+
+    c.read = slow_failure  # type: ignore[method-assign]
+    for _ in range(400):  # 200 s of polls at most
+        if len(spans) == 3:
+            break
+        rig.tick()
+    assert len(spans) == 3
+    for (_, ended), (began, _), waited in zip(spans, spans[1:], (16, 30, 30), strict=False):
+        assert began - ended >= waited, spans
+    c.read = failing  # type: ignore[method-assign]
     drained: list[str] = []
     monkeypatch.setattr(
         watcher_module, "drain_removed", lambda _client, name, *_a, **_k: drained.append(name)
@@ -701,7 +768,7 @@ def test_a_target_whose_poll_fails_is_polled_ever_less_often_until_it_answers(
     rig.tick()
     assert "b" in drained and "c" not in drained
     rig.mesh["c"].set_down(False)
-    rig.tick(8.0)  # past the 8 s it waits now
+    rig.tick(30.0)  # past the longest wait
     before = dict(reads)
     for _ in range(4):
         rig.tick()
