@@ -105,10 +105,16 @@ class TargetControl:
             [ModIs(gen_key(self.source), gen_rev)], [Put(progress_key(self.source), value)]
         ).succeeded
 
-    def write_canary(self, resource: Resource, lease: int = 0) -> None:
+    def write_canary(self, resource: Resource, gen_rev: int, lease: int = 0) -> bool:
+        """Write the resource's canary while the generation record is the one opened at
+        *gen_rev* (a target wiped, or taken over by another watcher's generation, since
+        the fences were read must not get it); False if it was not."""
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ").encode()  # RFC 3339
         try:
-            self.etcd.txn([], [Put(canary_key(self.source, resource), stamp, lease)])
+            return self.etcd.txn(
+                [ModIs(gen_key(self.source), gen_rev)],
+                [Put(canary_key(self.source, resource), stamp, lease)],
+            ).succeeded
         except LeaseGoneError:
             self.leases.forget(lease)
             raise

@@ -115,7 +115,7 @@ _LOOK_DURING_RESYNC = 0.1  # seconds between looks for complete resources while 
 _POLL_BACKOFF_MAX = 30.0
 # The fence poll waits this long at most for the targets' reads; one still under way then
 # (a target that drops packets makes it last sync.etcd_timeout) is taken up by a later poll
-_POLL_WAIT = 1.0
+_POLL_WAIT = 0.25
 
 EtcdFactory = Callable[[ClusterConfig, float, str], EtcdClient]
 
@@ -129,12 +129,6 @@ def _call(fn: Callable[[], _R]) -> _R | Exception:
         return fn()
     except Exception as exc:
         return exc
-
-
-# The threads that read the targets' records for the fence polls of every watcher of the
-# process (made as reads come, up to 64): a read waits on the network, and keeps a thread for
-# sync.etcd_timeout at most
-_POLLERS = ThreadPoolExecutor(64, thread_name_prefix="fence-poll")
 
 
 @dataclass
@@ -269,6 +263,11 @@ class Watcher:
         self._resync_after = 0.0  # failed resyncs back off until then
         self._resync_backoff = 0.0
         self._drain_clients: dict[str, EtcdClient] = {}
+        # the threads that read the targets' records for the fence poll, one per target at
+        # most (made as reads come): a read waits on the network, and keeps its thread for
+        # sync.etcd_timeout at most. A pool of this watcher's own: targets that drop
+        # packets in another source's pairs do not slow these reads
+        self._pollers = ThreadPoolExecutor(len(self.targets) or 1, f"poll:{src}")
         # whether a watcher may be syncing a source (clients.lease.lease_held): the drain
         # leaves such a source alone; and the sources whose wait was logged
         self._watched = watched
@@ -335,6 +334,7 @@ class Watcher:
             t.control.close()
         for client in self._drain_clients.values():
             client.close()
+        self._pollers.shutdown(wait=False)
 
     def run(self) -> None:
         """Run until stop() is called: wait as a standby until this watcher holds the
@@ -1205,7 +1205,7 @@ class Watcher:
         fresh = []
         for t in self.targets:
             if t.reading is None and not t.need_resync and now >= t.poll_after:
-                t.reading = _POLLERS.submit(_call, t.control.read)
+                t.reading = self._pollers.submit(_call, t.control.read)
                 t.reading_gen = t.pair.gen
                 fresh.append(t.reading)
         if fresh:  # a read still under way from an earlier poll is not waited for again
@@ -1316,13 +1316,11 @@ class Watcher:
         target that is no other source's target, its own cluster, must be drained too)."""
         configured = [c.name for c in self.settings.sources]
         clients = {t.name: t.control.etcd for t in self.targets}
-        # a target of this source that did not answer its last poll, or is still reading,
-        # or could not be reached to open a generation, is left out: it would hold the
-        # loop up for a sync.etcd_timeout a call
+        # a target of this source that did not answer its last poll, is still reading, or
+        # is owed a resync (one it may not answer: the drain waits for it) is left out: one
+        # that does not answer would hold the loop up for a sync.etcd_timeout a call
         skipped = {
-            t.name
-            for t in self.targets
-            if t.poll_backoff or t.reading is not None or t.need_resync is Cause.TARGET_UNAVAILABLE
+            t.name for t in self.targets if t.poll_backoff or t.reading is not None or t.need_resync
         }
         for c in self.settings.targets:
             if c.name in skipped:
@@ -1609,13 +1607,16 @@ class Watcher:
 
     def _write_canaries(self, t: Target, names: list[str]) -> bool:
         """Write the canaries of resources now complete in the target; False if the lease
-        they go on had ended (the target is then owed a resync)."""
+        they go on had ended, or the generation moved (the target is then owed a resync)."""
         for name in names:
             try:
                 lease = t.control.leases.take(1, t.pair.gen, t.pair.chain)
-                t.control.write_canary(RESOURCE_BY_NAME[name], lease)
+                written = t.control.write_canary(RESOURCE_BY_NAME[name], t.gen_rev, lease)
             except LeaseGoneError as exc:
                 t.owe(Cause.LEASE_EXPIRED, str(exc))
+                return False
+            if not written:
+                t.owe(Cause.GENERATION_MOVED, "the generation moved before a canary was written")
                 return False
             t.pair.canaried.add(name)
             log.info("%s→%s: %s synced (canary written)", self.source.name, t.name, name)

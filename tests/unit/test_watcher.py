@@ -14,7 +14,7 @@ import pytest
 from pipeline.clients.etcd import ModIs, Put
 from pipeline.protocol.errors import RetryableError
 from pipeline.protocol.fence import Decision, GenRecord
-from pipeline.protocol.layout import RESOURCE_BY_NAME
+from pipeline.protocol.layout import RESOURCE_BY_NAME, canary_key
 from pipeline.protocol.names import draining_key, gen_key, progress_key
 from pipeline.protocol.wire import Batch
 from pipeline.source import watcher as watcher_module
@@ -711,6 +711,88 @@ def test_a_read_that_hangs_holds_up_neither_the_loop_nor_the_other_target() -> N
     rig.watcher.tick()  # and the next reads them again
     assert reads["c"] == 2
     rig.source.put(NODE + b"after", b"{}")
+    rig.settle()
+    assert rig.cache("c") == rig.expected()
+
+
+def test_the_drain_check_leaves_out_a_target_owed_a_resync(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A target down as the watcher starts is owed a resync it cannot get yet, and is never
+    polled: the drain check leaves it out too (each call to it could hold the loop up for
+    a sync.etcd_timeout), and takes it up once it is synced again."""
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.mesh["c"].set_down(True)
+    rig.start()
+    rig.settle()
+    drained: list[str] = []
+    monkeypatch.setattr(
+        watcher_module, "drain_removed", lambda _client, name, *_a, **_k: drained.append(name)
+    )
+    rig.watcher._next_drain = 0.0
+    rig.watcher.tick()
+    assert "b" in drained and "c" not in drained
+    rig.mesh["c"].set_down(False)
+    rig.clock.advance(120.0)  # past the resync backoff
+    rig.settle()
+    assert rig.cache("c") == rig.expected()
+    drained.clear()
+    rig.watcher._next_drain = 0.0
+    rig.watcher.tick()
+    assert "b" in drained and "c" in drained
+
+
+def test_a_canary_goes_only_into_the_generation_whose_fences_said_so() -> None:
+    """The canary is written under a compare of the generation record: a target wiped, or
+    given another generation, since its fences were read does not get it."""
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    b = next(t for t in rig.watcher.targets if t.name == "b")
+    nodes = RESOURCE_BY_NAME["nodes"]
+    key = canary_key("a", nodes)
+    before = rig.mesh["b"].get(key)
+    assert before is not None
+    assert not b.control.write_canary(nodes, b.gen_rev - 1)
+    assert rig.mesh["b"].get(key) == before
+    assert b.control.write_canary(nodes, b.gen_rev)
+    after = rig.mesh["b"].get(key)
+    assert after is not None and after.mod_revision > before.mod_revision
+
+
+def test_a_read_taken_up_after_a_new_generation_is_dropped() -> None:
+    """A read that was under way when the target got a new generation (a resync) says
+    nothing of it: the poll that takes it up drops it, and the next one reads again."""
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    c = next(t for t in rig.watcher.targets if t.name == "c")
+    release = threading.Event()
+    original = c.control.read
+    stale: list[Any] = []
+
+    def read() -> Any:
+        records = original()  # the records as they were
+        if not stale:
+            stale.append(records)
+            release.wait(10)
+        return records
+
+    c.control.read = read  # type: ignore[method-assign]
+    rig.watcher.tick()  # begins the read, which stays under way
+    assert c.reading is not None
+    c.owe(Cause.REQUESTED, "a test")
+    rig.clock.advance(120.0)
+    rig.watcher.tick()  # the resync opens a new generation
+    assert c.need_resync is None and c.pair.gen != c.reading_gen
+    release.set()
+    eventually(lambda: c.reading is not None and c.reading.done(), what="the read over")
+    rig.watcher.tick()
+    assert c.reading is None and c.need_resync is None  # dropped: nothing owed for it
+    assert rig.resyncs("c", Cause.GENERATION_MOVED.value) == 0
     rig.settle()
     assert rig.cache("c") == rig.expected()
 
