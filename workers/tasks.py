@@ -104,6 +104,9 @@ class _PerProcess:
         self._urgent = False  # an outcome other than ROUTINE_OUTCOMES is among them
         self._sender: threading.Thread | None = None
         self.refusals = RefusalLines()
+        # when each target last failed to answer this process (monotonic): see unreachable
+        self._unreachable: dict[str, float] = {}
+        self.target_pause = settings.sync.etcd_timeout
 
     def _check_pid(self) -> None:
         """Start afresh in a process that is not the one that made this state (a fork's
@@ -123,6 +126,7 @@ class _PerProcess:
         self._unsent, self._due, self._urgent, self._sender = {}, None, False, None
         self._drops = []
         self._gens = {}
+        self._unreachable = {}
         self._broker = None
         self.refusals = RefusalLines()  # a fork copies no thread, and no holder of a lock
 
@@ -154,6 +158,24 @@ class _PerProcess:
         # and half the stall timeout (then the watcher resyncs)
         cap = min(s.broker.visibility_timeout / 4, s.sync.stall_timeout / 2)
         return gap_window(s.worker.gap_wait, self.store(target).txn_seconds, cap)
+
+    def unreachable(self, target: str, failed: bool | None = None) -> float:
+        """When *target* last failed to answer this process (0: not since it last did);
+        *failed* records that it did not answer now (True) or did (False). A target that
+        drops packets makes each call wait sync.etcd_timeout: for that long after such a
+        failure, a task gives its batches for the target back at once (see paused), and
+        until it answers again it comes after the task's other targets."""
+        self._check_pid()
+        if failed is True:
+            self._unreachable[target] = time.monotonic()
+        elif failed is False:
+            self._unreachable.pop(target, None)
+        return self._unreachable.get(target, 0.0)
+
+    def paused(self, target: str) -> bool:
+        """Whether *target* failed to answer within the last target_pause seconds."""
+        since = self.unreachable(target)
+        return bool(since) and time.monotonic() - since < self.target_pause
 
     def gens(self, target: str) -> dict[str, FenceView]:
         """Each source's generation as this process last saw it in *target*."""
@@ -448,7 +470,15 @@ def register_tasks(app: Any, settings: Settings) -> Any:
         give_up = time.monotonic() + min(
             MAX_WAIT_GAPS * max(waits.values()), settings.broker.visibility_timeout / 4
         )
-        for target, batches in by_target.items():
+        # a target that did not answer lately comes last, so that the others' batches land
+        # first, and for a while after it failed its batches go back without a call
+        for target in sorted(by_target, key=conns.unreachable):
+            batches = by_target[target]
+            if conns.paused(target):
+                outcomes[target]["retry_unavailable"] += 1
+                conns.metrics.failed(batches)
+                unavailable += batches
+                continue
             try:
                 waiting += apply_all(
                     conns.store(target),
@@ -461,9 +491,11 @@ def register_tasks(app: Any, settings: Settings) -> Any:
                     give_up,
                     gens=conns.gens(target),
                 )
+                conns.unreachable(target, failed=False)
             except _Unavailable as exc:
                 # the other targets of the task go on; this one's batches come back later
                 refused = isinstance(exc.cause, RefusedError)
+                conns.unreachable(target, failed=not refused)
                 log.log(
                     logging.ERROR if refused else logging.WARNING,
                     "%s→%s: %s; retrying %d batches",

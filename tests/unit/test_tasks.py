@@ -3,6 +3,7 @@ deletes when it ends, and which outcome counters go with that delete."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -321,6 +322,87 @@ def test_a_target_that_refuses_the_write_user_is_counted_apart(task: Any) -> Non
         task({"ref": REF})
     ((counts, drop),) = broker.calls
     assert drop == [REF] and counts == [(A, B, {"retry_refused": 1})]
+
+
+class CountedDownTarget(DownTarget):
+    """A DownTarget that notes, in *calls*, its name each time it is called."""
+
+    def __init__(self, name: str, calls: list[str], error: RetryableError | None = None) -> None:
+        super().__init__(error)
+        self.name, self.calls = name, calls
+
+    def __getattr__(self, attr: str) -> Any:
+        self.calls.append(self.name)
+        return super().__getattr__(attr)
+
+
+def test_a_target_that_did_not_answer_gets_no_call_for_a_while(task: Any) -> None:
+    """A target that dropped packets would make each task wait sync.etcd_timeout: for that
+    long after it failed, the tasks for it give their batches back without a call (and
+    count them as retry_unavailable); then the next task tries it again. One that refuses
+    (it answered) is not paused."""
+    broker = FakeBroker({REF: signed_text(task)})
+    use(task, broker)
+    calls: list[str] = []
+    task.conns._stores[B] = CountedDownTarget(B, calls)
+    for expected in (1, 1, 1):
+        with pytest.raises(Retry):
+            task({"ref": REF})
+        assert len(calls) == expected, calls
+    assert all(c == [(A, B, {"retry_unavailable": 1})] for c, _ in broker.calls)
+    task.conns.target_pause = 0.0  # the pause is over
+    with pytest.raises(Retry):
+        task({"ref": REF})
+    assert len(calls) == 2
+    refused = RefusedError("etcd b: txn failed: StatusCode.PERMISSION_DENIED", B)
+    task.conns._stores[B] = CountedDownTarget(B, calls, refused)
+    task.conns.unreachable(B, failed=False)  # it answers again, with a refusal
+    task.conns.target_pause = 60.0
+    for expected in (3, 4):
+        with pytest.raises(Retry):
+            task({"ref": REF})
+        assert len(calls) == expected, calls
+
+
+def test_a_target_that_did_not_answer_lately_comes_after_the_others() -> None:
+    """The batches of a task for a target that failed to answer lately (and is tried
+    again) go after those of its other targets, which then land without waiting for it."""
+    c = "cluster-c"
+    settings = settings_from_mapping(
+        {
+            "broker": {"url": "redis://127.0.0.1:9/0"},
+            "clusters": [
+                {"name": A, "id": 1, "endpoints": ["http://127.0.0.1:9"], "target": False},
+                {"name": B, "id": 2, "endpoints": ["http://127.0.0.1:9"], "source": False},
+                {"name": c, "id": 3, "endpoints": ["http://127.0.0.1:9"], "source": False},
+            ],
+        },
+        {"KVMESH_BROKER_SIGNING_KEYS": "k" * 40},
+    )
+    task = register_tasks(create_app(settings), settings)
+    task.signer = Signer(settings.signing)
+    broker = FakeBroker({})
+    use(task, broker)
+    calls: list[str] = []
+    task.conns._stores[B] = CountedDownTarget(B, calls)
+    task.conns._stores[c] = CountedDownTarget(c, calls)
+    task.conns.target_pause = 0.0
+    task.conns.unreachable(c, failed=True)  # c failed lately, b never did
+    batches = [
+        Batch(
+            A,
+            t,
+            "nodes-0",
+            1,
+            (1, 0),
+            (2, 0),
+            (Operation(Op.PUT, f"cilium/cache/nodes/v1/{A}/n1".encode(), b"v"),),
+        )
+        for t in (c, B)  # c's first in the task
+    ]
+    with pytest.raises(Retry):
+        task(json.loads(encode_task_json(batches, task.signer)))
+    assert calls and calls[0] == B and c in calls, calls
 
 
 def test_a_negative_retry_count_cannot_lose_a_retry(task: Any) -> None:
