@@ -34,6 +34,7 @@ from pipeline.protocol.errors import (
     PayloadGoneError,
     RefusedError,
     RetryableError,
+    TimedOutError,
     show_key,
 )
 from pipeline.protocol.fence import Decision, FenceRecord, decide
@@ -106,7 +107,9 @@ class _PerProcess:
         self.refusals = RefusalLines()
         # when each target last failed to answer this process (monotonic): see unreachable
         self._unreachable: dict[str, float] = {}
-        self.target_pause = settings.sync.etcd_timeout
+        # under the stall timeout: a batch handed back for a pause must come back before a
+        # successor waiting on it gives up and asks for a resync
+        self.target_pause = min(settings.sync.etcd_timeout, settings.sync.stall_timeout / 4)
 
     def _check_pid(self) -> None:
         """Start afresh in a process that is not the one that made this state (a fork's
@@ -160,11 +163,12 @@ class _PerProcess:
         return gap_window(s.worker.gap_wait, self.store(target).txn_seconds, cap)
 
     def unreachable(self, target: str, failed: bool | None = None) -> float:
-        """When *target* last failed to answer this process (0: not since it last did);
-        *failed* records that it did not answer now (True) or did (False). A target that
-        drops packets makes each call wait sync.etcd_timeout: for that long after such a
-        failure, a task gives its batches for the target back at once (see paused), and
-        until it answers again it comes after the task's other targets."""
+        """When a call to *target* last timed out in this process (0: not since it last
+        answered); *failed* records that one timed out now (True) or that the target
+        answered, even with an error (False). A target that drops packets makes each call
+        wait sync.etcd_timeout: for target_pause after such a timeout a task gives its
+        batches for the target back at once (see paused), and until it answers again it
+        comes after the task's other targets."""
         self._check_pid()
         if failed is True:
             self._unreachable[target] = time.monotonic()
@@ -172,10 +176,10 @@ class _PerProcess:
             self._unreachable.pop(target, None)
         return self._unreachable.get(target, 0.0)
 
-    def paused(self, target: str) -> bool:
-        """Whether *target* failed to answer within the last target_pause seconds."""
+    def paused(self, target: str) -> float:
+        """The seconds left of *target*'s pause (0: not paused)."""
         since = self.unreachable(target)
-        return bool(since) and time.monotonic() - since < self.target_pause
+        return max(0.0, since + self.target_pause - time.monotonic()) if since else 0.0
 
     def gens(self, target: str) -> dict[str, FenceView]:
         """Each source's generation as this process last saw it in *target*."""
@@ -470,14 +474,18 @@ def register_tasks(app: Any, settings: Settings) -> Any:
         give_up = time.monotonic() + min(
             MAX_WAIT_GAPS * max(waits.values()), settings.broker.visibility_timeout / 4
         )
-        # a target that did not answer lately comes last, so that the others' batches land
-        # first, and for a while after it failed its batches go back without a call
+        delay_unavailable = backoff(self.request.retries)
+        # a target whose calls timed out lately comes last, so that the others' batches land
+        # first, and for a while after such a timeout its batches go back without a call
         for target in sorted(by_target, key=conns.unreachable):
             batches = by_target[target]
-            if conns.paused(target):
-                outcomes[target]["retry_unavailable"] += 1
+            left = conns.paused(target)
+            if left:
+                outcomes[target]["retry_paused"] += 1
                 conns.metrics.failed(batches)
                 unavailable += batches
+                # back when the pause is over, not sooner: to this process, or another
+                delay_unavailable = max(delay_unavailable, left)
                 continue
             try:
                 waiting += apply_all(
@@ -495,21 +503,24 @@ def register_tasks(app: Any, settings: Settings) -> Any:
             except _Unavailable as exc:
                 # the other targets of the task go on; this one's batches come back later
                 refused = isinstance(exc.cause, RefusedError)
-                conns.unreachable(target, failed=not refused)
+                timed_out = isinstance(exc.cause, TimedOutError)
+                conns.unreachable(target, failed=timed_out)
                 log.log(
                     logging.ERROR if refused else logging.WARNING,
-                    "%s→%s: %s; retrying %d batches",
+                    "%s→%s: %s; retrying %d batches%s",
                     first.source,
                     target,
                     exc.cause,
                     len(exc.remaining),
+                    f"; no call to it from this process for {conns.target_pause:g}s"
+                    if timed_out
+                    else "",
                 )
                 outcomes[target]["retry_refused" if refused else "retry_unavailable"] += 1
                 conns.metrics.failed(exc.remaining)
                 unavailable += exc.remaining
         retry: list[Batch] = []
         delay = 0.0
-        delay_unavailable = backoff(self.request.retries)
         since_ms: int | None = task.gap_since_ms
         if waiting:
             now_ms = int(time.time() * 1000)

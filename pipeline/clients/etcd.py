@@ -34,6 +34,7 @@ from pipeline.protocol.errors import (
     RefusedError,
     RequestTooLargeError,
     RetryableError,
+    TimedOutError,
     WatchDeniedError,
     show_key,
 )
@@ -243,7 +244,9 @@ def _retryable(exc: BaseException, what: str, cluster: str) -> RetryableError:
         details = exc.details() if hasattr(exc, "details") else str(exc)
         if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in (details or ""):
             return CompactedError(0)
-        error = _refusal(code, details or "") or RetryableError
+        error = _refusal(code, details or "") or (
+            TimedOutError if code == grpc.StatusCode.DEADLINE_EXCEEDED else RetryableError
+        )
         return error(f"etcd {cluster}: {what} failed: {code}: {_said(details)}", cluster)
     return RetryableError(f"etcd {cluster}: {what} failed: {type(exc).__name__}: {exc}", cluster)
 

@@ -162,6 +162,12 @@ class PermissionDeniedError(RefusedError):
     """A RefusedError for a range the user's role may not read or write."""
 
 
+class TimedOutError(RetryableError):
+    """etcd did not answer within the call's deadline (DEADLINE_EXCEEDED): down, or cut off
+    with its packets dropped. Such a call held its caller for the whole sync.etcd_timeout,
+    where other failures come back at once."""
+
+
 class WatchDeniedError(RetryableError):
     """etcd cancelled a watch for lack of permission: a token that expired (a new one
     cures it) or a role that may not read the range (nothing kvmesh does cures it)."""

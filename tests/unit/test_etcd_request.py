@@ -115,7 +115,7 @@ def test_what_only_the_operator_can_cure_is_told_from_an_etcd_down() -> None:
     worker counts them as retry_refused); an etcd down, out of space or busy stays a plain
     retry."""
     from pipeline.clients.etcd import _retryable
-    from pipeline.protocol.errors import PermissionDeniedError, RefusedError
+    from pipeline.protocol.errors import PermissionDeniedError, RefusedError, TimedOutError
 
     def kind(code: grpc.StatusCode, details: str) -> type:
         return type(_retryable(_Refused(code, details), "txn", "b"))
@@ -139,6 +139,8 @@ def test_what_only_the_operator_can_cure_is_told_from_an_etcd_down() -> None:
         (invalid, "etcdserver: duplicate key given in txn request"),
     ):
         assert kind(code, details) is RetryableError, details
+    # a call that waited out its deadline: the worker pauses calls to that target a while
+    assert kind(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") is TimedOutError
 
 
 class _Refused(grpc.RpcError):

@@ -23,7 +23,7 @@ from pipeline.clients.celeryapp import (
     unbudget_refusal_lines,
 )
 from pipeline.config import settings_from_mapping
-from pipeline.protocol.errors import RefusedError, RetryableError
+from pipeline.protocol.errors import RefusedError, RetryableError, TimedOutError
 from pipeline.protocol.layout import Op
 from pipeline.protocol.names import payload_key
 from pipeline.protocol.wire import Batch, Operation, Signer, encode_task_json
@@ -336,32 +336,48 @@ class CountedDownTarget(DownTarget):
         return super().__getattr__(attr)
 
 
-def test_a_target_that_did_not_answer_gets_no_call_for_a_while(task: Any) -> None:
-    """A target that dropped packets would make each task wait sync.etcd_timeout: for that
-    long after it failed, the tasks for it give their batches back without a call (and
-    count them as retry_unavailable); then the next task tries it again. One that refuses
-    (it answered) is not paused."""
+def test_a_target_whose_call_timed_out_gets_no_call_for_a_while(
+    task: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A target that drops packets makes each call wait sync.etcd_timeout: for a while
+    after such a timeout (target_pause, under the stall timeout), the tasks for it give
+    their batches back without a call, counted as retry_paused and due back once the pause
+    is over; then the next task tries it again. A failure that came back at once (the
+    target answered, with an error) pauses nothing, and ends a pause."""
     broker = FakeBroker({REF: signed_text(task)})
     use(task, broker)
     calls: list[str] = []
-    task.conns._stores[B] = CountedDownTarget(B, calls)
-    for expected in (1, 1, 1):
+    timeout = TimedOutError("etcd b: txn failed: StatusCode.DEADLINE_EXCEEDED", B)
+    task.conns._stores[B] = CountedDownTarget(B, calls, timeout)
+    assert 0 < task.conns.target_pause <= task.conns._settings.sync.stall_timeout / 4
+    countdowns: list[float] = []
+
+    def retry(**kwargs: Any) -> Retry:
+        countdowns.append(kwargs["countdown"])
+        return Retry()
+
+    monkeypatch.setattr(task, "retry", retry)
+    for outcome in ("retry_unavailable", "retry_paused", "retry_paused"):
         with pytest.raises(Retry):
             task({"ref": REF})
-        assert len(calls) == expected, calls
-    assert all(c == [(A, B, {"retry_unavailable": 1})] for c, _ in broker.calls)
+        assert broker.calls[-1][0] == [(A, B, {outcome: 1})]
+    assert len(calls) == 1, calls
+    # a paused target's batches are due back once the pause is over, not sooner
+    assert countdowns[0] < 1.0 and countdowns[1] > 1.0, countdowns
+    assert all(c <= task.conns.target_pause for c in countdowns), countdowns
     task.conns.target_pause = 0.0  # the pause is over
     with pytest.raises(Retry):
         task({"ref": REF})
     assert len(calls) == 2
-    refused = RefusedError("etcd b: txn failed: StatusCode.PERMISSION_DENIED", B)
-    task.conns._stores[B] = CountedDownTarget(B, calls, refused)
-    task.conns.unreachable(B, failed=False)  # it answers again, with a refusal
-    task.conns.target_pause = 60.0
+    task.conns.target_pause = 60.0  # paused again, until a call comes back at once
+    fast = RetryableError("etcd b: txn failed: StatusCode.UNAVAILABLE: connection refused", B)
+    task.conns.unreachable(B, failed=False)
+    task.conns._stores[B] = CountedDownTarget(B, calls, fast)
     for expected in (3, 4):
         with pytest.raises(Retry):
             task({"ref": REF})
         assert len(calls) == expected, calls
+        assert broker.calls[-1][0] == [(A, B, {"retry_unavailable": 1})]
 
 
 def test_a_target_that_did_not_answer_lately_comes_after_the_others() -> None:
@@ -387,7 +403,7 @@ def test_a_target_that_did_not_answer_lately_comes_after_the_others() -> None:
     task.conns._stores[B] = CountedDownTarget(B, calls)
     task.conns._stores[c] = CountedDownTarget(c, calls)
     task.conns.target_pause = 0.0
-    task.conns.unreachable(c, failed=True)  # c failed lately, b never did
+    task.conns.unreachable(c, failed=True)  # a call to c timed out lately, to b never
     batches = [
         Batch(
             A,
