@@ -105,7 +105,7 @@ class _PerProcess:
         self._urgent = False  # an outcome other than ROUTINE_OUTCOMES is among them
         self._sender: threading.Thread | None = None
         self.refusals = RefusalLines()
-        # when each target last failed to answer this process (monotonic): see unreachable
+        # when a call of this process to each target last timed out (monotonic): unreachable
         self._unreachable: dict[str, float] = {}
         # under the stall timeout: a batch handed back for a pause must come back before a
         # successor waiting on it gives up and asks for a resync

@@ -1197,7 +1197,7 @@ class Watcher:
 
     def _read_records(self, now: float) -> list[tuple[Target, TargetRecords | Exception]]:
         """The records of each target due for a poll, or what reading them raised. The reads
-        go side by side on the process's poller threads, and the poll waits _POLL_WAIT at
+        go side by side on this watcher's poller threads, and the poll waits _POLL_WAIT at
         most for those it began: a target that drops packets, whose read lasts
         sync.etcd_timeout, holds up neither the other pairs' polls nor the loop (for longer
         than that, once). Its read is taken up by the first poll after it is over, unless
