@@ -105,8 +105,8 @@ class _PerProcess:
         self._urgent = False  # an outcome other than ROUTINE_OUTCOMES is among them
         self._sender: threading.Thread | None = None
         self.refusals = RefusalLines()
-        # when a call of this process to each target last timed out (monotonic): unreachable
-        self._unreachable: dict[str, float] = {}
+        # when a call of this process to each target last timed out (monotonic): timed_out_at
+        self._timed_out: dict[str, float] = {}
         # under the stall timeout: a batch handed back for a pause must come back before a
         # successor waiting on it gives up and asks for a resync
         self.target_pause = min(settings.sync.etcd_timeout, settings.sync.stall_timeout / 4)
@@ -129,7 +129,7 @@ class _PerProcess:
         self._unsent, self._due, self._urgent, self._sender = {}, None, False, None
         self._drops = []
         self._gens = {}
-        self._unreachable = {}
+        self._timed_out = {}
         self._broker = None
         self.refusals = RefusalLines()  # a fork copies no thread, and no holder of a lock
 
@@ -162,23 +162,26 @@ class _PerProcess:
         cap = min(s.broker.visibility_timeout / 4, s.sync.stall_timeout / 2)
         return gap_window(s.worker.gap_wait, self.store(target).txn_seconds, cap)
 
-    def unreachable(self, target: str, failed: bool | None = None) -> float:
-        """When a call to *target* last timed out in this process (0: not since it last
-        answered); *failed* records that one timed out now (True) or that the target
-        answered, even with an error (False). A target that drops packets makes each call
-        wait sync.etcd_timeout: for target_pause after such a timeout a task gives its
-        batches for the target back at once (see paused), and until it answers again it
-        comes after the task's other targets."""
+    def timed_out_at(self, target: str) -> float:
+        """When a call of this process to *target* last timed out (monotonic; 0: not since
+        it last answered). A target that drops packets makes each call wait
+        sync.etcd_timeout: for target_pause after such a timeout a task gives its batches
+        for the target back at once (see paused), and until it answers again it comes
+        after the task's other targets."""
         self._check_pid()
-        if failed is True:
-            self._unreachable[target] = time.monotonic()
-        elif failed is False:
-            self._unreachable.pop(target, None)
-        return self._unreachable.get(target, 0.0)
+        return self._timed_out.get(target, 0.0)
+
+    def timed_out(self, target: str, now: bool) -> None:
+        """A call to *target* timed out (*now* True), or it answered, even with an error."""
+        self._check_pid()
+        if now:
+            self._timed_out[target] = time.monotonic()
+        else:
+            self._timed_out.pop(target, None)
 
     def paused(self, target: str) -> float:
         """The seconds left of *target*'s pause (0: not paused)."""
-        since = self.unreachable(target)
+        since = self.timed_out_at(target)
         return max(0.0, since + self.target_pause - time.monotonic()) if since else 0.0
 
     def gens(self, target: str) -> dict[str, FenceView]:
@@ -477,7 +480,7 @@ def register_tasks(app: Any, settings: Settings) -> Any:
         delay_unavailable = backoff(self.request.retries)
         # a target whose calls timed out lately comes last, so that the others' batches land
         # first, and for a while after such a timeout its batches go back without a call
-        for target in sorted(by_target, key=conns.unreachable):
+        for target in sorted(by_target, key=conns.timed_out_at):
             batches = by_target[target]
             left = conns.paused(target)
             if left:
@@ -499,12 +502,12 @@ def register_tasks(app: Any, settings: Settings) -> Any:
                     give_up,
                     gens=conns.gens(target),
                 )
-                conns.unreachable(target, failed=False)
+                conns.timed_out(target, now=False)
             except _Unavailable as exc:
                 # the other targets of the task go on; this one's batches come back later
                 refused = isinstance(exc.cause, RefusedError)
                 timed_out = isinstance(exc.cause, TimedOutError)
-                conns.unreachable(target, failed=timed_out)
+                conns.timed_out(target, now=timed_out)
                 log.log(
                     logging.ERROR if refused else logging.WARNING,
                     "%s→%s: %s; retrying %d batches%s",

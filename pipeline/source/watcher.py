@@ -15,6 +15,7 @@ target's current generation. One thread (run()) owns all of its state.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -1330,38 +1331,39 @@ class Watcher:
                     self._drain_clients[c.name] = self._etcd(c, self.sync.etcd_timeout, WRITE)
                 clients[c.name] = self._drain_clients[c.name]
         verdicts: dict[str, bool | None] = {}  # one look at each source's lease a check
-
-        def watched(source: str) -> bool | None:
-            if source not in verdicts:
-                verdicts[source] = busy = self._watched(source)
-                if busy is False:
-                    self._drain_waits_said.discard(source)
-                elif source not in self._drain_waits_said:
-                    self._drain_waits_said.add(source)
-                    log.warning(
-                        "source %s is not in this watcher's config, but a watcher may still "
-                        "be syncing it (%s): it is not drained while that lasts. Do all kvmesh "
-                        "watch processes run the same config?",
-                        source,
-                        "Redis gave no answer" if busy is None else "its lease has a value",
-                    )
-            return verdicts[source]
-
         for name, client in clients.items():
-
-            def counted(source: str, target: str = name) -> bool | None:
-                busy = watched(source)
-                if busy is not False:
-                    self.metrics.drain_waits.labels(source, target).inc()
-                return busy
-
+            watched = functools.partial(self._drain_waits, verdicts, name)
             try:
-                drain_removed(client, name, configured, self.sync.drain_grace, watched=counted)
+                drain_removed(client, name, configured, self.sync.drain_grace, watched=watched)
             except RetryableError as exc:
                 log.warning("%s: drain check failed: %s", name, exc)
             except Exception:
                 log.exception("%s: drain check failed", name)
                 self.metrics.errors.labels(self.source.name, "drain").inc()
+
+    def _drain_waits(
+        self, verdicts: dict[str, bool | None], target: str, source: str
+    ) -> bool | None:
+        """Whether a watcher may be syncing *source*, which *target* caches and this
+        watcher's config lacks (the drain leaves it alone unless False): one look at its
+        lease per drain check (*verdicts*), the first wait logged, each counted."""
+        if source not in verdicts:
+            verdicts[source] = busy = self._watched(source)
+            if busy is False:
+                self._drain_waits_said.discard(source)
+            elif source not in self._drain_waits_said:
+                self._drain_waits_said.add(source)
+                log.warning(
+                    "source %s is not in this watcher's config, but a watcher may still be "
+                    "syncing it (%s): it is not drained while that lasts. Do all kvmesh watch "
+                    "processes run the same config?",
+                    source,
+                    "Redis gave no answer" if busy is None else "its lease has a value",
+                )
+        busy = verdicts[source]
+        if busy is not False:
+            self.metrics.drain_waits.labels(source, target).inc()
+        return busy
 
     # -- generations -------------------------------------------------------------------------
 

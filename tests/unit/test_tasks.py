@@ -71,14 +71,19 @@ class DownTarget:
         return down
 
 
-def pair_settings(**extra: Any) -> Any:
-    """A → B, with a signing key, and whatever sections *extra* adds."""
+def pair_settings(*more_targets: str, **extra: Any) -> Any:
+    """A → B (and → each of *more_targets*), with a signing key, and whatever sections
+    *extra* adds."""
+    targets = [
+        {"name": t, "id": i, "endpoints": ["http://127.0.0.1:9"], "source": False}
+        for i, t in enumerate((B, *more_targets), start=2)
+    ]
     return settings_from_mapping(
         {
             "broker": {"url": "redis://127.0.0.1:9/0"},
             "clusters": [
                 {"name": A, "id": 1, "endpoints": ["http://127.0.0.1:9"], "target": False},
-                {"name": B, "id": 2, "endpoints": ["http://127.0.0.1:9"], "source": False},
+                *targets,
             ],
             **extra,
         },
@@ -86,12 +91,16 @@ def pair_settings(**extra: Any) -> Any:
     )
 
 
-@pytest.fixture
-def task() -> Any:
-    settings = pair_settings()
+def apply_task(settings: Any) -> Any:
+    """The apply task of a worker with *settings*, signing as its watchers do."""
     t = register_tasks(create_app(settings), settings)
     t.signer = Signer(settings.signing)
     return t
+
+
+@pytest.fixture
+def task() -> Any:
+    return apply_task(pair_settings())
 
 
 def use(task: Any, broker: FakeBroker) -> None:
@@ -371,7 +380,7 @@ def test_a_target_whose_call_timed_out_gets_no_call_for_a_while(
     assert len(calls) == 2
     task.conns.target_pause = 60.0  # paused again, until a call comes back at once
     fast = RetryableError("etcd b: txn failed: StatusCode.UNAVAILABLE: connection refused", B)
-    task.conns.unreachable(B, failed=False)
+    task.conns.timed_out(B, now=False)
     task.conns._stores[B] = CountedDownTarget(B, calls, fast)
     for expected in (3, 4):
         with pytest.raises(Retry):
@@ -384,26 +393,14 @@ def test_a_target_that_did_not_answer_lately_comes_after_the_others() -> None:
     """The batches of a task for a target that failed to answer lately (and is tried
     again) go after those of its other targets, which then land without waiting for it."""
     c = "cluster-c"
-    settings = settings_from_mapping(
-        {
-            "broker": {"url": "redis://127.0.0.1:9/0"},
-            "clusters": [
-                {"name": A, "id": 1, "endpoints": ["http://127.0.0.1:9"], "target": False},
-                {"name": B, "id": 2, "endpoints": ["http://127.0.0.1:9"], "source": False},
-                {"name": c, "id": 3, "endpoints": ["http://127.0.0.1:9"], "source": False},
-            ],
-        },
-        {"KVMESH_BROKER_SIGNING_KEYS": "k" * 40},
-    )
-    task = register_tasks(create_app(settings), settings)
-    task.signer = Signer(settings.signing)
+    task = apply_task(pair_settings(c))
     broker = FakeBroker({})
     use(task, broker)
     calls: list[str] = []
     task.conns._stores[B] = CountedDownTarget(B, calls)
     task.conns._stores[c] = CountedDownTarget(c, calls)
     task.conns.target_pause = 0.0
-    task.conns.unreachable(c, failed=True)  # a call to c timed out lately, to b never
+    task.conns.timed_out(c, now=True)  # a call to c timed out lately, to b never
     batches = [
         Batch(
             A,

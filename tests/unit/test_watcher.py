@@ -715,6 +715,16 @@ def test_a_read_that_hangs_holds_up_neither_the_loop_nor_the_other_target() -> N
     assert rig.cache("c") == rig.expected()
 
 
+def drain_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The targets the watcher's drain checks look at from now on, in order (nothing is
+    drained)."""
+    drained: list[str] = []
+    monkeypatch.setattr(
+        watcher_module, "drain_removed", lambda _client, name, *_a, **_k: drained.append(name)
+    )
+    return drained
+
+
 def test_the_drain_check_leaves_out_a_target_owed_a_resync(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -726,10 +736,7 @@ def test_the_drain_check_leaves_out_a_target_owed_a_resync(
     rig.mesh["c"].set_down(True)
     rig.start()
     rig.settle()
-    drained: list[str] = []
-    monkeypatch.setattr(
-        watcher_module, "drain_removed", lambda _client, name, *_a, **_k: drained.append(name)
-    )
+    drained = drain_checks(monkeypatch)
     rig.watcher._next_drain = 0.0
     rig.watcher.tick()
     assert "b" in drained and "c" not in drained
@@ -842,10 +849,7 @@ def test_a_target_whose_poll_fails_is_polled_ever_less_often_until_it_answers(
     for (_, ended), (began, _), waited in zip(spans, spans[1:], (16, 30, 30), strict=False):
         assert began - ended >= waited, spans
     c.read = failing  # type: ignore[method-assign]
-    drained: list[str] = []
-    monkeypatch.setattr(
-        watcher_module, "drain_removed", lambda _client, name, *_a, **_k: drained.append(name)
-    )
+    drained = drain_checks(monkeypatch)
     rig.watcher._next_drain = 0.0  # a drain check at the next poll
     rig.tick()
     assert "b" in drained and "c" not in drained
