@@ -172,6 +172,7 @@ class MemoryEtcd:
         self.name = self.space.name
         self.read_only = read_only
         self.writes = 0  # transactions with a write that this client committed
+        self.lease_looks = 0  # lease_keys calls on this client
         # prefixes this client's role may not read: reads refused, watches cancelled
         self.unreadable: tuple[bytes, ...] = ()
 
@@ -367,11 +368,12 @@ class MemoryEtcd:
             if (v := self.space.current(k)) is not None and v.lease == lease_id
         ]
 
-    def lease_keys(self, lease_id: int) -> int | None:
+    def lease_keys(self, lease_id: int) -> list[bytes] | None:
         self._check()
+        self.lease_looks += 1
         if lease_id not in self.space.leases:
             return None
-        return len(self._on_lease(lease_id))
+        return self._on_lease(lease_id)
 
     def revoke_lease(self, lease_id: int) -> None:
         """The lease goes, and every key on it (as when it expires)."""

@@ -353,7 +353,7 @@ class EtcdClient(Protocol):
 
     def keepalive(self, lease_id: int) -> int: ...
 
-    def lease_keys(self, lease_id: int) -> int | None: ...
+    def lease_keys(self, lease_id: int) -> list[bytes] | None: ...
 
     def revoke_lease(self, lease_id: int) -> None: ...
 
@@ -685,10 +685,10 @@ class Etcd:
         replies = self._call("lease keepalive", lambda: list(self._client.refresh_lease(lease_id)))
         return max(0, int(replies[-1].TTL)) if replies else 0
 
-    def lease_keys(self, lease_id: int) -> int | None:
-        """How many keys a lease holds; None if the lease is gone."""
+    def lease_keys(self, lease_id: int) -> list[bytes] | None:
+        """The keys a lease holds; None if the lease is gone."""
         info = self._call("lease info", lambda: self._client.get_lease_info(lease_id))
-        return None if int(info.TTL) <= 0 else len(info.keys)
+        return None if int(info.TTL) <= 0 else [bytes(k) for k in info.keys]
 
     def revoke_lease(self, lease_id: int) -> None:
         self._call("lease revoke", lambda: self._client.revoke_lease(lease_id))

@@ -1,5 +1,5 @@
 """Leases on cached keys (sync.cache_lease_ttl > 0), as Cilium's KVStoreMesh keeps them: every
-key a worker puts sits on an etcd lease of the target, at most MAX_KEYS_PER_LEASE puts to a
+key a worker puts sits on an etcd lease of the target, at most MAX_KEYS_PER_LEASE keys to a
 lease, and the active watcher keeps them alive. If kvmesh goes away for good, the caches it
 wrote expire after the TTL, as KVStoreMesh's do.
 
@@ -8,11 +8,20 @@ watcher, in this process or another, keeps alive the leases the last one granted
 cache_lease_ttl back at 0 it still keeps them alive until a resync has moved every key off
 them. A lease found gone took its keys with it: the target is owed a resync onto a new one.
 
-A lease that is no longer the current one is revoked once no key sits on it and no batch
-stamped with it can still land: every shard's fence has passed, done, the chain as it was
-when the lease was retired (or the generation moved on, which makes older batches obsolete).
-Without that second condition a batch still queued could land between the look and the
-revoke, and the revoke would delete its keys behind a fence that had already moved.
+The watcher knows which lease each cached key sits on (`where`) and counts the keys of each
+lease, so that the number of leases follows the number of keys, not the number of writes.
+A batch's puts all go on one lease: a key written again moves to it, and the lease it left
+has room again. When the current lease is full, the next puts go on the emptiest lease with
+at least half its room free, and only if there is none on a new one. The map is filled when
+the records are loaded (each lease's keys, from etcd) and again from the target's listing at
+each resync, so it follows the target even where batches never landed.
+
+A lease that holds no key and is not the current one is retired, and revoked once no batch
+that touched it can still land: every shard's fence has passed, done, the chain as it was
+when the lease emptied (or the generation moved on, which makes older batches obsolete), and
+etcd confirms it holds no key. Without the first condition a batch still queued could land
+between the look and the revoke, and the revoke would delete its keys behind a fence that
+had already moved. A retired lease takes no new key.
 
 Keepalives run on a thread of their own (Watcher._keep_leases), so a long resync, a source
 that cannot be reached, or a blocked main loop never lets the caches expire.
@@ -23,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pipeline.clients.etcd import Delete, EtcdClient, Put
 from pipeline.protocol.errors import LeaseGoneError, RetryableError
@@ -54,15 +63,21 @@ class TargetLeases:
         self.etcd, self.source, self.ttl = etcd, source, ttl
         self._lock = threading.Lock()
         self.known: set[int] = set()  # recorded and, when last looked at, alive
-        self.retired: dict[int, Retired] = {}  # known leases new puts no longer go on
+        self.retired: dict[int, Retired] = {}  # known leases that hold no key: to revoke
+        self.where: dict[bytes, int] = {}  # cached key -> the known lease it sits on
+        self.count: dict[int, int] = {}  # known lease -> keys of `where` on it
         self.current = 0  # the lease new puts go on
-        self.assigned = 0  # puts sent on the current lease
         self.loaded = False  # the records were read in this process
         self.lost = threading.Event()  # a lease was found gone: the target needs a resync
 
     @property
     def enabled(self) -> bool:
         return self.ttl > 0
+
+    @property
+    def tracking(self) -> bool:
+        """Whether batches must be looked at: leases are on, or some are left to empty."""
+        return self.enabled or bool(self.known)
 
     def mine(self, lease: int) -> bool:
         """Whether a key on *lease* is where this watcher wants it: on one of its current
@@ -73,19 +88,21 @@ class TargetLeases:
             return lease in self.known if self.enabled else lease == 0
 
     def load(self) -> bool:
-        """Read the recorded leases and keep those alive. Returns False if the target needs
-        a resync: a recorded lease was gone (its keys with it), keys sit on leases while
-        leases are off, or leases are on and the synced target has none yet."""
+        """Read the recorded leases and keep those alive, and which keys each holds. Returns
+        False if the target needs a resync: a recorded lease was gone (its keys with it),
+        keys sit on leases while leases are off, or leases are on and the synced target has
+        none yet."""
         prefix = lease_prefix(self.source)
-        found: set[int] = set()
+        found: dict[int, list[bytes]] = {}
         intact = True
         for key in self.etcd.keys(prefix):
             lease = parse_lease_id(key[len(prefix) :])
             if lease is None:
                 self.etcd.delete(key)  # not a record kvmesh wrote
                 continue
-            if self.etcd.keepalive(lease) > 0:
-                found.add(lease)
+            keys = self.etcd.lease_keys(lease) if self.etcd.keepalive(lease) > 0 else None
+            if keys is not None:
+                found[lease] = keys
             else:
                 log.warning("%s→%s: lease %x had ended", self.source, self.etcd.name, lease)
                 self.etcd.delete(key)
@@ -95,32 +112,105 @@ class TargetLeases:
         if self.enabled and not found and self.etcd.get(gen_key(self.source)) is not None:
             intact = False  # synced without leases before: put every key on one
         with self._lock:
-            self.known = found
-            self.retired = dict.fromkeys(found)
-            self.current, self.assigned = 0, 0
+            self.known = set(found)
+            self.where = {k: lease for lease, keys in found.items() for k in keys}
+            self.count = {lease: len(keys) for lease, keys in found.items()}
+            # an empty one of an earlier term: batches of that term may still land on it,
+            # and would then ask for a resync (LeaseGoneError), as they do for one expired
+            self.retired = {lease: None for lease, keys in found.items() if not keys}
+            self.current = 0
             self.loaded = True
         if not intact:
             self.lost.set()  # the watcher resyncs this target
         return intact
 
-    def take(self, puts: int, gen: int, chain: dict[str, Position]) -> int:
-        """The lease for a batch of *puts* puts (0 without leases): the current one, or a new
-        one once the current would pass MAX_KEYS_PER_LEASE. *gen* and *chain* are the pair's
-        generation and chain now, recorded with the lease this one replaces."""
-        if not self.enabled:
-            return 0
+    def take(
+        self, puts: Sequence[bytes], deletes: Sequence[bytes], gen: int, chain: dict[str, Position]
+    ) -> int:
+        """The lease a batch's *puts* go on (0 without leases): the current one, or, once it
+        would pass MAX_KEYS_PER_LEASE keys, the emptiest with half its room free, or a new
+        one. Notes where the batch leaves each key. *gen* and *chain* are the pair's
+        generation and chain with the batch in it: a lease it empties is retired with them."""
         with self._lock:
-            if self.current and self.assigned + puts <= MAX_KEYS_PER_LEASE:
-                self.assigned += puts
-                return self.current
-        lease = self.etcd.grant_lease(self.ttl)
-        self.etcd.txn([], [Put(lease_key(self.source, lease), b"")])
+            for key in deletes:
+                self._retire(self._move(key, 0), gen, chain)
+            lease = self._room(puts) if self.enabled and puts else 0
+        if self.enabled and puts and not lease:
+            lease = self.etcd.grant_lease(self.ttl)
+            self.etcd.txn([], [Put(lease_key(self.source, lease), b"")])
+            with self._lock:
+                self.known.add(lease)
+                self.count[lease] = 0
         with self._lock:
-            if self.current:
-                self.retired[self.current] = (gen, dict(chain))
-            self.known.add(lease)
-            self.current, self.assigned = lease, puts
+            if lease and lease != self.current:
+                old, self.current = self.current, lease
+                self._retire(old if self.count.get(old) == 0 else 0, gen, chain)
+            for key in puts:
+                self._retire(self._move(key, lease), gen, chain)
         return lease
+
+    def _room(self, puts: Sequence[bytes]) -> int:
+        """A known lease the keys of *puts* fit on, or 0 (with the lock held)."""
+        current = self.current
+        if current in self.count:
+            where = self.where
+            fresh = sum(1 for k in puts if where.get(k) != current)
+            if self.count[current] + fresh <= MAX_KEYS_PER_LEASE:
+                return current
+        roomy = [
+            (n, lease)
+            for lease, n in self.count.items()
+            if lease != current
+            and lease not in self.retired
+            and n + len(puts) <= MAX_KEYS_PER_LEASE // 2
+        ]
+        return min(roomy)[1] if roomy else 0
+
+    def _move(self, key: bytes, lease: int) -> int:
+        """*key* now sits on *lease* (0: none, or deleted), with the lock held. Returns the
+        lease it left if that one now holds no key and is not the current one, else 0."""
+        old = self.where.pop(key, 0) if lease == 0 else self.where.get(key, 0)
+        if old == lease:
+            return 0
+        if lease in self.count:
+            self.where[key] = lease
+            self.count[lease] += 1
+        elif lease:  # forgotten meanwhile (found gone): the resync it is owed places the key
+            self.where.pop(key, None)
+        if old in self.count:
+            self.count[old] -= 1
+            if not self.count[old] and old != self.current:
+                return old
+        return 0
+
+    def _retire(self, lease: int, gen: int, chain: dict[str, Position]) -> None:
+        """*lease* (if not 0) emptied with the batches up to *chain*: no new key goes on
+        it, and it is revoked once they landed (with the lock held)."""
+        if lease:
+            self.retired[lease] = (gen, dict(chain))
+
+    def relist(self) -> None:
+        """A resync lists the target: the map is filled again from it (`note`), and
+        `settle` then retires the leases it found empty."""
+        with self._lock:
+            self.where = {}
+            self.count = dict.fromkeys(self.known, 0)
+
+    def note(self, key: bytes, lease: int) -> None:
+        """The target's listing found *key* on *lease*."""
+        with self._lock:
+            if lease in self.count:
+                self.where[key] = lease
+                self.count[lease] += 1
+                self.retired.pop(lease, None)
+
+    def settle(self, gen: int, chain: dict[str, Position]) -> None:
+        """After a resync's listing (and its batches, in *chain*): a known lease that holds
+        no key is retired."""
+        with self._lock:
+            for lease, n in self.count.items():
+                if not n and lease != self.current and lease not in self.retired:
+                    self._retire(lease, gen, chain)
 
     def keep_alive(self) -> None:
         """Refresh every known lease (the keepalive thread). One found gone sets `lost`."""
@@ -140,9 +230,12 @@ class TargetLeases:
         if current and self.etcd.keepalive(current) <= 0:
             self.forget(current)
 
-    def collect(self, landed: Landed) -> None:
-        """Revoke retired leases no key sits on, once every batch stamped with them has
-        landed or can no longer land (*landed*(gen, chain) says, from the fences)."""
+    def collect(self, landed: Landed, gen: int, chain: dict[str, Position]) -> None:
+        """Revoke retired leases once every batch that touched them has landed or can no
+        longer land (*landed*(gen, chain) says, from the fences), and etcd says they hold
+        no key. Keys etcd finds on one that the map does not know of are noted there (it is
+        no longer retired); keys the map has elsewhere are on their way off, and the lease
+        waits for the batches up to *gen* and *chain*, the pair's now, before another look."""
         with self._lock:
             retired = list(self.retired.items())
         for lease, when in retired:
@@ -153,8 +246,19 @@ class TargetLeases:
                 self.lost.set()
                 self.forget(lease)
                 continue
-            if keys:
-                continue
+            with self._lock:
+                if lease not in self.retired or lease not in self.count:
+                    continue  # a resync's listing found keys on it meanwhile, or it went
+                if keys:
+                    for key in keys:
+                        if key not in self.where:
+                            self.where[key] = lease
+                            self.count[lease] += 1
+                    if self.count[lease]:
+                        del self.retired[lease]
+                    else:
+                        self._retire(lease, gen, chain)
+                    continue
             # gone already, if another watcher of an overlapping term revoked it
             with contextlib.suppress(LeaseGoneError):
                 self.etcd.revoke_lease(lease)
@@ -164,8 +268,9 @@ class TargetLeases:
         with self._lock:
             self.known.discard(lease)
             self.retired.pop(lease, None)
+            self.count.pop(lease, None)
             if lease == self.current:
-                self.current, self.assigned = 0, 0
+                self.current = 0
         try:
             self.etcd.txn([], [Delete(lease_key(self.source, lease))])
         except RetryableError as exc:  # the next load finds it gone and deletes it then

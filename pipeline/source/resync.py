@@ -68,9 +68,12 @@ def _cache(snapshot: Snapshot, res: Resource) -> Iterator[tuple[bytes, bytes | N
     snapshot is marked failed and its remaining differences are not published). A key on
     a lease that is not the watcher's comes without its value: it differs whatever it
     holds, so it is written again where it belongs."""
-    mine = snapshot.control.leases.mine
+    leases = snapshot.control.leases
+    mine, note = leases.mine, leases.note if leases.tracking else None
     try:
         for kv in snapshot.control.cache(res):
+            if note and kv.lease:
+                note(kv.key, kv.lease)
             yield kv.key, kv.value if mine(kv.lease) else None
     except RetryableError as exc:
         snapshot.fail(f"listing the target failed: {exc}")

@@ -46,6 +46,7 @@ from pipeline.protocol.layout import (
     RESOURCES,
     Op,
     Resource,
+    canary_key,
     parse_cluster_config,
     parse_shard,
     source_caps,
@@ -1039,12 +1040,15 @@ class Watcher:
     def _on_leases(self, t: Target, batches: list[Batch]) -> list[Batch]:
         """Put each batch's keys on the target's current lease (sync.cache_lease_ttl)."""
         leases = t.control.leases
-        if not leases.enabled:
+        if not leases.tracking:
             return batches
         out = []
+        gen, chain = t.pair.gen, t.pair.chain
         for b in batches:
-            puts = sum(1 for o in b.ops if o.op is Op.PUT)
-            out.append(replace(b, lease=leases.take(puts, t.pair.gen, t.pair.chain)) if puts else b)
+            puts = [o.key for o in b.ops if o.op is Op.PUT]
+            deletes = [o.key for o in b.ops if o.op is not Op.PUT]
+            lease = leases.take(puts, deletes, gen, chain)
+            out.append(replace(b, lease=lease) if lease else b)
         return out
 
     def _send(self, out: list[tuple[Target, Batch]], budget: int | None = None) -> None:
@@ -1255,7 +1259,7 @@ class Watcher:
                 self._synced_term.add(t.name)
                 if len(self._synced_term) == len(self.targets):
                     self.metrics.bootstrap.labels(src).set(self.clock() - self._term_started)
-        t.control.leases.collect(self._landed(t, found.fences))
+        t.control.leases.collect(self._landed(t, found.fences), t.pair.gen, t.pair.chain)
         through = applied_through(
             self.feed.delivered_through(),
             [self.buffer.min_position(), t.outbox.min_position()],
@@ -1470,6 +1474,7 @@ class Watcher:
                 log.warning("%s→%s: cannot start a resync: %s", src, t.name, exc)
                 t.need_resync = reason
                 continue
+            t.control.leases.relist()  # filled again from the target's listing
             t.need_resync = reason  # set until the whole snapshot is published
             t.pair.chain = {s: (rev, 0) for s in self.shards}
             t.skip = {s: (rev, END) for s in self.shards}
@@ -1531,6 +1536,7 @@ class Watcher:
                 log.warning("%s→%s: resync failed: %s", src, t.name, exc)
                 continue
             t.pair.chain.update(last)
+            t.control.leases.settle(t.pair.gen, t.pair.chain)
             t.need_resync = None
             cutter = snap.cutter
             self.metrics.resyncs.labels(src, t.name, reason.value).inc()
@@ -1612,7 +1618,8 @@ class Watcher:
         they go on had ended, or the generation moved (the target is then owed a resync)."""
         for name in names:
             try:
-                lease = t.control.leases.take(1, t.pair.gen, t.pair.chain)
+                key = canary_key(self.source.name, RESOURCE_BY_NAME[name])
+                lease = t.control.leases.take([key], [], t.pair.gen, t.pair.chain)
                 written = t.control.write_canary(RESOURCE_BY_NAME[name], t.gen_rev, lease)
             except LeaseGoneError as exc:
                 t.owe(Cause.LEASE_EXPIRED, str(exc))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pipeline.clients.etcd import Put
+from pipeline.clients.etcd import Delete, Put
 from pipeline.protocol.fence import Decision
 from pipeline.protocol.names import lease_prefix
 from pipeline.source.leases import MAX_KEYS_PER_LEASE
@@ -194,3 +194,123 @@ def test_a_lease_record_that_is_not_kvmeshs_is_dropped() -> None:
     known = rig.watcher.targets[0].control.leases.known
     assert {k[len(lease_prefix("a")) :] for k in keys} == {f"{lease:x}".encode() for lease in known}
     assert rig.cache("b") == rig.expected()
+
+
+def assert_map_matches(rig: Rig, name: str) -> None:
+    """The watcher's map of keys to leases is the target's: every key on one of its leases
+    is where the map says, and each lease's count is what the target holds on it."""
+    leases = rig.watcher.targets[rig.targets.index(name)].control.leases
+    _, kvs = rig.mesh[name].scan(b"")
+    on_known = {kv.key: kv.lease for kv in kvs if kv.lease in leases.known}
+    assert on_known == {k: v for k, v in leases.where.items() if k in on_known}
+    assert set(leases.where) == set(on_known)
+    assert {k: n for k, n in leases.count.items() if n} == dict(Counter(on_known.values()))
+    assert max(leases.count.values(), default=0) <= MAX_KEYS_PER_LEASE
+
+
+def test_keys_written_again_and_again_need_no_more_leases() -> None:
+    """Writes that keep coming to the same keys (nodes, services), with a key now and then
+    that stays (an identity), need as many leases as there are keys: one per 1,000 puts
+    would leave each lease held by the few keys that stayed, for ever."""
+    rig = Rig(cache_lease_ttl=TTL)
+    fill(rig, 10)
+    rig.start()
+    rig.settle()
+    for round_ in range(12):
+        for start in range(0, 900, 120):
+            rig.source.txn(
+                [],
+                [
+                    Put(NODE + b"node-%d" % i, b'{"round":%d}' % round_)
+                    for i in range(start, min(900, start + 120))
+                ],
+            )
+        rig.source.put(IDENTITY + str((1 << 16) + 30000 + round_).encode(), b"k8s:app=stays")
+        rig.settle()
+        rig.tick()  # the fence poll collects what emptied
+    for name in rig.targets:
+        assert rig.cache(name) == rig.expected()
+        leases = rig.watcher.targets[rig.targets.index(name)].control.leases
+        assert len(leases.known) == 1  # 927 keys
+        assert set(leases_of(rig.mesh[name])) <= leases.known
+        assert_map_matches(rig, name)
+
+
+def test_deleted_keys_leave_room_that_new_keys_take() -> None:
+    """Keys deleted from a full lease make room: once the current lease is full, new keys
+    go on the emptiest lease with half its room free before a new one is granted."""
+    rig = Rig(cache_lease_ttl=TTL)
+    fill(rig, 2400)  # two full leases and one of about 400 keys
+    rig.start()
+    rig.settle()
+    leases = rig.watcher.targets[0].control.leases  # target b
+    before = set(leases.known)
+    assert len(before) == 3
+    for start in range(0, 840, 120):  # most of the first lease's keys
+        rig.source.txn(
+            [], [Delete(IDENTITY + str((1 << 16) + i).encode()) for i in range(start, start + 120)]
+        )
+    rig.settle()
+    for start in range(0, 840, 120):  # more than the current lease has room for
+        rig.source.txn(
+            [],
+            [
+                Put(IDENTITY + str((1 << 16) + 30000 + i).encode(), b"k8s:app=new")
+                for i in range(start, start + 120)
+            ],
+        )
+        rig.settle()
+    assert rig.cache("b") == rig.expected()
+    assert leases.known == before  # no lease granted: the deletes made room
+    assert_map_matches(rig, "b")
+
+
+def test_a_lease_that_holds_keys_is_not_looked_up_at_every_poll() -> None:
+    rig = Rig(cache_lease_ttl=TTL)
+    fill(rig, 2500)
+    rig.start()
+    rig.settle()
+    for _ in range(5):
+        rig.source.put(NODE + b"node-0", b"{}")
+        rig.settle()
+        rig.tick()
+    leases = rig.watcher.targets[0].control.leases
+    assert isinstance(leases.etcd, MemoryEtcd)  # the watcher's own client of target b
+    looks = leases.etcd.lease_looks
+    for _ in range(5):
+        rig.tick()
+    assert leases.etcd.lease_looks == looks
+    assert len(leases.known) == 3
+    assert_map_matches(rig, "b")
+
+
+def test_the_next_watcher_and_a_resync_know_which_keys_each_lease_holds() -> None:
+    rig = Rig(cache_lease_ttl=TTL)
+    fill(rig, 1500)
+    rig.start()
+    rig.settle()
+    rig.watcher = rig.new_watcher()  # a restart: the map comes from the leases' keys
+    rig.start()
+    rig.settle()
+    for name in rig.targets:
+        assert rig.resyncs(name) == 0
+        assert_map_matches(rig, name)
+    # batches that never land (a new generation made them obsolete) leave the map ahead
+    # of the target; the resync that follows fills it again from the target's listing
+    for i in range(0, 1500, 3):
+        rig.source.put(IDENTITY + str((1 << 16) + i).encode(), b"k8s:app=y%d" % i)
+    rig.step()
+    rig.queue.batches = [b for b in rig.queue.batches if b.target != "b"]
+    rig.watcher.targets[0].owe(Cause.STALLED, "a test")
+    rig.settle()
+    rig.tick()
+    assert rig.resyncs("b", Cause.STALLED.value) == 1
+    assert_map_matches(rig, "b")
+    known = set(rig.watcher.targets[0].control.leases.known)
+    for i in range(1500):  # written again: onto the leases with room, no new one
+        rig.source.put(IDENTITY + str((1 << 16) + i).encode(), b"k8s:app=z%d" % i)
+    rig.settle()
+    rig.tick()
+    assert rig.cache("b") == rig.expected()
+    assert len(rig.watcher.targets[0].control.leases.known) <= len(known) + 1
+    assert_map_matches(rig, "b")
