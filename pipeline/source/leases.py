@@ -12,9 +12,10 @@ The watcher knows which lease each cached key sits on (`where`) and counts the k
 lease, so that the number of leases follows the number of keys, not the number of writes.
 A batch's puts all go on one lease: a key written again moves to it, and the lease it left
 has room again. When the current lease is full, the next puts go on the emptiest lease with
-at least half its room free, and only if there is none on a new one. The map is filled when
-the records are loaded (each lease's keys, from etcd) and again from the target's listing at
-each resync, so it follows the target even where batches never landed.
+at least half its room free, and only if there is none on a new one. The map is read with
+the records at the start of every term (each lease's keys, from etcd: another watcher may
+have moved keys meanwhile) and corrected from the target's listing at each resync, so it
+follows the target even where batches never landed.
 
 A lease that holds no key and is not the current one is retired, and revoked once no batch
 that touched it can still land: every shard's fence has passed, done, the chain as it was
@@ -37,13 +38,14 @@ from collections.abc import Callable, Sequence
 from pipeline.clients.etcd import Delete, EtcdClient, Put
 from pipeline.protocol.errors import LeaseGoneError, RetryableError
 from pipeline.protocol.fence import Position
+from pipeline.protocol.layout import canary_prefix
 from pipeline.protocol.names import gen_key, lease_key, lease_prefix
 
 log = logging.getLogger("kvmesh.leases")
 
 MAX_KEYS_PER_LEASE = 1000  # as KVStoreMesh: revoking a lease deletes all its keys at once
 
-# (generation, chain) when a lease was retired; None: granted in an earlier term
+# (generation, chain) when a lease emptied; None: found empty when the records were loaded
 Retired = tuple[int, dict[str, Position]] | None
 Landed = Callable[[int, dict[str, Position]], bool]
 
@@ -62,12 +64,14 @@ class TargetLeases:
     def __init__(self, etcd: EtcdClient, source: str, ttl: int) -> None:
         self.etcd, self.source, self.ttl = etcd, source, ttl
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()  # one load at a time, whichever thread asks
         self.known: set[int] = set()  # recorded and, when last looked at, alive
         self.retired: dict[int, Retired] = {}  # known leases that hold no key: to revoke
         self.where: dict[bytes, int] = {}  # cached key -> the known lease it sits on
         self.count: dict[int, int] = {}  # known lease -> keys of `where` on it
         self.current = 0  # the lease new puts go on
-        self.loaded = False  # the records were read in this process
+        self.loaded = False  # the records were read in this term
+        self._seen: set[bytes] | None = None  # keys a resync's listing found (see relist)
         self.lost = threading.Event()  # a lease was found gone: the target needs a resync
 
     @property
@@ -87,11 +91,26 @@ class TargetLeases:
         with self._lock:
             return lease in self.known if self.enabled else lease == 0
 
+    def reset(self) -> None:
+        """A new term: the records are read again before this term uses them (another
+        watcher may have granted leases, and moved keys, since this one last did)."""
+        with self._load_lock:
+            self.loaded = False
+
+    def ensure_loaded(self) -> None:
+        """Load the records unless this term did already (the main loop at a term's start
+        or a resync, the keepalive thread while the start still fails): never two loads
+        at once, and none once the main loop has taken a lease from them."""
+        with self._load_lock:
+            if not self.loaded:
+                self.load()
+
     def load(self) -> bool:
-        """Read the recorded leases and keep those alive, and which keys each holds. Returns
-        False if the target needs a resync: a recorded lease was gone (its keys with it),
-        keys sit on leases while leases are off, or leases are on and the synced target has
-        none yet."""
+        """Read the recorded leases and keep those alive, and which keys each holds (two
+        calls per lease). Returns False if the target needs a resync: a recorded lease was
+        gone (its keys with it), keys sit on leases while leases are off, or leases are on
+        and the synced target has none yet. Callers hold no lock but go through
+        ensure_loaded, except tests."""
         prefix = lease_prefix(self.source)
         found: dict[int, list[bytes]] = {}
         intact = True
@@ -115,8 +134,8 @@ class TargetLeases:
             self.known = set(found)
             self.where = {k: lease for lease, keys in found.items() for k in keys}
             self.count = {lease: len(keys) for lease, keys in found.items()}
-            # an empty one of an earlier term: batches of that term may still land on it,
-            # and would then ask for a resync (LeaseGoneError), as they do for one expired
+            # empty: revoked at the next poll that finds it still empty (batches of an
+            # earlier term cannot land once this term has opened its generation)
             self.retired = {lease: None for lease, keys in found.items() if not keys}
             self.current = 0
             self.loaded = True
@@ -130,8 +149,12 @@ class TargetLeases:
         """The lease a batch's *puts* go on (0 without leases): the current one, or, once it
         would pass MAX_KEYS_PER_LEASE keys, the emptiest with half its room free, or a new
         one. Notes where the batch leaves each key. *gen* and *chain* are the pair's
-        generation and chain with the batch in it: a lease it empties is retired with them."""
+        generation and chain with the batch in it (in a resync, its first positions: a
+        shard's fence is done only once its last snapshot batch landed; settle stamps
+        again): a lease it empties is retired with them."""
         with self._lock:
+            if self._seen is not None:
+                self._seen.update(puts)
             for key in deletes:
                 self._retire(self._move(key, 0), gen, chain)
             lease = self._room(puts) if self.enabled and puts else 0
@@ -152,7 +175,7 @@ class TargetLeases:
     def _room(self, puts: Sequence[bytes]) -> int:
         """A known lease the keys of *puts* fit on, or 0 (with the lock held)."""
         current = self.current
-        if current in self.count:
+        if current in self.count and current not in self.retired:
             where = self.where
             fresh = sum(1 for k in puts if where.get(k) != current)
             if self.count[current] + fresh <= MAX_KEYS_PER_LEASE:
@@ -190,26 +213,41 @@ class TargetLeases:
             self.retired[lease] = (gen, dict(chain))
 
     def relist(self) -> None:
-        """A resync lists the target: the map is filled again from it (`note`), and
-        `settle` then retires the leases it found empty."""
+        """A resync lists the target: `note` corrects the map from what it finds, and
+        `settle` then drops what it did not find and retires the leases left empty. The
+        counts are kept meanwhile, so that puts of the resync still see full leases."""
         with self._lock:
-            self.where = {}
-            self.count = dict.fromkeys(self.known, 0)
+            self._seen = set()
 
     def note(self, key: bytes, lease: int) -> None:
         """The target's listing found *key* on *lease*."""
         with self._lock:
-            if lease in self.count:
+            if self._seen is not None:
+                self._seen.add(key)
+            if lease not in self.count:
+                return
+            old = self.where.get(key, 0)
+            if old != lease:
                 self.where[key] = lease
                 self.count[lease] += 1
-                self.retired.pop(lease, None)
+                if old in self.count:
+                    self.count[old] -= 1
+            self.retired.pop(lease, None)
 
-    def settle(self, gen: int, chain: dict[str, Position]) -> None:
-        """After a resync's listing (and its batches, in *chain*): a known lease that holds
-        no key is retired."""
+    def settle(self, gen: int, chain: dict[str, Position] | None) -> None:
+        """After a resync's listing (*chain*: with its batches; None: it failed, and the
+        map keeps what it had): keys the listing did not find and the resync did not put
+        are dropped (canaries are not listed, and stay), and every known lease left empty
+        is retired, stamped with *chain*."""
         with self._lock:
+            seen, self._seen = self._seen, None
+            if chain is None or seen is None:
+                return
+            canaries = canary_prefix(self.source)
+            for key in [k for k in self.where if k not in seen and not k.startswith(canaries)]:
+                self._move(key, 0)
             for lease, n in self.count.items():
-                if not n and lease != self.current and lease not in self.retired:
+                if not n and lease != self.current:
                     self._retire(lease, gen, chain)
 
     def keep_alive(self) -> None:
@@ -268,7 +306,8 @@ class TargetLeases:
         with self._lock:
             self.known.discard(lease)
             self.retired.pop(lease, None)
-            self.count.pop(lease, None)
+            if self.count.pop(lease, 0):  # gone with keys: the resync it is owed places them
+                self.where = {k: v for k, v in self.where.items() if v != lease}
             if lease == self.current:
                 self.current = 0
         try:

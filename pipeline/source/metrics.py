@@ -162,6 +162,13 @@ class WatcherMetrics:
             registry=r,
         )
 
+        self.cache_leases = Gauge(
+            "kvmesh_watcher_cache_leases",
+            "Etcd leases the cached keys of the source sit on in the target "
+            "(sync.cache_lease_ttl), as of the last fence poll",
+            ["source_cluster", "target_cluster"],
+            registry=r,
+        )
         self.drain_waits = Counter(
             "kvmesh_watcher_drain_waits_total",
             "Drain checks that left a source missing from the config alone, because a watcher "

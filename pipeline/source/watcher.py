@@ -460,8 +460,7 @@ class Watcher:
         for t in self.targets:
             leases = t.control.leases
             try:
-                if not leases.loaded:
-                    leases.load()
+                leases.ensure_loaded()
                 leases.keep_alive()
             except RetryableError as exc:
                 log.warning("%s→%s: keeping leases alive failed: %s", self.source.name, t.name, exc)
@@ -504,6 +503,8 @@ class Watcher:
     def start(self) -> None:
         """Open a generation in every target, resuming from fences where possible, then
         start the watches."""
+        for t in self.targets:
+            t.control.leases.reset()  # read again: another watcher's term may have come between
         rev, self.feed.cluster_id = self.feed.etcd.header()
         # the cluster config as this etcd holds it now: a config revision kept from an
         # earlier term may be a write of an etcd replaced since, and the feed would then take
@@ -515,8 +516,7 @@ class Watcher:
         for t in self.targets:
             try:
                 leases = t.control.leases
-                if not leases.loaded:
-                    leases.load()  # kept alive from now on (Watcher._keep_leases)
+                leases.ensure_loaded()  # kept alive from now on (Watcher._keep_leases)
                 intact = not leases.lost.is_set()
                 leases.lost.clear()
                 if not intact:
@@ -1260,6 +1260,7 @@ class Watcher:
                 if len(self._synced_term) == len(self.targets):
                     self.metrics.bootstrap.labels(src).set(self.clock() - self._term_started)
         t.control.leases.collect(self._landed(t, found.fences), t.pair.gen, t.pair.chain)
+        self.metrics.cache_leases.labels(src, t.name).set(len(t.control.leases.known))
         through = applied_through(
             self.feed.delivered_through(),
             [self.buffer.min_position(), t.outbox.min_position()],
@@ -1462,8 +1463,7 @@ class Watcher:
         for t in targets:
             reason = t.need_resync or Cause.START
             try:
-                if not t.control.leases.loaded:
-                    t.control.leases.load()  # a resync rewrites what a lost lease took
+                t.control.leases.ensure_loaded()  # a resync rewrites what a lost lease took
                 t.control.leases.check_current()
                 self._open(t, allow_resume=False, source_rev=rev)
                 t.control.clear_rejected()  # this snapshot decides anew
@@ -1521,6 +1521,7 @@ class Watcher:
         self.feed.remember(newest.values())
         for t, reason, snap in snapshots:
             if snap.failed:
+                t.control.leases.settle(t.pair.gen, None)  # the map keeps what it had
                 continue
             last = snap.cutter.last_positions()
             try:  # shards the snapshot did not touch are complete already
@@ -1534,6 +1535,7 @@ class Watcher:
                 )
             except RetryableError as exc:
                 log.warning("%s→%s: resync failed: %s", src, t.name, exc)
+                t.control.leases.settle(t.pair.gen, None)
                 continue
             t.pair.chain.update(last)
             t.control.leases.settle(t.pair.gen, t.pair.chain)

@@ -9,8 +9,9 @@ from collections import Counter
 
 from pipeline.clients.etcd import Delete, Put
 from pipeline.protocol.fence import Decision
-from pipeline.protocol.names import lease_prefix
-from pipeline.source.leases import MAX_KEYS_PER_LEASE
+from pipeline.protocol.layout import RESOURCE_BY_NAME, canary_key
+from pipeline.protocol.names import lease_key, lease_prefix
+from pipeline.source.leases import MAX_KEYS_PER_LEASE, TargetLeases
 from pipeline.source.planner import Cause
 from tests.memory_etcd import MemoryEtcd
 from tests.rig import Rig
@@ -314,3 +315,102 @@ def test_the_next_watcher_and_a_resync_know_which_keys_each_lease_holds() -> Non
     assert rig.cache("b") == rig.expected()
     assert len(rig.watcher.targets[0].control.leases.known) <= len(known) + 1
     assert_map_matches(rig, "b")
+
+
+def test_an_emptied_lease_waits_for_the_batches_that_emptied_it() -> None:
+    """A lease is revoked only once the batches up to the one that emptied it landed, and
+    etcd finds it empty: a revoke before the moves landed would delete the keys before
+    their new lease holds them."""
+    etcd = MemoryEtcd("b")
+    leases = TargetLeases(etcd, "a", TTL)
+    leases.ensure_loaded()
+    keys = [b"cilium/cache/identities/v1/a/id/%d" % i for i in range(MAX_KEYS_PER_LEASE)]
+    first = leases.take(keys, [], 1, {"s0": (10, 0)})
+    for key in keys:  # the batch landed
+        etcd.txn([], [Put(key, b"v", first)])
+    assert leases.take([b"cilium/cache/nodes/v1/a/n"], [], 1, {"s0": (11, 0)}) != first
+    moved = leases.take(keys, [], 1, {"s0": (12, 0)})  # written again: first is left empty
+    assert moved != first
+    assert leases.retired == {first: (1, {"s0": (12, 0)})}
+    asked: list[tuple[int, dict[str, tuple[int, int]]]] = []
+    looks = etcd.lease_looks
+
+    def not_yet(gen: int, chain: dict[str, tuple[int, int]]) -> bool:
+        asked.append((gen, chain))
+        return False
+
+    leases.collect(not_yet, 1, {"s0": (12, 0)})
+    assert asked == [(1, {"s0": (12, 0)})]
+    assert etcd.lease_looks == looks  # not even looked up
+    leases.collect(lambda gen, chain: True, 1, {"s0": (13, 0)})
+    assert first in leases.known  # etcd still has the keys on it: they are on their way
+    assert leases.retired == {first: (1, {"s0": (13, 0)})}
+    for key in keys:  # the moves land
+        etcd.txn([], [Put(key, b"v", moved)])
+    leases.collect(lambda gen, chain: True, 1, {"s0": (13, 0)})
+    assert first not in leases.known
+    assert etcd.keepalive(first) == 0  # revoked
+    assert etcd.keys(lease_prefix("a")) == [lease_key("a", lease) for lease in sorted(leases.known)]
+
+
+def test_a_watcher_that_takes_the_term_again_reads_the_leases_granted_meanwhile() -> None:
+    rig = Rig(cache_lease_ttl=TTL)
+    fill(rig, 600)
+    rig.start()
+    rig.settle()
+    first = rig.watcher
+    rig.watcher = rig.new_watcher()  # another watcher's term
+    rig.start()
+    for i in range(5):
+        rig.source.put(IDENTITY + str((1 << 16) + 30000 + i).encode(), b"k8s:app=new")
+    rig.settle()
+    granted = rig.watcher.targets[0].control.leases.known - first.targets[0].control.leases.known
+    assert granted  # the lease it had was more than half full
+    rig.watcher = first  # the first takes the term back, in the same process
+    resyncs = rig.resyncs("b")
+    rig.start()
+    rig.settle()
+    assert granted <= first.targets[0].control.leases.known  # kept alive from now on
+    assert rig.resyncs("b") == resyncs  # resumed from the fences
+    assert_map_matches(rig, "b")
+
+
+def test_a_resync_keeps_every_lease_within_1000_keys() -> None:
+    """Keys a resync writes again (here, those of a lease that ended) go on leases by the
+    counts the watcher had, not by those of a listing that has not reached the rest."""
+    rig = Rig(cache_lease_ttl=TTL)
+    fill(rig, 600)
+    for start in range(0, 1000, 120):
+        rig.source.txn(
+            [], [Put(NODE + b"node-%d" % i, b"{}") for i in range(start, min(1000, start + 120))]
+        )
+    rig.start()
+    rig.settle()
+    target = rig.mesh["b"]
+    _, kvs = target.scan(b"cilium/cache/nodes/")
+    target.revoke_lease(next(kv.lease for kv in kvs))  # most of the nodes go with it
+    rig.watcher.keep_leases_once()
+    rig.settle()
+    assert rig.resyncs("b", Cause.LEASE_EXPIRED.value) == 1
+    assert rig.cache("b") == rig.expected()
+    assert max(leases_of(target).values()) <= MAX_KEYS_PER_LEASE
+    assert_map_matches(rig, "b")
+
+
+def test_a_resync_drops_from_the_map_what_the_target_does_not_hold() -> None:
+    """Keys the map placed by batches that never landed, and that the resync neither found
+    nor wrote, are dropped when the resync ends; a resync that failed changes nothing."""
+    etcd = MemoryEtcd("b")
+    leases = TargetLeases(etcd, "a", TTL)
+    leases.ensure_loaded()
+    keys = [b"cilium/cache/nodes/v1/a/n%d" % i for i in range(3)]
+    canary = canary_key("a", RESOURCE_BY_NAME["nodes"])
+    lease = leases.take([*keys, canary], [], 1, {"s0": (10, 0)})
+    for failed in (True, False):
+        leases.relist()
+        leases.note(keys[0], lease)  # the listing found one; the resync puts another
+        assert leases.take([keys[1]], [], 2, {"s0": (20, 0)}) == lease
+        leases.settle(2, None if failed else {"s0": (21, 0)})
+        expected = [*keys, canary] if failed else [keys[0], keys[1], canary]
+        assert leases.where == dict.fromkeys(expected, lease)  # canaries are never listed
+        assert leases.count == {lease: len(expected)}
