@@ -70,8 +70,11 @@ class TargetLeases:
         self.where: dict[bytes, int] = {}  # cached key -> the known lease it sits on
         self.count: dict[int, int] = {}  # known lease -> keys of `where` on it
         self.current = 0  # the lease new puts go on
-        self.loaded = False  # the records were read in this term
+        self.gone: set[int] = set()  # found ended: records kept until a resync rewrote keys
+        self._term = 0  # counts reset()s: the records are read once per term
+        self._loaded_term = -1
         self._seen: set[bytes] | None = None  # keys a resync's listing found (see relist)
+        self._gone_before: set[int] = set()  # `gone` when the listing began
         self.lost = threading.Event()  # a lease was found gone: the target needs a resync
 
     @property
@@ -91,11 +94,18 @@ class TargetLeases:
         with self._lock:
             return lease in self.known if self.enabled else lease == 0
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the records were read in this term."""
+        return self._loaded_term == self._term
+
     def reset(self) -> None:
         """A new term: the records are read again before this term uses them (another
-        watcher may have granted leases, and moved keys, since this one last did)."""
-        with self._load_lock:
-            self.loaded = False
+        watcher may have granted leases, and moved keys, since this one last did). It does
+        not wait for a load under way on the keepalive thread: that one counts for the
+        term it began in."""
+        with self._lock:
+            self._term += 1
 
     def ensure_loaded(self) -> None:
         """Load the records unless this term did already (the main loop at a term's start
@@ -109,10 +119,15 @@ class TargetLeases:
         """Read the recorded leases and keep those alive, and which keys each holds (two
         calls per lease). Returns False if the target needs a resync: a recorded lease was
         gone (its keys with it), keys sit on leases while leases are off, or leases are on
-        and the synced target has none yet. Callers hold no lock but go through
-        ensure_loaded, except tests."""
+        and the synced target has none yet. The record of an ended lease stays until a resync
+        has rewritten its keys (settle), so that a load that fails half way, or a watcher
+        that dies before the resync, leaves the next one the same evidence. Callers go
+        through ensure_loaded, except tests."""
+        with self._lock:
+            term = self._term
         prefix = lease_prefix(self.source)
         found: dict[int, list[bytes]] = {}
+        gone: set[int] = set()
         intact = True
         for key in self.etcd.keys(prefix):
             lease = parse_lease_id(key[len(prefix) :])
@@ -124,7 +139,8 @@ class TargetLeases:
                 found[lease] = keys
             else:
                 log.warning("%s→%s: lease %x had ended", self.source, self.etcd.name, lease)
-                self.etcd.delete(key)
+                self.lost.set()  # at once: a later call of this load may fail
+                gone.add(lease)
                 intact = False
         if not self.enabled and found:
             intact = False  # move every key off them, then they are revoked
@@ -138,7 +154,9 @@ class TargetLeases:
             # earlier term cannot land once this term has opened its generation)
             self.retired = {lease: None for lease, keys in found.items() if not keys}
             self.current = 0
-            self.loaded = True
+            self.gone = gone
+            self._seen = None
+            self._loaded_term = term
         if not intact:
             self.lost.set()  # the watcher resyncs this target
         return intact
@@ -218,14 +236,16 @@ class TargetLeases:
         counts are kept meanwhile, so that puts of the resync still see full leases."""
         with self._lock:
             self._seen = set()
+            self._gone_before = set(self.gone)  # what this listing's resync rewrites
 
     def note(self, key: bytes, lease: int) -> None:
         """The target's listing found *key* on *lease*."""
         with self._lock:
+            if lease not in self.count:  # not this watcher's: the key is written again
+                self._move(key, 0)
+                return
             if self._seen is not None:
                 self._seen.add(key)
-            if lease not in self.count:
-                return
             old = self.where.get(key, 0)
             if old != lease:
                 self.where[key] = lease
@@ -249,6 +269,10 @@ class TargetLeases:
             for lease, n in self.count.items():
                 if not n and lease != self.current:
                     self._retire(lease, gen, chain)
+            gone = self._gone_before & self.gone
+            self.gone -= gone
+        for lease in gone:  # their keys are written again: the evidence may go
+            self._drop_record(lease)
 
     def keep_alive(self) -> None:
         """Refresh every known lease (the keepalive thread). One found gone sets `lost`."""
@@ -257,16 +281,19 @@ class TargetLeases:
         for lease in leases:
             if self.etcd.keepalive(lease) > 0:
                 continue
+            with self._lock:
+                if lease not in self.known:
+                    continue  # revoked meanwhile (collect), or forgotten
             log.warning("%s→%s: lease %x ended", self.source, self.etcd.name, lease)
             self.lost.set()
-            self.forget(lease)
+            self.forget(lease, gone=True)
 
     def check_current(self) -> None:
         """Before a resync: make sure the lease its keys will go on still exists."""
         with self._lock:
             current = self.current
         if current and self.etcd.keepalive(current) <= 0:
-            self.forget(current)
+            self.forget(current, gone=True)
 
     def collect(self, landed: Landed, gen: int, chain: dict[str, Position]) -> None:
         """Revoke retired leases once every batch that touched them has landed or can no
@@ -282,7 +309,7 @@ class TargetLeases:
             keys = self.etcd.lease_keys(lease)
             if keys is None:  # it ended, and took whatever sat on it
                 self.lost.set()
-                self.forget(lease)
+                self.forget(lease, gone=True)
                 continue
             with self._lock:
                 if lease not in self.retired or lease not in self.count:
@@ -297,12 +324,14 @@ class TargetLeases:
                     else:
                         self._retire(lease, gen, chain)
                     continue
+            self.forget(lease)  # first: the keepalive thread must not take it for lost
             # gone already, if another watcher of an overlapping term revoked it
             with contextlib.suppress(LeaseGoneError):
                 self.etcd.revoke_lease(lease)
-            self.forget(lease)
 
-    def forget(self, lease: int) -> None:
+    def forget(self, lease: int, gone: bool = False) -> None:
+        """Stop keeping *lease*: revoked (its record goes now), or found *gone* (its record
+        stays until a resync has rewritten what it took; see load)."""
         with self._lock:
             self.known.discard(lease)
             self.retired.pop(lease, None)
@@ -310,6 +339,12 @@ class TargetLeases:
                 self.where = {k: v for k, v in self.where.items() if v != lease}
             if lease == self.current:
                 self.current = 0
+            if gone:
+                self.gone.add(lease)
+                return
+        self._drop_record(lease)
+
+    def _drop_record(self, lease: int) -> None:
         try:
             self.etcd.txn([], [Delete(lease_key(self.source, lease))])
         except RetryableError as exc:  # the next load finds it gone and deletes it then

@@ -405,6 +405,8 @@ class Watcher:
             self.metrics.sync_queue.labels(res.scope, src).set(0)
         self.metrics.queue_depth.labels(src).set(0)  # another watcher reads it now
         self.metrics.queue_bytes.labels(src).set(0)
+        for t in self.targets:
+            self.metrics.cache_leases.labels(src, t.name).set(0)  # the active watcher's
 
     def _renew_loop(self) -> None:
         """Renew the lease every third of its TTL while a term runs and the main loop is
@@ -518,7 +520,8 @@ class Watcher:
                 leases = t.control.leases
                 leases.ensure_loaded()  # kept alive from now on (Watcher._keep_leases)
                 intact = not leases.lost.is_set()
-                leases.lost.clear()
+                if not intact:  # one the keepalive thread finds from now on stays for tick
+                    leases.lost.clear()
                 if not intact:
                     t.need_resync = Cause.LEASE_EXPIRED
                 start = self._open(t, allow_resume=intact, source_rev=rev, read_back=read_back)
@@ -1500,20 +1503,27 @@ class Watcher:
         started = self.clock()
         listed = self._listed(rev, snapshots)
         newest: dict[str, tuple[bytes, int]] = {}
-        resync.run(
-            self.feed.etcd,
-            self.layout,
-            rev,
-            [snap for _, _, snap in snapshots],
-            shard_count=self.sync.shards,
-            page=self.sync.page_size,
-            max_bytes=self.sync.max_batch_bytes,
-            on_reject=self._reject,
-            keep_going=lambda: not self.stop_event.is_set() and self._keep_lease() and listed(None),
-            readiness=ready,
-            on_listed=listed,
-            newest=newest,
-        )
+        try:
+            resync.run(
+                self.feed.etcd,
+                self.layout,
+                rev,
+                [snap for _, _, snap in snapshots],
+                shard_count=self.sync.shards,
+                page=self.sync.page_size,
+                max_bytes=self.sync.max_batch_bytes,
+                on_reject=self._reject,
+                keep_going=lambda: (
+                    not self.stop_event.is_set() and self._keep_lease() and listed(None)
+                ),
+                readiness=ready,
+                on_listed=listed,
+                newest=newest,
+            )
+        except BaseException:
+            for t, _, _ in snapshots:
+                t.control.leases.settle(t.pair.gen, None)  # the listing did not end
+            raise
         self.feed.config_rev = ready.config_rev
         # writes of this etcd for the feed to read back after a reconnect: with the config
         # alone, an owner that rebuilt an empty etcd config first would pass for this one

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from pipeline.clients.etcd import Delete, Put
+from pipeline.protocol.errors import RetryableError
 from pipeline.protocol.fence import Decision
 from pipeline.protocol.layout import RESOURCE_BY_NAME, canary_key
 from pipeline.protocol.names import lease_key, lease_prefix
@@ -397,20 +400,95 @@ def test_a_resync_keeps_every_lease_within_1000_keys() -> None:
     assert_map_matches(rig, "b")
 
 
-def test_a_resync_drops_from_the_map_what_the_target_does_not_hold() -> None:
-    """Keys the map placed by batches that never landed, and that the resync neither found
-    nor wrote, are dropped when the resync ends; a resync that failed changes nothing."""
+def test_a_resync_corrects_the_map_from_what_the_target_holds() -> None:
+    """A resync's listing moves a key the map had elsewhere to the lease it found it on,
+    and drops one it found on a lease not the watcher's; when it ends, keys the map placed
+    by batches that never landed, and that it neither found nor wrote, are dropped, and a
+    lease left empty is retired with the resync's chain. A resync that failed changes
+    nothing but what its listing found."""
     etcd = MemoryEtcd("b")
     leases = TargetLeases(etcd, "a", TTL)
     leases.ensure_loaded()
-    keys = [b"cilium/cache/nodes/v1/a/n%d" % i for i in range(3)]
+    keys = [b"cilium/cache/nodes/v1/a/n%d" % i for i in range(MAX_KEYS_PER_LEASE)]
     canary = canary_key("a", RESOURCE_BY_NAME["nodes"])
-    lease = leases.take([*keys, canary], [], 1, {"s0": (10, 0)})
+    full = leases.take(keys, [], 1, {"s0": (10, 0)})
+    other = leases.take([b"cilium/cache/nodes/v1/a/x", canary], [], 1, {"s0": (11, 0)})
+    assert other != full and leases.count == {full: 1000, other: 2}
     for failed in (True, False):
         leases.relist()
-        leases.note(keys[0], lease)  # the listing found one; the resync puts another
-        assert leases.take([keys[1]], [], 2, {"s0": (20, 0)}) == lease
+        leases.note(keys[0], other)  # the listing found it on the other lease
+        leases.note(keys[1], 99)  # on a lease not the watcher's: written again
+        assert leases.where[keys[0]] == other and keys[1] not in leases.where
+        assert leases.take([keys[2]], [], 2, {"s0": (20, 0)}) == other  # the resync writes it
         leases.settle(2, None if failed else {"s0": (21, 0)})
-        expected = [*keys, canary] if failed else [keys[0], keys[1], canary]
-        assert leases.where == dict.fromkeys(expected, lease)  # canaries are never listed
-        assert leases.count == {lease: len(expected)}
+        if failed:  # nothing else dropped: the next resync corrects it
+            assert leases.count == {full: 997, other: 4}
+            assert not leases.retired
+    # what the listing found (keys[0]) and wrote (keys[2]), and the canary (never listed)
+    assert leases.where == dict.fromkeys([keys[0], keys[2], canary], other)
+    assert leases.count == {full: 0, other: 3}
+    assert leases.retired == {full: (2, {"s0": (21, 0)})}
+
+
+def test_an_ended_lease_is_remembered_until_a_resync_rewrote_its_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The record of a lease found ended stays until a resync has written its keys again:
+    a load that fails half way, or a watcher that dies before the resync, leaves the next
+    one the same evidence, and it resyncs instead of resuming without those keys."""
+    etcd = MemoryEtcd("b")
+    leases = TargetLeases(etcd, "a", TTL)
+    leases.ensure_loaded()
+    keys = [b"cilium/cache/nodes/v1/a/n%d" % i for i in range(MAX_KEYS_PER_LEASE)]
+    ended = leases.take(keys, [], 1, {"s0": (10, 0)})
+    kept = leases.take([b"cilium/cache/nodes/v1/a/x"], [], 1, {"s0": (11, 0)})
+    assert ended < kept  # the records are read in that order
+    for lease in (ended, kept):
+        etcd.txn([], [Put(b"cilium/cache/nodes/v1/a/y%d" % lease, b"v", lease)])
+    etcd.revoke_lease(ended)
+    real = etcd.lease_keys
+
+    def fails_at_kept(lease: int) -> list[bytes] | None:
+        if lease == kept:
+            raise RetryableError("etcd b: unavailable", "b")
+        return real(lease)
+
+    monkeypatch.setattr(etcd, "lease_keys", fails_at_kept)
+    leases.reset()  # a new term, whose load fails after it found the ended lease
+    with pytest.raises(RetryableError):
+        leases.ensure_loaded()
+    assert leases.lost.is_set()
+    monkeypatch.setattr(etcd, "lease_keys", real)
+    record = lease_key("a", ended)
+    for resynced in (False, True):  # the next watcher finds the same, until a resync
+        nxt = TargetLeases(etcd, "a", TTL)
+        assert nxt.load() is False
+        assert nxt.gone == {ended} and nxt.known == {kept}
+        assert record in etcd.keys(lease_prefix("a"))
+        nxt.relist()
+        nxt.settle(2, {"s0": (20, 0)} if resynced else None)
+    assert record not in etcd.keys(lease_prefix("a"))
+    assert TargetLeases(etcd, "a", TTL).load() is True
+
+
+def test_a_lease_revoked_during_a_keepalive_round_is_not_taken_for_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    etcd = MemoryEtcd("b")
+    leases = TargetLeases(etcd, "a", TTL)
+    leases.ensure_loaded()
+    first = leases.take([b"k%d" % i for i in range(MAX_KEYS_PER_LEASE)], [], 1, {"s0": (1, 0)})
+    leases.take([b"x"], [], 1, {"s0": (2, 0)})
+    leases.take([], [b"k%d" % i for i in range(MAX_KEYS_PER_LEASE)], 1, {"s0": (3, 0)})
+    assert first in leases.retired
+    real = etcd.keepalive
+
+    def collect_first(lease: int) -> int:  # the fence poll revokes it meanwhile
+        if lease == first:
+            leases.collect(lambda gen, chain: True, 1, {"s0": (3, 0)})
+        return real(lease)
+
+    monkeypatch.setattr(etcd, "keepalive", collect_first)
+    leases.keep_alive()
+    assert first not in leases.known  # revoked
+    assert not leases.lost.is_set() and not leases.gone
