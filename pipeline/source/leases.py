@@ -106,6 +106,9 @@ class TargetLeases:
         term it began in."""
         with self._lock:
             self._term += 1
+            # a loss seen in an earlier term may be another's lease, revoked since: the
+            # records tell (an ended lease keeps its record), and this term's load reads them
+            self.lost.clear()
 
     def ensure_loaded(self) -> None:
         """Load the records unless this term did already (the main loop at a term's start
@@ -275,25 +278,27 @@ class TargetLeases:
             self._drop_record(lease)
 
     def keep_alive(self) -> None:
-        """Refresh every known lease (the keepalive thread). One found gone sets `lost`."""
+        """Refresh every known lease (the keepalive thread). One found gone sets `lost`,
+        unless a new term began meanwhile (its load looks again)."""
         with self._lock:
-            leases = sorted(self.known)
+            leases, term = sorted(self.known), self._term
         for lease in leases:
             if self.etcd.keepalive(lease) > 0:
                 continue
             with self._lock:
-                if lease not in self.known:
-                    continue  # revoked meanwhile (collect), or forgotten
+                if lease not in self.known or term != self._term:
+                    continue  # revoked meanwhile (collect), forgotten, or another term's
             log.warning("%s→%s: lease %x ended", self.source, self.etcd.name, lease)
             self.lost.set()
-            self.forget(lease, gone=True)
+            self.forget(lease)
 
     def check_current(self) -> None:
         """Before a resync: make sure the lease its keys will go on still exists."""
         with self._lock:
             current = self.current
         if current and self.etcd.keepalive(current) <= 0:
-            self.forget(current, gone=True)
+            log.warning("%s→%s: lease %x ended", self.source, self.etcd.name, current)
+            self.forget(current)
 
     def collect(self, landed: Landed, gen: int, chain: dict[str, Position]) -> None:
         """Revoke retired leases once every batch that touched them has landed or can no
@@ -309,7 +314,7 @@ class TargetLeases:
             keys = self.etcd.lease_keys(lease)
             if keys is None:  # it ended, and took whatever sat on it
                 self.lost.set()
-                self.forget(lease, gone=True)
+                self.forget(lease)
                 continue
             with self._lock:
                 if lease not in self.retired or lease not in self.count:
@@ -324,14 +329,24 @@ class TargetLeases:
                     else:
                         self._retire(lease, gen, chain)
                     continue
-            self.forget(lease)  # first: the keepalive thread must not take it for lost
+            # the record first: one left behind would read as a lease that ended, at the next
+            # load, and cost a resync; then out of the keepalive thread's sight, which must
+            # not take it for lost; then the revoke (retried at the next poll if this fails)
+            if not self._drop_record(lease):
+                continue
+            self._unknow(lease)
             # gone already, if another watcher of an overlapping term revoked it
             with contextlib.suppress(LeaseGoneError):
                 self.etcd.revoke_lease(lease)
 
-    def forget(self, lease: int, gone: bool = False) -> None:
-        """Stop keeping *lease*: revoked (its record goes now), or found *gone* (its record
-        stays until a resync has rewritten what it took; see load)."""
+    def forget(self, lease: int) -> None:
+        """*lease* was found ended: stop keeping it. Its record stays until a resync has
+        rewritten what it took (see load)."""
+        self._unknow(lease)
+        with self._lock:
+            self.gone.add(lease)
+
+    def _unknow(self, lease: int) -> None:
         with self._lock:
             self.known.discard(lease)
             self.retired.pop(lease, None)
@@ -339,13 +354,12 @@ class TargetLeases:
                 self.where = {k: v for k, v in self.where.items() if v != lease}
             if lease == self.current:
                 self.current = 0
-            if gone:
-                self.gone.add(lease)
-                return
-        self._drop_record(lease)
 
-    def _drop_record(self, lease: int) -> None:
+    def _drop_record(self, lease: int) -> bool:
+        """Delete the record of *lease*; False if etcd did not answer."""
         try:
             self.etcd.txn([], [Delete(lease_key(self.source, lease))])
-        except RetryableError as exc:  # the next load finds it gone and deletes it then
+            return True
+        except RetryableError as exc:
             log.warning("%s→%s: deleting lease record failed: %s", self.source, self.etcd.name, exc)
+            return False

@@ -116,7 +116,7 @@ class TargetControl:
                 [Put(canary_key(self.source, resource), stamp, lease)],
             ).succeeded
         except LeaseGoneError:
-            self.leases.forget(lease, gone=True)
+            self.leases.forget(lease)
             raise
 
     def mark_held(self, held: bool) -> None:

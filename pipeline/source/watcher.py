@@ -522,7 +522,6 @@ class Watcher:
                 intact = not leases.lost.is_set()
                 if not intact:  # one the keepalive thread finds from now on stays for tick
                     leases.lost.clear()
-                if not intact:
                     t.need_resync = Cause.LEASE_EXPIRED
                 start = self._open(t, allow_resume=intact, source_rev=rev, read_back=read_back)
             except RetryableError as exc:

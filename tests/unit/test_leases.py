@@ -6,6 +6,7 @@ kvmesh takes over from it) written again onto kvmesh's own."""
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -72,6 +73,14 @@ def test_a_lease_that_ends_takes_its_keys_and_a_resync_restores_them() -> None:
     assert rig.cache("b") == rig.expected()
     assert rig.resyncs("b", Cause.LEASE_EXPIRED.value) == 1
     assert rig.resyncs("c", Cause.LEASE_EXPIRED.value) == 0
+    # the ended lease's record stayed until the resync rewrote its keys, and then went:
+    # the next watcher resumes
+    assert lease_key("a", lease) not in target.keys(lease_prefix("a"))
+    rig.watcher = rig.new_watcher()
+    rig.start()
+    rig.settle()
+    assert rig.resyncs("b") == 0
+    assert rig.cache("b") == rig.expected()
 
 
 def test_the_next_watcher_keeps_the_same_leases_alive_and_resumes() -> None:
@@ -442,7 +451,8 @@ def test_an_ended_lease_is_remembered_until_a_resync_rewrote_its_keys(
     keys = [b"cilium/cache/nodes/v1/a/n%d" % i for i in range(MAX_KEYS_PER_LEASE)]
     ended = leases.take(keys, [], 1, {"s0": (10, 0)})
     kept = leases.take([b"cilium/cache/nodes/v1/a/x"], [], 1, {"s0": (11, 0)})
-    assert ended < kept  # the records are read in that order
+    # the records are read in that order
+    assert etcd.keys(lease_prefix("a")) == [lease_key("a", ended), lease_key("a", kept)]
     for lease in (ended, kept):
         etcd.txn([], [Put(b"cilium/cache/nodes/v1/a/y%d" % lease, b"v", lease)])
     etcd.revoke_lease(ended)
@@ -458,6 +468,7 @@ def test_an_ended_lease_is_remembered_until_a_resync_rewrote_its_keys(
     with pytest.raises(RetryableError):
         leases.ensure_loaded()
     assert leases.lost.is_set()
+    assert not leases.loaded  # the main loop's start loads again
     monkeypatch.setattr(etcd, "lease_keys", real)
     record = lease_key("a", ended)
     for resynced in (False, True):  # the next watcher finds the same, until a resync
@@ -469,6 +480,17 @@ def test_an_ended_lease_is_remembered_until_a_resync_rewrote_its_keys(
         nxt.settle(2, {"s0": (20, 0)} if resynced else None)
     assert record not in etcd.keys(lease_prefix("a"))
     assert TargetLeases(etcd, "a", TTL).load() is True
+    # one found ended while a resync lists waits for the next: the listing may have passed
+    # its keys before they went
+    nxt = TargetLeases(etcd, "a", TTL)
+    assert nxt.load() is True
+    nxt.relist()
+    etcd.revoke_lease(kept)
+    nxt.keep_alive()
+    assert nxt.lost.is_set() and nxt.gone == {kept}
+    nxt.settle(3, {"s0": (30, 0)})
+    assert nxt.gone == {kept}
+    assert lease_key("a", kept) in etcd.keys(lease_prefix("a"))
 
 
 def test_a_lease_revoked_during_a_keepalive_round_is_not_taken_for_lost(
@@ -492,3 +514,31 @@ def test_a_lease_revoked_during_a_keepalive_round_is_not_taken_for_lost(
     leases.keep_alive()
     assert first not in leases.known  # revoked
     assert not leases.lost.is_set() and not leases.gone
+
+
+def test_a_lease_whose_record_cannot_be_deleted_is_not_revoked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The record goes before the revoke: a record left behind would read, at the next
+    load, as a lease that ended with its keys, and cost a resync."""
+    etcd = MemoryEtcd("b")
+    leases = TargetLeases(etcd, "a", TTL)
+    leases.ensure_loaded()
+    first = leases.take([b"k%d" % i for i in range(MAX_KEYS_PER_LEASE)], [], 1, {"s0": (1, 0)})
+    leases.take([b"x"], [], 1, {"s0": (2, 0)})
+    leases.take([], [b"k%d" % i for i in range(MAX_KEYS_PER_LEASE)], 1, {"s0": (3, 0)})
+    real = etcd.txn
+
+    def refuses_deletes(compares: Any, ops: Any, failure: Any = ()) -> Any:
+        if any(isinstance(op, Delete) for op in ops):
+            raise RetryableError("etcd b: unavailable", "b")
+        return real(compares, ops, failure)
+
+    monkeypatch.setattr(etcd, "txn", refuses_deletes)
+    leases.collect(lambda gen, chain: True, 1, {"s0": (3, 0)})
+    assert first in leases.retired and etcd.keepalive(first) > 0  # kept for the next poll
+    monkeypatch.setattr(etcd, "txn", real)
+    leases.collect(lambda gen, chain: True, 1, {"s0": (3, 0)})
+    assert first not in leases.known and etcd.keepalive(first) == 0
+    assert lease_key("a", first) not in etcd.keys(lease_prefix("a"))
+    assert TargetLeases(etcd, "a", TTL).load() is True
