@@ -15,6 +15,7 @@ import pytest
 import trustme
 from etcd3 import etcdrpc
 
+from pipeline.clients.etcd import Put
 from pipeline.tools.cilium_state import make_state, write_items
 from pipeline.tools.servers import EtcdTLS, find_binary
 
@@ -184,7 +185,8 @@ def test_the_pipeline_runs_with_cilium_remote_users_and_certificate_cns(servers:
     watchers' target-side writes use a user limited to the cache side, both taken from their
     certificates' CN; every cache ends exact, and a source key changes after the start.
     The cached keys sit on leases the write user granted (sync.cache_lease_ttl), 1,000 keys
-    a lease at most, as KVStoreMesh's do."""
+    a lease at most, as KVStoreMesh's do; writes that keep coming to the same keys need no
+    more leases, and the next watcher reads each lease's keys and resumes."""
     mesh = RbacMesh(servers, sync={"cache_lease_ttl": 60})
     try:
         seed(mesh)
@@ -208,6 +210,51 @@ def test_the_pipeline_runs_with_cilium_remote_users_and_certificate_cns(servers:
         per_lease = Counter(kv.lease for kv in cached)
         assert per_lease and 0 not in per_lease, per_lease
         assert max(per_lease.values()) <= 1000
+        # 1,200 writes to 100 node keys, each round synced before the next (so that none
+        # is folded into a later one), then a marker: one lease holds all of a's cache (a
+        # lease every 1,000 writes would leave the first one held by the identities)
+        nodes = [b"cilium/state/nodes/v1/cluster-a/n%d" % i for i in range(100)]
+        for r in range(12):
+            a.txn([], [Put(k, b'{"r":%d}' % r) for k in nodes])
+            eventually(
+                lambda r=r: all(
+                    kv is not None and kv.value == b'{"r":%d}' % r
+                    for kv in (mesh.client(1).get(k.replace(b"/state/", b"/cache/")) for k in nodes)
+                ),
+                timeout=60,
+                what=f"round {r} of the node writes synced",
+            )
+        a.put(b"cilium/state/nodes/v1/cluster-a/marker", b"{}")
+        leases_of_a = {"source_cluster": "cluster-a", "target_cluster": "cluster-b"}
+
+        def a_in_b() -> set[int]:
+            _, kvs = mesh.client(1).scan(b"cilium/cache/nodes/v1/cluster-a/")
+            if not any(kv.key.endswith(b"/marker") for kv in kvs):
+                return set()
+            _, kvs = mesh.client(1).scan(b"cilium/")
+            return {kv.lease for kv in kvs if b"/cluster-a/" in kv.key}
+
+        eventually(lambda: len(a_in_b()) == 1, timeout=60, what="a's cache on one lease")
+        eventually(
+            lambda: w.gauge("kvmesh_watcher_cache_leases", **leases_of_a) == 1,
+            timeout=60,
+            what="the watcher counting one lease",
+        )
+        w.stop()
+        w2 = mesh.watcher("watch2")  # reads the records and each lease's keys (real etcd)
+        a.put(b"cilium/state/nodes/v1/cluster-a/late2", b"{}")
+        eventually(
+            lambda: mesh.client(1).get(b"cilium/cache/nodes/v1/cluster-a/late2"),
+            timeout=60,
+            what="the next watcher syncing",
+        )
+        eventually(
+            lambda: w2.gauge("kvmesh_watcher_cache_leases", **leases_of_a) == 1,
+            timeout=60,
+            what="the next watcher counting one lease",
+        )
+        assert w2.metric("kvmesh_watcher_resyncs_total") == 0  # resumed from the fences
+        assert len(a_in_b()) == 1
     finally:
         mesh.stop()
 
