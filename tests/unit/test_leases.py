@@ -38,16 +38,40 @@ def fill(rig: Rig, identities: int) -> None:
     rig.source.put(NODE + b"node-0", b"{}")
 
 
+def synced(identities: int) -> Rig:
+    """A rig with leases on, its source filled and synced."""
+    rig = Rig(cache_lease_ttl=TTL)
+    fill(rig, identities)
+    rig.start()
+    rig.settle()
+    return rig
+
+
+def target_leases() -> tuple[MemoryEtcd, TargetLeases]:
+    """One source's leases in an empty target, without a watcher."""
+    etcd = MemoryEtcd("b")
+    leases = TargetLeases(etcd, "a", TTL)
+    leases.ensure_loaded()
+    return etcd, leases
+
+
+def emptied_lease(leases: TargetLeases) -> int:
+    """A full lease, then a second one, then every key of the first deleted: the first is
+    retired, with the chain (1, {"s0": (3, 0)})."""
+    keys = [b"k%d" % i for i in range(MAX_KEYS_PER_LEASE)]
+    first = leases.take(keys, [], 1, {"s0": (1, 0)})
+    leases.take([b"x"], [], 1, {"s0": (2, 0)})
+    leases.take([], keys, 1, {"s0": (3, 0)})
+    return first
+
+
 def leases_of(target: MemoryEtcd, prefix: bytes = b"cilium/") -> Counter[int]:
     _, kvs = target.scan(prefix)
     return Counter(kv.lease for kv in kvs if not kv.key.startswith(b"cilium/state/"))
 
 
 def test_cached_keys_sit_on_leases_of_at_most_1000_keys() -> None:
-    rig = Rig(cache_lease_ttl=TTL)
-    fill(rig, 2500)
-    rig.start()
-    rig.settle()
+    rig = synced(2500)
     for name in rig.targets:
         target = rig.mesh[name]
         assert rig.cache(name) == rig.expected()
@@ -60,10 +84,7 @@ def test_cached_keys_sit_on_leases_of_at_most_1000_keys() -> None:
 
 
 def test_a_lease_that_ends_takes_its_keys_and_a_resync_restores_them() -> None:
-    rig = Rig(cache_lease_ttl=TTL)
-    fill(rig, 1500)
-    rig.start()
-    rig.settle()
+    rig = synced(1500)
     target = rig.mesh["b"]
     lease = leases_of(target).most_common(1)[0][0]
     target.revoke_lease(lease)  # what an expiry does: the keys go with it
@@ -84,10 +105,7 @@ def test_a_lease_that_ends_takes_its_keys_and_a_resync_restores_them() -> None:
 
 
 def test_the_next_watcher_keeps_the_same_leases_alive_and_resumes() -> None:
-    rig = Rig(cache_lease_ttl=TTL)
-    fill(rig, 300)
-    rig.start()
-    rig.settle()
+    rig = synced(300)
     before = {name: set(leases_of(rig.mesh[name])) for name in rig.targets}
     rig.watcher = rig.new_watcher()  # a restart, or a standby taking over
     rig.start()
@@ -103,10 +121,7 @@ def test_the_next_watcher_keeps_the_same_leases_alive_and_resumes() -> None:
 
 
 def test_a_worker_given_a_lease_that_ended_asks_for_a_resync() -> None:
-    rig = Rig(cache_lease_ttl=TTL)
-    fill(rig, 10)
-    rig.start()
-    rig.settle()
+    rig = synced(10)
     rig.source.put(NODE + b"node-1", b"{}")
     rig.step()
     batch = next(b for b in rig.queue.batches if b.target == "b")
@@ -137,10 +152,7 @@ def test_keys_on_another_writers_lease_are_written_again_on_takeover() -> None:
 def test_a_retired_lease_is_revoked_only_after_its_batches_landed() -> None:
     """A lease no key sits on yet, whose batches still wait in the queue, stays; once they
     landed and every key moved on to newer leases, it is revoked and its record goes."""
-    rig = Rig(cache_lease_ttl=TTL)
-    fill(rig, 10)
-    rig.start()
-    rig.settle()
+    rig = synced(10)
     leases = rig.watcher.targets[0].control.leases  # target b
     first = leases.current
     fill(rig, 2100)  # more than two leases' worth of puts
@@ -172,10 +184,7 @@ def test_a_retired_lease_is_revoked_only_after_its_batches_landed() -> None:
 
 
 def test_turning_leases_off_moves_every_key_off_them_before_they_end() -> None:
-    rig = Rig(cache_lease_ttl=TTL)
-    fill(rig, 300)
-    rig.start()
-    rig.settle()
+    rig = synced(300)
     rig.settings = rig.settings.__class__(
         **{
             **rig.settings.__dict__,
@@ -225,10 +234,7 @@ def test_keys_written_again_and_again_need_no_more_leases() -> None:
     """Writes that keep coming to the same keys (nodes, services), with a key now and then
     that stays (an identity), need as many leases as there are keys: one per 1,000 puts
     would leave each lease held by the few keys that stayed, for ever."""
-    rig = Rig(cache_lease_ttl=TTL)
-    fill(rig, 10)
-    rig.start()
-    rig.settle()
+    rig = synced(10)
     for round_ in range(12):
         for start in range(0, 900, 120):
             rig.source.txn(
@@ -279,10 +285,7 @@ def test_deleted_keys_leave_room_that_new_keys_take() -> None:
 
 
 def test_a_lease_that_holds_keys_is_not_looked_up_at_every_poll() -> None:
-    rig = Rig(cache_lease_ttl=TTL)
-    fill(rig, 2500)
-    rig.start()
-    rig.settle()
+    rig = synced(2500)
     for _ in range(5):
         rig.source.put(NODE + b"node-0", b"{}")
         rig.settle()
@@ -298,10 +301,7 @@ def test_a_lease_that_holds_keys_is_not_looked_up_at_every_poll() -> None:
 
 
 def test_the_next_watcher_and_a_resync_know_which_keys_each_lease_holds() -> None:
-    rig = Rig(cache_lease_ttl=TTL)
-    fill(rig, 1500)
-    rig.start()
-    rig.settle()
+    rig = synced(1500)
     rig.watcher = rig.new_watcher()  # a restart: the map comes from the leases' keys
     rig.start()
     rig.settle()
@@ -333,9 +333,7 @@ def test_an_emptied_lease_waits_for_the_batches_that_emptied_it() -> None:
     """A lease is revoked only once the batches up to the one that emptied it landed, and
     etcd finds it empty: a revoke before the moves landed would delete the keys before
     their new lease holds them."""
-    etcd = MemoryEtcd("b")
-    leases = TargetLeases(etcd, "a", TTL)
-    leases.ensure_loaded()
+    etcd, leases = target_leases()
     keys = [b"cilium/cache/identities/v1/a/id/%d" % i for i in range(MAX_KEYS_PER_LEASE)]
     first = leases.take(keys, [], 1, {"s0": (10, 0)})
     for key in keys:  # the batch landed
@@ -366,10 +364,7 @@ def test_an_emptied_lease_waits_for_the_batches_that_emptied_it() -> None:
 
 
 def test_a_watcher_that_takes_the_term_again_reads_the_leases_granted_meanwhile() -> None:
-    rig = Rig(cache_lease_ttl=TTL)
-    fill(rig, 600)
-    rig.start()
-    rig.settle()
+    rig = synced(600)
     first = rig.watcher
     rig.watcher = rig.new_watcher()  # another watcher's term
     rig.start()
@@ -415,9 +410,7 @@ def test_a_resync_corrects_the_map_from_what_the_target_holds() -> None:
     by batches that never landed, and that it neither found nor wrote, are dropped, and a
     lease left empty is retired with the resync's chain. A resync that failed changes
     nothing but what its listing found."""
-    etcd = MemoryEtcd("b")
-    leases = TargetLeases(etcd, "a", TTL)
-    leases.ensure_loaded()
+    _, leases = target_leases()
     keys = [b"cilium/cache/nodes/v1/a/n%d" % i for i in range(MAX_KEYS_PER_LEASE)]
     canary = canary_key("a", RESOURCE_BY_NAME["nodes"])
     full = leases.take(keys, [], 1, {"s0": (10, 0)})
@@ -445,9 +438,7 @@ def test_an_ended_lease_is_remembered_until_a_resync_rewrote_its_keys(
     """The record of a lease found ended stays until a resync has written its keys again:
     a load that fails half way, or a watcher that dies before the resync, leaves the next
     one the same evidence, and it resyncs instead of resuming without those keys."""
-    etcd = MemoryEtcd("b")
-    leases = TargetLeases(etcd, "a", TTL)
-    leases.ensure_loaded()
+    etcd, leases = target_leases()
     keys = [b"cilium/cache/nodes/v1/a/n%d" % i for i in range(MAX_KEYS_PER_LEASE)]
     ended = leases.take(keys, [], 1, {"s0": (10, 0)})
     kept = leases.take([b"cilium/cache/nodes/v1/a/x"], [], 1, {"s0": (11, 0)})
@@ -496,12 +487,8 @@ def test_an_ended_lease_is_remembered_until_a_resync_rewrote_its_keys(
 def test_a_lease_revoked_during_a_keepalive_round_is_not_taken_for_lost(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    etcd = MemoryEtcd("b")
-    leases = TargetLeases(etcd, "a", TTL)
-    leases.ensure_loaded()
-    first = leases.take([b"k%d" % i for i in range(MAX_KEYS_PER_LEASE)], [], 1, {"s0": (1, 0)})
-    leases.take([b"x"], [], 1, {"s0": (2, 0)})
-    leases.take([], [b"k%d" % i for i in range(MAX_KEYS_PER_LEASE)], 1, {"s0": (3, 0)})
+    etcd, leases = target_leases()
+    first = emptied_lease(leases)
     assert first in leases.retired
     real = etcd.keepalive
 
@@ -521,12 +508,8 @@ def test_a_lease_whose_record_cannot_be_deleted_is_not_revoked(
 ) -> None:
     """The record goes before the revoke: a record left behind would read, at the next
     load, as a lease that ended with its keys, and cost a resync."""
-    etcd = MemoryEtcd("b")
-    leases = TargetLeases(etcd, "a", TTL)
-    leases.ensure_loaded()
-    first = leases.take([b"k%d" % i for i in range(MAX_KEYS_PER_LEASE)], [], 1, {"s0": (1, 0)})
-    leases.take([b"x"], [], 1, {"s0": (2, 0)})
-    leases.take([], [b"k%d" % i for i in range(MAX_KEYS_PER_LEASE)], 1, {"s0": (3, 0)})
+    etcd, leases = target_leases()
+    first = emptied_lease(leases)
     real = etcd.txn
 
     def refuses_deletes(compares: Any, ops: Any, failure: Any = ()) -> Any:
