@@ -1476,7 +1476,7 @@ class Watcher:
                 log.warning("%s→%s: cannot start a resync: %s", src, t.name, exc)
                 t.need_resync = reason
                 continue
-            t.control.leases.relist()  # filled again from the target's listing
+            t.control.leases.relist()  # the listing corrects the map of keys to leases
             t.need_resync = reason  # set until the whole snapshot is published
             t.pair.chain = {s: (rev, 0) for s in self.shards}
             t.skip = {s: (rev, END) for s in self.shards}
