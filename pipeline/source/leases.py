@@ -30,7 +30,6 @@ that cannot be reached, or a blocked main loop never lets the caches expire.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -145,17 +144,21 @@ class TargetLeases:
                 self.lost.set()  # at once: a later call of this load may fail
                 gone.add(lease)
                 intact = False
-        if not self.enabled and found:
+        keyed = any(found.values())
+        if not self.enabled and keyed:
             intact = False  # move every key off them, then they are revoked
-        if self.enabled and not found and self.etcd.get(gen_key(self.source)) is not None:
+        if self.enabled and not keyed and self.etcd.get(gen_key(self.source)) is not None:
             intact = False  # synced without leases before: put every key on one
+        where = {k: lease for lease, keys in found.items() for k in keys}
+        count = dict.fromkeys(found, 0)
+        for lease in where.values():  # a key listed twice (it moved meanwhile) counts once
+            count[lease] += 1
         with self._lock:
             self.known = set(found)
-            self.where = {k: lease for lease, keys in found.items() for k in keys}
-            self.count = {lease: len(keys) for lease, keys in found.items()}
+            self.where, self.count = where, count
             # empty: revoked at the next poll that finds it still empty (batches of an
             # earlier term cannot land once this term has opened its generation)
-            self.retired = {lease: None for lease, keys in found.items() if not keys}
+            self.retired = {lease: None for lease, n in count.items() if not n}
             self.current = 0
             self.gone = gone
             self._seen = None
@@ -330,21 +333,31 @@ class TargetLeases:
                         self._retire(lease, gen, chain)
                     continue
             # the record first: one left behind would read as a lease that ended, at the next
-            # load, and cost a resync; then out of the keepalive thread's sight, which must
-            # not take it for lost; then the revoke (retried at the next poll if this fails)
+            # load, and cost a resync (the next poll tries again if this fails); then out of
+            # the keepalive thread's sight, which must not take it for lost; then the revoke
             if not self._drop_record(lease):
                 continue
             self._unknow(lease)
-            # gone already, if another watcher of an overlapping term revoked it
-            with contextlib.suppress(LeaseGoneError):
+            try:
                 self.etcd.revoke_lease(lease)
+            except LeaseGoneError:
+                pass  # gone already, if another watcher of an overlapping term revoked it
+            except RetryableError as exc:  # no longer kept alive: it ends after its TTL
+                log.warning(
+                    "%s→%s: revoking lease %x failed: %s", self.source, self.etcd.name, lease, exc
+                )
 
     def forget(self, lease: int) -> None:
         """*lease* was found ended: stop keeping it. Its record stays until a resync has
-        rewritten what it took (see load)."""
+        rewritten what it took (see load), and is written again in case another watcher
+        (an older term's, still running) took it for empty and deleted it."""
         self._unknow(lease)
         with self._lock:
             self.gone.add(lease)
+        try:
+            self.etcd.txn([], [Put(lease_key(self.source, lease), b"")])
+        except RetryableError as exc:
+            log.warning("%s→%s: writing lease record failed: %s", self.source, self.etcd.name, exc)
 
     def _unknow(self, lease: int) -> None:
         with self._lock:

@@ -461,13 +461,15 @@ class Watcher:
     def keep_leases_once(self) -> None:
         for t in self.targets:
             leases = t.control.leases
-            try:
-                leases.ensure_loaded()
-                leases.keep_alive()
-            except RetryableError as exc:
-                log.warning("%s→%s: keeping leases alive failed: %s", self.source.name, t.name, exc)
-            except Exception:  # input (records) must not kill the thread
-                log.exception("%s→%s: keeping leases alive failed", self.source.name, t.name)
+            for step in (leases.ensure_loaded, leases.keep_alive):  # the known ones either way
+                try:
+                    step()
+                except RetryableError as exc:
+                    log.warning(
+                        "%s→%s: keeping leases alive failed: %s", self.source.name, t.name, exc
+                    )
+                except Exception:  # input (records) must not kill the thread
+                    log.exception("%s→%s: keeping leases alive failed", self.source.name, t.name)
 
     def _serve(self) -> None:
         """One term as the active watcher."""

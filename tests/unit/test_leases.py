@@ -14,7 +14,7 @@ from pipeline.clients.etcd import Delete, Put
 from pipeline.protocol.errors import RetryableError
 from pipeline.protocol.fence import Decision
 from pipeline.protocol.layout import RESOURCE_BY_NAME, canary_key
-from pipeline.protocol.names import lease_key, lease_prefix
+from pipeline.protocol.names import gen_key, lease_key, lease_prefix
 from pipeline.source.leases import MAX_KEYS_PER_LEASE, TargetLeases
 from pipeline.source.planner import Cause
 from tests.memory_etcd import MemoryEtcd
@@ -525,3 +525,27 @@ def test_a_lease_whose_record_cannot_be_deleted_is_not_revoked(
     assert first not in leases.known and etcd.keepalive(first) == 0
     assert lease_key("a", first) not in etcd.keys(lease_prefix("a"))
     assert TargetLeases(etcd, "a", TTL).load() is True
+
+
+def test_the_records_decide_by_the_keys_on_the_leases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leases left empty need no resync with leases off (they are revoked); with leases on,
+    a synced target whose leases hold no key needs one (its keys sit on none). A key that
+    moved between the looks at two leases counts once, on the last."""
+    etcd = MemoryEtcd("b")
+    lease = etcd.grant_lease(TTL)
+    etcd.txn([], [Put(lease_key("a", lease), b""), Put(gen_key("a"), b"1")])
+    off = TargetLeases(etcd, "a", 0)
+    assert off.load() is True and off.retired == {lease: None}
+    off.collect(lambda gen, chain: True, 1, {})
+    assert etcd.keepalive(lease) == 0 and not etcd.keys(lease_prefix("a"))
+    first, second = etcd.grant_lease(TTL), etcd.grant_lease(TTL)
+    for held in (first, second):
+        etcd.txn([], [Put(lease_key("a", held), b"")])
+    assert TargetLeases(etcd, "a", TTL).load() is False  # synced, and nothing on a lease
+    etcd.txn([], [Put(b"cilium/cache/nodes/v1/a/n", b"v", second)])
+    real = etcd.lease_keys
+    moved = [b"cilium/cache/nodes/v1/a/n"]  # on the first lease when that one was looked at
+    monkeypatch.setattr(etcd, "lease_keys", lambda held: moved if held == first else real(held))
+    on = TargetLeases(etcd, "a", TTL)
+    assert on.load() is True
+    assert on.count == {first: 0, second: 1} and on.retired == {first: None}
