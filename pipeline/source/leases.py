@@ -252,12 +252,7 @@ class TargetLeases:
                 return
             if self._seen is not None:
                 self._seen.add(key)
-            old = self.where.get(key, 0)
-            if old != lease:
-                self.where[key] = lease
-                self.count[lease] += 1
-                if old in self.count:
-                    self.count[old] -= 1
+            self._move(key, lease)  # a lease it leaves empty is retired by settle
             self.retired.pop(lease, None)
 
     def settle(self, gen: int, chain: dict[str, Position] | None) -> None:
@@ -325,8 +320,7 @@ class TargetLeases:
                 if keys:
                     for key in keys:
                         if key not in self.where:
-                            self.where[key] = lease
-                            self.count[lease] += 1
+                            self._move(key, lease)
                     if self.count[lease]:
                         del self.retired[lease]
                     else:
