@@ -14,8 +14,11 @@ machine was during that run, taken in the same run and not made by kvmesh's code
   that four-slot backlog (`backlog_wake_us`, benchcommon.WakeProbe): what a wait costs in
   that hour.
 
-Runs of trials (a file whose runs are not a plain list), of products with uncommitted
-changes (`+changes`) and of links other than the normal one are left out. Products differ
+Files of trials in another format (whose runs are not a plain list), runs of products
+with uncommitted changes (`+changes`) and rounds on links other than the normal one are
+left out. For the four-slot rounds it also prints the bare writers' ratio and kvmesh's
+backlog pace as a share of the bare writers' pace, at four slots and at one (the
+one-slot run of the same round), over the rounds that record the wake-up's cost. Products differ
 between files; their changes to the CPU per key were small against the hour's
 (performance-log.md), and `--mark COMMIT ...` draws chosen products' runs apart.
 
@@ -65,7 +68,8 @@ class ScaleRun:
 
 
 def _runs(path: str) -> tuple[list[dict[str, Any]], str]:
-    """The runs of a benchmark JSON and its product, or no runs for a trial's file."""
+    """The runs of a benchmark JSON and the file's product (from its provenance), or no
+    runs for a trial's file in another format."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -73,27 +77,31 @@ def _runs(path: str) -> tuple[list[dict[str, Any]], str]:
     runs = data.get("runs") if isinstance(data, dict) else data
     if not isinstance(runs, list):
         return [], ""
-    runs = [r for r in runs if isinstance(r, dict)]
     prov = data.get("provenance") if isinstance(data, dict) else None
-    if not isinstance(prov, dict) and runs:
-        prov = runs[0].get("provenance")
     product = str(prov.get("product", "")) if isinstance(prov, dict) else ""
-    return runs, product
+    return [r for r in runs if isinstance(r, dict)], product
 
 
 def _num(*values: Any) -> bool:
     return all(isinstance(v, (int, float)) for v in values)
 
 
+def _product(r: dict[str, Any], default: str) -> str:
+    """A run's own product where its row records it (a file may hold several)."""
+    prov = r.get("provenance")
+    return str(prov.get("product", default)) if isinstance(prov, dict) else default
+
+
 def collect(files: list[str]) -> tuple[list[InitialRun], list[ScaleRun]]:
     initial: list[InitialRun] = []
     scale: list[ScaleRun] = []
     for path in files:
-        runs, product = _runs(path)
-        if "+" in product:
-            continue
+        runs, file_product = _runs(path)
         name = Path(path).name
         for r in runs:
+            product = _product(r, file_product)
+            if "+" in product:
+                continue
             if name.startswith("initial_sync"):
                 cpu = (r.get("kvmesh_cpu_s") or {}).get("target etcd")
                 k, m, ratio = r.get("kvmesh_s"), r.get("make_mirror_s"), r.get("ratio")
@@ -112,7 +120,8 @@ def _pace(r: dict[str, Any]) -> float | None:
 
 
 def _scale_run(r: dict[str, Any], runs: list[dict[str, Any]], product: str) -> ScaleRun | None:
-    """A four-slot prefork run on the normal link, with the one-slot run of its round."""
+    """A four-slot prefork run on the normal link, with the one-slot run of its round:
+    scale_workers.py stamps the rows of a round with one provenance, its time included."""
     if r.get("slots") != 4 or r.get("pool", "prefork") != "prefork":
         return None
     if r.get("link", "normal") != "normal":
