@@ -210,48 +210,49 @@ def main() -> None:
         + glob.glob(str(ROOT / "docs/bench/scale_workers*.json"))
     )
     initial, scale = collect(files)
-    table(
-        "initial sync, kvmesh / make-mirror, by the target etcd's CPU (kvmesh's side)",
-        "target etcd CPU (s)",
-        [(r.etcd_cpu, r.ratio) for r in initial],
-        ETCD_CPU_BINS,
-        lambda r: r <= INITIAL_GOAL,
-    )
-    table(
-        "initial sync, kvmesh / make-mirror, by make-mirror's time (the baseline's side)",
-        "make-mirror (s)",
-        [(r.mirror_s, r.ratio) for r in initial],
-        MIRROR_BINS,
-        lambda r: r <= INITIAL_GOAL,
-    )
-    table(
-        "four prefork slots / one, by the CPU per wake-up during the four-slot backlog",
-        "CPU per wake-up (µs)",
-        [(r.wake_us, r.ratio) for r in scale],
-        WAKE_BINS,
-        lambda r: r >= SCALE_GOAL,
-    )
+    at_most, at_least = (lambda r: r <= INITIAL_GOAL), (lambda r: r >= SCALE_GOAL)
+    for title, unit, pts, bins, met in (
+        (
+            "initial sync, kvmesh / make-mirror, by the target etcd's CPU (kvmesh's side)",
+            "target etcd CPU (s)",
+            [(r.etcd_cpu, r.ratio) for r in initial],
+            ETCD_CPU_BINS,
+            at_most,
+        ),
+        (
+            "initial sync, kvmesh / make-mirror, by make-mirror's time (the baseline's side)",
+            "make-mirror (s)",
+            [(r.mirror_s, r.ratio) for r in initial],
+            MIRROR_BINS,
+            at_most,
+        ),
+        (
+            "four prefork slots / one, by the CPU per wake-up during the four-slot backlog",
+            "CPU per wake-up (µs)",
+            [(r.wake_us, r.ratio) for r in scale],
+            WAKE_BINS,
+            at_least,
+        ),
+    ):
+        table(title, unit, pts, bins, met)
     paired = [r for r in scale if r.pace1]
     print(
         "four prefork slots: kvmesh's backlog pace against the bare writers' of the same run,"
         f" median (range), {len(scale)} rounds"
     )
-    for label, values in (
-        ("the bare writers' four against one", [r.bare_ratio for r in scale]),
-        ("kvmesh's pace / bare, four slots", [r.pace4 for r in scale]),
-        (f"the same, one slot ({len(paired)} rounds)", [r.pace1 or 0.0 for r in paired]),
-        ("four-slot / one-slot pace", [r.pace4 / (r.pace1 or 1.0) for r in paired]),
+    for label, values, goal in (
+        ("the bare writers' four against one", [r.bare_ratio for r in scale], True),
+        ("kvmesh's pace / bare, four slots", [r.pace4 for r in scale], False),
+        (f"the same, one slot ({len(paired)} rounds)", [r.pace1 or 0.0 for r in paired], False),
+        ("four-slot / one-slot pace", [r.pace4 / (r.pace1 or 1.0) for r in paired], False),
     ):
-        if values:
-            print(
-                f"  {label:<38} {statistics.median(values):.3f}"
-                f" ({min(values):.3f}-{max(values):.3f})"
-                + (
-                    f", under 3.5 in {sum(v < SCALE_GOAL for v in values)}"
-                    if "against" in label
-                    else ""
-                )
-            )
+        if not values:
+            continue
+        under = f", under 3.5 in {sum(v < SCALE_GOAL for v in values)}" if goal else ""
+        print(
+            f"  {label:<38} {statistics.median(values):.3f}"
+            f" ({min(values):.3f}-{max(values):.3f}){under}"
+        )
     if args.png:
         draw(initial, scale, args.mark, args.png)
 
