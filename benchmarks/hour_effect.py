@@ -119,25 +119,29 @@ def _pace(r: dict[str, Any]) -> float | None:
     return k / b if _num(k, b) and b else None
 
 
+def _prefork_normal(r: dict[str, Any], slots: int) -> bool:
+    """A run of *slots* prefork slots on the normal link."""
+    return (
+        r.get("slots") == slots
+        and r.get("pool", "prefork") == "prefork"
+        and r.get("link", "normal") == "normal"
+    )
+
+
 def _scale_run(r: dict[str, Any], runs: list[dict[str, Any]], product: str) -> ScaleRun | None:
     """A four-slot prefork run on the normal link, with the one-slot run of its round:
     scale_workers.py stamps the rows of a round with one provenance, its time included."""
-    if r.get("slots") != 4 or r.get("pool", "prefork") != "prefork":
-        return None
-    if r.get("link", "normal") != "normal":
+    if not _prefork_normal(r, 4):
         return None
     wake, ratio, bare = r.get("backlog_wake_us"), r.get("backlog_vs_first"), r.get("bare_vs_first")
     pace4 = _pace(r)
     if not _num(wake, ratio, bare) or pace4 is None:
         return None
+    same_round = (r.get("round"), r.get("provenance"))
     ones = [
         o
         for o in runs
-        if o.get("slots") == 1
-        and o.get("round") == r.get("round")
-        and o.get("pool", "prefork") == "prefork"
-        and o.get("link", "normal") == "normal"
-        and o.get("provenance") == r.get("provenance")
+        if _prefork_normal(o, 1) and (o.get("round"), o.get("provenance")) == same_round
     ]
     pace1 = _pace(ones[0]) if len(ones) == 1 else None
     return ScaleRun(wake, ratio, product, bare, pace4, pace1)
