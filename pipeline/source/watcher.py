@@ -517,6 +517,7 @@ class Watcher:
         self.feed.listed = {}  # only what this term's resyncs list
         read_back: list[tuple[bytes, int]] = []  # writes of this etcd that targets recorded
         starts: list[int] = []
+        silent: set[str] = set()  # targets that failed just now: the ticks read them first
         for t in self.targets:
             try:
                 leases = t.control.leases
@@ -531,13 +532,17 @@ class Watcher:
                     raise  # the source failed, not the target: the start is retried (_serve)
                 log.warning("%s→%s: target unavailable: %s", self.source.name, t.name, exc)
                 t.owe(Cause.TARGET_UNAVAILABLE, str(exc))
+                silent.add(t.name)
                 continue
             if start is not None:
                 starts.append(start)
-        pending = [t for t in self.targets if t.need_resync]
+        # one that failed is not called again here (each call to a target that drops
+        # packets waits sync.etcd_timeout): it keeps its resync, which a tick begins once
+        # a read of it comes back, while the watcher serves the others
+        pending = [t for t in self.targets if t.need_resync and t.name not in silent]
         if pending:
             # none reachable: each still owes its resync, which the ticks retry once it
-            # answers, while the watcher serves the others
+            # answers
             with contextlib.suppress(_NoTargetReachable):
                 starts.append(self._resync(pending) + 1)
         if not starts:  # no target reachable yet: watch from now; they will be resynced
@@ -1122,35 +1127,42 @@ class Watcher:
             if t.control.leases.lost.is_set():
                 t.control.leases.lost.clear()
                 t.owe(Cause.LEASE_EXPIRED, "a lease of its cached keys ended")
+        answered: list[Target] = []  # targets whose read came back in this poll
         for t, records in self._read_records(now):
             try:
                 if isinstance(records, Exception):
                     raise records
-                self._poll(t, now, records)
+                if not t.need_resync:  # (one owed a resync was read to see that it answers)
+                    self._poll(t, now, records)
             except RetryableError as exc:
                 t.poll_backoff = min(max(1.0, t.poll_backoff * 2), _POLL_BACKOFF_MAX)
                 t.poll_after = self.clock() + t.poll_backoff
                 log.warning(
-                    "%s→%s: fence poll failed: %s; next poll in %.0fs",
+                    "%s→%s: %s failed: %s; next try in %.0fs",
                     self.source.name,
                     t.name,
+                    "the read before its resync" if t.need_resync else "fence poll",
                     exc,
                     t.poll_backoff,
                 )
+                continue
             except Exception:
                 # A target's records are input too: whatever they make fail, this target
                 # is resynced (which rewrites them) and the others go on.
-                log.exception("%s→%s: fence poll failed", self.source.name, t.name)
-                self.metrics.errors.labels(self.source.name, "fence_poll").inc()
-                t.owe(Cause.CORRUPT_RECORD, "the fence poll failed")
-            else:
-                t.poll_backoff = 0.0  # its reads and writes went through
+                if not t.need_resync:
+                    log.exception("%s→%s: fence poll failed", self.source.name, t.name)
+                    self.metrics.errors.labels(self.source.name, "fence_poll").inc()
+                    t.owe(Cause.CORRUPT_RECORD, "the fence poll failed")
+            t.poll_backoff = 0.0  # it answered
+            answered.append(t)
         self._kvstore_gauges()
         if now >= self._next_drain:
             self._next_drain = now + self.sync.drain_check_interval
             self._drain()
-        pending = [t for t in self.targets if t.need_resync and now >= t.resync_after]
-        if pending and now >= self._resync_after:
+        # only targets that answered a read just now: a call to one that drops packets
+        # would hold the loop, and every other pair with it, for sync.etcd_timeout
+        pending = [t for t in answered if t.need_resync and self._due(t, now)]
+        if pending:
             self.flush()  # what is buffered goes to the healthy targets first
             if self._queue_full(now):
                 return  # a snapshot into a full queue would only fill it more
@@ -1210,10 +1222,11 @@ class Watcher:
         most for those it began: a target that drops packets, whose read lasts
         sync.etcd_timeout, holds up neither the other pairs' polls nor the loop (for longer
         than that, once). Its read is taken up by the first poll after it is over, unless
-        the target was owed a resync or opened a generation meanwhile."""
+        the target opened a generation meanwhile. A target owed a resync is read the same
+        way once its resync is due (_due): a read that came back lets the resync go."""
         fresh = []
         for t in self.targets:
-            if t.reading is None and not t.need_resync and now >= t.poll_after:
+            if t.reading is None and now >= t.poll_after and self._due(t, now):
                 t.reading = self._pollers.submit(_call, t.control.read)
                 t.reading_gen = t.pair.gen
                 fresh.append(t.reading)
@@ -1225,9 +1238,20 @@ class Watcher:
                 continue
             records = t.reading.result()
             t.reading = None
-            if not t.need_resync and t.pair.gen == t.reading_gen:
+            if t.need_resync:
+                if self._due(t, now):  # (a poll's read says as much as a probe's)
+                    out.append((t, records))
+            elif t.pair.gen == t.reading_gen:
                 out.append((t, records))
         return out
+
+    def _due(self, t: Target, now: float) -> bool:
+        """Whether *t* is due for a read: a fence poll, or, while it is owed a resync, the
+        probe that decides whether the resync may go (once the resyncs' spacing and
+        backoff allow one)."""
+        if not t.need_resync:
+            return True
+        return now >= t.resync_after and now >= self._resync_after
 
     def _poll(self, t: Target, now: float, records: TargetRecords) -> None:
         src = self.source.name

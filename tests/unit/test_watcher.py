@@ -715,6 +715,80 @@ def test_a_read_that_hangs_holds_up_neither_the_loop_nor_the_other_target() -> N
     assert rig.cache("c") == rig.expected()
 
 
+def test_a_target_owed_a_resync_that_hangs_holds_up_neither_the_loop_nor_the_other() -> None:
+    """A target owed a resync is read on a poller thread first, and resynced only once that
+    read has come back: one that drops packets (each call lasting sync.etcd_timeout) costs
+    the loop no call of its own, however often its resync is tried, and the other target
+    keeps syncing. Once it answers, its resync goes at the next poll."""
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    c = next(t for t in rig.watcher.targets if t.name == "c")
+    original = c.control.read
+    reads = 0
+    release = threading.Event()
+
+    def read() -> Any:
+        nonlocal reads
+        reads += 1
+        release.wait(10)
+        return original()
+
+    c.control.read = read  # type: ignore[method-assign]
+    c.owe(Cause.REQUESTED, "a test")
+    try:
+        for _ in range(5):
+            rig.tick()
+        # one read begun and left under way: no call to it on the loop
+        assert reads == 1 and c.reading is not None and not c.reading.done()
+        assert c.need_resync is Cause.REQUESTED
+        rig.source.put(NODE + b"meanwhile", b"{}")
+        rig.settle()
+        assert rig.cache("b") == rig.expected()
+        assert c.need_resync is Cause.REQUESTED and reads == 1
+    finally:
+        release.set()
+    c.control.read = original  # type: ignore[method-assign]
+    eventually(lambda: c.reading is not None and c.reading.done(), what="c's read over")
+    rig.tick()  # the read came back: the resync goes
+    assert c.need_resync is None
+    assert rig.resyncs("c", Cause.REQUESTED.value) == 1
+    rig.settle()
+    assert rig.cache("c") == rig.expected()
+
+
+def test_a_target_that_fails_at_the_start_is_not_called_again_until_it_answers() -> None:
+    """A target that fails as the watcher starts is owed a resync, and the start does not
+    try it again at once (a call to one that drops packets waits sync.etcd_timeout); a
+    failed read before its resync spaces the tries as a failed poll does, and the first
+    read that comes back lets the resync go."""
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    c = next(t for t in rig.watcher.targets if t.name == "c")
+    calls = 0
+    ensure_loaded = c.control.leases.ensure_loaded
+
+    def counted() -> None:
+        nonlocal calls
+        calls += 1
+        ensure_loaded()
+
+    c.control.leases.ensure_loaded = counted  # type: ignore[method-assign]
+    rig.mesh["c"].set_down(True)
+    rig.start()
+    assert calls == 1 and c.need_resync is not None
+    rig.settle()
+    assert rig.cache("b") == rig.expected()
+    assert c.need_resync is not None and c.poll_backoff > 0
+    assert calls == 1  # no resync begun while its reads fail
+    rig.mesh["c"].set_down(False)
+    rig.tick(30.0)  # past the longest wait between reads
+    assert c.need_resync is None and calls == 2
+    rig.settle()
+    assert rig.cache("c") == rig.expected()
+
+
 def drain_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The targets the watcher's drain checks look at from now on, in order (nothing is
     drained)."""
@@ -769,37 +843,75 @@ def test_a_canary_goes_only_into_the_generation_whose_fences_said_so() -> None:
     assert after is not None and after.mod_revision > before.mod_revision
 
 
-def test_a_read_taken_up_after_a_new_generation_is_dropped() -> None:
-    """A read that was under way when the target got a new generation (a resync) says
-    nothing of it: the poll that takes it up drops it, and the next one reads again."""
+def hold_first_read(c: Any) -> tuple[threading.Event, list[Any]]:
+    """Make target *c*'s next read of its records wait (as a read of a target that drops
+    packets does) until the event returned is set; the list counts its reads."""
+    release = threading.Event()
+    original = c.control.read
+    reads: list[Any] = []
+
+    def read() -> Any:
+        records = original()  # the records as they were
+        reads.append(records)
+        if len(reads) == 1:
+            release.wait(10)
+        return records
+
+    c.control.read = read
+    return release, reads
+
+
+def test_a_read_under_way_holds_a_resync_back_until_it_comes_back() -> None:
+    """A target whose read is under way when it is owed a resync is not resynced meanwhile
+    (it may be dropping packets: each call of the resync would wait sync.etcd_timeout on
+    the loop). The read, once back, lets the resync go, and is not taken for a poll."""
     rig = Rig()
     fill(rig, nodes=3, identities=3)
     rig.start()
     rig.settle()
     c = next(t for t in rig.watcher.targets if t.name == "c")
-    release = threading.Event()
-    original = c.control.read
-    stale: list[Any] = []
-
-    def read() -> Any:
-        records = original()  # the records as they were
-        if not stale:
-            stale.append(records)
-            release.wait(10)
-        return records
-
-    c.control.read = read  # type: ignore[method-assign]
+    release, reads = hold_first_read(c)
     rig.watcher.tick()  # begins the read, which stays under way
     assert c.reading is not None
+    gen = c.pair.gen
     c.owe(Cause.REQUESTED, "a test")
     rig.clock.advance(120.0)
-    rig.watcher.tick()  # the resync opens a new generation
+    rig.watcher.tick()
+    assert c.need_resync is Cause.REQUESTED and c.pair.gen == gen and len(reads) == 1
+    release.set()
+    eventually(lambda: c.reading is not None and c.reading.done(), what="the read over")
+    rig.watcher.tick()  # the read came back: the resync goes
+    assert c.reading is None and c.need_resync is None and c.pair.gen != gen
+    assert rig.resyncs("c", Cause.REQUESTED.value) == 1
+    assert rig.resyncs("c", Cause.GENERATION_MOVED.value) == 0
+    rig.settle()
+    assert rig.cache("c") == rig.expected()
+
+
+def test_a_read_taken_up_after_a_new_generation_is_dropped() -> None:
+    """A read that was under way when the target got a new generation (a new term of the
+    watcher) says nothing of it: the poll that takes it up drops it, and the next one
+    reads again."""
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    c = next(t for t in rig.watcher.targets if t.name == "c")
+    release, reads = hold_first_read(c)
+    rig.watcher.tick()  # begins the read, which stays under way
+    assert c.reading is not None
+    rig.watcher._lease_lost.set()
+    assert not rig.watcher._keep_lease()  # steps down
+    rig.watcher._lease_lost.clear()  # as a new term begins (Watcher.run)
+    rig.start()  # and opens a new generation in every target
     assert c.need_resync is None and c.pair.gen != c.reading_gen
     release.set()
     eventually(lambda: c.reading is not None and c.reading.done(), what="the read over")
     rig.watcher.tick()
     assert c.reading is None and c.need_resync is None  # dropped: nothing owed for it
     assert rig.resyncs("c", Cause.GENERATION_MOVED.value) == 0
+    rig.watcher.tick()
+    assert len(reads) >= 3  # the new term's start, and a poll after the dropped read
     rig.settle()
     assert rig.cache("c") == rig.expected()
 
