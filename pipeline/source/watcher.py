@@ -168,6 +168,10 @@ class Target:
     # comes back after a new generation opened says nothing of it)
     reading: Future[TargetRecords | Exception] | None = None
     reading_gen: int = 0
+    # whether that read began while the target was owed a resync (then it tells whether the
+    # target answers: Watcher._read_records), and when it began
+    reading_probe: bool = False
+    reading_at: float = 0.0
 
     @property
     def name(self) -> str:
@@ -510,6 +514,7 @@ class Watcher:
         for t in self.targets:
             t.control.leases.reset()  # read again: another watcher's term may have come between
         rev, self.feed.cluster_id = self.feed.etcd.header()
+        self._resync_after = self._resync_backoff = 0.0  # a new term: no backoff owed yet
         # the cluster config as this etcd holds it now: a config revision kept from an
         # earlier term may be a write of an etcd replaced since, and the feed would then take
         # this one for another at its first reconnect
@@ -533,6 +538,8 @@ class Watcher:
                 log.warning("%s→%s: target unavailable: %s", self.source.name, t.name, exc)
                 t.owe(Cause.TARGET_UNAVAILABLE, str(exc))
                 silent.add(t.name)
+                # its first read is due at the first tick, whatever an earlier term spaced
+                t.resync_after = t.poll_after = t.poll_backoff = 0.0
                 continue
             if start is not None:
                 starts.append(start)
@@ -1127,12 +1134,13 @@ class Watcher:
             if t.control.leases.lost.is_set():
                 t.control.leases.lost.clear()
                 t.owe(Cause.LEASE_EXPIRED, "a lease of its cached keys ended")
-        answered: list[Target] = []  # targets whose read came back in this poll
+        answered: list[Target] = []  # targets owed a resync that answered just now
         for t, records in self._read_records(now):
+            probe = t.need_resync is not None  # read to see whether it answers
             try:
                 if isinstance(records, Exception):
                     raise records
-                if not t.need_resync:  # (one owed a resync was read to see that it answers)
+                if not probe:
                     self._poll(t, now, records)
             except RetryableError as exc:
                 t.poll_backoff = min(max(1.0, t.poll_backoff * 2), _POLL_BACKOFF_MAX)
@@ -1141,7 +1149,7 @@ class Watcher:
                     "%s→%s: %s failed: %s; next try in %.0fs",
                     self.source.name,
                     t.name,
-                    "the read before its resync" if t.need_resync else "fence poll",
+                    "the read before its resync" if probe else "fence poll",
                     exc,
                     t.poll_backoff,
                 )
@@ -1149,19 +1157,22 @@ class Watcher:
             except Exception:
                 # A target's records are input too: whatever they make fail, this target
                 # is resynced (which rewrites them) and the others go on.
-                if not t.need_resync:
-                    log.exception("%s→%s: fence poll failed", self.source.name, t.name)
-                    self.metrics.errors.labels(self.source.name, "fence_poll").inc()
-                    t.owe(Cause.CORRUPT_RECORD, "the fence poll failed")
+                what = "the read before its resync" if probe else "fence poll"
+                log.exception("%s→%s: %s failed", self.source.name, t.name, what)
+                self.metrics.errors.labels(self.source.name, "fence_poll").inc()
+                t.owe(Cause.CORRUPT_RECORD, f"the {what} failed")
             t.poll_backoff = 0.0  # it answered
-            answered.append(t)
+            # one owed a resync by this poll answered just now too (and its resync goes
+            # now if due, as a probe's went once due when it began)
+            if probe or (t.need_resync and self._due(t, now)):
+                answered.append(t)
         self._kvstore_gauges()
         if now >= self._next_drain:
             self._next_drain = now + self.sync.drain_check_interval
             self._drain()
         # only targets that answered a read just now: a call to one that drops packets
         # would hold the loop, and every other pair with it, for sync.etcd_timeout
-        pending = [t for t in answered if t.need_resync and self._due(t, now)]
+        pending = [t for t in answered if t.need_resync]
         if pending:
             self.flush()  # what is buffered goes to the healthy targets first
             if self._queue_full(now):
@@ -1223,12 +1234,13 @@ class Watcher:
         sync.etcd_timeout, holds up neither the other pairs' polls nor the loop (for longer
         than that, once). Its read is taken up by the first poll after it is over, unless
         the target opened a generation meanwhile. A target owed a resync is read the same
-        way once its resync is due (_due): a read that came back lets the resync go."""
+        way once its resync is due (_due): such a read that came back lets the resync go."""
         fresh = []
         for t in self.targets:
             if t.reading is None and now >= t.poll_after and self._due(t, now):
                 t.reading = self._pollers.submit(_call, t.control.read)
                 t.reading_gen = t.pair.gen
+                t.reading_probe, t.reading_at = t.need_resync is not None, now
                 fresh.append(t.reading)
         if fresh:  # a read still under way from an earlier poll is not waited for again
             wait(fresh, timeout=_POLL_WAIT)
@@ -1239,7 +1251,11 @@ class Watcher:
             records = t.reading.result()
             t.reading = None
             if t.need_resync:
-                if self._due(t, now):  # (a poll's read says as much as a probe's)
+                # it answers only if this read began while it was owed, in this term: one
+                # begun before (by a poll, or by the last term) may predate its silence.
+                # (A read that began while due counts even if a failed resync of another
+                # target has pushed the resyncs' backoff on since.)
+                if t.reading_probe and t.reading_at >= self._term_started:
                     out.append((t, records))
             elif t.pair.gen == t.reading_gen:
                 out.append((t, records))
@@ -1727,7 +1743,10 @@ class Watcher:
                 self.feed.cluster_id = self.feed.etcd.header()[1]
                 for t in self.targets:
                     t.need_resync, t.resync_detail = cause, detail
-                rev = self._resync(list(self.targets))
+                # those whose last read failed, or is still under way, are left to the
+                # ticks (which read them first), unless no other target is left
+                answering = [t for t in self.targets if not t.poll_backoff and t.reading is None]
+                rev = self._resync(answering or list(self.targets))
                 self.feed.start(rev + 1)
                 return
             except RetryableError as exc:

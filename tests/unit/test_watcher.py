@@ -864,7 +864,9 @@ def hold_first_read(c: Any) -> tuple[threading.Event, list[Any]]:
 def test_a_read_under_way_holds_a_resync_back_until_it_comes_back() -> None:
     """A target whose read is under way when it is owed a resync is not resynced meanwhile
     (it may be dropping packets: each call of the resync would wait sync.etcd_timeout on
-    the loop). The read, once back, lets the resync go, and is not taken for a poll."""
+    the loop). That read began before the target was owed, so it says nothing of whether
+    the target answers now, and is not taken for a poll either: once it is back, the next
+    poll reads the target again, and that read lets the resync go."""
     rig = Rig()
     fill(rig, nodes=3, identities=3)
     rig.start()
@@ -880,12 +882,43 @@ def test_a_read_under_way_holds_a_resync_back_until_it_comes_back() -> None:
     assert c.need_resync is Cause.REQUESTED and c.pair.gen == gen and len(reads) == 1
     release.set()
     eventually(lambda: c.reading is not None and c.reading.done(), what="the read over")
-    rig.watcher.tick()  # the read came back: the resync goes
-    assert c.reading is None and c.need_resync is None and c.pair.gen != gen
+    rig.watcher.tick()  # takes the read up, and drops it
+    assert c.reading is None and c.need_resync is Cause.REQUESTED and c.pair.gen == gen
+    rig.watcher.tick()  # reads again: it answers, and the resync goes
+    assert c.need_resync is None and c.pair.gen != gen
     assert rig.resyncs("c", Cause.REQUESTED.value) == 1
     assert rig.resyncs("c", Cause.GENERATION_MOVED.value) == 0
     rig.settle()
     assert rig.cache("c") == rig.expected()
+
+
+def test_a_read_begun_while_due_lets_the_resync_go_whatever_another_target_did() -> None:
+    """A target owed a resync whose read began while its resync was due is resynced once
+    that read comes back, even if another target's resync failed meanwhile and pushed the
+    resyncs' backoff on: a target on a slow link is not starved by a broken one."""
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    b = next(t for t in rig.watcher.targets if t.name == "b")
+    c = next(t for t in rig.watcher.targets if t.name == "c")
+    release, _ = hold_first_read(c)
+
+    def refuse(*_args: Any) -> int:
+        raise RetryableError("etcd b: refused for a test", "b")
+
+    b.control.open_generation = refuse  # type: ignore[method-assign]
+    b.owe(Cause.REQUESTED, "a test")
+    c.owe(Cause.REQUESTED, "a test")
+    rig.clock.advance(120.0)
+    rig.watcher.tick()  # c's read stays under way; b answers, and its resync fails
+    assert c.reading is not None and b.need_resync is not None
+    assert rig.watcher._resync_after > rig.clock()  # the resyncs back off
+    release.set()
+    eventually(lambda: c.reading is not None and c.reading.done(), what="c's read over")
+    rig.watcher.tick()  # c's read, begun while due, came back: its resync goes
+    assert c.need_resync is None and b.need_resync is not None
+    assert rig.resyncs("c", Cause.REQUESTED.value) == 1
 
 
 def test_a_read_taken_up_after_a_new_generation_is_dropped() -> None:
