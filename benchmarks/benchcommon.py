@@ -65,16 +65,22 @@ def pair_config(
     source_url: str,
     target_url: str,
     sync: Mapping[str, Any] | None = None,
+    more_targets: Iterable[tuple[str, str]] = (),
 ) -> Path:
     """Write a mesh config at *path*: SOURCE (a source only) → cluster-b (a target only),
-    with a signing key beside it. Returns *path*."""
+    and to each of *more_targets* (name, endpoint), with a signing key beside it. Returns
+    *path*."""
+    targets = [("cluster-b", target_url), *more_targets]
     path.write_text(
         mesh_config(
             broker_url=broker_url,
             signing_key_file=write_secret(path.parent / "signing.key", new_signing_key()),
             clusters=[
                 {"name": SOURCE, "id": 1, "endpoints": [source_url], "target": False},
-                {"name": "cluster-b", "id": 2, "endpoints": [target_url], "source": False},
+                *(
+                    {"name": name, "id": i, "endpoints": [url], "source": False}
+                    for i, (name, url) in enumerate(targets, start=2)
+                ),
             ],
             sync=sync,
         )

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from benchcommon import (
     add_sync_option,
     byte_compile,
     discard,
+    pair_config,
     spawn,
     stop,
     sync_settings,
@@ -63,7 +65,6 @@ from pipeline.tools.cilium_state import (
     source_canaries,
     write_items,
 )
-from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
 from pipeline.tools.servers import EtcdServer, RedisServer
 from tests.proxy import Proxy
 
@@ -108,18 +109,13 @@ def main() -> int:
         source.close()
         proxy = Proxy(dst_c.port)
         proxy.blackhole()  # 1: from before the watcher's start
-        cfg = tmp / "mesh.toml"
-        cfg.write_text(
-            mesh_config(
-                broker_url=broker.url,
-                signing_key_file=write_secret(tmp / "signing.key", new_signing_key()),
-                clusters=[
-                    {"name": SOURCE, "id": 1, "endpoints": [src.url], "target": False},
-                    {"name": "cluster-b", "id": 2, "endpoints": [dst_b.url], "source": False},
-                    {"name": "cluster-c", "id": 3, "endpoints": [proxy.url], "source": False},
-                ],
-                sync=sync_settings(args.sync),
-            )
+        cfg = pair_config(
+            tmp / "mesh.toml",
+            broker.url,
+            src.url,
+            dst_b.url,
+            sync_settings(args.sync),
+            more_targets=[("cluster-c", proxy.url)],
         )
         spawn(procs, worker_command(cfg, args.concurrency, "prefork"), tmp / "worker.log")
         wait_for(
@@ -130,31 +126,24 @@ def main() -> int:
             [*procs, *servers],
         )
         b, c = Etcd(dst_b.cluster()), Etcd(dst_c.cluster())
-        started = time.monotonic()
         spawn(
             procs,
             [sys.executable, "-m", "pipeline", "watch", "--config", str(cfg)],
             tmp / "watch.log",
         )
-        watched = [*procs, *servers]
-        wait_for(
-            "cluster-b's initial sync",
-            lambda: b.count(CACHE_PREFIX) >= args.keys,
-            120,
-            tmp / "watch.log",
-            watched,
-        )
-        b_initial = time.monotonic() - started
+
+        def seconds_until(what: str, done: Callable[[], bool], timeout: float) -> float:
+            """How long until *done* (wait_for: a failed process or the timeout raise)."""
+            began = time.monotonic()
+            wait_for(what, done, timeout, tmp / "watch.log", [*procs, *servers])
+            return time.monotonic() - began
+
+        def holds_all(etcd: Etcd) -> Callable[[], bool]:
+            return lambda: etcd.count(CACHE_PREFIX) >= args.keys
+
+        b_initial = seconds_until("cluster-b's initial sync", holds_all(b), 120)
         proxy.heal()
-        healed = time.monotonic()
-        wait_for(
-            "cluster-c's initial sync",
-            lambda: c.count(CACHE_PREFIX) >= args.keys,
-            300,
-            tmp / "watch.log",
-            watched,
-        )
-        c_initial = time.monotonic() - healed
+        c_initial = seconds_until("cluster-c's initial sync", holds_all(c), 300)
         # 2: the connections in use go silent, and every target is owed a resync
         proxy.blackhole()
         arrivals = Arrivals()
@@ -175,12 +164,11 @@ def main() -> int:
                 for i, seq in last.items()
             )
 
-        wait_for("cluster-b's last puts", lambda: holds_last(b), 60, tmp / "watch.log", watched)
+        seconds_until("cluster-b's last puts", lambda: holds_last(b), 60)
         r: dict[str, Any] = judge(arrivals, sent, args.keys, range(count))
         r.pop("trace")
         proxy.heal()
-        healed = time.monotonic()
-        wait_for("cluster-c's cache", lambda: holds_last(c), 300, tmp / "watch.log", watched)
+        c_after = seconds_until("cluster-c's cache", lambda: holds_last(c), 300)
         r.update(
             rate=args.rate,
             achieved=round(len(sent) / max(elapsed, 1e-9)),
@@ -189,7 +177,7 @@ def main() -> int:
             sync=sync_settings(args.sync),
             b_initial_sync_s=round(b_initial, 2),
             c_initial_sync_after_heal_s=round(c_initial, 2),
-            c_synced_after_heal_s=round(time.monotonic() - healed, 2),
+            c_synced_after_heal_s=round(c_after, 2),
             watch_errors=arrivals.errors[:3],
         )
         print(

@@ -861,12 +861,9 @@ def hold_first_read(c: Any) -> tuple[threading.Event, list[Any]]:
     return release, reads
 
 
-def test_a_read_under_way_holds_a_resync_back_until_it_comes_back() -> None:
-    """A target whose read is under way when it is owed a resync is not resynced meanwhile
-    (it may be dropping packets: each call of the resync would wait sync.etcd_timeout on
-    the loop). That read began before the target was owed, so it says nothing of whether
-    the target answers now, and is not taken for a poll either: once it is back, the next
-    poll reads the target again, and that read lets the resync go."""
+def a_read_under_way() -> tuple[Rig, Any, threading.Event, list[Any]]:
+    """A settled rig whose target c has a read of its records, begun by a poll, held under
+    way until the event returned is set; and c, and the list of c's reads."""
     rig = Rig()
     fill(rig, nodes=3, identities=3)
     rig.start()
@@ -875,6 +872,16 @@ def test_a_read_under_way_holds_a_resync_back_until_it_comes_back() -> None:
     release, reads = hold_first_read(c)
     rig.watcher.tick()  # begins the read, which stays under way
     assert c.reading is not None
+    return rig, c, release, reads
+
+
+def test_a_read_under_way_holds_a_resync_back_until_it_comes_back() -> None:
+    """A target whose read is under way when it is owed a resync is not resynced meanwhile
+    (it may be dropping packets: each call of the resync would wait sync.etcd_timeout on
+    the loop). That read began before the target was owed, so it says nothing of whether
+    the target answers now, and is not taken for a poll either: once it is back, the next
+    poll reads the target again, and that read lets the resync go."""
+    rig, c, release, reads = a_read_under_way()
     gen = c.pair.gen
     c.owe(Cause.REQUESTED, "a test")
     rig.clock.advance(120.0)
@@ -925,14 +932,7 @@ def test_a_read_taken_up_after_a_new_generation_is_dropped() -> None:
     """A read that was under way when the target got a new generation (a new term of the
     watcher) says nothing of it: the poll that takes it up drops it, and the next one
     reads again."""
-    rig = Rig()
-    fill(rig, nodes=3, identities=3)
-    rig.start()
-    rig.settle()
-    c = next(t for t in rig.watcher.targets if t.name == "c")
-    release, reads = hold_first_read(c)
-    rig.watcher.tick()  # begins the read, which stays under way
-    assert c.reading is not None
+    rig, c, release, reads = a_read_under_way()
     rig.watcher._lease_lost.set()
     assert not rig.watcher._keep_lease()  # steps down
     rig.watcher._lease_lost.clear()  # as a new term begins (Watcher.run)
