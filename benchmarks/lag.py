@@ -163,6 +163,16 @@ def churn(
     return sorted(x for t in threads for x in t.sent), elapsed
 
 
+def lost_keys(final: dict[bytes, bytes], last: dict[int, int]) -> int:
+    """Keys whose value in a target (*final*, its cache) is not their last put (*last*:
+    sequence number by key index)."""
+    return sum(
+        1
+        for i, seq in last.items()
+        if not final.get(CACHE_PREFIX + key_of(i), b"").endswith(SEQ + str(seq).encode())
+    )
+
+
 def percentile(xs: list[float], p: float) -> float:
     if not xs:
         return math.nan
@@ -343,13 +353,7 @@ def main() -> int:
                             fh.writelines(f"{name} {rate} {t:.6f} {d:.3f}\n" for t, d in trace)
                     final = etcd.items(CACHE_PREFIX)
                     # lost: a key whose value in the target is not its last put
-                    r["lost_keys"] = sum(
-                        1
-                        for i, seq in last.items()
-                        if not final.get(CACHE_PREFIX + key_of(i), b"").endswith(
-                            SEQ + str(seq).encode()
-                        )
-                    )
+                    r["lost_keys"] = lost_keys(final, last)
                     r.update(
                         rate=rate,
                         achieved=round(len(sent) / max(elapsed, 1e-9)),

@@ -56,7 +56,7 @@ from benchcommon import (
     workers_ready,
     write_json,
 )
-from lag import SEQ, Arrivals, churn, judge, key_of
+from lag import SEQ, Arrivals, churn, judge, key_of, lost_keys
 
 from pipeline.clients.etcd import Etcd
 from pipeline.tools.cilium_state import (
@@ -158,11 +158,7 @@ def main() -> int:
         last = {i: seq for seq, i, _ in sent}
 
         def holds_last(etcd: Etcd) -> bool:
-            have = etcd.items(CACHE_PREFIX)
-            return all(
-                have.get(CACHE_PREFIX + key_of(i), b"").endswith(SEQ + str(seq).encode())
-                for i, seq in last.items()
-            )
+            return lost_keys(etcd.items(CACHE_PREFIX), last) == 0
 
         seconds_until("cluster-b's last puts", lambda: holds_last(b), 60)
         r: dict[str, Any] = judge(arrivals, sent, args.keys, range(count))

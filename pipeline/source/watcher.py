@@ -177,6 +177,12 @@ class Target:
     def name(self) -> str:
         return self.control.name
 
+    @property
+    def silent(self) -> bool:
+        """Whether its last read failed or is still under way: a call to it on the loop
+        could wait sync.etcd_timeout (it may be dropping packets)."""
+        return bool(self.poll_backoff) or self.reading is not None
+
     def held(self) -> tuple[int, int]:
         """The changes held for this target and not published (its outbox, and batches cut
         but not published), and the bytes of their keys and values (op_size)."""
@@ -522,7 +528,6 @@ class Watcher:
         self.feed.listed = {}  # only what this term's resyncs list
         read_back: list[tuple[bytes, int]] = []  # writes of this etcd that targets recorded
         starts: list[int] = []
-        silent: set[str] = set()  # targets that failed just now: the ticks read them first
         for t in self.targets:
             try:
                 leases = t.control.leases
@@ -537,16 +542,17 @@ class Watcher:
                     raise  # the source failed, not the target: the start is retried (_serve)
                 log.warning("%s→%s: target unavailable: %s", self.source.name, t.name, exc)
                 t.owe(Cause.TARGET_UNAVAILABLE, str(exc))
-                silent.add(t.name)
-                # its first read is due at the first tick, whatever an earlier term spaced
-                t.resync_after = t.poll_after = t.poll_backoff = 0.0
+                # silent: its first read is due at the first tick, whatever an earlier term
+                # spaced, and the next failure spaces the reads as a failed poll does
+                t.resync_after = t.poll_after = 0.0
+                t.poll_backoff = 1.0
                 continue
             if start is not None:
                 starts.append(start)
         # one that failed is not called again here (each call to a target that drops
         # packets waits sync.etcd_timeout): it keeps its resync, which a tick begins once
         # a read of it comes back, while the watcher serves the others
-        pending = [t for t in self.targets if t.need_resync and t.name not in silent]
+        pending = [t for t in self.targets if t.need_resync and not t.silent]
         if pending:
             # none reachable: each still owes its resync, which the ticks retry once it
             # answers
@@ -1369,9 +1375,7 @@ class Watcher:
         # a target of this source that did not answer its last poll, is still reading, or
         # is owed a resync (one it may not answer: the drain waits for it) is left out: one
         # that does not answer would hold the loop up for a sync.etcd_timeout a call
-        skipped = {
-            t.name for t in self.targets if t.poll_backoff or t.reading is not None or t.need_resync
-        }
+        skipped = {t.name for t in self.targets if t.silent or t.need_resync}
         for c in self.settings.targets:
             if c.name in skipped:
                 clients.pop(c.name, None)
@@ -1745,7 +1749,7 @@ class Watcher:
                     t.need_resync, t.resync_detail = cause, detail
                 # those whose last read failed, or is still under way, are left to the
                 # ticks (which read them first), unless no other target is left
-                answering = [t for t in self.targets if not t.poll_backoff and t.reading is None]
+                answering = [t for t in self.targets if not t.silent]
                 rev = self._resync(answering or list(self.targets))
                 self.feed.start(rev + 1)
                 return
