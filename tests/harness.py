@@ -30,7 +30,8 @@ from pipeline.clients.etcd import Etcd
 from pipeline.config import Settings, load_settings
 from pipeline.protocol.errors import KvmeshError
 from pipeline.protocol.fence import FenceRecord, GenRecord
-from pipeline.protocol.names import fence_key, gen_key, queue_name, stats_key
+from pipeline.protocol.names import fence_key, gen_key, progress_key, queue_name, stats_key
+from pipeline.source.planner import Vouch, progress_vouch
 from pipeline.tools.lab import scrape
 from pipeline.tools.meshconfig import mesh_config, new_signing_key, write_secret
 from pipeline.tools.orphan import wrap
@@ -493,6 +494,25 @@ class Mesh:
         finally:
             client.close()
         return None if kv is None else GenRecord.decode(kv.value).gen
+
+    def recorded(self, source: str, target: str) -> bool:
+        """Whether the progress record of (source, target) vouches for every fence, as a new
+        term requires to resume (watcher._vouch): a watcher killed now is resumed."""
+        client = self.client(self.names.index(target))
+        try:
+            kv = client.get(gen_key(source))
+            if kv is None:
+                return False
+            gen = GenRecord.decode(kv.value).gen
+            kv = client.get(progress_key(source))
+            vouch = progress_vouch(None if kv is None else kv.value, gen)
+            if not isinstance(vouch, Vouch):
+                return False
+            vouched = vouch.last.revision if vouch.last is not None else vouch.base
+            _, fences = client.scan(fence_key(source, ""))
+            return all(FenceRecord.decode(f.value).pos[0] <= vouched for f in fences)
+        finally:
+            client.close()
 
     # -- conditions tests build -----------------------------------------------------------
 

@@ -199,6 +199,23 @@ class MemoryEtcd:
         self.restart()
         old.__dict__.update(fresh.__dict__)
 
+    def rewind(self, revision: int) -> None:
+        """The etcd comes back without the end of its history: everything after *revision*
+        is gone (a crash that lost writes not yet flushed, or a data dir restored from a
+        copy). Same cluster ID; the next writes take the lost revisions again."""
+        space = self.space
+        self.restart()
+        for key in list(space.history):
+            kept = [v for v in space.history[key] if v.revision <= revision]
+            if kept:
+                space.history[key] = kept
+            else:
+                del space.history[key]
+                space.sorted_keys.remove(key)
+        space.log = [e for e in space.log if e[0] <= revision]
+        space.revision = revision
+        space.compacted = min(space.compacted, revision)
+
     def restart(self) -> None:
         """The etcd restarts (with its data, unless wiped): every stream breaks."""
         for s in self.space.streams:

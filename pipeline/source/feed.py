@@ -31,7 +31,7 @@ from pipeline.protocol.errors import (
     show_key,
 )
 from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES, Resource
-from pipeline.source.planner import Cause
+from pipeline.source.planner import Cause, Witness
 
 log = logging.getLogger("kvmesh.feed")
 
@@ -143,6 +143,11 @@ class SourceFeed:
         self.anchors: dict[str, tuple[bytes, int]] = {}
         # the newest write of each resource the last resync listed, for the next start()
         self.listed: dict[str, tuple[bytes, int]] = {}
+        # the newest event taken since start() (or the one a resumed term read back): a
+        # history lost from some revision on is lost up to the newest revision seen, so
+        # this one read back as written vouches for every event taken
+        self.newest: Witness | None = None
+        self.started_at = 0  # the revision the watch began after (start())
         self.cluster_id = 0  # the source etcd's cluster ID when the feed started
         self.config_key = RESOURCE_BY_NAME["config"].source_prefix(source)
         # A broken stream of a source found unreachable waits for its next look on a timer
@@ -176,6 +181,8 @@ class SourceFeed:
         self.anchors = {"config": (self.config_key, self.config_rev)} if self.config_rev else {}
         self.remember(self.listed.values())
         self.listed = {}
+        self.newest = None
+        self.started_at = start_rev - 1
         # a new start (the source listed or resumed): a refusal first gets a new token
         # again, and a look at the source waits no longer than at first
         self.denied = {}
@@ -335,6 +342,9 @@ class SourceFeed:
             put = next((ev for ev in reversed(item.events) if ev.value is not None), None)
             if put is not None:
                 self.anchors[name] = (put.key, put.revision)
+            last = item.events[-1]
+            if self.newest is None or last.revision >= self.newest.revision:
+                self.newest = Witness(last.key, last.revision, last.value is None)
         else:  # a progress notification: everything up to header_rev was delivered
             self.delivered[name] = max(self.delivered.get(name, 0), item.header_rev)
         return item
@@ -406,10 +416,12 @@ class SourceFeed:
         # exactly the next revision would have taken its deletes (and, in a revision
         # delivered in part, changed what is left of it) without a word. What it delivers
         # again of that revision (and of the one delivered in part) is dropped (_take).
+        # Not past base() either: the revisions delivered since held no event of this
+        # resource, unless the source lost them and gave them to new writes.
         name = item.resource
-        delivered = self.delivered[name]
-        self.replay[name] = self.partial.get(name, (delivered, sys.maxsize))
-        self._start_stream(RESOURCE_BY_NAME[name], max(1, delivered), self.epoch)
+        start = min(self.delivered[name], self.base())
+        self.replay[name] = self.partial.get(name, (start, sys.maxsize))
+        self._start_stream(RESOURCE_BY_NAME[name], max(1, start), self.epoch)
         return None
 
     def _retry(self, item: _Broken, delay: float) -> None:
@@ -436,10 +448,44 @@ class SourceFeed:
         rev, cluster_id = self.etcd.header()
         if cluster_id != self.cluster_id:
             return "another cluster ID"
-        seen = max([*self.delivered.values(), *(mod for _, mod in self.anchors.values())])
+        newest = [self.newest.revision] if self.newest is not None else []
+        seen = max([*self.delivered.values(), *(m for _, m in self.anchors.values()), *newest])
         if rev < seen:
             return f"revision {rev} is below {seen}, already seen"
-        return self.unseen(self.anchors.values())
+        gone = self.unseen(self.anchors.values())
+        if gone is None and self.newest is not None:
+            # the newest event, a delete maybe (the writes kept are puts, older perhaps).
+            # Compacted away or unreadable, it proves nothing: the streams start again at
+            # its revision (base()), where etcd says so in turn
+            with contextlib.suppress(CompactedError, PermissionDeniedError):
+                gone = self.witness_gone(self.newest)
+        return gone
+
+    def base(self) -> int:
+        """The revision up to which this feed's history is vouched for: the newest event it
+        took (read back as taken after a reconnect), or where its watch began. Revisions
+        past it that were delivered held no event: a reconnected stream delivers them
+        again, for a source that lost them may have given them to new writes."""
+        newest = self.newest.revision if self.newest is not None else 0
+        return max(newest, self.started_at)
+
+    def witness_gone(self, w: Witness) -> str | None:
+        """Why the source etcd does not show *w* as taken (its key written, or deleted, at
+        its revision), or None if it does. Raises CompactedError or PermissionDeniedError
+        when that cannot be read."""
+        _, kvs = self.etcd.scan(w.key, w.revision, exact=True)
+        kv = next(kvs, None)
+        if not w.deleted:
+            if kv is not None and kv.mod_revision == w.revision:
+                return None
+            return f"{show_key(w.key)} is not as written at revision {w.revision}"
+        before = None
+        if kv is None and w.revision > 1:
+            _, kvs = self.etcd.scan(w.key, w.revision - 1, exact=True)
+            before = next(kvs, None)
+        if before is not None:
+            return None
+        return f"{show_key(w.key)} was not deleted at revision {w.revision}"
 
     def unseen(self, writes: Iterable[tuple[bytes, int]]) -> str | None:
         """Why the source etcd does not hold one of *writes* (key, revision) at its revision,

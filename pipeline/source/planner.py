@@ -48,6 +48,7 @@ class Cause(StrEnum):
     FENCES_AHEAD = "fences_ahead"  # a fence is past the source's revision
     TARGET_UNAVAILABLE = "target_unavailable"  # the target could not be reached at start
     TARGET_WIPED = "target_wiped"  # the target lost its kvmesh records while synced
+    UNRECORDED = "unrecorded"  # batches landed past the last term's progress record
     GENERATION_MOVED = "generation_moved"  # another watcher opened a newer generation
     REQUESTED = "requested"  # a worker asked for it (a stalled chain or a lost record)
     STALLED = "stalled"  # a shard behind, its fence still, the queue empty: lost tasks
@@ -171,18 +172,130 @@ def progress_rev(raw: bytes | None, gen: int, source_rev: int) -> int:
     return rev
 
 
-def encode_progress(gen: int, rev: int, seen: Sequence[tuple[bytes, int]], ts: float) -> bytes:
+@dataclass(frozen=True)
+class Witness:
+    """The newest source event a watcher took: *key* was written (deleted, when *deleted*)
+    at *revision*. A source etcd's history is lost from some revision on when it is (a
+    crash that loses what it had not flushed, a data dir restored from a copy), so the
+    same etcd still showing this write vouches for every event up to it."""
+
+    key: bytes
+    revision: int
+    deleted: bool
+
+
+class Unknown:
+    """Not known: a progress record written before records named the newest event, or a
+    witness the source no longer shows either way (compacted away, or a range the role
+    may not read)."""
+
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN = Unknown()
+
+
+class Unvouched:
+    """A progress record that vouches for nothing past the writes it names: none at all,
+    one of another generation, one that does not decode, or one whose term took an event
+    it could not name (a key too long to keep)."""
+
+    def __repr__(self) -> str:
+        return "UNVOUCHED"
+
+
+UNVOUCHED = Unvouched()
+
+
+@dataclass(frozen=True)
+class Vouch:
+    """What a progress record vouches for: the newest event its term took (if it took
+    one), else every event up to *base* (where its term's watch began: a listing's
+    revision, or a resume point vouched for by the term before)."""
+
+    last: Witness | None
+    base: int
+
+
+def encode_progress(
+    gen: int,
+    rev: int,
+    seen: Sequence[tuple[bytes, int]],
+    ts: float,
+    last: Witness | None = None,
+    base: int = 0,
+) -> bytes:
     """A progress record: generation *gen* holds every event up to *rev*; *seen* are
     writes of the source its watcher saw (key, revision), at most 8, keys of up to 256
-    bytes (what progress_writes believes, and what keeps the record under 4 KiB)."""
+    bytes (what progress_writes believes, and what keeps the record under 4 KiB); *last*
+    the newest event it took (None: none since its watch began at *base*; false in the
+    record when its key is too long to keep)."""
     kept = [(k, m) for k, m in seen if 0 < len(k) <= 256][:8]
+    named: list[object] | bool | None = None
+    if last is not None:
+        named = len(last.key) <= 256 and [
+            binascii.b2a_base64(last.key, newline=False).decode(),
+            last.revision,
+            last.deleted,
+        ]
     record = {
         "gen": gen,
         "rev": rev,
         "ts": ts,
         "seen": [[binascii.b2a_base64(k, newline=False).decode(), m] for k, m in kept],
+        "last": named,
+        "base": base,
     }
     return json.dumps(record, separators=(",", ":")).encode()
+
+
+def _revision(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
+
+
+def progress_vouch(raw: bytes | None, gen: int) -> Vouch | Unknown | Unvouched:
+    """What a progress record of generation *gen* vouches for (Vouch), UNKNOWN for a record
+    of this generation from a watcher that did not name the newest event, or UNVOUCHED."""
+    if raw is None or len(raw) > 4096:
+        return UNVOUCHED
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return UNVOUCHED
+    if not isinstance(record, dict) or record.get("gen") != gen:
+        return UNVOUCHED
+    if "last" not in record:
+        return UNKNOWN
+    last, base = record["last"], record.get("base")
+    if not _revision(base):
+        return UNVOUCHED
+    assert isinstance(base, int)
+    if last is None:
+        return Vouch(None, base)
+    if not (isinstance(last, list) and len(last) == 3 and isinstance(last[0], str)):
+        return UNVOUCHED
+    key, rev, deleted = last
+    if not _revision(rev) or rev == 0 or not isinstance(deleted, bool):
+        return UNVOUCHED
+    try:
+        raw_key = binascii.a2b_base64(key, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return UNVOUCHED
+    if not 0 < len(raw_key) <= 256:
+        return UNVOUCHED
+    return Vouch(Witness(raw_key, rev, deleted), base)
+
+
+def unrecorded(fences: Mapping[str, FenceRecord], vouched: int) -> str | None:
+    """Why the fences go past *vouched*, the revision a progress record vouches for, or
+    None. A batch that landed after the last record (its term ended without one: killed,
+    or cut off from the target) is a position in a history nothing read back vouches for:
+    the source may have lost it since, and a resume would skip what replaced it."""
+    ahead = max((f.pos[0] for f in fences.values()), default=0)
+    if ahead > vouched:
+        return f"fences at revision {ahead}, past the {vouched} its last record vouches for"
+    return None
 
 
 def progress_writes(raw: bytes | None, gen: int) -> list[tuple[bytes, int]]:

@@ -34,7 +34,9 @@ from pipeline.config import READ, WRITE, ClusterConfig, Settings
 from pipeline.protocol.batching import Change, ShardBuffer, make_batches
 from pipeline.protocol.errors import (
     BadInputError,
+    CompactedError,
     LeaseGoneError,
+    PermissionDeniedError,
     PublishError,
     QueueFullError,
     RetryableError,
@@ -62,18 +64,24 @@ from pipeline.source.listing import Readiness, read_readiness
 from pipeline.source.metrics import WatcherMetrics
 from pipeline.source.planner import (
     END,
+    UNKNOWN,
+    UNVOUCHED,
     Cause,
     PairState,
     Resume,
     Resync,
     SourceFacts,
     TargetRecords,
+    Vouch,
+    Witness,
     applied_through,
     assess,
     complete,
     new_generation,
     plan_start,
+    progress_vouch,
     progress_writes,
+    unrecorded,
 )
 from pipeline.source.targets import TargetControl
 
@@ -298,6 +306,7 @@ class Watcher:
         self._beat = 0.0
         self._failures = 0
         self._term_started = 0.0
+        self._opened = False  # the term's start() is done: its end records progress
         self._synced_term: set[str] = set()  # targets synced in this term (bootstrap_seconds)
         self._stuck_after = 3 * settings.sync.etcd_timeout + settings.sync.leader_ttl
         self._zero_series()
@@ -382,10 +391,12 @@ class Watcher:
                 self._beat = self.clock()
                 self._lease_lost.clear()
                 self._in_term.set()
+                self._opened = False
                 try:
                     self._serve()
                 finally:
                     self._in_term.clear()
+                    self._record_on_exit()
                     self._stepped_down()
                 self.metrics.active.labels(src).set(0)
         finally:
@@ -393,6 +404,40 @@ class Watcher:
             keeper.join(timeout=self.sync.leader_ttl)
             self.lease.release()
             self.close()
+
+    def _record_on_exit(self) -> None:
+        """A term that ends (stopped, or stepping down) records the newest event it took in
+        every target in step with its feed (not owed a resync) that answers, whatever the
+        tick last recorded: batches it published land after it stops, and a new term
+        resumes past them only if a record vouches for them (_vouch). The calls run side by
+        side, for one sync.etcd_timeout at most; a target that does not answer is resynced
+        by the next term instead. Never raises."""
+        if not self._opened:
+            return
+        self._opened = False
+        last, base, kept = self.feed.newest, self.feed.base(), self.feed.kept_writes()
+        src = self.source.name
+
+        def record(t: Target, gen_rev: int, gen: int, through: int) -> None:
+            try:
+                t.control.write_progress(gen_rev, gen, through, kept, last, base)
+            except Exception as exc:  # anything: the term ends either way
+                log.warning(
+                    "%s→%s: recording progress as the term ends failed: %s", src, t.name, exc
+                )
+
+        due: list[Future[None]] = []
+        try:
+            for t in self.targets:
+                if t.gen_rev and t.need_resync is None and not t.silent:
+                    due.append(
+                        self._pollers.submit(record, t, t.gen_rev, t.pair.gen, t.progress_rev)
+                    )
+            wait(due, timeout=self.sync.etcd_timeout + 1.0)
+        except Exception as exc:  # a pool shut down: nothing recorded, the next term resyncs
+            log.warning("%s: recording progress as the term ends failed: %s", src, exc)
+        for f in due:
+            f.cancel()  # one still waiting for a thread must not write in a later term
 
     def _source_failed(self) -> None:
         """Count a failed call to the source, or a watch stream that broke or went silent."""
@@ -507,6 +552,7 @@ class Watcher:
         if not self._lease_lost.is_set():
             return True
         log.warning("%s: lost the lease; stepping down to standby", self.source.name)
+        self._record_on_exit()
         self.feed.stop()
         self.buffer.drain()
         self._flush_deadline = None
@@ -527,6 +573,7 @@ class Watcher:
         self.feed.config_rev = self._read_readiness(rev).config_rev
         self.feed.listed = {}  # only what this term's resyncs list
         read_back: list[tuple[bytes, int]] = []  # writes of this etcd that targets recorded
+        witnessed: list[Witness] = []  # newest events of earlier terms, read back as taken
         starts: list[int] = []
         for t in self.targets:
             try:
@@ -536,7 +583,13 @@ class Watcher:
                 if not intact:  # one the keepalive thread finds from now on stays for tick
                     leases.lost.clear()
                     t.need_resync = Cause.LEASE_EXPIRED
-                start = self._open(t, allow_resume=intact, source_rev=rev, read_back=read_back)
+                start = self._open(
+                    t,
+                    allow_resume=intact,
+                    source_rev=rev,
+                    read_back=read_back,
+                    witnessed=witnessed,
+                )
             except RetryableError as exc:
                 if exc.cluster == self.source.name:
                     raise  # the source failed, not the target: the start is retried (_serve)
@@ -565,6 +618,9 @@ class Watcher:
         self._next_tick = now + self.sync.fence_poll_interval
         self.feed.start(min(starts))
         self.feed.remember(read_back)
+        if witnessed:  # what the next records vouch for until this term takes an event
+            self.feed.newest = max(witnessed, key=lambda w: w.revision)
+        self._opened = True
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -1332,7 +1388,12 @@ class Watcher:
         due = t.progress_at == 0.0 or now - t.progress_at >= _PROGRESS_HEARTBEAT
         moved = through > t.progress_rev and (self.feed.last_event_rev > t.progress_rev or due)
         if moved and t.control.write_progress(
-            t.gen_rev, t.pair.gen, through, self.feed.kept_writes()
+            t.gen_rev,
+            t.pair.gen,
+            through,
+            self.feed.kept_writes(),
+            self.feed.newest,
+            self.feed.base(),
         ):
             t.progress_rev, t.progress_at = through, now
             self.metrics.applied_revision.labels(src, t.name).set(through)
@@ -1427,18 +1488,21 @@ class Watcher:
         allow_resume: bool,
         source_rev: int,
         read_back: list[tuple[bytes, int]] | None = None,
+        witnessed: list[Witness] | None = None,
     ) -> int | None:
         """Open a new generation in the target. If its records allow (and allow_resume),
         resume: returns the revision the watch must start from. Otherwise the target is owed
         a resync (for the reason plan_start gives) and None is returned. The source writes
-        that the target's progress record lists are read back first (before the generation
-        moves, so that a source failing now costs a retry, not a resync); those that are
-        there are added to *read_back*."""
+        that the target's progress record lists, and the newest event it names, are read
+        back first (before the generation moves, so that a source failing now costs a
+        retry, not a resync); those that are there are added to *read_back* and
+        *witnessed*."""
         src = self.source.name
         records: TargetRecords = t.control.read()
         t.held_marked = records.held
         plan: Resume | Resync | None = None
         writes: list[tuple[bytes, int]] = []
+        last: Witness | None = None  # the newest event the record names, read back as taken
         if allow_resume:
             plan = plan_start(
                 records,
@@ -1466,6 +1530,8 @@ class Watcher:
                 )
                 if gone is not None:
                     plan = Resync(Cause.SOURCE_REPLACED, f"before this term: {gone}")
+            if isinstance(plan, Resume) and records.gen is not None:
+                plan, last = self._vouch(records, plan, source_rev)
             if isinstance(plan, Resume) and records.held and not self.waiting:
                 # deletes were held for a source canary that has appeared since: resync
                 plan = Resync(Cause.SOURCE_CANARY, "deletes held before this term")
@@ -1493,13 +1559,64 @@ class Watcher:
         # the config: a term that ends before anything moves leaves its successor them too
         config = [(self.feed.config_key, self.feed.config_rev)] if self.feed.config_rev else []
         kept = list(dict(config + writes).items())
-        t.control.write_progress(t.gen_rev, gen, plan.through, kept)
+        # it vouches for what the last one did: the event read back, or the revision that
+        # record vouched for (the watch resumes just past it)
+        t.control.write_progress(t.gen_rev, gen, plan.through, kept, last, plan.through)
         t.progress_rev = plan.through
         if read_back is not None:
             read_back += writes
+        if witnessed is not None and last is not None:
+            witnessed.append(last)
         self.metrics.resumes.labels(src, t.name).inc()
         log.info("%s→%s: generation %d resumes from the fences", src, t.name, gen)
         return plan.watch_from
+
+    def _vouch(
+        self, records: TargetRecords, plan: Resume, source_rev: int
+    ) -> tuple[Resume | Resync, Witness | None]:
+        """The resume *plan* cut to what the progress record vouches for, or the resync owed
+        instead; with the newest event the record names, read back as taken (None when it
+        names none). A source that lost the end of its history has given the lost
+        revisions to other writes: a resume would take them for landed (the fences) or for
+        empty (the record's revision) and skip them. The history is lost from some
+        revision on, so the newest event the last term took, still there as taken, vouches
+        for every revision up to its own; with none, the revision its watch began at does
+        (a listing's, or one the term before vouched for). Fences past that are batches
+        that landed after the record: a resync. The watch resumes just past it, never past
+        the record's revision alone: the revisions between held no synced event, but may
+        hold new ones if they were lost."""
+        assert records.gen is not None
+        vouch = progress_vouch(records.progress, records.gen.gen)
+        if vouch is UNKNOWN:
+            return plan, None  # a record of before: its writes were read back, as it allowed
+        last = None
+        if vouch is UNVOUCHED:  # the writes it names (read back already) vouch for theirs
+            writes = progress_writes(records.progress, records.gen.gen)
+            vouched = max((m for _, m in writes), default=0)
+        else:
+            assert isinstance(vouch, Vouch)
+            last = vouch.last
+            vouched = last.revision if last is not None else vouch.base
+            if vouched > source_rev:
+                below = f"revision {source_rev} is below {vouched}, already seen"
+                return Resync(Cause.SOURCE_REPLACED, f"before this term: {below}"), None
+            if last is not None:
+                try:
+                    gone = self.feed.witness_gone(last)
+                except CompactedError:  # and a watch from there would be too
+                    detail = f"its newest event, at revision {last.revision}, compacted away"
+                    return Resync(Cause.COMPACTED, detail), None
+                except PermissionDeniedError as exc:
+                    detail = f"its newest event cannot be read back: {exc}"
+                    return Resync(Cause.UNRECORDED, detail), None
+                if gone is not None:
+                    return Resync(Cause.SOURCE_REPLACED, f"before this term: {gone}"), None
+        why = unrecorded(records.fences, vouched)
+        if why is not None:
+            return Resync(Cause.UNRECORDED, why), None
+        through = min(plan.through, vouched)
+        skip = {s: max(pos, (through, END)) for s, pos in plan.chain.items()}
+        return Resume(chain=plan.chain, skip=skip, through=through), last
 
     def _resync(self, targets: list[Target]) -> int:
         """Open a new generation in each target, list the source at one revision R and

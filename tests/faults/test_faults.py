@@ -97,8 +97,16 @@ def test_worker_frozen_past_the_stall_timeout_is_superseded(mesh: FaultMesh) -> 
 
 
 def test_watcher_sigkilled_and_restarted_resumes(mesh: FaultMesh) -> None:
-    """A watcher killed and restarted resumes from its fences: no listing, nothing lost,
-    including a change made while no watcher ran."""
+    """A watcher killed once its progress records vouch for every fence, and restarted,
+    resumes from its fences: no listing, nothing lost, including a change made while no
+    watcher ran. (Killed with batches landed past its records, it lists again: see
+    test_two_watchers_one_active_standby_takes_over, and tests/unit/test_lost_history.py.)"""
+    mesh.churn.pause()
+    eventually(
+        lambda: all(mesh.recorded(*pair) for pair in mesh.pairs()),
+        timeout=60,
+        what="progress records that vouch for every fence",
+    )
     mesh.watch.kill()
     mesh.client(0).put(b"cilium/state/nodes/v1/cluster-a/while-down", b"{}")
     w2 = mesh.start_watcher()
@@ -426,6 +434,69 @@ def test_anti_entropy_repairs_unreported_drift(mesh: FaultMesh) -> None:
         lambda: (r := resyncs())[1] > periodic and r, what="an anti-entropy resync counted"
     )
     assert now_total - total == now_periodic - periodic  # no resync of another cause
+
+
+@pytest.mark.parametrize("watcher", ["watching", "stopped"])
+def test_source_restored_from_a_copy_of_its_data(mesh: FaultMesh, watcher: str) -> None:
+    """A source etcd back without the end of its history, under its cluster ID (its data dir
+    restored from a copy here; an etcd before 3.5.5 that crashes can lose writes its
+    watchers saw, which is the same), and pushed past the revision watched before any
+    watcher looks: the new history reuses the lost revisions. What landed of the lost
+    writes leaves every cache, whether the watcher watched through it or a new one
+    starts (the one before stopped while the source was down). The watcher may look
+    before the revision passes the one it saw, and tell by that alone; the in-memory
+    tests (tests/unit/test_lost_history.py) make it look only after."""
+    a_sim = mesh.churn.sims[0]
+    a_sim.pause()
+    mesh.wait_equal(120)
+
+    def resynced() -> float:
+        # a record that names the lost change says so; one that missed it (a target that
+        # did not answer as the term ended) does not vouch for the fences past it
+        return sum(
+            mesh.watch.metric(RESYNCS, source_cluster=A, target_cluster=B, reason=reason)
+            for reason in ("source_replaced", "unrecorded")
+        )
+
+    replaced = resynced()
+    etcd = mesh.etcds[0]
+    copy = mesh.root / "etcd-a-copy"
+    shutil.rmtree(copy, ignore_errors=True)
+    etcd.stop()
+    shutil.copytree(etcd.data_dir, copy)
+    etcd.start()
+    a, b = mesh.client(0), mesh.client(1)
+    lost = b"cilium/state/nodes/v1/cluster-a/lost-with-the-copy"
+    a.put(lost, b"{}")
+    back = sorted(k for k in a.keys(b"cilium/state/nodes/v1/cluster-a/") if k != lost)[0]
+    a.delete(back)
+
+    def cached(key: bytes) -> bool:
+        return b.get(key.replace(b"cilium/state/", b"cilium/cache/", 1)) is not None
+
+    eventually(
+        lambda: cached(lost) and not cached(back), timeout=60, what="the changes to lose cached"
+    )
+    seen = a.revision()
+    if watcher == "stopped":
+        mesh.watch.stop()
+    etcd.stop()
+    shutil.rmtree(etcd.data_dir)
+    shutil.copytree(copy, etcd.data_dir)
+    etcd.start()
+    a = mesh.client(0)
+    while a.revision() <= seen + 2:  # other clusters' caches (nothing the watcher reads)
+        a.put(b"cilium/cache/nodes/v1/elsewhere/node-0", b"{}")
+    a.delete_prefix(b"cilium/cache/nodes/v1/elsewhere/")
+    a_sim.etcd = a
+    if watcher == "stopped":
+        mesh.start_watcher()
+        replaced = 0.0
+    eventually(
+        lambda: resynced() > replaced, timeout=90, what="the source that lost writes resynced"
+    )
+    mesh.settle()
+    assert not cached(lost) and cached(back)
 
 
 def test_source_restarted_empty_loses_no_cached_key_until_its_canaries(mesh: FaultMesh) -> None:

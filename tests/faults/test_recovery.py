@@ -68,6 +68,10 @@ def test_watcher_restart_resumes_from_fences(plain: Mesh) -> None:
         lambda: mesh.client(0).count(b"cilium/synced/cluster-b/") == 5,
         what="every canary of cluster-b in cluster-a",
     )
+    eventually(
+        lambda: all(mesh.recorded(*pair) for pair in mesh.pairs()),
+        what="progress records that vouch for every fence",
+    )
     w1.kill()
     a = mesh.client(0)
     a.put(b"cilium/state/nodes/v1/cluster-a/late-node", b"{}")

@@ -17,7 +17,17 @@ from pipeline.clients.etcd import Event, Put
 from pipeline.protocol.errors import RetryableError
 from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES
 from pipeline.source.feed import Delivered, Lost, SourceFeed, _Broken
-from pipeline.source.planner import Cause, encode_progress, progress_rev, progress_writes
+from pipeline.source.planner import (
+    UNKNOWN,
+    UNVOUCHED,
+    Cause,
+    Vouch,
+    Witness,
+    encode_progress,
+    progress_rev,
+    progress_vouch,
+    progress_writes,
+)
 from tests.harness import eventually
 from tests.memory_etcd import MemoryEtcd
 
@@ -150,11 +160,54 @@ def test_a_progress_record_keeps_what_fits_and_stays_believed() -> None:
     written to make the record unbelievable."""
     top = (1 << 63) - 1
     seen = [(bytes([i]) * 256, top - i) for i in range(9)] + [(b"k" * 257, 5)]
-    raw = encode_progress(7, 1 << 62, seen, 1.8e9)
+    last = Witness(b"\xfe" * 256, top, True)
+    raw = encode_progress(7, 1 << 62, seen, 1.8e9, last, top)
     assert len(raw) < 4096
     assert progress_rev(raw, 7, 1 << 62) == 1 << 62
     assert progress_writes(raw, 7) == seen[:8]
+    assert progress_vouch(raw, 7) == Vouch(last, top)
     assert progress_writes(encode_progress(7, 5, [(b"", 3)], 0.0), 7) == []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None,
+        b"not json",
+        b'{"gen": 8, "rev": 5, "seen": [], "last": null, "base": 3}',  # another generation
+        b'{"gen": 7, "rev": 5, "seen": [], "last": null}',
+        b'{"gen": 7, "rev": 5, "seen": [], "last": null, "base": -1}',
+        b'{"gen": 7, "rev": 5, "seen": [], "last": null, "base": true}',
+        b'{"gen": 7, "rev": 5, "seen": [], "last": false, "base": 3}',  # a key too long
+        b'{"gen": 7, "rev": 5, "seen": [], "last": "a2V5", "base": 3}',
+        b'{"gen": 7, "rev": 5, "seen": [], "last": ["a2V5", 3], "base": 3}',
+        b'{"gen": 7, "rev": 5, "seen": [], "last": ["a2V5", 0, false], "base": 3}',
+        b'{"gen": 7, "rev": 5, "seen": [], "last": ["a2V5", true, false], "base": 3}',
+        b'{"gen": 7, "rev": 5, "seen": [], "last": ["a2V5", 3, 0], "base": 3}',
+        b'{"gen": 7, "rev": 5, "seen": [], "last": ["not base64!", 3, false], "base": 3}',
+        b'{"gen": 7, "rev": 5, "seen": [], "last": ["", 3, false], "base": 3}',
+        b'{"gen": 7, "rev": 5, "seen": [], "last": [7, 3, false], "base": 3}',
+        b'{"gen": 7, "last": null, "base": 3, "pad": "' + b"x" * 4096 + b'"}',
+    ],
+)
+def test_a_progress_record_vouches_past_its_writes_only_when_it_can_be_believed(
+    raw: bytes | None,
+) -> None:
+    """What a record vouches for past its writes is input too: no record, one of another
+    generation, or anything malformed vouches for nothing (UNVOUCHED), and raises nothing."""
+    assert progress_vouch(raw, 7) is UNVOUCHED
+
+
+def test_a_progress_record_vouches_for_the_newest_event_it_was_given() -> None:
+    # a record of this generation by a watcher that did not name the newest event
+    assert progress_vouch(b'{"gen": 7, "rev": 5, "seen": []}', 7) is UNKNOWN
+    assert progress_vouch(encode_progress(7, 5, [], 0.0, None, 4), 7) == Vouch(None, 4)
+    raw = encode_progress(7, 5, [], 0.0, Witness(b"\xffkey", 9, True), 9)
+    assert progress_vouch(raw, 7) == Vouch(Witness(b"\xffkey", 9, True), 9)
+    # a key too long to keep is not kept: the record then vouches for no more than the
+    # writes it names
+    too_long = encode_progress(7, 5, [], 0.0, Witness(b"k" * 257, 9, False), 9)
+    assert progress_vouch(too_long, 7) is UNVOUCHED
 
 
 def down_feed(failures: list[None], **kwargs: Any) -> tuple[MemoryEtcd, SourceFeed]:
