@@ -31,7 +31,7 @@ from pipeline.protocol.errors import (
     show_key,
 )
 from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES, Resource
-from pipeline.source.planner import Cause, Witness
+from pipeline.source.planner import Cause, Witness, value_digest
 
 log = logging.getLogger("kvmesh.feed")
 
@@ -344,7 +344,8 @@ class SourceFeed:
                 self.anchors[name] = (put.key, put.revision)
             last = item.events[-1]
             if self.newest is None or last.revision >= self.newest.revision:
-                self.newest = Witness(last.key, last.revision, last.value is None)
+                digest = value_digest(last.value) if last.value is not None else ""
+                self.newest = Witness(last.key, last.revision, last.value is None, digest)
         else:  # a progress notification: everything up to header_rev was delivered
             self.delivered[name] = max(self.delivered.get(name, 0), item.header_rev)
         return item
@@ -476,7 +477,11 @@ class SourceFeed:
         _, kvs = self.etcd.scan(w.key, w.revision, exact=True)
         kv = next(kvs, None)
         if not w.deleted:
-            if kv is not None and kv.mod_revision == w.revision:
+            if (
+                kv is not None
+                and kv.mod_revision == w.revision
+                and (not w.digest or value_digest(kv.value) == w.digest)
+            ):
                 return None
             return f"{show_key(w.key)} is not as written at revision {w.revision}"
         before = None
@@ -487,14 +492,16 @@ class SourceFeed:
             return None
         return f"{show_key(w.key)} was not deleted at revision {w.revision}"
 
-    def unseen(self, writes: Iterable[tuple[bytes, int]]) -> str | None:
+    def unseen(
+        self, writes: Iterable[tuple[bytes, int]], verified: list[int] | None = None
+    ) -> str | None:
         """Why the source etcd does not hold one of *writes* (key, revision) at its revision,
         or None: each is read there. A read compacted away proves nothing and is skipped;
         so is one the role may no longer make (a grant revoked on that range, whose watch
         is refused too and waits), as long as another write than the cluster config (which
         a rebuilt etcd often writes at the same early revision) was read as written. With
         none, nothing vouches for the etcd: PermissionDeniedError, and the caller looks
-        again later."""
+        again later. The revisions of those read back as written go to *verified*."""
         refused: list[PermissionDeniedError] = []
         vouched = False
         for key, mod in writes:
@@ -509,6 +516,8 @@ class SourceFeed:
             if kv is None or kv.mod_revision != mod:
                 return f"{show_key(key)} is not as written at revision {mod}"
             vouched = vouched or key != self.config_key
+            if verified is not None:
+                verified.append(mod)
         if refused and not vouched:
             raise PermissionDeniedError(
                 f"{len(refused)} writes that would vouch for the source's history are in "

@@ -12,6 +12,7 @@ stateful property test drives them directly (tests/unit/test_fence_stateful.py).
 from __future__ import annotations
 
 import binascii
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -182,6 +183,12 @@ class Witness:
     key: bytes
     revision: int
     deleted: bool
+    digest: str = ""  # of the value a put wrote (value_digest): the same key written again
+    # at the same revision, with another value, is another history too
+
+
+def value_digest(value: bytes) -> str:
+    return hashlib.blake2b(value, digest_size=8).hexdigest()
 
 
 class Unknown:
@@ -238,13 +245,14 @@ def encode_progress(
             binascii.b2a_base64(last.key, newline=False).decode(),
             last.revision,
             last.deleted,
+            last.digest,
         ]
     record = {
         "gen": gen,
         "rev": rev,
         "ts": ts,
         "seen": [[binascii.b2a_base64(k, newline=False).decode(), m] for k, m in kept],
-        "last": named,
+        "last": named,  # [key, revision, deleted, digest]
         "base": base,
     }
     return json.dumps(record, separators=(",", ":")).encode()
@@ -273,10 +281,12 @@ def progress_vouch(raw: bytes | None, gen: int) -> Vouch | Unknown | Unvouched:
     assert isinstance(base, int)
     if last is None:
         return Vouch(None, base)
-    if not (isinstance(last, list) and len(last) == 3 and isinstance(last[0], str)):
+    if not (isinstance(last, list) and len(last) == 4 and isinstance(last[0], str)):
         return UNVOUCHED
-    key, rev, deleted = last
+    key, rev, deleted, digest = last
     if not _revision(rev) or rev == 0 or not isinstance(deleted, bool):
+        return UNVOUCHED
+    if not (isinstance(digest, str) and len(digest) <= 64):
         return UNVOUCHED
     try:
         raw_key = binascii.a2b_base64(key, strict_mode=True)
@@ -284,7 +294,7 @@ def progress_vouch(raw: bytes | None, gen: int) -> Vouch | Unknown | Unvouched:
         return UNVOUCHED
     if not 0 < len(raw_key) <= 256:
         return UNVOUCHED
-    return Vouch(Witness(raw_key, rev, deleted), base)
+    return Vouch(Witness(raw_key, rev, deleted, digest), base)
 
 
 def unrecorded(fences: Mapping[str, FenceRecord], vouched: int) -> str | None:

@@ -573,7 +573,9 @@ class Watcher:
         self.feed.config_rev = self._read_readiness(rev).config_rev
         self.feed.listed = {}  # only what this term's resyncs list
         read_back: list[tuple[bytes, int]] = []  # writes of this etcd that targets recorded
-        witnessed: list[Witness] = []  # newest events of earlier terms, read back as taken
+        # per resumed target, the newest event of the term before (read back as taken) and
+        # the revision its record vouched for
+        witnessed: list[tuple[Witness | None, int]] = []
         starts: list[int] = []
         for t in self.targets:
             try:
@@ -618,8 +620,12 @@ class Watcher:
         self._next_tick = now + self.sync.fence_poll_interval
         self.feed.start(min(starts))
         self.feed.remember(read_back)
-        if witnessed:  # what the next records vouch for until this term takes an event
-            self.feed.newest = max(witnessed, key=lambda w: w.revision)
+        # what the next records vouch for until this term takes an event: the history of
+        # the source up to there was vouched for, whatever revision the watch began at
+        lasts = [w for w, _ in witnessed if w is not None]
+        if lasts:
+            self.feed.newest = max(lasts, key=lambda w: w.revision)
+        self.feed.started_at = max([self.feed.started_at] + [v for _, v in witnessed])
         self._opened = True
 
     # -- the loop ----------------------------------------------------------------------------
@@ -1488,7 +1494,7 @@ class Watcher:
         allow_resume: bool,
         source_rev: int,
         read_back: list[tuple[bytes, int]] | None = None,
-        witnessed: list[Witness] | None = None,
+        witnessed: list[tuple[Witness | None, int]] | None = None,
     ) -> int | None:
         """Open a new generation in the target. If its records allow (and allow_resume),
         resume: returns the revision the watch must start from. Otherwise the target is owed
@@ -1502,7 +1508,9 @@ class Watcher:
         t.held_marked = records.held
         plan: Resume | Resync | None = None
         writes: list[tuple[bytes, int]] = []
+        verified: list[int] = []  # revisions of those read back as written
         last: Witness | None = None  # the newest event the record names, read back as taken
+        vouched: int | None = None  # the revision the record vouches for (None: not asked)
         if allow_resume:
             plan = plan_start(
                 records,
@@ -1526,18 +1534,26 @@ class Watcher:
                 gone = (
                     f"revision {source_rev} is below {ahead}, already seen"
                     if ahead > source_rev
-                    else self.feed.unseen(writes)
+                    else self.feed.unseen(writes, verified)
                 )
                 if gone is not None:
                     plan = Resync(Cause.SOURCE_REPLACED, f"before this term: {gone}")
             if isinstance(plan, Resume) and records.gen is not None:
-                plan, last = self._vouch(records, plan, source_rev)
+                plan, last, vouched = self._vouch(
+                    records, plan, source_rev, max(verified, default=0)
+                )
             if isinstance(plan, Resume) and records.held and not self.waiting:
                 # deletes were held for a source canary that has appeared since: resync
                 plan = Resync(Cause.SOURCE_CANARY, "deletes held before this term")
         gen = new_generation(records, t.pair.gen, self.wall_ms())
         record = GenRecord(gen, self.sync.shards, self.sync.identities, self.feed.cluster_id)
         t.gen_rev = t.control.open_generation(records, record)
+        if isinstance(plan, Resume) and vouched is not None:
+            # batches of the old generation may have landed while the source was read back;
+            # none can now, and a fence they moved past the vouched revision is no resume
+            why = unrecorded(t.control.read().fences, vouched)
+            if why is not None:
+                plan = Resync(Cause.UNRECORDED, why)
         t.poll_after = t.poll_backoff = 0.0  # it answers: its fence poll waits no more
         t.pair = PairState(gen=gen, chain={s: (0, 0) for s in self.shards})
         t.outbox.drain()  # owed to the old generation: the new one starts from its fences
@@ -1560,25 +1576,29 @@ class Watcher:
         config = [(self.feed.config_key, self.feed.config_rev)] if self.feed.config_rev else []
         kept = list(dict(config + writes).items())
         # it vouches for what the last one did: the event read back, or the revision that
-        # record vouched for (the watch resumes just past it)
-        t.control.write_progress(t.gen_rev, gen, plan.through, kept, last, plan.through)
+        # record vouched for (the watch resumes at or before it)
+        base = plan.through if vouched is None else vouched
+        t.control.write_progress(t.gen_rev, gen, plan.through, kept, last, base)
         t.progress_rev = plan.through
         if read_back is not None:
             read_back += writes
-        if witnessed is not None and last is not None:
-            witnessed.append(last)
+        if witnessed is not None:
+            witnessed.append((last, base))
         self.metrics.resumes.labels(src, t.name).inc()
         log.info("%s→%s: generation %d resumes from the fences", src, t.name, gen)
         return plan.watch_from
 
     def _vouch(
-        self, records: TargetRecords, plan: Resume, source_rev: int
-    ) -> tuple[Resume | Resync, Witness | None]:
+        self, records: TargetRecords, plan: Resume, source_rev: int, read_back: int
+    ) -> tuple[Resume | Resync, Witness | None, int | None]:
         """The resume *plan* cut to what the progress record vouches for, or the resync owed
         instead; with the newest event the record names, read back as taken (None when it
-        names none). A source that lost the end of its history has given the lost
-        revisions to other writes: a resume would take them for landed (the fences) or for
-        empty (the record's revision) and skip them. The history is lost from some
+        names none), and the revision it vouches for (None for a record of before).
+        *read_back* is the newest of the record's writes read back as written.
+
+        A source that lost the end of its history has given the lost revisions to other
+        writes: a resume would take them for landed (the fences) or for empty (the
+        record's revision) and skip them. The history is lost from some
         revision on, so the newest event the last term took, still there as taken, vouches
         for every revision up to its own; with none, the revision its watch began at does
         (a listing's, or one the term before vouched for). Fences past that are batches
@@ -1588,35 +1608,34 @@ class Watcher:
         assert records.gen is not None
         vouch = progress_vouch(records.progress, records.gen.gen)
         if vouch is UNKNOWN:
-            return plan, None  # a record of before: its writes were read back, as it allowed
+            return plan, None, None  # a record of before: its writes read back, as it allowed
         last = None
-        if vouch is UNVOUCHED:  # the writes it names (read back already) vouch for theirs
-            writes = progress_writes(records.progress, records.gen.gen)
-            vouched = max((m for _, m in writes), default=0)
+        if vouch is UNVOUCHED:  # the writes it names, read back, vouch for theirs
+            vouched = read_back
         else:
             assert isinstance(vouch, Vouch)
             last = vouch.last
             vouched = last.revision if last is not None else vouch.base
             if vouched > source_rev:
                 below = f"revision {source_rev} is below {vouched}, already seen"
-                return Resync(Cause.SOURCE_REPLACED, f"before this term: {below}"), None
+                return Resync(Cause.SOURCE_REPLACED, f"before this term: {below}"), None, None
             if last is not None:
                 try:
                     gone = self.feed.witness_gone(last)
                 except CompactedError:  # and a watch from there would be too
                     detail = f"its newest event, at revision {last.revision}, compacted away"
-                    return Resync(Cause.COMPACTED, detail), None
+                    return Resync(Cause.COMPACTED, detail), None, None
                 except PermissionDeniedError as exc:
                     detail = f"its newest event cannot be read back: {exc}"
-                    return Resync(Cause.UNRECORDED, detail), None
+                    return Resync(Cause.UNRECORDED, detail), None, None
                 if gone is not None:
-                    return Resync(Cause.SOURCE_REPLACED, f"before this term: {gone}"), None
+                    return Resync(Cause.SOURCE_REPLACED, f"before this term: {gone}"), None, None
         why = unrecorded(records.fences, vouched)
         if why is not None:
-            return Resync(Cause.UNRECORDED, why), None
+            return Resync(Cause.UNRECORDED, why), None, None
         through = min(plan.through, vouched)
         skip = {s: max(pos, (through, END)) for s, pos in plan.chain.items()}
-        return Resume(chain=plan.chain, skip=skip, through=through), last
+        return Resume(chain=plan.chain, skip=skip, through=through), last, vouched
 
     def _resync(self, targets: list[Target]) -> int:
         """Open a new generation in each target, list the source at one revision R and

@@ -10,6 +10,7 @@ for. The real watcher and applier on in-memory etcds (tests/rig.py)."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -134,7 +135,7 @@ def test_a_term_that_ends_recording_what_it_took_is_resumed() -> None:
     rig.work()  # they land after the term ended
     for t in rig.targets:
         record = json.loads(rig.mesh[t].get(progress_key("a")).value)  # type: ignore[union-attr]
-        assert record["last"][1:] == [rig.source.revision(), True]
+        assert record["last"][1:3] == [rig.source.revision(), True]
     rig.watcher = rig.new_watcher()
     rig.start()
     rig.settle()
@@ -217,3 +218,46 @@ def test_a_target_owed_a_resync_gets_no_record_as_the_term_ends() -> None:
     assert after[owed.name] == before[owed.name]
     other = next(t for t in rig.targets if t != owed.name)
     assert after[other] != before[other]
+
+
+def test_a_batch_of_the_term_before_that_lands_during_the_read_back_is_seen() -> None:
+    """The killed term's last batch lands while the next term reads back the source, after
+    it read the fences: the fences it resumes on are read again once its generation is
+    open (no batch of the old one can land after that)."""
+    rig = synced()
+    keep = rig.source.revision()
+    key = change(rig, "put")
+    rig.step()  # published, not landed; the records still vouch for `keep` only
+    lose_the_end(rig, keep)
+    rig.watcher = rig.new_watcher()
+    for t in rig.watcher.targets:
+        opened = t.control.open_generation
+
+        def open_after_landing(records: Any, record: Any, opened: Any = opened) -> int:
+            rig.work()  # the old term's batch lands just before the generation moves
+            return int(opened(records, record))
+
+        t.control.open_generation = open_after_landing  # type: ignore[method-assign]
+    rig.start()
+    rig.settle()
+    assert resyncs(rig, Cause.UNRECORDED) == [1, 1]
+    assert cached(rig, key) == [False, False]
+    for t in rig.targets:
+        assert rig.cache(t) == rig.expected()
+
+
+def test_the_same_key_written_again_at_the_same_revision_is_another_history() -> None:
+    """The lost newest event was a write of a key that the new history writes again at the
+    very same revision, with another value (an agent that rewrites its own key first): the
+    value read back is not the one taken."""
+    rig = synced()
+    keep = rig.source.revision()
+    rig.source.put(NODE + b"node-1", b'{"name":"node-1","v":"lost"}')
+    rig.settle()
+    rig.source.rewind(keep)
+    rig.source.put(NODE + b"node-1", b'{"name":"node-1","v":"new"}')  # the same revision
+    lose_the_end(rig, rig.source.revision())
+    rig.settle()
+    assert resyncs(rig, Cause.SOURCE_REPLACED) == [1, 1]
+    for t in rig.targets:
+        assert rig.cache(t) == rig.expected()
