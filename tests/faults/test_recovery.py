@@ -91,8 +91,13 @@ def test_compaction_while_watcher_down_forces_a_diff_resync(plain: Mesh) -> None
     w1 = mesh.watcher("watch1")
     assert_equal(mesh)
     b = mesh.client(1)
-    # every canary: every fence is done, so the restart could resume if history allowed
+    # every canary: every fence is done, and a record vouches for every fence, so the
+    # restart could resume if history allowed
     eventually(lambda: b.count(b"cilium/synced/cluster-a/") == 5, what="every canary")
+    eventually(
+        lambda: mesh.recorded("cluster-a", "cluster-b"),
+        what="a progress record that vouches for every fence",
+    )
     w1.kill()
     a = mesh.client(0)
     for i in range(20):
