@@ -462,6 +462,19 @@ class SourceFeed:
                 gone = self.witness_gone(self.newest)
         return gone
 
+    def compacted_past(self, revision: int) -> bool:
+        """Whether the source compacted its history past *revision*: a watch from the one
+        after would be refused. A read the role may not make says nothing (False)."""
+        if revision <= 0:
+            return False
+        try:
+            self.etcd.scan(self.config_key, revision, exact=True)
+        except CompactedError:
+            return True
+        except PermissionDeniedError:
+            return False
+        return False
+
     def base(self) -> int:
         """The revision up to which this feed's history is vouched for: the newest event it
         took (read back as taken after a reconnect), or where its watch began. Revisions

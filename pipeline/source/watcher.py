@@ -1630,6 +1630,9 @@ class Watcher:
                     return Resync(Cause.UNRECORDED, detail), None, None
                 if gone is not None:
                     return Resync(Cause.SOURCE_REPLACED, f"before this term: {gone}"), None, None
+        if last is None and self.feed.compacted_past(vouched):  # no watch can resume there
+            detail = f"the revision its record vouches for, {vouched}, compacted away"
+            return Resync(Cause.COMPACTED, detail), None, None
         why = unrecorded(records.fences, vouched)
         if why is not None:
             return Resync(Cause.UNRECORDED, why), None, None

@@ -261,3 +261,21 @@ def test_the_same_key_written_again_at_the_same_revision_is_another_history() ->
     assert resyncs(rig, Cause.SOURCE_REPLACED) == [1, 1]
     for t in rig.targets:
         assert rig.cache(t) == rig.expected()
+
+
+def test_a_record_of_a_listing_compacted_away_resyncs_as_compacted() -> None:
+    """The last record names no event (none came after the listing it vouches for) and the
+    source compacted its history past that listing: no watch can resume there, whatever
+    landed after the record, and the resync says so."""
+    rig = synced()
+    key = change(rig, "put")
+    rig.step()
+    rig.work()  # landed past the record, which names no event
+    rig.source.compact()
+    rig.watcher = rig.new_watcher()
+    rig.start()
+    rig.settle()
+    assert resyncs(rig, Cause.COMPACTED) == [1, 1]
+    assert cached(rig, key) == [True, True]
+    for t in rig.targets:
+        assert rig.cache(t) == rig.expected()
