@@ -508,9 +508,8 @@ class Mesh:
             vouch = progress_vouch(None if kv is None else kv.value, gen)
             if not isinstance(vouch, Vouch):
                 return False
-            vouched = vouch.last.revision if vouch.last is not None else vouch.base
             _, fences = client.scan(fence_key(source, ""))
-            return all(FenceRecord.decode(f.value).pos[0] <= vouched for f in fences)
+            return all(FenceRecord.decode(f.value).pos[0] <= vouch.revision for f in fences)
         finally:
             client.close()
 

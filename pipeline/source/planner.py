@@ -192,9 +192,8 @@ def value_digest(value: bytes) -> str:
 
 
 class Unknown:
-    """Not known: a progress record written before records named the newest event, or a
-    witness the source no longer shows either way (compacted away, or a range the role
-    may not read)."""
+    """A progress record of this generation written before records named the newest
+    event: it is believed as such records were."""
 
     def __repr__(self) -> str:
         return "UNKNOWN"
@@ -223,6 +222,11 @@ class Vouch:
 
     last: Witness | None
     base: int
+
+    @property
+    def revision(self) -> int:
+        """The revision up to which the record vouches for the source's history."""
+        return self.last.revision if self.last is not None else self.base
 
 
 def encode_progress(

@@ -1615,7 +1615,7 @@ class Watcher:
         else:
             assert isinstance(vouch, Vouch)
             last = vouch.last
-            vouched = last.revision if last is not None else vouch.base
+            vouched = vouch.revision
             if vouched > source_rev:
                 below = f"revision {source_rev} is below {vouched}, already seen"
                 return Resync(Cause.SOURCE_REPLACED, f"before this term: {below}"), None, None

@@ -59,6 +59,18 @@ def resyncs(rig: Rig, cause: Cause) -> list[float]:
     return [rig.resyncs(t, cause.value) for t in rig.targets]
 
 
+def new_term(rig: Rig) -> None:
+    """A new watcher process takes the source over, and the mesh settles."""
+    rig.watcher = rig.new_watcher()
+    rig.start()
+    rig.settle()
+
+
+def assert_exact(rig: Rig) -> None:
+    for t in rig.targets:
+        assert rig.cache(t) == rig.expected()
+
+
 @pytest.mark.parametrize("kind", ["put", "delete"])
 def test_the_watcher_watching_through_it_resyncs(kind: str) -> None:
     """The watcher reconnects to the rewound source: the newest event it took is not there
@@ -72,8 +84,7 @@ def test_the_watcher_watching_through_it_resyncs(kind: str) -> None:
     rig.settle()
     assert resyncs(rig, Cause.SOURCE_REPLACED) == [1, 1]
     assert cached(rig, key) == [kind == "delete"] * 2
-    for t in rig.targets:
-        assert rig.cache(t) == rig.expected()
+    assert_exact(rig)
 
 
 @pytest.mark.parametrize("kind", ["put", "delete"])
@@ -91,13 +102,10 @@ def test_a_new_term_reads_back_the_newest_event(kind: str, end: str) -> None:
     rig.watcher.stop()
     rig.watcher._record_on_exit()
     lose_the_end(rig, keep)
-    rig.watcher = rig.new_watcher()
-    rig.start()
-    rig.settle()
+    new_term(rig)
     assert resyncs(rig, Cause.SOURCE_REPLACED) == [1, 1]
     assert cached(rig, key) == [kind == "delete"] * 2
-    for t in rig.targets:
-        assert rig.cache(t) == rig.expected()
+    assert_exact(rig)
 
 
 @pytest.mark.parametrize("lost", [True, False])
@@ -114,13 +122,10 @@ def test_a_term_killed_before_recording_what_landed_is_not_resumed(lost: bool) -
         assert max(FenceRecord.decode(f).pos[0] for f in fences) > keep
     if lost:
         lose_the_end(rig, keep)
-    rig.watcher = rig.new_watcher()
-    rig.start()
-    rig.settle()
+    new_term(rig)
     assert resyncs(rig, Cause.UNRECORDED) == [1, 1]
     assert cached(rig, key) == [not lost] * 2
-    for t in rig.targets:
-        assert rig.cache(t) == rig.expected()
+    assert_exact(rig)
 
 
 def test_a_term_that_ends_recording_what_it_took_is_resumed() -> None:
@@ -136,16 +141,13 @@ def test_a_term_that_ends_recording_what_it_took_is_resumed() -> None:
     for t in rig.targets:
         record = json.loads(rig.mesh[t].get(progress_key("a")).value)  # type: ignore[union-attr]
         assert record["last"][1:3] == [rig.source.revision(), True]
-    rig.watcher = rig.new_watcher()
-    rig.start()
-    rig.settle()
+    new_term(rig)
     assert [rig.metric(RESUMES, source_cluster="a", target_cluster=t) for t in rig.targets] == [
         1,
         1,
     ]
     assert [rig.resyncs(t) for t in rig.targets] == [0, 0]
-    for t in rig.targets:
-        assert rig.cache(t) == rig.expected()
+    assert_exact(rig)
 
 
 @pytest.mark.parametrize("how", ["watching", "new term"])
@@ -179,8 +181,7 @@ def test_revisions_lost_past_the_newest_event_are_watched_again(how: str) -> Non
     rig.settle()
     assert cached(rig, reborn) == [True, True]
     assert [rig.resyncs(t) for t in rig.targets] == (before if how == "watching" else [0, 0])
-    for t in rig.targets:
-        assert rig.cache(t) == rig.expected()
+    assert_exact(rig)
 
 
 def test_a_term_killed_before_its_first_record_is_not_resumed() -> None:
@@ -194,12 +195,9 @@ def test_a_term_killed_before_its_first_record_is_not_resumed() -> None:
     rig.work()  # landed, fences done, and no fence poll yet
     for t in rig.targets:
         assert rig.mesh[t].get(progress_key("a")) is None
-    rig.watcher = rig.new_watcher()
-    rig.start()
-    rig.settle()
+    new_term(rig)
     assert resyncs(rig, Cause.UNRECORDED) == [1, 1]
-    for t in rig.targets:
-        assert rig.cache(t) == rig.expected()
+    assert_exact(rig)
 
 
 def test_a_target_owed_a_resync_gets_no_record_as_the_term_ends() -> None:
@@ -242,8 +240,7 @@ def test_a_batch_of_the_term_before_that_lands_during_the_read_back_is_seen() ->
     rig.settle()
     assert resyncs(rig, Cause.UNRECORDED) == [1, 1]
     assert cached(rig, key) == [False, False]
-    for t in rig.targets:
-        assert rig.cache(t) == rig.expected()
+    assert_exact(rig)
 
 
 def test_the_same_key_written_again_at_the_same_revision_is_another_history() -> None:
@@ -259,8 +256,7 @@ def test_the_same_key_written_again_at_the_same_revision_is_another_history() ->
     lose_the_end(rig, rig.source.revision())
     rig.settle()
     assert resyncs(rig, Cause.SOURCE_REPLACED) == [1, 1]
-    for t in rig.targets:
-        assert rig.cache(t) == rig.expected()
+    assert_exact(rig)
 
 
 def test_a_record_of_a_listing_compacted_away_resyncs_as_compacted() -> None:
@@ -272,10 +268,7 @@ def test_a_record_of_a_listing_compacted_away_resyncs_as_compacted() -> None:
     rig.step()
     rig.work()  # landed past the record, which names no event
     rig.source.compact()
-    rig.watcher = rig.new_watcher()
-    rig.start()
-    rig.settle()
+    new_term(rig)
     assert resyncs(rig, Cause.COMPACTED) == [1, 1]
     assert cached(rig, key) == [True, True]
-    for t in rig.targets:
-        assert rig.cache(t) == rig.expected()
+    assert_exact(rig)
