@@ -574,3 +574,32 @@ class Mesh:
             p.kill()
         for proxy in self.proxies:
             proxy.close()
+
+
+def check_reads_at_a_past_revision(etcd: Any, prefix: bytes) -> None:
+    """What SourceFeed.listing_gone asks of a source, at a revision it has passed: the keys
+    a range held (count) and its newest write past a revision (latest_change), the same on
+    a real etcd and on tests/memory_etcd.py; a compacted revision raises CompactedError."""
+    from pipeline.protocol.errors import CompactedError
+
+    etcd.put(prefix + b"x", b"1")
+    etcd.put(prefix + b"y", b"1")
+    first = etcd.revision()
+    etcd.put(prefix + b"x", b"2")
+    etcd.delete(prefix + b"y")
+    etcd.put(prefix + b"z", b"1")
+    later = etcd.revision()
+    assert etcd.count(prefix, first) == 2
+    assert etcd.count(prefix, later) == 2
+    assert etcd.count(prefix + b"y", first, exact=True) == 1
+    assert etcd.count(prefix + b"y", later, exact=True) == 0
+    assert etcd.latest_change(prefix, first, revision=first) == 0
+    assert etcd.latest_change(prefix, first - 1, revision=first) == first
+    assert etcd.latest_change(prefix, first, revision=later) == later
+    assert etcd.latest_change(prefix + b"x", first, exact=True, revision=later) == later - 2
+    assert etcd.latest_change(prefix + b"y", 0, exact=True, revision=later) == 0
+    etcd.compact(later)
+    with pytest.raises(CompactedError):
+        etcd.count(prefix, first)
+    with pytest.raises(CompactedError):
+        etcd.latest_change(prefix, 0, revision=first)

@@ -271,12 +271,20 @@ class MemoryEtcd:
             return None
         return KV(key, v.value, v.revision, v.lease)
 
-    def count(self, prefix: bytes) -> int:
+    def count(self, prefix: bytes, revision: int | None = None, exact: bool = False) -> int:
         self._check()
-        return len(self.items(prefix))
+        if revision is None and not exact:
+            return len(self.items(prefix))
+        _, kvs = self.scan(prefix, revision, exact=exact)
+        return sum(1 for _ in kvs)
 
-    def latest_change(self, prefix: bytes, after: int, exact: bool = False) -> int:
+    def latest_change(
+        self, prefix: bytes, after: int, exact: bool = False, revision: int | None = None
+    ) -> int:
         self._check()
+        if revision is not None:
+            _, kvs = self.scan(prefix, revision, exact=exact)
+            return max((kv.mod_revision for kv in kvs if kv.mod_revision > after), default=0)
         end = None if exact else prefix_end(prefix)
         revs = [
             v.revision

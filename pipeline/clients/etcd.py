@@ -327,9 +327,11 @@ class EtcdClient(Protocol):
 
     def get(self, key: bytes) -> KV | None: ...
 
-    def count(self, prefix: bytes) -> int: ...
+    def count(self, prefix: bytes, revision: int | None = None, exact: bool = False) -> int: ...
 
-    def latest_change(self, prefix: bytes, after: int, exact: bool = False) -> int: ...
+    def latest_change(
+        self, prefix: bytes, after: int, exact: bool = False, revision: int | None = None
+    ) -> int: ...
 
     def scan(
         self, prefix: bytes, revision: int | None = None, page: int = 2000, exact: bool = False
@@ -521,29 +523,46 @@ class Etcd:
         kv = resp.kvs[0]
         return KV(kv.key, kv.value, kv.mod_revision, kv.lease)
 
-    def count(self, prefix: bytes) -> int:
-        resp = self._call(
-            "count",
-            lambda: self._client.get_range_response(prefix, prefix_end(prefix), count_only=True),
-        )
+    def count(self, prefix: bytes, revision: int | None = None, exact: bool = False) -> int:
+        """How many keys are under *prefix* (or the one key, with exact=True) at *revision*
+        (None: now). CompactedError if *revision* was compacted away. (etcd applies no
+        mod revision filter to a count-only read: latest_change does that.)"""
+        kwargs: dict[str, Any] = {"count_only": True}
+        if revision:
+            kwargs["revision"] = revision
+        end = None if exact else prefix_end(prefix)
+        try:
+            resp = self._call(
+                "count", lambda: self._client.get_range_response(prefix, end, **kwargs)
+            )
+        except CompactedError:
+            raise CompactedError(revision or 0) from None
         return int(resp.count)
 
-    def latest_change(self, prefix: bytes, after: int, exact: bool = False) -> int:
-        """The highest mod revision above *after* among keys under *prefix*, or 0. Deletes
-        leave no key behind, so they are not seen here."""
+    def latest_change(
+        self, prefix: bytes, after: int, exact: bool = False, revision: int | None = None
+    ) -> int:
+        """The highest mod revision above *after* among keys under *prefix* at *revision*
+        (None: now), or 0. Deletes leave no key behind, so they are not seen here.
+        CompactedError if *revision* was compacted away."""
         end = None if exact else prefix_end(prefix)
-        resp = self._call(
-            "range",
-            lambda: self._client.get_range_response(
-                prefix,
-                end,
-                sort_order="descend",
-                sort_target="mod",
-                limit=1,
-                keys_only=True,
-                min_mod_revision=after + 1,
-            ),
-        )
+        kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+        try:
+            resp = self._call(
+                "range",
+                lambda: self._client.get_range_response(
+                    prefix,
+                    end,
+                    sort_order="descend",
+                    sort_target="mod",
+                    limit=1,
+                    keys_only=True,
+                    min_mod_revision=after + 1,
+                    **kwargs,
+                ),
+            )
+        except CompactedError:
+            raise CompactedError(revision or 0) from None
         return int(resp.kvs[0].mod_revision) if resp.kvs else 0
 
     def scan(

@@ -31,7 +31,7 @@ from pipeline.protocol.errors import (
     show_key,
 )
 from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES, Resource
-from pipeline.source.planner import Cause, Witness, value_digest
+from pipeline.source.planner import Cause, Listing, Witness, value_digest
 
 log = logging.getLogger("kvmesh.feed")
 
@@ -148,6 +148,18 @@ class SourceFeed:
         # this one read back as written vouches for every event taken
         self.newest: Witness | None = None
         self.started_at = 0  # the revision the watch began after (start())
+        # what the last resync of this term listed: until the feed takes an event past it,
+        # the source must still show it at its revision (listing_gone). Kept across start()
+        self.listing: Listing | None = None
+        # whether the history is read back once more when a stream of this start first
+        # answers (_take): see start(); not before this time (time.monotonic) after a
+        # look the source did not answer
+        self.look_after_start = False
+        self._look_not_before = 0.0
+        # listing_gone's verdicts, for one pass of next() (or until forget_looks): the
+        # streams that one restart of the source breaks come in one pass, and the read of a
+        # resource's newest write makes etcd scan its range
+        self._verdicts: dict[tuple[object, ...], str | None] = {}
         self.cluster_id = 0  # the source etcd's cluster ID when the feed started
         self.config_key = RESOURCE_BY_NAME["config"].source_prefix(source)
         # A broken stream of a source found unreachable waits for its next look on a timer
@@ -188,6 +200,12 @@ class SourceFeed:
         self.denied = {}
         self._refused_looks = 0
         self._unreachable_until = 0.0
+        # What vouched for the history below start_rev was read back before the streams
+        # began: a source that lost its history in between, and came back before they
+        # did, breaks none of them. Once one answers (so it began after any such loss),
+        # the history is read back once more; a loss after that breaks it.
+        self.look_after_start = True
+        self._look_not_before = 0.0
         for res in RESOURCES:
             self._start_stream(res, start_rev, epoch)
 
@@ -284,6 +302,7 @@ class SourceFeed:
         Broken streams are handled here: reconnected where they left off, or turned into a
         Lost item when the source lost its history."""
         max_bytes = self.inbox_bytes if max_bytes is None else max_bytes
+        self.forget_looks()
         out: list[FeedItem] = []
         size = 0
         try:
@@ -316,6 +335,10 @@ class SourceFeed:
             return None
         self.heard[name] = self.clock()
         self.denied.pop(name, None)
+        if self.look_after_start and time.monotonic() >= self._look_not_before:
+            lost = self._look_again()
+            if lost is not None:
+                return lost
         cut = self.replay.get(name)
         if cut is not None and item.events:
             # a stream started again where its last one left off delivers what that one
@@ -425,6 +448,23 @@ class SourceFeed:
         self._start_stream(RESOURCE_BY_NAME[name], max(1, start), self.epoch)
         return None
 
+    def _look_again(self) -> Lost | None:
+        """The history read back once the first stream of a start answered (see start()):
+        Lost if the source etcd is not the one watched. A source that does not answer
+        says nothing here: a loss breaks the streams, and their reconnection looks."""
+        try:
+            replaced = self.replaced()
+        except RetryableError as exc:
+            # again with a later response, a second from now at the soonest
+            log.info("%s: cannot read the history back as the watch begins: %s", self.source, exc)
+            self._look_not_before = time.monotonic() + 1.0
+            return None
+        self.look_after_start = False
+        if replaced:
+            log.warning("%s: the source etcd lost its history (%s)", self.source, replaced)
+            return Lost(Cause.SOURCE_REPLACED, replaced)
+        return None
+
     def _retry(self, item: _Broken, delay: float) -> None:
         """Put *item* back into the inbox after *delay* seconds, for its next look (unless
         the feed was restarted or stopped meanwhile: _put drops what an old epoch sends)."""
@@ -450,7 +490,11 @@ class SourceFeed:
         if cluster_id != self.cluster_id:
             return "another cluster ID"
         newest = [self.newest.revision] if self.newest is not None else []
-        seen = max([*self.delivered.values(), *(m for _, m in self.anchors.values()), *newest])
+        listing = self.open_listing()
+        listed = [listing.revision] if listing is not None else []
+        seen = max(
+            [*self.delivered.values(), *(m for _, m in self.anchors.values()), *newest, *listed]
+        )
         if rev < seen:
             return f"revision {rev} is below {seen}, already seen"
         gone = self.unseen(self.anchors.values())
@@ -460,7 +504,65 @@ class SourceFeed:
             # its revision (base()), where etcd says so in turn
             with contextlib.suppress(CompactedError, PermissionDeniedError):
                 gone = self.witness_gone(self.newest)
+        if gone is None and listing is not None:
+            gone = self.listing_gone(listing)
         return gone
+
+    def open_listing(self) -> Listing | None:
+        """The last listing, unless an event taken past it vouches for it (the newest,
+        read back as taken)."""
+        listing, newest = self.listing, self.newest
+        if listing is not None and newest is not None and newest.revision >= listing.revision:
+            return None
+        return listing
+
+    def forget_looks(self) -> None:
+        """Ask the source again at the next listing_gone (see _verdicts)."""
+        self._verdicts = {}
+
+    def adopt_listing(self, listing: Listing, newest: dict[str, tuple[bytes, int]]) -> None:
+        """What a resync listed: *listing*, checked until an event past it (listing_gone),
+        and each resource's newest write listed (*newest*), kept for the read-backs in
+        place of an older one (a resync during a term lists past the events taken), so
+        that the write the listing's newest revision names is read back as written."""
+        self.listing = listing
+        self.listed = newest
+        for name, (key, mod) in newest.items():
+            kept = self.anchors.get(name)
+            if kept is None or kept[1] < mod:
+                self.anchors[name] = (key, mod)
+
+    def listing_gone(self, listing: Listing) -> str | None:
+        """Why the source etcd does not show, at *listing*'s revision, what that listing
+        read (another number of keys in a resource's range, or another newest write: the
+        write itself is among the anchors, read back by replaced()), or None. Per
+        resource, a count and a read of its newest write, which makes etcd scan the range
+        at that revision (about 50 ms for 50,000 identities here); the verdict holds for a
+        pass of next(). A revision compacted away, or a range the role may not read,
+        proves nothing and is skipped."""
+        tally = tuple(sorted(listing.tally.items()))
+        cached = self._verdicts.get((listing.revision, tally), False)
+        if cached is not False:
+            assert not isinstance(cached, bool)
+            return cached
+        verdict = self._listing_gone(listing.revision, tally)
+        self._verdicts[(listing.revision, tally)] = verdict
+        return verdict
+
+    def _listing_gone(self, at: int, tally: tuple[tuple[str, tuple[int, int]], ...]) -> str | None:
+        for name, (count, top) in tally:
+            res = RESOURCE_BY_NAME[name]
+            prefix = res.source_prefix(self.source, self.identities)
+            try:
+                now = self.etcd.count(prefix, at, exact=res.single_key)
+                newest = self.etcd.latest_change(prefix, 0, res.single_key, at) if now else 0
+            except (CompactedError, PermissionDeniedError):
+                continue
+            if now != count:
+                return f"{name} held {now} keys at revision {at}, where {count} were listed"
+            if newest != top:
+                return f"the newest write of {name} at revision {at} is at {newest}, not {top}"
+        return None
 
     def compacted_past(self, revision: int) -> bool:
         """Whether the source compacted its history past *revision*: a watch from the one

@@ -96,17 +96,22 @@ def iter_resource(
     max_bytes: int,
     on_reject: Callable[[BadInputError], None],
     newest: dict[str, tuple[bytes, int]] | None = None,
+    tally: dict[str, tuple[int, int]] | None = None,
 ) -> Iterator[tuple[bytes, bytes]]:
     """(target key, target value) for every synced key of one resource of the source at
     *revision*, read page by page, in key order (the rewrite keeps the order: it swaps a
     prefix that is the same for every key of the resource). Bad input goes to *on_reject*
     and is skipped. *newest* gets the resource's newest write listed (source key, revision),
-    a write of this etcd the feed can read back later (SourceFeed.anchors)."""
+    a write of this etcd the feed can read back later (SourceFeed.anchors). *tally* gets,
+    once the resource is read to its end, how many keys its range held at *revision* (bad
+    input too) and the newest mod revision among them: what the source must still show at
+    that revision (SourceFeed.listing_gone)."""
     _, kvs = etcd.scan(
         res.source_prefix(layout.source, layout.identities), revision, page, exact=res.single_key
     )
-    top = 0
+    top = count = 0
     for kv in kvs:
+        count += 1
         if kv.mod_revision > top:
             top = kv.mod_revision
             if newest is not None:
@@ -118,6 +123,8 @@ def iter_resource(
             continue
         assert tvalue is not None
         yield tkey, tvalue
+    if tally is not None:
+        tally[res.name] = (count, top)
 
 
 def iter_source(

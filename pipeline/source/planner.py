@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from pipeline.protocol.errors import CorruptRecordError, MalformedBatchError
 from pipeline.protocol.fence import FenceRecord, GenRecord, Position
-from pipeline.protocol.layout import RESOURCES
+from pipeline.protocol.layout import RESOURCE_BY_NAME, RESOURCES
 from pipeline.protocol.names import (
     draining_key,
     fence_key,
@@ -187,6 +187,18 @@ class Witness:
     # at the same revision, with another value, is another history too
 
 
+@dataclass(frozen=True)
+class Listing:
+    """What a resync listed of the source at *revision*: per resource read to its end, how
+    many keys its range held and the newest mod revision among them. A history lost from
+    between that write and *revision* and written anew shows another count, or a newer
+    write, at *revision*; no write the watcher took vouches for those revisions until it
+    takes one past them."""
+
+    revision: int
+    tally: dict[str, tuple[int, int]]
+
+
 def value_digest(value: bytes) -> str:
     return hashlib.blake2b(value, digest_size=8).hexdigest()
 
@@ -222,11 +234,20 @@ class Vouch:
 
     last: Witness | None
     base: int
+    # what the listing its term began with held, while no event past it vouches for it
+    listing: Listing | None = None
 
     @property
     def revision(self) -> int:
-        """The revision up to which the record vouches for the source's history."""
-        return self.last.revision if self.last is not None else self.base
+        """The revision up to which the record vouches for the source's history: the
+        newest event's, or past it up to *base* as far as the listing, read back, goes (a
+        target resynced after that event, at a listing nothing synced changed after);
+        *base* with no event."""
+        if self.last is None:
+            return self.base
+        if self.listing is None:
+            return self.last.revision
+        return max(self.last.revision, min(self.base, self.listing.revision))
 
 
 def encode_progress(
@@ -236,12 +257,14 @@ def encode_progress(
     ts: float,
     last: Witness | None = None,
     base: int = 0,
+    listing: Listing | None = None,
 ) -> bytes:
     """A progress record: generation *gen* holds every event up to *rev*; *seen* are
     writes of the source its watcher saw (key, revision), at most 8, keys of up to 256
     bytes (what progress_writes believes, and what keeps the record under 4 KiB); *last*
     the newest event it took (None: none since its watch began at *base*; false in the
-    record when its key is too long to keep)."""
+    record when its key is too long to keep); *listing* what the last listing held, when
+    no event past it vouches for it."""
     kept = [(k, m) for k, m in seen if 0 < len(k) <= 256][:8]
     named: list[object] | bool | None = None
     if last is not None:
@@ -258,6 +281,9 @@ def encode_progress(
         "seen": [[binascii.b2a_base64(k, newline=False).decode(), m] for k, m in kept],
         "last": named,  # [key, revision, deleted, digest]
         "base": base,
+        # [revision, [[resource, keys, newest mod revision], ...]]
+        "listing": listing
+        and [listing.revision, [[n, c, t] for n, (c, t) in sorted(listing.tally.items())]],
     }
     return json.dumps(record, separators=(",", ":")).encode()
 
@@ -283,8 +309,12 @@ def progress_vouch(raw: bytes | None, gen: int) -> Vouch | Unknown | Unvouched:
     if not _revision(base):
         return UNVOUCHED
     assert isinstance(base, int)
+    listing = _listing(record.get("listing"))
+    if listing is False:
+        return UNVOUCHED
+    assert not isinstance(listing, bool)
     if last is None:
-        return Vouch(None, base)
+        return Vouch(None, base, listing)
     if not (isinstance(last, list) and len(last) == 4 and isinstance(last[0], str)):
         return UNVOUCHED
     key, rev, deleted, digest = last
@@ -298,7 +328,36 @@ def progress_vouch(raw: bytes | None, gen: int) -> Vouch | Unknown | Unvouched:
         return UNVOUCHED
     if not 0 < len(raw_key) <= 256:
         return UNVOUCHED
-    return Vouch(Witness(raw_key, rev, deleted, digest), base)
+    return Vouch(Witness(raw_key, rev, deleted, digest), base, listing)
+
+
+def _listing(value: object) -> Listing | bool | None:
+    """The listing a progress record names (None: none), or False if it is malformed."""
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 2 and _revision(value[0])):
+        return False
+    revision = value[0]
+    assert isinstance(revision, int)
+    if revision == 0:
+        return False
+    rows = value[1]
+    if not isinstance(rows, list) or len(rows) > len(RESOURCE_BY_NAME):
+        return False
+    tally: dict[str, tuple[int, int]] = {}
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str)):
+            return False
+        if row[0] not in RESOURCE_BY_NAME:
+            return False
+        name, count, top = row
+        if not (_revision(count) and _revision(top)) or name in tally:
+            return False
+        # keys listed have a newest write at or below the listing; none have none
+        if top > revision or (count == 0) != (top == 0):
+            return False
+        tally[name] = (count, top)
+    return Listing(revision, tally)
 
 
 def unrecorded(fences: Mapping[str, FenceRecord], vouched: int) -> str | None:

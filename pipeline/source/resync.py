@@ -93,6 +93,7 @@ def run(
     readiness: Readiness | None = None,
     on_listed: Callable[[Resource], object] = lambda _res: None,
     newest: dict[str, tuple[bytes, int]] | None = None,
+    tally: dict[str, tuple[int, int]] | None = None,
 ) -> None:
     """Merge the source at *revision* into every snapshot, the targets' caches advancing in
     step with one listing of the source. Raises RetryableError if the source cannot be
@@ -121,6 +122,7 @@ def run(
                 max_bytes=max_bytes,
                 on_reject=on_reject,
                 newest=newest,
+                tally=tally,
             )
         for key, value in rows:
             for snap, merger in zip(snapshots, mergers, strict=True):

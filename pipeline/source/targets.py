@@ -26,7 +26,13 @@ from pipeline.protocol.names import (
 )
 from pipeline.protocol.wire import Signer
 from pipeline.source.leases import TargetLeases
-from pipeline.source.planner import TargetRecords, Witness, encode_progress, read_records
+from pipeline.source.planner import (
+    Listing,
+    TargetRecords,
+    Witness,
+    encode_progress,
+    read_records,
+)
 
 _FENCES_PER_TXN = 100  # etcd allows 128 operations per transaction; one is the compare
 
@@ -102,12 +108,14 @@ class TargetControl:
         seen: Sequence[tuple[bytes, int]] = (),
         last: Witness | None = None,
         base: int = 0,
+        listing: Listing | None = None,
     ) -> bool:
         """Record that the target holds every event up to *rev*, with writes of the source
-        the watcher saw (key, revision), the newest event it took, and the revision its
-        watch began at: a new term reads them back in the source before it resumes from
-        the fences (planner.progress_writes, planner.progress_vouch)."""
-        value = encode_progress(gen, rev, seen, time.time(), last, base)
+        the watcher saw (key, revision), the newest event it took, the revision its
+        watch began at, and what its last listing held while no event vouches for it: a
+        new term reads them back in the source before it resumes from the fences
+        (planner.progress_writes, planner.progress_vouch)."""
+        value = encode_progress(gen, rev, seen, time.time(), last, base, listing)
         return self.etcd.txn(
             [ModIs(gen_key(self.source), gen_rev)], [Put(progress_key(self.source), value)]
         ).succeeded

@@ -67,6 +67,7 @@ from pipeline.source.planner import (
     UNKNOWN,
     UNVOUCHED,
     Cause,
+    Listing,
     PairState,
     Resume,
     Resync,
@@ -415,12 +416,13 @@ class Watcher:
         if not self._opened:
             return
         self._opened = False
-        last, base, kept = self.feed.newest, self.feed.base(), self.feed.kept_writes()
+        last, kept = self.feed.newest, self.feed.kept_writes()
+        listing = self.feed.open_listing()
         src = self.source.name
 
-        def record(t: Target, gen_rev: int, gen: int, through: int) -> None:
+        def record(t: Target, gen_rev: int, gen: int, through: int, base: int) -> None:
             try:
-                t.control.write_progress(gen_rev, gen, through, kept, last, base)
+                t.control.write_progress(gen_rev, gen, through, kept, last, base, listing)
             except Exception as exc:  # anything: the term ends either way
                 log.warning(
                     "%s→%s: recording progress as the term ends failed: %s", src, t.name, exc
@@ -429,15 +431,23 @@ class Watcher:
         due: list[Future[None]] = []
         try:
             for t in self.targets:
-                if t.gen_rev and t.need_resync is None and not t.silent:
-                    due.append(
-                        self._pollers.submit(record, t, t.gen_rev, t.pair.gen, t.progress_rev)
-                    )
+                # one whose fence read is merely slow is written too (the writes wait side
+                # by side); one whose last read failed is left to the next term's resync
+                if t.gen_rev and t.need_resync is None and not t.poll_backoff:
+                    base = self._record_base(t)
+                    args = (t, t.gen_rev, t.pair.gen, t.progress_rev, base)
+                    due.append(self._pollers.submit(record, *args))
             wait(due, timeout=self.sync.etcd_timeout + 1.0)
         except Exception as exc:  # a pool shut down: nothing recorded, the next term resyncs
             log.warning("%s: recording progress as the term ends failed: %s", src, exc)
         for f in due:
             f.cancel()  # one still waiting for a thread must not write in a later term
+
+    def _record_base(self, t: Target) -> int:
+        """The revision *t*'s progress record says its history is vouched for up to, with no
+        event taken past it: where the feed's watch began, or the listing *t* was resynced
+        at, if later (the record's listing, the newest, is read back for it)."""
+        return max(self.feed.base(), t.snapshot_rev)
 
     def _source_failed(self) -> None:
         """Count a failed call to the source, or a watch stream that broke or went silent."""
@@ -572,10 +582,12 @@ class Watcher:
         # this one for another at its first reconnect
         self.feed.config_rev = self._read_readiness(rev).config_rev
         self.feed.listed = {}  # only what this term's resyncs list
+        self.feed.listing = None
+        self.feed.forget_looks()  # a listing read back once serves every target's record
         read_back: list[tuple[bytes, int]] = []  # writes of this etcd that targets recorded
         # per resumed target, the newest event of the term before (read back as taken) and
         # the revision its record vouched for
-        witnessed: list[tuple[Witness | None, int]] = []
+        witnessed: list[tuple[Witness | None, int, Listing | None]] = []
         starts: list[int] = []
         for t in self.targets:
             try:
@@ -622,10 +634,14 @@ class Watcher:
         self.feed.remember(read_back)
         # what the next records vouch for until this term takes an event: the history of
         # the source up to there was vouched for, whatever revision the watch began at
-        lasts = [w for w, _ in witnessed if w is not None]
+        lasts = [w for w, _, _ in witnessed if w is not None]
         if lasts:
             self.feed.newest = max(lasts, key=lambda w: w.revision)
-        self.feed.started_at = max([self.feed.started_at] + [v for _, v in witnessed])
+        self.feed.started_at = max([self.feed.started_at] + [v for _, v, _ in witnessed])
+        # and a listing the term before began with, read back, while no event vouches for it
+        listings = [x for _, _, x in witnessed if x is not None]
+        if self.feed.listing is None and listings:
+            self.feed.listing = max(listings, key=lambda x: x.revision)
         self._opened = True
 
     # -- the loop ----------------------------------------------------------------------------
@@ -1399,7 +1415,8 @@ class Watcher:
             through,
             self.feed.kept_writes(),
             self.feed.newest,
-            self.feed.base(),
+            self._record_base(t),
+            self.feed.open_listing(),
         ):
             t.progress_rev, t.progress_at = through, now
             self.metrics.applied_revision.labels(src, t.name).set(through)
@@ -1494,7 +1511,7 @@ class Watcher:
         allow_resume: bool,
         source_rev: int,
         read_back: list[tuple[bytes, int]] | None = None,
-        witnessed: list[tuple[Witness | None, int]] | None = None,
+        witnessed: list[tuple[Witness | None, int, Listing | None]] | None = None,
     ) -> int | None:
         """Open a new generation in the target. If its records allow (and allow_resume),
         resume: returns the revision the watch must start from. Otherwise the target is owed
@@ -1511,6 +1528,7 @@ class Watcher:
         verified: list[int] = []  # revisions of those read back as written
         last: Witness | None = None  # the newest event the record names, read back as taken
         vouched: int | None = None  # the revision the record vouches for (None: not asked)
+        listing: Listing | None = None  # the listing it names, read back as listed
         if allow_resume:
             plan = plan_start(
                 records,
@@ -1539,7 +1557,7 @@ class Watcher:
                 if gone is not None:
                     plan = Resync(Cause.SOURCE_REPLACED, f"before this term: {gone}")
             if isinstance(plan, Resume) and records.gen is not None:
-                plan, last, vouched = self._vouch(
+                plan, last, vouched, listing = self._vouch(
                     records, plan, source_rev, max(verified, default=0)
                 )
             if isinstance(plan, Resume) and records.held and not self.waiting:
@@ -1578,22 +1596,23 @@ class Watcher:
         # it vouches for what the last one did: the event read back, or the revision that
         # record vouched for (the watch resumes at or before it)
         base = plan.through if vouched is None else vouched
-        t.control.write_progress(t.gen_rev, gen, plan.through, kept, last, base)
+        t.control.write_progress(t.gen_rev, gen, plan.through, kept, last, base, listing)
         t.progress_rev = plan.through
         if read_back is not None:
             read_back += writes
         if witnessed is not None:
-            witnessed.append((last, base))
+            witnessed.append((last, base, listing))
         self.metrics.resumes.labels(src, t.name).inc()
         log.info("%s→%s: generation %d resumes from the fences", src, t.name, gen)
         return plan.watch_from
 
     def _vouch(
         self, records: TargetRecords, plan: Resume, source_rev: int, read_back: int
-    ) -> tuple[Resume | Resync, Witness | None, int | None]:
+    ) -> tuple[Resume | Resync, Witness | None, int | None, Listing | None]:
         """The resume *plan* cut to what the progress record vouches for, or the resync owed
         instead; with the newest event the record names, read back as taken (None when it
-        names none), and the revision it vouches for (None for a record of before).
+        names none), the revision it vouches for (None for a record of before), and the
+        listing it names, read back as listed (None: none, or one an event vouches for).
         *read_back* is the newest of the record's writes read back as written.
 
         A source that lost the end of its history has given the lost revisions to other
@@ -1604,12 +1623,17 @@ class Watcher:
         (a listing's, or one the term before vouched for). Fences past that are batches
         that landed after the record: a resync. The watch resumes just past it, never past
         the record's revision alone: the revisions between held no synced event, but may
-        hold new ones if they were lost."""
+        hold new ones if they were lost. With no event past the listing the term before began
+        with, what that listing held must still be there at its revision."""
         assert records.gen is not None
+
+        def resync(cause: Cause, detail: str) -> tuple[Resync, None, None, None]:
+            return Resync(cause, detail), None, None, None
+
         vouch = progress_vouch(records.progress, records.gen.gen)
         if vouch is UNKNOWN:
-            return plan, None, None  # a record of before: its writes read back, as it allowed
-        last = None
+            return plan, None, None, None  # a record of before: its writes read back
+        last = listing = None
         if vouch is UNVOUCHED:  # the writes it names, read back, vouch for theirs
             vouched = read_back
         else:
@@ -1618,27 +1642,37 @@ class Watcher:
             vouched = vouch.revision
             if vouched > source_rev:
                 below = f"revision {source_rev} is below {vouched}, already seen"
-                return Resync(Cause.SOURCE_REPLACED, f"before this term: {below}"), None, None
+                return resync(Cause.SOURCE_REPLACED, f"before this term: {below}")
             if last is not None:
                 try:
                     gone = self.feed.witness_gone(last)
                 except CompactedError:  # and a watch from there would be too
                     detail = f"its newest event, at revision {last.revision}, compacted away"
-                    return Resync(Cause.COMPACTED, detail), None, None
+                    return resync(Cause.COMPACTED, detail)
                 except PermissionDeniedError as exc:
                     detail = f"its newest event cannot be read back: {exc}"
-                    return Resync(Cause.UNRECORDED, detail), None, None
+                    return resync(Cause.UNRECORDED, detail)
                 if gone is not None:
-                    return Resync(Cause.SOURCE_REPLACED, f"before this term: {gone}"), None, None
+                    return resync(Cause.SOURCE_REPLACED, f"before this term: {gone}")
+            listing = vouch.listing
+            if listing is not None and last is not None and last.revision >= listing.revision:
+                listing = None  # the event read back vouches for it
+            if listing is not None:
+                if listing.revision > source_rev:
+                    below = f"revision {source_rev} is below {listing.revision}, already listed"
+                    return resync(Cause.SOURCE_REPLACED, f"before this term: {below}")
+                gone = self.feed.listing_gone(listing)
+                if gone is not None:
+                    return resync(Cause.SOURCE_REPLACED, f"before this term: {gone}")
         if last is None and self.feed.compacted_past(vouched):  # no watch can resume there
             detail = f"the revision its record vouches for, {vouched}, compacted away"
-            return Resync(Cause.COMPACTED, detail), None, None
+            return resync(Cause.COMPACTED, detail)
         why = unrecorded(records.fences, vouched)
         if why is not None:
-            return Resync(Cause.UNRECORDED, why), None, None
+            return resync(Cause.UNRECORDED, why)
         through = min(plan.through, vouched)
         skip = {s: max(pos, (through, END)) for s, pos in plan.chain.items()}
-        return Resume(chain=plan.chain, skip=skip, through=through), last, vouched
+        return Resume(chain=plan.chain, skip=skip, through=through), last, vouched, listing
 
     def _resync(self, targets: list[Target]) -> int:
         """Open a new generation in each target, list the source at one revision R and
@@ -1687,6 +1721,7 @@ class Watcher:
         started = self.clock()
         listed = self._listed(rev, snapshots)
         newest: dict[str, tuple[bytes, int]] = {}
+        tally: dict[str, tuple[int, int]] = {}
         try:
             resync.run(
                 self.feed.etcd,
@@ -1703,6 +1738,7 @@ class Watcher:
                 readiness=ready,
                 on_listed=listed,
                 newest=newest,
+                tally=tally,
             )
         except BaseException:
             for t, _, _ in snapshots:
@@ -1711,8 +1747,8 @@ class Watcher:
         self.feed.config_rev = ready.config_rev
         # writes of this etcd for the feed to read back after a reconnect: with the config
         # alone, an owner that rebuilt an empty etcd config first would pass for this one
-        self.feed.listed = newest
-        self.feed.remember(newest.values())
+        # and what it listed, which no event vouches for until one comes after it
+        self.feed.adopt_listing(Listing(rev, tally), newest)
         for t, reason, snap in snapshots:
             if snap.failed:
                 t.control.leases.settle(t.pair.gen, None)  # the map keeps what it had

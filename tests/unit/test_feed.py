@@ -21,6 +21,7 @@ from pipeline.source.planner import (
     UNKNOWN,
     UNVOUCHED,
     Cause,
+    Listing,
     Vouch,
     Witness,
     encode_progress,
@@ -28,7 +29,7 @@ from pipeline.source.planner import (
     progress_vouch,
     progress_writes,
 )
-from tests.harness import eventually
+from tests.harness import check_reads_at_a_past_revision, eventually
 from tests.memory_etcd import MemoryEtcd
 
 SOURCE = "a"
@@ -160,12 +161,13 @@ def test_a_progress_record_keeps_what_fits_and_stays_believed() -> None:
     written to make the record unbelievable."""
     top = (1 << 63) - 1
     seen = [(bytes([i]) * 256, top - i) for i in range(9)] + [(b"k" * 257, 5)]
-    last = Witness(b"\xfe" * 256, top, True)
-    raw = encode_progress(7, 1 << 62, seen, 1.8e9, last, top)
+    last = Witness(b"\xfe" * 256, top, True, "f" * 16)
+    listing = Listing(top, {name: (top, top - 1) for name in RESOURCE_BY_NAME})
+    raw = encode_progress(7, 1 << 62, seen, 1.8e9, last, top, listing)
     assert len(raw) < 4096
     assert progress_rev(raw, 7, 1 << 62) == 1 << 62
     assert progress_writes(raw, 7) == seen[:8]
-    assert progress_vouch(raw, 7) == Vouch(last, top)
+    assert progress_vouch(raw, 7) == Vouch(last, top, listing)
     assert progress_writes(encode_progress(7, 5, [(b"", 3)], 0.0), 7) == []
 
 
@@ -188,6 +190,20 @@ def test_a_progress_record_keeps_what_fits_and_stays_believed() -> None:
         b'{"gen": 7, "rev": 5, "seen": [], "last": ["", 3, false], "base": 3}',
         b'{"gen": 7, "rev": 5, "seen": [], "last": [7, 3, false], "base": 3}',
         b'{"gen": 7, "last": null, "base": 3, "pad": "' + b"x" * 4096 + b'"}',
+        b'{"gen": 7, "last": null, "base": 3, "listing": 3}',
+        b'{"gen": 7, "last": null, "base": 3, "listing": [3]}',
+        b'{"gen": 7, "last": null, "base": 3, "listing": [-1, []]}',
+        b'{"gen": 7, "last": null, "base": 3, "listing": [3, {"nodes": [1, 2]}]}',
+        b'{"gen": 7, "last": null, "base": 3, "listing": [3, [["nodes", 1]]]}',
+        b'{"gen": 7, "last": null, "base": 3, "listing": [3, [["nodez", 1, 2]]]}',
+        b'{"gen": 7, "last": null, "base": 3, "listing": [3, [[["nodes"], 1, 2]]]}',
+        b'{"gen": 7, "last": null, "base": 3, "listing": [3, [["nodes", -1, 2]]]}',
+        b'{"gen": 7, "last": null, "base": 3, "listing": [3, [["nodes", 1, 2.5]]]}',
+        b'{"gen": 7, "last": null, "base": 3, "listing": [3, [["nodes", 1, 2], ["nodes", 1, 2]]]}',
+        b'{"gen": 7, "last": null, "base": 3, "listing": [0, [["nodes", 1, 2]]]}',
+        b'{"gen": 7, "last": null, "base": 3, "listing": [3, [["nodes", 1, 4]]]}',
+        b'{"gen": 7, "last": null, "base": 3, "listing": [3, [["nodes", 0, 2]]]}',
+        b'{"gen": 7, "last": null, "base": 3, "listing": [3, [["nodes", 1, 0]]]}',
     ],
 )
 def test_a_progress_record_vouches_past_its_writes_only_when_it_can_be_believed(
@@ -204,6 +220,11 @@ def test_a_progress_record_vouches_for_the_newest_event_it_was_given() -> None:
     assert progress_vouch(encode_progress(7, 5, [], 0.0, None, 4), 7) == Vouch(None, 4)
     raw = encode_progress(7, 5, [], 0.0, Witness(b"\xffkey", 9, True), 9)
     assert progress_vouch(raw, 7) == Vouch(Witness(b"\xffkey", 9, True), 9)
+    # and the listing its term began with (a record of before names none)
+    listing = Listing(4, {"nodes": (10, 3), "services": (0, 0)})
+    raw = encode_progress(7, 5, [], 0.0, None, 4, listing)
+    assert progress_vouch(raw, 7) == Vouch(None, 4, listing)
+    assert progress_vouch(b'{"gen": 7, "last": null, "base": 4}', 7) == Vouch(None, 4)
     # a key too long to keep is not kept: the record then vouches for no more than the
     # writes it names
     too_long = encode_progress(7, 5, [], 0.0, Witness(b"k" * 257, 9, False), 9)
@@ -506,3 +527,7 @@ def test_what_a_replaced_stream_still_delivers_is_dropped() -> None:
     assert feed._take(current) is not None
     assert feed.delivered["nodes"] == rev + 1
     feed.stop()
+
+
+def test_reads_at_a_past_revision_as_a_real_etcd_answers_them() -> None:
+    check_reads_at_a_past_revision(MemoryEtcd(SOURCE), b"cilium/state/services/v1/a/")

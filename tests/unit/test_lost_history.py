@@ -272,3 +272,130 @@ def test_a_record_of_a_listing_compacted_away_resyncs_as_compacted() -> None:
     assert resyncs(rig, Cause.COMPACTED) == [1, 1]
     assert cached(rig, key) == [True, True]
     assert_exact(rig)
+
+
+@pytest.mark.parametrize("how", ["watching", "new term"])
+@pytest.mark.parametrize("kind", ["put", "rewrite", "delete", "nothing"])
+def test_a_history_lost_between_the_newest_listed_write_and_the_listing(
+    kind: str, how: str
+) -> None:
+    """The watcher lists the source at a revision past its newest synced write (the
+    revisions between held other clusters' writes) and takes no event after it. The source
+    then loses those revisions, and its owner writes a synced key at one of them before it
+    passes the listing's revision again: the newest listed write still reads back, but the
+    source no longer shows, at the listing's revision, what was listed there. The watcher
+    watching through it resyncs, and so does a new term, which finds the listing in the
+    record. With nothing lost, neither resyncs."""
+    rig = Rig()
+    for i in range(10):
+        rig.source.put(NODE + b"node-%d" % i, b'{"name":"node-%d"}' % i)
+    top = rig.source.revision()
+    for _ in range(3):
+        rig.source.put(b"cilium/cache/nodes/v1/c/node-x", b"{}")
+    rig.start()  # lists at top + 3
+    rig.settle()
+    before = [rig.resyncs(t) for t in rig.targets]
+    if how == "new term":
+        rig.watcher.stop()
+        rig.watcher._record_on_exit()
+    if kind == "nothing":
+        rig.source.restart()
+    else:
+        rig.source.rewind(top)
+        if kind == "put":
+            rig.source.put(NODE + b"reborn", b'{"name":"reborn"}')
+        elif kind == "rewrite":
+            rig.source.put(NODE + b"node-1", b'{"name":"node-1","v":2}')
+        else:
+            rig.source.delete(NODE + b"node-4")
+        lose_the_end(rig, rig.source.revision())  # pushed past the listing, nothing lost
+    if how == "new term":
+        new_term(rig)
+    rig.settle()
+    if kind == "nothing":
+        assert [rig.resyncs(t) for t in rig.targets] == (before if how == "watching" else [0, 0])
+    else:
+        assert resyncs(rig, Cause.SOURCE_REPLACED) == [1, 1]
+    assert_exact(rig)
+
+
+@pytest.mark.parametrize("end", ["killed", "on exit"])
+def test_a_target_resynced_during_the_term_is_resumed_by_the_next(end: str) -> None:
+    """A target wiped during the term is resynced at a listing past the newest event the
+    watcher took (other clusters' writes moved the source's revision), and nothing synced
+    changes after it. Its records, written by the fence poll or as the term ends, vouch
+    for that listing: the next term resumes it from its fences, as it does the other."""
+    rig = synced()
+    for _ in range(3):
+        rig.source.put(b"cilium/cache/nodes/v1/c/node-x", b"{}")
+    rig.mesh["b"].wipe()
+    rig.settle()
+    assert resyncs(rig, Cause.TARGET_WIPED) == [1, 0]
+    if end == "on exit":
+        rig.watcher.stop()
+        rig.watcher._record_on_exit()
+    new_term(rig)
+    assert [rig.resyncs(t) for t in rig.targets] == [0, 0]
+    assert_exact(rig)
+
+
+def test_a_history_lost_as_the_term_starts_is_seen_once_its_watches_answer() -> None:
+    """The source loses the end of its history after the new term read its newest event
+    back, and is back before the term's watches begin: none of them breaks. The history is
+    read back once more when the first one answers."""
+    rig = synced()
+    keep = rig.source.revision()
+    key = change(rig, "put")
+    rig.settle()
+    rig.watcher.stop()
+    rig.watcher._record_on_exit()
+    rig.watcher = rig.new_watcher()
+    feed = rig.watcher.feed
+    start = feed.start
+
+    def lose_then_start(start_rev: int) -> None:
+        feed.start = start  # type: ignore[method-assign]
+        lose_the_end(rig, keep)
+        start(start_rev)
+
+    feed.start = lose_then_start  # type: ignore[method-assign]
+    rig.start()
+    assert feed.start is start  # the read-back came before the loss
+    rig.settle()
+    assert resyncs(rig, Cause.SOURCE_REPLACED) == [1, 1]
+    assert cached(rig, key) == [False, False]
+    assert_exact(rig)
+
+
+@pytest.mark.parametrize("how", ["watching", "new term"])
+def test_a_resync_during_the_term_vouches_for_the_write_it_listed(how: str) -> None:
+    """A target is resynced during the term at a listing whose newest write is a change the
+    feed has not taken yet; its records vouch for that listing. The source then loses the
+    revisions from just below that write, and its owner changes another key at one of
+    them: the listing's newest write is gone. The watcher watching through it resyncs
+    every target; a new term resyncs that one and resumes the other, whose records vouch
+    for no more than what the source still holds."""
+    rig = synced()
+    keep = rig.source.revision()
+    rig.source.put(b"cilium/cache/nodes/v1/c/node-x", b"{}")
+    rig.source.put(NODE + b"node-1", b'{"name":"node-1","v":2}')  # not taken yet
+    for _ in range(3):
+        rig.source.put(b"cilium/cache/nodes/v1/c/node-x", b"{}")
+    b = next(t for t in rig.watcher.targets if t.name == "b")
+    b.need_resync = Cause.REQUESTED
+    rig.watcher._resync([b])
+    rig.work()
+    rig.watcher.tick()  # records b's progress, vouching for the listing
+    if how == "new term":
+        rig.watcher.stop()  # killed: no record as it ends
+    rig.source.rewind(keep + 1)
+    rig.source.put(NODE + b"node-2", b'{"name":"node-2","v":2}')  # below the listed write
+    lose_the_end(rig, rig.source.revision())  # pushed past the listing, nothing lost
+    if how == "new term":
+        rig.watcher = rig.new_watcher()
+        rig.start()
+    rig.settle()
+    assert resyncs(rig, Cause.SOURCE_REPLACED) == ([1, 1] if how == "watching" else [1, 0])
+    if how == "new term":
+        assert rig.metric(RESUMES, source_cluster="a", target_cluster="c") == 1
+    assert_exact(rig)

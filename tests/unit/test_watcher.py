@@ -1555,6 +1555,7 @@ def _three_streams_owing(**bounds: int) -> tuple[SourceFeed, threading.Thread]:
     blocks while the inbox has no room)."""
     source = MemoryEtcd("a")
     feed = SourceFeed(source.reader(), "a", "id", 15.0, on_failure=lambda: None, **bounds)
+    feed.cluster_id = source.header()[1]
     feed.start(1)
     for i in range(3):
         source.put(NODE + b"n%d" % i, b"{}")
