@@ -1664,15 +1664,20 @@ class Watcher:
                 gone = self.feed.listing_gone(listing)
                 if gone is not None:
                     return resync(Cause.SOURCE_REPLACED, f"before this term: {gone}")
-        if last is None and self.feed.compacted_past(vouched):  # no watch can resume there
-            detail = f"the revision its record vouches for, {vouched}, compacted away"
+        through = min(plan.through, vouched)
+        skip = {s: max(pos, (through, END)) for s, pos in plan.chain.items()}
+        resume = Resume(chain=plan.chain, skip=skip, through=through)
+        # a watch from a revision the source compacted is refused, and one from just past
+        # the compaction would miss the deletes compacted with it: the feed would find
+        # that and resync every target, where this one alone needs it
+        after = resume.watch_from - 1
+        if self.feed.compacted_past(after):
+            detail = f"the revision its watch would resume after, {after}, compacted away"
             return resync(Cause.COMPACTED, detail)
         why = unrecorded(records.fences, vouched)
         if why is not None:
             return resync(Cause.UNRECORDED, why)
-        through = min(plan.through, vouched)
-        skip = {s: max(pos, (through, END)) for s, pos in plan.chain.items()}
-        return Resume(chain=plan.chain, skip=skip, through=through), last, vouched, listing
+        return resume, last, vouched, listing
 
     def _resync(self, targets: list[Target]) -> int:
         """Open a new generation in each target, list the source at one revision R and

@@ -399,3 +399,27 @@ def test_a_resync_during_the_term_vouches_for_the_write_it_listed(how: str) -> N
     if how == "new term":
         assert rig.metric(RESUMES, source_cluster="a", target_cluster="c") == 1
     assert_exact(rig)
+
+
+def test_a_resume_point_compacted_away_resyncs_that_target_alone() -> None:
+    """One target's last record names the newest event, but the revision its watch would
+    resume after is older (an exit record written while its fence poll lagged behind), and
+    the source compacted its history past that revision: that target is resynced as
+    compacted as the term starts; the other, whose record is fresh, resumes, instead of
+    every target resyncing when the watch is refused."""
+    rig = synced()
+    before = rig.source.revision()
+    rig.source.put(b"cilium/cache/nodes/v1/c/node-x", b"{}")
+    change(rig, "put")
+    rig.settle()
+    rig.watcher.stop()
+    rig.watcher._record_on_exit()
+    record = json.loads(rig.mesh["b"].get(progress_key("a")).value)  # type: ignore[union-attr]
+    assert record["last"][1] == before + 2
+    record["rev"] = before
+    rig.mesh["b"].put(progress_key("a"), json.dumps(record).encode())
+    rig.source.compact(before + 1)
+    new_term(rig)
+    assert resyncs(rig, Cause.COMPACTED) == [1, 0]
+    assert rig.metric(RESUMES, source_cluster="a", target_cluster="c") == 1
+    assert_exact(rig)
