@@ -159,7 +159,7 @@ class SourceFeed:
         # listing_gone's verdicts, for one pass of next() (or until forget_looks): the
         # streams that one restart of the source breaks come in one pass, and the read of a
         # resource's newest write makes etcd scan its range
-        self._verdicts: dict[tuple[object, ...], str | None] = {}
+        self._verdicts: dict[tuple[int, tuple[tuple[str, tuple[int, int]], ...]], str | None] = {}
         self.cluster_id = 0  # the source etcd's cluster ID when the feed started
         self.config_key = RESOURCE_BY_NAME["config"].source_prefix(source)
         # A broken stream of a source found unreachable waits for its next look on a timer
@@ -518,7 +518,8 @@ class SourceFeed:
 
     def forget_looks(self) -> None:
         """Ask the source again at the next listing_gone (see _verdicts)."""
-        self._verdicts = {}
+        if self._verdicts:  # next() calls this at every pass of the watcher's loop
+            self._verdicts = {}
 
     def adopt_listing(self, listing: Listing, newest: dict[str, tuple[bytes, int]]) -> None:
         """What a resync listed: *listing*, checked until an event past it (listing_gone),
@@ -537,17 +538,13 @@ class SourceFeed:
         read (another number of keys in a resource's range, or another newest write: the
         write itself is among the anchors, read back by replaced()), or None. Per
         resource, a count and a read of its newest write, which makes etcd scan the range
-        at that revision (about 50 ms for 50,000 identities here); the verdict holds for a
-        pass of next(). A revision compacted away, or a range the role may not read,
-        proves nothing and is skipped."""
-        tally = tuple(sorted(listing.tally.items()))
-        cached = self._verdicts.get((listing.revision, tally), False)
-        if cached is not False:
-            assert not isinstance(cached, bool)
-            return cached
-        verdict = self._listing_gone(listing.revision, tally)
-        self._verdicts[(listing.revision, tally)] = verdict
-        return verdict
+        at that revision (40-90 ms for 50,000 identities here, benchmarks/
+        listing_check_cost.py); the verdict holds for a pass of next(). A revision
+        compacted away, or a range the role may not read, proves nothing and is skipped."""
+        key = (listing.revision, tuple(sorted(listing.tally.items())))
+        if key not in self._verdicts:
+            self._verdicts[key] = self._listing_gone(*key)
+        return self._verdicts[key]
 
     def _listing_gone(self, at: int, tally: tuple[tuple[str, tuple[int, int]], ...]) -> str | None:
         for name, (count, top) in tally:

@@ -74,7 +74,6 @@ from pipeline.source.planner import (
     SourceFacts,
     TargetRecords,
     Vouch,
-    Witness,
     applied_through,
     assess,
     complete,
@@ -585,9 +584,8 @@ class Watcher:
         self.feed.listing = None
         self.feed.forget_looks()  # a listing read back once serves every target's record
         read_back: list[tuple[bytes, int]] = []  # writes of this etcd that targets recorded
-        # per resumed target, the newest event of the term before (read back as taken) and
-        # the revision its record vouched for
-        witnessed: list[tuple[Witness | None, int, Listing | None]] = []
+        # per resumed target, what its record vouched for, read back (see _open)
+        witnessed: list[Vouch] = []
         starts: list[int] = []
         for t in self.targets:
             try:
@@ -634,12 +632,12 @@ class Watcher:
         self.feed.remember(read_back)
         # what the next records vouch for until this term takes an event: the history of
         # the source up to there was vouched for, whatever revision the watch began at
-        lasts = [w for w, _, _ in witnessed if w is not None]
+        lasts = [v.last for v in witnessed if v.last is not None]
         if lasts:
             self.feed.newest = max(lasts, key=lambda w: w.revision)
-        self.feed.started_at = max([self.feed.started_at] + [v for _, v, _ in witnessed])
+        self.feed.started_at = max([self.feed.started_at] + [v.base for v in witnessed])
         # and a listing the term before began with, read back, while no event vouches for it
-        listings = [x for _, _, x in witnessed if x is not None]
+        listings = [v.listing for v in witnessed if v.listing is not None]
         if self.feed.listing is None and listings:
             self.feed.listing = max(listings, key=lambda x: x.revision)
         self._opened = True
@@ -1511,7 +1509,7 @@ class Watcher:
         allow_resume: bool,
         source_rev: int,
         read_back: list[tuple[bytes, int]] | None = None,
-        witnessed: list[tuple[Witness | None, int, Listing | None]] | None = None,
+        witnessed: list[Vouch] | None = None,
     ) -> int | None:
         """Open a new generation in the target. If its records allow (and allow_resume),
         resume: returns the revision the watch must start from. Otherwise the target is owed
@@ -1526,9 +1524,7 @@ class Watcher:
         plan: Resume | Resync | None = None
         writes: list[tuple[bytes, int]] = []
         verified: list[int] = []  # revisions of those read back as written
-        last: Witness | None = None  # the newest event the record names, read back as taken
-        vouched: int | None = None  # the revision the record vouches for (None: not asked)
-        listing: Listing | None = None  # the listing it names, read back as listed
+        vouch: Vouch | None = None  # what the record vouches for, read back (None: not asked)
         if allow_resume:
             plan = plan_start(
                 records,
@@ -1557,19 +1553,17 @@ class Watcher:
                 if gone is not None:
                     plan = Resync(Cause.SOURCE_REPLACED, f"before this term: {gone}")
             if isinstance(plan, Resume) and records.gen is not None:
-                plan, last, vouched, listing = self._vouch(
-                    records, plan, source_rev, max(verified, default=0)
-                )
+                plan, vouch = self._vouch(records, plan, source_rev, max(verified, default=0))
             if isinstance(plan, Resume) and records.held and not self.waiting:
                 # deletes were held for a source canary that has appeared since: resync
                 plan = Resync(Cause.SOURCE_CANARY, "deletes held before this term")
         gen = new_generation(records, t.pair.gen, self.wall_ms())
         record = GenRecord(gen, self.sync.shards, self.sync.identities, self.feed.cluster_id)
         t.gen_rev = t.control.open_generation(records, record)
-        if isinstance(plan, Resume) and vouched is not None:
+        if isinstance(plan, Resume) and vouch is not None:
             # batches of the old generation may have landed while the source was read back;
             # none can now, and a fence they moved past the vouched revision is no resume
-            why = unrecorded(t.control.read().fences, vouched)
+            why = unrecorded(t.control.read().fences, vouch.revision)
             if why is not None:
                 plan = Resync(Cause.UNRECORDED, why)
         t.poll_after = t.poll_backoff = 0.0  # it answers: its fence poll waits no more
@@ -1595,25 +1589,27 @@ class Watcher:
         kept = list(dict(config + writes).items())
         # it vouches for what the last one did: the event read back, or the revision that
         # record vouched for (the watch resumes at or before it)
-        base = plan.through if vouched is None else vouched
+        carried = Vouch(None, plan.through) if vouch is None else vouch
+        base = carried.revision
+        last, listing = carried.last, carried.listing
         t.control.write_progress(t.gen_rev, gen, plan.through, kept, last, base, listing)
         t.progress_rev = plan.through
         if read_back is not None:
             read_back += writes
         if witnessed is not None:
-            witnessed.append((last, base, listing))
+            witnessed.append(Vouch(last, base, listing))
         self.metrics.resumes.labels(src, t.name).inc()
         log.info("%s→%s: generation %d resumes from the fences", src, t.name, gen)
         return plan.watch_from
 
     def _vouch(
         self, records: TargetRecords, plan: Resume, source_rev: int, read_back: int
-    ) -> tuple[Resume | Resync, Witness | None, int | None, Listing | None]:
+    ) -> tuple[Resume | Resync, Vouch | None]:
         """The resume *plan* cut to what the progress record vouches for, or the resync owed
-        instead; with the newest event the record names, read back as taken (None when it
-        names none), the revision it vouches for (None for a record of before), and the
-        listing it names, read back as listed (None: none, or one an event vouches for).
-        *read_back* is the newest of the record's writes read back as written.
+        instead; with what it vouches for, read back (None for a record of before): the
+        newest event it names, read back as taken, and the listing it names, read back as
+        listed (None when an event past it vouches for it). *read_back* is the newest of
+        the record's writes read back as written.
 
         A source that lost the end of its history has given the lost revisions to other
         writes: a resume would take them for landed (the fences) or for empty (the
@@ -1627,19 +1623,18 @@ class Watcher:
         with, what that listing held must still be there at its revision."""
         assert records.gen is not None
 
-        def resync(cause: Cause, detail: str) -> tuple[Resync, None, None, None]:
-            return Resync(cause, detail), None, None, None
+        def resync(cause: Cause, detail: str) -> tuple[Resync, None]:
+            return Resync(cause, detail), None
 
-        vouch = progress_vouch(records.progress, records.gen.gen)
-        if vouch is UNKNOWN:
-            return plan, None, None, None  # a record of before: its writes read back
-        last = listing = None
-        if vouch is UNVOUCHED:  # the writes it names, read back, vouch for theirs
-            vouched = read_back
+        recorded = progress_vouch(records.progress, records.gen.gen)
+        if recorded is UNKNOWN:
+            return plan, None  # a record of before: its writes read back
+        if recorded is UNVOUCHED:  # the writes it names, read back, vouch for theirs
+            vouch = Vouch(None, read_back)
         else:
-            assert isinstance(vouch, Vouch)
-            last = vouch.last
-            vouched = vouch.revision
+            assert isinstance(recorded, Vouch)
+            vouch = recorded
+            last, vouched = vouch.last, vouch.revision
             if vouched > source_rev:
                 below = f"revision {source_rev} is below {vouched}, already seen"
                 return resync(Cause.SOURCE_REPLACED, f"before this term: {below}")
@@ -1656,14 +1651,15 @@ class Watcher:
                     return resync(Cause.SOURCE_REPLACED, f"before this term: {gone}")
             listing = vouch.listing
             if listing is not None and last is not None and last.revision >= listing.revision:
-                listing = None  # the event read back vouches for it
-            if listing is not None:
+                vouch = replace(vouch, listing=None)  # the event read back vouches for it
+            elif listing is not None:
                 if listing.revision > source_rev:
                     below = f"revision {source_rev} is below {listing.revision}, already listed"
                     return resync(Cause.SOURCE_REPLACED, f"before this term: {below}")
                 gone = self.feed.listing_gone(listing)
                 if gone is not None:
                     return resync(Cause.SOURCE_REPLACED, f"before this term: {gone}")
+        vouched = vouch.revision
         through = min(plan.through, vouched)
         skip = {s: max(pos, (through, END)) for s, pos in plan.chain.items()}
         resume = Resume(chain=plan.chain, skip=skip, through=through)
@@ -1677,7 +1673,7 @@ class Watcher:
         why = unrecorded(records.fences, vouched)
         if why is not None:
             return resync(Cause.UNRECORDED, why)
-        return resume, last, vouched, listing
+        return resume, vouch
 
     def _resync(self, targets: list[Target]) -> int:
         """Open a new generation in each target, list the source at one revision R and
