@@ -161,6 +161,11 @@ class SyncConfig:
     # the caches then outlive kvmesh, and a restart resumes without rewriting anything.
     cache_lease_ttl: int = 0
     etcd_timeout: float = 10.0
+    # ... but a call to a target made on a watcher's loop, which holds up every other pair
+    # of its source meanwhile, waits this long at most (never longer than etcd_timeout):
+    # a target that drops packets then fails its call sooner, and is read on a poller
+    # thread from then on
+    loop_etcd_timeout: float = 2.0
     watch_timeout: float = (
         15.0  # a watch that answers no progress request for this long is replaced
     )
@@ -613,6 +618,7 @@ def settings_from_mapping(
     for name in (
         "stall_timeout",
         "etcd_timeout",
+        "loop_etcd_timeout",
         "watch_timeout",
         "fence_poll_interval",
         "drain_check_interval",

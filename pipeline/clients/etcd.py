@@ -4,6 +4,7 @@ RetryableError; the client library (python-etcd3's API, compiled protobuf) stays
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -321,6 +322,8 @@ class EtcdClient(Protocol):
 
     def close(self) -> None: ...
 
+    def patience(self, seconds: float) -> contextlib.AbstractContextManager[None]: ...
+
     def header(self) -> tuple[int, int]: ...
 
     def revision(self) -> int: ...
@@ -385,6 +388,7 @@ class Etcd:
         self.name = cluster.name
         self.role = role
         self._timeout = timeout
+        self._patient = threading.local()  # a thread's own deadline: see patience()
         who = cluster.credentials(role)
         self._user, self._password = who.username, who.password
         self._token_lock = threading.Lock()
@@ -432,6 +436,32 @@ class Etcd:
 
     def close(self) -> None:
         self._client.close()
+
+    @contextlib.contextmanager
+    def patience(self, seconds: float) -> Iterator[None]:
+        """Reads and transactions of the calling thread wait *seconds* at most (never
+        longer than the client's timeout) while this lasts; other threads' calls keep
+        theirs. A thread that holds up others while it waits (the watcher's loop) gives up
+        on a silent etcd sooner than one that waits for it alone (a poller)."""
+        before = getattr(self._patient, "seconds", None)
+        self._patient.seconds = min(seconds, self._timeout)
+        try:
+            yield
+        finally:
+            self._patient.seconds = before
+
+    def _deadline(self) -> float:
+        return getattr(self._patient, "seconds", None) or self._timeout
+
+    def _range(self, key: bytes, end: bytes | None, **kwargs: Any) -> Any:
+        """One Range call, waiting the calling thread's deadline at most."""
+        request = self._client._build_get_range_request(key, range_end=end, **kwargs)
+        return self._client.kvstub.Range(
+            request,
+            self._deadline(),
+            credentials=self._client.call_credentials,
+            metadata=self._client.metadata,
+        )
 
     def _login(self) -> None:
         """Get a fresh token for the configured user (no-op without one)."""
@@ -508,16 +538,14 @@ class Etcd:
         """(current revision, etcd cluster ID), from a count-only range over a key this role
         may read: a range over the whole keyspace needs permission on all of it."""
         key, end = self._probe
-        resp = self._call(
-            "range", lambda: self._client.get_range_response(key, end, count_only=True)
-        )
+        resp = self._call("range", lambda: self._range(key, end, count_only=True))
         return int(resp.header.revision), int(resp.header.cluster_id)
 
     def revision(self) -> int:
         return self.header()[0]
 
     def get(self, key: bytes) -> KV | None:
-        resp = self._call("get", lambda: self._client.get_range_response(key, None))
+        resp = self._call("get", lambda: self._range(key, None))
         if not resp.kvs:
             return None
         kv = resp.kvs[0]
@@ -532,9 +560,7 @@ class Etcd:
             kwargs["revision"] = revision
         end = None if exact else prefix_end(prefix)
         try:
-            resp = self._call(
-                "count", lambda: self._client.get_range_response(prefix, end, **kwargs)
-            )
+            resp = self._call("count", lambda: self._range(prefix, end, **kwargs))
         except CompactedError:
             raise CompactedError(revision or 0) from None
         return int(resp.count)
@@ -550,7 +576,7 @@ class Etcd:
         try:
             resp = self._call(
                 "range",
-                lambda: self._client.get_range_response(
+                lambda: self._range(
                     prefix,
                     end,
                     sort_order="descend",
@@ -584,7 +610,7 @@ class Etcd:
                     kwargs["revision"] = rev
 
                 def page_call(kw: dict[str, Any] = kwargs) -> Any:
-                    return self._client.get_range_response(start, end, **kw)
+                    return self._range(start, end, **kw)
 
                 try:
                     resp = self._call("range", page_call)
@@ -641,7 +667,7 @@ class Etcd:
         def call() -> Any:
             return self._client.kvstub.Txn(
                 request,
-                self._timeout,
+                self._deadline(),
                 credentials=self._client.call_credentials,
                 metadata=self._client.metadata,
             )
@@ -665,7 +691,7 @@ class Etcd:
         while True:
 
             def page_call(first: bytes = start) -> Any:
-                return self._client.get_range_response(first, end, limit=page, keys_only=True)
+                return self._range(first, end, limit=page, keys_only=True)
 
             resp = self._call("range", page_call)
             out += [kv.key for kv in resp.kvs]
@@ -681,7 +707,7 @@ class Etcd:
             kwargs["revision"] = revision
 
         def call() -> Any:
-            return self._client.get_range_response(key, None, **kwargs)
+            return self._range(key, None, **kwargs)
 
         resp = self._call("range", call)
         return int(resp.count) > 0

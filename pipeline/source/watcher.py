@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -126,6 +126,11 @@ _POLL_BACKOFF_MAX = 30.0
 # The fence poll waits this long at most for the targets' reads; one still under way then
 # (a target that drops packets makes it last sync.etcd_timeout) is taken up by a later poll
 _POLL_WAIT = 0.25
+# A term's start reads every target side by side and waits for the others, once one has
+# answered, this long or four times that answer's wait, whichever is longer: a target that
+# drops packets is left to the fence poll (its read under way) instead of holding up the
+# start of every other pair for sync.etcd_timeout
+_START_GRACE = 1.0
 
 EtcdFactory = Callable[[ClusterConfig, float, str], EtcdClient]
 
@@ -536,7 +541,17 @@ class Watcher:
                     log.exception("%s→%s: keeping leases alive failed", self.source.name, t.name)
 
     def _serve(self) -> None:
-        """One term as the active watcher."""
+        """One term as the active watcher. Its calls to the targets wait
+        sync.loop_etcd_timeout at most: one to a target that went silent holds up every
+        other pair until it fails (the reads of the fence poll, and those that decide
+        whether a target owed a resync answers, go on poller threads, which wait
+        sync.etcd_timeout)."""
+        with contextlib.ExitStack() as patient:
+            for t in self.targets:
+                patient.enter_context(t.control.etcd.patience(self.sync.loop_etcd_timeout))
+            self._serve_term()
+
+    def _serve_term(self) -> None:
         backoff = 0.2
         while not self.stop_event.is_set():
             if not self._keep_lease():
@@ -587,7 +602,10 @@ class Watcher:
         # per resumed target, what its record vouched for, read back (see _open)
         witnessed: list[Vouch] = []
         starts: list[int] = []
+        answered = self._probe_targets()
         for t in self.targets:
+            if t.name not in answered:
+                continue
             try:
                 leases = t.control.leases
                 leases.ensure_loaded()  # kept alive from now on (Watcher._keep_leases)
@@ -599,18 +617,14 @@ class Watcher:
                     t,
                     allow_resume=intact,
                     source_rev=rev,
+                    records=answered[t.name],
                     read_back=read_back,
                     witnessed=witnessed,
                 )
             except RetryableError as exc:
                 if exc.cluster == self.source.name:
                     raise  # the source failed, not the target: the start is retried (_serve)
-                log.warning("%s→%s: target unavailable: %s", self.source.name, t.name, exc)
-                t.owe(Cause.TARGET_UNAVAILABLE, str(exc))
-                # silent: its first read is due at the first tick, whatever an earlier term
-                # spaced, and the next failure spaces the reads as a failed poll does
-                t.resync_after = t.poll_after = 0.0
-                t.poll_backoff = 1.0
+                self._unavailable(t, str(exc))
                 continue
             if start is not None:
                 starts.append(start)
@@ -641,6 +655,61 @@ class Watcher:
         if self.feed.listing is None and listings:
             self.feed.listing = max(listings, key=lambda x: x.revision)
         self._opened = True
+
+    def _probe_targets(self) -> dict[str, TargetRecords | None]:
+        """The targets that answer a read of their records at a term's start, by name, with
+        what the read found (None: it raised, and _open reads again to raise it there).
+        The reads go side by side on the poller threads; once one has come back, the
+        others get _START_GRACE more, or four times as long as it took, whichever is
+        longer. A target whose read failed or is still under way then is owed a resync
+        (TARGET_UNAVAILABLE) and called no more on the loop: the fence poll takes its read
+        up once it is over (a probe: one that came back lets the resync go,
+        _read_records), and the start serves the others meanwhile, where a call of its own
+        would have waited sync.etcd_timeout for each such target. (A read under way from
+        before this term is left as it is: the poll that takes it up drops it.)"""
+        began, t0 = self.clock(), time.monotonic()
+        reads: dict[Future[TargetRecords | Exception], Target] = {}
+        for t in self.targets:
+            read = self._pollers.submit(_call, t.control.read)
+            reads[read] = t
+            if t.reading is None:
+                t.reading = read
+                t.reading_gen, t.reading_probe, t.reading_at = t.pair.gen, True, began
+        answered: dict[str, TargetRecords | None] = {}
+        under_way = set(reads)
+        until = t0 + self.sync.etcd_timeout
+        while under_way:
+            done, under_way = wait(
+                under_way, timeout=max(0.0, until - time.monotonic()), return_when=FIRST_COMPLETED
+            )
+            if not done:
+                break
+            first = not answered
+            for read in done:
+                t = reads[read]
+                if t.reading is read:
+                    t.reading = None
+                result = read.result()
+                if isinstance(result, RetryableError):
+                    self._unavailable(t, str(result))
+                else:
+                    answered[t.name] = None if isinstance(result, Exception) else result
+            if first and answered:  # the first answer sets how long the others may take
+                now = time.monotonic()
+                until = min(until, now + max(_START_GRACE, 4 * (now - t0)))
+        for read in under_way:
+            self._unavailable(reads[read], "its records were not read in time")
+        return answered
+
+    def _unavailable(self, t: Target, why: str) -> None:
+        """A target that did not answer at a term's start: owed a resync, which a tick
+        begins once a read of it comes back, while the watcher serves the others."""
+        log.warning("%s→%s: target unavailable: %s", self.source.name, t.name, why)
+        t.owe(Cause.TARGET_UNAVAILABLE, why)
+        # silent: its first read is due at the first tick, whatever an earlier term
+        # spaced, and the next failure spaces the reads as a failed poll does
+        t.resync_after = t.poll_after = 0.0
+        t.poll_backoff = 1.0
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -1469,7 +1538,8 @@ class Watcher:
         for name, client in clients.items():
             watched = functools.partial(self._drain_waits, verdicts, name)
             try:
-                drain_removed(client, name, configured, self.sync.drain_grace, watched=watched)
+                with client.patience(self.sync.loop_etcd_timeout):
+                    drain_removed(client, name, configured, self.sync.drain_grace, watched=watched)
             except RetryableError as exc:
                 log.warning("%s: drain check failed: %s", name, exc)
             except Exception:
@@ -1510,6 +1580,7 @@ class Watcher:
         source_rev: int,
         read_back: list[tuple[bytes, int]] | None = None,
         witnessed: list[Vouch] | None = None,
+        records: TargetRecords | None = None,
     ) -> int | None:
         """Open a new generation in the target. If its records allow (and allow_resume),
         resume: returns the revision the watch must start from. Otherwise the target is owed
@@ -1517,9 +1588,10 @@ class Watcher:
         that the target's progress record lists, and the newest event it names, are read
         back first (before the generation moves, so that a source failing now costs a
         retry, not a resync); those that are there are added to *read_back* and
-        *witnessed*."""
+        *witnessed*. *records* are the target's, if they were just read."""
         src = self.source.name
-        records: TargetRecords = t.control.read()
+        if records is None:
+            records = t.control.read()
         t.held_marked = records.held
         plan: Resume | Resync | None = None
         writes: list[tuple[bytes, int]] = []

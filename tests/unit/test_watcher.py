@@ -777,14 +777,48 @@ def test_a_target_that_fails_at_the_start_is_not_called_again_until_it_answers()
     c.control.leases.ensure_loaded = counted  # type: ignore[method-assign]
     rig.mesh["c"].set_down(True)
     rig.start()
-    assert calls == 1 and c.need_resync is not None
+    # its records, read side by side with b's, did not come back: nothing more is asked
+    assert calls == 0 and c.need_resync is not None
     rig.settle()
     assert rig.cache("b") == rig.expected()
     assert c.need_resync is not None and c.poll_backoff > 0
-    assert calls == 1  # no resync begun while its reads fail
+    assert calls == 0  # no resync begun while its reads fail
     rig.mesh["c"].set_down(False)
     rig.tick(30.0)  # past the longest wait between reads
-    assert c.need_resync is None and calls == 2
+    assert c.need_resync is None and calls == 1
+    rig.settle()
+    assert rig.cache("c") == rig.expected()
+
+
+def test_a_target_that_hangs_at_the_start_holds_up_neither_the_start_nor_the_other() -> None:
+    """A term's start reads every target's records side by side and, once one has answered,
+    waits a grace for the rest, not sync.etcd_timeout: a target that drops packets is left
+    with its read under way, owed a resync, while the other target syncs. When its read
+    comes back, the fence poll takes it up and the resync goes."""
+    rig = Rig(etcd_timeout=3600.0)  # a start that waited for the read would wait for release
+    fill(rig, nodes=3, identities=3)
+    c = next(t for t in rig.watcher.targets if t.name == "c")
+    original = c.control.read
+    release = threading.Event()
+
+    def hang() -> Any:
+        if not release.wait(20):  # as a call to a target that drops packets ends
+            raise RetryableError("etcd c: deadline exceeded")
+        return original()
+
+    c.control.read = hang  # type: ignore[method-assign]
+    try:
+        rig.start()
+        assert c.need_resync is not None  # its first resync, still owed
+        assert c.reading is not None and not c.reading.done()
+        rig.settle()
+        assert rig.cache("b") == rig.expected()
+    finally:
+        release.set()
+    c.control.read = original  # type: ignore[method-assign]
+    eventually(lambda: c.reading is not None and c.reading.done(), what="c's read over")
+    rig.tick(1.0)  # the poll takes the read up: it answered, and the resync goes
+    assert c.need_resync is None and rig.resyncs("c") == 1
     rig.settle()
     assert rig.cache("c") == rig.expected()
 
