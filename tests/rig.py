@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from concurrent.futures import wait
 from typing import Any
 
 from pipeline.clients.publisher import group_batches
@@ -272,9 +273,22 @@ class Rig:
                 (self.queue.published, self.total_writes()) == before
                 and not self.queue.batches
                 and not self.held
+                and not self.reads_over(watcher)
             ):
                 return i
         raise AssertionError(f"still moving after {rounds} rounds")
+
+    def reads_over(self, watcher: Watcher | None = None, patience: float = 5.0) -> bool:
+        """Wait until the reads under way of targets whose last read failed are over: the
+        fence poll does not wait for them (the next poll takes them up), as it waits a
+        while for the others. True if one was under way and ended; False if none was
+        under way, or none ended within *patience* seconds (a test's read that hangs)."""
+        w = watcher or self.watcher
+        under_way = [t.reading for t in w.targets if t.reading is not None and t.poll_backoff]
+        if not under_way:
+            return False
+        done, _ = wait(under_way, timeout=patience)
+        return bool(done)
 
     def total_writes(self) -> int:
         return sum(c.space.revision for c in self.mesh.clusters.values())

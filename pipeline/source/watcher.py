@@ -123,8 +123,9 @@ _LOOK_DURING_RESYNC = 0.1  # seconds between looks for complete resources while 
 # A target whose fence poll fails is polled again after 1 s, then twice as long each time up
 # to this
 _POLL_BACKOFF_MAX = 30.0
-# The fence poll waits this long at most for the targets' reads; one still under way then
-# (a target that drops packets makes it last sync.etcd_timeout) is taken up by a later poll
+# The fence poll waits this long at most for the reads of targets that answered their last
+# one; a read still under way then (a target that drops packets makes it last
+# sync.etcd_timeout), or one of a target whose last read failed, is taken up by a later poll
 _POLL_WAIT = 0.25
 # A term's start reads every target side by side and waits for the others, once one has
 # answered, this long or four times that answer's wait, whichever is longer: a target that
@@ -1384,21 +1385,28 @@ class Watcher:
         most for those it began: a target that drops packets, whose read lasts
         sync.etcd_timeout, holds up neither the other pairs' polls nor the loop (for longer
         than that, once). Its read is taken up by the first poll after it is over, unless
-        the target opened a generation meanwhile. A target owed a resync is read the same
-        way once its resync is due (_due): such a read that came back lets the resync go."""
+        the target opened a generation meanwhile. A target whose last read failed is not
+        waited for at all: its read is taken up by the next poll at the earliest, so the
+        tries of one that keeps dropping packets cost the loop nothing. A target owed a
+        resync is read the same way once its resync is due (_due): such a read that came
+        back lets the resync go."""
         fresh = []
         for t in self.targets:
             if t.reading is None and now >= t.poll_after and self._due(t, now):
                 t.reading = self._pollers.submit(_call, t.control.read)
                 t.reading_gen = t.pair.gen
                 t.reading_probe, t.reading_at = t.need_resync is not None, now
-                fresh.append(t.reading)
-        if fresh:  # a read still under way from an earlier poll is not waited for again
+                if not t.poll_backoff:
+                    fresh.append(t.reading)
+        # a read still under way from an earlier poll is not waited for again
+        if fresh:
             wait(fresh, timeout=_POLL_WAIT)
         out: list[tuple[Target, TargetRecords | Exception]] = []
         for t in self.targets:
             if t.reading is None or not t.reading.done():
                 continue
+            if t.poll_backoff and t.reading_at >= now:
+                continue  # begun by this poll after a failed one: a later poll takes it up
             records = t.reading.result()
             t.reading = None
             if t.need_resync:

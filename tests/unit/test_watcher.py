@@ -784,7 +784,9 @@ def test_a_target_that_fails_at_the_start_is_not_called_again_until_it_answers()
     assert c.need_resync is not None and c.poll_backoff > 0
     assert calls == 0  # no resync begun while its reads fail
     rig.mesh["c"].set_down(False)
-    rig.tick(30.0)  # past the longest wait between reads
+    rig.tick(30.0)  # past the longest wait between reads: one begins
+    assert rig.reads_over()
+    rig.tick()  # and the next poll takes it up: it answered, and the resync goes
     assert c.need_resync is None and calls == 1
     rig.settle()
     assert rig.cache("c") == rig.expected()
@@ -1005,8 +1007,11 @@ def test_a_target_whose_poll_fails_is_polled_ever_less_often_until_it_answers(
     rig.mesh["c"].set_down(True)
     for _ in range(16):  # 8 s of polls, one every 0.5 s or more often
         rig.tick()
+        rig.reads_over()  # a read of c after a failed one is taken up by the next poll
     assert reads["b"] >= 16
-    assert reads["c"] == 4  # at 0, 1, 3 and 7 s
+    # at 0 s (failed at once: the poll waited for it), at 1 s (taken up at 1.5 s) and at
+    # 3.5 s (taken up at 4 s, the next due at 8 s)
+    assert reads["c"] == 3
     # the wait counts from the end of the failed read, not from its start: one that took
     # sync.etcd_timeout (packets dropped) is not tried again at once
     spans: list[tuple[float, float]] = []
@@ -1024,8 +1029,9 @@ def test_a_target_whose_poll_fails_is_polled_ever_less_often_until_it_answers(
         if len(spans) == 3:
             break
         rig.tick()
+        rig.reads_over()
     assert len(spans) == 3
-    for (_, ended), (began, _), waited in zip(spans, spans[1:], (16, 30, 30), strict=False):
+    for (_, ended), (began, _), waited in zip(spans, spans[1:], (8, 16, 30), strict=False):
         assert began - ended >= waited, spans
     c.read = failing  # type: ignore[method-assign]
     drained = drain_checks(monkeypatch)
@@ -1033,7 +1039,9 @@ def test_a_target_whose_poll_fails_is_polled_ever_less_often_until_it_answers(
     rig.tick()
     assert "b" in drained and "c" not in drained
     rig.mesh["c"].set_down(False)
-    rig.tick(30.0)  # past the longest wait
+    rig.tick(30.0)  # past the longest wait: a read begins
+    assert rig.reads_over()
+    rig.tick()  # and is taken up: it answered
     before = dict(reads)
     for _ in range(4):
         rig.tick()
