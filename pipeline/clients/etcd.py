@@ -373,6 +373,10 @@ class EtcdClient(Protocol):
 
 
 _RANGE_BUDGET = 16 * 1024 * 1024  # bytes a range page aims at, far below the receive cap
+# ... and while the calling thread has a shorter deadline (Etcd.patience): a page of large
+# values must come back within it over whatever link the etcd is behind (1 MiB in 2 s needs
+# about 4 Mbit/s)
+_PATIENT_RANGE_BUDGET = 1024 * 1024
 
 
 class Etcd:
@@ -602,7 +606,8 @@ class Etcd:
         def fetch(start: bytes, rev: int | None) -> Any:
             """One page: the limit shrinks when etcd's answer would exceed what gRPC
             accepts, and is set from the bytes per key seen so far to stay near
-            _RANGE_BUDGET, so a source with large values slows down instead of failing."""
+            _RANGE_BUDGET (_PATIENT_RANGE_BUDGET on a thread with a shorter deadline), so a
+            source with large values slows down instead of failing."""
             nonlocal limit
             while True:
                 kwargs: dict[str, Any] = {"limit": limit}
@@ -628,7 +633,10 @@ class Etcd:
                 if resp.kvs:
                     size = sum(len(kv.key) + len(kv.value) for kv in resp.kvs)
                     per_key = max(1, size // len(resp.kvs))
-                    limit = max(1, min(page, _RANGE_BUDGET // per_key))
+                    budget = _RANGE_BUDGET
+                    if getattr(self._patient, "seconds", None):
+                        budget = _PATIENT_RANGE_BUDGET
+                    limit = max(1, min(page, budget // per_key))
                 return resp
 
         first = fetch(prefix, revision)

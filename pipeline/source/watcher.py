@@ -289,11 +289,13 @@ class Watcher:
         self._resync_after = 0.0  # failed resyncs back off until then
         self._resync_backoff = 0.0
         self._drain_clients: dict[str, EtcdClient] = {}
-        # the threads that read the targets' records for the fence poll, one per target at
-        # most (made as reads come): a read waits on the network, and keeps its thread for
-        # sync.etcd_timeout at most. A pool of this watcher's own: targets that drop
-        # packets in another source's pairs do not slow these reads
-        self._pollers = ThreadPoolExecutor(len(self.targets) or 1, f"poll:{src}")
+        # the threads that read the targets' records for the fence poll (made as reads
+        # come): a read waits on the network, and keeps its thread for sync.etcd_timeout at
+        # most. One read per target is tracked (Target.reading); a term's start may begin
+        # another while one of the term before is still under way (_probe_targets), hence
+        # two threads per target. A pool of this watcher's own: targets that drop packets
+        # in another source's pairs do not slow these reads
+        self._pollers = ThreadPoolExecutor(2 * len(self.targets) or 1, f"poll:{src}")
         # whether a watcher may be syncing a source (clients.lease.lease_held): the drain
         # leaves such a source alone; and the sources whose wait was logged
         self._watched = watched
@@ -666,16 +668,20 @@ class Watcher:
         (TARGET_UNAVAILABLE) and called no more on the loop: the fence poll takes its read
         up once it is over (a probe: one that came back lets the resync go,
         _read_records), and the start serves the others meanwhile, where a call of its own
-        would have waited sync.etcd_timeout for each such target. (A read under way from
-        before this term is left as it is: the poll that takes it up drops it.)"""
+        would have waited sync.etcd_timeout for each such target. A read still under way
+        from an earlier try of this term's start is waited for again, not begun anew (a
+        start retried while a target stays silent would otherwise pile reads up on the
+        pollers); one from the term before says nothing of this one, is replaced, and
+        ends on its own."""
         began, t0 = self.clock(), time.monotonic()
         reads: dict[Future[TargetRecords | Exception], Target] = {}
         for t in self.targets:
-            read = self._pollers.submit(_call, t.control.read)
-            reads[read] = t
-            if t.reading is None:
-                t.reading = read
+            mine = t.reading is not None and t.reading_probe
+            if not (mine and t.reading_at >= self._term_started):
+                t.reading = self._pollers.submit(_call, t.control.read)
                 t.reading_gen, t.reading_probe, t.reading_at = t.pair.gen, True, began
+            assert t.reading is not None
+            reads[t.reading] = t
         answered: dict[str, TargetRecords | None] = {}
         under_way = set(reads)
         until = t0 + self.sync.etcd_timeout
@@ -688,8 +694,7 @@ class Watcher:
             first = not answered
             for read in done:
                 t = reads[read]
-                if t.reading is read:
-                    t.reading = None
+                t.reading = None
                 result = read.result()
                 if isinstance(result, RetryableError):
                     self._unavailable(t, str(result))

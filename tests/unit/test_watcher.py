@@ -825,6 +825,38 @@ def test_a_target_that_hangs_at_the_start_holds_up_neither_the_start_nor_the_oth
     assert rig.cache("c") == rig.expected()
 
 
+def test_a_start_tried_again_waits_for_a_silent_targets_read_instead_of_another() -> None:
+    """A term's start that is tried again (the source failed it) while a target's read of
+    the first try is still under way waits for that read again: reads of a target that
+    drops packets do not pile up on the poller threads, one per try."""
+    rig = Rig(etcd_timeout=3600.0)
+    fill(rig, nodes=3, identities=3)
+    c = next(t for t in rig.watcher.targets if t.name == "c")
+    original = c.control.read
+    release = threading.Event()
+    reads = 0
+
+    def hang() -> Any:
+        nonlocal reads
+        reads += 1
+        if not release.wait(20):
+            raise RetryableError("etcd c: deadline exceeded")
+        return original()
+
+    c.control.read = hang  # type: ignore[method-assign]
+    try:
+        rig.start()
+        first = c.reading
+        rig.start()  # as _serve tries it again, in the same term
+        assert reads == 1 and c.reading is first and first is not None
+        assert c.need_resync is not None
+    finally:
+        release.set()
+    c.control.read = original  # type: ignore[method-assign]
+    rig.settle()
+    assert rig.cache("c") == rig.expected()
+
+
 def drain_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The targets the watcher's drain checks look at from now on, in order (nothing is
     drained)."""
@@ -964,23 +996,29 @@ def test_a_read_begun_while_due_lets_the_resync_go_whatever_another_target_did()
     assert rig.resyncs("c", Cause.REQUESTED.value) == 1
 
 
-def test_a_read_taken_up_after_a_new_generation_is_dropped() -> None:
-    """A read that was under way when the target got a new generation (a new term of the
-    watcher) says nothing of it: the poll that takes it up drops it, and the next one
-    reads again."""
-    rig, c, release, reads = a_read_under_way()
+def test_a_read_of_the_term_before_says_nothing_of_the_new_one() -> None:
+    """A read that was under way when a new term of the watcher began says nothing of the
+    target now: the new term's start reads it anew and opens a new generation from what
+    that read found, and the old read, whenever it ends, changes nothing."""
+    rig, c, release, _ = a_read_under_way()
+    old = c.reading
+    assert old is not None
     rig.watcher._lease_lost.set()
     assert not rig.watcher._keep_lease()  # steps down
     rig.watcher._lease_lost.clear()  # as a new term begins (Watcher.run)
-    rig.start()  # and opens a new generation in every target
-    assert c.need_resync is None and c.pair.gen != c.reading_gen
-    release.set()
-    eventually(lambda: c.reading is not None and c.reading.done(), what="the read over")
-    rig.watcher.tick()
-    assert c.reading is None and c.need_resync is None  # dropped: nothing owed for it
+    rig.watcher._term_started = rig.clock()
+    try:
+        rig.start()  # and opens a new generation in every target
+        assert c.need_resync is None and c.reading is None and not old.done()
+        rig.tick()
+        assert c.need_resync is None
+    finally:
+        release.set()
+    eventually(old.done, what="the old read over")
+    rig.tick()
+    assert c.reading is None and c.need_resync is None  # nothing owed for it
     assert rig.resyncs("c", Cause.GENERATION_MOVED.value) == 0
-    rig.watcher.tick()
-    assert len(reads) >= 3  # the new term's start, and a poll after the dropped read
+    rig.source.put(NODE + b"after", b"{}")
     rig.settle()
     assert rig.cache("c") == rig.expected()
 
@@ -1015,12 +1053,18 @@ def test_a_target_whose_poll_fails_is_polled_ever_less_often_until_it_answers(
     # the wait counts from the end of the failed read, not from its start: one that took
     # sync.etcd_timeout (packets dropped) is not tried again at once
     spans: list[tuple[float, float]] = []
-    c = next(t.control for t in rig.watcher.targets if t.name == "c")
+    c_target = next(t for t in rig.watcher.targets if t.name == "c")
+    c = c_target.control
     failing = c.read
+
+    begun_reads = threading.Semaphore(0)
+    timed_out = threading.Semaphore(0)
 
     def slow_failure() -> Any:
         begun = rig.clock()
-        rig.clock.advance(rig.settings.sync.etcd_timeout)
+        begun_reads.release()
+        # the test's thread lets the read's timeout pass on the clock meanwhile
+        assert timed_out.acquire(timeout=10)
         spans.append((begun, rig.clock()))
         return failing()
 
@@ -1029,6 +1073,9 @@ def test_a_target_whose_poll_fails_is_polled_ever_less_often_until_it_answers(
         if len(spans) == 3:
             break
         rig.tick()
+        if begun_reads.acquire(timeout=0 if c_target.reading is None else 10):
+            rig.clock.advance(rig.settings.sync.etcd_timeout)
+            timed_out.release()
         rig.reads_over()
     assert len(spans) == 3
     for (_, ended), (began, _), waited in zip(spans, spans[1:], (8, 16, 30), strict=False):
