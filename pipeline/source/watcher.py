@@ -147,6 +147,15 @@ def _call(fn: Callable[[], _R]) -> _R | Exception:
         return exc
 
 
+def _write_then_read(
+    write: Callable[[], bool], written: list[bool], read: Callable[[], TargetRecords]
+) -> TargetRecords:
+    """A fence poll's read that first writes the progress record the poll before decided
+    on, noting in *written* whether its compare held."""
+    written.append(write())
+    return read()
+
+
 @dataclass
 class Target:
     """What the watcher knows about one target of its source."""
@@ -161,6 +170,11 @@ class Target:
     snapshot_rev: int = 0
     progress_rev: int = 0
     progress_at: float = 0.0  # when the progress record was last written
+    # a progress record a poll decided on, written on a poller thread just before the
+    # target's next read (Watcher._read_records), never on the loop: (write, through, when)
+    progress_due: tuple[Callable[[], bool], int, float] | None = None
+    # ... and the one that read carries: (through, when, [whether it was written])
+    progress_sent: tuple[int, float, list[bool]] | None = None
     # changes owed to this target and not cut into batches yet (its queue is full, or the
     # broker failing); coalesced per key, which keeps a delete for every key touched: bounded
     # by sync.max_held_changes and sync.max_held_bytes while publishing is paused
@@ -418,8 +432,23 @@ class Watcher:
         every target in step with its feed (not owed a resync) that answers, whatever the
         tick last recorded: batches it published land after it stops, and a new term
         resumes past them only if a record vouches for them (_vouch). The calls run side by
-        side, for one sync.etcd_timeout at most; a target that does not answer is resynced
-        by the next term instead. Never raises."""
+        side, each after the target's read under way if that read writes an older record
+        first, for two sync.etcd_timeout at most; a target that does not answer is resynced by the
+        next term instead. Never raises."""
+        # as far as the last poll found each target, written or not yet; what is still
+        # pending is this term's, and is dropped (a later term decides its own)
+        found: dict[str, int] = {}
+        # a read under way that writes a record first: the exit record must land after it
+        writing: dict[str, Future[TargetRecords | Exception] | None] = {}
+        for t in self.targets:
+            found[t.name] = t.progress_rev
+            if t.progress_due is not None:
+                found[t.name] = max(found[t.name], t.progress_due[1])
+            writing[t.name] = None
+            if t.progress_sent is not None:
+                found[t.name] = max(found[t.name], t.progress_sent[0])
+                writing[t.name] = t.reading
+            t.progress_due = t.progress_sent = None
         if not self._opened:
             return
         self._opened = False
@@ -427,8 +456,17 @@ class Watcher:
         listing = self.feed.open_listing()
         src = self.source.name
 
-        def record(t: Target, gen_rev: int, gen: int, through: int, base: int) -> None:
+        def record(
+            t: Target,
+            gen_rev: int,
+            gen: int,
+            through: int,
+            base: int,
+            before: Future[TargetRecords | Exception] | None,
+        ) -> None:
             try:
+                if before is not None:  # an older record, on its way: this one goes after it
+                    wait([before], timeout=self.sync.etcd_timeout)
                 t.control.write_progress(gen_rev, gen, through, kept, last, base, listing)
             except Exception as exc:  # anything: the term ends either way
                 log.warning(
@@ -442,9 +480,9 @@ class Watcher:
                 # by side); one whose last read failed is left to the next term's resync
                 if t.gen_rev and t.need_resync is None and not t.poll_backoff:
                     base = self._record_base(t)
-                    args = (t, t.gen_rev, t.pair.gen, t.progress_rev, base)
+                    args = (t, t.gen_rev, t.pair.gen, found[t.name], base, writing[t.name])
                     due.append(self._pollers.submit(record, *args))
-            wait(due, timeout=self.sync.etcd_timeout + 1.0)
+            wait(due, timeout=2 * self.sync.etcd_timeout + 1.0)
         except Exception as exc:  # a pool shut down: nothing recorded, the next term resyncs
             log.warning("%s: recording progress as the term ends failed: %s", src, exc)
         for f in due:
@@ -678,6 +716,7 @@ class Watcher:
         for t in self.targets:
             mine = t.reading is not None and t.reading_probe
             if not (mine and t.reading_at >= self._term_started):
+                t.progress_sent = None  # what the replaced read carried is not this one's
                 t.reading = self._pollers.submit(_call, t.control.read)
                 t.reading_gen, t.reading_probe, t.reading_at = t.pair.gen, True, began
             assert t.reading is not None
@@ -1398,7 +1437,15 @@ class Watcher:
         fresh = []
         for t in self.targets:
             if t.reading is None and now >= t.poll_after and self._due(t, now):
-                t.reading = self._pollers.submit(_call, t.control.read)
+                read: Callable[[], TargetRecords] = t.control.read
+                if t.need_resync is not None:
+                    t.progress_due = None  # its resync writes its records anew
+                if t.progress_due is not None:
+                    write, through, when = t.progress_due
+                    written: list[bool] = []
+                    t.progress_due, t.progress_sent = None, (through, when, written)
+                    read = functools.partial(_write_then_read, write, written, read)
+                t.reading = self._pollers.submit(_call, read)
                 t.reading_gen = t.pair.gen
                 t.reading_probe, t.reading_at = t.need_resync is not None, now
                 if not t.poll_backoff:
@@ -1414,6 +1461,12 @@ class Watcher:
                 continue  # begun by this poll after a failed one: a later poll takes it up
             records = t.reading.result()
             t.reading = None
+            if t.progress_sent is not None:
+                through, when, written = t.progress_sent
+                t.progress_sent = None
+                if written and written[0] and t.pair.gen == t.reading_gen:
+                    t.progress_rev, t.progress_at = through, when
+                    self.metrics.applied_revision.labels(self.source.name, t.name).set(through)
             if t.need_resync:
                 # it answers only if this read began while it was owed, in this term: one
                 # begun before (by a poll, or by the last term) may predate its silence.
@@ -1489,17 +1542,21 @@ class Watcher:
         # target's revision, and in a full mesh that target is another watcher's source.
         due = t.progress_at == 0.0 or now - t.progress_at >= _PROGRESS_HEARTBEAT
         moved = through > t.progress_rev and (self.feed.last_event_rev > t.progress_rev or due)
-        if moved and t.control.write_progress(
-            t.gen_rev,
-            t.pair.gen,
-            through,
-            self.feed.kept_writes(),
-            self.feed.newest,
-            self._record_base(t),
-            self.feed.open_listing(),
-        ):
-            t.progress_rev, t.progress_at = through, now
-            self.metrics.applied_revision.labels(src, t.name).set(through)
+        if moved:
+            # what the record says is taken now; it is written by the target's next read,
+            # on a poller thread: a target that goes silent right after this read must not
+            # hold up every other pair on the loop for the write's deadline
+            write = functools.partial(
+                t.control.write_progress,
+                t.gen_rev,
+                t.pair.gen,
+                through,
+                self.feed.kept_writes(),
+                self.feed.newest,
+                self._record_base(t),
+                self.feed.open_listing(),
+            )
+            t.progress_due = (write, through, now)
 
     @staticmethod
     def _landed(
@@ -1653,6 +1710,7 @@ class Watcher:
                 plan = Resync(Cause.UNRECORDED, why)
         t.poll_after = t.poll_backoff = 0.0  # it answers: its fence poll waits no more
         t.pair = PairState(gen=gen, chain={s: (0, 0) for s in self.shards})
+        t.progress_due = t.progress_sent = None  # the old generation's, refused if sent now
         t.outbox.drain()  # owed to the old generation: the new one starts from its fences
         t.unsent = []
         self.metrics.generation.labels(src, t.name).set(gen)

@@ -715,6 +715,81 @@ def test_a_read_that_hangs_holds_up_neither_the_loop_nor_the_other_target() -> N
     assert rig.cache("c") == rig.expected()
 
 
+def test_a_progress_write_that_hangs_holds_up_neither_the_loop_nor_the_other_target() -> None:
+    """A poll decides on a target's progress record, and the target's next read writes it
+    first, on a poller thread: a target that goes silent right after a read that answered
+    (each call then lasting sync.etcd_timeout) costs the loop no call, and the other
+    target keeps syncing. The poll that takes the read up learns the record was written."""
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    c = next(t for t in rig.watcher.targets if t.name == "c")
+    before = c.progress_rev
+    original = c.control.write_progress
+    release = threading.Event()
+    writes = 0
+
+    def hang(*args: Any) -> bool:
+        nonlocal writes
+        writes += 1
+        if not release.wait(20):  # as a call to a target that drops packets ends
+            raise RetryableError("etcd c: deadline exceeded")
+        return original(*args)
+
+    c.control.write_progress = hang  # type: ignore[method-assign]
+    try:
+        rig.source.put(NODE + b"after", b"{}")
+        rig.settle()
+        assert rig.cache("b") == rig.expected()
+        eventually(lambda: writes == 1, what="c's write under way")
+        assert c.reading is not None and not c.reading.done()
+        assert c.progress_rev == before
+    finally:
+        release.set()
+    c.control.write_progress = original  # type: ignore[method-assign]
+    eventually(lambda: c.reading is not None and c.reading.done(), what="c's write and read")
+    rig.tick()
+    assert c.progress_rev > before and c.need_resync is None
+    record = rig.mesh["c"].get(progress_key("a"))
+    assert record is not None and json.loads(record.value)["rev"] == c.progress_rev
+
+
+def test_a_terms_exit_record_lands_after_the_progress_write_under_way() -> None:
+    """A term that ends while a target's read is still writing the progress record its
+    last poll decided on writes its exit record after that one, so the older record never
+    lands last (the next term would then find fences past what it vouches for)."""
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    c = next(t for t in rig.watcher.targets if t.name == "c")
+    original = c.control.write_progress
+    release = threading.Event()
+    begun: list[str] = []
+    landed: list[str] = []
+
+    def write(*args: Any) -> bool:
+        what = "exit" if begun else "poll"
+        begun.append(what)
+        if what == "poll":
+            assert release.wait(20)
+        written = original(*args)
+        landed.append(what)
+        return bool(written)
+
+    c.control.write_progress = write  # type: ignore[method-assign]
+    rig.source.put(NODE + b"after", b"{}")
+    rig.settle()
+    eventually(lambda: begun == ["poll"], what="the poll's write under way")
+    ending = threading.Thread(target=rig.watcher._record_on_exit)
+    ending.start()
+    release.set()
+    ending.join(30)
+    assert not ending.is_alive()
+    assert landed == ["poll", "exit"]
+
+
 def test_a_target_owed_a_resync_that_hangs_holds_up_neither_the_loop_nor_the_other() -> None:
     """A target owed a resync is read on a poller thread first, and resynced only once that
     read has come back: one that drops packets (each call lasting sync.etcd_timeout) costs
