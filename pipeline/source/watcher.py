@@ -433,8 +433,8 @@ class Watcher:
         tick last recorded: batches it published land after it stops, and a new term
         resumes past them only if a record vouches for them (_vouch). The calls run side by
         side, each after the target's read under way if that read writes an older record
-        first, for two sync.etcd_timeout at most; a target that does not answer is resynced by the
-        next term instead. Never raises."""
+        first, for two sync.etcd_timeout at most; a target that does not answer is
+        resynced by the next term instead. Never raises."""
         # as far as the last poll found each target, written or not yet; what is still
         # pending is this term's, and is dropped (a later term decides its own)
         found: dict[str, int] = {}

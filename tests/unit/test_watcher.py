@@ -715,16 +715,21 @@ def test_a_read_that_hangs_holds_up_neither_the_loop_nor_the_other_target() -> N
     assert rig.cache("c") == rig.expected()
 
 
+def settled_with_c() -> tuple[Rig, Any]:
+    """A rig synced once, and its target c."""
+    rig = Rig()
+    fill(rig, nodes=3, identities=3)
+    rig.start()
+    rig.settle()
+    return rig, next(t for t in rig.watcher.targets if t.name == "c")
+
+
 def test_a_progress_write_that_hangs_holds_up_neither_the_loop_nor_the_other_target() -> None:
     """A poll decides on a target's progress record, and the target's next read writes it
     first, on a poller thread: a target that goes silent right after a read that answered
     (each call then lasting sync.etcd_timeout) costs the loop no call, and the other
     target keeps syncing. The poll that takes the read up learns the record was written."""
-    rig = Rig()
-    fill(rig, nodes=3, identities=3)
-    rig.start()
-    rig.settle()
-    c = next(t for t in rig.watcher.targets if t.name == "c")
+    rig, c = settled_with_c()
     before = c.progress_rev
     original = c.control.write_progress
     release = threading.Event()
@@ -759,11 +764,7 @@ def test_a_terms_exit_record_lands_after_the_progress_write_under_way() -> None:
     """A term that ends while a target's read is still writing the progress record its
     last poll decided on writes its exit record after that one, so the older record never
     lands last (the next term would then find fences past what it vouches for)."""
-    rig = Rig()
-    fill(rig, nodes=3, identities=3)
-    rig.start()
-    rig.settle()
-    c = next(t for t in rig.watcher.targets if t.name == "c")
+    rig, c = settled_with_c()
     original = c.control.write_progress
     release = threading.Event()
     begun: list[str] = []
