@@ -447,15 +447,20 @@ class Etcd:
         longer than the client's timeout) while this lasts; other threads' calls keep
         theirs. A thread that holds up others while it waits (the watcher's loop) gives up
         on a silent etcd sooner than one that waits for it alone (a poller)."""
-        before = getattr(self._patient, "seconds", None)
+        before = self._patience()
         self._patient.seconds = min(seconds, self._timeout)
         try:
             yield
         finally:
             self._patient.seconds = before
 
+    def _patience(self) -> float | None:
+        """The calling thread's own deadline (patience()), if it has one."""
+        seconds: float | None = getattr(self._patient, "seconds", None)
+        return seconds
+
     def _deadline(self) -> float:
-        return getattr(self._patient, "seconds", None) or self._timeout
+        return self._patience() or self._timeout
 
     def _range(self, key: bytes, end: bytes | None, **kwargs: Any) -> Any:
         """One Range call, waiting the calling thread's deadline at most."""
@@ -633,9 +638,7 @@ class Etcd:
                 if resp.kvs:
                     size = sum(len(kv.key) + len(kv.value) for kv in resp.kvs)
                     per_key = max(1, size // len(resp.kvs))
-                    budget = _RANGE_BUDGET
-                    if getattr(self._patient, "seconds", None):
-                        budget = _PATIENT_RANGE_BUDGET
+                    budget = _PATIENT_RANGE_BUDGET if self._patience() else _RANGE_BUDGET
                     limit = max(1, min(page, budget // per_key))
                 return resp
 
