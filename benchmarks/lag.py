@@ -3,7 +3,8 @@ target etcd, for kvmesh and for `etcdctl make-mirror`, in the same run, on the s
 
     python benchmarks/lag.py [--rates 200 1000 5000] [--keys 1000] [--seconds 10]
         [--concurrency 2] [--pool prefork] [--sync KEY=VALUE]... [--skip-mirror]
-        [--rounds 1] [--json FILE] [--png FILE] [--trace FILE] [--redraw FILE]
+        [--delay 0] [--load 0] [--rounds 1] [--json FILE] [--png FILE] [--trace FILE]
+        [--redraw FILE]
 
 With `--pool solo`, `--concurrency` solo workers run side by side (before 99919b8, one
 solo worker, whatever the concurrency: the solo figures in performance-log.md from before are
@@ -28,6 +29,16 @@ coalesces changes to one key made within a flush, and the newer value carries th
 effect. Delays run from just before each put is sent. The benchmark also checks what no
 contender may do: end with a value other than the last put (lost), or let a key's values
 arrive out of order (reordered).
+
+Two options change the machine the contenders run on:
+- `--delay S` puts each target etcd behind `benchmarks/delay_proxy.py`, which delays every
+  byte by S seconds each way: both contenders then write through a link with a round trip
+  of 2 x S, as in a mesh whose clusters are a network hop apart. Arrivals are still watched
+  on the target itself, without the delay.
+- `--load CORES` runs `benchmarks/cpu_load.py` beside them from the start, as many
+  processes as whole cores asked for, each busy for its share of every 10 ms: a neighbour
+  taking that much of the two cores, so that a run sees a machine with less to spare when
+  asked, not only in the hours when the machine is slow.
 
 A single run's p99 moves a lot on a shared machine (at 200 puts/s, from 12 to 20 ms for the
 same code within an evening). `--rounds N` measures every rate N times over, with the same
@@ -75,7 +86,9 @@ from benchcommon import (
 
 from pipeline.clients.etcd import Etcd, Event, Put
 from pipeline.tools.cilium_state import identity_id, identity_labels, write_items
-from pipeline.tools.servers import EtcdServer, RedisServer
+from pipeline.tools.servers import EtcdServer, RedisServer, free_port
+
+HERE = Path(__file__).resolve().parent
 
 SEQ = b";seq="
 
@@ -225,6 +238,18 @@ def main() -> int:
     add_sync_option(ap, "linger=0.005")
     ap.add_argument("--skip-mirror", action="store_true", help="measure kvmesh only")
     ap.add_argument(
+        "--delay",
+        type=float,
+        default=0.0,
+        help="seconds each way of a link in front of each target etcd (0: none)",
+    )
+    ap.add_argument(
+        "--load",
+        type=float,
+        default=0.0,
+        help="cores a neighbour keeps busy throughout (benchmarks/cpu_load.py; 0: none)",
+    )
+    ap.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -236,6 +261,8 @@ def main() -> int:
     ap.add_argument("--png", default="", help="draw p50 and p99 by rate to this file")
     ap.add_argument("--redraw", default="", help="only draw --png from this JSON of a run")
     args = ap.parse_args()
+    if args.delay < 0 or not 0 <= args.load <= (os.cpu_count() or 1):
+        raise SystemExit("--delay must be at least 0, --load from 0 to the number of cores")
     byte_compile()
     if args.redraw:
         draw(json.loads(Path(args.redraw).read_text()), args.png)
@@ -255,6 +282,18 @@ def main() -> int:
             s.start()
             servers.append(s)
         sources = {"kvmesh": src_k, "make-mirror": src_m}
+        # where each contender writes: the target itself, or a link in front of it
+        dst_url = {"kvmesh": dst_k.url, "make-mirror": dst_m.url}
+        if args.delay > 0:
+            for name, dst in (("kvmesh", dst_k), ("make-mirror", dst_m)):
+                dst_url[name] = link(procs, tmp, name, dst, args.delay, servers)
+        if args.load > 0:
+            hogs = math.ceil(args.load)
+            for i in range(hogs):
+                share = str(args.load / hogs)
+                spawn(
+                    procs, [sys.executable, str(HERE / "cpu_load.py"), share], tmp / f"load{i}.log"
+                )
         for src in sources.values():
             source = Etcd(src.cluster())
             write_items(
@@ -269,7 +308,7 @@ def main() -> int:
             tmp / "mesh.toml",
             broker.url,
             src_k.url,
-            dst_k.url,
+            dst_url["kvmesh"],
             sync_settings(args.sync),
         )
         kvmesh = [sys.executable, "-m", "pipeline"]
@@ -277,12 +316,12 @@ def main() -> int:
         spawn(procs, [*kvmesh, "watch", "--config", str(cfg)], tmp / "watch.log")
         # kvmesh's CPU, per put: lag on two busy cores moves a lot between runs, the CPU
         # each change costs far less, so it shows what a change to the code did
-        sessions = {"watcher": procs[1].pid, "workers": procs[0].pid}
+        sessions = {"watcher": procs[-1].pid, "workers": procs[-2].pid}
         contenders = {"kvmesh": Etcd(dst_k.cluster())}
         if not args.skip_mirror:
             spawn(
                 procs,
-                mirror_command(src_m.url, dst_m.url),
+                mirror_command(src_m.url, dst_url["make-mirror"]),
                 tmp / "mirror.log",
                 dict(os.environ, ETCDCTL_API="3"),
             )
@@ -363,6 +402,8 @@ def main() -> int:
                     if name == "kvmesh":
                         for k, seconds in cpu.items():
                             r[f"{k}_cpu_ms_per_put"] = round(seconds * 1000 / max(len(sent), 1), 3)
+                    if args.delay or args.load:
+                        r.update(delay_ms=args.delay * 1000, load_cores=args.load)
                     results.append(r)
                     print(
                         f"{rate:>7} {r['achieved']:>9} {name:>12} {r['p50_ms']:>8} "
@@ -393,6 +434,26 @@ def main() -> int:
             st.stop()
         stop(procs)
         discard(*servers)
+
+
+def link(
+    procs: list[subprocess.Popen[bytes]],
+    tmp: Path,
+    name: str,
+    target: EtcdServer,
+    delay: float,
+    servers: list[Watched],
+) -> str:
+    """Start a delay proxy in front of *target*; returns the URL to write through."""
+    port = free_port()
+    log = tmp / f"link-{name}.log"
+    spawn(
+        procs,
+        [sys.executable, str(HERE / "delay_proxy.py"), str(port), str(target.port), str(delay)],
+        log,
+    )
+    wait_for("the link", lambda: b"ready" in log.read_bytes(), 10, log, [*procs, *servers])
+    return f"http://127.0.0.1:{port}"
 
 
 def medians(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -462,7 +523,13 @@ def draw(results: list[dict[str, Any]], png: str) -> None:
     ax.set_xlabel("puts per second in the source")
     ax.set_ylabel("put → arrival in the target (ms)")
     ax.legend(fontsize=8)
-    ax.set_title("Steady-state lag, 2 cores")
+    title = "Steady-state lag, 2 cores"
+    delay, load = results[0].get("delay_ms", 0), results[0].get("load_cores", 0)
+    if delay:
+        title += f", a {2 * delay:g} ms round trip to the target"
+    if load:
+        title += f", {load:g} cores of load"
+    ax.set_title(title, fontsize=10 if delay or load else None)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     print(f"wrote {png}")
