@@ -135,6 +135,10 @@ class SyncConfig:
     # any rate): faster, a linger gathers several in a task for about as much latency,
     # where flushing each as it came would cost the workers a task per change or two
     idle_flush_max_rate: int = 500
+    # a flush whose changes fall in a shard whose last task a worker still holds waits for
+    # it (up to max_linger after the last flush): the next task of that shard could only
+    # wait for it in another worker, at the price of a read or a failed transaction
+    flush_after_ack: bool = True
     page_size: int = 2000  # keys per range request (etcd.py's scan also pages by bytes)
     stall_timeout: float = 10.0  # a fence that does not move for this long means lost batches
     fence_poll_interval: float = 0.5

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import wait
 from typing import Any
 
@@ -84,6 +84,9 @@ class Queue:
         self.published = 0
         self.flushes = 0  # calls of publish: one per flush of the watcher
         self.tasks: list[list[Batch]] = []  # the batches as the publisher cuts them into tasks
+        # the shards of the tracked tasks a worker holds, as a test sets them (busy_shards)
+        self.busy: set[str] = set()
+        self.tracked: list[bool] = []  # each publish: whether it asked to track its tasks
         self._bytes_looked = self._bytes_since = 0  # see queued_bytes
 
     def publish(
@@ -92,10 +95,12 @@ class Queue:
         per_task: int = 0,
         txn_ops: int = 0,
         budget: int | None = None,
+        track: bool = False,
     ) -> None:
         if self.failing:
             raise PublishError("broker down", 0)
         self.flushes += 1
+        self.tracked.append(track)
         sent = spent = 0
         for task in group_batches(batches, per_task or self.per_task, txn_ops=txn_ops):
             if budget is not None and sent and spent >= budget:
@@ -111,6 +116,9 @@ class Queue:
     def backlog(self) -> int:
         self._bytes_looked, self._bytes_since = self.bytes(), 0
         return len(self.batches)
+
+    def busy_shards(self, among: Collection[str]) -> set[str]:
+        return self.busy & set(among)
 
     def queued_bytes(self) -> int:
         """As a RedisPublisher tells it: what the queue held at the last backlog(), and

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol
 
 import redis
@@ -17,9 +19,12 @@ from pipeline.protocol.names import (
     CLAIM_CHECK_BYTES,
     PAYLOAD_TTL_SECONDS,
     TASK_NAME,
+    UNACKED_INDEX,
     payload_key,
 )
 from pipeline.protocol.wire import Batch, Signer, encode_task_json
+
+log = logging.getLogger("kvmesh.watcher")
 
 
 class Publisher(Protocol):
@@ -29,15 +34,22 @@ class Publisher(Protocol):
         per_task: int = 0,
         txn_ops: int = 0,
         budget: int | None = None,
+        track: bool = False,
     ) -> None:
         """Publish the batches, *per_task* to a task (0: sync.batches_per_task); *txn_ops*:
         see group_batches. With a *budget*, stop before a task once the tasks published by
         this call have cost the broker that many bytes (the first always goes), raising
-        QueueFullError with the batches that went out."""
+        QueueFullError with the batches that went out. With *track*, follow the tasks
+        until the workers are done with them (busy_shards)."""
         ...
 
     def backlog(self) -> int:
         """Tasks waiting in the queue (not counting those a worker holds)."""
+        ...
+
+    def busy_shards(self, among: Collection[str]) -> set[str]:
+        """Which shards of *among* have a tracked task that a worker has taken and not yet
+        acknowledged (for less than BUSY_FOR seconds, as far as the publisher saw)."""
         ...
 
     def queued_bytes(self) -> int:
@@ -138,7 +150,9 @@ _HEADERS: dict[str, Any] = {
 }
 
 
-def task_message(queue: str, payload_json: str, argsrepr: str, origin: str) -> str:
+def task_message(
+    queue: str, payload_json: str, argsrepr: str, origin: str, tag: str | None = None
+) -> str:
     """One message of TASK_NAME with one argument, the JSON text *payload_json*, as Celery 5
     (protocol 2) and kombu's Redis transport write it for `send_task(..., queue=queue)`,
     except that the body travels as JSON text instead of base64 of it (`body_encoding` says
@@ -165,12 +179,22 @@ def task_message(queue: str, payload_json: str, argsrepr: str, origin: str) -> s
                 "delivery_info": {"exchange": "", "routing_key": queue},
                 "priority": 0,
                 "body_encoding": "utf-8",
-                "delivery_tag": str(uuid.uuid4()),
+                "delivery_tag": tag or str(uuid.uuid4()),
             },
         },
         separators=(",", ":"),
     )
 
+
+# A tracked task counts as busy (in a worker's hands) for this long at most after its
+# publisher first saw a worker hold it: a worker killed mid-task leaves its tag in kombu's
+# index until the visibility timeout gives the task back, and a flush must not wait for
+# that. Far longer than a task takes on a link of tens of milliseconds.
+BUSY_FOR = 1.0
+# Tracked tasks remembered at most (the oldest forgotten first), and how long one is
+# remembered while no worker has taken it (queued behind others)
+_TRACKED = 256
+_QUEUED_FOR = 2.0
 
 # The most tasks whose bytes a publisher remembers (more than sync.max_queue_depth holds by
 # default): while the queue's length cannot be read they are not forgotten otherwise.
@@ -205,6 +229,12 @@ class RedisPublisher:
         self._written: deque[int] = deque()
         self._queued = 0
         self._unread = False  # the last look at the queue's length failed
+        # the tasks of tracked publishes (live flushes): delivery tag -> (their shards,
+        # when published, when this publisher first saw a worker hold it or None; both
+        # monotonic), dropped once the worker is done with it
+        self._tracked: dict[str, tuple[frozenset[str], float, float | None]] = {}
+        self._track = True  # off for good once Redis refuses to say (an old Redis, an ACL)
+        self.clock = time.monotonic
 
     def backlog(self) -> int:
         """The length of the queue's list, one LLEN: every task a watcher publishes has
@@ -225,6 +255,62 @@ class RedisPublisher:
             self._queued -= self._written.pop()
         return depth
 
+    def busy_shards(self, among: Collection[str]) -> set[str]:
+        """Which shards of *among* have a tracked task in a worker's hands: taken and not
+        yet acknowledged (kombu's index of taken messages holds its delivery tag), for less
+        than BUSY_FOR since this publisher first saw it so. One round trip (the queue's
+        length too), none while no tracked task has one of those shards; a failed read
+        says none."""
+        want = set(among)
+        now = self.clock()
+        tags = []
+        for tag, (shards, published, seen) in list(self._tracked.items()):
+            if (now - seen >= BUSY_FOR) if seen is not None else (now - published > _QUEUED_FOR):
+                # held too long to wait for (a worker lost mid-task, say), or queued that
+                # long (a backlog, which the linger paces)
+                del self._tracked[tag]
+            elif not shards.isdisjoint(want):
+                tags.append(tag)
+        if not tags:
+            return set()
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.llen(self._queue)
+            pipe.zmscore(UNACKED_INDEX, tags)
+            length, scores = pipe.execute(raise_on_error=False)
+        except (OSError, redis.RedisError):
+            return set()  # the next look, or the publish, will tell
+        if isinstance(scores, Exception):
+            if isinstance(scores, redis.exceptions.NoPermissionError) or (
+                "unknown command" in str(scores).lower()
+            ):
+                self._stop_tracking(scores)
+            return set()
+        busy: set[str] = set()
+        for tag, score in zip(tags, scores, strict=True):
+            shards, published, seen = self._tracked[tag]
+            if score is not None:  # taken, not yet acknowledged
+                if seen is None:
+                    self._tracked[tag] = (shards, published, now)
+                busy |= shards
+            elif seen is not None or length == 0:
+                # acknowledged since it was seen taken, or in neither list: done
+                del self._tracked[tag]
+        return busy & want
+
+    def _stop_tracking(self, exc: Exception) -> None:
+        """Redis refused to say which tasks a worker holds (ZMSCORE is Redis 6.2's; an ACL
+        may leave it out): publish as if none were held, from now on."""
+        if self._track:
+            log.warning(
+                "%s: cannot tell which of its tasks the workers hold (%s): flushes no "
+                "longer wait for the workers to finish their shards' last tasks",
+                self._queue,
+                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+            )
+        self._track = False
+        self._tracked.clear()
+
     def queued_bytes(self) -> int:
         """The bytes written for the tasks the queue held at the last backlog() (payloads
         by reference included): the newest this publisher published, as many as the queue
@@ -237,9 +323,11 @@ class RedisPublisher:
         per_task: int = 0,
         txn_ops: int = 0,
         budget: int | None = None,
+        track: bool = False,
     ) -> None:
         """Publish every batch, or raise PublishError saying how many went out first
-        (QueueFullError once the tasks published have cost *budget* bytes)."""
+        (QueueFullError once the tasks published have cost *budget* bytes). With *track*,
+        each task's delivery tag and shards are remembered for busy_shards."""
         sent = spent = 0
         try:
             for group in group_batches(batches, per_task or self._per_task, txn_ops=txn_ops):
@@ -258,8 +346,9 @@ class RedisPublisher:
                 )
                 # one push per task, no retry: the watcher pauses and keeps the changes on
                 # any failure, and `sent` tells it which went out
+                tag = str(uuid.uuid4())
                 if len(payload) <= CLAIM_CHECK_BYTES:
-                    message = task_message(self._queue, payload, argsrepr, self._origin)
+                    message = task_message(self._queue, payload, argsrepr, self._origin, tag)
                     self._redis.lpush(self._queue, message)
                     written = len(message)
                 else:
@@ -269,12 +358,16 @@ class RedisPublisher:
                     # Both or neither (MULTI): a message never names a payload not written.
                     ref = payload_key(uuid.uuid4().hex)
                     claim = f'{{"ref":"{ref}"}}'
-                    message = task_message(self._queue, claim, argsrepr, self._origin)
+                    message = task_message(self._queue, claim, argsrepr, self._origin, tag)
                     pipe = self._redis.pipeline(transaction=True)
                     pipe.set(ref, payload, ex=PAYLOAD_TTL_SECONDS)
                     pipe.lpush(self._queue, message)
                     pipe.execute()
                     written = len(message) + len(payload)
+                if track and self._track:
+                    self._tracked[tag] = (frozenset(b.shard for b in group), self.clock(), None)
+                    if len(self._tracked) > _TRACKED:
+                        del self._tracked[next(iter(self._tracked))]
                 sent += len(group)
                 spent += written
                 self._written.appendleft(written)

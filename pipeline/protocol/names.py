@@ -34,6 +34,11 @@ CLAIM_CHECK_BYTES = 16_384
 # nobody takes (workers too old to read references) is gone within the hour.
 PAYLOAD_TTL_SECONDS = 3_600
 _PAYLOAD_PREFIX = "kvmesh:payload:"
+# kombu's Redis transport notes every message a worker has taken and not yet acknowledged
+# in this sorted set (its default `unacked_index_key`, which kvmesh leaves as it is), the
+# delivery tag scored by when the worker took it: a watcher looks up its own tasks there
+# to tell which are still in a worker's hands (sync.flush_after_ack)
+UNACKED_INDEX = "unacked_index"
 
 
 def payload_key(token: str) -> str:

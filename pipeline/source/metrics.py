@@ -125,6 +125,19 @@ class WatcherMetrics:
             ["source_cluster"],
             registry=r,
         )
+        self.flushes_held = Counter(
+            "kvmesh_watcher_flushes_held_total",
+            "Flushes that waited for a worker to finish the last task of a shard they had "
+            "changes for (sync.flush_after_ack)",
+            ["source_cluster"],
+            registry=r,
+        )
+        self.flush_held_seconds = Counter(
+            "kvmesh_watcher_flush_held_seconds_total",
+            "Seconds those flushes waited, past when they were due",
+            ["source_cluster"],
+            registry=r,
+        )
         self.task_bytes = Counter(
             "kvmesh_watcher_task_bytes_published_total",
             "Bytes of the JSON payloads of those tasks",

@@ -285,6 +285,7 @@ class Watcher:
         self.stop_event = threading.Event()
         self._flush_deadline: float | None = None
         self._last_flush = -1e9  # when the last flush published something
+        self._held_since: float | None = None  # when a due flush began to wait for a worker
         self.synced_once: set[str] = set()  # targets that had their initial sync
         self._next_tick = 0.0
         self._next_progress = 0.0
@@ -620,7 +621,7 @@ class Watcher:
         self._record_on_exit()
         self.feed.stop()
         self.buffer.drain()
-        self._flush_deadline = None
+        self._flush_deadline = self._held_since = None
         for t in self.targets:
             t.need_resync, t.resync_detail = Cause.START, ""
         return False
@@ -775,13 +776,16 @@ class Watcher:
                 return
             self.ingest(item)
         now = self.clock()
-        if self._flush_deadline is not None and (
-            now >= self._flush_deadline
-            or len(self.buffer) >= _FLUSH_AT
-            or self.buffer.bytes >= _FLUSH_BYTES
-            or (self._may_go_early(now) and self._depth(now, _IDLE_LOOK) == 0)
-        ):
-            self.flush()
+        if self._flush_deadline is not None:
+            full = len(self.buffer) >= _FLUSH_AT or self.buffer.bytes >= _FLUSH_BYTES
+            if full or (
+                (
+                    now >= self._flush_deadline
+                    or (self._may_go_early(now) and self._depth(now, _IDLE_LOOK) == 0)
+                )
+                and not self._held_by_workers(now)
+            ):
+                self.flush()
         if now >= self._next_progress:
             # Half a poll before each tick, so the tick sees fresh watch progress.
             self._next_progress = now + self.sync.fence_poll_interval
@@ -1051,6 +1055,11 @@ class Watcher:
                 out += [(t, b) for b in self._cut_chains(t, t.outbox.drain(), since_ms)]
             self._mark(t)
         self._last_flush = now
+        if self._held_since is not None:
+            src = self.source.name
+            self.metrics.flushes_held.labels(src).inc()
+            self.metrics.flush_held_seconds.labels(src).inc(now - self._held_since)
+            self._held_since = None
         # what the queue held before this publish says nothing of it now: the next look
         # that decides on an idle flush reads it again
         if self.sync.idle_flush:
@@ -1097,6 +1106,28 @@ class Watcher:
             return 0.0
         longest = max(self.sync.max_linger, self.sync.linger)
         return min(longest, self.sync.linger + max(0, depth - _KEEPING_UP) * _PER_TASK)
+
+    def _held_by_workers(self, now: float) -> bool:
+        """Whether a flush that is due waits, with sync.flush_after_ack, because a shard it
+        has changes for has its last task in a worker's hands: that task's successor could
+        only wait for it in another worker (a failed transaction, then reads of the fence),
+        and with many pool slots the tasks of busy shards queued up behind each other that
+        way (docs/performance-log.md, 2026-12-02). Waiting here gathers the shard's next
+        changes into one task instead, sent once the worker is done. The wait ends
+        sync.max_linger after the last flush at the latest, and looks at the workers again
+        every _IDLE_LOOK (the flush deadline is moved along)."""
+        if (
+            not self.sync.flush_after_ack
+            or now - self._last_flush >= max(self.sync.max_linger, self.sync.linger)
+            or now < self._publish_after
+        ):
+            return False
+        if not self.publisher.busy_shards(self.buffer.counts()):
+            return False
+        if self._held_since is None:
+            self._held_since = now
+        self._flush_deadline = now + _IDLE_LOOK
+        return True
 
     def _may_go_early(self, now: float) -> bool:
         """Whether a lingering flush looks at the queue every _IDLE_LOOK, to go as soon as
@@ -1281,6 +1312,7 @@ class Watcher:
                 MAX_BATCHES_PER_TASK,
                 txn_ops=self.sync.max_batch_ops + 1,
                 budget=budget,
+                track=self.sync.flush_after_ack,
             )
         except PublishError as exc:
             published = exc.published
@@ -2060,7 +2092,7 @@ class Watcher:
         log.warning("%s: resyncing every target (%s: %s)", self.source.name, cause.value, detail)
         self.feed.stop()
         self.buffer.drain()
-        self._flush_deadline = None
+        self._flush_deadline = self._held_since = None
         while not self.stop_event.is_set() and self._keep_lease():
             try:
                 self.feed.cluster_id = self.feed.etcd.header()[1]

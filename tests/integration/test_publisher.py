@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from redis.connection import AbstractConnection
 
 from pipeline.clients.broker import Broker, redis_at
 from pipeline.clients.celeryapp import create_app, keep_redis_clients
-from pipeline.clients.publisher import RedisPublisher
+from pipeline.clients.publisher import BUSY_FOR, RedisPublisher
 from pipeline.config import load_settings
 from pipeline.protocol.errors import QueueFullError, RetryableError
 from pipeline.protocol.layout import Op
@@ -376,5 +377,79 @@ def test_a_queue_whose_length_cannot_be_read_has_no_figure(servers: Servers) -> 
     assert publisher.queued_bytes() == 0
     client.close()
     admin.execute_command("ACL", "DELUSER", "nollen")
+    admin.delete(QUEUE)
+    admin.close()
+
+
+def test_the_shards_a_worker_holds_are_those_of_its_tracked_tasks(servers: Servers) -> None:
+    """busy_shards, through kombu's Redis transport with acknowledgements: a tracked task's
+    shards are busy from when a consumer takes it until it acknowledges it, and a task
+    published untracked (a resync's) never counts; only the shards asked about are
+    answered for. A task that a consumer holds for BUSY_FOR stops counting (a worker lost
+    mid-task leaves it in kombu's index until the visibility timeout)."""
+    from kombu import Connection
+
+    redis = servers.redis()
+    client = redis_at(redis.url)
+    client.delete(QUEUE)
+    publisher = RedisPublisher(QUEUE, client, Signer(SigningKeys((b"k" * 32,))))
+    now = [100.0]
+    publisher.clock = lambda: now[0]
+    shards = [dataclasses.replace(batch(), shard=f"nodes-{i}") for i in range(3)]
+    every = {b.shard for b in shards}
+    publisher.publish(shards[:2], per_task=2, track=True)  # one task of two shards
+    publisher.publish(shards[2:], track=False)
+    assert publisher.busy_shards(every) == set()  # queued, not taken
+    with Connection(redis.url) as conn:
+        queue = conn.SimpleQueue(QUEUE, no_ack=False)
+        tracked = queue.get(timeout=10)
+        assert publisher.busy_shards(every) == {"nodes-0", "nodes-1"}
+        assert publisher.busy_shards({"nodes-1", "nodes-2"}) == {"nodes-1"}
+        untracked = queue.get(timeout=10)
+        assert publisher.busy_shards(every) == {"nodes-0", "nodes-1"}
+        tracked.ack()
+        assert publisher.busy_shards(every) == set()
+        untracked.ack()
+        # held too long: no longer waited for
+        publisher.publish(shards[:1], track=True)
+        lost = queue.get(timeout=10)
+        assert publisher.busy_shards(every) == {"nodes-0"}
+        now[0] += BUSY_FOR
+        assert publisher.busy_shards(every) == set()
+        lost.ack()
+        queue.close()
+    client.close()
+
+
+def test_a_redis_that_cannot_say_what_workers_hold_leaves_flushes_alone(
+    servers: Servers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker user refused ZMSCORE (as an ACL may do, and as a Redis older than 6.2
+    does): the publisher says once, in a line, that it cannot tell, still publishes and
+    reads its queue's length, and from then on tracks nothing, so no flush waits."""
+    from kombu import Connection
+
+    redis = servers.redis()
+    admin = redis_at(redis.url)
+    admin.delete(QUEUE)
+    admin.execute_command("ACL", "SETUSER", "nozms", "on", ">pw", "~*", "+@all", "-zmscore")
+    host, port = redis.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    client = redis_at(f"redis://nozms:pw@{host}:{port}/0")
+    publisher = RedisPublisher(QUEUE, client, Signer(SigningKeys((b"k" * 32,))))
+    with caplog.at_level(logging.WARNING, logger="kvmesh.watcher"), Connection(redis.url) as conn:
+        queue = conn.SimpleQueue(QUEUE, no_ack=False)
+        for _ in range(2):
+            publisher.publish([batch()], track=True)
+            taken = queue.get(timeout=10)
+            assert publisher.busy_shards({batch().shard}) == set()
+            assert publisher.backlog() == 0
+            taken.ack()
+        queue.close()
+    lines = [r.getMessage() for r in caplog.records if "cannot tell" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{QUEUE}: cannot tell which of its tasks the workers hold")
+    assert "\n" not in lines[0] and "pw" not in lines[0]
+    client.close()
+    admin.execute_command("ACL", "DELUSER", "nozms")
     admin.delete(QUEUE)
     admin.close()

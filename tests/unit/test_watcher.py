@@ -1729,3 +1729,69 @@ def _three_streams_owing(**bounds: int) -> tuple[SourceFeed, threading.Thread]:
     pumping = threading.Thread(target=source.pump)
     pumping.start()
     return feed, pumping
+
+
+@pytest.mark.parametrize("after_ack", [True, False])
+def test_a_flush_waits_while_a_worker_holds_its_shards_last_task(after_ack: bool) -> None:
+    """With sync.flush_after_ack, a change in a shard whose last task a worker still holds
+    waits until the worker is done with it (looked at every 2 ms), then goes at once; it
+    waits sync.max_linger after the last flush at most. A change in a shard no worker
+    holds goes as before. Without the setting, every change goes as before, and the
+    publisher is not asked to follow the tasks."""
+    rig = Rig(linger=0.01, max_linger=0.1, idle_flush=True, flush_after_ack=after_ack)
+    fill(rig, nodes=2, identities=0)
+    rig.start()
+    rig.settle()
+    w = rig.watcher
+    values = iter(range(1000))
+
+    def change(name: bytes) -> int:
+        """Put a node and run one pass of the loop, with no time passing; the flushes so
+        far."""
+        rig.source.put(NODE + name, b'{"v":%d}' % next(values))
+        rig.mesh.pump()
+        w.step(max_wait=0)
+        return rig.queue.flushes
+
+    def wait(seconds: float) -> int:
+        """Passes of the loop every 2 ms for *seconds*; the flushes so far."""
+        for _ in range(round(seconds / 0.002)):
+            rig.clock.advance(0.002)
+            w.step(max_wait=0)
+        return rig.queue.flushes
+
+    rig.clock.advance(1.0)  # a quiet spell
+    flushes = rig.queue.flushes
+    assert change(b"n1") == flushes + 1  # published at once
+    assert rig.queue.tracked[-1] is after_ack
+    shard = rig.queue.batches[-1].shard
+    rig.work()  # a worker took it (the queue is empty) ...
+    rig.queue.busy = {shard}  # ... and is still applying it
+    rig.clock.advance(0.003)
+    if after_ack:
+        assert change(b"n1") == flushes + 1  # the same key, so the same shard: it waits
+        assert wait(0.02) == flushes + 1  # past the linger, as long as the worker holds it
+        rig.queue.busy = set()  # the worker is done
+        assert wait(0.002) == flushes + 2  # at the next look
+        held = {"source_cluster": "a"}
+        assert rig.metric("kvmesh_watcher_flushes_held_total", **held) == 1
+        assert rig.metric("kvmesh_watcher_flush_held_seconds_total", **held) == pytest.approx(0.022)
+        rig.work()
+        rig.queue.busy = {shard}  # a worker holds that task, and keeps it
+        rig.clock.advance(0.003)
+        assert change(b"n1") == flushes + 2
+        assert wait(0.09) == flushes + 2  # 93 ms after the flush
+        assert wait(0.01) == flushes + 3  # 100 ms: sync.max_linger is over
+        assert rig.metric("kvmesh_watcher_flushes_held_total", **held) == 2
+    else:
+        assert change(b"n1") == flushes + 2  # the queue is empty: at once
+        assert rig.metric("kvmesh_watcher_flushes_held_total", source_cluster="a") == 0
+    rig.work()
+    rig.queue.busy = {"no-such-shard"}  # workers busy with other shards hold nothing up
+    rig.clock.advance(1.0)
+    flushes = rig.queue.flushes
+    assert change(b"n2") == flushes + 1
+    rig.queue.busy = set()
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
