@@ -87,6 +87,8 @@ class Queue:
         # the shards of the tracked tasks a worker holds, as a test sets them (busy_shards)
         self.busy: set[str] = set()
         self.tracked: list[bool] = []  # each publish: whether it asked to track its tasks
+        self._busy: set[str] = set()  # what the last look found of them
+        self.looks = 0  # looks at the queue (backlog)
         self._bytes_looked = self._bytes_since = 0  # see queued_bytes
 
     def publish(
@@ -113,12 +115,14 @@ class Queue:
             spent += sum(b.size for b in task)
             self._bytes_since += sum(b.size for b in task)
 
-    def backlog(self) -> int:
+    def backlog(self, among: Collection[str] = ()) -> int:
         self._bytes_looked, self._bytes_since = self.bytes(), 0
+        self.looks += 1
+        self._busy = self.busy & set(among)
         return len(self.batches)
 
-    def busy_shards(self, among: Collection[str]) -> set[str]:
-        return self.busy & set(among)
+    def busy_shards(self) -> set[str]:
+        return self._busy
 
     def queued_bytes(self) -> int:
         """As a RedisPublisher tells it: what the queue held at the last backlog(), and

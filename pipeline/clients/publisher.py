@@ -43,13 +43,15 @@ class Publisher(Protocol):
         until the workers are done with them (busy_shards)."""
         ...
 
-    def backlog(self) -> int:
-        """Tasks waiting in the queue (not counting those a worker holds)."""
+    def backlog(self, among: Collection[str] = ()) -> int:
+        """Tasks waiting in the queue (not counting those a worker holds). With *among*,
+        also find which of those shards have a tracked task in a worker's hands."""
         ...
 
-    def busy_shards(self, among: Collection[str]) -> set[str]:
-        """Which shards of *among* have a tracked task that a worker has taken and not yet
-        acknowledged (for less than BUSY_FOR seconds, as far as the publisher saw)."""
+    def busy_shards(self) -> set[str]:
+        """The shards, of those the last backlog() asked about, that have a tracked task a
+        worker has taken and not yet acknowledged (for less than BUSY_FOR seconds, as far
+        as the publisher saw)."""
         ...
 
     def queued_bytes(self) -> int:
@@ -233,59 +235,82 @@ class RedisPublisher:
         # when published, when this publisher first saw a worker hold it or None; both
         # monotonic), dropped once the worker is done with it
         self._tracked: dict[str, tuple[frozenset[str], float, float | None]] = {}
+        self._busy: set[str] = set()  # what the last backlog() found (busy_shards)
         self._track = True  # off for good once Redis refuses to say (an old Redis, an ACL)
         self.clock = time.monotonic
 
-    def backlog(self) -> int:
+    def backlog(self, among: Collection[str] = ()) -> int:
         """The length of the queue's list, one LLEN: every task a watcher publishes has
         priority 0, and kombu gives a task back (a worker lost) to the list of its priority,
         so the priority sub-queues that queue_depth adds up stay empty here. A watcher looks
         at its queue before most flushes; the ten LLENs of queue_depth cost it twice the
-        CPU of one (docs/performance-log.md)."""
+        CPU of one (docs/performance-log.md).
+
+        With *among* (shards the caller has changes for), the same round trip also asks
+        which tracked tasks of those shards a worker holds (busy_shards): ZMSCORE of their
+        delivery tags in kombu's index of taken messages, pipelined with the LLEN. Without
+        such a task, only the LLEN goes."""
+        want = set(among)
+        tags = self._relevant(want) if want else []
         try:
-            depth = int(self._redis.llen(self._queue))
-        except redis.RedisError as exc:
+            if tags:
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.llen(self._queue)
+                pipe.zmscore(UNACKED_INDEX, tags)
+                length, scores = pipe.execute(raise_on_error=False)
+                if isinstance(length, Exception):
+                    raise length
+            else:
+                length, scores = self._redis.llen(self._queue), None
+            depth = int(length)
+        except (redis.RedisError, ValueError, TypeError) as exc:
             # what the queue holds is unknown until it can be read again: no figure, so
             # that a queue whose length cannot be read (a broker user without LLEN, say)
             # never holds a pause for good, as the depth bound does not either
             self._unread = True
+            self._busy = set()  # unknown: nothing waits for it
             raise RetryableError(f"reading the depth of {self._queue} failed: {exc}") from None
         self._unread = False
         while len(self._written) > depth:  # taken by workers
             self._queued -= self._written.pop()
+        self._busy = self._held(tags, scores, depth) & want if tags else set()
         return depth
 
-    def busy_shards(self, among: Collection[str]) -> set[str]:
-        """Which shards of *among* have a tracked task in a worker's hands: taken and not
-        yet acknowledged (kombu's index of taken messages holds its delivery tag), for less
-        than BUSY_FOR since this publisher first saw it so. One round trip (the queue's
-        length too), none while no tracked task has one of those shards; a failed read
-        says none."""
-        want = set(among)
+    def busy_shards(self) -> set[str]:
+        return self._busy
+
+    def _relevant(self, want: set[str]) -> list[str]:
+        """The tracked tasks with a shard of *want*, once those no longer worth waiting
+        for are forgotten."""
         now = self.clock()
         tags = []
         for tag, (shards, published, seen) in list(self._tracked.items()):
             if (now - seen >= BUSY_FOR) if seen is not None else (now - published > _QUEUED_FOR):
-                # held too long to wait for (a worker lost mid-task, say), or queued that
-                # long (a backlog, which the linger paces)
+                # held too long to wait for (a worker whose main process died mid-task,
+                # say: its tag stays in kombu's index until the visibility timeout), or
+                # queued that long (a backlog, which the linger paces)
                 del self._tracked[tag]
             elif not shards.isdisjoint(want):
                 tags.append(tag)
-        if not tags:
-            return set()
-        try:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.llen(self._queue)
-            pipe.zmscore(UNACKED_INDEX, tags)
-            length, scores = pipe.execute(raise_on_error=False)
-        except (OSError, redis.RedisError):
-            return set()  # the next look, or the publish, will tell
+        return tags
+
+    def _held(self, tags: list[str], scores: object, depth: int) -> set[str]:
+        """The shards of *tags* that a worker holds, by kombu's index (*scores*: ZMSCORE's
+        reply, a score for each tag taken and not yet acknowledged); tasks done are
+        forgotten. Advisory: a reply it cannot read says none."""
         if isinstance(scores, Exception):
             if isinstance(scores, redis.exceptions.NoPermissionError) or (
                 "unknown command" in str(scores).lower()
             ):
                 self._stop_tracking(scores)
             return set()
+        if (
+            not isinstance(scores, list)
+            or len(scores) != len(tags)
+            or not all(x is None or isinstance(x, float | int) for x in scores)
+        ):
+            return set()
+        now = self.clock()
         busy: set[str] = set()
         for tag, score in zip(tags, scores, strict=True):
             shards, published, seen = self._tracked[tag]
@@ -293,10 +318,10 @@ class RedisPublisher:
                 if seen is None:
                     self._tracked[tag] = (shards, published, now)
                 busy |= shards
-            elif seen is not None or length == 0:
+            elif seen is not None or depth == 0:
                 # acknowledged since it was seen taken, or in neither list: done
                 del self._tracked[tag]
-        return busy & want
+        return busy
 
     def _stop_tracking(self, exc: Exception) -> None:
         """Redis refused to say which tasks a worker holds (ZMSCORE is Redis 6.2's; an ACL
@@ -310,6 +335,7 @@ class RedisPublisher:
             )
         self._track = False
         self._tracked.clear()
+        self._busy = set()
 
     def queued_bytes(self) -> int:
         """The bytes written for the tasks the queue held at the last backlog() (payloads

@@ -286,6 +286,7 @@ class Watcher:
         self._flush_deadline: float | None = None
         self._last_flush = -1e9  # when the last flush published something
         self._held_since: float | None = None  # when a due flush began to wait for a worker
+        self._asked: set[str] = set()  # the shards the last look at the queue asked about
         self.synced_once: set[str] = set()  # targets that had their initial sync
         self._next_tick = 0.0
         self._next_progress = 0.0
@@ -1020,6 +1021,11 @@ class Watcher:
         started for it, unless a target holds more than sync.max_held_changes or
         sync.max_held_bytes meanwhile (_bound_paused)."""
         self._flush_deadline = None
+        if self._held_since is not None:  # it waited for a worker, and goes now
+            src = self.source.name
+            self.metrics.flushes_held.labels(src).inc()
+            self.metrics.flush_held_seconds.labels(src).inc(self.clock() - self._held_since)
+            self._held_since = None
         since = self.buffer.since  # when each shard's oldest change came (drain resets it)
         drained = self.buffer.drain()
         for t in self.targets:
@@ -1055,11 +1061,6 @@ class Watcher:
                 out += [(t, b) for b in self._cut_chains(t, t.outbox.drain(), since_ms)]
             self._mark(t)
         self._last_flush = now
-        if self._held_since is not None:
-            src = self.source.name
-            self.metrics.flushes_held.labels(src).inc()
-            self.metrics.flush_held_seconds.labels(src).inc(now - self._held_since)
-            self._held_since = None
         # what the queue held before this publish says nothing of it now: the next look
         # that decides on an idle flush reads it again
         if self.sync.idle_flush:
@@ -1122,11 +1123,16 @@ class Watcher:
             or now < self._publish_after
         ):
             return False
-        if not self.publisher.busy_shards(self.buffer.counts()):
+        shards = self.buffer.counts().keys()
+        # the look that decided the flush asked about the shards buffered then; one that
+        # came since makes a look of its own
+        self._depth(now, _IDLE_LOOK if shards <= self._asked else 0.0)
+        if self.publisher.busy_shards().isdisjoint(shards):
             return False
         if self._held_since is None:
             self._held_since = now
-        self._flush_deadline = now + _IDLE_LOOK
+        # looked at again in _IDLE_LOOK; never sooner than the deadline the linger set
+        self._flush_deadline = max(self._flush_deadline or now, now + _IDLE_LOOK)
         return True
 
     def _may_go_early(self, now: float) -> bool:
@@ -1171,8 +1177,11 @@ class Watcher:
         *max_age* seconds."""
         when, depth = self._queue_sample
         if now - when >= max_age:
+            # with sync.flush_after_ack, the same round trip finds which buffered shards
+            # have their last task in a worker's hands (_held_by_workers)
+            self._asked = set(self.buffer.counts()) if self.sync.flush_after_ack else set()
             try:
-                depth = self.publisher.backlog()
+                depth = self.publisher.backlog(self._asked)
             except RetryableError:
                 depth = 0  # the publish itself will tell
             else:

@@ -382,11 +382,12 @@ def test_a_queue_whose_length_cannot_be_read_has_no_figure(servers: Servers) -> 
 
 
 def test_the_shards_a_worker_holds_are_those_of_its_tracked_tasks(servers: Servers) -> None:
-    """busy_shards, through kombu's Redis transport with acknowledgements: a tracked task's
-    shards are busy from when a consumer takes it until it acknowledges it, and a task
-    published untracked (a resync's) never counts; only the shards asked about are
-    answered for. A task that a consumer holds for BUSY_FOR stops counting (a worker lost
-    mid-task leaves it in kombu's index until the visibility timeout)."""
+    """backlog(among) and busy_shards, through kombu's Redis transport with
+    acknowledgements: a tracked task's shards are busy from when a consumer takes it until
+    it acknowledges it, and a task published untracked (a resync's) never counts; only
+    the shards asked about are answered for, and a look that asks about none sends only
+    the LLEN. A task that a consumer holds for BUSY_FOR stops counting (a worker whose main
+    process died mid-task leaves it in kombu's index until the visibility timeout)."""
     from kombu import Connection
 
     redis = servers.redis()
@@ -397,25 +398,33 @@ def test_the_shards_a_worker_holds_are_those_of_its_tracked_tasks(servers: Serve
     publisher.clock = lambda: now[0]
     shards = [dataclasses.replace(batch(), shard=f"nodes-{i}") for i in range(3)]
     every = {b.shard for b in shards}
+
+    def busy(among: set[str] = every) -> set[str]:
+        publisher.backlog(among)
+        return publisher.busy_shards()
+
     publisher.publish(shards[:2], per_task=2, track=True)  # one task of two shards
     publisher.publish(shards[2:], track=False)
-    assert publisher.busy_shards(every) == set()  # queued, not taken
+    assert publisher.backlog(every) == 2
+    assert publisher.busy_shards() == set()  # queued, not taken
     with Connection(redis.url) as conn:
         queue = conn.SimpleQueue(QUEUE, no_ack=False)
         tracked = queue.get(timeout=10)
-        assert publisher.busy_shards(every) == {"nodes-0", "nodes-1"}
-        assert publisher.busy_shards({"nodes-1", "nodes-2"}) == {"nodes-1"}
+        assert busy() == {"nodes-0", "nodes-1"}
+        assert busy({"nodes-1", "nodes-2"}) == {"nodes-1"}
+        assert busy(set()) == set()
         untracked = queue.get(timeout=10)
-        assert publisher.busy_shards(every) == {"nodes-0", "nodes-1"}
+        assert publisher.backlog(every) == 0
+        assert publisher.busy_shards() == {"nodes-0", "nodes-1"}
         tracked.ack()
-        assert publisher.busy_shards(every) == set()
+        assert busy() == set()
         untracked.ack()
         # held too long: no longer waited for
         publisher.publish(shards[:1], track=True)
         lost = queue.get(timeout=10)
-        assert publisher.busy_shards(every) == {"nodes-0"}
+        assert busy() == {"nodes-0"}
         now[0] += BUSY_FOR
-        assert publisher.busy_shards(every) == set()
+        assert busy() == set()
         lost.ack()
         queue.close()
     client.close()
@@ -441,8 +450,8 @@ def test_a_redis_that_cannot_say_what_workers_hold_leaves_flushes_alone(
         for _ in range(2):
             publisher.publish([batch()], track=True)
             taken = queue.get(timeout=10)
-            assert publisher.busy_shards({batch().shard}) == set()
-            assert publisher.backlog() == 0
+            assert publisher.backlog({batch().shard}) == 0
+            assert publisher.busy_shards() == set()
             taken.ack()
         queue.close()
     lines = [r.getMessage() for r in caplog.records if "cannot tell" in r.getMessage()]

@@ -1754,9 +1754,10 @@ def test_a_flush_waits_while_a_worker_holds_its_shards_last_task(after_ack: bool
         return rig.queue.flushes
 
     def wait(seconds: float) -> int:
-        """Passes of the loop every 2 ms for *seconds*; the flushes so far."""
-        for _ in range(round(seconds / 0.002)):
-            rig.clock.advance(0.002)
+        """Passes of the loop every 2.5 ms (the workers are looked at every 2) for
+        *seconds*; the flushes so far."""
+        for _ in range(round(seconds / 0.0025)):
+            rig.clock.advance(0.0025)
             w.step(max_wait=0)
         return rig.queue.flushes
 
@@ -1770,12 +1771,19 @@ def test_a_flush_waits_while_a_worker_holds_its_shards_last_task(after_ack: bool
     rig.clock.advance(0.003)
     if after_ack:
         assert change(b"n1") == flushes + 1  # the same key, so the same shard: it waits
+        looks = rig.queue.looks
+        for _ in range(3):  # more changes while it waits: no look of their own ...
+            assert change(b"n1") == flushes + 1
+        assert rig.queue.looks == looks
         assert wait(0.02) == flushes + 1  # past the linger, as long as the worker holds it
+        assert rig.queue.looks == looks + 8  # ... a look at each pass, 2.5 ms apart
         rig.queue.busy = set()  # the worker is done
-        assert wait(0.002) == flushes + 2  # at the next look
+        assert wait(0.0025) == flushes + 2  # at the next look
         held = {"source_cluster": "a"}
         assert rig.metric("kvmesh_watcher_flushes_held_total", **held) == 1
-        assert rig.metric("kvmesh_watcher_flush_held_seconds_total", **held) == pytest.approx(0.022)
+        assert rig.metric("kvmesh_watcher_flush_held_seconds_total", **held) == pytest.approx(
+            0.0225
+        )
         rig.work()
         rig.queue.busy = {shard}  # a worker holds that task, and keeps it
         rig.clock.advance(0.003)
@@ -1791,6 +1799,40 @@ def test_a_flush_waits_while_a_worker_holds_its_shards_last_task(after_ack: bool
     rig.clock.advance(1.0)
     flushes = rig.queue.flushes
     assert change(b"n2") == flushes + 1
+    rig.queue.busy = set()
+    rig.settle()
+    for target in rig.targets:
+        assert rig.cache(target) == rig.expected()
+
+
+def test_a_full_buffer_goes_whatever_the_workers_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sync.flush_after_ack bounds what waits: a buffer that reaches the flush size (8,192
+    changes; 3 here) is published though a worker holds its shard's last task."""
+    monkeypatch.setattr(watcher_module, "_FLUSH_AT", 3)
+    rig = Rig(linger=0.01, max_linger=0.5, idle_flush=True)
+    fill(rig, nodes=2, identities=0)
+    rig.start()
+    rig.settle()
+    w = rig.watcher
+    rig.clock.advance(1.0)
+    flushes = rig.queue.flushes
+    rig.source.put(NODE + b"n1", b'{"v":0}')
+    rig.mesh.pump()
+    w.step(max_wait=0)
+    assert rig.queue.flushes == flushes + 1
+    rig.work()
+    rig.queue.busy = {rig.queue.seen[-1].shard}
+    rig.clock.advance(0.003)
+    for v in (1, 2):
+        rig.source.put(NODE + b"n1", b'{"v":%d}' % v)
+        rig.mesh.pump()
+        w.step(max_wait=0)
+    assert rig.queue.flushes == flushes + 1  # one change (coalesced), waiting
+    for name in (b"n2", b"n3", b"n4", b"n5"):
+        rig.source.put(NODE + name, b"{}")
+    rig.mesh.pump()
+    w.step(max_wait=0)
+    assert rig.queue.flushes == flushes + 2  # three or more buffered: gone, held or not
     rig.queue.busy = set()
     rig.settle()
     for target in rig.targets:
