@@ -121,6 +121,9 @@ class Queue:
         self._busy = self.busy & set(among)
         return len(self.batches)
 
+    def tracks(self, among: Collection[str]) -> bool:
+        return bool(self.tracked) and self.tracked[-1]
+
     def busy_shards(self) -> set[str]:
         return self._busy
 

@@ -48,6 +48,10 @@ class Publisher(Protocol):
         also find which of those shards have a tracked task in a worker's hands."""
         ...
 
+    def tracks(self, among: Collection[str]) -> bool:
+        """Whether a look asking about *among* could find a busy shard (no call)."""
+        ...
+
     def busy_shards(self) -> set[str]:
         """The shards, of those the last backlog() asked about, that have a tracked task a
         worker has taken and not yet acknowledged (for less than BUSY_FOR seconds, as far
@@ -232,9 +236,10 @@ class RedisPublisher:
         self._queued = 0
         self._unread = False  # the last look at the queue's length failed
         # the tasks of tracked publishes (live flushes): delivery tag -> (their shards,
-        # when published, when this publisher first saw a worker hold it or None; both
-        # monotonic), dropped once the worker is done with it
-        self._tracked: dict[str, tuple[frozenset[str], float, float | None]] = {}
+        # when published, when this publisher first saw a worker hold it or None (both
+        # monotonic), whether a look found it in neither list), dropped once the worker is
+        # done with it
+        self._tracked: dict[str, tuple[frozenset[str], float, float | None, bool]] = {}
         self._busy: set[str] = set()  # what the last backlog() found (busy_shards)
         self._track = True  # off for good once Redis refuses to say (an old Redis, an ACL)
         self.clock = time.monotonic
@@ -284,7 +289,7 @@ class RedisPublisher:
         for are forgotten."""
         now = self.clock()
         tags = []
-        for tag, (shards, published, seen) in list(self._tracked.items()):
+        for tag, (shards, published, seen, _) in list(self._tracked.items()):
             if (now - seen >= BUSY_FOR) if seen is not None else (now - published > _QUEUED_FOR):
                 # held too long to wait for (a worker whose main process died mid-task,
                 # say: its tag stays in kombu's index until the visibility timeout), or
@@ -313,15 +318,25 @@ class RedisPublisher:
         now = self.clock()
         busy: set[str] = set()
         for tag, score in zip(tags, scores, strict=True):
-            shards, published, seen = self._tracked[tag]
+            shards, published, seen, missed = self._tracked[tag]
             if score is not None:  # taken, not yet acknowledged
                 if seen is None:
-                    self._tracked[tag] = (shards, published, now)
+                    self._tracked[tag] = (shards, published, now, False)
                 busy |= shards
-            elif seen is not None or depth == 0:
-                # acknowledged since it was seen taken, or in neither list: done
+            elif seen is not None or (depth == 0 and missed):
+                # acknowledged since it was seen taken, or in neither list at two looks:
+                # done
                 del self._tracked[tag]
+            elif depth == 0:
+                # in neither list: done, or taken by a worker that has not noted it yet
+                # (kombu pops the message, then adds it to its index): the next look tells
+                self._tracked[tag] = (shards, published, seen, True)
         return busy
+
+    def tracks(self, among: Collection[str]) -> bool:
+        """Whether a tracked task has one of the shards *among*: whether a look with them
+        can find any busy (no call)."""
+        return any(not shards.isdisjoint(among) for shards, *_ in self._tracked.values())
 
     def _stop_tracking(self, exc: Exception) -> None:
         """Redis refused to say which tasks a worker holds (ZMSCORE is Redis 6.2's; an ACL
@@ -391,7 +406,12 @@ class RedisPublisher:
                     pipe.execute()
                     written = len(message) + len(payload)
                 if track and self._track:
-                    self._tracked[tag] = (frozenset(b.shard for b in group), self.clock(), None)
+                    self._tracked[tag] = (
+                        frozenset(b.shard for b in group),
+                        self.clock(),
+                        None,
+                        False,
+                    )
                     if len(self._tracked) > _TRACKED:
                         del self._tracked[next(iter(self._tracked))]
                 sent += len(group)

@@ -1062,8 +1062,8 @@ class Watcher:
             self._mark(t)
         self._last_flush = now
         # what the queue held before this publish says nothing of it now: the next look
-        # that decides on an idle flush reads it again
-        if self.sync.idle_flush:
+        # that decides on an idle flush, or on a wait for the workers, reads it again
+        if self.sync.idle_flush or self.sync.flush_after_ack:
             self._queue_sample = (-math.inf, self._queue_sample[1])
         try:
             # the flush may fill what room the queue has left, and a task more: what does
@@ -1124,9 +1124,12 @@ class Watcher:
         ):
             return False
         shards = self.buffer.counts().keys()
-        # the look that decided the flush asked about the shards buffered then; one that
-        # came since makes a look of its own
-        self._depth(now, _IDLE_LOOK if shards <= self._asked else 0.0)
+        if not self.publisher.tracks(shards):
+            return False  # no task of these shards to wait for: no look
+        # the look that decided the flush asked about the shards buffered then; a shard
+        # that came since makes a look of its own, unless that look already holds the flush
+        answered = shards <= self._asked or not self.publisher.busy_shards().isdisjoint(shards)
+        self._depth(now, _IDLE_LOOK if answered else 0.0)
         if self.publisher.busy_shards().isdisjoint(shards):
             return False
         if self._held_since is None:

@@ -10,6 +10,7 @@ import base64
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from pipeline.protocol.names import (
     CLAIM_CHECK_BYTES,
     PAYLOAD_TTL_SECONDS,
     TASK_NAME,
+    UNACKED_INDEX,
     is_payload_key,
     payload_key,
     stats_key,
@@ -462,3 +464,34 @@ def test_a_redis_that_cannot_say_what_workers_hold_leaves_flushes_alone(
     admin.execute_command("ACL", "DELUSER", "nozms")
     admin.delete(QUEUE)
     admin.close()
+
+
+def test_a_task_between_the_queue_and_kombus_index_is_not_forgotten(servers: Servers) -> None:
+    """A worker's kombu pops a message, then notes it in its index of taken messages: a
+    look between the two finds the task in neither list, and says it is not busy (one
+    look missed), but keeps it, so that the next look, once the worker noted it, finds it
+    busy. A task in neither list at two looks is done."""
+    redis = servers.redis()
+    client = redis_at(redis.url)
+    client.delete(QUEUE, UNACKED_INDEX)
+    publisher = RedisPublisher(QUEUE, client, Signer(SigningKeys((b"k" * 32,))))
+    publisher.publish([batch()], track=True)
+    shards = {batch().shard}
+    tag = popped(client)["properties"]["delivery_tag"]  # popped: in neither list
+    assert publisher.backlog(shards) == 0
+    assert publisher.busy_shards() == set()
+    client.zadd(UNACKED_INDEX, {tag: time.time()})  # what kombu's QoS.append does next
+    assert publisher.backlog(shards) == 0
+    assert publisher.busy_shards() == shards
+    client.zrem(UNACKED_INDEX, tag)  # acknowledged
+    assert publisher.backlog(shards) == 0
+    assert publisher.busy_shards() == set()
+    assert not publisher.tracks(shards)  # done, forgotten
+    publisher.publish([batch()], track=True)
+    popped(client)  # taken and done before any look saw it held
+    for _ in range(2):
+        assert publisher.tracks(shards)
+        assert publisher.backlog(shards) == 0
+        assert publisher.busy_shards() == set()
+    assert not publisher.tracks(shards)  # in neither list at two looks: done
+    client.close()
