@@ -362,15 +362,21 @@ def test_a_budget_stops_a_publish_before_the_next_task(servers: Servers) -> None
     client.close()
 
 
+def refused(url: str, user: str, command: str) -> tuple[Any, Any]:
+    """An admin client of the Redis at *url* (the queue emptied), and a client of a new ACL
+    user *user* allowed every command but *command*."""
+    admin = redis_at(url)
+    admin.delete(QUEUE)
+    admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "+@all", f"-{command}")
+    host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    return admin, redis_at(f"redis://{user}:pw@{host}:{port}/0")
+
+
 def test_a_queue_whose_length_cannot_be_read_has_no_figure(servers: Servers) -> None:
     """A broker user refused LLEN: the publisher cannot tell what its queue holds, and says
     0 rather than a figure that would only grow (and hold a pause for good)."""
     redis = servers.redis()
-    admin = redis_at(redis.url)
-    admin.delete(QUEUE)
-    admin.execute_command("ACL", "SETUSER", "nollen", "on", ">pw", "~*", "+@all", "-llen")
-    host, port = redis.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-    client = redis_at(f"redis://nollen:pw@{host}:{port}/0")
+    admin, client = refused(redis.url, "nollen", "llen")
     publisher = RedisPublisher(QUEUE, client, Signer(SigningKeys((b"k" * 32,))))
     publisher.publish([batch()])
     assert publisher.queued_bytes() > 0
@@ -441,11 +447,7 @@ def test_a_redis_that_cannot_say_what_workers_hold_leaves_flushes_alone(
     from kombu import Connection
 
     redis = servers.redis()
-    admin = redis_at(redis.url)
-    admin.delete(QUEUE)
-    admin.execute_command("ACL", "SETUSER", "nozms", "on", ">pw", "~*", "+@all", "-zmscore")
-    host, port = redis.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-    client = redis_at(f"redis://nozms:pw@{host}:{port}/0")
+    admin, client = refused(redis.url, "nozms", "zmscore")
     publisher = RedisPublisher(QUEUE, client, Signer(SigningKeys((b"k" * 32,))))
     with caplog.at_level(logging.WARNING, logger="kvmesh.watcher"), Connection(redis.url) as conn:
         queue = conn.SimpleQueue(QUEUE, no_ack=False)

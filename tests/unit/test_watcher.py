@@ -1482,18 +1482,25 @@ def test_a_steady_stream_of_changes_lingers_even_with_the_queue_empty() -> None:
         assert rig.cache(target) == rig.expected()
 
 
+def quiet_rig(**sync: Any) -> Rig:
+    """A rig of two nodes, synced, then quiet for a second (no recent changes count towards
+    the source's rate)."""
+    rig = Rig(**sync)
+    fill(rig, nodes=2, identities=0)
+    rig.start()
+    rig.settle()
+    rig.clock.advance(1.0)
+    return rig
+
+
 @pytest.mark.parametrize("limit", [0, 500])
 def test_with_no_rate_limit_the_idle_flush_sends_every_change_at_once(limit: int) -> None:
     """sync.idle_flush_max_rate = 0: the idle flush applies at any rate. Three changes
     every 2.5 ms (1,200 a second; fewer than the rig's four shards) then make a flush each,
     where the default limit of 500 has them linger once the rate's average has risen past
     it."""
-    rig = Rig(linger=0.01, idle_flush=True, idle_flush_max_rate=limit)
-    fill(rig, nodes=2, identities=0)
-    rig.start()
-    rig.settle()
+    rig = quiet_rig(linger=0.01, idle_flush=True, idle_flush_max_rate=limit)
     w = rig.watcher
-    rig.clock.advance(1.0)
     flushes = rig.queue.flushes
     for i in range(60):
         rig.source.txn([], [Put(NODE + b"n%d-%d" % (i, j), b"{}") for j in range(3)])
@@ -1738,10 +1745,7 @@ def test_a_flush_waits_while_a_worker_holds_its_shards_last_task(after_ack: bool
     waits sync.max_linger after the last flush at most. A change in a shard no worker
     holds goes as before. Without the setting, every change goes as before, and the
     publisher is not asked to follow the tasks."""
-    rig = Rig(linger=0.01, max_linger=0.1, idle_flush=True, flush_after_ack=after_ack)
-    fill(rig, nodes=2, identities=0)
-    rig.start()
-    rig.settle()
+    rig = quiet_rig(linger=0.01, max_linger=0.1, idle_flush=True, flush_after_ack=after_ack)
     w = rig.watcher
     values = iter(range(1000))
 
@@ -1761,7 +1765,6 @@ def test_a_flush_waits_while_a_worker_holds_its_shards_last_task(after_ack: bool
             w.step(max_wait=0)
         return rig.queue.flushes
 
-    rig.clock.advance(1.0)  # a quiet spell
     flushes = rig.queue.flushes
     assert change(b"n1") == flushes + 1  # published at once
     assert rig.queue.tracked[-1] is after_ack
@@ -1809,12 +1812,8 @@ def test_a_full_buffer_goes_whatever_the_workers_hold(monkeypatch: pytest.Monkey
     """sync.flush_after_ack bounds what waits: a buffer that reaches the flush size (8,192
     changes; 3 here) is published though a worker holds its shard's last task."""
     monkeypatch.setattr(watcher_module, "_FLUSH_AT", 3)
-    rig = Rig(linger=0.01, max_linger=0.5, idle_flush=True)
-    fill(rig, nodes=2, identities=0)
-    rig.start()
-    rig.settle()
+    rig = quiet_rig(linger=0.01, max_linger=0.5, idle_flush=True)
     w = rig.watcher
-    rig.clock.advance(1.0)
     flushes = rig.queue.flushes
     rig.source.put(NODE + b"n1", b'{"v":0}')
     rig.mesh.pump()
