@@ -193,9 +193,10 @@ def task_message(
 
 
 # A tracked task counts as busy (in a worker's hands) for this long at most after its
-# publisher first saw a worker hold it: a worker killed mid-task leaves its tag in kombu's
-# index until the visibility timeout gives the task back, and a flush must not wait for
-# that. Far longer than a task takes on a link of tens of milliseconds.
+# publisher first saw a worker hold it: a worker whose main process died mid-task leaves
+# its tag in kombu's index until the visibility timeout gives the task back (a pool process
+# lost is handed back at once), and a flush must not wait for that. Far longer than a task
+# takes on a link of tens of milliseconds.
 BUSY_FOR = 1.0
 # Tracked tasks remembered at most (the oldest forgotten first), and how long one is
 # remembered while no worker has taken it (queued behind others)
