@@ -456,6 +456,7 @@ def test_a_redis_that_cannot_say_what_workers_hold_leaves_flushes_alone(
             taken = queue.get(timeout=10)
             assert publisher.backlog({batch().shard}) == 0
             assert publisher.busy_shards() == set()
+            assert not publisher.tracks({batch().shard})  # tracking is off: nothing kept
             taken.ack()
         queue.close()
     lines = [r.getMessage() for r in caplog.records if "cannot tell" in r.getMessage()]

@@ -107,6 +107,7 @@ def test_a_redis_without_zmscore_ends_the_tracking_with_one_line(
         assert pub.backlog({"nodes-0"}) == 2
     assert client.pipelines == 1
     assert pub.busy_shards() == set()
+    assert not pub.tracks({"nodes-0"})  # tracking is off: the tracked publish kept nothing
     assert [r.getMessage() for r in caplog.records] == [
         f"{QUEUE}: cannot tell which of its tasks the workers hold (unknown command "
         "'ZMSCORE', with args beginning with:): flushes no longer wait for the workers to "
