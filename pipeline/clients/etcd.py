@@ -473,10 +473,16 @@ class Etcd:
         )
 
     def _login(self) -> None:
-        """Get a fresh token for the configured user (no-op without one)."""
+        """Get a fresh token for the configured user (no-op without one). The login, and
+        the wait for another thread's login to end, take the calling thread's deadline."""
         if self._user is None:
             return
-        with self._token_lock:
+        deadline = self._deadline()
+        if not self._token_lock.acquire(timeout=deadline):
+            raise TimedOutError(
+                f"etcd {self.name}: login: another login did not end within {deadline:g} s"
+            )
+        try:
             try:
                 label = self._endpoint()
             except (etcd3.Etcd3Exception, ValueError) as exc:
@@ -484,7 +490,7 @@ class Etcd:
             try:
                 resp = self._client.authstub.Authenticate(
                     etcdrpc.AuthenticateRequest(name=self._user, password=self._password),
-                    self._timeout,
+                    deadline,
                 )
             except grpc.RpcError as exc:
                 self._endpoint_failed(exc.code(), label)
@@ -494,6 +500,8 @@ class Etcd:
                 EtcdTokenCallCredentials(resp.token)
             )
             self._logged_in = True
+        finally:
+            self._token_lock.release()
 
     def _endpoint_failed(self, code: Any, label: str) -> None:
         """After a call to the endpoint *label* that could not reach it, the calls that
@@ -732,22 +740,39 @@ class Etcd:
     def delete_prefix(self, prefix: bytes) -> None:
         self.txn([], [Delete(prefix, prefix=True)])
 
+    def _lease(self, method: str, request: Any) -> Any:
+        """One call of etcd's Lease service, waiting the calling thread's deadline at most
+        (the library's lease calls always wait the client's timeout)."""
+        return getattr(self._client.leasestub, method)(
+            request,
+            self._deadline(),
+            credentials=self._client.call_credentials,
+            metadata=self._client.metadata,
+        )
+
     def grant_lease(self, ttl: int) -> int:
-        lease = self._call("lease grant", lambda: self._client.lease(ttl))
-        return int(lease.id)
+        request = etcdrpc.LeaseGrantRequest(TTL=ttl)
+        return int(self._call("lease grant", lambda: self._lease("LeaseGrant", request)).ID)
 
     def keepalive(self, lease_id: int) -> int:
         """Refresh a lease; returns its TTL, 0 if the lease is gone."""
-        replies = self._call("lease keepalive", lambda: list(self._client.refresh_lease(lease_id)))
+
+        def call() -> list[Any]:
+            request = etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
+            return list(self._lease("LeaseKeepAlive", iter([request])))
+
+        replies = self._call("lease keepalive", call)
         return max(0, int(replies[-1].TTL)) if replies else 0
 
     def lease_keys(self, lease_id: int) -> list[bytes] | None:
         """The keys a lease holds; None if the lease is gone."""
-        info = self._call("lease info", lambda: self._client.get_lease_info(lease_id))
+        request = etcdrpc.LeaseTimeToLiveRequest(ID=lease_id, keys=True)
+        info = self._call("lease info", lambda: self._lease("LeaseTimeToLive", request))
         return None if int(info.TTL) <= 0 else [bytes(k) for k in info.keys]
 
     def revoke_lease(self, lease_id: int) -> None:
-        self._call("lease revoke", lambda: self._client.revoke_lease(lease_id))
+        request = etcdrpc.LeaseRevokeRequest(ID=lease_id)
+        self._call("lease revoke", lambda: self._lease("LeaseRevoke", request))
 
     def compact(self, revision: int) -> None:
         self._call("compact", lambda: self._client.compact(revision, physical=True))

@@ -1,6 +1,6 @@
 """The etcd client against a real etcd behind a proxy that can drop every packet: a thread's
 own, shorter deadline (Etcd.patience), which the watcher's loop takes for its calls to
-targets, ends its calls without shortening another thread's."""
+targets, ends its calls, lease calls included, without shortening another thread's."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline.clients.etcd import Etcd
+from pipeline.clients.etcd import Etcd, Put
 from pipeline.config import WRITE
-from pipeline.protocol.errors import RetryableError
+from pipeline.protocol.errors import LeaseGoneError, RetryableError
 
 from ..harness import Servers, eventually
 from ..proxy import Proxy
@@ -32,6 +32,7 @@ def test_a_threads_patience_ends_its_calls_to_a_silent_etcd_and_no_one_elses(
     pool = ThreadPoolExecutor(1)
     try:
         client.put(KEY, b"1")  # connected while the link passes traffic
+        lease = client.grant_lease(60)
         proxy.blackhole()
         # another thread's call, begun first, waits the client's own timeout
         began = threading.Event()
@@ -47,6 +48,14 @@ def test_a_threads_patience_ends_its_calls_to_a_silent_etcd_and_no_one_elses(
                 client.get(KEY)
             with pytest.raises(RetryableError):
                 client.put(KEY, b"2")
+            for lease_call in (
+                lambda: client.grant_lease(60),
+                lambda: client.keepalive(lease),
+                lambda: client.lease_keys(lease),
+                lambda: client.revoke_lease(lease),
+            ):
+                with pytest.raises(RetryableError):
+                    lease_call()
         assert not elsewhere.done()  # a shared deadline would have ended it first
         proxy.heal()
         # the other thread's call ends with the connection the heal cuts, and the client
@@ -65,3 +74,25 @@ def test_a_threads_patience_ends_its_calls_to_a_silent_etcd_and_no_one_elses(
         pool.shutdown(wait=False, cancel_futures=True)
         client.close()
         proxy.close()
+
+
+def test_a_lease_is_granted_kept_alive_listed_and_revoked(servers: Servers) -> None:
+    """The lease calls the watcher makes with sync.cache_lease_ttl, against a real etcd: a
+    key put on a lease is among its keys until the lease is revoked, which deletes it; a
+    lease gone reads as such."""
+    etcd = servers.etcd()
+    client = Etcd(etcd.cluster("b", 2), role=WRITE)
+    try:
+        lease = client.grant_lease(60)
+        assert lease > 0
+        client.txn([], [Put(KEY, b"1", lease)])
+        assert 0 < client.keepalive(lease) <= 60
+        assert client.lease_keys(lease) == [KEY]
+        client.revoke_lease(lease)
+        assert client.get(KEY) is None
+        assert client.lease_keys(lease) is None
+        assert client.keepalive(lease) == 0
+        with pytest.raises(LeaseGoneError):
+            client.revoke_lease(lease)
+    finally:
+        client.close()

@@ -192,6 +192,46 @@ def test_a_refused_token_is_renewed_once_and_the_call_made_again(
     etcd.close()
 
 
+def test_a_login_waits_the_calling_threads_deadline_and_no_longer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A login made inside a thread's patience (the watcher's loop) asks etcd with that
+    deadline, and waits for another thread's login at most that long; elsewhere it keeps
+    the client's timeout."""
+    from types import SimpleNamespace
+
+    from pipeline.clients.etcd import Etcd
+    from pipeline.config import ClusterConfig
+    from pipeline.protocol.errors import TimedOutError
+
+    etcd = Etcd(ClusterConfig(name="t", id=1, endpoints=("http://127.0.0.1:9",)), timeout=30)
+    etcd._user, etcd._password = "worker", "pw"
+    deadlines: list[float] = []
+
+    def authenticate(request: object, timeout: float) -> object:
+        deadlines.append(timeout)
+        return SimpleNamespace(token="t0")
+
+    stub = SimpleNamespace(Authenticate=authenticate)
+    monkeypatch.setattr(type(etcd._client), "authstub", property(lambda _: stub))
+    try:
+        etcd._login()
+        with etcd.patience(0.25):
+            etcd._login()
+        assert deadlines == [30, 0.25]
+        assert etcd._logged_in
+        etcd._token_lock.acquire()  # another thread's login, under way
+        try:
+            with etcd.patience(0.05), pytest.raises(TimedOutError) as raised:
+                etcd._login()
+        finally:
+            etcd._token_lock.release()
+        assert "another login did not end within 0.05 s" in str(raised.value)
+        assert deadlines == [30, 0.25]
+    finally:
+        etcd.close()
+
+
 def test_the_etcd_s_words_are_escaped_in_every_error_made_from_them() -> None:
     """A request too large and a lease gone are errors of their own, and carry the etcd's
     words escaped as every other error does (they reach log lines and refusal records)."""
