@@ -9,6 +9,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn, Protocol
@@ -443,10 +444,11 @@ class Etcd:
 
     @contextlib.contextmanager
     def patience(self, seconds: float) -> Iterator[None]:
-        """Reads and transactions of the calling thread wait *seconds* at most (never
-        longer than the client's timeout) while this lasts; other threads' calls keep
-        theirs. A thread that holds up others while it waits (the watcher's loop) gives up
-        on a silent etcd sooner than one that waits for it alone (a poller)."""
+        """Each call of the calling thread to etcd (reads, transactions, lease calls, a
+        login) waits *seconds* at most (never longer than the client's timeout) while this
+        lasts; other threads' calls keep theirs. A thread that holds up others while it
+        waits (the watcher's loop) gives up on a silent etcd sooner than one that waits for
+        it alone (a poller)."""
         before = self._patience()
         self._patient.seconds = min(seconds, self._timeout)
         try:
@@ -473,15 +475,22 @@ class Etcd:
         )
 
     def _login(self) -> None:
-        """Get a fresh token for the configured user (no-op without one). The login, and
-        the wait for another thread's login to end, take the calling thread's deadline."""
+        """Get a fresh token for the configured user (no-op without one), unless another
+        thread got one while this one waited for it. The wait for the other thread and the
+        login together take the calling thread's deadline at most."""
         if self._user is None:
             return
         deadline = self._deadline()
+        began = time.monotonic()
         if not self._token_lock.acquire(timeout=deadline):
             raise TimedOutError(
-                f"etcd {self.name}: login: another login did not end within {deadline:g} s"
+                f"etcd {self.name}: login: another login did not end within {deadline:g} s",
+                self.name,
             )
+        if self._logged_in:  # another thread logged in meanwhile: its token serves
+            self._token_lock.release()
+            return
+        left = max(0.001, deadline - (time.monotonic() - began))
         try:
             try:
                 label = self._endpoint()
@@ -490,7 +499,7 @@ class Etcd:
             try:
                 resp = self._client.authstub.Authenticate(
                     etcdrpc.AuthenticateRequest(name=self._user, password=self._password),
-                    deadline,
+                    left,
                 )
             except grpc.RpcError as exc:
                 self._endpoint_failed(exc.code(), label)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -54,8 +55,12 @@ def test_a_threads_patience_ends_its_calls_to_a_silent_etcd_and_no_one_elses(
                 lambda: client.lease_keys(lease),
                 lambda: client.revoke_lease(lease),
             ):
+                began = time.monotonic()
                 with pytest.raises(RetryableError):
                     lease_call()
+                # ended by the thread's deadline, not the client's 120 s (nor the link's
+                # keepalive, about 15 s)
+                assert time.monotonic() - began < 10
         assert not elsewhere.done()  # a shared deadline would have ended it first
         proxy.heal()
         # the other thread's call ends with the connection the heal cuts, and the client

@@ -197,7 +197,7 @@ def test_a_login_waits_the_calling_threads_deadline_and_no_longer(
 ) -> None:
     """A login made inside a thread's patience (the watcher's loop) asks etcd with that
     deadline, and waits for another thread's login at most that long; elsewhere it keeps
-    the client's timeout."""
+    the client's timeout. A thread that finds a token got while it waited uses it."""
     from types import SimpleNamespace
 
     from pipeline.clients.etcd import Etcd
@@ -210,16 +210,21 @@ def test_a_login_waits_the_calling_threads_deadline_and_no_longer(
 
     def authenticate(request: object, timeout: float) -> object:
         deadlines.append(timeout)
-        return SimpleNamespace(token="t0")
+        return SimpleNamespace(token=f"t{len(deadlines)}")
 
     stub = SimpleNamespace(Authenticate=authenticate)
     monkeypatch.setattr(type(etcd._client), "authstub", property(lambda _: stub))
     try:
         etcd._login()
+        assert deadlines == [pytest.approx(30, abs=1)] and etcd._logged_in
+        etcd._login()  # logged in (by another thread, say): no second login
+        assert len(deadlines) == 1
+        etcd._logged_in = False  # the token was refused
         with etcd.patience(0.25):
             etcd._login()
-        assert deadlines == [30, 0.25]
-        assert etcd._logged_in
+        assert len(deadlines) == 2 and 0.2 < deadlines[1] <= 0.25
+        assert etcd._client.metadata == (("token", "t2"),)
+        etcd._logged_in = False
         etcd._token_lock.acquire()  # another thread's login, under way
         try:
             with etcd.patience(0.05), pytest.raises(TimedOutError) as raised:
@@ -227,7 +232,8 @@ def test_a_login_waits_the_calling_threads_deadline_and_no_longer(
         finally:
             etcd._token_lock.release()
         assert "another login did not end within 0.05 s" in str(raised.value)
-        assert deadlines == [30, 0.25]
+        assert raised.value.cluster == "t"
+        assert len(deadlines) == 2
     finally:
         etcd.close()
 
