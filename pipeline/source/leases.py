@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from pipeline.clients.etcd import Delete, EtcdClient, Put
-from pipeline.protocol.errors import LeaseGoneError, RetryableError
+from pipeline.protocol.errors import LeaseGoneError, RetryableError, TimedOutError
 from pipeline.protocol.fence import Position
 from pipeline.protocol.layout import canary_prefix
 from pipeline.protocol.names import gen_key, lease_key, lease_prefix
@@ -109,13 +109,24 @@ class TargetLeases:
             # records tell (an ended lease keeps its record), and this term's load reads them
             self.lost.clear()
 
-    def ensure_loaded(self) -> None:
+    def ensure_loaded(self, wait: float | None = None) -> None:
         """Load the records unless this term did already (the main loop at a term's start
         or a resync, the keepalive thread while the start still fails): never two loads
-        at once, and none once the main loop has taken a lease from them."""
-        with self._load_lock:
+        at once, and none once the main loop has taken a lease from them. *wait* bounds
+        the wait for a load under way on another thread (None: no bound); past it the
+        target counts as not answering (TimedOutError), as a call of that long would."""
+        if not self._load_lock.acquire(timeout=-1 if wait is None else wait):
+            name = self.etcd.name
+            raise TimedOutError(
+                f"etcd {name}: its lease records are still being read by another thread "
+                f"after {wait:g} s",
+                name,
+            )
+        try:
             if not self.loaded:
                 self.load()
+        finally:
+            self._load_lock.release()
 
     def load(self) -> bool:
         """Read the recorded leases and keep those alive, and which keys each holds (two

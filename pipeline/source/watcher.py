@@ -651,7 +651,9 @@ class Watcher:
                 continue
             try:
                 leases = t.control.leases
-                leases.ensure_loaded()  # kept alive from now on (Watcher._keep_leases)
+                # kept alive from now on (Watcher._keep_leases); a load the keepalive
+                # thread began is waited for as long as a call of the loop
+                leases.ensure_loaded(wait=self.sync.loop_etcd_timeout)
                 intact = not leases.lost.is_set()
                 if not intact:  # one the keepalive thread finds from now on stays for tick
                     leases.lost.clear()
@@ -1872,7 +1874,8 @@ class Watcher:
         for t in targets:
             reason = t.need_resync or Cause.START
             try:
-                t.control.leases.ensure_loaded()  # a resync rewrites what a lost lease took
+                # a resync rewrites what a lost lease took
+                t.control.leases.ensure_loaded(wait=self.sync.loop_etcd_timeout)
                 t.control.leases.check_current()
                 self._open(t, allow_resume=False, source_rev=rev)
                 t.control.clear_rejected()  # this snapshot decides anew

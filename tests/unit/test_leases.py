@@ -549,3 +549,32 @@ def test_the_records_decide_by_the_keys_on_the_leases(monkeypatch: pytest.Monkey
     on = TargetLeases(etcd, "a", TTL)
     assert on.load() is True
     assert on.count == {first: 0, second: 1} and on.retired == {first: None}
+
+
+def test_a_start_waits_for_another_threads_lease_load_as_long_as_for_a_call() -> None:
+    """The keepalive thread may be reading a target's lease records (a start that kept
+    failing leaves that to it) when a new term's start needs them. The start waits for it
+    as long as for one of its calls (sync.loop_etcd_timeout), then counts that target as
+    not answering and serves the others; the target is resynced once its records can be
+    read, and ends with every key on a lease."""
+    rig = Rig(cache_lease_ttl=TTL, loop_etcd_timeout=0.05)
+    fill(rig, 600)
+    rig.start()
+    rig.settle()
+    rig.watcher = rig.new_watcher()  # a new term
+    b, c = (next(t for t in rig.watcher.targets if t.name == n) for n in ("b", "c"))
+    loading = b.control.leases._load_lock
+    loading.acquire()  # the keepalive thread's load, under way
+    try:
+        rig.start()
+    finally:
+        loading.release()
+    assert b.need_resync is not None and not b.control.leases.loaded
+    assert c.need_resync is None and c.control.leases.loaded  # resumed meanwhile
+    resyncs = rig.resyncs("b")
+    rig.source.put(NODE + b"node-1", b"{}")
+    rig.settle()
+    assert rig.resyncs("b") > resyncs
+    assert b.need_resync is None and b.control.leases.loaded
+    assert_map_matches(rig, "b")
+    assert_map_matches(rig, "c")

@@ -845,10 +845,10 @@ def test_a_target_that_fails_at_the_start_is_not_called_again_until_it_answers()
     calls = 0
     ensure_loaded = c.control.leases.ensure_loaded
 
-    def counted() -> None:
+    def counted(wait: float | None = None) -> None:
         nonlocal calls
         calls += 1
-        ensure_loaded()
+        ensure_loaded(wait)
 
     c.control.leases.ensure_loaded = counted  # type: ignore[method-assign]
     rig.mesh["c"].set_down(True)
