@@ -164,7 +164,8 @@ class PermissionDeniedError(RefusedError):
 
 class TimedOutError(RetryableError):
     """etcd did not answer within the call's deadline (DEADLINE_EXCEEDED): down, or cut off
-    with its packets dropped; or a login waited its deadline out behind another thread's.
+    with its packets dropped; or a login, or a load of a target's lease records, waited
+    its deadline out behind another thread's.
     Such a call held its caller for its whole deadline (sync.etcd_timeout, or the
     watcher's loop's shorter one), where other failures come back at once."""
 

@@ -552,11 +552,12 @@ def test_the_records_decide_by_the_keys_on_the_leases(monkeypatch: pytest.Monkey
 
 
 def test_a_start_waits_for_another_threads_lease_load_as_long_as_for_a_call() -> None:
-    """The keepalive thread may be reading a target's lease records (a start that kept
-    failing leaves that to it) when a new term's start needs them. The start waits for it
-    as long as for one of its calls (sync.loop_etcd_timeout), then counts that target as
-    not answering and serves the others; the target is resynced once its records can be
-    read, and ends with every key on a lease."""
+    """The keepalive thread may be reading a target's lease records (it loads those of a
+    target the term has not loaded yet) when the loop's start, or a resync, needs them.
+    The loop waits for it as long as for one of its calls (sync.loop_etcd_timeout), then
+    goes on without that target, which stays owed a resync while the others are served;
+    the target is resynced once its records can be read, and ends with every key on a
+    lease."""
     rig = Rig(cache_lease_ttl=TTL, loop_etcd_timeout=0.05)
     fill(rig, 600)
     rig.start()
@@ -567,12 +568,17 @@ def test_a_start_waits_for_another_threads_lease_load_as_long_as_for_a_call() ->
     loading.acquire()  # the keepalive thread's load, under way
     try:
         rig.start()
+        assert b.need_resync is not None and not b.control.leases.loaded
+        assert c.need_resync is None and c.control.leases.loaded  # resumed meanwhile
+        resyncs = rig.resyncs("b")
+        rig.source.put(NODE + b"node-1", b"{}")
+        rig.settle()  # the resyncs b is owed wait as long as a call too, and stay owed
+        assert b.need_resync is not None and not b.control.leases.loaded
+        assert rig.resyncs("b") == resyncs
+        assert_map_matches(rig, "c")
     finally:
         loading.release()
-    assert b.need_resync is not None and not b.control.leases.loaded
-    assert c.need_resync is None and c.control.leases.loaded  # resumed meanwhile
-    resyncs = rig.resyncs("b")
-    rig.source.put(NODE + b"node-1", b"{}")
+    rig.clock.advance(60)  # past the resyncs' backoff
     rig.settle()
     assert rig.resyncs("b") > resyncs
     assert b.need_resync is None and b.control.leases.loaded
